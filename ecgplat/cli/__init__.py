@@ -1,0 +1,11 @@
+"""The `ecgplat` command line: a thin typer layer over the library.
+
+The app and its sub-apps live in `ecgplat.cli.apps`; each `*_cmds` module registers its
+commands on them. Command bodies import the heavy packages (`ingestion`, `training`,
+`retrieval`, torch, dask) lazily so that `ecgplat --help` stays fast.
+"""
+
+from ecgplat.cli.apps import app  # noqa: F401
+from ecgplat.cli import data_cmds, model_cmds, train_cmds, diagnosis_cmds, retrieval_cmds  # noqa: F401,E402
+
+__all__ = ["app"]

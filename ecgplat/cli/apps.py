@@ -1,0 +1,25 @@
+"""The typer app and its sub-command groups, shared by the `*_cmds` modules."""
+
+import typer
+
+app = typer.Typer(
+    name="ecgplat",
+    help="Lead-agnostic self-supervised learning on ECGs: ingest, pretrain, fine-tune, evaluate, query.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+)
+evaluate_app = typer.Typer(help="Evaluate a model: arrhythmia classification or patient identification.",
+                           no_args_is_help=True)
+import_app = typer.Typer(help="Import checkpoints from other implementations.", no_args_is_help=True)
+index_app = typer.Typer(help="Build FAISS gallery indexes over stored embeddings.", no_args_is_help=True)
+
+app.add_typer(evaluate_app, name="evaluate")
+app.add_typer(import_app, name="import")
+app.add_typer(index_app, name="index")
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print a one-line error to stderr and exit non-zero."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
