@@ -1,0 +1,214 @@
+"""Pretraining throughput benchmark: loader alone vs full training steps, per model preset.
+
+For each preset (default `tiny` and `paper`) a fresh child process measures
+  (a) the shard loader alone (`training.data` pair batches with RLM, `data.num_workers`
+      DataLoader workers): segments/s;
+  (b) full training steps (W2V+CMSC forward, criterion, backward, gradient normalisation,
+      Adam) on prefetched batches: segments/s, s/step;
+and its peak RSS. The ratio loader/steps says how far the loader is from being the
+bottleneck. On CUDA the steps run under bf16 autocast and the report adds the MFU from the
+model's matmul/conv FLOPs (forward x 3 for forward + backward) over the device's peak.
+
+`--fit-check`: one forward + backward of the paper preset at the paper's per-GPU batch of
+64 pairs = 128 segments; reports its peak RSS (CPU) or peak CUDA memory (must fit 24 GiB).
+
+Without `--shards` a synthetic cohort is generated and ingested through the real pipeline
+(`ingestion.synth` -> store -> shards) in a temporary directory. Output: JSON on stdout and
+in `--out`.
+
+    python bench/pretrain.py [--presets tiny,paper] [--pairs 8] [--steps 4] [--fit-check]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+GIB = 2 ** 30
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+CPU_TARGETS = {"paper_steps_segments_per_s": 1.5, "peak_rss_gib": 3.2, "loader_over_steps": 20.0,
+               "fit_check_peak_gib": 24.0}
+
+
+def build_shards(root: Path, records: int = 64) -> Path:
+    """A synthetic cohort (20 s records = 2 CMSC pairs each) -> store -> train shards."""
+    from ingestion.pipeline import ingest
+    from ingestion.shards import write_shards
+    from ingestion.splits import split_store
+    from ingestion.synth import write_cohort
+
+    write_cohort(root / "cohort", patients=records // 2, records_per_patient=2, seconds=20,
+                 seed=0)
+    ingest("cinc2021", root / "cohort", root / "store", workers=0, progress=False)
+    split_store(root / "store", mode="random", valid=0.0, test=0.0, seed=0)
+    write_shards(root / "store", "train", root / "shards", max_count=16)
+    return root / "shards"
+
+
+def forward_flops(enc, n_segments: int, n_samples: int = 2500) -> float:
+    """Forward FLOPs (2 x multiply-accumulates) of the matmuls/convs of one batch."""
+    macs, length, c_in = 0, n_samples, enc.in_d
+    for c_out, k, s in enc.conv_layers:
+        length = (length - k) // s + 1
+        macs += length * c_out * c_in * k
+        c_in = c_out
+    t, d, f = length, enc.encoder_embed_dim, enc.encoder_ffn_embed_dim
+    macs += t * c_in * d                                    # post_extract_proj
+    macs += t * d * (d // enc.conv_pos_groups) * enc.conv_pos  # positional conv
+    per_layer = t * (4 * d * d + 2 * d * f) + 2 * t * t * d  # projections, FFN, QK^T and AV
+    macs += enc.encoder_layers * per_layer
+    macs += t * (d * enc.final_dim + enc.conv_dim * enc.latent_vars * enc.latent_groups
+                 + enc.vq_dim * enc.final_dim)               # heads (upper bound: all frames)
+    return 2.0 * macs * n_segments
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB  # KiB on Linux
+
+
+def _config(shards: Path, preset: str, pairs: int, workers: int):
+    from ecgplat.config import load_config
+
+    return load_config("w2v_cmsc_rlm", [f"data.shards={shards}", f"model.preset={preset}",
+                                        f"data.batch_size={pairs}", f"data.num_workers={workers}",
+                                        "logging.wandb_mode=disabled", "data.shuffle_buffer=16"])
+
+
+def measure(preset: str, shards: str, pairs: int, steps: int, loader_batches: int,
+            workers: int, fit_check: bool) -> dict:
+    """Runs in a child process: loader and step throughput of one preset."""
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1)))
+    from training.distributed import pick_device
+    from training.loop import to_device
+    from training.optim import build_optimizer
+    from training.tasks.pretrain import PretrainTask
+
+    cfg = _config(Path(shards), preset, pairs, workers)
+    device = pick_device("auto")
+    result = {"preset": preset, "device": str(device), "pairs": pairs, "segments": 2 * pairs,
+              "threads": torch.get_num_threads()}
+    task = PretrainTask(cfg)
+
+    if not fit_check:  # (a) the loader alone, repeating epochs as needed
+        n, t0, epoch, first = 0, None, 1, True
+        while n < loader_batches:
+            for batch in task.train_batches(0, 1, epoch):
+                if first:  # worker start-up is not throughput
+                    first, t0 = False, time.perf_counter()
+                    continue
+                n += 1
+                if n >= loader_batches:
+                    break
+            epoch += 1
+        loader = n * 2 * pairs / (time.perf_counter() - t0)
+        result["loader_segments_per_s"] = loader
+
+    # (b) full training steps on prefetched batches
+    torch.manual_seed(0)
+    model = task.build_model().to(device).train()
+    optimizer = build_optimizer(model.parameters(), cfg.optim)
+    batch = to_device(next(iter(task.train_batches(0, 1, 1))), device)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else torch.autocast("cpu", enabled=False))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    def step() -> float:
+        t = time.perf_counter()
+        with autocast:
+            loss, sample_size, _ = task.train_step(model, batch, 0)
+        loss.backward()
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.div_(sample_size)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    times = [step() for _ in range(1 if fit_check else steps + 1)]
+    timed = times if fit_check else times[1:]  # the first step warms up allocators / kernels
+    per_step = sum(timed) / len(timed)
+    result.update(step_s=per_step, steps_timed=len(timed),
+                  steps_segments_per_s=2 * pairs / per_step, peak_rss_gib=peak_rss_gib())
+    if device.type == "cuda":
+        result["peak_cuda_gib"] = torch.cuda.max_memory_allocated() / GIB
+        name = torch.cuda.get_device_name(device)
+        peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+        flops = 3 * forward_flops(model.encoder.cfg, 2 * pairs)
+        result.update(gpu=name, step_tflops=flops / per_step / 1e12,
+                      mfu=(flops / per_step / peak) if peak else None)
+    if "loader_segments_per_s" in result:
+        result["loader_over_steps"] = (result["loader_segments_per_s"]
+                                       / result["steps_segments_per_s"])
+    return result
+
+
+def _child(queue, kwargs):
+    # a spawned child inherits "spawn" as its default start method, which would make every
+    # epoch's DataLoader workers re-import torch; training processes use the platform default
+    if "fork" in mp.get_all_start_methods():
+        mp.set_start_method("fork", force=True)
+    try:
+        queue.put(measure(**kwargs))
+    except BaseException as e:  # noqa: BLE001 - reported in the JSON
+        queue.put({"preset": kwargs["preset"], "error": f"{type(e).__name__}: {e}"})
+
+
+def run_isolated(**kwargs) -> dict:
+    """`measure` in a fresh process so that each preset's peak RSS is its own."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(queue, kwargs))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--presets", default="tiny,paper", help="comma list of model presets")
+    p.add_argument("--pairs", type=int, default=8, help="pairs per micro-batch (segments = 2x)")
+    p.add_argument("--steps", type=int, default=3, help="timed training steps per preset")
+    p.add_argument("--loader-batches", type=int, default=40, help="batches timed for the loader")
+    p.add_argument("--workers", type=int, default=1, help="DataLoader workers of the loader")
+    p.add_argument("--shards", default=None, help="shard directory (default: synthetic)")
+    p.add_argument("--fit-check", action="store_true",
+                   help="one forward+backward of the paper preset with 64 pairs (128 segments)")
+    p.add_argument("--out", default="bench_pretrain.json", help="JSON result file")
+    args = p.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(prefix="ecgplat-bench-") as tmp:
+        shards = args.shards or str(build_shards(Path(tmp)))
+        common = dict(shards=shards, loader_batches=args.loader_batches, workers=args.workers)
+        if args.fit_check:
+            r = run_isolated(preset="paper", pairs=64, steps=1, fit_check=True, **common)
+            peak = r.get("peak_cuda_gib", r.get("peak_rss_gib"))
+            r["fits_24_gib"] = peak is not None and peak <= CPU_TARGETS["fit_check_peak_gib"]
+            report = {"fit_check": r}
+        else:
+            report = {"results": [run_isolated(preset=name, pairs=args.pairs, steps=args.steps,
+                                               fit_check=False, **common)
+                                  for name in args.presets.split(",")],
+                      "cpu_targets": CPU_TARGETS}
+    report.update(python=sys.version.split()[0], cpu_count=os.cpu_count(),
+                  when=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    text = json.dumps(report, indent=2)
+    Path(args.out).write_text(text + "\n")
+    print(text)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""Data commands: `ecgplat synth | ingest | split | shards | info` (feature store and shards)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ecgplat.cli.apps import app, fail
+
+CORPUS_NAMES = ("cinc2021", "ptbxl", "wfdb", "cpsc2021")
+
+
+@app.command("synth")
+def synth(
+    out: Annotated[Path, typer.Argument(help="New (or empty) directory for the synthetic cohort.")],
+    patients: Annotated[int, typer.Option(min=1, help="Number of synthetic patients.")] = 24,
+    records_per_patient: Annotated[int, typer.Option(min=1, help="Records written per patient.")] = 3,
+    seconds: Annotated[float, typer.Option(min=0.1, help="Length of each record in seconds.")] = 10.0,
+    seed: Annotated[int, typer.Option(help="Random seed; the same seed gives the same cohort.")] = 0,
+) -> None:
+    """Write a synthetic 12-lead cohort in the CinC 2021 format (WFDB header + MATLAB v4)."""
+    from ingestion.synth import summarize, write_cohort
+
+    try:
+        manifest = write_cohort(out, patients, records_per_patient, seconds=seconds, seed=seed)
+    except (FileExistsError, ValueError, OSError) as e:
+        fail(str(e))
+    typer.echo(summarize(manifest))
+
+
+@app.command("ingest")
+def ingest(
+    corpus: Annotated[str, typer.Argument(help=f"Corpus reader: {', '.join(CORPUS_NAMES)}.")],
+    src: Annotated[Path, typer.Argument(help="Root directory of the corpus.")],
+    store: Annotated[Path, typer.Option("--store", help="Feature store directory (created if missing).")],
+    workers: Annotated[Optional[int], typer.Option(
+        min=0, help="Dask worker processes of a local cluster (default: one per CPU core; "
+                    "0 = no cluster, run in this process).")] = None,
+    scheduler: Annotated[Optional[str], typer.Option(
+        help="Address of an existing Dask scheduler, e.g. tcp://host:8786 (overrides --workers).")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Records per worker task.")] = 64,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Ingest at most this many new records.")] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Read, condition (500 Hz, 5 s int16 segments) and append a corpus to the feature store.
+
+    Interrupted runs resume where they stopped; records already stored are skipped; bad
+    records are listed in the store's rejects table with a one-line reason.
+    """
+    if corpus not in CORPUS_NAMES:
+        fail(f"unknown corpus {corpus!r}; choose one of {', '.join(CORPUS_NAMES)}")
+    if not src.is_dir():
+        fail(f"{src}: source directory does not exist")
+    from ingestion.pipeline import ingest as run_ingest
+
+    try:
+        summary = run_ingest(corpus, src, store, workers=workers, scheduler=scheduler,
+                             batch_size=batch_size, progress=progress, limit=limit)
+    except (FileNotFoundError, ValueError, RuntimeError, OSError) as e:
+        fail(str(e))
+    if as_json:
+        typer.echo(json.dumps(summary, indent=1))
+        return
+    rejected = ", ".join(f"{k} {v}" for k, v in summary["rejected"].items()) or "none"
+    typer.echo(f"ingested {summary['records']} records ({summary['segments']} segments, "
+               f"{summary['patients']} patients) in {summary['seconds']:.1f} s "
+               f"({summary['records_per_s']:.0f} records/s); skipped {summary['skipped']} "
+               f"already present; rejected: {rejected}; store now holds "
+               f"{summary['store_records']} records")
+
+
+@app.command("split")
+def split(
+    store: Annotated[Path, typer.Argument(help="Feature store directory.")],
+    mode: Annotated[str, typer.Option(
+        help="random: grouped by patient; strat_fold: PTB-XL folds 1-8 train, 9 valid, 10 test.")] = "random",
+    valid: Annotated[float, typer.Option(min=0.0, max=1.0, help="Fraction of records for valid (random mode).")] = 0.1,
+    test: Annotated[float, typer.Option(min=0.0, max=1.0, help="Fraction of records for test (random mode).")] = 0.1,
+    seed: Annotated[int, typer.Option(help="Seed of the patient shuffle (random mode).")] = 0,
+    ident: Annotated[bool, typer.Option(
+        "--ident", help="Also assign identification gallery/probe: per patient with >= 2 records, "
+                        "first record gallery, the others probe.")] = False,
+    ident_first_two: Annotated[bool, typer.Option(
+        "--ident-first-two", help="Paper rule: first record gallery, second probe, later ones unused "
+                                  "(implies --ident).")] = False,
+    ident_within: Annotated[Optional[str], typer.Option(
+        help="Only records of this split take part in gallery/probe (e.g. test).")] = None,
+    source: Annotated[Optional[list[str]], typer.Option(
+        help="Only split records of this source (repeatable); others keep their assignment.")] = None,
+) -> None:
+    """Assign record-level train/valid/test splits (and gallery/probe) inside the store."""
+    from ingestion.splits import split_store
+
+    if not (store / "zarr.json").is_file():
+        fail(f"{store}: no ecgplat store here")
+    try:
+        summary = split_store(store, mode=mode, valid=valid, test=test, seed=seed,
+                              ident=ident or ident_first_two, ident_first_two=ident_first_two,
+                              sources=source, ident_within=ident_within)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        fail(str(e))
+    typer.echo(json.dumps(summary))
+
+
+@app.command("shards")
+def shards(
+    store: Annotated[Path, typer.Argument(help="Feature store directory.")],
+    split_name: Annotated[str, typer.Option("--split", help="Split to export (train, valid, test or all).")],
+    out: Annotated[Path, typer.Option("--out", help="Output directory for the tar shards and _info.json.")],
+    max_size: Annotated[str, typer.Option(help="Maximum shard size, e.g. 256MB or 1GiB.")] = "256MB",
+    max_count: Annotated[int, typer.Option(min=1, help="Maximum samples (records) per shard.")] = 100_000,
+    name: Annotated[Optional[str], typer.Option(help="Shard name prefix (default: the split name).")] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Export one split of the store as WebDataset tar shards (one sample per record)."""
+    from ingestion.shards import write_shards
+
+    if not (store / "zarr.json").is_file():
+        fail(f"{store}: no ecgplat store here")
+    try:
+        entry = write_shards(store, split_name, out, name=name, max_size=max_size,
+                             max_count=max_count, progress=progress)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        fail(str(e))
+    typer.echo(f"wrote {entry['samples']} records ({entry['segments']} segments) in "
+               f"{len(entry['shards'])} shards to {out}")
+
+
+@app.command("info")
+def info(
+    store: Annotated[Path, typer.Argument(help="Feature store directory.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
+) -> None:
+    """Counts of a store: records, segments, patients, per source/split/ident_split, rejects."""
+    from ecgplat.store import open_store
+
+    try:
+        summary = open_store(store).summary()
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    if as_json:
+        typer.echo(json.dumps(summary, indent=1))
+        return
+    typer.echo(f"store {summary['path']} (schema {summary['schema_version']})")
+    typer.echo(f"  records {summary['records']}, segments {summary['segments']}, "
+               f"patients {summary['patients']}, rejects {summary['rejects']}")
+    for title, key in (("per source", "per_source"), ("per split", "per_split"),
+                       ("per ident_split", "per_ident_split"), ("rejects by reason", "rejects_by_reason")):
+        if summary[key]:
+            typer.echo(f"  {title}: " + ", ".join(f"{k} {v}" for k, v in summary[key].items()))

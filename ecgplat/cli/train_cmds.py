@@ -1,0 +1,124 @@
+"""`ecgplat train TASK`: pretraining and fine-tuning runs on the generic training loop.
+
+Multi-process data parallel: start the same command under torchrun, e.g.
+`torchrun --nproc-per-node 2 $(which ecgplat) train pretrain ...`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ecgplat.cli.apps import app, fail
+
+TASKS = ("pretrain", "diagnosis", "identify")
+DEFAULT_PRESET = {"pretrain": "w2v_cmsc_rlm", "diagnosis": "diagnosis",
+                  "identify": "identification"}
+
+
+def resolve_run_config(task: str, config: str | None, overrides: list[str], *, shards: str | None,
+                       out: Path, init: str | None, leads: str | None, store: str | None,
+                       resume: bool):
+    """The RunConfig of a new run (preset + options + overrides) or of a resumed one (the run
+    directory's `config.yaml` + overrides). Raises ConfigError / FileExistsError."""
+    from ecgplat.config import ConfigError, apply_overrides, load_config
+
+    if resume:
+        saved = out / "config.yaml"
+        if not (out / "checkpoint_last.pt").is_file() or not saved.is_file():
+            raise ConfigError(f"{out}: no checkpoint_last.pt and config.yaml to resume from")
+        cfg = load_config(saved, overrides)
+        if cfg.task != task:
+            raise ConfigError(f"{out}: the run is a '{cfg.task}' run, not '{task}'")
+        for name, given in (("--config", config), ("--shards", shards), ("--init", init),
+                            ("--leads", leads), ("--store", store)):
+            if given is not None:
+                raise ConfigError(f"{name} cannot change on --resume (the run's config.yaml "
+                                  f"holds it); pass key=value overrides instead")
+        cfg.out = str(out)
+        return cfg
+    if (out / "checkpoint_last.pt").exists():
+        raise FileExistsError(f"{out}: already holds a training run; use --resume to continue "
+                              f"it or choose another --out")
+    cfg = load_config(config or DEFAULT_PRESET[task], [])
+    cfg.task = task
+    cfg.out = str(out)
+    for value, key in ((shards, "data.shards"), (init, "finetune.init"), (leads, "data.leads"),
+                       (store, "data.store")):
+        if value is not None:
+            apply_overrides(cfg, [f"{key}={value}"])
+    apply_overrides(cfg, overrides)
+    cfg.validate()
+    if not cfg.data.shards:
+        raise ConfigError("no shard directory: pass --shards DIR")
+    return cfg
+
+
+@app.command("train")
+def train_command(
+    task: Annotated[str, typer.Argument(help="What to train: pretrain (W2V/CMSC/RLM), diagnosis "
+                                             "(CinC 2021 arrhythmia classes) or identify "
+                                             "(ArcFace patient identification).")],
+    overrides: Annotated[Optional[list[str]], typer.Argument(
+        help="Config overrides `section.key=value`, e.g. optim.lr=1e-4 data.batch_size=8 "
+             "criterion.loss_weights=[0.1,10]. Unknown keys are rejected.",
+        show_default=False)] = None,
+    config: Annotated[Optional[str], typer.Option(
+        "--config", "-c", help="Preset name (w2v_cmsc_rlm, w2v_cmsc, w2v, cmsc, diagnosis, "
+                               "identification) or a YAML file; default: the task's "
+                               "preset.")] = None,
+    shards: Annotated[Optional[str], typer.Option(
+        help="Directory of WebDataset shards written by `ecgplat shards` (data.shards).")] = None,
+    out: Annotated[Path, typer.Option(
+        help="Run directory: config.yaml, checkpoints, metrics.jsonl, W&B files.")] = ...,
+    init: Annotated[Optional[str], typer.Option(
+        help="Checkpoint to fine-tune from (finetune.init).")] = None,
+    leads: Annotated[Optional[str], typer.Option(
+        help="Leads fed to the model: preset 12/6/4/3/2/1 or a comma list such as I,II,V2; "
+             "absent leads are zero rows (data.leads).")] = None,
+    store: Annotated[Optional[str], typer.Option(
+        help="Feature store used for validation (data.store).")] = None,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue the interrupted run in --out exactly where its last "
+                         "checkpoint left off.")] = False,
+) -> None:
+    """Train a model; Ctrl-C / SIGTERM writes a checkpoint that --resume continues from."""
+    from ecgplat.config import ConfigError
+
+    if task not in TASKS:
+        fail(f"unknown task '{task}'; choose one of {', '.join(TASKS)}")
+    try:
+        cfg = resolve_run_config(task, config, list(overrides or []), shards=shards, out=out,
+                                 init=init, leads=leads, store=store, resume=resume)
+    except (ConfigError, FileExistsError) as e:
+        fail(str(e))
+
+    import importlib
+
+    from training import distributed
+    from training.loop import Interrupted, train
+
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.save_yaml(out / "config.yaml")  # on --resume: the saved config + overrides
+    task_module = importlib.import_module(f"training.tasks.{task}")
+    try:
+        summary = train(cfg, task_module.TASK_CLASS(cfg), resume=resume)
+    except Interrupted as e:
+        if rank == 0:
+            typer.echo(f"{e}; continue with: ecgplat train {task} --out {out} --resume", err=True)
+        distributed.teardown()
+        raise typer.Exit(e.exit_code)
+    except (FileNotFoundError, ValueError) as e:
+        distributed.teardown()
+        fail(str(e).splitlines()[0] if str(e) else type(e).__name__, code=1)
+    distributed.teardown()
+    if rank == 0:
+        best = f", best {summary['best_metric']} {summary['best']:.4g}" \
+            if summary["best"] is not None else ""
+        typer.echo(f"done: {summary['num_updates']} updates, {summary['epochs']} epochs "
+                   f"({summary['stop_reason']}){best}; checkpoint {summary['checkpoint']}")

@@ -1,0 +1,308 @@
+"""The Zarr v3 feature store: its on-disk schema and the read API used by training and retrieval.
+
+Layout of a store directory ``STORE/`` (schema version 1)::
+
+    STORE/
+      zarr.json          root group; attrs: schema_version=1, sample_rate=500, segment_samples=2500,
+                         segment_seconds=5, leads=[I..V6], units="uV", dtype="int16",
+                         store_uuid, created (UTC ISO time)
+      commit.json        the commit point (ecgplat's, not zarr's): {"n_records", "n_segments",
+                         "n_rejects", "splits"}; rewritten via temp file + fsync + os.replace
+      secret.key         32 random bytes (mode 0600) keying the patient pseudonyms of this store
+      .lock              advisory flock held by the single writer
+      segments           int16 (N, 12, 2500) microvolts, leads in canonical order, absent leads 0;
+                         chunks (8, 12, 2500) = 8 segments of 5 s (the unit of random access;
+                         zarr's per-chunk overhead makes 1-segment chunks 5x slower to write and
+                         no faster to read), grouped in shards of (64, 12, 2500) = one file per
+                         64 segments (streaming export, few files);
+                         codecs: delta(int16) -> bytes -> Blosc(zstd, level 1, byte shuffle)
+      segment_record     int64 (N,)  record index of each segment
+      segment_number     int32 (N,)  window number of the segment inside its record (0, 1, ...)
+      records/           the record table, one array per column, row i = record index i:
+        record_key         str   "<source>/<record_id>", unique in the store
+        source             str   corpus name: cinc2021 | ptbxl | wfdb | cpsc2021
+        record_id          str   id inside the source (e.g. "E07500", PTB-XL ecg_id "00013")
+        path               str   record path relative to the ingested SRC, no extension
+        path_hash          str   HMAC-SHA256(secret, source + NUL + path as listed), 32 hex: the
+                                 idempotency key (re-runs skip records whose hash is stored)
+        patient_key        str   pseudonym "p-<16 hex>" = HMAC-SHA256(secret.key, raw patient id);
+                                 a record without a patient id (CinC 2021) is its own patient:
+                                 key = pseudonymise("record:" + source/record_id, secret)
+                         Where a file name embeds the raw patient id as a token (CPSC 2021's
+                         data_<patient>_<record>), that token is replaced by the patient key in
+                         record_id, path and record_key (data_35_4 -> data_p-1f..._4).
+        fs_original        float64  sampling rate of the file, Hz
+        n_samples_original int64    length of the file in its own samples
+        age                float32  years, NaN if unknown
+        sex                str   "M" | "F" | ""
+        raw_codes          str   the record's label codes ";"-joined (SNOMED or SCP)
+        labels             bool (R, 26)  multi-hot over the 26 scored CinC 2021 classes
+        lead_mask          bool (R, 12)  leads present in the file
+        strat_fold         int16 PTB-XL strat_fold 1..10, -1 if none
+        seg_start          int64 first segment row of the record
+        seg_count          int32 number of 5 s segments (trailing partial window dropped)
+      splits/g<k>/       the current split assignment (generation k named in commit.json):
+        split              str (R',)  "train" | "valid" | "test" | ""
+        ident_split        str (R',)  "gallery" | "probe" | ""
+                         R' <= R: records appended after the last `ecgplat split` read as "".
+      rejects/           records that could not be ingested: source, path (as listed, so the
+                         file can be found and fixed), reason (one line), path_hash (str each)
+      features/          (optional, written by retrieval) embeddings per model
+
+Only rows below the counts in ``commit.json`` exist for a reader; a writer may have written
+more (a crash mid-append) and truncates them when it next opens the store. Raw patient ids are
+never written anywhere in the store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+SCHEMA_VERSION = 1
+SAMPLE_RATE = 500
+SEGMENT_SECONDS = 5
+SEGMENT_SAMPLES = SAMPLE_RATE * SEGMENT_SECONDS
+N_LEADS = 12
+SEGMENT_CHUNK = 8           # segments per chunk of the `segments` array
+SEGMENT_SHARD = 64          # segments per shard file of the `segments` array
+RECORD_CHUNK = 4096         # rows per chunk of record/reject columns
+COMMIT_FILE = "commit.json"
+SECRET_FILE = "secret.key"
+UV_PER_MV = 1000.0
+
+# (name, numpy dtype, trailing shape) of the record-table columns, in storage order.
+RECORD_COLUMNS: tuple[tuple[str, str, tuple[int, ...]], ...] = (
+    ("record_key", "str", ()),
+    ("source", "str", ()),
+    ("record_id", "str", ()),
+    ("path", "str", ()),
+    ("path_hash", "str", ()),
+    ("patient_key", "str", ()),
+    ("fs_original", "float64", ()),
+    ("n_samples_original", "int64", ()),
+    ("age", "float32", ()),
+    ("sex", "str", ()),
+    ("raw_codes", "str", ()),
+    ("labels", "bool", (26,)),
+    ("lead_mask", "bool", (N_LEADS,)),
+    ("strat_fold", "int16", ()),
+    ("seg_start", "int64", ()),
+    ("seg_count", "int32", ()),
+)
+REJECT_COLUMNS: tuple[str, ...] = ("source", "path", "reason", "path_hash")
+SPLIT_COLUMNS: tuple[str, ...] = ("split", "ident_split")
+SPLIT_VALUES = ("train", "valid", "test")
+IDENT_VALUES = ("gallery", "probe")
+
+
+def quiet_zarr_warnings() -> None:
+    """Silence zarr's notice that the delta filter is a numcodecs (not v3-spec) codec: a known,
+    deliberate choice of this schema, repeated on every array open otherwise."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3")
+
+
+def read_commit(path: str | os.PathLike) -> dict:
+    """The committed counts of a store (zeros for a store that never committed)."""
+    file = Path(path) / COMMIT_FILE
+    if not file.exists():
+        return {"n_records": 0, "n_segments": 0, "n_rejects": 0, "splits": None}
+    with open(file) as f:
+        return json.load(f)
+
+
+def as_str_array(values) -> np.ndarray:
+    """A zarr string column as a plain numpy object array of Python str."""
+    return np.asarray(values).astype(object)
+
+
+def open_store(path: str | os.PathLike, mode: str = "r") -> "EcgStore":
+    """Open an existing store for reading (``mode="r"``) or for adding groups (``"r+"``).
+
+    Raises FileNotFoundError if there is no store at ``path`` and ValueError if it is not an
+    ecgplat store of a schema version this code reads.
+    """
+    if mode not in ("r", "r+"):
+        raise ValueError(f"{path}: open_store mode must be 'r' or 'r+', got {mode!r}")
+    return EcgStore(path, mode)
+
+
+class EcgStore:
+    """Read view of a feature store at its last commit (see the module docstring for the layout)."""
+
+    def __init__(self, path: str | os.PathLike, mode: str = "r"):
+        import zarr
+
+        self.path = Path(path)
+        quiet_zarr_warnings()
+        if not (self.path / "zarr.json").is_file():
+            raise FileNotFoundError(f"{self.path}: no ecgplat store here (zarr.json missing)")
+        try:
+            self.root = zarr.open_group(str(self.path), mode=mode)
+        except Exception as e:  # a corrupt zarr.json
+            raise ValueError(f"{self.path}: not a readable zarr v3 group ({e})") from None
+        attrs = dict(self.root.attrs)
+        version = attrs.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ValueError(f"{self.path}: not an ecgplat store of schema version {SCHEMA_VERSION} "
+                             f"(found schema_version={version!r})")
+        self.attrs = attrs
+        self._commit = read_commit(self.path)
+        self.n_records = int(self._commit["n_records"])
+        self.n_segments = int(self._commit["n_segments"])
+        self.n_rejects = int(self._commit["n_rejects"])
+
+    def __repr__(self) -> str:
+        return f"EcgStore({str(self.path)!r}, records={self.n_records}, segments={self.n_segments})"
+
+    # ---- record table -------------------------------------------------------------------
+    def _column(self, name: str) -> np.ndarray:
+        return self.root[f"records/{name}"][: self.n_records]
+
+    def _split_column(self, name: str) -> np.ndarray:
+        out = np.full(self.n_records, "", dtype=object)
+        generation = self._commit.get("splits")
+        if generation:
+            values = as_str_array(self.root[f"splits/{generation}/{name}"][:])
+            n = min(len(values), self.n_records)
+            out[:n] = values[:n]
+        return out
+
+    @cached_property
+    def records(self) -> pd.DataFrame:
+        """One row per committed record; the index is the record index."""
+        data = {}
+        for name, dtype, shape in RECORD_COLUMNS:
+            if shape:
+                continue
+            values = self._column(name)
+            data[name] = as_str_array(values) if dtype == "str" else np.asarray(values)
+        for name in SPLIT_COLUMNS:
+            data[name] = self._split_column(name)
+        frame = pd.DataFrame(data, index=pd.RangeIndex(self.n_records, name="record_index"))
+        for name, dtype, shape in RECORD_COLUMNS:
+            if dtype == "str":
+                frame[name] = frame[name].astype(object)
+        return frame
+
+    @cached_property
+    def labels(self) -> np.ndarray:
+        """bool (R, 26) multi-hot of the 26 scored classes."""
+        return np.asarray(self._column("labels"), dtype=bool)
+
+    @cached_property
+    def lead_masks(self) -> np.ndarray:
+        """bool (R, 12): leads present in each record's file."""
+        return np.asarray(self._column("lead_mask"), dtype=bool)
+
+    def select(self, split=None, source=None, patient_key=None, ident_split=None) -> np.ndarray:
+        """Record indices (sorted int64) matching every given filter; each filter is a value or a
+        list of values."""
+        frame = self.records
+        keep = np.ones(len(frame), dtype=bool)
+        for column, wanted in (("split", split), ("source", source),
+                               ("patient_key", patient_key), ("ident_split", ident_split)):
+            if wanted is None:
+                continue
+            values = [wanted] if isinstance(wanted, str) else list(wanted)
+            keep &= frame[column].isin(values).to_numpy()
+        return np.flatnonzero(keep).astype(np.int64)
+
+    # ---- segments -----------------------------------------------------------------------
+    @cached_property
+    def segment_record_index(self) -> np.ndarray:
+        """int64 (N,): record index of each segment."""
+        return np.asarray(self.root["segment_record"][: self.n_segments], dtype=np.int64)
+
+    @cached_property
+    def segment_number(self) -> np.ndarray:
+        """int32 (N,): window number of each segment within its record."""
+        return np.asarray(self.root["segment_number"][: self.n_segments], dtype=np.int32)
+
+    def record_segment_range(self, i: int) -> tuple[int, int]:
+        """(start, stop) segment rows of record ``i``."""
+        if not 0 <= int(i) < self.n_records:
+            raise IndexError(f"{self.path}: record index {i} out of range 0..{self.n_records - 1}")
+        row = self.records.iloc[int(i)]
+        start = int(row["seg_start"])
+        return start, start + int(row["seg_count"])
+
+    def record_segments_raw(self, i: int) -> np.ndarray:
+        """int16 (S, 12, 2500) microvolts of record ``i``, as stored."""
+        start, stop = self.record_segment_range(i)
+        return np.asarray(self.root["segments"][start:stop])
+
+    def record_segments(self, i: int) -> np.ndarray:
+        """float32 (S, 12, 2500) millivolts of record ``i``."""
+        return to_millivolts(self.record_segments_raw(i))
+
+    def read_segments_raw(self, seg_idx) -> np.ndarray:
+        """int16 (n, 12, 2500) microvolts of the given segment rows (any order, repeats allowed)."""
+        idx = np.asarray(seg_idx, dtype=np.int64).reshape(-1)
+        if idx.size == 0:
+            return np.zeros((0, N_LEADS, SEGMENT_SAMPLES), dtype=np.int16)
+        if idx.min() < 0 or idx.max() >= self.n_segments:
+            raise IndexError(f"{self.path}: segment index out of range 0..{self.n_segments - 1}")
+        unique, inverse = np.unique(idx, return_inverse=True)
+        arr = self.root["segments"]
+        if unique[-1] - unique[0] + 1 == unique.size:  # one contiguous run: a plain slice
+            block = np.asarray(arr[int(unique[0]): int(unique[-1]) + 1])
+        else:
+            block = np.asarray(arr.oindex[unique])
+        return block[inverse]
+
+    def read_segments(self, seg_idx) -> np.ndarray:
+        """float32 (n, 12, 2500) millivolts of the given segment rows."""
+        return to_millivolts(self.read_segments_raw(seg_idx))
+
+    @cached_property
+    def rejects(self) -> pd.DataFrame:
+        """The committed rejects: source, path, reason."""
+        data = {name: as_str_array(self.root[f"rejects/{name}"][: self.n_rejects])
+                for name in REJECT_COLUMNS}
+        return pd.DataFrame(data)
+
+    def summary(self) -> dict:
+        """Counts for `ecgplat info`: records, segments, patients, per source/split/ident_split,
+        rejects by reason."""
+        frame = self.records
+
+        def counts(series) -> dict:
+            return {str(k): int(v) for k, v in series.value_counts().sort_index().items()}
+
+        return {
+            "path": str(self.path),
+            "schema_version": self.attrs.get("schema_version"),
+            "store_uuid": self.attrs.get("store_uuid"),
+            "records": self.n_records,
+            "segments": self.n_segments,
+            "patients": int(frame["patient_key"].nunique()),
+            "per_source": counts(frame["source"]),
+            "per_split": counts(frame["split"].replace("", "unassigned")),
+            "per_ident_split": counts(frame["ident_split"].replace("", "none")),
+            "rejects": self.n_rejects,
+            "rejects_by_reason": counts(self.rejects["reason"].map(reason_kind)),
+        }
+
+
+def to_millivolts(x_uv: np.ndarray) -> np.ndarray:
+    """int16 microvolts -> float32 millivolts."""
+    return np.asarray(x_uv, dtype=np.float32) / np.float32(UV_PER_MV)
+
+
+def reason_kind(reason: str) -> str:
+    """A reject reason reduced to its kind, for counting: the text before the first ':' or '(',
+    with file names and numbers replaced by '*' ("missing signal file E1.mat" -> "missing
+    signal file *")."""
+    text = str(reason)
+    for sep in (":", "("):
+        text = text.split(sep, 1)[0]
+    words = ["*" if any(ch.isdigit() or ch in "./\\" for ch in w) else w for w in text.split()]
+    return " ".join(words) or "unknown"

@@ -1,0 +1,241 @@
+"""The ingest pipeline: Dask workers read and condition batches of records, the driver appends
+them to the store in listing order and commits after each batch.
+
+Memory stays flat in the number of records: at most ``max_in_flight`` batches are submitted or
+waiting to be appended at any time, and the driver never holds the corpus. Because batches are
+appended strictly in listing order and each record's conversion is deterministic, a run that is
+killed and re-run produces the same store as one uninterrupted run; records already stored or
+rejected for the source are skipped, so re-running a finished ingest adds nothing.
+
+``workers=0`` runs everything synchronously in-process (no cluster): used by test fixtures and
+for debugging.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from pathlib import Path
+
+from ecgplat.store import reason_kind
+from ingestion.writer import RecordBatch, StoreWriter, pack_batch
+
+DEFAULT_BATCH_SIZE = 64
+
+
+def corpus_module(corpus: str):
+    """The reader module of a corpus name; ValueError listing the known ones."""
+    from ingestion.corpora import CORPORA
+
+    if corpus not in CORPORA:
+        raise ValueError(f"unknown corpus {corpus!r}; choose one of {', '.join(sorted(CORPORA))}")
+    return CORPORA[corpus]
+
+
+_DATA_SUFFIXES = (".hea", ".mat", ".dat")
+
+
+def _file_bytes(src: Path, rel: str) -> int:
+    """Bytes of a record's header and signal files (for throughput reports)."""
+    total = 0
+    for suffix in _DATA_SUFFIXES:
+        try:
+            total += os.stat(f"{src / rel}{suffix}").st_size
+        except OSError:
+            pass
+    return total
+
+
+def process_batch(corpus: str, src: str, rels: list[str], seq: int, secret: bytes) -> RecordBatch:
+    """Read and condition ``rels`` (worker side); every failure becomes a reject, never raises."""
+    from ingestion.conditioning import condition
+    from ingestion.record import RecordError
+
+    module = corpus_module(corpus)
+    root = Path(src)
+    good, rejects, nbytes = [], [], 0
+    for rel in rels:
+        try:
+            good.append(condition(module.read_record(root, rel)))
+        except RecordError as e:
+            rejects.append((corpus, rel, e.reason))
+        except Exception as e:  # a reader bug must not stop the job either
+            reason = " ".join(f"unexpected {type(e).__name__}: {e}".split())
+            rejects.append((corpus, rel, reason))
+        nbytes += _file_bytes(root, rel)
+    return pack_batch(seq, good, rejects, secret, nbytes)
+
+
+class _Progress:
+    """A rich progress bar (or nothing)."""
+
+    def __init__(self, enabled: bool, total: int, label: str):
+        self.bar = None
+        if enabled and total:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                       TimeElapsedColumn, TimeRemainingColumn)
+
+            self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                                MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                                transient=False)
+            self.bar.start()
+            self.task = self.bar.add_task(label, total=total)
+
+    def advance(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.advance(self.task, n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _batches(todo: list[str], batch_size: int):
+    for seq, start in enumerate(range(0, len(todo), batch_size)):
+        yield seq, todo[start: start + batch_size]
+
+
+def _run_local(corpus, src, batches, secret, sink) -> None:
+    for seq, rels in batches:
+        sink(process_batch(corpus, src, rels, seq, secret))
+
+
+def _run_dask(client, corpus, src, batches, secret, sink, max_in_flight: int) -> None:
+    """Bounded ``client.submit`` + ``as_completed``; results re-ordered by sequence number."""
+    from distributed import as_completed
+
+    pending = as_completed()
+    waiting: dict[int, RecordBatch] = {}
+    next_seq = 0
+    batches = iter(batches)
+    in_flight = 0
+
+    def submit_one() -> bool:
+        item = next(batches, None)
+        if item is None:
+            return False
+        seq, rels = item
+        pending.add(client.submit(process_batch, corpus, src, rels, seq, secret, pure=False,
+                                  key=f"ingest-{corpus}-{seq}-{os.getpid()}-{time.monotonic_ns()}"))
+        return True
+
+    while in_flight + len(waiting) < max_in_flight and submit_one():
+        in_flight += 1
+    for future in pending:
+        batch = future.result()
+        future.release()
+        in_flight -= 1
+        waiting[batch.seq] = batch
+        while next_seq in waiting:
+            sink(waiting.pop(next_seq))
+            next_seq += 1
+        while in_flight + len(waiting) < max_in_flight and submit_one():
+            in_flight += 1
+
+
+def ingest(corpus: str, src: str | os.PathLike, store: str | os.PathLike, workers: int | None = None,
+           scheduler: str | None = None, batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True,
+           max_in_flight: int | None = None, limit: int | None = None) -> dict:
+    """Ingest the records of ``corpus`` under ``src`` into ``store`` (created if missing).
+
+    ``workers``: Dask worker processes of a LocalCluster (default: one per CPU core); 0 = run
+    synchronously in this process. ``scheduler``: address of an existing cluster
+    (``tcp://host:port``), overrides ``workers``. ``limit``: ingest at most this many new records.
+    Returns a summary: records, segments, patients (added by this run), rejected (by reason),
+    skipped (already present), seconds, records_per_s, bytes_read, startup_seconds (Dask
+    cluster start, included in seconds), and the store totals.
+    """
+    module = corpus_module(corpus)
+    src = Path(src)
+    if not src.exists():
+        raise FileNotFoundError(f"{src}: source directory does not exist")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    t0 = time.perf_counter()
+    with StoreWriter(store) as writer:
+        listing = module.list_records(src)
+        done = writer.done_paths(corpus, listing)
+        todo = [rel for rel in listing if rel not in done]
+        skipped = len(listing) - len(todo)
+        if limit is not None:
+            todo = todo[:limit]
+        keys = writer.record_keys()
+        stats = {"records": 0, "segments": 0, "bytes_read": 0, "patients": set(),
+                 "startup_seconds": 0.0}
+        rejected: Counter = Counter()
+        bar = _Progress(progress, len(todo), f"ingest {corpus}")
+
+        def sink(batch: RecordBatch) -> None:
+            before_rejects = writer.n_rejects
+            before_records, before_segments = writer.n_records, writer.n_segments
+            writer.append(batch, known_keys=keys)
+            writer.commit()
+            added = writer.n_records - before_records
+            stats["records"] += added
+            stats["segments"] += writer.n_segments - before_segments
+            stats["bytes_read"] += batch.bytes_read
+            if added:
+                new_keys = writer.root["records/patient_key"][before_records: writer.n_records]
+                stats["patients"].update(str(k) for k in new_keys)
+            if writer.n_rejects > before_rejects:
+                reasons = writer.root["rejects/reason"][before_rejects: writer.n_rejects]
+                rejected.update(reason_kind(str(r)) for r in reasons)
+            bar.advance(batch.n_records + len(batch.rejects))
+
+        batches = _batches(todo, batch_size)
+        try:
+            if not todo:
+                pass
+            elif workers == 0 and scheduler is None:
+                _run_local(corpus, str(src), batches, writer.secret, sink)
+            else:
+                t_cluster = time.perf_counter()
+                with _dask_client(workers, scheduler) as client:
+                    stats["startup_seconds"] = time.perf_counter() - t_cluster
+                    n_workers = max(1, len(client.scheduler_info()["workers"]))
+                    limit_in_flight = max_in_flight or 2 * n_workers + 1
+                    _run_dask(client, corpus, str(src.resolve()), batches, writer.secret, sink,
+                              limit_in_flight)
+        finally:
+            bar.close()
+        totals = {"store_records": writer.n_records, "store_segments": writer.n_segments,
+                  "store_rejects": writer.n_rejects}
+    seconds = time.perf_counter() - t0
+    return {
+        "corpus": corpus, "store": str(store), "listed": len(listing),
+        "skipped": skipped,
+        "records": stats["records"], "segments": stats["segments"],
+        "patients": len(stats["patients"]), "rejected": dict(sorted(rejected.items())),
+        "seconds": round(seconds, 3),
+        "records_per_s": round(stats["records"] / seconds, 1) if seconds > 0 else 0.0,
+        "bytes_read": stats["bytes_read"],
+        "startup_seconds": round(stats["startup_seconds"], 3), **totals,
+    }
+
+
+class _dask_client:
+    """Context manager: a Client on ``scheduler`` or on a fresh LocalCluster of ``workers``."""
+
+    def __init__(self, workers: int | None, scheduler: str | None):
+        self.workers, self.scheduler = workers, scheduler
+        self.cluster = self.client = None
+
+    def __enter__(self):
+        from distributed import Client, LocalCluster
+
+        if self.scheduler:
+            self.client = Client(self.scheduler)
+        else:
+            n = self.workers or os.cpu_count() or 1
+            self.cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                                        dashboard_address=None,
+                                        env={"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"})
+            self.client = Client(self.cluster)
+        return self.client
+
+    def __exit__(self, *exc):
+        if self.client is not None:
+            self.client.close()
+        if self.cluster is not None:
+            self.cluster.close()

@@ -1,0 +1,87 @@
+"""PTB-XL reader: ``ptbxl_database.csv`` metadata + the 500 Hz WFDB records (``filename_hr``).
+
+The source root is the folder holding ``ptbxl_database.csv``; records are the ``filename_hr``
+paths (``records500/00000/00013_hr``), record id = the zero-padded ecg id (``00013``). Metadata:
+``patient_id`` (a float in the csv, returned as the string of its integer), ``age`` (PTB-XL
+writes 300 for patients older than 89; returned as 90), ``sex`` (0 = male, 1 = female),
+``scp_codes`` (a Python dict literal: statement -> likelihood; all listed statements are kept as
+the raw codes), ``heart_axis`` and ``strat_fold`` (kept in ``extra``). Labels map SCP statements
+and the heart axis to the scored classes with ``ecgplat.labels.scp_to_snomed``.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+from functools import lru_cache
+from pathlib import Path
+
+from ecgplat.labels import codes_to_multihot, scp_to_snomed
+from ingestion.record import RawRecord, RecordError, parse_age
+from ingestion.wfdb_dir import read_wfdb
+
+SOURCE = "ptbxl"
+DATABASE = "ptbxl_database.csv"
+
+
+@lru_cache(maxsize=4)
+def _database(csv_path: str, mtime_ns: int):
+    import pandas as pd
+
+    try:
+        db = pd.read_csv(csv_path)
+    except Exception as e:  # noqa: BLE001 - any parse failure is reported as a bad database
+        raise RecordError(csv_path, f"cannot read the PTB-XL database: {e}") from None
+    missing = {"ecg_id", "patient_id", "filename_hr", "scp_codes"} - set(db.columns)
+    if missing:
+        raise RecordError(csv_path, f"missing columns {sorted(missing)}")
+    return db.set_index("filename_hr", drop=False)
+
+
+def database(src: Path):
+    """The metadata table, indexed by ``filename_hr`` (cached per file version)."""
+    path = Path(src) / DATABASE
+    if not path.exists():
+        raise RecordError(str(path), f"not a PTB-XL root: {DATABASE} not found")
+    return _database(str(path), path.stat().st_mtime_ns)
+
+
+def list_records(src: Path) -> list[str]:
+    """The ``filename_hr`` paths listed in ``ptbxl_database.csv``, sorted."""
+    return sorted(str(f) for f in database(src)["filename_hr"].dropna())
+
+
+def _is_missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def read_record(src: Path, rel: str) -> RawRecord:
+    """Read one PTB-XL record by its ``filename_hr`` path."""
+    db = database(src)
+    if rel not in db.index:
+        raise RecordError(rel, f"not listed in {DATABASE}")
+    row = db.loc[rel]
+    try:
+        scp = ast.literal_eval(row["scp_codes"]) if not _is_missing(row["scp_codes"]) else {}
+        if not isinstance(scp, dict):
+            raise TypeError("not a dict")
+    except (ValueError, SyntaxError, TypeError):
+        raise RecordError(rel, "unparsable scp_codes (expected a dict literal)") from None
+    signal, fs, names, _ = read_wfdb(src, rel)
+    axis = row.get("heart_axis")
+    axis = "" if _is_missing(axis) else str(axis)
+    age = parse_age(row.get("age"))
+    if age >= 300:  # PTB-XL's marker for "older than 89"
+        age = 90.0
+    sex = {0: "M", 1: "F"}.get(None if _is_missing(row.get("sex")) else int(row["sex"]), "")
+    pid = row["patient_id"]
+    extra = {"ecg_id": int(row["ecg_id"]), "heart_axis": axis}
+    if "strat_fold" in row and not _is_missing(row["strat_fold"]):
+        extra["strat_fold"] = int(row["strat_fold"])
+    codes = list(scp)
+    return RawRecord(
+        source=SOURCE, record_id=f"{int(row['ecg_id']):05d}", path=rel, signal=signal, fs=fs,
+        lead_names=names, patient_id=None if _is_missing(pid) else str(int(float(pid))),
+        codes=codes, labels=codes_to_multihot(scp_to_snomed(scp, axis)), age=age, sex=sex,
+        extra=extra,
+    )

@@ -1,0 +1,129 @@
+"""Record-level train/valid/test splits and identification gallery/probe assignment.
+
+Splits are assigned to whole records (never to single segments, unlike the original pipeline
+which split segment files and could put the two halves of one record in different splits):
+
+* ``random``: grouped by ``patient_key`` so that all records of a patient share a split. Patients
+  are shuffled with ``seed`` and taken in that order into test, then valid, until each holds its
+  fraction of the records; the rest is train.
+* ``strat_fold``: PTB-XL's recommended folds: 1-8 train, 9 valid, 10 test (the folds already keep
+  each patient in one fold).
+
+Identification (``ident_split``): for each patient with at least 2 records, the first record
+(lowest record index, i.e. listing order) goes to the gallery and the others to the probe set;
+with ``first_two`` (the paper's rule) only the second record is a probe and later ones are
+unused. Patients with a single record get "".
+
+The result is stored in the store itself (``StoreWriter.write_splits``: one atomic commit);
+records outside the selected sources keep their current assignment.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from ecgplat.store import open_store
+
+MODES = ("random", "strat_fold")
+TRAIN_FOLDS = tuple(range(1, 9))
+VALID_FOLD, TEST_FOLD = 9, 10
+
+
+def random_split(patient_keys: Sequence[str], valid: float = 0.1, test: float = 0.1,
+                 seed: int = 0) -> np.ndarray:
+    """Per-record "train"/"valid"/"test", grouped by patient."""
+    if valid < 0 or test < 0 or valid + test >= 1:
+        raise ValueError(f"valid ({valid}) and test ({test}) must be >= 0 and sum to < 1")
+    keys = np.asarray(patient_keys, dtype=object)
+    out = np.full(len(keys), "train", dtype=object)
+    if len(keys) == 0:
+        return out
+    patients, inverse, counts = np.unique(keys.astype(str), return_inverse=True, return_counts=True)
+    order = np.random.default_rng(seed).permutation(len(patients))
+    before = np.cumsum(counts[order]) - counts[order]  # records already placed before each patient
+    n = len(keys)
+    name = np.where(before < test * n, "test", np.where(before < (test + valid) * n, "valid", "train"))
+    per_patient = np.empty(len(patients), dtype=object)
+    per_patient[order] = name
+    out[:] = per_patient[inverse]
+    return out
+
+
+def strat_fold_split(folds: Sequence[int]) -> np.ndarray:
+    """Per-record split from PTB-XL ``strat_fold`` (1-8 train, 9 valid, 10 test)."""
+    folds = np.asarray(folds, dtype=np.int64)
+    bad = ~np.isin(folds, np.arange(1, 11))
+    if bad.any():
+        raise ValueError(f"{int(bad.sum())} records have no PTB-XL strat_fold (1..10); "
+                         "use --mode random or --source ptbxl")
+    return np.where(folds == TEST_FOLD, "test", np.where(folds == VALID_FOLD, "valid", "train")
+                    ).astype(object)
+
+
+def gallery_probe(patient_keys: Sequence[str], first_two: bool = False) -> np.ndarray:
+    """Per-record "gallery"/"probe"/"" in the given (record) order."""
+    keys = [str(k) for k in patient_keys]
+    out = np.full(len(keys), "", dtype=object)
+    counts: dict[str, int] = {}
+    for k in keys:
+        counts[k] = counts.get(k, 0) + 1
+    seen: dict[str, int] = {}
+    for i, k in enumerate(keys):
+        if counts[k] < 2:
+            continue
+        rank = seen.get(k, 0)
+        seen[k] = rank + 1
+        if rank == 0:
+            out[i] = "gallery"
+        elif rank == 1 or not first_two:
+            out[i] = "probe"
+    return out
+
+
+def split_store(store: str | os.PathLike, mode: str = "random", valid: float = 0.1,
+                test: float = 0.1, seed: int = 0, ident: bool = False,
+                ident_first_two: bool = False, sources: Sequence[str] | None = None,
+                ident_within: str | None = None) -> dict:
+    """Assign splits (and with ``ident`` the gallery/probe sets) to the records of ``sources``
+    (default: all) and commit them to the store; returns counts per split and ident_split.
+
+    ``ident_within``: only records of that split take part in gallery/probe.
+    """
+    from ingestion.writer import StoreWriter
+
+    if mode not in MODES:
+        raise ValueError(f"unknown split mode {mode!r}; choose one of {', '.join(MODES)}")
+    reader = open_store(store)
+    frame = reader.records
+    selected = np.ones(len(frame), dtype=bool)
+    if sources:
+        unknown = sorted(set(sources) - set(frame["source"]))
+        if unknown:
+            raise ValueError(f"{store}: no records of source(s) {', '.join(unknown)}")
+        selected = frame["source"].isin(list(sources)).to_numpy()
+    if not selected.any():
+        raise ValueError(f"{store}: no records to split")
+    split = frame["split"].to_numpy(dtype=object).copy()
+    ident_split = frame["ident_split"].to_numpy(dtype=object).copy()
+    if mode == "random":
+        split[selected] = random_split(frame["patient_key"][selected], valid, test, seed)
+    else:
+        split[selected] = strat_fold_split(frame["strat_fold"][selected])
+    if ident:
+        take = selected & (split == ident_within if ident_within else True)
+        ident_split[selected] = ""
+        ident_split[take] = gallery_probe(frame["patient_key"][take], first_two=ident_first_two)
+    with StoreWriter(store, create=False) as writer:
+        if writer.n_records != len(frame):
+            raise RuntimeError(f"{store}: the store changed while splitting; run split again")
+        writer.write_splits(split, ident_split)
+
+    def counts(values) -> dict:
+        kinds, n = np.unique(np.asarray(values, dtype=str), return_counts=True)
+        return {str(k) or "none": int(c) for k, c in zip(kinds, n)}
+
+    return {"mode": mode, "records": int(selected.sum()), "split": counts(split[selected]),
+            "ident_split": counts(ident_split[selected])}

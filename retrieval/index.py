@@ -1,0 +1,231 @@
+"""FAISS gallery index over L2-normalised embeddings, saved with its id mapping and lineage.
+
+Similarity is the inner product of unit vectors, i.e. cosine similarity (the paper-era
+identification score, spec §3.7). Kinds:
+
+* `flat`  exact `IndexFlatIP` (default; same neighbours as a brute-force similarity matrix);
+* `hnsw`  `IndexHNSWFlat` (graph search, no training) for large galleries;
+* `ivf`   `IndexIVFFlat` over a flat inner-product coarse quantizer (k-means trained).
+
+Approximate kinds report their recall@1 against exact search on a sample of queries at build
+time (`GalleryIndex.info["recall_at_1"]`). Search runs on a GPU copy when FAISS sees a GPU,
+else on the CPU. On disk an index is two files: `NAME.faiss` (FAISS's own format) and
+`NAME.json` beside it holding the row ids (record keys or segment ids), the pseudonymised
+patient key of each row, the lineage of the embeddings (checkpoint SHA-256, lead set, ...)
+and build info. Queries whose embeddings come from another lineage are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+INDEX_KINDS = ("flat", "hnsw", "ivf")
+# lineage fields that must agree between an index and the embeddings used to query it
+LINEAGE_MATCH_KEYS = ("checkpoint_sha256", "leads")
+META_FORMAT = "ecgplat-faiss-index/1"
+
+
+class LineageError(ValueError):
+    """Query embeddings were produced by a different checkpoint or lead set than the index."""
+
+
+def check_lineage(index_lineage: dict, query_lineage: dict | None) -> None:
+    """Raise LineageError naming the first differing field (None = caller vouches for it)."""
+    if query_lineage is None:
+        return
+    for key in LINEAGE_MATCH_KEYS:
+        a, b = index_lineage.get(key), query_lineage.get(key)
+        if key in index_lineage and a != b:
+            raise LineageError(f"query embeddings have {key}={_short(b)} but the index was built "
+                               f"with {key}={_short(a)}; re-embed with the index's checkpoint/leads "
+                               f"or rebuild the index")
+
+
+def _short(value) -> str:
+    s = str(value)
+    return s[:12] + "..." if len(s) > 16 else s
+
+
+def _unit_float32(x: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(np.asarray(x, dtype=np.float32)).copy()
+    if x.ndim != 2:
+        raise ValueError(f"expected a (n, dim) matrix of embeddings, got shape {x.shape}")
+    faiss.normalize_L2(x)
+    return x
+
+
+def _gpu_available() -> bool:
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def default_params(kind: str, n: int) -> dict:
+    """Build/search parameters scaled with the gallery size."""
+    if kind == "hnsw":
+        return {"M": 32, "ef_construction": 80, "ef_search": 128}
+    if kind == "ivf":
+        nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))
+        return {"nlist": nlist, "nprobe": max(1, min(nlist, 16))}
+    return {}
+
+
+def _make_index(kind: str, dim: int, vectors: np.ndarray, params: dict, seed: int) -> faiss.Index:
+    if kind == "flat":
+        index = faiss.IndexFlatIP(dim)
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, int(params["M"]), faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = int(params["ef_construction"])
+        index.hnsw.efSearch = int(params["ef_search"])
+    elif kind == "ivf":
+        quantizer = faiss.IndexFlatIP(dim)
+        index = faiss.IndexIVFFlat(quantizer, dim, int(params["nlist"]), faiss.METRIC_INNER_PRODUCT)
+        index.cp.seed = seed
+        train = vectors
+        max_train = 256 * int(params["nlist"])
+        if len(train) > max_train:
+            rows = np.random.default_rng(seed).choice(len(train), max_train, replace=False)
+            train = vectors[np.sort(rows)]
+        index.train(train)
+        index.nprobe = int(params["nprobe"])
+    else:
+        raise ValueError(f"unknown index kind {kind!r}; choose one of {', '.join(INDEX_KINDS)}")
+    index.add(vectors)
+    return index
+
+
+@dataclass
+class GalleryIndex:
+    """A FAISS index plus what its rows are and where their embeddings came from."""
+
+    index: faiss.Index
+    kind: str
+    ids: list[str]
+    labels: list[str] | None = None
+    lineage: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+    _gpu_index: object = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return int(self.index.ntotal)
+
+    @property
+    def dim(self) -> int:
+        return int(self.index.d)
+
+    def _searcher(self) -> faiss.Index:
+        if self.kind == "flat" and _gpu_available():
+            if self._gpu_index is None:
+                try:
+                    res = faiss.StandardGpuResources()
+                    self._gpu_index = (res, faiss.index_cpu_to_gpu(res, 0, self.index))
+                except RuntimeError:
+                    self._gpu_index = False  # a broken GPU build: stay on the CPU
+            if self._gpu_index:
+                return self._gpu_index[1]
+        return self.index
+
+    def search(self, queries: np.ndarray, k: int, lineage: dict | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """(scores (Q, k) float32 cosine, rows (Q, k) int64 gallery rows, -1 = none), best first."""
+        check_lineage(self.lineage, lineage)
+        q = _unit_float32(queries)
+        if q.shape[1] != self.dim:
+            raise ValueError(f"query embeddings have dim {q.shape[1]}, the index has {self.dim}")
+        k = max(1, min(int(k), len(self)))
+        scores, rows = self._searcher().search(q, k)
+        return scores, rows.astype(np.int64)
+
+    def save(self, path: str | Path) -> Path:
+        """Write `PATH.faiss` and `PATH.json` atomically; returns the `.faiss` path."""
+        index_path, meta_path = index_paths(path)
+        index_path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"format": META_FORMAT, "kind": self.kind, "dim": self.dim, "count": len(self),
+                "ids": list(self.ids), "labels": None if self.labels is None else list(self.labels),
+                "lineage": self.lineage, "info": self.info}
+        tmp_index = index_path.with_name(index_path.name + ".tmp")
+        tmp_meta = meta_path.with_name(meta_path.name + ".tmp")
+        faiss.write_index(self.index, str(tmp_index))
+        tmp_meta.write_text(json.dumps(meta))
+        os.replace(tmp_index, index_path)
+        os.replace(tmp_meta, meta_path)
+        return index_path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "GalleryIndex":
+        index_path, meta_path = index_paths(path)
+        for p in (index_path, meta_path):
+            if not p.exists():
+                raise FileNotFoundError(f"{p}: index file not found")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{meta_path}: not valid JSON ({e.msg})") from None
+        if meta.get("format") != META_FORMAT:
+            raise ValueError(f"{meta_path}: not an ecgplat index description "
+                             f"(format {meta.get('format')!r})")
+        index = faiss.read_index(str(index_path))
+        if index.ntotal != meta["count"] or index.d != meta["dim"] or len(meta["ids"]) != index.ntotal:
+            raise ValueError(f"{index_path}: {index.ntotal} vectors of dim {index.d} do not match "
+                             f"its description ({meta['count']} ids, dim {meta['dim']})")
+        return cls(index=index, kind=meta["kind"], ids=meta["ids"], labels=meta.get("labels"),
+                   lineage=meta.get("lineage") or {}, info=meta.get("info") or {})
+
+
+def index_paths(path: str | Path) -> tuple[Path, Path]:
+    """(`X.faiss`, `X.json`) for `X` or `X.faiss`."""
+    p = Path(path)
+    if p.suffix != ".faiss":
+        p = p.with_name(p.name + ".faiss")
+    return p, p.with_suffix(".json")
+
+
+def recall_at_1(approx: faiss.Index, exact: faiss.Index, queries: np.ndarray) -> float:
+    """Fraction of queries whose approximate top-1 row equals the exact top-1 row."""
+    q = _unit_float32(queries)
+    _, a = approx.search(q, 1)
+    _, e = exact.search(q, 1)
+    return float((a[:, 0] == e[:, 0]).mean())
+
+
+def build_index(vectors: np.ndarray, ids: list[str], lineage: dict | None = None,
+                kind: str = "flat", labels: list[str] | None = None,
+                sample_queries: np.ndarray | None = None, n_sample: int = 1000,
+                params: dict | None = None, seed: int = 0) -> GalleryIndex:
+    """Index `vectors` (n, dim) whose rows are named by `ids`.
+
+    For approximate kinds, recall@1 against exact search is measured on up to `n_sample` rows of
+    `sample_queries` (e.g. probe embeddings); without them, on noisy copies of gallery rows.
+    """
+    if kind not in INDEX_KINDS:
+        raise ValueError(f"unknown index kind {kind!r}; choose one of {', '.join(INDEX_KINDS)}")
+    x = _unit_float32(vectors)
+    if len(x) == 0:
+        raise ValueError("cannot build an index over an empty gallery")
+    if len(ids) != len(x) or (labels is not None and len(labels) != len(x)):
+        raise ValueError(f"{len(x)} vectors but {len(ids)} ids"
+                         + ("" if labels is None else f" and {len(labels)} labels"))
+    p = {**default_params(kind, len(x)), **(params or {})}
+    index = _make_index(kind, x.shape[1], x, p, seed)
+    info: dict = {"params": p}
+    if kind != "flat":
+        rng = np.random.default_rng(seed)
+        if sample_queries is None or len(sample_queries) == 0:
+            rows = rng.choice(len(x), min(n_sample, len(x)), replace=False)
+            sample = x[rows] + rng.normal(0, 0.5 / math.sqrt(x.shape[1]), (len(rows), x.shape[1]))
+            info["recall_sample"] = "noisy gallery rows"
+        else:
+            sq = np.asarray(sample_queries, dtype=np.float32)
+            sample = sq[rng.choice(len(sq), min(n_sample, len(sq)), replace=False)]
+            info["recall_sample"] = "given queries"
+        exact = faiss.IndexFlatIP(x.shape[1])
+        exact.add(x)
+        info["recall_at_1"] = recall_at_1(index, exact, sample)
+        info["recall_n"] = int(len(sample))
+    return GalleryIndex(index=index, kind=kind, ids=list(ids), labels=labels,
+                        lineage=dict(lineage or {}), info=info)

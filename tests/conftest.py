@@ -1,0 +1,54 @@
+"""Shared pytest fixtures."""
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def samples_dir() -> Path:
+    """The bundled real ECG samples (``data/samples``; see its ATTRIBUTION.md)."""
+    return Path(__file__).parents[1] / "data" / "samples"
+
+
+# ---- synthetic cohort, store and shards (owned by the store/ingest engineer) -------------------
+# Session-scoped and shared: treat them as READ-ONLY (copy with shutil.copytree to modify).
+
+SYNTH_PATIENTS, SYNTH_RECORDS_PER_PATIENT, SYNTH_SECONDS = 24, 3, 10.0
+
+
+@pytest.fixture(scope="session")
+def synth_cohort(tmp_path_factory) -> Path:
+    """24 synthetic patients x 3 records of 10 s (CinC 2021 format, ``#Patient:`` ids SYN00001..),
+    written by ``ingestion.synth.write_cohort`` (seed 0); ``synth_manifest.json`` lists them."""
+    from ingestion.synth import write_cohort
+
+    out = tmp_path_factory.mktemp("synth") / "cohort"
+    write_cohort(out, SYNTH_PATIENTS, SYNTH_RECORDS_PER_PATIENT, seconds=SYNTH_SECONDS, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def synth_store(synth_cohort, tmp_path_factory) -> Path:
+    """The cohort ingested in-process (72 records, 144 segments) and split: random by patient
+    (valid 0.2, test 0.2, seed 0) plus identification gallery/probe over every patient (first
+    record gallery, the other two probe). Open it with ``ecgplat.store.open_store``."""
+    from ingestion.pipeline import ingest
+    from ingestion.splits import split_store
+
+    store = tmp_path_factory.mktemp("store") / "store"
+    ingest("cinc2021", synth_cohort, store, workers=0, progress=False)
+    split_store(store, mode="random", valid=0.2, test=0.2, seed=0, ident=True)
+    return store
+
+
+@pytest.fixture(scope="session")
+def synth_shards(synth_store, tmp_path_factory) -> Path:
+    """WebDataset shards of ``synth_store``: ``train-*.tar`` (at most 16 records per shard) and
+    ``valid-*.tar`` plus ``_info.json`` in the returned directory."""
+    from ingestion.shards import write_shards
+
+    out = tmp_path_factory.mktemp("shards") / "shards"
+    write_shards(synth_store, "train", out, max_count=16)
+    write_shards(synth_store, "valid", out, max_count=16)
+    return out

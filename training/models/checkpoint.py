@@ -1,0 +1,127 @@
+"""ecgplat checkpoints: atomic save, safe load, and rebuilding the encoder from any kind.
+
+Format (docs/ARCHITECTURE.md): a dict saved with torch.save whose values all load under
+``torch.load(weights_only=True)``::
+
+    {"format": "ecgplat-checkpoint/1", "kind": "pretrain" | "diagnosis" | "identify" | "imported",
+     "encoder_config": EncoderConfig.to_dict(), "model": state dict (encoder under "encoder."),
+     "config": dict, "optimizer", "scheduler", "num_updates", "rng", "data_state", "extra"}
+
+Saving writes a temporary file in the destination folder, fsyncs it and ``os.replace``s it over
+the target, so an interrupted save never leaves a truncated checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from training.models.config import EncoderConfig
+
+FORMAT = "ecgplat-checkpoint/1"
+KINDS = ("pretrain", "diagnosis", "identify", "imported")
+ENCODER_PREFIX = "encoder."
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; ``str(e) == f"{path}: {reason}"``."""
+
+    def __init__(self, path, reason: str):
+        self.path, self.reason = str(path), reason
+        super().__init__(f"{path}: {reason}")
+
+
+def save_checkpoint(path: str | os.PathLike, *, kind: str, encoder_config: EncoderConfig | dict,
+                    model: dict, config: dict | None = None, optimizer=None, scheduler=None,
+                    num_updates: int = 0, rng: dict | None = None, data_state: dict | None = None,
+                    extra: dict | None = None) -> Path:
+    """Atomically write a checkpoint to ``path`` and return it. ``model`` is a state dict."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown checkpoint kind {kind!r}; expected one of {', '.join(KINDS)}")
+    if isinstance(encoder_config, EncoderConfig):
+        encoder_config = encoder_config.to_dict()
+    ckpt = {
+        "format": FORMAT, "kind": kind, "encoder_config": dict(encoder_config),
+        "model": {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in model.items()},
+        "config": config or {}, "optimizer": optimizer, "scheduler": scheduler,
+        "num_updates": int(num_updates), "rng": rng or {}, "data_state": data_state or {},
+        "extra": extra or {},
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    """Load and validate an ecgplat checkpoint (weights_only=True); CheckpointError if unusable."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(path, "no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises several types for corrupt / non-torch files
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(path, f"not a loadable torch checkpoint ({reason})") from None
+    if not isinstance(ckpt, dict) or "format" not in ckpt:
+        hint = " (a fairseq-signals checkpoint? use `ecgplat import fairseq-signals`)" \
+            if isinstance(ckpt, dict) and "cfg" in ckpt else ""
+        raise CheckpointError(path, f"not an ecgplat checkpoint: no 'format' field{hint}")
+    if ckpt["format"] != FORMAT:
+        raise CheckpointError(path, f"unsupported checkpoint format {ckpt['format']!r} (expected {FORMAT!r})")
+    for key in ("kind", "encoder_config", "model"):
+        if key not in ckpt:
+            raise CheckpointError(path, f"checkpoint lacks the {key!r} field")
+    if ckpt["kind"] not in KINDS:
+        raise CheckpointError(path, f"unknown checkpoint kind {ckpt['kind']!r}")
+    return ckpt
+
+
+def encoder_state_dict(ckpt: dict) -> dict:
+    """The encoder's weights from a checkpoint's model state dict (the "encoder." prefix removed)."""
+    return {k[len(ENCODER_PREFIX):]: v for k, v in ckpt["model"].items() if k.startswith(ENCODER_PREFIX)}
+
+
+def load_encoder(path: str | os.PathLike, **overrides):
+    """Rebuild the ECGEncoder of any checkpoint kind, on the CPU, in eval mode.
+
+    ``overrides`` replace EncoderConfig fields that do not change the weights' shapes, e.g. the
+    fine-tuning dropouts (dropout=0.0, attention_dropout=0.0, activation_dropout=0.1,
+    dropout_input=0.0, dropout_features=0.0, encoder_layerdrop=0.0) or feature_grad_mult=0.0.
+    """
+    from training.models.encoder import ECGEncoder
+
+    ckpt = load_checkpoint(path)
+    try:
+        cfg = EncoderConfig.from_dict(ckpt["encoder_config"], **overrides)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(path, f"bad encoder_config: {e}") from None
+    encoder = ECGEncoder(cfg)
+    state = encoder_state_dict(ckpt)
+    try:
+        missing, unexpected = encoder.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        detail = " ".join(str(e).split())
+        raise CheckpointError(path, f"encoder weights do not fit encoder_config: {detail[:300]}") from None
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append("missing encoder weights " + ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
+        if unexpected:
+            parts.append("unexpected encoder weights " + ", ".join(unexpected[:5])
+                         + (" ..." if len(unexpected) > 5 else ""))
+        raise CheckpointError(path, "; ".join(parts))
+    return encoder.eval()

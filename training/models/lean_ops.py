@@ -1,0 +1,98 @@
+"""Memory-lean versions of dropout, attention and the FFN's GELU -> Linear.
+
+Same mathematics as the plain torch ops, fewer saved activations (the 2-core / 24 GiB budget):
+  * ``Dropout``: on CPU torch's dropout keeps a *float* noise tensor for backward; this one keeps
+    a bool mask (1 byte per element). On CUDA torch's fused kernel already does, so it is used.
+  * ``attention``: SDPA (flash / memory-efficient kernels) whenever it can; on CPU with attention
+    dropout SDPA falls back to its math path, which keeps the probabilities, a float dropout
+    mask and the dropped probabilities; the explicit path here keeps a bool mask instead.
+  * ``gelu_dropout_linear``: fc2(dropout(gelu(h))) that saves only ``h`` (already kept by fc1)
+    and the dropout mask, recomputing the GELU in backward, instead of keeping the (B, T, FFN)
+    activation: ~31 MB per layer per 16 segments for the paper model, at the cost of one GELU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    return torch.empty_like(x, dtype=torch.bool).bernoulli_(1.0 - p)
+
+
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    if not training or p == 0.0:
+        return x
+    if p >= 1.0:
+        return x * 0.0
+    if x.device.type != "cpu":
+        return F.dropout(x, p, True)
+    return x.masked_fill(~_keep_mask(x, p), 0.0).mul_(1.0 / (1.0 - p))
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout with a bool mask on CPU (see module docstring)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+              dropout_p: float) -> torch.Tensor:
+    """softmax(q kᵀ / sqrt(d) [masked]) v with dropout on the probabilities.
+    q, k, v (B, H, T, d); attn_mask broadcastable to (B, H, T, T), bool, True = may attend."""
+    if dropout_p == 0.0 or q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+    scores = torch.matmul(q * (1.0 / math.sqrt(q.shape[-1])), k.transpose(-2, -1))
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    return torch.matmul(dropout(probs, dropout_p, True), v)
+
+
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+class _GeluDropoutLinear(torch.autograd.Function):
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, h, weight, bias, p):
+        keep = _keep_mask(h, p) if p > 0.0 else None
+        a = F.gelu(_at_least_fp32(h)).to(h.dtype)
+        if keep is not None:
+            a = a.masked_fill_(~keep, 0.0).mul_(1.0 / (1.0 - p))
+        ctx.p = p
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(h, weight, keep)
+        return F.linear(a, weight, bias)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad_out):
+        h, weight, keep = ctx.saved_tensors
+        hf = _at_least_fp32(h)
+        a = F.gelu(hf).to(h.dtype)
+        if keep is not None:
+            a = a.masked_fill_(~keep, 0.0).mul_(1.0 / (1.0 - ctx.p))
+        g2 = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_w = (g2.t() @ a.reshape(-1, a.shape[-1]).to(g2.dtype)).to(weight.dtype)
+        grad_b = g2.sum(0).to(weight.dtype) if ctx.has_bias else None
+        grad_a = torch.matmul(grad_out, weight.to(grad_out.dtype))
+        if keep is not None:
+            grad_a = grad_a.masked_fill_(~keep, 0.0).mul_(1.0 / (1.0 - ctx.p))
+        grad_h = torch.ops.aten.gelu_backward(_at_least_fp32(grad_a), hf).to(h.dtype)
+        return grad_h, grad_w, grad_b, None
+
+
+def gelu_dropout_linear(h: torch.Tensor, linear: nn.Linear, p: float, training: bool) -> torch.Tensor:
+    """linear(dropout(gelu(h), p)) with GELU in fp32 (fairseq's utils.gelu), recomputed in backward."""
+    p = p if training else 0.0
+    if not torch.is_grad_enabled() or not (h.requires_grad or linear.weight.requires_grad):
+        a = F.gelu(_at_least_fp32(h)).to(h.dtype)
+        return linear(dropout(a, p, p > 0.0))
+    return _GeluDropoutLinear.apply(h, linear.weight, linear.bias, p)

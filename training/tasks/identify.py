@@ -1,0 +1,214 @@
+"""IdentifyTask: ArcFace fine-tuning for patient identification (method spec §1.8, §3.6, §3.7).
+
+* classes: the training patients, i.e. the distinct `patient_key`s of the training records,
+  sorted (identical on every rank). Corpora without patient ids (CinC 2021) give every record
+  its own key, hence its own class: the paper's recipe. The class map is saved in the
+  checkpoint's `extra["classes"]`.
+* model: `training.models.identifier.IdentificationModel` on the encoder of
+  `training.tasks.diagnosis.build_finetune_encoder` (strict load of `finetune.init`, the
+  fine-tune dropouts of the original's identification.yaml, CNN frozen).
+* data: single-segment batches of `training.data` with lead padding (`data.leads`; absent leads
+  are zero rows, the original's `enable_padding_leads: true`).
+* leakage guard (spec §5 item 4): PhysioNet 2021's ptb-xl subset holds the PTB-XL recordings
+  (`HR%05d` = PTB-XL `ecg_id`). With `finetune.leakage_exclude_store=STORE` every training
+  record present in STORE, by record key or by PTB-XL ecg_id, is dropped from training; the
+  count is printed and saved in `extra["excluded_records"]`.
+* validation each epoch, when `data.store` is set: Rank-1 on its gallery/probe split
+  (`ident_split`) by cosine similarity of unit embeddings: `rank1` per 5 s segment (the
+  original's unit) and `record_rank1` per record (mean of its segment embeddings).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from typing import Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from ecgplat.config import RunConfig
+from training.data import ShardStream
+from training.tasks.base import Task, unwrap
+
+_PTBXL_IN_CINC = re.compile(r"^cinc2021/HR(\d{5})$")
+_PTBXL = re.compile(r"^ptbxl/(\d+)$")
+
+
+def ptbxl_ecg_id(record_key: str) -> int | None:
+    """The PTB-XL ecg_id behind a record key (`ptbxl/00013` or `cinc2021/HR00013`), else None."""
+    m = _PTBXL.match(record_key) or _PTBXL_IN_CINC.match(record_key)
+    return int(m.group(1)) if m else None
+
+
+class LeakageGuard:
+    """Which training records also occur in an evaluation store (same key or same PTB-XL ECG)."""
+
+    def __init__(self, eval_record_keys: Iterable[str]):
+        self.keys = frozenset(eval_record_keys)
+        self.ecg_ids = frozenset(i for i in map(ptbxl_ecg_id, self.keys) if i is not None)
+
+    @classmethod
+    def from_store(cls, path) -> "LeakageGuard":
+        from ecgplat.store import open_store
+
+        return cls(open_store(path).records["record_key"].tolist())
+
+    def excluded(self, record_key: str) -> bool:
+        if record_key in self.keys:
+            return True
+        ecg_id = ptbxl_ecg_id(record_key)
+        return ecg_id is not None and ecg_id in self.ecg_ids
+
+
+class _GuardedStream(ShardStream):
+    """A training.data shard stream that drops the units of excluded records."""
+
+    guard: LeakageGuard | None = None
+
+    def _pass(self, slot: int, slots: int, pass_index: int):
+        for unit in super()._pass(slot, slots, pass_index):
+            if self.guard is None or not self.guard.excluded(unit.meta["record_key"]):
+                yield unit
+
+
+def training_records(cfg: RunConfig) -> list[tuple[str, str]]:
+    """(record_key, patient_key) of every training record: from the store the shards were
+    written from (named in `_info.json`, when it is still there unchanged), else read from the
+    shards themselves."""
+    from training.data import _read_info, iter_records, shard_set
+
+    split = cfg.data.train_split
+    info = _read_info(str(cfg.data.shards)) if "://" not in str(cfg.data.shards) else None
+    src = ((info or {}).get(split) or {}).get("store") or {}
+    if src.get("path"):
+        try:
+            from ecgplat.store import open_store
+
+            store = open_store(src["path"])
+            if store.attrs.get("store_uuid") == src.get("uuid") and store.n_records == src.get("n_records"):
+                frame = store.records.loc[store.select(split=split)]
+                if len(frame) == (info[split].get("samples") or len(frame)):
+                    return list(zip(frame["record_key"], frame["patient_key"]))
+        except (FileNotFoundError, ValueError, KeyError):
+            pass  # moved or rebuilt: fall back to the shards
+    out = []
+    for url in shard_set(cfg.data.shards, split).urls:
+        out += [(m["record_key"], m["patient_key"]) for _, _, m in iter_records(url)]
+    return out
+
+
+def rank1(gallery: torch.Tensor, gallery_pid: np.ndarray, probe: torch.Tensor,
+          probe_pid: np.ndarray) -> float:
+    """Top-1 identification accuracy: the probe's most cosine-similar gallery item has its
+    patient key (unit embeddings; the original's `sim = gallery @ probe.T`, best row)."""
+    if len(probe) == 0 or len(gallery) == 0:
+        return float("nan")
+    best = torch.cat([(probe[s:s + 1024] @ gallery.T).argmax(dim=1)
+                      for s in range(0, len(probe), 1024)]).numpy()
+    return float(np.mean(np.asarray(gallery_pid)[best] == np.asarray(probe_pid)))
+
+
+class IdentifyTask(Task):
+    name = "identify"
+    checkpoint_kind = "identify"
+
+    def __init__(self, cfg: RunConfig):
+        super().__init__(cfg)
+        self.find_unused_parameters = cfg.finetune.freeze_finetune_updates > 0
+        self.guard = (LeakageGuard.from_store(cfg.finetune.leakage_exclude_store)
+                      if cfg.finetune.leakage_exclude_store else None)
+        records = training_records(cfg)
+        kept = [(r, p) for r, p in records if self.guard is None or not self.guard.excluded(r)]
+        self.excluded_records = len(records) - len(kept)
+        if self.guard is not None and _is_main():
+            print(f"leakage guard: excluded {self.excluded_records} of {len(records)} training "
+                  f"records also present in {cfg.finetune.leakage_exclude_store}", file=sys.stderr)
+        if not kept:
+            raise ValueError(f"{cfg.data.shards}: no training records left for identification")
+        self.classes = sorted({p for _, p in kept})
+        self.class_index = {p: i for i, p in enumerate(self.classes)}
+
+    # --- model -------------------------------------------------------------------------------
+    def build_model(self) -> nn.Module:
+        from training.models.identifier import IdentificationModel
+        from training.tasks.diagnosis import build_finetune_encoder
+
+        c = self.cfg.criterion
+        return IdentificationModel(build_finetune_encoder(self.cfg), len(self.classes),
+                                   scale=c.arcface_scale, margin=c.arcface_margin)
+
+    # --- data --------------------------------------------------------------------------------
+    def _stream(self, rank: int, world: int, epoch: int):
+        from training.data import stream_from_config
+
+        stream = stream_from_config(self.cfg, "segments", rank=rank, world=world, epoch=epoch)
+        if self.guard is not None:
+            guarded = _GuardedStream(stream.spec, rank, world, epoch, stream.num_workers)
+            guarded.guard = self.guard
+            stream.dataset = guarded
+        return stream
+
+    def train_batches(self, rank: int, world: int, epoch: int) -> Iterable[dict]:
+        return self._stream(rank, world, epoch)
+
+    def batches_per_epoch(self, rank: int, world: int) -> int | None:
+        return self._stream(rank, world, 1).batches_per_epoch
+
+    # --- step --------------------------------------------------------------------------------
+    def labels_of(self, patient_keys: list[str]) -> torch.Tensor:
+        try:
+            return torch.tensor([self.class_index[k] for k in patient_keys], dtype=torch.long)
+        except KeyError:
+            raise ValueError(f"{self.cfg.data.shards}: a training segment's patient is not in "
+                             "the class map (shards rewritten during training?)") from None
+
+    def train_step(self, model: nn.Module, batch: dict,
+                   num_updates: int) -> tuple[torch.Tensor, int, dict]:
+        freeze = num_updates < self.cfg.finetune.freeze_finetune_updates
+        labels = self.labels_of(batch["patient_key"]).to(batch["source"].device)
+        return model(batch["source"], labels, lead_mask=batch.get("lead_mask"),
+                     freeze_encoder=freeze)
+
+    # --- validation --------------------------------------------------------------------------
+    def validate(self, model: nn.Module, epoch: int) -> dict | None:
+        if not self.cfg.data.store:
+            return None
+        from ecgplat.leads import parse_leads
+        from ecgplat.store import open_store
+        from training.evaluate_diagnosis import store_batches
+        from training.models.identifier import embed_batches, record_means
+
+        store = open_store(self.cfg.data.store)
+        leads = parse_leads(self.cfg.data.leads)
+        pids = store.records["patient_key"].to_numpy()
+        sets = {}
+        for side in ("gallery", "probe"):
+            records = store.select(ident_split=side)
+            emb, rec, _ = embed_batches(unwrap(model), store_batches(
+                store, records, leads, self.cfg.data.batch_size))
+            rec_ids, rec_emb = record_means(emb, rec)
+            sets[side] = (torch.from_numpy(emb), pids[rec], torch.from_numpy(rec_emb), pids[rec_ids])
+        if len(sets["probe"][0]) == 0 or len(sets["gallery"][0]) == 0:
+            print(f"warning: {self.cfg.data.store} has no gallery/probe split: no validation",
+                  file=sys.stderr)
+            return None
+        g, p = sets["gallery"], sets["probe"]
+        return {"rank1": rank1(g[0], g[1], p[0], p[1]),
+                "record_rank1": rank1(g[2], g[3], p[2], p[3])}
+
+    # --- checkpoint state --------------------------------------------------------------------
+    def extra_state(self) -> dict:
+        return {"classes": list(self.classes), "leads": str(self.cfg.data.leads),
+                "init": str(self.cfg.finetune.init), "excluded_records": self.excluded_records,
+                "leakage_exclude_store": self.cfg.finetune.leakage_exclude_store}
+
+
+def _is_main() -> bool:
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+TASK_CLASS = IdentifyTask
