@@ -16,6 +16,7 @@ per 5 s segment (what the paper's preprocessing script does).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -38,12 +39,12 @@ class PeakRSS:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _sample(self) -> int:
+        import psutil
+
         total = 0
         for p in [self.proc, *self.proc.children(recursive=True)]:
-            try:
+            with contextlib.suppress(psutil.Error):  # a child that just exited
                 total += p.memory_info().rss
-            except Exception:  # a child that just exited
-                pass
         return total
 
     def _run(self) -> None:

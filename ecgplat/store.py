@@ -123,7 +123,7 @@ def as_str_array(values) -> np.ndarray:
     return np.asarray(values).astype(object)
 
 
-def open_store(path: str | os.PathLike, mode: str = "r") -> "EcgStore":
+def open_store(path: str | os.PathLike, mode: str = "r") -> EcgStore:
     """Open an existing store for reading (``mode="r"``) or for adding groups (``"r+"``).
 
     Raises FileNotFoundError if there is no store at ``path`` and ValueError if it is not an
@@ -146,7 +146,7 @@ class EcgStore:
             raise FileNotFoundError(f"{self.path}: no ecgplat store here (zarr.json missing)")
         try:
             self.root = zarr.open_group(str(self.path), mode=mode)
-        except Exception as e:  # a corrupt zarr.json
+        except Exception as e:  # noqa: BLE001 - any failure here means a corrupt zarr.json
             raise ValueError(f"{self.path}: not a readable zarr v3 group ({e})") from None
         attrs = dict(self.root.attrs)
         version = attrs.get("schema_version")

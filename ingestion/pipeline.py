@@ -21,7 +21,7 @@ from pathlib import Path
 from ecgplat.store import reason_kind
 from ingestion.writer import RecordBatch, StoreWriter, pack_batch
 
-DEFAULT_BATCH_SIZE = 64
+DEFAULT_BATCH_SIZE = 128
 
 
 def corpus_module(corpus: str):
@@ -60,7 +60,7 @@ def process_batch(corpus: str, src: str, rels: list[str], seq: int, secret: byte
             good.append(condition(module.read_record(root, rel)))
         except RecordError as e:
             rejects.append((corpus, rel, e.reason))
-        except Exception as e:  # a reader bug must not stop the job either
+        except Exception as e:  # noqa: BLE001 - a reader bug must not stop the job either
             reason = " ".join(f"unexpected {type(e).__name__}: {e}".split())
             rejects.append((corpus, rel, reason))
         nbytes += _file_bytes(root, rel)
@@ -73,8 +73,14 @@ class _Progress:
     def __init__(self, enabled: bool, total: int, label: str):
         self.bar = None
         if enabled and total:
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                       TimeElapsedColumn, TimeRemainingColumn)
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
 
             self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
                                 MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
@@ -136,12 +142,15 @@ def _run_dask(client, corpus, src, batches, secret, sink, max_in_flight: int) ->
 
 def ingest(corpus: str, src: str | os.PathLike, store: str | os.PathLike, workers: int | None = None,
            scheduler: str | None = None, batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True,
-           max_in_flight: int | None = None, limit: int | None = None) -> dict:
+           max_in_flight: int | None = None, limit: int | None = None,
+           commit_interval: float = 1.0) -> dict:
     """Ingest the records of ``corpus`` under ``src`` into ``store`` (created if missing).
 
     ``workers``: Dask worker processes of a LocalCluster (default: one per CPU core); 0 = run
     synchronously in this process. ``scheduler``: address of an existing cluster
     (``tcp://host:port``), overrides ``workers``. ``limit``: ingest at most this many new records.
+    ``commit_interval``: seconds between commits (0 = after every batch); a killed run loses at
+    most the batches since the last commit.
     Returns a summary: records, segments, patients (added by this run), rejected (by reason),
     skipped (already present), seconds, records_per_s, bytes_read, startup_seconds (Dask
     cluster start, included in seconds), and the store totals.
@@ -166,21 +175,18 @@ def ingest(corpus: str, src: str | os.PathLike, store: str | os.PathLike, worker
         rejected: Counter = Counter()
         bar = _Progress(progress, len(todo), f"ingest {corpus}")
 
+        last_commit = [time.monotonic()]
+
         def sink(batch: RecordBatch) -> None:
-            before_rejects = writer.n_rejects
-            before_records, before_segments = writer.n_records, writer.n_segments
-            writer.append(batch, known_keys=keys)
-            writer.commit()
-            added = writer.n_records - before_records
-            stats["records"] += added
-            stats["segments"] += writer.n_segments - before_segments
+            added = writer.append(batch, known_keys=keys)
+            if time.monotonic() - last_commit[0] >= commit_interval:
+                writer.commit()
+                last_commit[0] = time.monotonic()
+            stats["records"] += added["records"]
+            stats["segments"] += added["segments"]
             stats["bytes_read"] += batch.bytes_read
-            if added:
-                new_keys = writer.root["records/patient_key"][before_records: writer.n_records]
-                stats["patients"].update(str(k) for k in new_keys)
-            if writer.n_rejects > before_rejects:
-                reasons = writer.root["rejects/reason"][before_rejects: writer.n_rejects]
-                rejected.update(reason_kind(str(r)) for r in reasons)
+            stats["patients"].update(added["patient_keys"])
+            rejected.update(reason_kind(r) for r in added["reject_reasons"])
             bar.advance(batch.n_records + len(batch.rejects))
 
         batches = _batches(todo, batch_size)
@@ -199,6 +205,7 @@ def ingest(corpus: str, src: str | os.PathLike, store: str | os.PathLike, worker
                               limit_in_flight)
         finally:
             bar.close()
+            writer.commit()  # whatever was appended is complete: make it visible
         totals = {"store_records": writer.n_records, "store_segments": writer.n_segments,
                   "store_rejects": writer.n_rejects}
     seconds = time.perf_counter() - t0
@@ -228,8 +235,10 @@ class _dask_client:
             self.client = Client(self.scheduler)
         else:
             n = self.workers or os.cpu_count() or 1
+            # no dashboard (bokeh is not installed); ":0" rather than None because the
+            # scheduler's HTTP server otherwise tries port 8787 and warns when it is taken
             self.cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                                        dashboard_address=None,
+                                        dashboard_address=":0",
                                         env={"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"})
             self.client = Client(self.cluster)
         return self.client

@@ -82,7 +82,7 @@ class _ShardSink:
         index = len(self.shards)
         final = self.out / f"{self.name}-{index:06d}.tar"
         self.temps.append(self.out / f".{final.name}.{uuid.uuid4().hex}.tmp")
-        self.tar = tarfile.open(self.temps[-1], "w", format=tarfile.USTAR_FORMAT)
+        self.tar = tarfile.open(self.temps[-1], "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
         self.shards.append({"file": final.name, "samples": 0, "segments": 0, "bytes": 0})
 
     def _close(self) -> None:
@@ -200,7 +200,7 @@ def write_shards(store: str | os.PathLike, split: str, out: str | os.PathLike,
         "params": {"max_size": max_size, "max_count": max_count},
         "store": {"path": str(Path(store).resolve()), "uuid": reader.attrs.get("store_uuid"),
                   "n_records": reader.n_records},
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
     info = read_info(out)
     info[name] = entry

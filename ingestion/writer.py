@@ -29,6 +29,7 @@ import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 
@@ -51,7 +52,7 @@ class RecordBatch:
 
     @property
     def n_records(self) -> int:
-        return int(len(self.columns["record_key"]))
+        return len(self.columns["record_key"])
 
 
 def path_hash(source: str, rel: str, secret: bytes) -> str:
@@ -102,7 +103,7 @@ def pack_batch(seq: int, conditioned: list, rejects: list[tuple[str, str, str]],
         cols["labels"][i] = np.asarray(rec.labels, dtype=bool)
         cols["lead_mask"][i] = np.asarray(rec.lead_mask, dtype=bool)
         fold = (rec.extra or {}).get("strat_fold")
-        cols["strat_fold"][i] = -1 if fold is None or fold != fold else int(fold)
+        cols["strat_fold"][i] = -1 if fold is None or np.isnan(float(fold)) else int(fold)
         cols["seg_count"][i] = rec.n_segments
     segs = [np.asarray(r.segments, dtype=np.int16) for r in conditioned]
     segments = np.concatenate(segs) if segs else np.zeros((0, *_SEG_SHAPE), dtype=np.int16)
@@ -174,6 +175,7 @@ class StoreWriter:
         except BaseException:
             self.close()
             raise
+        self._staged: dict[str, list[np.ndarray]] = {}
         self.n_records = int(self.committed["n_records"])
         self.n_segments = int(self.committed["n_segments"])
         self.n_rejects = int(self.committed["n_rejects"])
@@ -217,7 +219,7 @@ class StoreWriter:
                 "segment_samples": S.SEGMENT_SAMPLES, "segment_seconds": S.SEGMENT_SECONDS,
                 "leads": list(LEADS), "units": "uV", "dtype": "int16",
                 "store_uuid": uuid.uuid4().hex,
-                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             })
         if not (self.path / S.COMMIT_FILE).exists():
             _atomic_write_json(self.path / S.COMMIT_FILE,
@@ -280,8 +282,10 @@ class StoreWriter:
         arr.resize((at + n, *arr.shape[1:]))
         arr[at: at + n] = values
 
-    def append(self, batch: RecordBatch, known_keys: set[str] | None = None) -> None:
-        """Write a batch past the current counts (invisible to readers until ``commit()``).
+    def append(self, batch: RecordBatch, known_keys: set[str] | None = None) -> dict:
+        """Add a batch past the current counts, invisible to readers until ``commit()``:
+        segments are written now, the small arrays are staged in memory and written by
+        ``commit()``. Returns what was added: records, segments, patient_keys, reject_reasons.
 
         A record whose record_key is already in the store (or in ``known_keys``, which is
         updated) becomes a reject instead of a duplicate row.
@@ -318,24 +322,40 @@ class StoreWriter:
                              f"to {n_seg}")
         rec_index = self.n_records + np.arange(n_rec, dtype=np.int64)
         self._put(self.root["segments"], self.n_segments, segments)
-        self._put(self.root["segment_record"], self.n_segments, np.repeat(rec_index, seg_count))
-        self._put(self.root["segment_number"], self.n_segments,
-                  (np.arange(n_seg) - np.repeat(seg_starts, seg_count)).astype(np.int32))
+        staged = {"segment_record": np.repeat(rec_index, seg_count),
+                  "segment_number": (np.arange(n_seg) - np.repeat(seg_starts, seg_count)
+                                     ).astype(np.int32)}
         cols = dict(cols, seg_start=self.n_segments + seg_starts)
         for name, dtype, _ in S.RECORD_COLUMNS:
-            values = _str_array(cols[name]) if dtype == "str" else np.asarray(cols[name], dtype)
-            self._put(self.root[f"records/{name}"], self.n_records, values)
-        if reject_rows:
-            for j, name in enumerate(S.REJECT_COLUMNS):
-                self._put(self.root[f"rejects/{name}"], self.n_rejects,
-                          _str_array([r[j] for r in reject_rows]))
+            staged[f"records/{name}"] = np.asarray(cols[name], object if dtype == "str" else dtype)
+        for j, name in enumerate(S.REJECT_COLUMNS):
+            staged[f"rejects/{name}"] = np.asarray([r[j] for r in reject_rows], dtype=object)
+        # all-or-nothing: an interrupt before this point leaves the counts untouched
+        for key, values in staged.items():
+            if len(values):
+                self._staged.setdefault(key, []).append(values)
         self.n_records += n_rec
         self.n_segments += n_seg
         self.n_rejects += len(reject_rows)
+        return {"records": n_rec, "segments": n_seg, "patient_keys": list(cols["patient_key"]),
+                "reject_reasons": [r[2] for r in reject_rows]}
+
+    def _flush(self) -> None:
+        """Write the staged small arrays (index arrays, record and reject columns) past the
+        committed counts: one write per array per commit instead of one per batch."""
+        for key, parts in self._staged.items():
+            values = np.concatenate(parts)
+            if values.dtype == object:
+                values = _str_array(values)
+            group = key.split("/")[0]
+            count = {"records": "n_records", "rejects": "n_rejects"}.get(group, "n_segments")
+            self._put(self.root[key], int(self.committed[count]), values)
+        self._staged = {}
 
     def commit(self, splits: str | None | bool = False) -> None:
         """Make everything appended so far visible, atomically. ``splits`` (a generation name)
         switches the split assignment in the same commit."""
+        self._flush()
         state = {"n_records": self.n_records, "n_segments": self.n_segments,
                  "n_rejects": self.n_rejects,
                  "splits": self.committed.get("splits") if splits is False else splits}
@@ -369,7 +389,7 @@ class StoreWriter:
             os.close(self._lock_fd)
             self._lock_fd = None
 
-    def __enter__(self) -> "StoreWriter":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -229,3 +229,35 @@ def build_index(vectors: np.ndarray, ids: list[str], lineage: dict | None = None
         info["recall_n"] = int(len(sample))
     return GalleryIndex(index=index, kind=kind, ids=list(ids), labels=labels,
                         lineage=dict(lineage or {}), info=info)
+
+
+def index_from_features(store_path: str | os.PathLike, features: str, split: str = "gallery",
+                        kind: str = "flat", level: str = "record", params: dict | None = None,
+                        ) -> GalleryIndex:
+    """An index over the `split` records ("gallery", "probe" or "all") of a stored feature set.
+
+    Rows are named by record key (record level) or `record_key#segment` (segment level) and
+    labelled by pseudonymised patient key. Approximate kinds measure recall@1 on the probe
+    embeddings when the store has a probe split.
+    """
+    from ecgplat.store import open_store
+    from retrieval.embed import load_features
+
+    store = open_store(store_path)
+    feats = load_features(store_path, features, level)
+    frame = store.records
+    ident = frame["ident_split"].to_numpy()[feats.record_index]
+    take = np.ones(len(ident), bool) if split == "all" else ident == split
+    if not take.any():
+        raise ValueError(f"{store_path}: no records in ident split {split!r} "
+                         "(run `ecgplat split --ident`, or use --split all)")
+    keys = frame["record_key"].to_numpy()[feats.record_index[take]]
+    ids = (list(keys) if level == "record" else
+           [f"{k}#{int(s)}" for k, s in zip(keys, feats.segment_number[take])])
+    labels = list(frame["patient_key"].to_numpy()[feats.record_index[take]])
+    probes = feats.embeddings[ident == "probe"] if split != "probe" else None
+    lineage = {k: v for k, v in feats.lineage.items() if k != "config"}
+    lineage.update({"features": features, "level": level, "split": split,
+                    "store": str(Path(store_path).resolve())})
+    return build_index(feats.embeddings[take], ids, lineage=lineage, kind=kind, labels=labels,
+                       sample_queries=probes, params=params)

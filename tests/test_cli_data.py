@@ -76,6 +76,6 @@ def test_missing_required_option_is_a_usage_error():
 def test_console_script_exit_code(tmp_path):
     exe = Path(sys.executable).with_name("ecgplat")
     proc = subprocess.run([str(exe), "ingest", "bogus", str(tmp_path), "--store", str(tmp_path / "s")],
-                          capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                          check=False, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: unknown corpus") and proc.stdout == ""

@@ -105,6 +105,13 @@ def test_strict_load_drops_heads_applies_overrides_and_names_bad_keys(cohort, pr
     assert not any(p.requires_grad for p in model.encoder.feature_extractor.parameters())
     assert all(p.requires_grad for p in model.encoder.transformer.parameters())
 
+    imported = tmp_path / "imported.pt"  # fairseq-signals imports carry the same layout
+    save_checkpoint(imported, kind="imported", encoder_config=ckpt["encoder_config"],
+                    model={k: v for k, v in ckpt["model"].items() if k.startswith("encoder.")})
+    cfg.finetune.init = str(imported)
+    torch.testing.assert_close(DiagnosisTask(cfg).build_model().encoder.state_dict(),
+                               model.encoder.state_dict())
+
     broken = dict(ckpt["model"])
     del broken["encoder.layer_norm.weight"]
     broken["encoder.not_a_weight"] = torch.zeros(1)
@@ -183,6 +190,17 @@ def test_finetune_learns_and_evaluation_round_trips(cohort, pretrain_ckpt, tmp_p
     assert {"valid_cinc_score", "valid_record_cinc_score", "valid_record_auroc_macro"} <= set(valid[-1])
     assert (run / "checkpoint_best.pt").is_file()
 
+    # validation from the valid shards equals validation from the store's valid split (a
+    # single-file shard source cannot name the valid split, so the store is used)
+    model, _ = load_diagnosis_model(run / "checkpoint_last.pt")
+    from_shards = task.validate(model, epoch=99)
+    store_cfg = run_config(cohort, tmp_path / "run2", f"data.shards={cohort['shards']}/train-000000.tar")
+    store_task = DiagnosisTask(store_cfg)
+    assert store_task.valid_source() == ("store", str(cohort["store"]))
+    from_store = store_task.validate(model, epoch=99)
+    assert from_store == pytest.approx(from_shards)
+    assert from_store["auroc_macro"] == pytest.approx(after)
+
     out = tmp_path / "eval"
     res = cli("evaluate", "diagnosis", "--checkpoint", run / "checkpoint_last.pt",
               "--store", cohort["store"], "--split", "test", "--leads", "all", "--json", "--out", out)
@@ -196,7 +214,6 @@ def test_finetune_learns_and_evaluation_round_trips(cohort, pretrain_ckpt, tmp_p
     assert (out / "lead_sets.png").read_bytes()[:4] == b"\x89PNG"
 
     # predictions equal an independent forward pass over the store's segments
-    model, _ = load_diagnosis_model(run / "checkpoint_last.pt")
     store = open_store(cohort["store"])
     records = store.select(split="test")
     raw = torch.from_numpy(np.concatenate([store.record_segments(i) for i in records]))

@@ -1,6 +1,5 @@
 """Crash safety and bad input: SIGKILL mid-ingest, uncommitted tails, rejects per fault kind."""
 
-import json
 import os
 import shutil
 import signal
@@ -11,18 +10,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from store_compare import assert_same_store
 
 from ecgplat.store import open_store, read_commit
 from ingestion.pipeline import ingest, process_batch
 from ingestion.writer import StoreWriter
-from store_compare import assert_same_store
 
 ROOT = Path(__file__).parents[1]
 
 
 def _start_ingest(src, store) -> subprocess.Popen:
     code = ("from ingestion.pipeline import ingest; "
-            f"ingest('cinc2021', {str(src)!r}, {str(store)!r}, workers=0, batch_size=2, progress=False)")
+            f"ingest('cinc2021', {str(src)!r}, {str(store)!r}, workers=0, batch_size=2, progress=False, commit_interval=0)")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -147,9 +146,8 @@ def test_each_fault_kind_is_rejected_and_store_stays_intact(synth_cohort, tmp_pa
 
 
 def test_second_writer_is_refused(tmp_path):
-    with StoreWriter(tmp_path / "s"):
-        with pytest.raises(RuntimeError, match="another process"):
-            StoreWriter(tmp_path / "s")
+    with StoreWriter(tmp_path / "s"), pytest.raises(RuntimeError, match="another process"):
+        StoreWriter(tmp_path / "s")
 
 
 def test_refuses_foreign_directory(tmp_path):

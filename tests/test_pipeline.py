@@ -2,10 +2,10 @@
 
 import numpy as np
 import pytest
+from store_compare import assert_same_store
 
 from ecgplat.store import open_store
 from ingestion.pipeline import ingest
-from store_compare import assert_same_store
 
 
 def test_local_cluster_two_workers_equals_in_process(synth_cohort, synth_store, tmp_path):

@@ -1,7 +1,5 @@
 """WebDataset shards: store -> shards -> read back equals the store; rotation; _info.json."""
 
-import io
-import json
 import tarfile
 
 import numpy as np

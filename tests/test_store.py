@@ -3,14 +3,15 @@
 import json
 import os
 import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.io
 
 from ecgplat.labels import codes_to_multihot
-from ecgplat.store import open_store
 from ecgplat.privacy import pseudonymise
+from ecgplat.store import open_store
 
 
 def test_fixture_store_matches_source_files(synth_cohort, synth_store):
@@ -71,7 +72,7 @@ def test_open_errors(tmp_path):
 def test_no_raw_patient_ids_in_store_bytes(synth_store):
     for dirpath, _, files in os.walk(synth_store):
         for name in files:
-            data = open(os.path.join(dirpath, name), "rb").read()
+            data = Path(dirpath, name).read_bytes()
             assert b"SYN0" not in data, name
             assert b"SYN0" not in name.encode()
 
@@ -96,5 +97,5 @@ def test_file_names_with_patient_ids_are_redacted(samples_dir, tmp_path):
     for root in (store, tmp_path / "shards"):
         for dirpath, _, files in os.walk(root):
             for name in files:
-                data = open(os.path.join(dirpath, name), "rb").read()
+                data = Path(dirpath, name).read_bytes()
                 assert b"data_35" not in data and "35" not in name.split("-")[0], name

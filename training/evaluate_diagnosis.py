@@ -52,33 +52,33 @@ def store_batches(store, records: Iterable[int], leads: tuple[int, ...] = tuple(
                   ) -> Iterator[dict]:
     """Single-segment batches (the `training.data` evaluation form) of the given store records,
     in order: source (B, 12, T) float32 mV with the leads outside `leads` zero-filled,
-    lead_mask (B, 12) bool, labels (B, C) float32, record_index, segment_index (B,) int64."""
+    lead_mask (B, 12) bool, labels (B, C) float32, record_index, segment_index (B,) int64.
+    Each batch is one bulk read of the store (a slice when its segments are contiguous);
+    `on_record()` is called once per record whose last segment has been yielded."""
+    records = np.asarray(list(records), dtype=np.int64)
+    frame = store.records
+    starts = frame["seg_start"].to_numpy(dtype=np.int64)[records]
+    counts = frame["seg_count"].to_numpy(dtype=np.int64)[records]
+    seg_record = np.repeat(records, counts)
+    seg_number = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+    seg_rows = np.repeat(starts, counts) + seg_number
+    last_of_record = np.cumsum(counts) - 1
     keep = lead_mask(leads)
     labels, masks = store.labels, store.lead_masks
-    buf: list[tuple[np.ndarray, int, int]] = []
-
-    def flush() -> dict:
-        x = np.stack([b[0] for b in buf])
-        rec = np.array([b[1] for b in buf], dtype=np.int64)
+    for b in range(0, len(seg_rows), batch_size):
+        rows = slice(b, b + batch_size)
+        x = store.read_segments(seg_rows[rows])
+        rec = seg_record[rows]
         if len(leads) < len(LEADS):
             x = apply_lead_subset(x, leads)
-        batch = {"source": torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)),
-                 "lead_mask": torch.from_numpy(masks[rec] & keep),
-                 "labels": torch.from_numpy(labels[rec].astype(np.float32)),
-                 "record_index": torch.from_numpy(rec),
-                 "segment_index": torch.tensor([b[2] for b in buf], dtype=torch.long)}
-        buf.clear()
-        return batch
-
-    for i in records:
-        for s, seg in enumerate(store.record_segments(int(i))):
-            buf.append((seg, int(i), s))
-            if len(buf) == batch_size:
-                yield flush()
+        yield {"source": torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)),
+               "lead_mask": torch.from_numpy(masks[rec] & keep),
+               "labels": torch.from_numpy(labels[rec].astype(np.float32)),
+               "record_index": torch.from_numpy(rec.copy()),
+               "segment_index": torch.from_numpy(seg_number[rows].astype(np.int64))}
         if on_record is not None:
-            on_record()
-    if buf:
-        yield flush()
+            for _ in range(int(np.sum((last_of_record >= b) & (last_of_record < b + batch_size)))):
+                on_record()
 
 
 def predict_lead_sets(model: torch.nn.Module, batches: Iterable[dict],
@@ -237,7 +237,11 @@ def evaluate_diagnosis(checkpoint: str | Path, store: str | Path, split: str = "
         st = open_store(store)
     except (FileNotFoundError, ValueError) as e:
         raise EvaluationError(str(e)) from None
-    records = st.select(split=split)
+    try:
+        records = st.select(split=split)
+    except KeyError as e:  # a store written by another schema revision
+        raise EvaluationError(f"{store}: store lacks the array {e} (written by another "
+                              "ecgplat version?)") from None
     if records.size == 0:
         present = sorted(set(st.records["split"]) - {""})
         raise EvaluationError(f"{store}: split '{split}' has no records "
@@ -262,7 +266,7 @@ def evaluate_diagnosis(checkpoint: str | Path, store: str | Path, split: str = "
         fname = "predictions.npz" if len(preds) == 1 else f"predictions_{_slug(name)}.npz"
         save_predictions(out_dir / fname, pred, record_keys)
         files[name] = fname
-        rec_ids, rec_p, rec_y = aggregate_records(pred.probabilities, pred.record_index, pred.labels)
+        _, rec_p, rec_y = aggregate_records(pred.probabilities, pred.record_index, pred.labels)
         plot_roc_curves(rec_y, rec_p, f"{split}, leads {name}: per-class ROC (record level)",
                         out_dir / f"roc_{_slug(name)}.png")
     if len(results) > 1:

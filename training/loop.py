@@ -233,10 +233,9 @@ def train(cfg: RunConfig, task: Task, *, resume: bool = False) -> dict[str, Any]
                     loss_sum, sample_size = dist_utils.all_reduce_floats(
                         [loss_sum, float(sample_size)], device)
                     if sample_size > 0:
-                        scale = world / sample_size
-                        for p in model.parameters():
-                            if p.grad is not None:
-                                p.grad.mul_(scale)
+                        grads = [p.grad for p in model.parameters() if p.grad is not None]
+                        if grads:
+                            torch._foreach_mul_(grads, world / sample_size)
                     gnorm = torch.nn.utils.clip_grad_norm_(
                         model.parameters(), cfg.optim.clip_norm if cfg.optim.clip_norm > 0
                         else float("inf"))

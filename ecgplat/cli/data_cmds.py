@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -36,13 +36,13 @@ def ingest(
     corpus: Annotated[str, typer.Argument(help=f"Corpus reader: {', '.join(CORPUS_NAMES)}.")],
     src: Annotated[Path, typer.Argument(help="Root directory of the corpus.")],
     store: Annotated[Path, typer.Option("--store", help="Feature store directory (created if missing).")],
-    workers: Annotated[Optional[int], typer.Option(
+    workers: Annotated[int | None, typer.Option(
         min=0, help="Dask worker processes of a local cluster (default: one per CPU core; "
                     "0 = no cluster, run in this process).")] = None,
-    scheduler: Annotated[Optional[str], typer.Option(
+    scheduler: Annotated[str | None, typer.Option(
         help="Address of an existing Dask scheduler, e.g. tcp://host:8786 (overrides --workers).")] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Records per worker task.")] = 64,
-    limit: Annotated[Optional[int], typer.Option(min=1, help="Ingest at most this many new records.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Records per worker task.")] = 128,
+    limit: Annotated[int | None, typer.Option(min=1, help="Ingest at most this many new records.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
@@ -87,9 +87,9 @@ def split(
     ident_first_two: Annotated[bool, typer.Option(
         "--ident-first-two", help="Paper rule: first record gallery, second probe, later ones unused "
                                   "(implies --ident).")] = False,
-    ident_within: Annotated[Optional[str], typer.Option(
+    ident_within: Annotated[str | None, typer.Option(
         help="Only records of this split take part in gallery/probe (e.g. test).")] = None,
-    source: Annotated[Optional[list[str]], typer.Option(
+    source: Annotated[list[str] | None, typer.Option(
         help="Only split records of this source (repeatable); others keep their assignment.")] = None,
 ) -> None:
     """Assign record-level train/valid/test splits (and gallery/probe) inside the store."""
@@ -113,7 +113,7 @@ def shards(
     out: Annotated[Path, typer.Option("--out", help="Output directory for the tar shards and _info.json.")],
     max_size: Annotated[str, typer.Option(help="Maximum shard size, e.g. 256MB or 1GiB.")] = "256MB",
     max_count: Annotated[int, typer.Option(min=1, help="Maximum samples (records) per shard.")] = 100_000,
-    name: Annotated[Optional[str], typer.Option(help="Shard name prefix (default: the split name).")] = None,
+    name: Annotated[str | None, typer.Option(help="Shard name prefix (default: the split name).")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Export one split of the store as WebDataset tar shards (one sample per record)."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -113,7 +113,7 @@ def evaluate_diagnosis_cmd(
     leads: Annotated[str, typer.Option(
         help="Lead subset fed to the model, absent leads zero-filled: a preset (12, 6, 4, 3, 2, "
              "1), a comma list such as I,II,V2, or 'all' for every preset.")] = "12",
-    out: Annotated[Optional[Path], typer.Option(
+    out: Annotated[Path | None, typer.Option(
         help="Output directory for metrics.json, predictions.npz and plots "
              "(default: <checkpoint dir>/eval-<split>).")] = None,
     as_json: Annotated[bool, typer.Option(

@@ -39,8 +39,8 @@ def import_fairseq_cmd(
     """Convert a fairseq-signals W2V(+CMSC) checkpoint: encoder, quantizer, project_q and final_proj."""
     if out.exists() and not force:
         fail(f"{out}: already exists (use --force to overwrite)")
-    from training.models.fairseq_import import import_fairseq_checkpoint
     from training.models.checkpoint import load_checkpoint
+    from training.models.fairseq_import import import_fairseq_checkpoint
 
     try:
         path = import_fairseq_checkpoint(ckpt, out, layer_norm_eps=layer_norm_eps)

@@ -1,1 +1,195 @@
-"""Placeholder: commands are registered here by their owner."""
+"""CLI for patient identification and similar-ECG retrieval.
+
+`ecgplat embed` (embeddings into the feature store), `ecgplat index build` (FAISS gallery
+index), `ecgplat evaluate identify` (Rank-k / mAP on the gallery/probe split) and
+`ecgplat query` (nearest gallery ECGs of a stored record or of a new WFDB file).
+Patient keys are never printed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ecgplat.cli.apps import app, evaluate_app, fail, index_app
+
+_ERRORS = (FileNotFoundError, ValueError, KeyError)
+
+
+def _message(exc: Exception) -> str:
+    text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+@app.command("embed")
+def embed(
+    checkpoint: Annotated[Path, typer.Option(
+        help="Checkpoint whose encoder embeds the ECGs (any kind: pretrain, diagnosis, identify, "
+             "imported).")],
+    store: Annotated[Path, typer.Option(help="Feature store to read the ECGs from and write "
+                                             "the embeddings into (features/NAME).")],
+    name: Annotated[str, typer.Option(help="Name of the feature set inside the store.")],
+    leads: Annotated[str, typer.Option(
+        help="Leads fed to the encoder: preset 12/6/4/3/2/1 or a comma list such as I,II,V2; "
+             "the others are zero rows.")] = "12",
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace an existing feature set of another checkpoint or lead "
+                            "set.")] = False,
+    batch_size: Annotated[int, typer.Option(min=1, help="Segments per forward pass.")] = 64,
+    device: Annotated[str, typer.Option(help="auto (GPU when present), cpu or cuda.")] = "auto",
+) -> None:
+    """Embed every stored ECG (per 5 s segment and per record) with a checkpoint."""
+    from retrieval.embed import embed_store
+    from training.models.checkpoint import CheckpointError
+
+    if not checkpoint.is_file():
+        fail(f"{checkpoint}: no such checkpoint file")
+    try:
+        result = embed_store(store, checkpoint, name, leads=leads, overwrite=overwrite,
+                             batch_size=batch_size, device=device, progress=True)
+    except (CheckpointError, *_ERRORS) as e:
+        fail(_message(e))
+    verb = "already up to date" if result["status"] == "unchanged" else "written"
+    typer.echo(f"features/{name}: {result['n_segments']} segments, {result['n_records']} records "
+               f"({result['lineage']['leads']}) {verb}")
+
+
+@index_app.command("build")
+def index_build(
+    store: Annotated[Path, typer.Option(help="Feature store holding the embeddings.")],
+    features: Annotated[str, typer.Option(help="Feature set name (see `ecgplat embed`).")],
+    out: Annotated[Path, typer.Option(
+        help="Index path: writes OUT.faiss and OUT.json (ids, patient pseudonyms, lineage).")],
+    split: Annotated[str, typer.Option(
+        help="Which records to index: gallery, probe or all (the store's ident_split).")] = "gallery",
+    kind: Annotated[str, typer.Option(
+        help="flat (exact, default), hnsw or ivf (approximate, for large galleries; "
+             "recall@1 against exact is reported).")] = "flat",
+    level: Annotated[str, typer.Option(
+        help="record (one vector per record) or segment (one per 5 s segment).")] = "record",
+) -> None:
+    """Build a FAISS index over the embeddings of a store split."""
+    from retrieval.index import INDEX_KINDS, index_from_features
+
+    if kind not in INDEX_KINDS:
+        fail(f"unknown --kind {kind!r}; choose one of {', '.join(INDEX_KINDS)}")
+    if level not in ("record", "segment"):
+        fail(f"unknown --level {level!r}; choose record or segment")
+    if split not in ("gallery", "probe", "all"):
+        fail(f"unknown --split {split!r}; choose gallery, probe or all")
+    try:
+        index = index_from_features(store, features, split=split, kind=kind, level=level)
+        path = index.save(out)
+    except _ERRORS as e:
+        fail(_message(e))
+    line = f"{path}: {len(index)} {level} vectors ({kind}, dim {index.dim})"
+    if "recall_at_1" in index.info:
+        line += f", recall@1 vs exact {index.info['recall_at_1']:.4f} on {index.info['recall_n']} queries"
+    typer.echo(line)
+
+
+@evaluate_app.command("identify")
+def evaluate_identify(
+    store: Annotated[Path, typer.Option(help="Feature store with a gallery/probe split.")],
+    features: Annotated[str, typer.Option(help="Feature set name (see `ecgplat embed`).")],
+    leads: Annotated[Optional[str], typer.Option(
+        help="Evaluate with this lead subset (12/6/4/3/2/1 or a list); embeddings are computed "
+             "with the subset by the feature set's checkpoint.")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Write the CMC curves to this PNG.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
+) -> None:
+    """Patient identification: Rank-1/5/10 and mAP per record and per segment."""
+    from retrieval.evaluate import evaluate_identification
+
+    try:
+        result = evaluate_identification(store, features, leads=leads, plot=plot, progress=True)
+    except _ERRORS as e:
+        fail(_message(e))
+    if as_json:
+        typer.echo(json.dumps(result, indent=1))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"identification: {result['features']} ({result['leads']})")
+    table.add_column("metric")
+    table.add_column("record", justify="right")
+    table.add_column("segment", justify="right")
+    for key in ("rank1", "rank5", "rank10", "mAP", "chance_rank1", "n_gallery", "n_probe"):
+        r, s = result["record"][key], result["segment"][key]
+        fmt = (lambda v: str(v)) if key.startswith("n_") else (lambda v: f"{v:.4f}")
+        table.add_row(key, fmt(r), fmt(s))
+    Console().print(table)
+    if plot is not None:
+        typer.echo(f"CMC plot: {result['cmc_plot']}")
+
+
+def _conditioned_file(path: Path):
+    """(float32 (S, 12, 2500) mV, lead mask) of a WFDB/CinC record file, via ingestion."""
+    from ingestion.conditioning import condition
+    from ingestion.corpora import get_corpus
+    from ingestion.record import RecordError
+
+    if path.suffix != ".hea" or not path.is_file():
+        fail(f"{path}: expected an existing WFDB header file (.hea)")
+    src, rel = path.parent, path.with_suffix("").name
+    errors = []
+    for corpus in ("cinc2021", "wfdb"):
+        try:
+            rec = condition(get_corpus(corpus).read_record(src, rel))
+            return rec.segments.astype("float32") / 1000.0, rec.lead_mask
+        except RecordError as e:
+            errors.append(e)
+    fail(str(errors[-1]))
+
+
+@app.command("query")
+def query(
+    index: Annotated[Path, typer.Option(help="Index built by `ecgplat index build` (.faiss).")],
+    record: Annotated[Optional[str], typer.Option(
+        help="Record key of the index's store, e.g. ptbxl/00013.")] = None,
+    file: Annotated[Optional[Path], typer.Option(
+        help="A new ECG as a WFDB header (.hea) not in the store; it is conditioned and "
+             "embedded with the index's checkpoint.")] = None,
+    k: Annotated[int, typer.Option(min=1, help="Number of matches.")] = 5,
+    plot: Annotated[Optional[Path], typer.Option(
+        help="Write the 12-lead traces of the query and its matches to this PNG.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the matches as JSON.")] = False,
+) -> None:
+    """Nearest gallery ECGs (cosine similarity) of a stored record or a new file."""
+    from retrieval.index import GalleryIndex, LineageError
+    from retrieval.query import plot_matches, query_record, query_signal
+    from training.models.checkpoint import CheckpointError
+
+    if (record is None) == (file is None):
+        fail("give exactly one of --record KEY or --file PATH.hea")
+    try:
+        idx = GalleryIndex.load(index)
+        if record is not None:
+            matches = query_record(idx, record, k)
+            trace = None
+        else:
+            segments, mask = _conditioned_file(file)
+            matches = query_signal(idx, segments, mask, k)
+            trace = segments[0]
+        if plot is not None:
+            if trace is None:
+                from ecgplat.store import open_store
+                from retrieval.query import record_trace
+
+                trace = record_trace(open_store(idx.lineage["store"]), record)
+            plot_matches(trace, matches, plot, idx.lineage.get("store"),
+                         title=record or file.name)
+    except (LineageError, CheckpointError, *_ERRORS) as e:
+        fail(_message(e))
+    if as_json:
+        typer.echo(json.dumps(matches, indent=1))
+        return
+    for m in matches:
+        same = "" if "same_patient" not in m else ("  same patient" if m["same_patient"] else "")
+        typer.echo(f"{m['rank']:>3}  {m['score']:.4f}  {m['id']}{same}")
+    if plot is not None:
+        typer.echo(f"plot: {plot}")

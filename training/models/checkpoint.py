@@ -73,7 +73,7 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         raise CheckpointError(path, "no such checkpoint file")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch raises several types for corrupt / non-torch files
+    except Exception as e:  # noqa: BLE001 - torch raises many types for corrupt / non-torch files
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(path, f"not a loadable torch checkpoint ({reason})") from None
     if not isinstance(ckpt, dict) or "format" not in ckpt:

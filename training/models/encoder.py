@@ -99,7 +99,8 @@ class ECGEncoder(nn.Module):
             if mask_indices is None:
                 mask_indices = torch.from_numpy(compute_mask_indices(
                     tuple(h.shape[:2]), frame_pad, self.cfg.mask_prob, self.cfg.mask_length,
-                    min_masks=self.cfg.min_masks)).to(h.device)
+                    min_masks=self.cfg.min_masks))
+            mask_indices = mask_indices.to(device=h.device, dtype=torch.bool)
             h = torch.where(mask_indices[..., None], self.mask_emb.to(h.dtype), h)
         if frame_pad is not None:
             h = h.masked_fill(frame_pad[..., None], 0.0)

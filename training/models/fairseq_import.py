@@ -52,8 +52,8 @@ _RULES = [
     (r"(?:conv_pos|encoder)\.pos_conv\.0\.(?:weight_v|parametrizations\.weight\.original1)",
      r"encoder.pos_conv.conv.parametrizations.weight.original1"),
     (r"encoder\.layer_norm\.(weight|bias)", r"encoder.transformer.layer_norm.\1"),
-    (r"encoder\.layers\.(\d+)\.(self_attn\.(?:q|k|v|out)_proj|self_attn_layer_norm|fc1|fc2|final_layer_norm)"
-     r"\.(weight|bias)", r"encoder.transformer.layers.\1.\2.\3"),
+    ((r"encoder\.layers\.(\d+)\.(self_attn\.(?:q|k|v|out)_proj|self_attn_layer_norm|fc1|fc2|final_layer_norm)"
+      r"\.(weight|bias)"), r"encoder.transformer.layers.\1.\2.\3"),
     (r"quantizer\.vars", r"quantizer.vars"),
     (r"quantizer\.weight_proj\.(weight|bias)", r"quantizer.weight_proj.\1"),
     (r"(project_q|final_proj)\.(weight|bias)", r"\1.\2"),
@@ -72,7 +72,7 @@ def _map_key(key: str) -> str | None:
 def config_from_fairseq(model_cfg: dict, layer_norm_eps: float | None = None) -> EncoderConfig:
     """EncoderConfig from a fairseq-signals ``cfg["model"]`` dict (options matched by name)."""
     if not isinstance(model_cfg, dict):
-        raise ValueError(f"fairseq model config must be a dict, got {type(model_cfg).__name__}")
+        raise TypeError(f"fairseq model config must be a dict, got {type(model_cfg).__name__}")
     for opt, want in _REQUIRED.items():
         if opt in model_cfg and model_cfg[opt] is not None and model_cfg[opt] != want:
             raise ValueError(f"fairseq option {opt}={model_cfg[opt]!r} is not supported (need {want!r})")
@@ -133,14 +133,15 @@ def import_fairseq_checkpoint(src: str | os.PathLike, out: str | os.PathLike,
         raise ValueError(f"{src}: no such file")
     try:
         ckpt = torch.load(src, map_location="cpu", weights_only=True)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - torch.load raises many types for non-checkpoint files
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ValueError(f"{src}: not a loadable torch checkpoint ({first})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise ValueError(f"{src}: not a fairseq checkpoint (no 'model' state dict)")
     cfg_all = ckpt.get("cfg")
     if not isinstance(cfg_all, dict) or not isinstance(cfg_all.get("model"), dict):
-        raise ValueError(f"{src}: no cfg['model'] (only hydra-era fairseq-signals checkpoints are supported)")
+        raise ValueError(  # noqa: TRY004 - bad file content, reported like every other input error
+            f"{src}: no cfg['model'] (only hydra-era fairseq-signals checkpoints are supported)")
     model_cfg = cfg_all["model"]
     try:
         cfg, state = map_fairseq_state_dict(ckpt["model"], model_cfg, layer_norm_eps)

@@ -5,7 +5,8 @@ Same mathematics as the plain torch ops, fewer saved activations (the 2-core / 2
     a bool mask (1 byte per element). On CUDA torch's fused kernel already does, so it is used.
   * ``attention``: SDPA (flash / memory-efficient kernels) whenever it can; on CPU with attention
     dropout SDPA falls back to its math path, which keeps the probabilities, a float dropout
-    mask and the dropped probabilities; the explicit path here keeps a bool mask instead.
+    mask and the dropped probabilities (B, H, T, T) each; the path here keeps q, k, v and a bool
+    mask and recomputes the probabilities in backward.
   * ``gelu_dropout_linear``: fc2(dropout(gelu(h))) that saves only ``h`` (already kept by fc1)
     and the dropout mask, recomputing the GELU in backward, instead of keeping the (B, T, FFN)
     activation: ~31 MB per layer per 16 segments for the paper model, at the cost of one GELU.
@@ -41,17 +42,47 @@ class Dropout(nn.Dropout):
         return dropout(x, self.p, self.training)
 
 
+class _DropoutAttention(torch.autograd.Function):
+    """Attention with dropout that saves q, k, v and a bool mask only; the probabilities are
+    recomputed in backward (two small (T x T) matmuls per head, ~4 % of a layer's FLOPs)."""
+
+    @staticmethod
+    def _probs(q, k, attn_mask):
+        scores = torch.matmul(q, k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
+        if attn_mask is not None:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        return torch.softmax(_at_least_fp32(scores), dim=-1).to(q.dtype)
+
+    @staticmethod
+    def forward(ctx, q, k, v, attn_mask, p):
+        probs = _DropoutAttention._probs(q, k, attn_mask)
+        keep = _keep_mask(probs, p)
+        ctx.p = p
+        ctx.save_for_backward(q, k, v, attn_mask, keep)
+        return torch.matmul(probs.masked_fill_(~keep, 0.0).mul_(1.0 / (1.0 - p)), v)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, attn_mask, keep = ctx.saved_tensors
+        scale = 1.0 / (1.0 - ctx.p)
+        probs = _DropoutAttention._probs(q, k, attn_mask)
+        dropped = probs.masked_fill(~keep, 0.0).mul_(scale)
+        grad_v = torch.matmul(dropped.transpose(-2, -1), grad_out)
+        del dropped
+        grad_p = torch.matmul(grad_out, v.transpose(-2, -1)).masked_fill_(~keep, 0.0).mul_(scale)
+        # softmax backward: dS = P * (dP - sum(dP * P))
+        grad_s = probs * (grad_p - (grad_p * probs).sum(-1, keepdim=True))
+        grad_s.mul_(1.0 / math.sqrt(q.shape[-1]))
+        return torch.matmul(grad_s, k), torch.matmul(grad_s.transpose(-2, -1), q), grad_v, None, None
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
               dropout_p: float) -> torch.Tensor:
     """softmax(q kᵀ / sqrt(d) [masked]) v with dropout on the probabilities.
     q, k, v (B, H, T, d); attn_mask broadcastable to (B, H, T, T), bool, True = may attend."""
-    if dropout_p == 0.0 or q.device.type != "cpu":
+    if dropout_p == 0.0 or dropout_p >= 1.0 or q.device.type != "cpu":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
-    scores = torch.matmul(q * (1.0 / math.sqrt(q.shape[-1])), k.transpose(-2, -1))
-    if attn_mask is not None:
-        scores = scores.masked_fill(~attn_mask, float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    return torch.matmul(dropout(probs, dropout_p, True), v)
+    return _DropoutAttention.apply(q, k, v, attn_mask, dropout_p)
 
 
 def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F

@@ -1,0 +1,206 @@
+"""Embeddings of every stored ECG, written back into the feature store with their lineage.
+
+`embed_store(store, checkpoint, name, leads)` runs the checkpoint's encoder (any kind:
+pretrain, diagnosis, identify, imported) over every committed segment of the store and writes
+
+    STORE/features/<name>/
+        zarr.json              attrs["lineage"]: schema, checkpoint_sha256, checkpoint_kind,
+                               checkpoint (path), config (the checkpoint's run config), leads
+                               (canonical names, comma-joined), dim, created (UTC), store_uuid,
+                               n_records, n_segments, complete=True
+        segment/embedding      float32 (N, D) unit rows, one per stored segment (row = segment row)
+        segment/record_index   int64 (N,)
+        segment/segment_number int32 (N,)
+        record/embedding       float32 (R, D): mean of the record's segment embeddings, re-normalised
+        record/record_index    int64 (R,)
+
+An embedding is the L2-normalised time-mean of the encoder output (the identification embedding
+of spec §3.6) computed with the leads outside `leads` zero-filled. The feature set is built under
+`features/.tmp-<name>-<id>` and renamed into place only when complete, so an interrupted run never
+leaves a half-written feature set under its name (the leftover temporary group is removed by the
+next run). Re-running with the same checkpoint (by SHA-256) and leads on an unchanged store is a
+no-op; another checkpoint or lead set under an existing name needs `overwrite=True`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+FEATURES = "features"
+SCHEMA = "ecgplat-features/1"
+LEVELS = ("segment", "record")
+
+
+class FeatureError(ValueError):
+    """A feature set that cannot be written or read; the message names the store and the reason."""
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def lead_names(leads) -> str:
+    """Canonical comma-joined lead names of a lead spec ("12", "I,II,V2", ...)."""
+    from ecgplat.leads import LEADS, parse_leads
+
+    return ",".join(LEADS[i] for i in parse_leads(leads))
+
+
+def feature_dir(store_path: str | os.PathLike, name: str) -> Path:
+    if not name or name.startswith(".") or "/" in name or name in LEVELS:
+        raise FeatureError(f"{store_path}: bad feature set name {name!r}")
+    return Path(store_path) / FEATURES / name
+
+
+def read_lineage(store_path: str | os.PathLike, name: str) -> dict | None:
+    """The lineage of a complete feature set, or None when there is none under that name."""
+    import json
+
+    meta = feature_dir(store_path, name) / "zarr.json"
+    if not meta.is_file():
+        return None
+    lineage = json.loads(meta.read_text()).get("attributes", {}).get("lineage")
+    return lineage if lineage and lineage.get("complete") else None
+
+
+def list_features(store_path: str | os.PathLike) -> list[str]:
+    root = Path(store_path) / FEATURES
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir()
+                  if not p.name.startswith(".") and read_lineage(store_path, p.name))
+
+
+@dataclass
+class Features:
+    embeddings: np.ndarray           # float32 (n, D) unit rows
+    record_index: np.ndarray         # int64 (n,)
+    segment_number: np.ndarray | None  # int32 (n,) for segment level
+    lineage: dict
+
+
+def load_features(store_path: str | os.PathLike, name: str, level: str = "record") -> Features:
+    import zarr
+
+    if level not in LEVELS:
+        raise FeatureError(f"unknown feature level {level!r}; choose segment or record")
+    lineage = read_lineage(store_path, name)
+    if lineage is None:
+        have = ", ".join(list_features(store_path)) or "none"
+        raise FeatureError(f"{store_path}: no feature set {name!r} (have: {have}); "
+                           f"run `ecgplat embed` first")
+    group = zarr.open_group(str(feature_dir(store_path, name) / level), mode="r")
+    return Features(np.asarray(group["embedding"][:], dtype=np.float32),
+                    np.asarray(group["record_index"][:], dtype=np.int64),
+                    np.asarray(group["segment_number"][:]) if level == "segment" else None,
+                    lineage)
+
+
+def _remove_leftovers(store_path: Path, name: str) -> None:
+    for tmp in (store_path / FEATURES).glob(f".tmp-{name}-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_group(path: Path, lineage: dict, seg: tuple, rec: tuple) -> None:
+    import zarr
+
+    group = zarr.open_group(str(path), mode="w")
+    for level, arrays in (("segment", seg), ("record", rec)):
+        sub = group.create_group(level)
+        for key, value in arrays.items():
+            chunks = (min(max(len(value), 1), 65536),) + value.shape[1:]
+            sub.create_array(key, shape=value.shape, dtype=value.dtype, chunks=chunks)[...] = value
+    group.attrs["lineage"] = lineage  # last: the set is marked complete only once all is written
+
+
+def embed_store(store_path: str | os.PathLike, checkpoint: str | os.PathLike, name: str,
+                leads="12", overwrite: bool = False, batch_size: int = 64, device: str = "auto",
+                progress: bool = False) -> dict:
+    """Embed every stored segment with `checkpoint`'s encoder into `features/<name>`.
+
+    Returns {"status": "written" | "unchanged", "name", "n_segments", "n_records", "lineage"}.
+    Raises FeatureError (existing set of another lineage without `overwrite`), CheckpointError
+    (unusable checkpoint), FileNotFoundError/ValueError (not a store).
+    """
+    from ecgplat.leads import parse_leads
+    from ecgplat.store import open_store
+    from training.models.checkpoint import load_checkpoint, load_encoder
+    from training.models.identifier import embed_batches, pick_device, record_means
+    from training.evaluate_diagnosis import store_batches
+
+    store_path = Path(store_path)
+    store = open_store(store_path)
+    target = feature_dir(store_path, name)
+    sha = file_sha256(checkpoint)
+    wanted_leads = lead_names(leads)
+    old = read_lineage(store_path, name)
+    if old is not None:
+        same_model = old.get("checkpoint_sha256") == sha and old.get("leads") == wanted_leads
+        same_store = (old.get("store_uuid") == store.attrs.get("store_uuid")
+                      and old.get("n_segments") == store.n_segments)
+        if same_model and same_store and not overwrite:
+            return {"status": "unchanged", "name": name, "n_segments": old["n_segments"],
+                    "n_records": old["n_records"], "lineage": old}
+        if not same_model and not overwrite:
+            raise FeatureError(f"{store_path}: feature set {name!r} holds embeddings of checkpoint "
+                               f"{old.get('checkpoint_sha256', '?')[:12]} with leads "
+                               f"{old.get('leads')}; use another --name or --overwrite")
+
+    ckpt = load_checkpoint(checkpoint)
+    encoder = load_encoder(checkpoint)
+    dev = pick_device(device)
+    encoder.to(dev)
+    records = np.arange(store.n_records)
+    bar = None
+    if progress:
+        from rich.progress import Progress
+
+        bar = Progress(transient=True)
+        bar.start()
+        task = bar.add_task(f"embed {name}", total=len(records))
+    try:
+        batches = store_batches(store, records, parse_leads(leads), batch_size,
+                                on_record=(lambda: bar.advance(task)) if bar else None)
+        emb, rec, seg = embed_batches(encoder, batches, dev)
+    finally:
+        if bar is not None:
+            bar.stop()
+    rec_ids, rec_emb = record_means(emb, rec)
+    lineage = {"schema": SCHEMA, "name": name, "checkpoint_sha256": sha,
+               "checkpoint_kind": ckpt["kind"], "checkpoint": str(Path(checkpoint).resolve()),
+               "config": ckpt.get("config") or {}, "leads": wanted_leads, "dim": int(emb.shape[1]),
+               "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+               "store_uuid": store.attrs.get("store_uuid"), "n_records": int(store.n_records),
+               "n_segments": int(len(emb)), "complete": True}
+    del ckpt
+
+    if not (store_path / FEATURES / "zarr.json").is_file():  # `features` as a zarr group
+        import zarr
+
+        zarr.open_group(str(store_path / FEATURES), mode="a")
+    _remove_leftovers(store_path, name)
+    tmp = store_path / FEATURES / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
+    _write_group(tmp, lineage,
+                 {"embedding": emb, "record_index": rec, "segment_number": seg.astype(np.int32)},
+                 {"embedding": rec_emb, "record_index": rec_ids})
+    if target.exists():  # overwrite: move the old set aside first, then swap in the new one
+        trash = store_path / FEATURES / f".tmp-{name}-old-{uuid.uuid4().hex[:8]}"
+        os.replace(target, trash)
+        os.replace(tmp, target)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+    return {"status": "written", "name": name, "n_segments": int(len(emb)),
+            "n_records": int(len(rec_ids)), "lineage": lineage}

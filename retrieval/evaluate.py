@@ -1,0 +1,116 @@
+"""Identification evaluation on a store's gallery/probe split (`ident_split`), from stored features.
+
+For each level (`record`: one embedding per record; `segment`: one per 5 s segment, the original's
+unit) the gallery items are indexed exactly (FAISS inner product of unit vectors = cosine, the
+PAPER-ERA rule of spec §3.7), every probe ranks the whole gallery, and a probe's match is correct
+when the gallery item has the probe's patient key. Reported per level: Rank-1/5/10, mAP over the
+gallery items of the probe's patient, and the gallery/probe sizes; optionally a CMC plot.
+
+Lead-subset evaluation uses embeddings computed with the subset: when the requested leads differ
+from the feature set's, the set's checkpoint is re-run with those leads into `<name>@<leads>`
+(same checkpoint, verified by its SHA-256), which later runs reuse.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from retrieval.embed import FeatureError, embed_store, file_sha256, lead_names, load_features
+from retrieval.index import build_index
+from retrieval.metrics import cmc_curve, mean_average_precision, rank_k
+
+FULL_RANKING_MAX = 50_000  # deeper galleries rank the first 1000 items only (mAP a lower bound)
+
+
+def subset_features(store_path, name: str, leads, progress: bool = False) -> str:
+    """The feature set of `name`'s checkpoint with `leads` (computed once into `name@leads`)."""
+    lineage = load_features(store_path, name, "record").lineage
+    wanted = lead_names(leads)
+    if lineage["leads"] == wanted:
+        return name
+    checkpoint = lineage.get("checkpoint")
+    if not checkpoint or not Path(checkpoint).is_file():
+        raise FeatureError(f"{store_path}: feature set {name!r} was embedded with leads "
+                           f"{lineage['leads']}; its checkpoint {checkpoint} is needed to embed "
+                           f"with {wanted} and is missing")
+    if file_sha256(checkpoint) != lineage["checkpoint_sha256"]:
+        raise FeatureError(f"{checkpoint}: changed since feature set {name!r} was embedded "
+                           f"(SHA-256 differs); re-embed explicitly with `ecgplat embed`")
+    sub = f"{name}@{wanted.replace(',', '-')}"
+    embed_store(store_path, checkpoint, sub, leads=wanted, progress=progress)
+    return sub
+
+
+def evaluate_level(store, features, ks=(1, 5, 10)) -> tuple[dict, np.ndarray]:
+    """Metrics and CMC curve of one feature level; `features` from `load_features`."""
+    frame = store.records
+    ident = frame["ident_split"].to_numpy()[features.record_index]
+    pids = frame["patient_key"].to_numpy()[features.record_index]
+    g, p = ident == "gallery", ident == "probe"
+    if not g.any() or not p.any():
+        raise FeatureError(f"{store.path}: no gallery/probe split (run `ecgplat split --ident`)")
+    ids = [str(i) for i in np.flatnonzero(g)]
+    index = build_index(features.embeddings[g], ids, lineage=features.lineage, kind="flat")
+    depth = len(index) if len(index) <= FULL_RANKING_MAX else 1000
+    _, rows = index.search(features.embeddings[p], depth, lineage=features.lineage)
+    g_labels, p_labels = pids[g], pids[p]
+    ranks = rank_k(rows, g_labels, p_labels, ks)
+    metrics = {f"rank{k}": v for k, v in ranks.items()}
+    metrics.update({"mAP": mean_average_precision(rows, g_labels, p_labels),
+                    "n_gallery": int(g.sum()), "n_probe": int(p.sum()),
+                    "chance_rank1": float(np.mean([np.mean(g_labels == x) for x in p_labels]))})
+    if depth < len(index):
+        metrics["mAP_truncated_at"] = depth
+    return metrics, cmc_curve(rows, g_labels, p_labels)
+
+
+def plot_cmc(curves: dict[str, np.ndarray], out: str | os.PathLike, max_rank: int = 20) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for level, cmc in curves.items():
+        n = min(max_rank, len(cmc))
+        ax.plot(np.arange(1, n + 1), cmc[:n], marker="o", ms=3, label=level)
+    ax.set_xlabel("rank")
+    ax.set_ylabel("identification rate")
+    ax.set_ylim(0, 1.02)
+    ax.set_title("CMC (gallery/probe)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def evaluate_identification(store_path, name: str, leads=None, plot: str | os.PathLike | None = None,
+                            progress: bool = False) -> dict:
+    """{"record": {...}, "segment": {...}, "features": name used, "leads": ...} for feature set
+    `name` (or its `leads` variant) on the store's gallery/probe split."""
+    from ecgplat.store import open_store
+
+    store = open_store(store_path)
+    if leads is not None:
+        name = subset_features(store_path, name, leads, progress=progress)
+    result, curves = {}, {}
+    for level in ("record", "segment"):
+        feats = load_features(store_path, name, level)
+        if feats.lineage.get("n_records") != store.n_records:
+            raise FeatureError(f"{store_path}: feature set {name!r} covers "
+                               f"{feats.lineage.get('n_records')} records but the store now holds "
+                               f"{store.n_records}; re-run `ecgplat embed`")
+        result[level], curves[level] = evaluate_level(store, feats)
+    lineage = feats.lineage
+    result.update({"features": name, "leads": lineage["leads"],
+                   "checkpoint_sha256": lineage["checkpoint_sha256"]})
+    if plot is not None:
+        result["cmc_plot"] = str(plot_cmc(curves, plot))
+    return result

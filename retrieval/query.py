@@ -1,0 +1,156 @@
+"""Similar-ECG queries against a saved gallery index, and a plot of a query with its matches.
+
+An index (see `retrieval.index`) records the lineage of its embeddings: the checkpoint (path and
+SHA-256), the lead set, the feature set, its level (record or segment) and the store. A query is
+
+* a record of that store (`query_record`): its stored embedding of the same feature set; or
+* a new ECG given as conditioned segments (`query_signal`): float32 (S, 12, 2500) mV at 500 Hz
+  in canonical lead order plus its lead mask. Reading and conditioning a file is ingestion's job;
+  this package may not import `ingestion` (docs/ARCHITECTURE.md), so the caller (the CLI)
+  conditions the file and passes the segments here. They are embedded on the fly with the
+  index's checkpoint and leads (the record embedding: mean of the segment embeddings,
+  re-normalised), after checking the checkpoint file still has the index's SHA-256.
+
+Results are rows {rank, id, score (cosine), same_patient (store queries only)}; patient keys
+are never returned or printed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from retrieval.embed import FeatureError, file_sha256, load_features
+from retrieval.index import GalleryIndex, LineageError
+
+
+def _matches(index: GalleryIndex, embedding: np.ndarray, k: int, lineage: dict,
+             skip_id: str | None = None, label: str | None = None) -> list[dict]:
+    scores, rows = index.search(embedding.reshape(1, -1), k + (skip_id is not None), lineage)
+    out = []
+    for score, row in zip(scores[0], rows[0]):
+        if row < 0 or index.ids[row] == skip_id:
+            continue
+        match = {"rank": len(out) + 1, "id": index.ids[row], "score": float(score)}
+        if label is not None and index.labels is not None:
+            match["same_patient"] = bool(index.labels[row] == label)
+        out.append(match)
+    return out[:k]
+
+
+def query_record(index: GalleryIndex, record_key: str, k: int = 5) -> list[dict]:
+    """Nearest gallery items of a record of the index's store (the record itself excluded)."""
+    from ecgplat.store import open_store
+
+    lineage = index.lineage
+    store_path, name = lineage.get("store"), lineage.get("features")
+    if not store_path or not name:
+        raise LineageError("the index does not name the store and feature set it was built from")
+    store = open_store(store_path)
+    frame = store.records
+    hits = np.flatnonzero(frame["record_key"].to_numpy() == record_key)
+    if len(hits) == 0:
+        raise KeyError(f"{store_path}: no record {record_key!r}")
+    level = lineage.get("level", "record")
+    feats = load_features(store_path, name, "record")
+    rows = np.flatnonzero(feats.record_index == hits[0])
+    if len(rows) == 0:
+        raise FeatureError(f"{store_path}: record {record_key!r} has no embedding in {name!r} "
+                           f"(embedded before it was ingested? re-run `ecgplat embed`)")
+    skip = record_key if level == "record" else None
+    matches = _matches(index, feats.embeddings[rows[0]], k, feats.lineage, skip_id=skip,
+                       label=frame["patient_key"].iloc[int(hits[0])])
+    if level == "segment":  # drop the record's own segments
+        matches = [m for m in matches if not m["id"].startswith(record_key + "#")]
+        for i, m in enumerate(matches):
+            m["rank"] = i + 1
+    return matches
+
+
+def embed_signal(checkpoint: str | os.PathLike, segments_mv: np.ndarray, lead_mask: np.ndarray,
+                 leads: str, device: str = "auto") -> np.ndarray:
+    """Record embedding (D,) of conditioned segments with the checkpoint's encoder and `leads`."""
+    import torch
+
+    from ecgplat.leads import apply_lead_subset, parse_leads
+    from ecgplat.leads import lead_mask as mask_of
+    from training.models.checkpoint import load_encoder
+    from training.models.identifier import embed_batches, pick_device, record_means
+
+    x = np.asarray(segments_mv, dtype=np.float32)
+    if x.ndim != 3 or x.shape[1] != 12 or len(x) == 0:
+        raise ValueError(f"expected conditioned segments (S, 12, T) in mV, got shape {x.shape}")
+    subset = parse_leads(leads)
+    x = apply_lead_subset(x, subset)
+    mask = np.broadcast_to(np.asarray(lead_mask, bool) & mask_of(subset), (len(x), 12))
+    dev = pick_device(device)
+    encoder = load_encoder(checkpoint).to(dev)
+    batch = {"source": torch.from_numpy(np.ascontiguousarray(x)),
+             "lead_mask": torch.from_numpy(np.ascontiguousarray(mask)),
+             "record_index": torch.zeros(len(x), dtype=torch.long)}
+    emb, rec, _ = embed_batches(encoder, [batch], dev)
+    return record_means(emb, rec)[1][0]
+
+
+def query_signal(index: GalleryIndex, segments_mv: np.ndarray, lead_mask: np.ndarray,
+                 k: int = 5) -> list[dict]:
+    """Nearest gallery items of a new ECG (conditioned segments), embedded like the gallery."""
+    lineage = index.lineage
+    checkpoint = lineage.get("checkpoint")
+    if not checkpoint or not Path(checkpoint).is_file():
+        raise LineageError(f"the index's checkpoint {checkpoint} is missing: cannot embed a "
+                           "new ECG the way the gallery was embedded")
+    sha = file_sha256(checkpoint)
+    emb = embed_signal(checkpoint, segments_mv, lead_mask, lineage.get("leads", "12"))
+    return _matches(index, emb, k, {"checkpoint_sha256": sha, "leads": lineage.get("leads")})
+
+
+def record_trace(store, record_key: str) -> np.ndarray | None:
+    key, _, seg = record_key.partition("#")
+    hits = np.flatnonzero(store.records["record_key"].to_numpy() == key)
+    if len(hits) == 0:
+        return None
+    segs = store.record_segments(int(hits[0]))
+    return segs[int(seg) if seg else 0]
+
+
+def plot_matches(query: np.ndarray, matches: list[dict], out: str | os.PathLike,
+                 store_path: str | None = None, title: str = "query") -> Path:
+    """12-lead traces (first 5 s segment) of the query and its matches side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ecgplat.leads import LEADS
+
+    panels = [(title, np.asarray(query))]
+    if store_path:
+        from ecgplat.store import open_store
+
+        store = open_store(store_path)
+        for m in matches:
+            trace = record_trace(store, m["id"])
+            if trace is not None:
+                panels.append((f"#{m['rank']} {m['id']}\ncos {m['score']:.3f}", trace))
+    t = np.arange(panels[0][1].shape[-1]) / 500.0
+    fig, axes = plt.subplots(12, len(panels), figsize=(3.2 * len(panels), 10), sharex=True,
+                             squeeze=False)
+    for col, (name, x) in enumerate(panels):
+        axes[0, col].set_title(name, fontsize=8)
+        for lead in range(12):
+            ax = axes[lead, col]
+            ax.plot(t, x[lead], lw=0.5, color="k")
+            ax.set_yticks([])
+            if col == 0:
+                ax.set_ylabel(LEADS[lead], rotation=0, fontsize=7, labelpad=12)
+    for ax in axes[-1]:
+        ax.set_xlabel("s", fontsize=7)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
