@@ -7,8 +7,8 @@ sampled every 50 ms), the 2-vs-1 worker speed-up, and the ratio against a naive 
 here: a plain loop that reads each record with scipy.io.loadmat and saves one float64 ``.mat``
 per 5 s segment (what the paper's preprocessing script does).
 
-``--rss-check`` instead ingests 2,000 and 20,000 records with 2 workers and compares peak RSS
-(the pipeline's memory must not grow with the corpus).
+``--rss-check`` instead ingests ``--records`` and 10x as many records with 2 workers and
+compares peak RSS (the pipeline's memory must not grow with the corpus).
 
     python bench/ingest.py [--records 2000] [--workdir DIR] [--rss-check]
 """
@@ -34,7 +34,9 @@ class PeakRSS:
     def __init__(self, interval: float = 0.05):
         import psutil
 
-        self.proc, self.interval, self.peak = psutil.Process(), interval, 0
+        self.proc, self.interval, self.peak, self.peak_driver = psutil.Process(), interval, 0, 0
+        self.cpu: dict[int, float] = {}  # last seen user+sys CPU seconds per process
+        self.cpu_start = sum(self.proc.cpu_times()[:2])
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -45,11 +47,13 @@ class PeakRSS:
         for p in [self.proc, *self.proc.children(recursive=True)]:
             with contextlib.suppress(psutil.Error):  # a child that just exited
                 total += p.memory_info().rss
+                self.cpu[p.pid] = sum(p.cpu_times()[:2])
         return total
 
     def _run(self) -> None:
         while not self._stop.is_set():
             self.peak = max(self.peak, self._sample())
+            self.peak_driver = max(self.peak_driver, self.proc.memory_info().rss)
             time.sleep(self.interval)
 
     def __enter__(self):
@@ -59,6 +63,13 @@ class PeakRSS:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
+        self.cpu[self.proc.pid] = sum(self.proc.cpu_times()[:2])
+
+    @property
+    def cpu_seconds(self) -> float:
+        """CPU seconds used by this process and its children while sampling (contention-free
+        cost, unlike wall time on a shared machine)."""
+        return sum(self.cpu.values()) - self.cpu_start
 
 
 def dir_bytes(path: Path) -> int:
@@ -93,7 +104,9 @@ def run_pipeline(src: Path, store: Path, workers: int, batch_size: int) -> dict:
         "mb_per_s_read": round(summary["bytes_read"] / 1e6 / summary["seconds"], 2),
         "bytes_per_segment": round(seg_bytes / max(1, summary["segments"])),
         "store_bytes_per_segment": round(dir_bytes(store) / max(1, summary["segments"])),
+        "cpu_ms_per_record": round(rss.cpu_seconds * 1e3 / max(1, summary["records"]), 2),
         "peak_rss_mb": round(rss.peak / 2**20, 1),
+        "peak_rss_driver_mb": round(rss.peak_driver / 2**20, 1),
     }
 
 
@@ -105,7 +118,7 @@ def run_naive(src: Path, out: Path, limit: int) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     heads = sorted(src.rglob("*.hea"))[:limit]
-    t0, segments, nbytes = time.perf_counter(), 0, 0
+    t0, cpu0, segments, nbytes = time.perf_counter(), time.process_time(), 0, 0
     for hea in heads:
         lines = hea.read_text().splitlines()
         gains = np.array([float(l.split()[2].split("/")[0].split("(")[0]) for l in lines[1:13]])
@@ -117,8 +130,9 @@ def run_naive(src: Path, out: Path, limit: int) -> dict:
                              {"feats": feats[:, k * 2500:(k + 1) * 2500], "curr_sample_rate": 500,
                               "label": np.zeros((1, 26), dtype=bool), "patient_id": 0})
             segments += 1
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     return {"records": len(heads), "segments": segments, "seconds": round(seconds, 3),
+            "cpu_ms_per_record": round(cpu * 1e3 / max(1, len(heads)), 2),
             "records_per_s": round(len(heads) / seconds, 1),
             "mb_per_s_read": round(nbytes / 1e6 / seconds, 2),
             "bytes_per_segment": round(dir_bytes(out) / max(1, segments))}
@@ -131,7 +145,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None,
                         help="where cohorts and stores go (default: a temporary directory)")
     parser.add_argument("--rss-check", action="store_true",
-                        help="compare peak RSS for 2,000 and 20,000 records (2 workers)")
+                        help="compare peak RSS for --records and 10x --records (2 workers)")
     args = parser.parse_args()
     tmp = None
     if args.workdir is None:
@@ -143,11 +157,12 @@ def main() -> None:
     try:
         if args.rss_check:
             runs = {}
-            for n in (2000, 20000):
+            small, large = args.records, 10 * args.records
+            for n in (small, large):
                 runs[n] = run_pipeline(make_cohort(root, n), root / f"store-{n}", 2, args.batch_size)
-            ratio = runs[20000]["peak_rss_mb"] / runs[2000]["peak_rss_mb"]
+            ratio = runs[large]["peak_rss_mb"] / runs[small]["peak_rss_mb"]
             result = {"rss_check": {str(n): r for n, r in runs.items()},
-                      "peak_rss_ratio_20000_vs_2000": round(ratio, 3),
+                      f"peak_rss_ratio_{large}_vs_{small}": round(ratio, 3),
                       "flat_memory": ratio < 1.15}
         else:
             src = make_cohort(root, args.records)
@@ -160,6 +175,9 @@ def main() -> None:
                 "speedup_2_vs_1_workers": round(two["records_per_s_without_start"]
                                                 / one["records_per_s_without_start"], 2),
                 "speedup_vs_naive": round(two["records_per_s"] / naive["records_per_s"], 2),
+                "cpu_cost_ratio_store_vs_naive": round(two["cpu_ms_per_record"]
+                                                       / naive["cpu_ms_per_record"], 2),
+                "load_average_1min": round(os.getloadavg()[0], 2),
                 "storage_ratio_naive_vs_store": round(naive["bytes_per_segment"]
                                                       / two["bytes_per_segment"], 1),
                 "targets": {"records_per_s_per_worker>=500": one["records_per_s_without_start"] >= 500,

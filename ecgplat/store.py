@@ -298,11 +298,11 @@ def to_millivolts(x_uv: np.ndarray) -> np.ndarray:
 
 
 def reason_kind(reason: str) -> str:
-    """A reject reason reduced to its kind, for counting: the text before the first ':' or '(',
-    with file names and numbers replaced by '*' ("missing signal file E1.mat" -> "missing
-    signal file *")."""
+    """A reject reason reduced to its kind, for counting: at most 5 words before the first
+    ':', '(', ',' or quote, with file names and numbers replaced by '*' ("missing signal file
+    E1.mat" -> "missing signal file *")."""
     text = str(reason)
-    for sep in (":", "("):
+    for sep in (":", "(", ",", "'", '"'):
         text = text.split(sep, 1)[0]
     words = ["*" if any(ch.isdigit() or ch in "./\\" for ch in w) else w for w in text.split()]
-    return " ".join(words) or "unknown"
+    return " ".join(words[:5]) or "unknown"

@@ -87,8 +87,7 @@ class Tracker:
         id_file = self.run_dir / "wandb_run_id.txt"
         run_id = id_file.read_text().strip() if resume and id_file.is_file() else None
         kwargs = dict(project=project, name=name, dir=str(self.run_dir), job_type=job_type,
-                      config=sanitize(config), id=run_id, resume="allow" if run_id else None,
-                      reinit="finish_previous")
+                      config=sanitize(config), id=run_id, resume="allow" if run_id else None)
         try:
             run = wandb.init(mode=mode, **kwargs)
         except Exception as e:  # noqa: BLE001 - online without a key/network: keep the run going

@@ -67,6 +67,17 @@ def process_batch(corpus: str, src: str, rels: list[str], seq: int, secret: byte
     return pack_batch(seq, good, rejects, secret, nbytes)
 
 
+def _trim_heap() -> None:
+    """Return freed heap pages to the OS (glibc only). The driver allocates and frees a batch of
+    arrays per task; without this, malloc arenas keep growing by fragmentation."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class _Progress:
     """A rich progress bar (or nothing)."""
 
@@ -181,6 +192,7 @@ def ingest(corpus: str, src: str | os.PathLike, store: str | os.PathLike, worker
             added = writer.append(batch, known_keys=keys)
             if time.monotonic() - last_commit[0] >= commit_interval:
                 writer.commit()
+                _trim_heap()
                 last_commit[0] = time.monotonic()
             stats["records"] += added["records"]
             stats["segments"] += added["segments"]

@@ -1,18 +1,19 @@
 """Creating a feature store and appending to it crash-safely (the single-writer commit protocol).
 
-Protocol: all appendable arrays (segments, segment index arrays, record columns, rejects) are
-written *past* the committed counts of ``commit.json``; ``commit()`` then replaces
-``commit.json`` atomically (temp file, fsync, ``os.replace``, fsync of the directory). Readers use
-only the committed counts, so a writer killed at any moment leaves a store whose visible content
-is its last commit. When a writer next opens the store it truncates every array back to the
-committed counts and removes zarr's leftover ``*.partial`` temp files (zarr 3.1's LocalStore
-writes each chunk/shard and each ``zarr.json`` through a temp file + rename, so no file is ever
-half-written; a killed run can only leave whole files past the commit point).
+Protocol: everything appended goes *past* the committed counts of ``commit.json``. ``append()``
+writes a batch's segments at once and stages its small rows (segment index, record and reject
+columns) in memory; ``commit()`` writes the staged rows, then replaces ``commit.json``
+atomically (temp file, fsync, ``os.replace``, fsync of the directory). Readers use only the
+committed counts, so a writer killed at any moment leaves a store whose visible content is its
+last commit. When a writer next opens the store it truncates every array back to the committed
+counts and removes zarr's leftover ``*.partial`` temp files (zarr 3.1's LocalStore writes each
+chunk/shard and each ``zarr.json`` through a temp file + rename, so no file is ever half-written;
+a killed run can only leave whole files past the commit point).
 
 Batches (``RecordBatch``) are built on the workers by ``pack_batch``: it pseudonymises the raw
 patient ids there (and redacts them from file-name-derived ids), so raw ids never reach the
-driver or the store. Idempotency is keyed by ``path_hash`` (keyed hash of the listed path). One writer at a time holds an
-advisory lock on ``STORE/.lock``.
+driver or the store. Idempotency is keyed by ``path_hash`` (a keyed hash of the listed path).
+One writer at a time holds an advisory lock on ``STORE/.lock``.
 """
 
 from __future__ import annotations
@@ -63,9 +64,10 @@ def path_hash(source: str, rel: str, secret: bytes) -> str:
 def redact(text: str, raw_id: str | None, patient_key: str) -> str:
     """``text`` with every standalone occurrence of ``raw_id`` (not inside a longer alphanumeric
     token) replaced by ``patient_key``."""
-    if raw_id is None or str(raw_id).strip() == "":
+    raw = "" if raw_id is None else str(raw_id).strip()
+    if not raw or raw not in text:
         return text
-    pattern = rf"(?<![A-Za-z0-9]){re.escape(str(raw_id).strip())}(?![A-Za-z0-9])"
+    pattern = rf"(?<![A-Za-z0-9]){re.escape(raw)}(?![A-Za-z0-9])"
     return re.sub(pattern, patient_key, text)
 
 
@@ -166,9 +168,12 @@ class StoreWriter:
             raise RuntimeError(f"{self.path}: store is being written by another process") from None
         try:
             self.root = zarr.open_group(str(self.path), mode="a")
-            if is_store and self.root.attrs.get("schema_version") not in (None, S.SCHEMA_VERSION):
-                raise ValueError(f"{self.path}: schema_version "
-                                 f"{self.root.attrs.get('schema_version')!r} is not {S.SCHEMA_VERSION}")
+            version = self.root.attrs.get("schema_version")
+            if is_store and version is None and not self._only_own_entries():
+                raise ValueError(f"{self.path}: a zarr group that is not an ecgplat store")
+            if is_store and version not in (None, S.SCHEMA_VERSION):
+                raise ValueError(f"{self.path}: schema_version {version!r} is not "
+                                 f"{S.SCHEMA_VERSION}")
             self._create_missing()
             self.committed = S.read_commit(self.path)
             self._recover()
@@ -181,6 +186,15 @@ class StoreWriter:
         self.n_rejects = int(self.committed["n_rejects"])
 
     # ---- creation and recovery ----------------------------------------------------------
+    _OWN_ENTRIES = frozenset({"zarr.json", ".lock", S.SECRET_FILE, f".{S.SECRET_FILE}.tmp",
+                              S.COMMIT_FILE, "segments", "segment_record", "segment_number",
+                              "records", "rejects", "splits"})
+
+    def _only_own_entries(self) -> bool:
+        """True for a store whose creation was interrupted (nothing but our own entries)."""
+        return all(p.name in self._OWN_ENTRIES or p.name.endswith((".tmp", ".partial"))
+                   for p in self.path.iterdir())
+
     def _create_missing(self) -> None:
         """Create whatever a (possibly half-created) store lacks; never touches existing data."""
         secret_file = self.path / S.SECRET_FILE
@@ -193,12 +207,14 @@ class StoreWriter:
                 os.fsync(f.fileno())
             os.replace(tmp, secret_file)
         filters, compressors = _codecs()
+
         def exists(key: str) -> bool:  # not group listing: it warns about our non-zarr files
             return (self.path / key / "zarr.json").is_file()
 
         if not exists("segments"):
             self.root.create_array("segments", shape=(0, *_SEG_SHAPE), dtype="int16",
-                                   chunks=(S.SEGMENT_CHUNK, *_SEG_SHAPE), shards=(S.SEGMENT_SHARD, *_SEG_SHAPE),
+                                   chunks=(S.SEGMENT_CHUNK, *_SEG_SHAPE),
+                                   shards=(S.SEGMENT_SHARD, *_SEG_SHAPE),
                                    filters=filters, compressors=compressors, fill_value=0)
         for name, dtype in (("segment_record", "int64"), ("segment_number", "int32")):
             if not exists(name):

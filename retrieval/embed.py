@@ -136,9 +136,9 @@ def embed_store(store_path: str | os.PathLike, checkpoint: str | os.PathLike, na
     """
     from ecgplat.leads import parse_leads
     from ecgplat.store import open_store
+    from training.evaluate_diagnosis import store_batches
     from training.models.checkpoint import load_checkpoint, load_encoder
     from training.models.identifier import embed_batches, pick_device, record_means
-    from training.evaluate_diagnosis import store_batches
 
     store_path = Path(store_path)
     store = open_store(store_path)
@@ -181,9 +181,9 @@ def embed_store(store_path: str | os.PathLike, checkpoint: str | os.PathLike, na
     lineage = {"schema": SCHEMA, "name": name, "checkpoint_sha256": sha,
                "checkpoint_kind": ckpt["kind"], "checkpoint": str(Path(checkpoint).resolve()),
                "config": ckpt.get("config") or {}, "leads": wanted_leads, "dim": int(emb.shape[1]),
-               "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+               "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
                "store_uuid": store.attrs.get("store_uuid"), "n_records": int(store.n_records),
-               "n_segments": int(len(emb)), "complete": True}
+               "n_segments": len(emb), "complete": True}
     del ckpt
 
     if not (store_path / FEATURES / "zarr.json").is_file():  # `features` as a zarr group
@@ -202,5 +202,5 @@ def embed_store(store_path: str | os.PathLike, checkpoint: str | os.PathLike, na
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(tmp, target)
-    return {"status": "written", "name": name, "n_segments": int(len(emb)),
-            "n_records": int(len(rec_ids)), "lineage": lineage}
+    return {"status": "written", "name": name, "n_segments": len(emb),
+            "n_records": len(rec_ids), "lineage": lineage}

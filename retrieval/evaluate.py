@@ -20,9 +20,10 @@ import numpy as np
 
 from retrieval.embed import FeatureError, embed_store, file_sha256, lead_names, load_features
 from retrieval.index import build_index
-from retrieval.metrics import cmc_curve, mean_average_precision, rank_k
+from retrieval.metrics import average_precision, cmc_curve
 
-FULL_RANKING_MAX = 50_000  # deeper galleries rank the first 1000 items only (mAP a lower bound)
+FULL_RANKING_MAX = 200_000  # larger galleries rank their first 1000 items (mAP a lower bound)
+PROBE_CHUNK = 1024
 
 
 def subset_features(store_path, name: str, leads, progress: bool = False) -> str:
@@ -55,16 +56,22 @@ def evaluate_level(store, features, ks=(1, 5, 10)) -> tuple[dict, np.ndarray]:
     ids = [str(i) for i in np.flatnonzero(g)]
     index = build_index(features.embeddings[g], ids, lineage=features.lineage, kind="flat")
     depth = len(index) if len(index) <= FULL_RANKING_MAX else 1000
-    _, rows = index.search(features.embeddings[p], depth, lineage=features.lineage)
-    g_labels, p_labels = pids[g], pids[p]
-    ranks = rank_k(rows, g_labels, p_labels, ks)
-    metrics = {f"rank{k}": v for k, v in ranks.items()}
-    metrics.update({"mAP": mean_average_precision(rows, g_labels, p_labels),
+    g_labels, p_labels, probes = pids[g], pids[p], features.embeddings[p]
+    cmc_sum, ap = np.zeros(depth), []
+    for s in range(0, len(probes), PROBE_CHUNK):  # bounded memory: (chunk, depth) rankings
+        _, rows = index.search(probes[s:s + PROBE_CHUNK], depth, lineage=features.lineage)
+        labels = p_labels[s:s + PROBE_CHUNK]
+        cmc_sum += cmc_curve(rows, g_labels, labels) * len(labels)
+        ap.append(average_precision(rows, g_labels, labels))
+    cmc = cmc_sum / len(probes)
+    ap = np.concatenate(ap)
+    metrics = {f"rank{k}": float(cmc[min(k, depth) - 1]) for k in ks}
+    metrics.update({"mAP": float(np.nanmean(ap)) if np.isfinite(ap).any() else float("nan"),
                     "n_gallery": int(g.sum()), "n_probe": int(p.sum()),
                     "chance_rank1": float(np.mean([np.mean(g_labels == x) for x in p_labels]))})
     if depth < len(index):
         metrics["mAP_truncated_at"] = depth
-    return metrics, cmc_curve(rows, g_labels, p_labels)
+    return metrics, cmc
 
 
 def plot_cmc(curves: dict[str, np.ndarray], out: str | os.PathLike, max_rank: int = 20) -> Path:

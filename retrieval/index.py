@@ -86,8 +86,9 @@ def _make_index(kind: str, dim: int, vectors: np.ndarray, params: dict, seed: in
         quantizer = faiss.IndexFlatIP(dim)
         index = faiss.IndexIVFFlat(quantizer, dim, int(params["nlist"]), faiss.METRIC_INNER_PRODUCT)
         index.cp.seed = seed
+        index.cp.niter = int(params.get("niter", 10))
         train = vectors
-        max_train = 256 * int(params["nlist"])
+        max_train = 64 * int(params["nlist"])  # FAISS wants >= 39 per list; more only costs time
         if len(train) > max_train:
             rows = np.random.default_rng(seed).choice(len(train), max_train, replace=False)
             train = vectors[np.sort(rows)]
@@ -157,7 +158,7 @@ class GalleryIndex:
         return index_path
 
     @classmethod
-    def load(cls, path: str | Path) -> "GalleryIndex":
+    def load(cls, path: str | Path) -> GalleryIndex:
         index_path, meta_path = index_paths(path)
         for p in (index_path, meta_path):
             if not p.exists():
@@ -226,7 +227,7 @@ def build_index(vectors: np.ndarray, ids: list[str], lineage: dict | None = None
         exact = faiss.IndexFlatIP(x.shape[1])
         exact.add(x)
         info["recall_at_1"] = recall_at_1(index, exact, sample)
-        info["recall_n"] = int(len(sample))
+        info["recall_n"] = len(sample)
     return GalleryIndex(index=index, kind=kind, ids=list(ids), labels=labels,
                         lineage=dict(lineage or {}), info=info)
 

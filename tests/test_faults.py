@@ -156,3 +156,12 @@ def test_refuses_foreign_directory(tmp_path):
     with pytest.raises(ValueError, match="not empty"):
         StoreWriter(tmp_path / "d")
     assert (tmp_path / "d" / "notes.txt").read_text() == "mine"
+
+
+def test_refuses_foreign_zarr_group(tmp_path):
+    import zarr
+
+    zarr.open_group(tmp_path / "z", mode="w").create_array("theirs", shape=(3,), dtype="int8")
+    with pytest.raises(ValueError, match="not an ecgplat store"):
+        StoreWriter(tmp_path / "z")
+    assert not (tmp_path / "z" / "segments").exists()

@@ -119,8 +119,15 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.start_processes(_ddp_worker, args=(2, port, str(tmp_path / "ddp")), nprocs=2,
-                       start_method="fork", join=True)
+    # fork: the children need no re-import (spawn costs ~25 s on 2 busy cores)
+    procs = mp.start_processes(_ddp_worker, args=(2, port, str(tmp_path / "ddp")), nprocs=2,
+                               start_method="fork", join=False)
+    deadline = time.time() + 180
+    while not procs.join(timeout=1):
+        if time.time() > deadline:
+            for p in procs.processes:
+                p.kill()
+            pytest.fail("DDP workers did not finish in 180 s")
     one = LinearTask(toy_cfg(tmp_path / "one", max_update=1))
     train(one.cfg, one)
     ddp, single = load(tmp_path / "ddp" / "checkpoint_last.pt"), load(tmp_path / "one" /
@@ -232,3 +239,26 @@ def test_sigterm_writes_a_checkpoint_that_resumes(synth_shards, tmp_path):
     r = CliRunner().invoke(app, ["train", "pretrain", "--shards", str(synth_shards),
                                  "--out", str(run)])
     assert r.exit_code == 2 and "already holds a training run" in r.output
+
+
+@pytest.mark.parametrize("preset", ["w2v_cmsc_rlm", "w2v_cmsc", "w2v", "cmsc"])
+def test_every_pretraining_preset_trains_one_step(preset, tmp_path):
+    from training.tasks.pretrain import PretrainTask
+
+    cfg = load_config(preset, ["model.preset=tiny", "criterion.num_negatives=5"])
+    task = PretrainTask(cfg)
+    model = task.build_model()
+    g = torch.Generator().manual_seed(0)
+    batch = {"source": torch.randn(4, 12, 2500, generator=g),
+             "lead_mask": torch.ones(4, 12, dtype=torch.bool),
+             "segment": torch.tensor([0, 1, 0, 1]), "group": torch.tensor([0, 0, 1, 1])}
+    loss, sample_size, logs = task.train_step(model, batch, 0)
+    loss.backward()
+    assert torch.isfinite(loss) and sample_size > 0
+    assert ("w2v_loss" in logs) == cfg.criterion.w2v
+    assert ("cmsc_loss" in logs) == cfg.criterion.cmsc
+    if not cfg.criterion.w2v:  # CMSC only: the bare encoder, 2 segments per pair
+        assert sample_size == 4 and not hasattr(model, "quantizer")
+    task.on_update(model, 1000)
+    if cfg.criterion.w2v:
+        assert model.quantizer.curr_temp == pytest.approx(max(2 * 0.999995 ** 1000, 0.5))

@@ -21,7 +21,7 @@ from training.models import (
     load_encoder,
     save_checkpoint,
 )
-from training.models.lean_ops import _keep_mask, attention, dropout, gelu_dropout_linear
+from training.models.lean_ops import LayerNorm, _keep_mask, attention, dropout, gelu_dropout_linear
 from training.models.masking import compute_mask_indices
 from training.models.quantizer import GumbelVectorQuantizer
 
@@ -237,8 +237,8 @@ def test_lean_dropout_and_gelu_linear_match_reference():
     y.sum().backward()
     torch.testing.assert_close(x.grad, kept.float() / 0.7)
     # fused GELU -> dropout -> Linear against the plain composition, with the same mask
-    lin = torch.nn.Linear(16, 8).double()
-    h = torch.randn(5, 6, 16, dtype=torch.float64, requires_grad=True)
+    lin = torch.nn.Linear(8, 4).double()
+    h = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
     for p in (0.0, 0.25):
         assert torch.autograd.gradcheck(
             lambda t, p=p: (torch.manual_seed(3), gelu_dropout_linear(t, lin, p, True))[1], (h,))
@@ -255,18 +255,39 @@ def test_lean_dropout_and_gelu_linear_match_reference():
             torch.testing.assert_close(a, b)
 
 
+def test_lean_layer_norm_matches_torch():
+    torch.manual_seed(12)
+    ln = LayerNorm(8, eps=1e-5).double()
+    with torch.no_grad():
+        ln.weight.uniform_(0.5, 1.5)
+        ln.bias.normal_()
+    x = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(ln, (x,))
+    out = ln(x)
+    assert out.grad_fn.__class__.__name__.startswith("_LayerNormFromOutput")
+    ref = F.layer_norm(x, (8,), ln.weight, ln.bias, 1e-5)
+    torch.testing.assert_close(out, ref)
+    g1 = torch.autograd.grad((out * ref.detach()).sum(), (x, ln.weight, ln.bias))
+    g2 = torch.autograd.grad((ref * ref.detach()).sum(), (x, ln.weight, ln.bias))
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b)
+    with torch.no_grad():
+        ln.weight[3] = 0.0                     # cannot divide by it: the plain op is used
+    assert not ln(x).grad_fn.__class__.__name__.startswith("_LayerNormFromOutput")
+
+
 def test_dropout_attention_matches_formula_and_gradcheck():
     torch.manual_seed(8)
-    q, k, v = (torch.randn(2, 3, 9, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    allow = torch.ones(2, 1, 1, 9, dtype=torch.bool)
-    allow[1, ..., 6:] = False
+    q, k, v = (torch.randn(2, 2, 7, 3, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    allow = torch.ones(2, 1, 1, 7, dtype=torch.bool)
+    allow[1, ..., 5:] = False
 
     def seeded(*qkv):                          # the same dropout mask on every call
         torch.manual_seed(9)
         return attention(*qkv, allow, 0.2)
 
     out = seeded(q, k, v)
-    scores = (q @ k.transpose(-1, -2) / 2.0).masked_fill(~allow, float("-inf"))
+    scores = (q @ k.transpose(-1, -2) / math.sqrt(3)).masked_fill(~allow, float("-inf"))
     probs = torch.softmax(scores, -1)
     torch.manual_seed(9)
     keep = _keep_mask(probs, 0.2)

@@ -15,6 +15,12 @@ module does the rest, following fairseq's trainer semantics:
   consumed ones are skipped, and the RNG states are restored after the skip;
 * SIGTERM / SIGINT: finish the current update, write a checkpoint, raise `Interrupted`
   (the CLI exits 128 + signal number).
+
+Every `log_interval` updates rank 0 writes a record (metrics.jsonl, W&B, console): `update`,
+`epoch`, `loss` (summed loss / summed sample size over the window, in bits as fairseq logs
+it), `lr`, `gnorm` (after normalisation, before clipping), `sample_size` (of the last
+update, all ranks), `samples_per_s` (segments), and the task's logs (sample-size-weighted
+means on rank 0). Validation metrics are logged as `valid_<name>`.
 """
 
 from __future__ import annotations
@@ -93,6 +99,24 @@ def _count_items(batch: dict, sample_size: int) -> int:
     """Segments in a batch (leading size of `source`), for samples/s."""
     x = batch.get("source")
     return int(x.shape[0]) if torch.is_tensor(x) else int(sample_size)
+
+
+def apply_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 schedule: LRSchedule, num_updates: int, sample_size: float,
+                 clip_norm: float = 0.0) -> tuple[float, float]:
+    """Divide the summed gradients by `sample_size` (per process: DDP has already averaged
+    over ranks, so pass total / world), clip if `clip_norm` > 0, set the scheduled rate and
+    take the optimizer step. Returns (lr, gradient norm before clipping)."""
+    if sample_size > 0:
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, 1.0 / sample_size)
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                           clip_norm if clip_norm > 0 else float("inf"))
+    lr = schedule.apply(optimizer, num_updates)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return lr, float(gnorm)
 
 
 def _new_window() -> dict:
@@ -187,6 +211,7 @@ def train(cfg: RunConfig, task: Task, *, resume: bool = False) -> dict[str, Any]
 
     stop_reason, last_train_loss = "max_epoch", None
     window = _new_window()
+    t_update = time.perf_counter()
     try:
         with _StopFlag() as stop:
             while epoch <= max_epoch and num_updates < max_update and stop_reason != "patience":
@@ -232,16 +257,8 @@ def train(cfg: RunConfig, task: Task, *, resume: bool = False) -> dict[str, Any]
                             logs[k] = logs.get(k, 0.0) + float(v) * int(n)
                     loss_sum, sample_size = dist_utils.all_reduce_floats(
                         [loss_sum, float(sample_size)], device)
-                    if sample_size > 0:
-                        grads = [p.grad for p in model.parameters() if p.grad is not None]
-                        if grads:
-                            torch._foreach_mul_(grads, world / sample_size)
-                    gnorm = torch.nn.utils.clip_grad_norm_(
-                        model.parameters(), cfg.optim.clip_norm if cfg.optim.clip_norm > 0
-                        else float("inf"))
-                    lr = schedule.apply(optimizer, num_updates)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    lr, gnorm = apply_update(model, optimizer, schedule, num_updates,
+                                             sample_size / world, cfg.optim.clip_norm)
                     num_updates += 1
                     batches_done += len(group)
                     task.on_update(unwrap(model), num_updates)
@@ -257,13 +274,16 @@ def train(cfg: RunConfig, task: Task, *, resume: bool = False) -> dict[str, Any]
                     for k, v in logs.items():
                         window["logs"][k] = window["logs"].get(k, 0.0) + v
                     if tracker is not None:
-                        tracker.advance(1, loss=update_loss, lr=lr)
+                        now = time.perf_counter()
+                        tracker.advance(1, loss=update_loss, lr=lr,
+                                        samples_s=items * world / max(now - t_update, 1e-9))
+                        t_update = now
                     if num_updates % cfg.logging.log_interval == 0:
                         elapsed = time.perf_counter() - window["t0"]
                         size = max(window["sample_size"], 1.0)
                         record = {"epoch": epoch,
                                   "loss": window["loss"] / size / math.log(2),
-                                  "lr": lr, "gnorm": float(gnorm), "sample_size": sample_size,
+                                  "lr": lr, "gnorm": gnorm, "sample_size": sample_size,
                                   "samples_per_s": window["items"] / max(elapsed, 1e-9)}
                         # task logs: sample-size-weighted means over the window (rank 0's)
                         local = max(window["local_size"], 1.0)

@@ -62,6 +62,9 @@ def ingest(
                              batch_size=batch_size, progress=progress, limit=limit)
     except (FileNotFoundError, ValueError, RuntimeError, OSError) as e:
         fail(str(e))
+    except KeyboardInterrupt:
+        fail("interrupted; everything committed so far is kept: re-run the same command to resume",
+             code=130)
     if as_json:
         typer.echo(json.dumps(summary, indent=1))
         return

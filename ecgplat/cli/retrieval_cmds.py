@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -95,10 +95,10 @@ def index_build(
 def evaluate_identify(
     store: Annotated[Path, typer.Option(help="Feature store with a gallery/probe split.")],
     features: Annotated[str, typer.Option(help="Feature set name (see `ecgplat embed`).")],
-    leads: Annotated[Optional[str], typer.Option(
+    leads: Annotated[str | None, typer.Option(
         help="Evaluate with this lead subset (12/6/4/3/2/1 or a list); embeddings are computed "
              "with the subset by the feature set's checkpoint.")] = None,
-    plot: Annotated[Optional[Path], typer.Option(help="Write the CMC curves to this PNG.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write the CMC curves to this PNG.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
 ) -> None:
     """Patient identification: Rank-1/5/10 and mAP per record and per segment."""
@@ -149,13 +149,13 @@ def _conditioned_file(path: Path):
 @app.command("query")
 def query(
     index: Annotated[Path, typer.Option(help="Index built by `ecgplat index build` (.faiss).")],
-    record: Annotated[Optional[str], typer.Option(
+    record: Annotated[str | None, typer.Option(
         help="Record key of the index's store, e.g. ptbxl/00013.")] = None,
-    file: Annotated[Optional[Path], typer.Option(
+    file: Annotated[Path | None, typer.Option(
         help="A new ECG as a WFDB header (.hea) not in the store; it is conditioned and "
              "embedded with the index's checkpoint.")] = None,
     k: Annotated[int, typer.Option(min=1, help="Number of matches.")] = 5,
-    plot: Annotated[Optional[Path], typer.Option(
+    plot: Annotated[Path | None, typer.Option(
         help="Write the 12-lead traces of the query and its matches to this PNG.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the matches as JSON.")] = False,
 ) -> None:

@@ -10,10 +10,11 @@ Presets:
     final_dim 256): ~90.37 M encoder parameters + ~0.51 M pretraining heads.
   * ``small``: the original's `w2v_cmsc_rlm_small.yaml`: the paper model with 8 layers.
   * ``tiny``: for tests and the CPU demo. The conv extractor keeps the spec's layout (4 x
-    kernel 2 / stride 2, so T' = 156 for 2500 samples) but with 128 channels instead of 256
-    (a 4x cheaper CNN, which otherwise dominates a tiny model's cost); transformer width 64,
-    2 layers, 4 heads, FFN 256, final_dim 32. Its ``local_features`` therefore have 128
-    channels: use ``EncoderConfig.conv_dim`` rather than the literal 256.
+    kernel 2 / stride 2, so T' = 156 for 2500 samples) but with 48 channels instead of 256:
+    with 256 (or 128) channels the CNN is most of a tiny model's cost (conv cost grows with
+    channels²); 48 still differs from the width, so post_extract_proj exists as in the paper
+    model. Transformer width 64, 2 layers, 4 heads, FFN 256, final_dim 32. Its
+    ``local_features`` have 48 channels: use ``EncoderConfig.conv_dim``, not a literal 256.
 """
 
 from __future__ import annotations
@@ -178,7 +179,7 @@ PRESETS: dict[str, EncoderConfig] = {
     "paper": EncoderConfig(),
     "small": EncoderConfig(encoder_layers=8),
     "tiny": EncoderConfig(
-        conv_feature_layers="[(128, 2, 2)] * 4",
+        conv_feature_layers="[(48, 2, 2)] * 4",
         encoder_embed_dim=64,
         encoder_layers=2,
         encoder_attention_heads=4,
@@ -190,7 +191,7 @@ PRESETS: dict[str, EncoderConfig] = {
 PRESET_HELP: dict[str, str] = {
     "paper": "the paper's encoder: 768 wide, 12 post-LN layers, 12 heads, FFN 3072",
     "small": "the original's small config: the paper encoder with 8 layers",
-    "tiny": "tests and CPU demo: 128-channel CNN, 64 wide, 2 layers, 4 heads, FFN 256",
+    "tiny": "tests and CPU demo: 48-channel CNN, 64 wide, 2 layers, 4 heads, FFN 256",
 }
 
 

@@ -10,6 +10,7 @@ Same mathematics as the plain torch ops, fewer saved activations (the 2-core / 2
   * ``gelu_dropout_linear``: fc2(dropout(gelu(h))) that saves only ``h`` (already kept by fc1)
     and the dropout mask, recomputing the GELU in backward, instead of keeping the (B, T, FFN)
     activation: ~31 MB per layer per 16 segments for the paper model, at the cost of one GELU.
+  * ``LayerNorm``: saves its output (which the next Linear keeps anyway) instead of its input.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from torch import nn
 
 
 def _keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
-    return torch.empty_like(x, dtype=torch.bool).bernoulli_(1.0 - p)
+    """Bool mask, True with probability 1 - p (rand >= p: faster than a bool bernoulli_ on CPU)."""
+    return torch.rand_like(x) >= p
 
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -127,3 +129,40 @@ def gelu_dropout_linear(h: torch.Tensor, linear: nn.Linear, p: float, training: 
         a = F.gelu(_at_least_fp32(h)).to(h.dtype)
         return linear(dropout(a, p, p > 0.0))
     return _GeluDropoutLinear.apply(h, linear.weight, linear.bias, p)
+
+
+class _LayerNormFromOutput(torch.autograd.Function):
+    """LayerNorm whose backward rebuilds x̂ = (y - β) / γ from its output instead of keeping the
+    input: in post-LN layers y is kept anyway by the next Linear, so the input's copy is saved."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        y, _, rstd = torch.native_layer_norm(x, (x.shape[-1],), weight, bias, eps)
+        ctx.save_for_backward(y, weight, bias, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        y, weight, bias, rstd = ctx.saved_tensors
+        x_hat = (y - bias) / weight
+        dims = tuple(range(grad_y.dim() - 1))
+        grad_w = (grad_y * x_hat).sum(dims)
+        grad_b = grad_y.sum(dims)
+        gh = grad_y * weight
+        grad_x = rstd * (gh - gh.mean(-1, keepdim=True) - x_hat * (gh * x_hat).mean(-1, keepdim=True))
+        return grad_x, grad_w, grad_b, None
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm (same parameters and state dict) that, on CPU in training, saves its output
+    rather than its input (see _LayerNormFromOutput). Falls back to the plain op when an
+    affine weight is so small that dividing by it would lose precision."""
+
+    min_abs_weight = 1e-3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.device.type != "cpu" or not torch.is_grad_enabled() or x.dtype != self.weight.dtype
+                or not self.elementwise_affine or self.bias is None
+                or bool((self.weight.detach().abs() < self.min_abs_weight).any())):
+            return super().forward(x)
+        return _LayerNormFromOutput.apply(x, self.weight, self.bias, self.eps)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from training.models.lean_ops import Dropout, attention, gelu_dropout_linear
+from training.models.lean_ops import Dropout, LayerNorm, attention, gelu_dropout_linear
 
 
 def init_bert_params(module: nn.Module) -> None:
@@ -58,10 +58,10 @@ class TransformerLayer(nn.Module):
         super().__init__()
         self.layer_norm_first = layer_norm_first
         self.self_attn = SelfAttention(embed_dim, num_heads, attention_dropout)
-        self.self_attn_layer_norm = nn.LayerNorm(embed_dim, eps=layer_norm_eps)
+        self.self_attn_layer_norm = LayerNorm(embed_dim, eps=layer_norm_eps)
         self.fc1 = nn.Linear(embed_dim, ffn_dim)
         self.fc2 = nn.Linear(ffn_dim, embed_dim)
-        self.final_layer_norm = nn.LayerNorm(embed_dim, eps=layer_norm_eps)
+        self.final_layer_norm = LayerNorm(embed_dim, eps=layer_norm_eps)
         self.dropout1 = Dropout(dropout)
         self.activation_dropout = activation_dropout
         self.dropout3 = Dropout(dropout)
@@ -87,7 +87,7 @@ class TransformerEncoder(nn.Module):
         super().__init__()
         self.layer_norm_first = layer_norm_first
         self.layerdrop = layerdrop
-        self.layer_norm = nn.LayerNorm(embed_dim)
+        self.layer_norm = LayerNorm(embed_dim)
         self.dropout = Dropout(dropout)
         self.layers = nn.ModuleList(
             TransformerLayer(embed_dim, ffn_dim, num_heads, dropout, attention_dropout,

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 import sys
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -50,7 +50,7 @@ class LeakageGuard:
         self.ecg_ids = frozenset(i for i in map(ptbxl_ecg_id, self.keys) if i is not None)
 
     @classmethod
-    def from_store(cls, path) -> "LeakageGuard":
+    def from_store(cls, path) -> LeakageGuard:
         from ecgplat.store import open_store
 
         return cls(open_store(path).records["record_key"].tolist())

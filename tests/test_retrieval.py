@@ -1,0 +1,284 @@
+"""Retrieval: FAISS metrics vs numpy brute force, index round trips and lineage, embedding into
+the store (idempotent, atomic), identification evaluation, queries and the CLI."""
+
+import itertools
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import average_precision_score
+
+from retrieval.index import GalleryIndex, LineageError, build_index, index_paths
+from retrieval.metrics import cmc_curve, mean_average_precision, rank_k
+
+torch.set_num_threads(1)
+
+
+# ------------------------------------------------------------------ metrics and index (pure)
+
+def _cohort(rng, patients=30, per_patient=3, probes_per=2, dim=32, noise=1.6):
+    centres = rng.normal(size=(patients, dim))
+    g_lab = np.repeat(np.arange(patients), per_patient)
+    p_lab = np.repeat(np.arange(patients), probes_per)
+    gal = centres[g_lab] + noise * rng.normal(size=(len(g_lab), dim))
+    prb = centres[p_lab] + noise * rng.normal(size=(len(p_lab), dim))
+    unit = lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    return unit(gal), g_lab, unit(prb), p_lab
+
+
+def test_rank_k_cmc_and_map_equal_numpy_brute_force():
+    rng = np.random.default_rng(0)
+    gal, g_lab, prb, p_lab = _cohort(rng)
+    index = build_index(gal, [str(i) for i in range(len(gal))], kind="flat")
+    scores, rows = index.search(prb, len(gal))
+    # brute force: full similarity matrix, sorted
+    sim = prb.astype(np.float64) @ gal.T.astype(np.float64)
+    order = np.argsort(-sim, axis=1, kind="stable")
+    assert (rows == order).all()
+    assert np.allclose(scores, np.take_along_axis(sim, order, axis=1), atol=1e-5)
+    hit = g_lab[order] == p_lab[:, None]
+    first = hit.argmax(axis=1)
+    for k in (1, 5, 10):
+        assert rank_k(rows, g_lab, p_lab, (k,))[k] == pytest.approx(np.mean(first < k))
+    cmc = cmc_curve(rows, g_lab, p_lab)
+    assert cmc[0] < 1.0 and cmc[-1] == 1.0 and (np.diff(cmc) >= 0).all()
+    assert np.allclose(cmc, [np.mean(first < k) for k in range(1, len(gal) + 1)])
+    ap = [average_precision_score(g_lab == p, s) for p, s in zip(p_lab, sim)]
+    assert mean_average_precision(rows, g_lab, p_lab) == pytest.approx(np.mean(ap), abs=1e-9)
+    assert 0.1 < np.mean(ap) < 0.95  # a non-trivial case
+
+
+def test_metrics_handle_missing_neighbours_and_patients_without_gallery_items():
+    rows = np.array([[0, 1, -1], [2, -1, -1]])
+    g_lab = np.array([5, 6, 7])
+    p_lab = np.array([6, 9])                        # patient 9 has no gallery item
+    assert rank_k(rows, g_lab, p_lab, (1, 2)) == {1: 0.0, 2: 0.5}
+    assert mean_average_precision(rows, g_lab, p_lab) == pytest.approx(0.5)  # probe 0 only
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
+def test_index_save_load_round_trip(tmp_path, kind):
+    rng = np.random.default_rng(1)
+    gal, g_lab, prb, _ = _cohort(rng, patients=100, per_patient=4, noise=0.3)
+    ids = [f"src/r{i}" for i in range(len(gal))]
+    lineage = {"checkpoint_sha256": "ab" * 32, "leads": "I,II"}
+    index = build_index(gal, ids, lineage, kind=kind, labels=[f"p-{x}" for x in g_lab],
+                        sample_queries=prb)
+    if kind != "flat":
+        assert index.info["recall_at_1"] >= 0.9 and index.info["recall_n"] == len(prb)
+    path = index.save(tmp_path / "gallery")
+    assert path == tmp_path / "gallery.faiss" and (tmp_path / "gallery.json").is_file()
+    loaded = GalleryIndex.load(tmp_path / "gallery")
+    assert (loaded.kind, loaded.ids, loaded.labels, loaded.lineage) == (
+        kind, ids, index.labels, lineage)
+    a, b = index.search(prb, 5), loaded.search(prb, 5)
+    assert (a[1] == b[1]).all() and np.allclose(a[0], b[0])
+
+
+def test_load_rejects_mismatched_or_missing_files(tmp_path):
+    index = build_index(np.eye(4, dtype=np.float32), list("abcd"))
+    index.save(tmp_path / "x")
+    meta = json.loads((tmp_path / "x.json").read_text())
+    meta["ids"] = meta["ids"][:3]
+    meta["count"] = 3
+    (tmp_path / "x.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="do not match"):
+        GalleryIndex.load(tmp_path / "x.faiss")
+    with pytest.raises(FileNotFoundError, match="y.faiss"):
+        GalleryIndex.load(tmp_path / "y")
+    assert index_paths("a/b.faiss") == index_paths("a/b")
+
+
+def test_lineage_mismatch_is_refused_with_a_clear_error():
+    index = build_index(np.eye(3, dtype=np.float32), list("abc"),
+                        {"checkpoint_sha256": "1" * 64, "leads": "I,II"})
+    q = np.eye(3, dtype=np.float32)[:1]
+    index.search(q, 1, lineage={"checkpoint_sha256": "1" * 64, "leads": "I,II"})
+    with pytest.raises(LineageError, match="checkpoint_sha256"):
+        index.search(q, 1, lineage={"checkpoint_sha256": "2" * 64, "leads": "I,II"})
+    with pytest.raises(LineageError, match="leads=I"):
+        index.search(q, 1, lineage={"checkpoint_sha256": "1" * 64, "leads": "I"})
+
+
+# ------------------------------------------------------------------ store-backed (real store)
+
+def _tiny_checkpoint(path, seed):
+    from training.models import build_encoder, save_checkpoint
+
+    torch.manual_seed(seed)
+    enc = build_encoder("tiny")
+    return save_checkpoint(path, kind="pretrain", encoder_config=enc.cfg,
+                           model={f"encoder.{k}": v for k, v in enc.state_dict().items()})
+
+
+@pytest.fixture(scope="module")
+def embedded(synth_store, tmp_path_factory):
+    """A private copy of the synthetic store with feature set "a" of a random tiny encoder."""
+    from retrieval.embed import embed_store
+
+    root = tmp_path_factory.mktemp("retrieval")
+    store = root / "store"
+    shutil.copytree(synth_store, store)
+    ckpt_a = _tiny_checkpoint(root / "a.pt", 0)
+    ckpt_b = _tiny_checkpoint(root / "b.pt", 1)
+    first = embed_store(store, ckpt_a, "a", batch_size=48)
+    return {"store": store, "a": ckpt_a, "b": ckpt_b, "first": first}
+
+
+def test_embed_writes_unit_embeddings_with_lineage_and_is_idempotent(embedded):
+    from ecgplat.store import open_store
+    from retrieval.embed import embed_store, file_sha256, load_features
+
+    store = open_store(embedded["store"])
+    assert embedded["first"]["status"] == "written"
+    seg = load_features(embedded["store"], "a", "segment")
+    rec = load_features(embedded["store"], "a", "record")
+    assert seg.embeddings.shape == (store.n_segments, 64) and len(rec.embeddings) == store.n_records
+    assert np.allclose(np.linalg.norm(seg.embeddings, axis=1), 1, atol=1e-5)
+    assert (seg.record_index == store.segment_record_index).all()
+    # record embedding = normalised mean of its segments
+    i = 5
+    mean = seg.embeddings[seg.record_index == i].mean(0)
+    assert np.allclose(rec.embeddings[rec.record_index == i][0], mean / np.linalg.norm(mean), atol=1e-5)
+    lin = rec.lineage
+    assert lin["checkpoint_sha256"] == file_sha256(embedded["a"]) and lin["checkpoint_kind"] == "pretrain"
+    assert lin["leads"] == "I,II,III,aVR,aVL,aVF,V1,V2,V3,V4,V5,V6" and lin["complete"]
+    # same checkpoint + leads: no-op, nothing rewritten
+    meta = embedded["store"] / "features" / "a" / "zarr.json"
+    before = meta.stat().st_mtime_ns
+    again = embed_store(embedded["store"], embedded["a"], "a")
+    assert again["status"] == "unchanged" and meta.stat().st_mtime_ns == before
+
+
+def test_embed_refuses_another_checkpoint_and_survives_interruptions(embedded, monkeypatch):
+    import retrieval.embed as embed_mod
+    from retrieval.embed import FeatureError, embed_store, file_sha256, load_features
+
+    store = embedded["store"]
+    with pytest.raises(FeatureError, match="use another --name or --overwrite"):
+        embed_store(store, embedded["b"], "a")
+
+    real = embed_mod._write_group
+
+    def crash_after_writing(path, *args):
+        real(path, *args)
+        raise KeyboardInterrupt  # killed after writing, before the rename
+
+    # an interrupted first embed leaves no feature set under its name
+    monkeypatch.setattr(embed_mod, "_write_group", crash_after_writing)
+    with pytest.raises(KeyboardInterrupt):
+        embed_store(store, embedded["b"], "b")
+    with pytest.raises(FeatureError, match="no feature set 'b'"):
+        load_features(store, "b", "record")
+    monkeypatch.setattr(embed_mod, "_write_group", real)
+    assert embed_store(store, embedded["b"], "b")["status"] == "written"
+    assert not list((store / "features").glob(".tmp-b-*"))  # the leftover was cleaned
+    old = load_features(store, "b", "record")
+    assert old.lineage["checkpoint_sha256"] == file_sha256(embedded["b"])
+    assert not np.allclose(old.embeddings, load_features(store, "a", "record").embeddings)
+    # an interrupted overwrite keeps the previous set intact
+    monkeypatch.setattr(embed_mod, "_write_group", crash_after_writing)
+    with pytest.raises(KeyboardInterrupt):
+        embed_store(store, embedded["a"], "b", overwrite=True)
+    kept = load_features(store, "b", "record")
+    assert kept.lineage == old.lineage and np.array_equal(kept.embeddings, old.embeddings)
+
+
+def test_evaluate_identification_matches_brute_force(embedded, tmp_path, monkeypatch):
+    import retrieval.evaluate as evaluate_mod
+    from ecgplat.store import open_store
+    from retrieval.embed import load_features
+    from retrieval.evaluate import evaluate_identification
+
+    monkeypatch.setattr(evaluate_mod, "PROBE_CHUNK", 7)  # probes ranked in several chunks
+
+    result = evaluate_identification(embedded["store"], "a", plot=tmp_path / "cmc.png")
+    assert (tmp_path / "cmc.png").stat().st_size > 1000
+    store = open_store(embedded["store"])
+    frame = store.records
+    for level in ("record", "segment"):
+        f = load_features(embedded["store"], "a", level)
+        ident = frame["ident_split"].to_numpy()[f.record_index]
+        pid = frame["patient_key"].to_numpy()[f.record_index]
+        g, p = ident == "gallery", ident == "probe"
+        sim = f.embeddings[p].astype(np.float64) @ f.embeddings[g].T.astype(np.float64)
+        order = np.argsort(-sim, axis=1)
+        hit = pid[g][order] == pid[p][:, None]
+        first = hit.argmax(1)
+        r = result[level]
+        assert (r["n_gallery"], r["n_probe"]) == (g.sum(), p.sum())
+        assert r["rank1"] == pytest.approx(np.mean(first < 1))
+        assert r["rank5"] == pytest.approx(np.mean(first < 5))
+        ap = [average_precision_score(pid[g] == q, s) for q, s in zip(pid[p], sim)]
+        assert r["mAP"] == pytest.approx(np.mean(ap), abs=1e-6)
+    assert result["record"]["n_gallery"] == len(store.select(ident_split="gallery"))
+
+
+def test_lead_subset_evaluation_embeds_with_the_subset(embedded):
+    from retrieval.embed import load_features
+    from retrieval.evaluate import evaluate_identification
+
+    result = evaluate_identification(embedded["store"], "a", leads="2")
+    assert result["features"] == "a@I-II" and result["leads"] == "I,II"
+    full = load_features(embedded["store"], "a", "record").embeddings
+    sub = load_features(embedded["store"], "a@I-II", "record").embeddings
+    assert not np.allclose(full, sub)
+
+
+def test_queries_by_record_and_by_signal_agree(embedded, tmp_path):
+    from ecgplat.store import open_store
+    from retrieval.index import index_from_features
+    from retrieval.query import plot_matches, query_record, query_signal
+
+    index = index_from_features(embedded["store"], "a", split="gallery")
+    path = index.save(tmp_path / "idx")
+    index = GalleryIndex.load(path)
+    store = open_store(embedded["store"])
+    probe = int(store.select(ident_split="probe")[0])
+    key = store.records["record_key"].iloc[probe]
+    by_record = query_record(index, key, k=4)
+    assert [m["rank"] for m in by_record] == [1, 2, 3, 4]
+    assert all(a["score"] >= b["score"] for a, b in itertools.pairwise(by_record))
+    assert all("same_patient" in m for m in by_record)
+    by_signal = query_signal(index, store.record_segments(probe), store.lead_masks[probe], k=4)
+    assert [m["id"] for m in by_signal] == [m["id"] for m in by_record]
+    assert np.allclose([m["score"] for m in by_signal], [m["score"] for m in by_record], atol=1e-4)
+    # a gallery record never matches itself
+    g_key = store.records["record_key"].iloc[int(store.select(ident_split="gallery")[0])]
+    assert g_key not in [m["id"] for m in query_record(index, g_key, k=5)]
+    out = plot_matches(store.record_segments(probe)[0], by_record, tmp_path / "q.png",
+                       str(embedded["store"]))
+    assert out.stat().st_size > 1000
+    with pytest.raises(KeyError, match="no record"):
+        query_record(index, "cinc2021/NOPE", 3)
+
+
+def test_cli_embed_index_evaluate_query(embedded, tmp_path):
+    from typer.testing import CliRunner
+
+    from ecgplat.cli import app
+
+    run = CliRunner().invoke
+    store = str(embedded["store"])
+    ok = run(app, ["embed", "--checkpoint", str(embedded["a"]), "--store", store, "--name", "a"])
+    assert ok.exit_code == 0 and "already up to date" in ok.output
+    bad = run(app, ["embed", "--checkpoint", str(tmp_path / "none.pt"), "--store", store, "--name", "a"])
+    assert bad.exit_code != 0 and "no such checkpoint" in bad.output
+    out = run(app, ["index", "build", "--store", store, "--features", "a", "--out",
+                    str(tmp_path / "g"), "--kind", "hnsw"])
+    assert out.exit_code == 0 and "recall@1" in out.output
+    ev = run(app, ["evaluate", "identify", "--store", store, "--features", "a", "--json"])
+    assert ev.exit_code == 0
+    assert set(json.loads(ev.output)["record"]) >= {"rank1", "rank5", "rank10", "mAP", "n_gallery", "n_probe"}
+    missing = run(app, ["evaluate", "identify", "--store", store, "--features", "zzz"])
+    assert missing.exit_code != 0 and "no feature set 'zzz'" in missing.output
+    q = run(app, ["query", "--index", str(tmp_path / "g.faiss"), "--record", "cinc2021/NOPE"])
+    assert q.exit_code != 0 and "no record" in q.output
+    both = run(app, ["query", "--index", str(tmp_path / "g.faiss")])
+    assert both.exit_code != 0
+    hea = next((embedded["store"].parent).glob("*.pt"))  # not a header: clear refusal
+    f = run(app, ["query", "--index", str(tmp_path / "g.faiss"), "--file", str(hea)])
+    assert f.exit_code != 0 and ".hea" in f.output
+    assert "p-" not in q.output + ev.output  # no patient pseudonyms on the console
