@@ -11,12 +11,15 @@ model's matmul/conv FLOPs (forward x 3 for forward + backward) over the device's
 
 `--fit-check`: one forward + backward of the paper preset at the paper's per-GPU batch of
 64 pairs = 128 segments; reports its peak RSS (CPU) or peak CUDA memory (must fit 24 GiB).
+On CPU it first extrapolates from 4 and 8 pairs and runs the full batch only if that fits
+the free memory (`--estimate-only` skips it).
 
 Without `--shards` a synthetic cohort is generated and ingested through the real pipeline
-(`ingestion.synth` -> store -> shards) in a temporary directory. Output: JSON on stdout and
-in `--out`.
+(`ingestion.synth` -> store -> shards) in a temporary directory. Output: JSON on stdout
+(and in `--out FILE` if given).
 
-    python bench/pretrain.py [--presets tiny,paper] [--pairs 8] [--steps 4] [--fit-check]
+    python bench/pretrain.py [--presets tiny,paper] [--pairs 8] [--steps 3]
+    python bench/pretrain.py --fit-check [--estimate-only]
 """
 
 from __future__ import annotations
@@ -84,6 +87,7 @@ def _config(shards: Path, preset: str, pairs: int, workers: int):
 def measure(preset: str, shards: str, pairs: int, steps: int, loader_batches: int,
             workers: int, fit_check: bool) -> dict:
     """Runs in a child process: loader and step throughput of one preset."""
+    import psutil
     import torch
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1)))
@@ -123,12 +127,13 @@ def measure(preset: str, shards: str, pairs: int, steps: int, loader_batches: in
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
-    cpu_times = []
+    cpu_times, rss_after_forward = [], []
 
     def step() -> float:
         t, c = time.perf_counter(), time.process_time()
         with autocast:
             loss, sample_size, _ = task.train_step(model, batch, 0)
+        rss_after_forward.append(psutil.Process().memory_info().rss / GIB)
         loss.backward()
         apply_update(model, optimizer, schedule, 0, sample_size)
         if device.type == "cuda":
@@ -145,6 +150,8 @@ def measure(preset: str, shards: str, pairs: int, steps: int, loader_batches: in
     result.update(step_cpu_s=cpu_per_step,
                   uncontended_estimate_segments_per_s=2 * pairs * torch.get_num_threads()
                   / cpu_per_step if device.type == "cpu" else None)
+    result.update(rss_after_forward_gib=max(rss_after_forward),
+                  param_gib=sum(p.numel() * p.element_size() for p in model.parameters()) / GIB)
     result.update(step_s=per_step, steps_timed=len(timed),
                   steps_segments_per_s=2 * pairs / per_step, peak_rss_gib=peak_rss_gib())
     if device.type == "cuda":
@@ -182,14 +189,15 @@ def run_isolated(**kwargs) -> dict:
     return result
 
 
-def fit_check(common: dict, pairs: int = 64) -> dict:
+def fit_check(common: dict, pairs: int = 64, run_full: bool = True) -> dict:
     """Peak memory of one paper-preset forward+backward at `pairs` pairs.
 
-    On CUDA it is measured directly. On a CPU host, where the run would need most of the
-    machine's RAM, the peak RSS is first measured at 2 and 4 pairs and extrapolated linearly
-    (static weights/optimizer + activations per pair); the full run only happens when the
-    estimate fits in the available memory with a 15% margin, so that the check never drives
-    a shared machine out of memory."""
+    On CUDA it is measured directly. On a CPU host, where the run needs most of the machine's
+    RAM, the memory after the forward pass (weights + live activations) is first measured at
+    4 and 8 pairs and extrapolated linearly to `pairs`, plus the gradients and a 10% margin
+    for backward temporaries (the small runs' own peak is the first optimizer step, not the
+    activations). The full run happens only when `run_full` and the estimate fits the free
+    memory with a 15% margin, so the check never drives a shared machine out of memory."""
     import psutil
     import torch
 
@@ -199,23 +207,23 @@ def fit_check(common: dict, pairs: int = 64) -> dict:
         r["fits_24_gib"] = "peak_cuda_gib" in r and r["peak_cuda_gib"] <= limit
         return r
     small = [run_isolated(preset="paper", pairs=p, steps=1, fit_check=True, **common)
-             for p in (2, 4)]
+             for p in (4, 8)]
     if any("error" in r for r in small):
         return {"error": [r.get("error") for r in small]}
-    per_pair = (small[1]["peak_rss_gib"] - small[0]["peak_rss_gib"]) / 2
-    estimate = small[1]["peak_rss_gib"] + per_pair * (pairs - 4)
+    fwd = [r["rss_after_forward_gib"] for r in small]
+    per_pair = (fwd[1] - fwd[0]) / 4
+    estimate = 1.1 * (fwd[1] + per_pair * (pairs - 8) + small[1]["param_gib"])
     available = psutil.virtual_memory().available / GIB
     report = {"pairs": pairs, "segments": 2 * pairs, "device": "cpu",
-              "peak_rss_gib_at_2_4_pairs": [r["peak_rss_gib"] for r in small],
-              "rss_gib_per_pair": per_pair, "estimated_peak_rss_gib": estimate,
-              "available_gib": available}
-    if estimate * 1.15 < available:
+              "rss_after_forward_gib_at_4_8_pairs": fwd, "activation_gib_per_pair": per_pair,
+              "estimated_peak_rss_gib": estimate, "available_gib": available}
+    if run_full and estimate * 1.15 < available:
         full = run_isolated(preset="paper", pairs=pairs, steps=1, fit_check=True, **common)
         report.update(measured=full, ran=True)
         peak = full.get("peak_rss_gib", estimate)
     else:
-        report.update(ran=False, reason="the estimate does not fit the free memory of this "
-                                        "host; reporting the extrapolation")
+        report.update(ran=False, reason="estimate only (--estimate-only, or the estimate "
+                                        "does not fit this host's free memory)")
         peak = estimate
     report["fits_24_gib"] = peak <= limit
     return report
@@ -231,14 +239,17 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--shards", default=None, help="shard directory (default: synthetic)")
     p.add_argument("--fit-check", action="store_true",
                    help="one forward+backward of the paper preset with 64 pairs (128 segments)")
-    p.add_argument("--out", default="bench_pretrain.json", help="JSON result file")
+    p.add_argument("--estimate-only", action="store_true",
+                   help="with --fit-check on CPU: extrapolate from 4 and 8 pairs, skip the "
+                        "full 64-pair run")
+    p.add_argument("--out", default=None, help="also write the JSON to this file")
     args = p.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="ecgplat-bench-") as tmp:
         shards = args.shards or str(build_shards(Path(tmp)))
         common = dict(shards=shards, loader_batches=args.loader_batches, workers=args.workers)
         if args.fit_check:
-            report = {"fit_check": fit_check(common)}
+            report = {"fit_check": fit_check(common, run_full=not args.estimate_only)}
         else:
             report = {"results": [run_isolated(preset=name, pairs=args.pairs, steps=args.steps,
                                                fit_check=False, **common)
@@ -247,7 +258,8 @@ def main(argv: list[str] | None = None) -> dict:
     report.update(python=sys.version.split()[0], cpu_count=os.cpu_count(),
                   when=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     text = json.dumps(report, indent=2)
-    Path(args.out).write_text(text + "\n")
+    if args.out:
+        Path(args.out).write_text(text + "\n")
     print(text)
     return report
 

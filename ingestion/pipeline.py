@@ -241,6 +241,7 @@ class _dask_client:
         self.cluster = self.client = None
 
     def __enter__(self):
+        import dask
         from distributed import Client, LocalCluster
 
         if self.scheduler:
@@ -248,10 +249,13 @@ class _dask_client:
         else:
             n = self.workers or os.cpu_count() or 1
             # no dashboard (bokeh is not installed); ":0" rather than None because the
-            # scheduler's HTTP server otherwise tries port 8787 and warns when it is taken
-            self.cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                                        dashboard_address=":0",
-                                        env={"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"})
+            # scheduler's HTTP server otherwise tries port 8787 and warns when it is taken.
+            # The workers' 10 ms stack-sampling profiler only costs CPU here.
+            with dask.config.set({"distributed.worker.profile.enabled": False}):
+                self.cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                                            dashboard_address=":0",
+                                            env={"OMP_NUM_THREADS": "1",
+                                                 "OPENBLAS_NUM_THREADS": "1"})
             self.client = Client(self.cluster)
         return self.client
 

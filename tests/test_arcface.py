@@ -128,3 +128,13 @@ def test_training_the_head_separates_classes():
         opt.step()
     assert loss.item() < 0.5 * first
     assert logs["accuracy"] == 1.0
+
+
+def test_cosines_stay_float32_under_bf16_autocast():
+    torch.manual_seed(3)
+    head = ArcFaceHead(32, 10)
+    e = torch.randn(4, 32)
+    ref = head.cosine(e)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cos = head.cosine(e)
+    assert cos.dtype == torch.float32 and torch.allclose(cos, ref, atol=1e-6)

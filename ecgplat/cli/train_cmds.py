@@ -120,5 +120,6 @@ def train_command(
     if rank == 0:
         best = f", best {summary['best_metric']} {summary['best']:.4g}" \
             if summary["best"] is not None else ""
-        typer.echo(f"done: {summary['num_updates']} updates, {summary['epochs']} epochs "
-                   f"({summary['stop_reason']}){best}; checkpoint {summary['checkpoint']}")
+        typer.echo(f"done: {summary['num_updates']} updates, {summary['epochs']} complete "
+                   f"epochs (stopped by {summary['stop_reason']}){best}; checkpoint "
+                   f"{summary['checkpoint']}")

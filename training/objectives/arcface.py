@@ -58,9 +58,11 @@ class ArcFaceHead(nn.Module):
 
     def cosine(self, embedding: torch.Tensor) -> torch.Tensor:
         """cos θ (B, N) between L2-normalised embeddings and normalised class rows, in float32."""
-        e = F.normalize(embedding.float(), dim=-1)
-        w = F.normalize(self.kernel.float(), dim=-1)
-        return (e @ w.t()).clamp(-1.0, 1.0)
+        # outside autocast: at s = 192 a bf16 cosine (3 significant digits) would move logits by ~1
+        with torch.autocast(device_type=embedding.device.type, enabled=False):
+            e = F.normalize(embedding.float(), dim=-1)
+            w = F.normalize(self.kernel.float(), dim=-1)
+            return (e @ w.t()).clamp(-1.0, 1.0)
 
     def margin_logits(self, cosine: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Scaled logits s·[cos θ_j, with the target column replaced by its margin version]."""

@@ -50,6 +50,7 @@ class Task:
 
     name: str = "base"
     checkpoint_kind: str = "pretrain"
+    find_unused_parameters: bool = True  # DDP option; False is faster when every param is used
 
     def __init__(self, cfg: "RunConfig"):
         self.cfg = cfg

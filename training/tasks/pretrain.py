@@ -49,10 +49,12 @@ def encoder_overrides(cfg: RunConfig) -> dict:
 class PretrainTask(Task):
     name = "pretrain"
     checkpoint_kind = "pretrain"
-    find_unused_parameters = True  # e.g. mask_emb in runs without masking
-
     def __init__(self, cfg: RunConfig):
         super().__init__(cfg)
+        # DDP must look for parameters without gradients only when some exist: mask_emb
+        # without masking (CMSC only, mask_prob 0), the CNN when it is frozen
+        self.find_unused_parameters = (not cfg.criterion.w2v or cfg.model.mask_prob == 0.0
+                                       or cfg.model.feature_grad_mult == 0.0)
         from training.objectives.criterion import PretrainCriterion
 
         self.criterion = PretrainCriterion.from_config(cfg.criterion)
