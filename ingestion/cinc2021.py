@@ -17,7 +17,6 @@ import re
 from pathlib import Path
 
 import numpy as np
-import scipy.io
 
 from ecgplat.labels import codes_to_multihot
 from ingestion.record import (
@@ -76,6 +75,48 @@ def parse_header(text: str, where: str) -> dict:
             "fields": comment_fields(comments)}
 
 
+# MATLAB v4 precision digit P of the type code MOPT -> numpy dtype (without byte order)
+_MAT4_DTYPES = {0: "f8", 1: "f4", 2: "i4", 3: "i2", 4: "u2", 5: "u1"}
+
+
+def read_mat4(data: bytes, name: str, key: str = "val") -> np.ndarray:
+    """Matrix ``key`` of a MATLAB v4 file's bytes (what ``scipy.io.savemat(format="4")`` and
+    the challenge release write): per matrix a 20-byte header (int32 type = MOPT, mrows, ncols,
+    imagf, namlen), the NUL-terminated name, then mrows x ncols values column-major. Returns a
+    (mrows, ncols) read-only view in the file's own dtype. ValueError (one-line reason naming
+    ``name``) on a bad header, a truncated file or a missing ``key``."""
+    pos, size = 0, len(data)
+    while pos < size:
+        if size - pos < 20:
+            raise ValueError(f"{name} is truncated (header cut at byte {pos})")
+        hdr = np.frombuffer(data, "<i4", 5, pos)
+        order = "<"
+        if not 0 <= int(hdr[0]) < 2000:  # M digit 1 = big-endian file
+            hdr, order = np.frombuffer(data, ">i4", 5, pos), ">"
+        mopt, mrows, ncols, imagf, namlen = (int(v) for v in hdr)
+        m, o, p, t = mopt // 1000, mopt // 100 % 10, mopt // 10 % 10, mopt % 10
+        if (m not in (0, 1) or o != 0 or p not in _MAT4_DTYPES or t not in (0, 1, 2)
+                or mrows < 0 or ncols < 0 or imagf not in (0, 1) or not 0 < namlen < 64):
+            raise ValueError(f"{name} is not a MATLAB v4 file (bad matrix header at byte {pos})")
+        pos += 20
+        if size - pos < namlen:
+            raise ValueError(f"{name} is truncated (matrix name cut at byte {pos})")
+        var = data[pos: pos + namlen].split(b"\0", 1)[0].decode("latin-1")
+        pos += namlen
+        dtype = np.dtype(order + _MAT4_DTYPES[p])
+        count = mrows * ncols
+        nbytes = count * dtype.itemsize * (2 if imagf else 1)
+        if size - pos < nbytes:
+            raise ValueError(f"{name} is truncated: matrix {var!r} ({mrows}x{ncols}) needs "
+                             f"{nbytes} bytes, {size - pos} left")
+        if var == key:
+            if t != 0 or imagf:
+                raise ValueError(f"{name}: matrix {var!r} is not a real full numeric matrix")
+            return np.frombuffer(data, dtype, count, pos).reshape(ncols, mrows).T
+        pos += nbytes
+    raise KeyError(key)
+
+
 def _subset(rel: str) -> str:
     parts = [p for p in Path(rel).parts[:-1] if not _SUBSET_SKIP.match(p)]
     return parts[-1] if parts else ""
@@ -99,10 +140,10 @@ def read_record(src: Path, rel: str) -> RawRecord:
     if not mat.exists():
         raise RecordError(rel, f"missing signal file {mat.name}")
     try:
-        val = scipy.io.loadmat(mat)["val"]
+        val = read_mat4(mat.read_bytes(), mat.name)
     except KeyError:
         raise RecordError(rel, f"{mat.name} has no 'val' matrix") from None
-    except Exception as e:  # noqa: BLE001 - scipy raises ValueError/OSError/TypeError/... on damage
+    except (ValueError, OSError) as e:
         raise RecordError(rel, f"cannot read {mat.name} (truncated or not MATLAB v4): {e}") from None
     expected = (hdr["n_sig"], hdr["sig_len"])
     if val.shape != expected:

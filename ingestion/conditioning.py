@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 
 import numpy as np
-from scipy.signal import resample_poly
 
 from ecgplat.leads import LEADS, canonical_lead
 from ingestion.record import RawRecord, RecordError
@@ -83,6 +82,10 @@ def resample_to(x: np.ndarray, fs: float, target: int = SAMPLE_RATE) -> np.ndarr
     ratio = Fraction(target / float(fs)).limit_denominator(MAX_DENOMINATOR)
     if ratio == 1:
         return x
+    # imported here: scipy.signal pulls in scipy.stats & co. (seconds of import per worker
+    # process on a loaded machine) and 500 Hz records never need it
+    from scipy.signal import resample_poly
+
     return resample_poly(x, ratio.numerator, ratio.denominator, axis=-1)
 
 

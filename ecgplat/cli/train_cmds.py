@@ -21,7 +21,7 @@ DEFAULT_PRESET = {"pretrain": "w2v_cmsc_rlm", "diagnosis": "diagnosis",
 
 def resolve_run_config(task: str, config: str | None, overrides: list[str], *, shards: str | None,
                        out: Path, init: str | None, leads: str | None, store: str | None,
-                       resume: bool):
+                       resume: bool, exclude_overlap: str | None = None):
     """The RunConfig of a new run (preset + options + overrides) or of a resumed one (the run
     directory's `config.yaml` + overrides). Raises ConfigError / FileExistsError."""
     from ecgplat.config import ConfigError, apply_overrides, load_config
@@ -34,7 +34,8 @@ def resolve_run_config(task: str, config: str | None, overrides: list[str], *, s
         if cfg.task != task:
             raise ConfigError(f"{out}: the run is a '{cfg.task}' run, not '{task}'")
         for name, given in (("--config", config), ("--shards", shards), ("--init", init),
-                            ("--leads", leads), ("--store", store)):
+                            ("--leads", leads), ("--store", store),
+                            ("--exclude-overlap", exclude_overlap)):
             if given is not None:
                 raise ConfigError(f"{name} cannot change on --resume (the run's config.yaml "
                                   f"holds it); pass key=value overrides instead")
@@ -47,7 +48,7 @@ def resolve_run_config(task: str, config: str | None, overrides: list[str], *, s
     cfg.task = task
     cfg.out = str(out)
     for value, key in ((shards, "data.shards"), (init, "finetune.init"), (leads, "data.leads"),
-                       (store, "data.store")):
+                       (store, "data.store"), (exclude_overlap, "finetune.leakage_exclude_store")):
         if value is not None:
             apply_overrides(cfg, [f"{key}={value}"])
     apply_overrides(cfg, overrides)
@@ -81,6 +82,11 @@ def train_command(
              "absent leads are zero rows (data.leads).")] = None,
     store: Annotated[Optional[str], typer.Option(
         help="Feature store used for validation (data.store).")] = None,
+    exclude_overlap: Annotated[Optional[str], typer.Option(
+        "--exclude-overlap", help="Evaluation store whose records must not be trained on "
+                                  "(identify: PhysioNet 2021's HR records are PTB-XL ECGs); the "
+                                  "run reports how many it excluded "
+                                  "(finetune.leakage_exclude_store).")] = None,
     resume: Annotated[bool, typer.Option(
         "--resume", help="Continue the interrupted run in --out exactly where its last "
                          "checkpoint left off.")] = False,
@@ -92,7 +98,8 @@ def train_command(
         fail(f"unknown task '{task}'; choose one of {', '.join(TASKS)}")
     try:
         cfg = resolve_run_config(task, config, list(overrides or []), shards=shards, out=out,
-                                 init=init, leads=leads, store=store, resume=resume)
+                                 init=init, leads=leads, store=store, resume=resume,
+                                 exclude_overlap=exclude_overlap)
     except (ConfigError, FileExistsError) as e:
         fail(str(e))
 

@@ -3,10 +3,11 @@
 Same mathematics as the plain torch ops, fewer saved activations (the 2-core / 24 GiB budget):
   * ``Dropout``: on CPU torch's dropout keeps a *float* noise tensor for backward; this one keeps
     a bool mask (1 byte per element). On CUDA torch's fused kernel already does, so it is used.
-  * ``attention``: SDPA (flash / memory-efficient kernels) whenever it can; on CPU with attention
-    dropout SDPA falls back to its math path, which keeps the probabilities, a float dropout
-    mask and the dropped probabilities (B, H, T, T) each; the path here keeps q, k, v and a bool
-    mask and recomputes the probabilities in backward.
+  * ``attention`` / ``packed_attention``: SDPA (flash / memory-efficient kernels) whenever it
+    can; on CPU with attention dropout SDPA falls back to its math path, which keeps the
+    probabilities, a float dropout mask and the dropped probabilities (B, H, T, T) each; the
+    path here keeps q, k, v, the probabilities and a bool mask, and uses aten's fused softmax
+    backward. ``packed_attention`` takes the fused q/k/v projection (one GEMM instead of three).
   * ``gelu_dropout_linear``: fc2(dropout(gelu(h))) that saves only ``h`` (already kept by fc1)
     and the dropout mask, recomputing the GELU in backward, instead of keeping the (B, T, FFN)
     activation: ~31 MB per layer per 16 segments for the paper model, at the cost of one GELU.
@@ -34,7 +35,7 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
         return x * 0.0
     if x.device.type != "cpu":
         return F.dropout(x, p, True)
-    return x.masked_fill(~_keep_mask(x, p), 0.0).mul_(1.0 / (1.0 - p))
+    return x.masked_fill(_drop_mask(x, p), 0.0).mul_(1.0 / (1.0 - p))
 
 
 class Dropout(nn.Dropout):
@@ -44,38 +45,88 @@ class Dropout(nn.Dropout):
         return dropout(x, self.p, self.training)
 
 
-class _DropoutAttention(torch.autograd.Function):
-    """Attention with dropout that saves q, k, v and a bool mask only; the probabilities are
-    recomputed in backward (two small (T x T) matmuls per head, ~4 % of a layer's FLOPs)."""
+def _drop_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Bool mask, True = dropped: exactly ``~_keep_mask(x, p)`` for the same RNG state, without
+    the extra negation pass."""
+    return torch.rand_like(x) < p
 
-    @staticmethod
-    def _probs(q, k, attn_mask):
-        scores = torch.matmul(q, k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
-        if attn_mask is not None:
-            scores = scores.masked_fill(~attn_mask, float("-inf"))
-        return torch.softmax(_at_least_fp32(scores), dim=-1).to(q.dtype)
+
+def _attn_forward(q, k, v, attn_mask, p):
+    """q, k, v contiguous (N..., T, d). Returns (out, probs, drop) with out = (probs with dropped
+    entries zeroed) @ v / (1 - p); the 1 / (1 - p) scale is applied to the (T, d) output, not
+    to the (T, T) probabilities (one pass fewer over the larger tensor)."""
+    scores = torch.matmul(q, k.transpose(-2, -1))
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    if scale != 1.0:
+        scores.mul_(scale)
+    if attn_mask is not None:
+        scores.masked_fill_(~attn_mask, float("-inf"))
+    probs = torch.softmax(_at_least_fp32(scores), dim=-1).to(q.dtype)
+    del scores
+    drop = _drop_mask(probs, p)
+    out = torch.matmul(probs.masked_fill(drop, 0.0), v).mul_(1.0 / (1.0 - p))
+    return out, probs, drop
+
+
+def _attn_backward(grad_out, q, k, v, probs, drop, p):
+    """Gradients (q, k, v) of _attn_forward's output; softmax backward is aten's fused kernel
+    (P * (dP - sum(dP * P)) in one pass) instead of four elementwise passes."""
+    grad_out = grad_out.contiguous() * (1.0 / (1.0 - p))
+    grad_v = torch.matmul(probs.masked_fill(drop, 0.0).transpose(-2, -1), grad_out)
+    grad_p = torch.matmul(grad_out, v.transpose(-2, -1)).masked_fill_(drop, 0.0)
+    grad_s = torch.ops.aten._softmax_backward_data(grad_p, probs, -1, probs.dtype)
+    del grad_p
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    if scale != 1.0:
+        grad_s.mul_(scale)
+    return torch.matmul(grad_s, k), torch.matmul(grad_s.transpose(-2, -1), q), grad_v
+
+
+class _DropoutAttention(torch.autograd.Function):
+    """Attention with dropout on the probabilities that saves q, k, v, the probabilities and a
+    bool drop mask (torch's math path also keeps a float mask and the dropped probabilities)."""
 
     @staticmethod
     def forward(ctx, q, k, v, attn_mask, p):
-        probs = _DropoutAttention._probs(q, k, attn_mask)
-        keep = _keep_mask(probs, p)
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        out, probs, drop = _attn_forward(q, k, v, attn_mask, p)
         ctx.p = p
-        ctx.save_for_backward(q, k, v, attn_mask, keep)
-        return torch.matmul(probs.masked_fill_(~keep, 0.0).mul_(1.0 / (1.0 - p)), v)
+        ctx.save_for_backward(q, k, v, probs, drop)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, attn_mask, keep = ctx.saved_tensors
-        scale = 1.0 / (1.0 - ctx.p)
-        probs = _DropoutAttention._probs(q, k, attn_mask)
-        dropped = probs.masked_fill(~keep, 0.0).mul_(scale)
-        grad_v = torch.matmul(dropped.transpose(-2, -1), grad_out)
-        del dropped
-        grad_p = torch.matmul(grad_out, v.transpose(-2, -1)).masked_fill_(~keep, 0.0).mul_(scale)
-        # softmax backward: dS = P * (dP - sum(dP * P))
-        grad_s = probs * (grad_p - (grad_p * probs).sum(-1, keepdim=True))
-        grad_s.mul_(1.0 / math.sqrt(q.shape[-1]))
-        return torch.matmul(grad_s, k), torch.matmul(grad_s.transpose(-2, -1), q), grad_v, None, None
+        q, k, v, probs, drop = ctx.saved_tensors
+        return (*_attn_backward(grad_out, q, k, v, probs, drop, ctx.p), None, None)
+
+
+class _PackedDropoutAttention(torch.autograd.Function):
+    """_DropoutAttention taking the fused projection qkv (B, T, 3 * D) (q, k, v concatenated
+    along features, each H heads of d) and returning (B, T, D) heads-concatenated: the head
+    split / merge copies are done once per direction here rather than by autograd's
+    unbind/permute/reshape backward (which costs extra full-size copies)."""
+
+    @staticmethod
+    def forward(ctx, qkv, num_heads, attn_mask, p):
+        bsz, tsz, three_d = qkv.shape
+        dim = three_d // 3
+        heads = qkv.view(bsz, tsz, 3, num_heads, dim // num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = heads.contiguous().unbind(0)
+        out, probs, drop = _attn_forward(q, k, v, attn_mask, p)
+        ctx.p = p
+        ctx.save_for_backward(q, k, v, probs, drop)
+        return out.transpose(1, 2).reshape(bsz, tsz, dim)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, probs, drop = ctx.saved_tensors
+        bsz, num_heads, tsz, head_dim = q.shape
+        grad_out = grad_out.view(bsz, tsz, num_heads, head_dim).transpose(1, 2)
+        grads = _attn_backward(grad_out, q, k, v, probs, drop, ctx.p)
+        grad_qkv = torch.empty(bsz, tsz, 3, num_heads, head_dim, dtype=q.dtype, device=q.device)
+        for i, g in enumerate(grads):
+            grad_qkv[:, :, i].copy_(g.transpose(1, 2))
+        return grad_qkv.view(bsz, tsz, 3 * num_heads * head_dim), None, None, None
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
@@ -85,6 +136,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torc
     if dropout_p == 0.0 or dropout_p >= 1.0 or q.device.type != "cpu":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
     return _DropoutAttention.apply(q, k, v, attn_mask, dropout_p)
+
+
+def packed_attention(qkv: torch.Tensor, num_heads: int, attn_mask: torch.Tensor | None,
+                     dropout_p: float) -> torch.Tensor:
+    """``attention`` on a fused projection: qkv (B, T, 3D) -> (B, T, D) (heads concatenated)."""
+    bsz, tsz, three_d = qkv.shape
+    dim = three_d // 3
+    if dropout_p == 0.0 or dropout_p >= 1.0 or qkv.device.type != "cpu":
+        q, k, v = qkv.view(bsz, tsz, 3, num_heads, dim // num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+        return out.transpose(1, 2).reshape(bsz, tsz, dim)
+    return _PackedDropoutAttention.apply(qkv, num_heads, attn_mask, dropout_p)
 
 
 def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
@@ -144,12 +207,14 @@ class _LayerNormFromOutput(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         y, weight, bias, rstd = ctx.saved_tensors
-        x_hat = (y - bias) / weight
-        dims = tuple(range(grad_y.dim() - 1))
-        grad_w = (grad_y * x_hat).sum(dims)
-        grad_b = grad_y.sum(dims)
-        gh = grad_y * weight
-        grad_x = rstd * (gh - gh.mean(-1, keepdim=True) - x_hat * (gh * x_hat).mean(-1, keepdim=True))
+        # x̂ = (y - β) / γ, then aten's fused LayerNorm backward run on x̂ (mean 0, rstd 1) gives
+        # dγ, dβ and rstd⁻¹ · dx in one pass (instead of ~10 elementwise passes)
+        x_hat = (y - bias).div_(weight)
+        grad_x, grad_w, grad_b = torch.ops.aten.native_layer_norm_backward(
+            grad_y.contiguous(), x_hat, (x_hat.shape[-1],), torch.zeros_like(rstd),
+            torch.ones_like(rstd), weight, bias, list(ctx.needs_input_grad[:3]))
+        if grad_x is not None:
+            grad_x = grad_x.mul_(rstd)
         return grad_x, grad_w, grad_b, None
 
 

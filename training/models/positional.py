@@ -5,6 +5,10 @@ magnitude per kernel position, `torch.nn.utils.parametrizations.weight_norm`), t
 the last frame, because an even kernel with padding k/2 yields T + 1 frames), then GELU. The
 caller adds the result to its input: x <- x + posconv(x).
 Init: weight N(0, sqrt(4 / (k * D))) before the weight norm, bias 0.
+
+On CPU in training the convolution runs through ``grouped_conv1d`` (same result, faster
+backward; see there). The dropped last frame is never computed: the input is padded (k/2,
+k/2 - 1) instead of (k/2, k/2), which yields exactly the T frames SamePad keeps.
 """
 
 from __future__ import annotations
@@ -15,6 +19,51 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
+
+
+class _GroupedConv1d(torch.autograd.Function):
+    """F.conv1d(x, w, b, groups=g) (no padding, stride 1) whose input gradient is computed as a
+    *forward* convolution of the output gradient with the flipped, group-transposed kernel.
+
+    Why: for the positional conv's shape (768 -> 768, k 128, 16 groups) oneDNN's backward-data
+    kernel takes ~2x the time of its forward kernel on AVX2 CPUs, while the equivalent forward
+    convolution is as fast as the forward pass (~1.0 -> ~0.5 CPU-s per 16 segments). The weight
+    gradient still comes from aten's convolution_backward (weight only)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, groups):
+        ctx.save_for_backward(x, weight)
+        ctx.groups = groups
+        ctx.has_bias = bias is not None
+        return F.conv1d(x, weight, bias, groups=groups)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight = ctx.saved_tensors
+        groups = ctx.groups
+        grad_y = grad_y.contiguous()
+        grad_x = grad_w = grad_b = None
+        c_out, c_in_g, k = weight.shape
+        if ctx.needs_input_grad[0]:
+            # full correlation: grad_x[s] = sum_j grad_y[s - j] W[:, :, j]
+            w_t = (weight.view(groups, c_out // groups, c_in_g, k).transpose(1, 2)
+                   .reshape(groups * c_in_g, c_out // groups, k).flip(2))
+            grad_x = F.conv1d(F.pad(grad_y, (k - 1, k - 1)), w_t, groups=groups)
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.ops.aten.convolution_backward(
+                grad_y, x, weight, None, [1], [0], [1], False, [0], groups,
+                [False, True, False])[1]
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_y.sum((0, 2))
+        return grad_x, grad_w, grad_b, None
+
+
+def grouped_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   groups: int) -> torch.Tensor:
+    """Grouped Conv1d, stride 1, no padding; custom backward on CPU (see _GroupedConv1d)."""
+    if x.device.type != "cpu" or not torch.is_grad_enabled():
+        return F.conv1d(x, weight, bias, groups=groups)
+    return _GroupedConv1d.apply(x, weight, bias, groups)
 
 
 class ConvPositionalEmbedding(nn.Module):
@@ -28,7 +77,8 @@ class ConvPositionalEmbedding(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, D) -> (B, T, D): the positional term only (not yet added)."""
-        y = self.conv(x.transpose(1, 2))
-        if self.trim:
-            y = y[:, :, : -self.trim]
+        conv = self.conv
+        pad = conv.padding[0]
+        xp = F.pad(x.transpose(1, 2), (pad, pad - self.trim))
+        y = grouped_conv1d(xp, conv.weight, conv.bias, conv.groups)
         return F.gelu(y).transpose(1, 2)
