@@ -54,7 +54,7 @@ def loss_curve(run_dir: Path, key: str = "loss", points: int = 6) -> str:
         return "(no training rows logged)"
     step = max(1, (len(rows) - 1) // (points - 1))
     picked = rows[::step][: points - 1] + [rows[-1]]
-    return "  ".join(f"{r.get('num_updates', '?')}:{r[key]:.3f}" for r in picked)
+    return "  ".join(f"{r.get('update', '?')}:{r[key]:.3f}" for r in picked)
 
 
 def main() -> None:

@@ -11,11 +11,12 @@ Layout of a store directory ``STORE/`` (schema version 1)::
       secret.key         32 random bytes (mode 0600) keying the patient pseudonyms of this store
       .lock              advisory flock held by the single writer
       segments           int16 (N, 12, 2500) microvolts, leads in canonical order, absent leads 0;
-                         chunks (8, 12, 2500) = 8 segments of 5 s (the unit of random access;
-                         zarr's per-chunk overhead makes 1-segment chunks 5x slower to write and
-                         no faster to read), grouped in shards of (64, 12, 2500) = one file per
-                         64 segments (streaming export, few files);
-                         codecs: delta(int16) -> bytes -> Blosc(zstd, level 1, byte shuffle)
+                         chunks (1, 12, 2500) = one 5 s segment (the unit of random access),
+                         grouped in shards of (64, 12, 2500) = one file per 64 segments
+                         (streaming export, few files); codecs: delta(int16) -> bytes ->
+                         Blosc(zstd, level 1, bitshuffle). The ingest workers encode each
+                         segment (one chunk) and the writer assembles the shard files itself
+                         (zarr's sharding format), so chunks must hold exactly one segment.
       segment_record     int64 (N,)  record index of each segment
       segment_number     int32 (N,)  window number of the segment inside its record (0, 1, ...)
       records/           the record table, one array per column, row i = record index i:
@@ -69,8 +70,12 @@ SAMPLE_RATE = 500
 SEGMENT_SECONDS = 5
 SEGMENT_SAMPLES = SAMPLE_RATE * SEGMENT_SECONDS
 N_LEADS = 12
-SEGMENT_CHUNK = 8           # segments per chunk of the `segments` array
+SEGMENT_CHUNK = 1           # segments per chunk of the `segments` array
 SEGMENT_SHARD = 64          # segments per shard file of the `segments` array
+SEGMENT_DELTA = True        # codecs of `segments`: delta(int16) -> bytes -> Blosc(below)
+SEGMENT_CNAME = "zstd"
+SEGMENT_CLEVEL = 1
+SEGMENT_SHUFFLE = "bitshuffle"
 RECORD_CHUNK = 4096         # rows per chunk of record/reject columns
 COMMIT_FILE = "commit.json"
 SECRET_FILE = "secret.key"

@@ -155,7 +155,14 @@ def read_record(src: Path, rel: str) -> RawRecord:
     if np.isnan(scale).any():
         bad = [s["units"] for s in hdr["signals"] if unit_scale_to_mv(s["units"]) is None]
         raise RecordError(rel, f"non-voltage units {bad} in a challenge record")
-    signal = ((val.astype(np.float64) - baselines[:, None]) / gains[:, None] * scale[:, None])
+    # in place, same float64 operations (and so the same values) as
+    # (val - baseline) / gain * scale; subtracting 0 and multiplying by 1 are skipped (exact)
+    signal = val.astype(np.float64)
+    if baselines.any():
+        signal -= baselines[:, None]
+    signal /= gains[:, None]
+    if (scale != 1.0).any():
+        signal *= scale[:, None]
     fields = hdr["fields"]
     codes = [c for c in re.split(r"[,\s]+", fields.get("dx", "")) if c]
     return RawRecord(

@@ -46,7 +46,7 @@ class RecordBatch:
     """Conditioned records and rejects of one batch, as columns (no raw patient ids)."""
 
     seq: int                                  # batch number in listing order
-    segments: np.ndarray                      # int16 (N, 12, 2500) all segments, record order
+    chunks: list[bytes]                       # N encoded segments (one zarr chunk each), record order
     columns: dict[str, np.ndarray]            # record columns except seg_start
     rejects: list[tuple[str, str, str]] = field(default_factory=list)  # (source, path, reason)
     bytes_read: int = 0
@@ -107,9 +107,8 @@ def pack_batch(seq: int, conditioned: list, rejects: list[tuple[str, str, str]],
         fold = (rec.extra or {}).get("strat_fold")
         cols["strat_fold"][i] = -1 if fold is None or np.isnan(float(fold)) else int(fold)
         cols["seg_count"][i] = rec.n_segments
-    segs = [np.asarray(r.segments, dtype=np.int16) for r in conditioned]
-    segments = np.concatenate(segs) if segs else np.zeros((0, *_SEG_SHAPE), dtype=np.int16)
-    return RecordBatch(seq, segments, cols, list(rejects), bytes_read)
+    chunks = [c for r in conditioned for c in encode_segments(r.segments)]
+    return RecordBatch(seq, chunks, cols, list(rejects), bytes_read)
 
 
 def _atomic_write_json(path: Path, obj: dict) -> None:
@@ -131,14 +130,132 @@ def _str_array(values) -> np.ndarray:
 
 
 def _codecs():
+    """The zarr codecs of the ``segments`` array (metadata; ``encode_segments`` must produce
+    exactly what they decode)."""
     from zarr.codecs import BloscCodec
     from zarr.codecs.numcodecs import Delta
 
     S.quiet_zarr_warnings()
-    delta = Delta(dtype="int16")
-    # Measured on real CinC 2021 segments: delta + zstd-1 + byte shuffle 23 KB/segment (vs 27 KB
-    # for bitshuffle without delta) at about twice the speed of zstd-5.
-    return [delta], [BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", typesize=2)]
+    filters = [Delta(dtype="int16")] if S.SEGMENT_DELTA else []
+    return filters, [BloscCodec(cname=S.SEGMENT_CNAME, clevel=S.SEGMENT_CLEVEL,
+                                shuffle=S.SEGMENT_SHUFFLE, typesize=2)]
+
+
+_ENCODERS: tuple | None = None
+
+
+def encode_segments(segments: np.ndarray) -> list[bytes]:
+    """int16 (N, 12, 2500) -> N encoded zarr chunks of the ``segments`` array (one segment per
+    chunk: delta filter, little-endian bytes, Blosc). Runs on the workers, so that the driver
+    only places bytes into shard files. Deterministic: the same segment gives the same bytes."""
+    global _ENCODERS
+    config = (S.SEGMENT_DELTA, S.SEGMENT_CNAME, S.SEGMENT_CLEVEL, S.SEGMENT_SHUFFLE)
+    if _ENCODERS is None or _ENCODERS[0] != config:
+        import numcodecs
+        from numcodecs import Blosc, Delta
+
+        numcodecs.blosc.use_threads = False  # one Dask thread per worker process: no oversubscription
+        shuffle = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE,
+                   "bitshuffle": Blosc.BITSHUFFLE}[S.SEGMENT_SHUFFLE]
+        _ENCODERS = (config, Delta(dtype="<i2") if S.SEGMENT_DELTA else None,
+                     Blosc(cname=S.SEGMENT_CNAME, clevel=S.SEGMENT_CLEVEL, shuffle=shuffle))
+    _, delta, blosc = _ENCODERS
+    out = []
+    for seg in np.asarray(segments):
+        x = np.ascontiguousarray(seg, dtype="<i2")
+        if delta is not None:
+            x = delta.encode(x)
+        out.append(bytes(blosc.encode(x)))
+    return out
+
+
+def decode_segments(chunks: list[bytes]) -> np.ndarray:
+    """Inverse of ``encode_segments``: int16 (N, 12, 2500)."""
+    encode_segments(np.zeros((0, *_SEG_SHAPE), np.int16))  # builds the codecs
+    _, delta, blosc = _ENCODERS
+    out = np.empty((len(chunks), *_SEG_SHAPE), dtype=np.int16)
+    for i, c in enumerate(chunks):
+        x = np.frombuffer(blosc.decode(c), dtype="<i2")
+        out[i] = (delta.decode(x) if delta is not None else x).reshape(_SEG_SHAPE)
+    return out
+
+
+def _direct_layout(arr) -> bool:
+    """True if ``segments`` has this version's chunking and codecs (then shard files are written
+    from worker-encoded chunks); an older store's array is written through zarr instead."""
+    filters, compressors = _codecs()
+    return (tuple(arr.chunks) == (1, *_SEG_SHAPE) and S.SEGMENT_CHUNK == 1
+            and tuple(arr.shards or ()) == (S.SEGMENT_SHARD, *_SEG_SHAPE)
+            and [c.to_dict() for c in arr.filters] == [c.to_dict() for c in filters]
+            and [c.to_dict() for c in arr.compressors] == [c.to_dict() for c in compressors])
+
+
+_EMPTY = np.uint64(2**64 - 1)  # zarr sharding index: an absent chunk
+
+
+class _ShardFiles:
+    """Writes the ``segments`` array's shard files directly from encoded chunks (zarr v3
+    sharding format: chunk bytes, then the (chunks, 2) uint64 offset/length index and its
+    crc32c at the end). Whole shards are written as soon as they are full; the open (last,
+    partial) shard is held in memory and written by ``flush()``, i.e. at commit. Every file goes
+    through a ``*.partial`` temp file + ``os.replace``: never half-written."""
+
+    def __init__(self, path: Path, n_segments: int):
+        self.dir = path / "segments"
+        self.per = S.SEGMENT_SHARD
+        self.start = n_segments - n_segments % self.per
+        self.tail: list[bytes | None] = self._read(self.start // self.per)[: n_segments - self.start]
+
+    def _file(self, k: int) -> Path:
+        return self.dir / "c" / str(k) / "0" / "0"
+
+    def _read(self, k: int) -> list[bytes | None]:
+        """The chunks of shard ``k`` as stored (None = absent chunk); [] if there is no file."""
+        try:
+            data = self._file(k).read_bytes()
+        except FileNotFoundError:
+            return []
+        n_index = self.per * 16
+        index = np.frombuffer(data, "<u8", self.per * 2, len(data) - n_index - 4).reshape(-1, 2)
+        return [None if off == _EMPTY else data[int(off): int(off) + int(n)] for off, n in index]
+
+    def _write(self, k: int, chunks: list[bytes | None]) -> None:
+        import google_crc32c
+
+        index = np.full((self.per, 2), _EMPTY, dtype="<u8")
+        offset = 0
+        for i, c in enumerate(chunks):
+            if c is not None:
+                index[i] = (offset, len(c))
+                offset += len(c)
+        index_bytes = index.tobytes()
+        crc = np.uint32(google_crc32c.value(index_bytes)).astype("<u4").tobytes()
+        target = self._file(k)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f"{target.name}.{uuid.uuid4().hex}.partial")
+        with open(tmp, "wb") as f:
+            f.write(b"".join(c for c in chunks if c is not None))
+            f.write(index_bytes)
+            f.write(crc)
+        os.replace(tmp, target)
+
+    def extend(self, chunks: list[bytes]) -> None:
+        self.tail.extend(chunks)
+        while len(self.tail) >= self.per:
+            self._write(self.start // self.per, self.tail[: self.per])
+            del self.tail[: self.per]
+            self.start += self.per
+
+    def flush(self) -> None:
+        if self.tail:
+            self._write(self.start // self.per, self.tail)
+
+    def drop_beyond(self, n_segments: int) -> None:
+        """Delete shard files wholly past ``n_segments`` (left by a killed run)."""
+        first_free = -(-n_segments // self.per)
+        for child in (self.dir / "c").iterdir() if (self.dir / "c").is_dir() else ():
+            if child.name.isdigit() and int(child.name) >= first_free:
+                shutil.rmtree(child, ignore_errors=True)
 
 
 class StoreWriter:
@@ -181,6 +298,8 @@ class StoreWriter:
             self.close()
             raise
         self._staged: dict[str, list[np.ndarray]] = {}
+        self._shards = (_ShardFiles(self.path, int(self.committed["n_segments"]))
+                        if _direct_layout(self.root["segments"]) else None)
         self.n_records = int(self.committed["n_records"])
         self.n_segments = int(self.committed["n_segments"])
         self.n_rejects = int(self.committed["n_rejects"])
@@ -262,6 +381,8 @@ class StoreWriter:
         for child in splits_dir.iterdir() if splits_dir.is_dir() else ():
             if child.is_dir() and child.name != current:
                 shutil.rmtree(child)
+        if _direct_layout(self.root["segments"]):
+            _ShardFiles(self.path, 0).drop_beyond(int(self.committed["n_segments"]))
         for partial in self.path.rglob("*.partial"):
             partial.unlink(missing_ok=True)
         for tmp in self.path.glob(".*.tmp"):
@@ -325,19 +446,18 @@ class StoreWriter:
         seg_starts = seg_ends - seg_count
         if not keep.all():
             keep_seg = np.repeat(keep, seg_count)
-            segments = batch.segments[keep_seg]
+            segments = [c for c, k in zip(batch.chunks, keep_seg) if k]
             cols = {k: v[keep] for k, v in cols.items()}
             seg_count = seg_count[keep]
             seg_ends = np.cumsum(seg_count)
             seg_starts = seg_ends - seg_count
         else:
-            segments = batch.segments
+            segments = batch.chunks
         n_rec, n_seg = len(seg_count), int(seg_count.sum())
-        if segments.shape[0] != n_seg:
-            raise ValueError(f"batch {batch.seq}: {segments.shape[0]} segments but seg_count sums "
+        if len(segments) != n_seg:
+            raise ValueError(f"batch {batch.seq}: {len(segments)} segments but seg_count sums "
                              f"to {n_seg}")
         rec_index = self.n_records + np.arange(n_rec, dtype=np.int64)
-        self._put(self.root["segments"], self.n_segments, segments)
         staged = {"segment_record": np.repeat(rec_index, seg_count),
                   "segment_number": (np.arange(n_seg) - np.repeat(seg_starts, seg_count)
                                      ).astype(np.int32)}
@@ -347,6 +467,10 @@ class StoreWriter:
         for j, name in enumerate(S.REJECT_COLUMNS):
             staged[f"rejects/{name}"] = np.asarray([r[j] for r in reject_rows], dtype=object)
         # all-or-nothing: an interrupt before this point leaves the counts untouched
+        if self._shards is not None:  # full shards are written now, past the committed counts
+            self._shards.extend(segments)
+        else:
+            self._put(self.root["segments"], self.n_segments, decode_segments(segments))
         for key, values in staged.items():
             if len(values):
                 self._staged.setdefault(key, []).append(values)
@@ -358,7 +482,13 @@ class StoreWriter:
 
     def _flush(self) -> None:
         """Write the staged small arrays (index arrays, record and reject columns) past the
-        committed counts: one write per array per commit instead of one per batch."""
+        committed counts: one write per array per commit instead of one per batch. Then the
+        open shard of ``segments`` and the array's shape (its zarr.json)."""
+        if self._shards is not None:
+            self._shards.flush()
+        seg = self.root["segments"]
+        if seg.shape[0] != self.n_segments:
+            seg.resize((self.n_segments, *seg.shape[1:]))
         for key, parts in self._staged.items():
             values = np.concatenate(parts)
             if values.dtype == object:

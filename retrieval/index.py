@@ -61,6 +61,21 @@ def _unit_float32(x: np.ndarray) -> np.ndarray:
     return x
 
 
+def _checked_unit_float32(x: np.ndarray, tol: float = 1e-3, chunk: int = 65536) -> np.ndarray:
+    """`x` itself (no copy) if it is a C-contiguous float32 (n, dim) matrix of unit rows."""
+    if not (isinstance(x, np.ndarray) and x.dtype == np.float32 and x.ndim == 2
+            and x.flags.c_contiguous):
+        raise ValueError("copy=False needs a C-contiguous float32 (n, dim) matrix, got "
+                         f"{getattr(x, 'dtype', type(x))} of shape {np.shape(x)}")
+    for s in range(0, len(x), chunk):
+        norms = np.linalg.norm(x[s:s + chunk], axis=1)
+        if norms.size and np.abs(norms - 1).max() > tol:
+            raise ValueError("copy=False needs L2-normalised rows; row "
+                             f"{s + int(np.abs(norms - 1).argmax())} has norm "
+                             f"{norms[np.abs(norms - 1).argmax()]:.4f}")
+    return x
+
+
 def _gpu_available() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
@@ -88,7 +103,9 @@ def _make_index(kind: str, dim: int, vectors: np.ndarray, params: dict, seed: in
         index.cp.seed = seed
         index.cp.niter = int(params.get("niter", 10))
         train = vectors
-        max_train = 64 * int(params["nlist"])  # FAISS wants >= 39 per list; more only costs time
+        # FAISS wants >= 39 per list; more only costs time. `max_train` caps the k-means sample
+        # (e.g. 50-100k rows for a 1M gallery, where 64 per list would be a slow training run).
+        max_train = int(params.get("max_train", 64 * int(params["nlist"])))
         if len(train) > max_train:
             rows = np.random.default_rng(seed).choice(len(train), max_train, replace=False)
             train = vectors[np.sort(rows)]
@@ -197,15 +214,19 @@ def recall_at_1(approx: faiss.Index, exact: faiss.Index, queries: np.ndarray) ->
 def build_index(vectors: np.ndarray, ids: list[str], lineage: dict | None = None,
                 kind: str = "flat", labels: list[str] | None = None,
                 sample_queries: np.ndarray | None = None, n_sample: int = 1000,
-                params: dict | None = None, seed: int = 0) -> GalleryIndex:
+                params: dict | None = None, seed: int = 0, copy: bool = True) -> GalleryIndex:
     """Index `vectors` (n, dim) whose rows are named by `ids`.
 
     For approximate kinds, recall@1 against exact search is measured on up to `n_sample` rows of
     `sample_queries` (e.g. probe embeddings); without them, on noisy copies of gallery rows.
+    `n_sample=0` skips that measurement (and the exact index it needs: one more gallery-size
+    buffer). `copy=False` indexes `vectors` as given, without the normalised float32 working
+    copy; they must then already be a C-contiguous float32 matrix of unit rows (checked), as for
+    a very large gallery whose extra copies would not fit in memory.
     """
     if kind not in INDEX_KINDS:
         raise ValueError(f"unknown index kind {kind!r}; choose one of {', '.join(INDEX_KINDS)}")
-    x = _unit_float32(vectors)
+    x = _unit_float32(vectors) if copy else _checked_unit_float32(vectors)
     if len(x) == 0:
         raise ValueError("cannot build an index over an empty gallery")
     if len(ids) != len(x) or (labels is not None and len(labels) != len(x)):
@@ -214,7 +235,7 @@ def build_index(vectors: np.ndarray, ids: list[str], lineage: dict | None = None
     p = {**default_params(kind, len(x)), **(params or {})}
     index = _make_index(kind, x.shape[1], x, p, seed)
     info: dict = {"params": p}
-    if kind != "flat":
+    if kind != "flat" and n_sample > 0:
         rng = np.random.default_rng(seed)
         if sample_queries is None or len(sample_queries) == 0:
             rows = rng.choice(len(x), min(n_sample, len(x)), replace=False)

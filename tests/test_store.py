@@ -99,3 +99,75 @@ def test_file_names_with_patient_ids_are_redacted(samples_dir, tmp_path):
             for name in files:
                 data = Path(dirpath, name).read_bytes()
                 assert b"data_35" not in data and "35" not in name.split("-")[0], name
+
+
+# --- the segments array written as shard files from worker-encoded chunks ----------------------
+
+def _fake_batch(seq, counts, rng, prefix="r"):
+    """A RecordBatch of len(counts) records with counts[i] random segments each."""
+    from ingestion.conditioning import ConditionedRecord
+    from ingestion.writer import pack_batch
+
+    recs = [ConditionedRecord(segments=rng.integers(-3000, 3000, (n, 12, 2500)).astype(np.int16),
+                              lead_mask=np.ones(12, bool), n_samples_original=2500 * n,
+                              fs_original=500.0, source="wfdb", record_id=f"{prefix}{seq}_{i}",
+                              path=f"{prefix}{seq}_{i}") for i, n in enumerate(counts)]
+    recs[0].segments[0] = 0  # an all-zero segment (zarr itself would not store such a chunk)
+    return pack_batch(seq, recs, [], b"k" * 32), np.concatenate([r.segments for r in recs])
+
+
+def test_direct_shard_writes_read_back_across_commits_and_reopens(tmp_path):
+    from ingestion.writer import StoreWriter
+
+    rng = np.random.default_rng(1)
+    store, expected = tmp_path / "s", []
+    plan = [([3, 1], True), ([30, 40], False), ([1], True), ([64, 2], True), ([5], "reopen"),
+            ([60, 60], "crash")]
+    w = StoreWriter(store)
+    for seq, (counts, action) in enumerate(plan):
+        batch, segs = _fake_batch(seq, counts, rng)
+        w.append(batch)
+        if action == "crash":  # appended (full shards already written) but never committed
+            break
+        expected.append(segs)
+        if action:
+            w.commit()
+        if action == "reopen":
+            w.close()
+            w = StoreWriter(store)
+    w.close()
+    expected = np.concatenate(expected)
+    with StoreWriter(store) as w:  # the crashed tail is dropped, the partial shard kept
+        assert w.n_segments == len(expected) == 146
+        batch, segs = _fake_batch(99, [20], rng)
+        w.append(batch)
+        w.commit()
+    expected = np.concatenate([expected, segs])
+    reader = open_store(store)
+    np.testing.assert_array_equal(reader.read_segments_raw(np.arange(reader.n_segments)), expected)
+    assert reader.root["segments"].shape[0] == len(expected)
+    assert not list(store.rglob("*.partial"))
+    shards = sorted(int(p.name) for p in (store / "segments" / "c").iterdir())
+    assert shards == [0, 1, 2]  # 166 segments = 3 shards of 64; the crashed run's extra is gone
+
+
+def test_store_with_an_older_segment_layout_is_appended_through_zarr(tmp_path, monkeypatch):
+    import ecgplat.store as S
+    from ingestion.writer import StoreWriter
+
+    rng = np.random.default_rng(2)
+    monkeypatch.setattr(S, "SEGMENT_CHUNK", 8)
+    monkeypatch.setattr(S, "SEGMENT_SHUFFLE", "shuffle")
+    with StoreWriter(tmp_path / "s") as w:
+        batch, first = _fake_batch(0, [3, 2], rng)
+        w.append(batch)
+        w.commit()
+    monkeypatch.undo()
+    with StoreWriter(tmp_path / "s") as w:
+        assert w._shards is None and w.root["segments"].chunks[0] == 8
+        batch, second = _fake_batch(1, [4], rng)
+        w.append(batch)
+        w.commit()
+    reader = open_store(tmp_path / "s")
+    np.testing.assert_array_equal(reader.read_segments_raw(np.arange(9)),
+                                  np.concatenate([first, second]))

@@ -8,7 +8,8 @@ pattern (`dir/train-{000000..000003}.tar`), a single `.tar`, or a `pipe:` comman
 Pipeline per rank and DataLoader worker ("slot"): shard list (shuffled with seed+epoch, the
 same order on every rank) -> split by slot (whole shards when there are at least as many
 shards as slots, otherwise every slot reads all shards and keeps every slots-th record) ->
-records -> units (CMSC pairs or single segments) -> seeded shuffle buffer -> batches ->
+records (those whose key is in `StreamSpec.exclude_record_keys` dropped as they are read,
+before the split by record) -> units (CMSC pairs or single segments) -> seeded shuffle buffer -> batches ->
 int16 µV to float32 mV, lead subset (`data.leads`, zero-filled), random lead masking.
 
 Training streams repeat their share as needed and stop after exactly `epoch_batches` batches
@@ -66,8 +67,9 @@ def _is_remote(url: str) -> bool:
     return "://" in url and not url.startswith("file://")
 
 
-def _read_info(base: str) -> dict | None:
-    """`_info.json` of a directory (local or fsspec URL), or None when it does not exist."""
+def read_info(base: str) -> dict | None:
+    """The parsed `_info.json` of a shard directory (local path or fsspec URL), or None when
+    it does not exist."""
     if "://" in base:
         import fsspec
 
@@ -99,7 +101,7 @@ def shard_set(shards: str | Path, split: str) -> ShardSet:
         if src.startswith("pipe:"):
             return ShardSet(urls)
         base = src.rsplit("/", 1)[0] if "/" in src else "."
-        info = _read_info(base)
+        info = read_info(base)
         if info and split in info:  # counts for exactly the listed files, when known
             by_name = {_shard_file(s): s for s in info[split]["shards"]}
             names = [u.rsplit("/", 1)[-1] for u in urls]
@@ -107,7 +109,7 @@ def shard_set(shards: str | Path, split: str) -> ShardSet:
                 return ShardSet(urls, sum(by_name[n]["samples"] for n in names),
                                 sum(by_name[n].get("segments", 0) for n in names) or None)
         return ShardSet(urls)
-    info = _read_info(src)
+    info = read_info(src)
     if info is None:
         raise FileNotFoundError(f"{src}: no {INFO_FILE} (write shards with `ecgplat shards`)")
     entry = _split_entry(info, split, src)
@@ -202,7 +204,9 @@ def record_units(segs: np.ndarray, meta: dict, mode: str) -> list[Unit]:
 # --- the stream ----------------------------------------------------------------------------
 @dataclass
 class StreamSpec:
-    """What to stream; `leads` are canonical lead indices kept (others zero-filled)."""
+    """What to stream; `leads` are canonical lead indices kept (others zero-filled);
+    `exclude_record_keys`: records (by `record_key`) left out of the stream. The epoch length
+    is still sized from the shard counts (or `epoch_batches`)."""
 
     shards: ShardSet
     mode: str = "pairs"
@@ -213,6 +217,7 @@ class StreamSpec:
     rlm: RandomLeadMasking | None = None
     leads: tuple[int, ...] = tuple(range(len(LEADS)))
     epoch_batches: int | None = None
+    exclude_record_keys: frozenset[str] | None = None
 
 
 class ShardStream(torch.utils.data.IterableDataset):
@@ -246,9 +251,12 @@ class ShardStream(torch.utils.data.IterableDataset):
         by_shard = len(urls) >= slots
         if by_shard:
             urls = urls[slot::slots]
+        exclude = self.spec.exclude_record_keys or frozenset()
         n = 0
         for url in urls:
             for _, segs, meta in iter_records(url):
+                if meta["record_key"] in exclude:
+                    continue
                 n += 1
                 if by_shard or (n - 1) % slots == slot:
                     yield from record_units(segs, meta, self.spec.mode)
@@ -365,10 +373,12 @@ class BatchStream:
 
 
 def stream_from_config(cfg, mode: str, rank: int = 0, world: int = 1, epoch: int = 0,
-                       split: str | None = None, train: bool = True) -> BatchStream:
+                       split: str | None = None, train: bool = True,
+                       exclude_record_keys: frozenset[str] | None = None) -> BatchStream:
     """A BatchStream from a RunConfig: `cfg.data.shards`, the split (default
     `cfg.data.train_split`), `batch_size`, `num_workers`, `shuffle_buffer`, `leads`, RLM
-    options and `epoch_batches`, seeded by `cfg.seed`."""
+    options and `epoch_batches`, seeded by `cfg.seed`; without the records of
+    `exclude_record_keys`."""
     d = cfg.data
     if not d.shards:
         raise ValueError("data.shards is not set (pass --shards DIR)")
@@ -376,5 +386,6 @@ def stream_from_config(cfg, mode: str, rank: int = 0, world: int = 1, epoch: int
         shards=shard_set(d.shards, split or d.train_split), mode=mode,
         batch_size=int(d.batch_size), seed=int(cfg.seed), shuffle_buffer=int(d.shuffle_buffer),
         train=train, rlm=RandomLeadMasking.from_config(d) if train else None,
-        leads=parse_leads(d.leads), epoch_batches=d.epoch_batches)
+        leads=parse_leads(d.leads), epoch_batches=d.epoch_batches,
+        exclude_record_keys=exclude_record_keys)
     return BatchStream(spec, rank, world, epoch, int(d.num_workers))

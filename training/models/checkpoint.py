@@ -1,4 +1,5 @@
-"""ecgplat checkpoints: atomic save, safe load, and rebuilding the encoder from any kind.
+"""ecgplat checkpoints: atomic save, safe load, rebuilding the encoder from any kind, and
+strict loading of fine-tuned models (`load_strict`, `load_finetuned`).
 
 Format (docs/ARCHITECTURE.md): a dict saved with torch.save whose values all load under
 ``torch.load(weights_only=True)``::
@@ -125,3 +126,44 @@ def load_encoder(path: str | os.PathLike, **overrides):
                          + (" ..." if len(unexpected) > 5 else ""))
         raise CheckpointError(path, "; ".join(parts))
     return encoder.eval()
+
+
+def load_strict(module: torch.nn.Module, state: dict, path) -> None:
+    """``module.load_state_dict(state)`` that raises CheckpointError naming the missing and
+    unexpected keys (or the shape mismatch) instead of a multi-line RuntimeError."""
+    try:
+        missing, unexpected = module.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        raise CheckpointError(path, "weights do not fit the model: "
+                                    + " ".join(str(e).split())[:300]) from None
+    parts = []
+    for what, keys in (("missing", missing), ("unexpected", unexpected)):
+        if keys:
+            parts.append(f"{what} keys {', '.join(keys[:8])}" + (" ..." if len(keys) > 8 else ""))
+    if parts:
+        raise CheckpointError(path, "; ".join(parts))
+
+
+def load_finetuned(path: str | os.PathLike, kind: str, what: str, head_key: str, head_name: str,
+                   build, map_location="cpu") -> tuple[torch.nn.Module, dict]:
+    """Rebuild a fine-tuned model (encoder + head) from a checkpoint of `kind`, strictly, in
+    eval mode. `what` names the model in errors ("a diagnosis model"); `head_key` is the head
+    weight whose first dimension is the class count (`head_name` describes it);
+    `build(encoder, num_classes, ckpt)` makes the model. Returns ``(model, checkpoint)``;
+    raises CheckpointError naming the file and the reason."""
+    from training.models.encoder import ECGEncoder
+
+    ckpt = load_checkpoint(path, map_location=map_location)
+    if ckpt["kind"] != kind:
+        raise CheckpointError(path, f"a {ckpt['kind']!r} checkpoint, not {what} "
+                                    f"(fine-tune it with `ecgplat train {kind} --init`)")
+    head = ckpt["model"].get(head_key)
+    if head is None:
+        raise CheckpointError(path, f"no {head_name} ({head_key}) in the model weights")
+    try:
+        encoder = ECGEncoder(EncoderConfig.from_dict(ckpt["encoder_config"]))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(path, f"bad encoder_config: {e}") from None
+    model = build(encoder, int(head.shape[0]), ckpt)
+    load_strict(model, ckpt["model"], path)
+    return model.eval(), ckpt

@@ -35,7 +35,8 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
         return x * 0.0
     if x.device.type != "cpu":
         return F.dropout(x, p, True)
-    return x.masked_fill(_drop_mask(x, p), 0.0).mul_(1.0 / (1.0 - p))
+    # where(drop, 0, x * s): two passes (masked_fill + mul_ would copy, fill, then scale)
+    return torch.where(_drop_mask(x, p), 0.0, x * (1.0 / (1.0 - p)))
 
 
 class Dropout(nn.Dropout):
@@ -64,7 +65,7 @@ def _attn_forward(q, k, v, attn_mask, p):
     probs = torch.softmax(_at_least_fp32(scores), dim=-1).to(q.dtype)
     del scores
     drop = _drop_mask(probs, p)
-    out = torch.matmul(probs.masked_fill(drop, 0.0), v).mul_(1.0 / (1.0 - p))
+    out = torch.matmul(torch.where(drop, 0.0, probs), v).mul_(1.0 / (1.0 - p))
     return out, probs, drop
 
 
@@ -72,7 +73,7 @@ def _attn_backward(grad_out, q, k, v, probs, drop, p):
     """Gradients (q, k, v) of _attn_forward's output; softmax backward is aten's fused kernel
     (P * (dP - sum(dP * P)) in one pass) instead of four elementwise passes."""
     grad_out = grad_out.contiguous() * (1.0 / (1.0 - p))
-    grad_v = torch.matmul(probs.masked_fill(drop, 0.0).transpose(-2, -1), grad_out)
+    grad_v = torch.matmul(torch.where(drop, 0.0, probs).transpose(-2, -1), grad_out)
     grad_p = torch.matmul(grad_out, v.transpose(-2, -1)).masked_fill_(drop, 0.0)
     grad_s = torch.ops.aten._softmax_backward_data(grad_p, probs, -1, probs.dtype)
     del grad_p

@@ -2,10 +2,10 @@
 
 Post-LN (BERT-style) layers as in the paper (`layer_norm_first=False`):
     x = LN(x + Dropout(SelfAttn(x)));  x = LN(x + Dropout(fc2(ActDropout(GELU(fc1(x))))))
-Attention uses separate q/k/v/out projections with bias (fairseq's parameter layout, applied
-as one fused GEMM) and
-`F.scaled_dot_product_attention` (via lean_ops.attention: no materialised attention weights when
-no dropout is needed); the FFN's GELU runs in fp32 and is recomputed in backward. The encoder zeroes padded frames, applies
+Attention uses separate q/k/v/out projections with bias (fairseq's parameter layout; q/k/v are
+applied as one fused GEMM) and `F.scaled_dot_product_attention` (via lean_ops.packed_attention:
+no materialised attention weights when no dropout is needed); the FFN's GELU runs in fp32 and is
+recomputed in backward. The encoder zeroes padded frames, applies
 LayerNorm *before* the layers (post-LN; after them with pre-LN), then dropout, then the layers.
 Init: `init_bert_params` (Linear weights N(0, 0.02), biases 0).
 """

@@ -5,14 +5,15 @@
   its own key, hence its own class: the paper's recipe. The class map is saved in the
   checkpoint's `extra["classes"]`.
 * model: `training.models.identifier.IdentificationModel` on the encoder of
-  `training.tasks.diagnosis.build_finetune_encoder` (strict load of `finetune.init`, the
+  `training.tasks.finetune.build_finetune_encoder` (strict load of `finetune.init`, the
   fine-tune dropouts of the original's identification.yaml, CNN frozen).
 * data: single-segment batches of `training.data` with lead padding (`data.leads`; absent leads
   are zero rows, the original's `enable_padding_leads: true`).
 * leakage guard (spec §5 item 4): PhysioNet 2021's ptb-xl subset holds the PTB-XL recordings
   (`HR%05d` = PTB-XL `ecg_id`). With `finetune.leakage_exclude_store=STORE` every training
-  record present in STORE, by record key or by PTB-XL ecg_id, is dropped from training; the
-  count is printed and saved in `extra["excluded_records"]`.
+  record present in STORE, by record key or by PTB-XL ecg_id, is dropped from training (the
+  stream's `exclude_record_keys`); the count is printed and saved in
+  `extra["excluded_records"]`.
 * validation each epoch, when `data.store` is set: Rank-1 on its gallery/probe split
   (`ident_split`) by cosine similarity of unit embeddings: `rank1` per 5 s segment (the
   original's unit) and `record_rank1` per record (mean of its segment embeddings).
@@ -29,8 +30,8 @@ import torch
 from torch import nn
 
 from ecgplat.config import RunConfig
-from training.data import ShardStream
-from training.tasks.base import Task, unwrap
+from training.tasks.base import unwrap
+from training.tasks.finetune import FinetuneTask, build_finetune_encoder
 
 _PTBXL_IN_CINC = re.compile(r"^cinc2021/HR(\d{5})$")
 _PTBXL = re.compile(r"^ptbxl/(\d+)$")
@@ -62,25 +63,14 @@ class LeakageGuard:
         return ecg_id is not None and ecg_id in self.ecg_ids
 
 
-class _GuardedStream(ShardStream):
-    """A training.data shard stream that drops the units of excluded records."""
-
-    guard: LeakageGuard | None = None
-
-    def _pass(self, slot: int, slots: int, pass_index: int):
-        for unit in super()._pass(slot, slots, pass_index):
-            if self.guard is None or not self.guard.excluded(unit.meta["record_key"]):
-                yield unit
-
-
 def training_records(cfg: RunConfig) -> list[tuple[str, str]]:
     """(record_key, patient_key) of every training record: from the store the shards were
     written from (named in `_info.json`, when it is still there unchanged), else read from the
     shards themselves."""
-    from training.data import _read_info, iter_records, shard_set
+    from training.data import iter_records, read_info, shard_set
 
     split = cfg.data.train_split
-    info = _read_info(str(cfg.data.shards)) if "://" not in str(cfg.data.shards) else None
+    info = read_info(str(cfg.data.shards)) if "://" not in str(cfg.data.shards) else None
     src = ((info or {}).get(split) or {}).get("store") or {}
     if src.get("path"):
         try:
@@ -110,18 +100,20 @@ def rank1(gallery: torch.Tensor, gallery_pid: np.ndarray, probe: torch.Tensor,
     return float(np.mean(np.asarray(gallery_pid)[best] == np.asarray(probe_pid)))
 
 
-class IdentifyTask(Task):
+class IdentifyTask(FinetuneTask):
     name = "identify"
     checkpoint_kind = "identify"
 
     def __init__(self, cfg: RunConfig):
         super().__init__(cfg)
-        self.find_unused_parameters = cfg.finetune.freeze_finetune_updates > 0
         self.guard = (LeakageGuard.from_store(cfg.finetune.leakage_exclude_store)
                       if cfg.finetune.leakage_exclude_store else None)
         records = training_records(cfg)
-        kept = [(r, p) for r, p in records if self.guard is None or not self.guard.excluded(r)]
+        excluded = frozenset(r for r, _ in records
+                             if self.guard is not None and self.guard.excluded(r))
+        kept = [(r, p) for r, p in records if r not in excluded]
         self.excluded_records = len(records) - len(kept)
+        self.exclude_record_keys = excluded or None
         if self.guard is not None and _is_main():
             print(f"leakage guard: excluded {self.excluded_records} of {len(records)} training "
                   f"records also present in {cfg.finetune.leakage_exclude_store}", file=sys.stderr)
@@ -133,28 +125,10 @@ class IdentifyTask(Task):
     # --- model -------------------------------------------------------------------------------
     def build_model(self) -> nn.Module:
         from training.models.identifier import IdentificationModel
-        from training.tasks.diagnosis import build_finetune_encoder
 
         c = self.cfg.criterion
         return IdentificationModel(build_finetune_encoder(self.cfg), len(self.classes),
                                    scale=c.arcface_scale, margin=c.arcface_margin)
-
-    # --- data --------------------------------------------------------------------------------
-    def _stream(self, rank: int, world: int, epoch: int):
-        from training.data import stream_from_config
-
-        stream = stream_from_config(self.cfg, "segments", rank=rank, world=world, epoch=epoch)
-        if self.guard is not None:
-            guarded = _GuardedStream(stream.spec, rank, world, epoch, stream.num_workers)
-            guarded.guard = self.guard
-            stream.dataset = guarded
-        return stream
-
-    def train_batches(self, rank: int, world: int, epoch: int) -> Iterable[dict]:
-        return self._stream(rank, world, epoch)
-
-    def batches_per_epoch(self, rank: int, world: int) -> int | None:
-        return self._stream(rank, world, 1).batches_per_epoch
 
     # --- step --------------------------------------------------------------------------------
     def labels_of(self, patient_keys: list[str]) -> torch.Tensor:
@@ -166,10 +140,9 @@ class IdentifyTask(Task):
 
     def train_step(self, model: nn.Module, batch: dict,
                    num_updates: int) -> tuple[torch.Tensor, int, dict]:
-        freeze = num_updates < self.cfg.finetune.freeze_finetune_updates
         labels = self.labels_of(batch["patient_key"]).to(batch["source"].device)
         return model(batch["source"], labels, lead_mask=batch.get("lead_mask"),
-                     freeze_encoder=freeze)
+                     freeze_encoder=self.encoder_frozen(num_updates))
 
     # --- validation --------------------------------------------------------------------------
     def validate(self, model: nn.Module, epoch: int) -> dict | None:
@@ -200,8 +173,7 @@ class IdentifyTask(Task):
 
     # --- checkpoint state --------------------------------------------------------------------
     def extra_state(self) -> dict:
-        return {"classes": list(self.classes), "leads": str(self.cfg.data.leads),
-                "init": str(self.cfg.finetune.init), "excluded_records": self.excluded_records,
+        return {**super().extra_state(), "excluded_records": self.excluded_records,
                 "leakage_exclude_store": self.cfg.finetune.leakage_exclude_store}
 
 
