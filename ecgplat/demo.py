@@ -33,17 +33,16 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "data" / "samples"
 
 
-def run(*args: str) -> str:
-    """Run one `ecgplat` command, echo it, stream its output and return stdout."""
+def run(*args: str) -> None:
+    """Run one `ecgplat` command, echoing it first; its output streams through."""
     cmd = [sys.executable, "-m", "ecgplat", *args]
     print(f"\n$ ecgplat {shlex.join(args)}", flush=True)
     t0 = time.time()
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-    sys.stdout.write(proc.stdout)
-    if proc.returncode != 0:
-        raise SystemExit(f"demo step failed (exit {proc.returncode}): ecgplat {shlex.join(args)}")
+    env = {**os.environ, "COLUMNS": os.environ.get("COLUMNS", "120")}
+    code = subprocess.run(cmd, env=env).returncode
+    if code != 0:
+        raise SystemExit(f"demo step failed (exit {code}): ecgplat {shlex.join(args)}")
     print(f"[{time.time() - t0:.1f} s]", flush=True)
-    return proc.stdout
 
 
 def loss_curve(run_dir: Path, key: str = "loss", points: int = 6) -> str:
@@ -92,9 +91,16 @@ def main() -> None:
             "--out", str(run_dir), "model.preset=tiny", "data.batch_size=32", "optim.lr=1e-3",
             "optim.max_update=150", "optim.max_epoch=0", "model.feature_grad_mult=1.0",
             "checkpoint.patience=-1", "data.num_workers=0", wandb)
-        text = run("evaluate", "diagnosis", "--checkpoint", str(run_dir / "checkpoint_best.pt"),
+        run("evaluate", "diagnosis", "--checkpoint", str(run_dir / "checkpoint_best.pt"),
                    "--store", str(store), "--split", "test", "--out", str(run_dir / "eval"))
         results[name] = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    print("\ntest split, record level: pretrained vs random init (same updates)")
+    keys = ("challenge_score", "auroc_macro", "auroc_micro", "auprc_macro", "f1_macro")
+    print(f"{'':12s}" + "".join(f"{k:>17s}" for k in keys))
+    for name, metrics in results.items():
+        rec = metrics["results"]["12"]["record"]
+        print(f"{name:12s}" + "".join(
+            f"{rec[k]:17.4f}" if rec[k] is not None else f"{'n/a':>17s}" for k in keys))
     run("evaluate", "diagnosis", "--checkpoint",
         str(out / "runs" / "diagnosis_pretrained" / "checkpoint_best.pt"), "--store", str(store),
         "--split", "test", "--leads", "all", "--out", str(out / "runs" / "diagnosis_leads"))

@@ -136,9 +136,10 @@ def embed_store(store_path: str | os.PathLike, checkpoint: str | os.PathLike, na
     """
     from ecgplat.leads import parse_leads
     from ecgplat.store import open_store
-    from training.evaluate_diagnosis import store_batches
+    from training.distributed import pick_device
+    from training.evaluate_diagnosis import progress_bar, store_batches
     from training.models.checkpoint import load_checkpoint, load_encoder
-    from training.models.identifier import embed_batches, pick_device, record_means
+    from training.models.identifier import embed_batches, record_means
 
     store_path = Path(store_path)
     store = open_store(store_path)
@@ -163,20 +164,9 @@ def embed_store(store_path: str | os.PathLike, checkpoint: str | os.PathLike, na
     dev = pick_device(device)
     encoder.to(dev)
     records = np.arange(store.n_records)
-    bar = None
-    if progress:
-        from rich.progress import Progress
-
-        bar = Progress(transient=True)
-        bar.start()
-        task = bar.add_task(f"embed {name}", total=len(records))
-    try:
-        batches = store_batches(store, records, parse_leads(leads), batch_size,
-                                on_record=(lambda: bar.advance(task)) if bar else None)
+    with progress_bar(progress, len(records), f"embed {name}") as advance:
+        batches = store_batches(store, records, parse_leads(leads), batch_size, on_record=advance)
         emb, rec, seg = embed_batches(encoder, batches, dev)
-    finally:
-        if bar is not None:
-            bar.stop()
     rec_ids, rec_emb = record_means(emb, rec)
     lineage = {"schema": SCHEMA, "name": name, "checkpoint_sha256": sha,
                "checkpoint_kind": ckpt["kind"], "checkpoint": str(Path(checkpoint).resolve()),

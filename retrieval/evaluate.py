@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from retrieval.embed import FeatureError, embed_store, file_sha256, lead_names, load_features
+from retrieval.figures import pyplot, save_figure
 from retrieval.index import build_index
 from retrieval.metrics import average_precision, cmc_curve
 
@@ -75,12 +76,7 @@ def evaluate_level(store, features, ks=(1, 5, 10)) -> tuple[dict, np.ndarray]:
 
 
 def plot_cmc(curves: dict[str, np.ndarray], out: str | os.PathLike, max_rank: int = 20) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 4))
+    fig, ax = pyplot().subplots(figsize=(5, 4))
     for level, cmc in curves.items():
         n = min(max_rank, len(cmc))
         ax.plot(np.arange(1, n + 1), cmc[:n], marker="o", ms=3, label=level)
@@ -90,12 +86,7 @@ def plot_cmc(curves: dict[str, np.ndarray], out: str | os.PathLike, max_rank: in
     ax.set_title("CMC (gallery/probe)")
     ax.grid(alpha=0.3)
     ax.legend()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out, dpi=120)
 
 
 def evaluate_identification(store_path, name: str, leads=None, plot: str | os.PathLike | None = None,

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from retrieval.embed import FeatureError, file_sha256, load_features
+from retrieval.figures import pyplot, save_figure
 from retrieval.index import GalleryIndex, LineageError
 
 
@@ -76,8 +77,9 @@ def embed_signal(checkpoint: str | os.PathLike, segments_mv: np.ndarray, lead_ma
 
     from ecgplat.leads import apply_lead_subset, parse_leads
     from ecgplat.leads import lead_mask as mask_of
+    from training.distributed import pick_device
     from training.models.checkpoint import load_encoder
-    from training.models.identifier import embed_batches, pick_device, record_means
+    from training.models.identifier import embed_batches, record_means
 
     x = np.asarray(segments_mv, dtype=np.float32)
     if x.ndim != 3 or x.shape[1] != 12 or len(x) == 0:
@@ -119,11 +121,6 @@ def record_trace(store, record_key: str) -> np.ndarray | None:
 def plot_matches(query: np.ndarray, matches: list[dict], out: str | os.PathLike,
                  store_path: str | None = None, title: str = "query") -> Path:
     """12-lead traces (first 5 s segment) of the query and its matches side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from ecgplat.leads import LEADS
 
     panels = [(title, np.asarray(query))]
@@ -136,7 +133,7 @@ def plot_matches(query: np.ndarray, matches: list[dict], out: str | os.PathLike,
             if trace is not None:
                 panels.append((f"#{m['rank']} {m['id']}\ncos {m['score']:.3f}", trace))
     t = np.arange(panels[0][1].shape[-1]) / 500.0
-    fig, axes = plt.subplots(12, len(panels), figsize=(3.2 * len(panels), 10), sharex=True,
+    fig, axes = pyplot().subplots(12, len(panels), figsize=(3.2 * len(panels), 10), sharex=True,
                              squeeze=False)
     for col, (name, x) in enumerate(panels):
         axes[0, col].set_title(name, fontsize=8)
@@ -148,9 +145,4 @@ def plot_matches(query: np.ndarray, matches: list[dict], out: str | os.PathLike,
                 ax.set_ylabel(LEADS[lead], rotation=0, fontsize=7, labelpad=12)
     for ax in axes[-1]:
         ax.set_xlabel("s", fontsize=7)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out, dpi=100)

@@ -19,7 +19,8 @@ from ecgplat.leads import apply_lead_subset, parse_leads
 from training.metrics import auroc
 from training.models import CheckpointError, build_encoder, build_pretraining_model, save_checkpoint
 from training.models.classifier import DiagnosisModel, load_diagnosis_model
-from training.tasks.diagnosis import FINETUNE_DEFAULTS, DiagnosisTask
+from training.tasks.diagnosis import DiagnosisTask
+from training.tasks.finetune import FINETUNE_DEFAULTS
 
 torch.set_num_threads(1)
 

@@ -5,6 +5,7 @@ import itertools
 import json
 import shutil
 
+import faiss
 import numpy as np
 import pytest
 import torch
@@ -75,6 +76,31 @@ def test_index_save_load_round_trip(tmp_path, kind):
         kind, ids, index.labels, lineage)
     a, b = index.search(prb, 5), loaded.search(prb, 5)
     assert (a[1] == b[1]).all() and np.allclose(a[0], b[0])
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
+def test_large_gallery_options_copy_false_no_recall_sample_and_ivf_max_train(kind):
+    rng = np.random.default_rng(2)
+    gal, _, prb, _ = _cohort(rng, patients=100, per_patient=4, noise=0.3)
+    ids = [str(i) for i in range(len(gal))]
+    params = {"nlist": 8, "max_train": 320} if kind == "ivf" else None
+    ref = build_index(gal, ids, kind=kind, params=params)
+    lean = build_index(gal, ids, kind=kind, params=params, copy=False, n_sample=0)
+    if kind != "flat":
+        assert "recall_at_1" not in lean.info and "recall_at_1" in ref.info
+    if kind == "ivf":
+        assert lean.info["params"]["max_train"] == 320 and lean.index.nlist == 8
+    if kind == "flat":  # indexed as given: no normalising working copy
+        xb = faiss.rev_swig_ptr(lean.index.get_xb(), gal.size).reshape(gal.shape)
+        assert np.array_equal(xb, gal)
+    a, b = ref.search(prb, 5), lean.search(prb, 5)
+    assert (a[1][:, 0] == b[1][:, 0]).mean() >= 0.95 and np.allclose(a[0][:, 0], b[0][:, 0],
+                                                                      atol=1e-5)
+    with pytest.raises(ValueError, match="float32"):
+        build_index(gal.astype(np.float64), ids, kind=kind, copy=False)
+    with pytest.raises(ValueError, match="normalised"):
+        build_index(2 * gal, ids, kind=kind, copy=False)
+    assert ref.info.get("params", {}).get("max_train") == (320 if kind == "ivf" else None)
 
 
 def test_load_rejects_mismatched_or_missing_files(tmp_path):

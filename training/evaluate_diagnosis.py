@@ -14,7 +14,8 @@ every segment of a store split, once per lead set (a preset, a comma list, or "a
 * metrics to W&B (and `metrics.jsonl`) through `ecgplat.tracking` unless disabled.
 
 The inference helpers (`predict`, `store_batches`, `reports`, `flat_metrics`) are shared with
-the diagnosis task's per-epoch validation.
+the diagnosis task's per-epoch validation; `store_batches` and `progress_bar` also with
+`retrieval.embed`.
 """
 
 from __future__ import annotations
@@ -253,7 +254,7 @@ def evaluate_diagnosis(checkpoint: str | Path, store: str | Path, split: str = "
     model.to(dev)
 
     n_seg = int(st.records["seg_count"].to_numpy()[records].sum())
-    with _progress(progress, len(records), f"evaluate {split}") as advance:
+    with progress_bar(progress, len(records), f"evaluate {split}") as advance:
         preds = predict_lead_sets(model, store_batches(st, records, batch_size=batch_size,
                                                        on_record=advance), lead_sets)
 
@@ -295,8 +296,9 @@ def _slug(name: str) -> str:
 
 
 @contextlib.contextmanager
-def _progress(enabled: bool, total: int, description: str):
-    """Yields an `advance()` callback driving a rich progress bar (a no-op when disabled)."""
+def progress_bar(enabled: bool, total: int, description: str):
+    """Yields an `advance()` callback driving a transient rich progress bar of `total` steps
+    (a no-op when disabled)."""
     if not enabled:
         yield lambda: None
         return

@@ -14,12 +14,11 @@ State dict keys: ``encoder.*`` (the ECGEncoder, loadable by `training.load_encod
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import nn
 
 from training.models.encoder import ECGEncoder
+from training.models.identifier import pooled_output
 
 NUM_CLASSES = 26
 
@@ -44,51 +43,16 @@ class DiagnosisModel(nn.Module):
         """source (B, 12, T) float mV; lead_mask (B, 12) bool (False leads zeroed); padding_mask
         (B, T) bool True = pad; freeze_encoder: run the encoder under no_grad
         (`freeze_finetune_updates`). Returns logits (B, num_classes)."""
-        with torch.no_grad() if freeze_encoder else contextlib.nullcontext():
-            out = self.encoder.extract_features(source, lead_mask=lead_mask,
-                                                padding_mask=padding_mask, mask=False)
-        frames = self.final_dropout(out.frames)
-        frame_pad = self.encoder.frame_padding_mask(padding_mask, frames.shape[1])
-        if frame_pad is not None:
-            frames = frames.masked_fill(frame_pad[..., None], 0.0)
-        return self.head(ECGEncoder.pool(frames, frame_pad))
+        return self.head(pooled_output(self.encoder, source, lead_mask, padding_mask,
+                                       self.final_dropout, freeze_encoder))
 
 
 def load_diagnosis_model(path, map_location="cpu") -> tuple[DiagnosisModel, dict]:
     """Rebuild a DiagnosisModel from a "diagnosis" checkpoint (strict load), in eval mode.
     Returns ``(model, checkpoint)``; raises CheckpointError naming the file and the reason."""
-    from training.models.checkpoint import CheckpointError, load_checkpoint
-    from training.models.config import EncoderConfig
+    from training.models.checkpoint import load_finetuned
 
-    ckpt = load_checkpoint(path, map_location=map_location)
-    if ckpt["kind"] != "diagnosis":
-        raise CheckpointError(path, f"a {ckpt['kind']!r} checkpoint, not a diagnosis model "
-                                    "(fine-tune it with `ecgplat train diagnosis --init`)")
-    try:
-        encoder = ECGEncoder(EncoderConfig.from_dict(ckpt["encoder_config"]))
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(path, f"bad encoder_config: {e}") from None
-    head = ckpt["model"].get("head.weight")
-    if head is None:
-        raise CheckpointError(path, "no classification head (head.weight) in the model weights")
-    model = DiagnosisModel(encoder, num_classes=int(head.shape[0]))
-    load_strict(model, ckpt["model"], path)
-    return model.eval(), ckpt
-
-
-def load_strict(module: nn.Module, state: dict, path) -> None:
-    """``module.load_state_dict(state)`` that raises CheckpointError naming the missing and
-    unexpected keys (or the shape mismatch) instead of a multi-line RuntimeError."""
-    from training.models.checkpoint import CheckpointError
-
-    try:
-        missing, unexpected = module.load_state_dict(state, strict=False)
-    except RuntimeError as e:
-        raise CheckpointError(path, "weights do not fit the model: "
-                                    + " ".join(str(e).split())[:300]) from None
-    parts = []
-    for what, keys in (("missing", missing), ("unexpected", unexpected)):
-        if keys:
-            parts.append(f"{what} keys {', '.join(keys[:8])}" + (" ..." if len(keys) > 8 else ""))
-    if parts:
-        raise CheckpointError(path, "; ".join(parts))
+    return load_finetuned(path, "diagnosis", "a diagnosis model", "head.weight",
+                          "classification head",
+                          lambda encoder, n, _: DiagnosisModel(encoder, num_classes=n),
+                          map_location=map_location)

@@ -8,9 +8,10 @@ regression and is not reproduced).
 
 State dict keys: ``encoder.*`` (loadable by `training.load_encoder`) and ``arcface.kernel``.
 
-Also here, because training validation and `retrieval` share them: `embed_batches` (batched
-inference of unit embeddings, any encoder), `record_means` (per-record embeddings) and
-`load_identification_model`.
+Also here, because the diagnosis model, training validation and `retrieval` share them:
+`pooled_output` (the mean-pooled encoder output, also under the diagnosis head),
+`embed_batches` (batched inference of unit embeddings, any encoder), `record_means`
+(per-record embeddings) and `load_identification_model`.
 """
 
 from __future__ import annotations
@@ -27,13 +28,27 @@ from training.models.encoder import ECGEncoder
 from training.objectives.arcface import ArcFaceHead, arcface_loss
 
 
-def unit_embedding(encoder: ECGEncoder, source: torch.Tensor, lead_mask: torch.Tensor | None = None,
-                   padding_mask: torch.Tensor | None = None, final_dropout: nn.Module | None = None
-                   ) -> torch.Tensor:
-    """L2-normalised mean-pooled encoder output (B, D) in float32."""
-    out = encoder.extract_features(source, lead_mask=lead_mask, padding_mask=padding_mask, mask=False)
+def pooled_output(encoder: ECGEncoder, source: torch.Tensor, lead_mask: torch.Tensor | None = None,
+                  padding_mask: torch.Tensor | None = None, final_dropout: nn.Module | None = None,
+                  freeze_encoder: bool = False) -> torch.Tensor:
+    """Encoder frames (B, T', D) -> final_dropout -> padded frames zeroed -> mean over the
+    non-padded frames (B, D). freeze_encoder runs the encoder under no_grad
+    (`freeze_finetune_updates`)."""
+    with torch.no_grad() if freeze_encoder else contextlib.nullcontext():
+        out = encoder.extract_features(source, lead_mask=lead_mask, padding_mask=padding_mask,
+                                       mask=False)
     frames = out.frames if final_dropout is None else final_dropout(out.frames)
-    pooled = ECGEncoder.pool(frames, encoder.frame_padding_mask(padding_mask, frames.shape[1]))
+    frame_pad = encoder.frame_padding_mask(padding_mask, frames.shape[1])
+    if frame_pad is not None:
+        frames = frames.masked_fill(frame_pad[..., None], 0.0)
+    return ECGEncoder.pool(frames, frame_pad)
+
+
+def unit_embedding(encoder: ECGEncoder, source: torch.Tensor, lead_mask: torch.Tensor | None = None,
+                   padding_mask: torch.Tensor | None = None, final_dropout: nn.Module | None = None,
+                   freeze_encoder: bool = False) -> torch.Tensor:
+    """L2-normalised mean-pooled encoder output (B, D) in float32."""
+    pooled = pooled_output(encoder, source, lead_mask, padding_mask, final_dropout, freeze_encoder)
     return F.normalize(pooled.float(), dim=-1)
 
 
@@ -56,8 +71,8 @@ class IdentificationModel(nn.Module):
               padding_mask: torch.Tensor | None = None, freeze_encoder: bool = False) -> torch.Tensor:
         """Unit embeddings (B, D); freeze_encoder runs the encoder under no_grad
         (`freeze_finetune_updates`)."""
-        with torch.no_grad() if freeze_encoder else contextlib.nullcontext():
-            return unit_embedding(self.encoder, source, lead_mask, padding_mask, self.final_dropout)
+        return unit_embedding(self.encoder, source, lead_mask, padding_mask, self.final_dropout,
+                              freeze_encoder)
 
     def forward(self, source: torch.Tensor, labels: torch.Tensor | None = None,
                 lead_mask: torch.Tensor | None = None, padding_mask: torch.Tensor | None = None,
@@ -68,13 +83,6 @@ class IdentificationModel(nn.Module):
         if labels is None:
             return e
         return arcface_loss(self.arcface, e, labels.to(e.device))
-
-
-def pick_device(device: str = "auto") -> torch.device:
-    """cuda when asked for or available (for "auto"), else cpu."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 @torch.no_grad()
@@ -124,23 +132,12 @@ def record_means(embeddings: np.ndarray, record_index: np.ndarray) -> tuple[np.n
 def load_identification_model(path, map_location="cpu") -> tuple[IdentificationModel, dict]:
     """Rebuild an IdentificationModel from an "identify" checkpoint (strict load), in eval mode.
     Returns ``(model, checkpoint)``; raises CheckpointError naming the file and the reason."""
-    from training.models.checkpoint import CheckpointError, load_checkpoint
-    from training.models.classifier import load_strict
-    from training.models.config import EncoderConfig
+    from training.models.checkpoint import load_finetuned
 
-    ckpt = load_checkpoint(path, map_location=map_location)
-    if ckpt["kind"] != "identify":
-        raise CheckpointError(path, f"a {ckpt['kind']!r} checkpoint, not an identification model "
-                                    "(fine-tune it with `ecgplat train identify --init`)")
-    kernel = ckpt["model"].get("arcface.kernel")
-    if kernel is None:
-        raise CheckpointError(path, "no ArcFace head (arcface.kernel) in the model weights")
-    try:
-        encoder = ECGEncoder(EncoderConfig.from_dict(ckpt["encoder_config"]))
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(path, f"bad encoder_config: {e}") from None
-    crit = (ckpt.get("config") or {}).get("criterion", {})
-    model = IdentificationModel(encoder, int(kernel.shape[0]), scale=crit.get("arcface_scale", 192.0),
-                                margin=crit.get("arcface_margin", 1.0))
-    load_strict(model, ckpt["model"], path)
-    return model.eval(), ckpt
+    def build(encoder: ECGEncoder, num_classes: int, ckpt: dict) -> IdentificationModel:
+        crit = (ckpt.get("config") or {}).get("criterion", {})
+        return IdentificationModel(encoder, num_classes, scale=crit.get("arcface_scale", 192.0),
+                                   margin=crit.get("arcface_margin", 1.0))
+
+    return load_finetuned(path, "identify", "an identification model", "arcface.kernel",
+                          "ArcFace head", build, map_location=map_location)

@@ -6,8 +6,10 @@ Same mathematics as the plain torch ops, fewer saved activations (the 2-core / 2
   * ``attention`` / ``packed_attention``: SDPA (flash / memory-efficient kernels) whenever it
     can; on CPU with attention dropout SDPA falls back to its math path, which keeps the
     probabilities, a float dropout mask and the dropped probabilities (B, H, T, T) each; the
-    path here keeps q, k, v, the probabilities and a bool mask, and uses aten's fused softmax
-    backward. ``packed_attention`` takes the fused q/k/v projection (one GEMM instead of three).
+    path here keeps q, k, v and a bool mask, recomputes the probabilities in backward and uses
+    aten's fused softmax backward. ``packed_attention`` takes the fused q/k/v projection.
+  * ``qkv_linear``: the q, k, v projections as one GEMM (x read once, wider N) without keeping
+    the concatenated weight alive for backward (it is rebuilt there: 3 D² floats per layer).
   * ``gelu_dropout_linear``: fc2(dropout(gelu(h))) that saves only ``h`` (already kept by fc1)
     and the dropout mask, recomputing the GELU in backward, instead of keeping the (B, T, FFN)
     activation: ~31 MB per layer per 16 segments for the paper model, at the cost of one GELU.
@@ -52,31 +54,37 @@ def _drop_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     return torch.rand_like(x) < p
 
 
-def _attn_forward(q, k, v, attn_mask, p):
-    """q, k, v contiguous (N..., T, d). Returns (out, probs, drop) with out = (probs with dropped
-    entries zeroed) @ v / (1 - p); the 1 / (1 - p) scale is applied to the (T, d) output, not
-    to the (T, T) probabilities (one pass fewer over the larger tensor)."""
+def _attn_probs(q, k, attn_mask):
+    """softmax(q kᵀ / sqrt(d) [masked]) in fp32 at least, for contiguous q, k (N..., T, d)."""
     scores = torch.matmul(q, k.transpose(-2, -1))
     scale = 1.0 / math.sqrt(q.shape[-1])
     if scale != 1.0:
         scores.mul_(scale)
     if attn_mask is not None:
         scores.masked_fill_(~attn_mask, float("-inf"))
-    probs = torch.softmax(_at_least_fp32(scores), dim=-1).to(q.dtype)
-    del scores
+    return torch.softmax(_at_least_fp32(scores), dim=-1).to(q.dtype)
+
+
+def _attn_forward(q, k, v, attn_mask, p):
+    """Returns (out, drop) with out = (probs with dropped entries zeroed) @ v / (1 - p); the
+    1 / (1 - p) scale is applied to the (T, d) output rather than the (T, T) probabilities."""
+    probs = _attn_probs(q, k, attn_mask)
     drop = _drop_mask(probs, p)
-    out = torch.matmul(torch.where(drop, 0.0, probs), v).mul_(1.0 / (1.0 - p))
-    return out, probs, drop
+    out = torch.matmul(probs.masked_fill_(drop, 0.0), v).mul_(1.0 / (1.0 - p))
+    return out, drop
 
 
-def _attn_backward(grad_out, q, k, v, probs, drop, p):
-    """Gradients (q, k, v) of _attn_forward's output; softmax backward is aten's fused kernel
-    (P * (dP - sum(dP * P)) in one pass) instead of four elementwise passes."""
+def _attn_backward(grad_out, q, k, v, attn_mask, drop, p):
+    """Gradients (q, k, v) of _attn_forward's output. The probabilities are recomputed (one
+    (T x T) matmul + softmax per head: memory, (B, H, T, T) floats per layer, is the scarcer
+    resource here); softmax backward is aten's fused kernel, P * (dP - sum(dP * P)) in one pass,
+    instead of four elementwise passes."""
+    probs = _attn_probs(q, k, attn_mask)
     grad_out = grad_out.contiguous() * (1.0 / (1.0 - p))
     grad_v = torch.matmul(torch.where(drop, 0.0, probs).transpose(-2, -1), grad_out)
     grad_p = torch.matmul(grad_out, v.transpose(-2, -1)).masked_fill_(drop, 0.0)
     grad_s = torch.ops.aten._softmax_backward_data(grad_p, probs, -1, probs.dtype)
-    del grad_p
+    del grad_p, probs
     scale = 1.0 / math.sqrt(q.shape[-1])
     if scale != 1.0:
         grad_s.mul_(scale)
@@ -84,21 +92,21 @@ def _attn_backward(grad_out, q, k, v, probs, drop, p):
 
 
 class _DropoutAttention(torch.autograd.Function):
-    """Attention with dropout on the probabilities that saves q, k, v, the probabilities and a
-    bool drop mask (torch's math path also keeps a float mask and the dropped probabilities)."""
+    """Attention with dropout on the probabilities that saves q, k, v and a bool drop mask only
+    (torch's math path keeps the probabilities, a float mask and the dropped probabilities)."""
 
     @staticmethod
     def forward(ctx, q, k, v, attn_mask, p):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        out, probs, drop = _attn_forward(q, k, v, attn_mask, p)
+        out, drop = _attn_forward(q, k, v, attn_mask, p)
         ctx.p = p
-        ctx.save_for_backward(q, k, v, probs, drop)
+        ctx.save_for_backward(q, k, v, attn_mask, drop)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, probs, drop = ctx.saved_tensors
-        return (*_attn_backward(grad_out, q, k, v, probs, drop, ctx.p), None, None)
+        q, k, v, attn_mask, drop = ctx.saved_tensors
+        return (*_attn_backward(grad_out, q, k, v, attn_mask, drop, ctx.p), None, None)
 
 
 class _PackedDropoutAttention(torch.autograd.Function):
@@ -113,17 +121,17 @@ class _PackedDropoutAttention(torch.autograd.Function):
         dim = three_d // 3
         heads = qkv.view(bsz, tsz, 3, num_heads, dim // num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = heads.contiguous().unbind(0)
-        out, probs, drop = _attn_forward(q, k, v, attn_mask, p)
+        out, drop = _attn_forward(q, k, v, attn_mask, p)
         ctx.p = p
-        ctx.save_for_backward(q, k, v, probs, drop)
+        ctx.save_for_backward(q, k, v, attn_mask, drop)
         return out.transpose(1, 2).reshape(bsz, tsz, dim)
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, probs, drop = ctx.saved_tensors
+        q, k, v, attn_mask, drop = ctx.saved_tensors
         bsz, num_heads, tsz, head_dim = q.shape
         grad_out = grad_out.view(bsz, tsz, num_heads, head_dim).transpose(1, 2)
-        grads = _attn_backward(grad_out, q, k, v, probs, drop, ctx.p)
+        grads = _attn_backward(grad_out, q, k, v, attn_mask, drop, ctx.p)
         grad_qkv = torch.empty(bsz, tsz, 3, num_heads, head_dim, dtype=q.dtype, device=q.device)
         for i, g in enumerate(grads):
             grad_qkv[:, :, i].copy_(g.transpose(1, 2))
@@ -153,6 +161,38 @@ def packed_attention(qkv: torch.Tensor, num_heads: int, attn_mask: torch.Tensor 
 
 def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+class _ConcatLinear(torch.autograd.Function):
+    """F.linear(x, cat(weights), cat(biases)) saving x and the separate weights only."""
+
+    @staticmethod
+    def forward(ctx, x, n, *params):
+        weights, biases = params[:n], params[n:]
+        ctx.n = n
+        ctx.sizes = [w.shape[0] for w in weights]
+        ctx.save_for_backward(x, *weights)
+        return F.linear(x, torch.cat(weights), torch.cat(biases) if biases else None)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, *weights = ctx.saved_tensors
+        g2 = grad_y.reshape(-1, grad_y.shape[-1])
+        grad_x = torch.matmul(grad_y, torch.cat(weights)) if ctx.needs_input_grad[0] else None
+        grad_w = (g2.t() @ x.reshape(-1, x.shape[-1])).split(ctx.sizes)
+        grad_b = g2.sum(0).split(ctx.sizes) if len(ctx.needs_input_grad) > 2 + ctx.n else ()
+        return (grad_x, None, *grad_w, *grad_b)
+
+
+def qkv_linear(x: torch.Tensor, linears: list[nn.Linear]) -> torch.Tensor:
+    """cat([lin(x) for lin in linears], -1) as one GEMM (all with bias, or all without)."""
+    weights = [lin.weight for lin in linears]
+    biases = [lin.bias for lin in linears if lin.bias is not None]
+    if biases and len(biases) != len(linears):
+        raise ValueError("qkv_linear: either every projection has a bias or none has")
+    if not torch.is_grad_enabled():
+        return F.linear(x, torch.cat(weights), torch.cat(biases) if biases else None)
+    return _ConcatLinear.apply(x, len(weights), *weights, *biases)
 
 
 class _GeluDropoutLinear(torch.autograd.Function):

@@ -13,10 +13,9 @@ Init: `init_bert_params` (Linear weights N(0, 0.02), biases 0).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from training.models.lean_ops import Dropout, LayerNorm, gelu_dropout_linear, packed_attention
+from training.models.lean_ops import Dropout, LayerNorm, gelu_dropout_linear, packed_attention, qkv_linear
 
 
 def init_bert_params(module: nn.Module) -> None:
@@ -41,10 +40,8 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, T, D); key_padding_mask (B, T) bool, True = padded key (ignored)."""
         # q, k and v in one GEMM (x read once, wider N: ~15 % faster on CPU); the parameters
-        # stay separate (fairseq's state-dict layout), concatenated here (3 D² copy, negligible)
-        weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
-        bias = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
-        qkv = F.linear(x, weight, bias)
+        # stay separate (fairseq's state-dict layout)
+        qkv = qkv_linear(x, [self.q_proj, self.k_proj, self.v_proj])
         attn_mask = None
         if key_padding_mask is not None:
             attn_mask = ~key_padding_mask[:, None, None, :]  # SDPA: True = may attend
