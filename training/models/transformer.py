@@ -15,7 +15,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from training.models.lean_ops import Dropout, LayerNorm, gelu_dropout_linear, packed_attention, qkv_linear
+from training.models.lean_ops import (
+    Dropout,
+    LayerNorm,
+    gelu_dropout_linear,
+    packed_attention,
+    qkv_linear,
+)
 
 
 def init_bert_params(module: nn.Module) -> None:
