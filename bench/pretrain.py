@@ -91,7 +91,8 @@ def measure(preset: str, shards: str, pairs: int, steps: int, loader_batches: in
     import torch
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1)))
-    from training.distributed import pick_device
+    from training.distributed import limit_heap_growth, pick_device
+    limit_heap_growth()  # what training.loop.train does on the CPU
     from training.loop import apply_update, to_device
     from training.optim import LRSchedule, build_optimizer
     from training.tasks.pretrain import PretrainTask

@@ -217,8 +217,8 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.quick:
         args.sizes, args.queries, args.repeats = "2000,10000", 200, 2
-        args.worst_size, args.ident_size, args.ident_exact_queries = 10_000, 20_000, 100
-        args.ivf_train, args.hnsw_build_limit, args.hnsw_chunk = 10_000, 10.0, 5_000
+        args.worst_size, args.ident_size, args.ident_exact_queries = 10_000, 10_000, 100
+        args.ivf_train, args.hnsw_build_limit, args.hnsw_chunk = 10_000, 5.0, 2_500
         args.large, args.hnsw_size = 20_000, 10_000
     return args
 
@@ -303,7 +303,7 @@ def main(argv=None) -> dict:
                                             len(probes), e_rows[:, 0], args.repeats)
         best = best_row(rows)
         row = {"workload": "random_probes", "kind": "ivf", "gallery": n,
-               "data": "random unit vectors; probes random unit vectors (no true match)",
+               "data": "random", "probe_model": "random unit vectors (no true match)",
                "params": ivf.info["params"], "build_s": t_build, "qps_exact": qps_exact,
                "sweep": rows, "best_at_recall_0.99": best,
                "meets_target": bool(best and best["speedup"] >= 50)}

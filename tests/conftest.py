@@ -52,29 +52,3 @@ def synth_shards(synth_store, tmp_path_factory) -> Path:
     write_shards(synth_store, "train", out, max_count=16)
     write_shards(synth_store, "valid", out, max_count=16)
     return out
-
-
-# ---- a briefly pretrained tiny encoder (owned by the fine-tuning engineer) ---------------------
-
-PRETRAIN_TINY_UPDATES = 60
-
-
-@pytest.fixture(scope="session")
-def pretrained_tiny(synth_shards, tmp_path_factory) -> Path:
-    """``checkpoint_last.pt`` of a ``tiny`` W2V+CMSC+RLM pretraining run (the paper's objective)
-    on ``synth_shards``, launched through the CLI: 60 updates of 4 pairs, lr 2e-3, 10 negatives,
-    seed 1, on the CPU (about 20-45 s on 2 busy cores). Enough for fine-tuning from it to beat
-    random init (tests/test_finetune_benefit.py). READ-ONLY: copy it to modify."""
-    from typer.testing import CliRunner
-
-    from ecgplat.cli import app
-
-    run = tmp_path_factory.mktemp("pretrained_tiny") / "run"
-    result = CliRunner().invoke(app, [
-        "train", "pretrain", "--config", "w2v_cmsc_rlm", "--shards", str(synth_shards),
-        "--out", str(run), "model.preset=tiny", "criterion.num_negatives=10",
-        "data.batch_size=4", "data.num_workers=0", "data.shuffle_buffer=16", "optim.lr=2e-3",
-        f"optim.max_update={PRETRAIN_TINY_UPDATES}", "optim.update_freq=1", "optim.max_epoch=0",
-        "logging.log_interval=1000", "logging.wandb_mode=disabled", "device=cpu", "seed=1"])
-    assert result.exit_code == 0, result.output
-    return run / "checkpoint_last.pt"

@@ -235,3 +235,27 @@ def test_cmsc_all_gather_two_process_gloo(tmp_path):
     assert (res[0]["loss"] + res[1]["loss"]).item() == pytest.approx(ref.item(), rel=1e-5)
     torch.testing.assert_close(res[0]["grad"], h.grad[owner == 0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(res[1]["grad"], h.grad[owner == 1], rtol=1e-5, atol=1e-6)
+
+
+def test_contrastive_logits_equal_torch_cosine_similarity_with_gradients():
+    """The written-out cosine (no full-size division) must equal torch.cosine_similarity."""
+    import torch
+
+    from training.objectives.wav2vec2 import contrastive_logits, sample_negatives
+
+    torch.manual_seed(3)
+    x0, y0 = torch.randn(3, 7, 16), torch.randn(3, 7, 16)
+    x0[0, 0] = 0.0  # a zero vector exercises the eps clamp
+    results = []
+    for kind in ("ours", "torch"):
+        x, y = x0.clone().requires_grad_(), y0.clone().requires_grad_()
+        negs, _ = sample_negatives(y, 5, generator=torch.Generator().manual_seed(0))
+        if kind == "ours":
+            logits = contrastive_logits(x, y, negs, 0.1)
+        else:
+            targets = torch.cat([y.unsqueeze(0), negs], 0)
+            logits = torch.cosine_similarity(x.unsqueeze(0), targets, dim=-1) / 0.1
+        (logits * torch.linspace(-1, 1, logits.numel()).view_as(logits)).sum().backward()
+        results.append((logits.detach(), x.grad, y.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

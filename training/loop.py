@@ -130,6 +130,8 @@ def train(cfg: RunConfig, task: Task, *, resume: bool = False) -> dict[str, Any]
     `cfg.out/checkpoint_last.pt`. Raises `Interrupted` after a signal (checkpoint written)."""
     info = dist_utils.setup(cfg.device)
     device, rank, world = info.device, info.rank, info.world
+    if device.type == "cpu":
+        dist_utils.limit_heap_growth()
     run_dir = Path(cfg.out)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from training.models.encoder import ECGEncoder
-from training.models.identifier import pooled_output
+from training.models.pooling import pooled_output
 
 NUM_CLASSES = 26
 

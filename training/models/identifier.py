@@ -9,7 +9,7 @@ regression and is not reproduced).
 State dict keys: ``encoder.*`` (loadable by `training.load_encoder`) and ``arcface.kernel``.
 
 Also here, because the diagnosis model, training validation and `retrieval` share them:
-`pooled_output` (the mean-pooled encoder output, also under the diagnosis head),
+`pooled_output` (from `training.models.pooling`; also under the diagnosis head),
 `embed_batches` (batched inference of unit embeddings, any encoder), `record_means`
 (per-record embeddings) and `load_identification_model`.
 """
@@ -25,23 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.models.encoder import ECGEncoder
+from training.models.pooling import pooled_output
 from training.objectives.arcface import ArcFaceHead, arcface_loss
-
-
-def pooled_output(encoder: ECGEncoder, source: torch.Tensor, lead_mask: torch.Tensor | None = None,
-                  padding_mask: torch.Tensor | None = None, final_dropout: nn.Module | None = None,
-                  freeze_encoder: bool = False) -> torch.Tensor:
-    """Encoder frames (B, T', D) -> final_dropout -> padded frames zeroed -> mean over the
-    non-padded frames (B, D). freeze_encoder runs the encoder under no_grad
-    (`freeze_finetune_updates`)."""
-    with torch.no_grad() if freeze_encoder else contextlib.nullcontext():
-        out = encoder.extract_features(source, lead_mask=lead_mask, padding_mask=padding_mask,
-                                       mask=False)
-    frames = out.frames if final_dropout is None else final_dropout(out.frames)
-    frame_pad = encoder.frame_padding_mask(padding_mask, frames.shape[1])
-    if frame_pad is not None:
-        frames = frames.masked_fill(frame_pad[..., None], 0.0)
-    return ECGEncoder.pool(frames, frame_pad)
 
 
 def unit_embedding(encoder: ECGEncoder, source: torch.Tensor, lead_mask: torch.Tensor | None = None,
