@@ -79,8 +79,9 @@ def main() -> None:
     print("\n== 2. pretraining: W2V + CMSC + RLM, tiny preset")
     pre = out / "runs" / "pretrain"
     run("train", "pretrain", "--config", "w2v_cmsc_rlm", "--shards", str(shards), "--out", str(pre),
-        "model.preset=tiny", "data.batch_size=8", "optim.update_freq=1", "optim.lr=5e-4",
-        "optim.max_update=300", "optim.max_epoch=0", "data.num_workers=0", wandb)
+        "model.preset=tiny", "data.batch_size=8", "optim.update_freq=1", "optim.lr=2e-3",
+        "optim.max_update=150", "optim.max_epoch=0", "data.num_workers=0",
+        "logging.log_interval=25", wandb)
     print(f"pretraining loss (update:bits): {loss_curve(pre)}")
 
     print("\n== 3. arrhythmia classification (26 CinC 2021 classes), pretrained vs random init")
@@ -88,9 +89,10 @@ def main() -> None:
     for name, init in (("pretrained", str(pre / "checkpoint_last.pt")), ("random-init", "none")):
         run_dir = out / "runs" / f"diagnosis_{name}"
         run("train", "diagnosis", "--init", init, "--shards", str(shards), "--store", str(store),
-            "--out", str(run_dir), "model.preset=tiny", "data.batch_size=32", "optim.lr=1e-3",
-            "optim.max_update=150", "optim.max_epoch=0", "model.feature_grad_mult=1.0",
-            "checkpoint.patience=-1", "data.num_workers=0", wandb)
+            "--out", str(run_dir), "model.preset=tiny", "data.batch_size=16", "optim.lr=1e-3",
+            "optim.max_update=60", "optim.max_epoch=0", "model.feature_grad_mult=1.0",
+            "checkpoint.best_metric=auroc_macro", "checkpoint.patience=-1",
+            "data.num_workers=0", "logging.log_interval=20", wandb)
         run("evaluate", "diagnosis", "--checkpoint", str(run_dir / "checkpoint_best.pt"),
                    "--store", str(store), "--split", "test", "--out", str(run_dir / "eval"))
         results[name] = json.loads((run_dir / "eval" / "metrics.json").read_text())
@@ -109,8 +111,9 @@ def main() -> None:
     ident = out / "runs" / "identify"
     run("train", "identify", "--init", str(pre / "checkpoint_last.pt"), "--shards", str(shards),
         "--store", str(store), "--out", str(ident), "model.preset=tiny", "data.batch_size=32",
-        "optim.lr=1e-3", "optim.max_update=300", "optim.max_epoch=0",
-        "model.feature_grad_mult=1.0", "checkpoint.patience=-1", "data.num_workers=0", wandb)
+        "optim.lr=1e-3", "optim.max_update=120", "optim.max_epoch=0",
+        "model.feature_grad_mult=1.0", "checkpoint.patience=-1", "data.num_workers=0",
+        "logging.log_interval=20", wandb)
     run("embed", "--checkpoint", str(ident / "checkpoint_last.pt"), "--store", str(store),
         "--name", "arcface_tiny")
     run("index", "build", "--store", str(store), "--features", "arcface_tiny", "--split", "gallery",
