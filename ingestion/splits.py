@@ -33,8 +33,13 @@ VALID_FOLD, TEST_FOLD = 9, 10
 
 
 def random_split(patient_keys: Sequence[str], valid: float = 0.1, test: float = 0.1,
-                 seed: int = 0) -> np.ndarray:
-    """Per-record "train"/"valid"/"test", grouped by patient."""
+                 seed: int = 0, order_keys: Sequence[str] | None = None) -> np.ndarray:
+    """Per-record "train"/"valid"/"test", grouped by patient.
+
+    `order_keys` (one per record, e.g. the record keys) makes the split independent of the
+    pseudonyms: patients are put in the order of their smallest order key before the seeded
+    permutation, so the same corpus gets the same split in every store (each store has its
+    own pseudonym secret, and ordering by pseudonym would differ between stores)."""
     if valid < 0 or test < 0 or valid + test >= 1:
         raise ValueError(f"valid ({valid}) and test ({test}) must be >= 0 and sum to < 1")
     keys = np.asarray(patient_keys, dtype=object)
@@ -42,7 +47,13 @@ def random_split(patient_keys: Sequence[str], valid: float = 0.1, test: float = 
     if len(keys) == 0:
         return out
     patients, inverse, counts = np.unique(keys.astype(str), return_inverse=True, return_counts=True)
-    order = np.random.default_rng(seed).permutation(len(patients))
+    stable = np.arange(len(patients))
+    if order_keys is not None:
+        ok = np.asarray(order_keys, dtype=str)
+        by_patient = np.lexsort((ok, inverse))  # records by patient, then by order key
+        starts = np.r_[0, np.flatnonzero(np.diff(inverse[by_patient])) + 1]
+        stable = np.argsort(ok[by_patient][starts], kind="stable")  # patients by smallest key
+    order = stable[np.random.default_rng(seed).permutation(len(patients))]
     before = np.cumsum(counts[order]) - counts[order]  # records already placed before each patient
     n = len(keys)
     name = np.where(before < test * n, "test", np.where(before < (test + valid) * n, "valid", "train"))
@@ -109,7 +120,8 @@ def split_store(store: str | os.PathLike, mode: str = "random", valid: float = 0
     split = frame["split"].to_numpy(dtype=object).copy()
     ident_split = frame["ident_split"].to_numpy(dtype=object).copy()
     if mode == "random":
-        split[selected] = random_split(frame["patient_key"][selected], valid, test, seed)
+        split[selected] = random_split(frame["patient_key"][selected], valid, test, seed,
+                                       order_keys=frame["record_key"][selected])
     else:
         split[selected] = strat_fold_split(frame["strat_fold"][selected])
     if ident:

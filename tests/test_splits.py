@@ -71,3 +71,19 @@ def test_split_store_rerun_sources_and_strat_fold(samples_dir, tmp_path):
     split_store(store, seed=5)
     gens = [p.name for p in (store / "splits").iterdir() if p.is_dir()]
     assert len(gens) == 1
+
+
+def test_random_split_does_not_depend_on_the_pseudonyms():
+    """Two stores pseudonymise the same patients differently; with the record keys as order
+    keys the seeded split of the same corpus is the same, and patients stay grouped."""
+    rng = np.random.default_rng(0)
+    patients = rng.integers(0, 40, 200)
+    record_keys = [f"src/rec{i:04d}" for i in range(200)]
+    store_a = [f"p-a{p:03d}" for p in patients]
+    store_b = [f"p-{(97 * p + 13) % 1000:03d}b" for p in patients]  # another secret's order
+    a = random_split(store_a, 0.2, 0.2, seed=5, order_keys=record_keys)
+    b = random_split(store_b, 0.2, 0.2, seed=5, order_keys=record_keys)
+    assert (a == b).all()
+    for p in np.unique(patients):
+        assert len(set(a[patients == p])) == 1
+    assert not (random_split(store_b, 0.2, 0.2, seed=5) == a).all()  # the pseudonym order differs
