@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ecgplat.progress import ProgressBar
+
 PATIENT_KEY = re.compile(r"(?<![A-Za-z0-9_])p-[0-9a-fA-F]{4,}")
 REDACTED = "[redacted]"
 
@@ -145,33 +147,18 @@ class Tracker:
     # --- progress bar ------------------------------------------------------------------------
     def start_progress(self, total: int | None, description: str = "train",
                        completed: int = 0) -> None:
-        if not (self.console and self._tty):
-            return
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self._progress = Progress(TextColumn("{task.description}"), BarColumn(),
-                                  MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                                  TimeElapsedColumn(), TimeRemainingColumn())
-        self._progress.start()
-        self._task = self._progress.add_task(description, total=total, completed=completed,
-                                             info="")
+        self.stop_progress()
+        self._progress = ProgressBar(bool(self.console and self._tty), total, description,
+                                     completed=completed)
 
     def advance(self, n: int = 1, **fields: Any) -> None:
-        if self._progress is None:
-            return
-        info = "  ".join(f"{k} {_fmt(v)}" for k, v in sanitize(fields).items())
-        self._progress.update(self._task, advance=n, info=info)
+        if self._progress is not None:
+            self._progress.advance(n, "  ".join(f"{k} {_fmt(v)}"
+                                                for k, v in sanitize(fields).items()))
 
     def stop_progress(self) -> None:
         if self._progress is not None:
-            self._progress.stop()
+            self._progress.close()
             self._progress = None
 
     def close(self) -> None:

@@ -18,6 +18,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from ecgplat.progress import ProgressBar
 from ecgplat.store import reason_kind
 from ingestion.writer import RecordBatch, StoreWriter, pack_batch
 
@@ -76,36 +77,6 @@ def _trim_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
-
-
-class _Progress:
-    """A rich progress bar (or nothing)."""
-
-    def __init__(self, enabled: bool, total: int, label: str):
-        self.bar = None
-        if enabled and total:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
-            self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
-                                MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-                                transient=False)
-            self.bar.start()
-            self.task = self.bar.add_task(label, total=total)
-
-    def advance(self, n: int) -> None:
-        if self.bar is not None:
-            self.bar.advance(self.task, n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
 
 
 def _batches(todo: list[str], batch_size: int):
@@ -184,7 +155,7 @@ def ingest(corpus: str, src: str | os.PathLike, store: str | os.PathLike, worker
         stats = {"records": 0, "segments": 0, "bytes_read": 0, "patients": set(),
                  "startup_seconds": 0.0}
         rejected: Counter = Counter()
-        bar = _Progress(progress, len(todo), f"ingest {corpus}")
+        bar = ProgressBar(progress, len(todo), f"ingest {corpus}")
 
         last_commit = [time.monotonic()]
 

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ecgplat.progress import ProgressBar
 from ecgplat.store import EcgStore, open_store
 
 INFO_FILE = "_info.json"
@@ -173,25 +174,18 @@ def write_shards(store: str | os.PathLike, split: str, out: str | os.PathLike,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     sink = _ShardSink(out, name, max_size, max_count)
-    bar = None
-    if progress:
-        from rich.progress import Progress
-        bar = Progress(transient=False)
-        bar.start()
-        task = bar.add_task(f"shards {name}", total=len(indices))
+    bar = ProgressBar(progress, len(indices), f"shards {name}")
     try:
         for i, segs, meta in _iter_samples(reader, indices):
             seg_bytes, meta_bytes = sample_bytes(segs, meta)
             sink.add(f"r{i:08d}", {"seg.npy": seg_bytes, "meta.json": meta_bytes}, len(segs))
-            if bar is not None:
-                bar.advance(task)
+            bar.advance()
         shards = sink.finish()
     except BaseException:
         sink.abort()
         raise
     finally:
-        if bar is not None:
-            bar.stop()
+        bar.close()
     entry = {
         "format": FORMAT, "split": split, "shards": shards,
         "samples": int(sum(s["samples"] for s in shards)),

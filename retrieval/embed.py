@@ -135,9 +135,10 @@ def embed_store(store_path: str | os.PathLike, checkpoint: str | os.PathLike, na
     (unusable checkpoint), FileNotFoundError/ValueError (not a store).
     """
     from ecgplat.leads import parse_leads
+    from ecgplat.progress import ProgressBar
     from ecgplat.store import open_store
     from training.distributed import pick_device
-    from training.evaluate_diagnosis import progress_bar, store_batches
+    from training.evaluate_diagnosis import store_batches
     from training.models.checkpoint import load_checkpoint, load_encoder
     from training.models.identifier import embed_batches, record_means
 
@@ -164,8 +165,8 @@ def embed_store(store_path: str | os.PathLike, checkpoint: str | os.PathLike, na
     dev = pick_device(device)
     encoder.to(dev)
     records = np.arange(store.n_records)
-    with progress_bar(progress, len(records), f"embed {name}") as advance:
-        batches = store_batches(store, records, parse_leads(leads), batch_size, on_record=advance)
+    with ProgressBar(progress, len(records), f"embed {name}", transient=True) as bar:
+        batches = store_batches(store, records, parse_leads(leads), batch_size, on_record=bar.advance)
         emb, rec, seg = embed_batches(encoder, batches, dev)
     rec_ids, rec_emb = record_means(emb, rec)
     lineage = {"schema": SCHEMA, "name": name, "checkpoint_sha256": sha,

@@ -14,7 +14,7 @@ every segment of a store split, once per lead set (a preset, a comma list, or "a
 * metrics to W&B (and `metrics.jsonl`) through `ecgplat.tracking` unless disabled.
 
 The inference helpers (`predict`, `store_batches`, `reports`, `flat_metrics`) are shared with
-the diagnosis task's per-epoch validation; `store_batches` and `progress_bar` also with
+the diagnosis task's per-epoch validation; `store_batches` also with
 `retrieval.embed`.
 """
 
@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from ecgplat.leads import LEAD_PRESETS, LEADS, apply_lead_subset, lead_mask, parse_leads
+from ecgplat.progress import ProgressBar
 from training.metrics import REPORT_KEYS, aggregate_records, classification_report, roc_curve
 
 
@@ -254,9 +255,9 @@ def evaluate_diagnosis(checkpoint: str | Path, store: str | Path, split: str = "
     model.to(dev)
 
     n_seg = int(st.records["seg_count"].to_numpy()[records].sum())
-    with progress_bar(progress, len(records), f"evaluate {split}") as advance:
+    with ProgressBar(progress, len(records), f"evaluate {split}", transient=True) as bar:
         preds = predict_lead_sets(model, store_batches(st, records, batch_size=batch_size,
-                                                       on_record=advance), lead_sets)
+                                                       on_record=bar.advance), lead_sets)
 
     out_dir = Path(out) if out is not None else Path(checkpoint).parent / f"eval-{split}"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -295,16 +296,3 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name)
 
 
-@contextlib.contextmanager
-def progress_bar(enabled: bool, total: int, description: str):
-    """Yields an `advance()` callback driving a transient rich progress bar of `total` steps
-    (a no-op when disabled)."""
-    if not enabled:
-        yield lambda: None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
-    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), transient=True) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda: bar.advance(task)
