@@ -37,6 +37,13 @@ import numpy as np
 from ecgplat import store as S
 from ecgplat.leads import LEADS
 from ecgplat.privacy import pseudonymise
+from ingestion.segment_codec import (
+    ShardFiles,
+    codecs,
+    decode_segments,
+    direct_layout,
+    encode_segments,
+)
 
 _SEG_SHAPE = (S.N_LEADS, S.SEGMENT_SAMPLES)
 
@@ -129,135 +136,6 @@ def _str_array(values) -> np.ndarray:
     return np.asarray(list(values), dtype=str) if len(values) else np.zeros(0, dtype=str)
 
 
-def _codecs():
-    """The zarr codecs of the ``segments`` array (metadata; ``encode_segments`` must produce
-    exactly what they decode)."""
-    from zarr.codecs import BloscCodec
-    from zarr.codecs.numcodecs import Delta
-
-    S.quiet_zarr_warnings()
-    filters = [Delta(dtype="int16")] if S.SEGMENT_DELTA else []
-    return filters, [BloscCodec(cname=S.SEGMENT_CNAME, clevel=S.SEGMENT_CLEVEL,
-                                shuffle=S.SEGMENT_SHUFFLE, typesize=2)]
-
-
-_ENCODERS: tuple | None = None
-
-
-def encode_segments(segments: np.ndarray) -> list[bytes]:
-    """int16 (N, 12, 2500) -> N encoded zarr chunks of the ``segments`` array (one segment per
-    chunk: delta filter, little-endian bytes, Blosc). Runs on the workers, so that the driver
-    only places bytes into shard files. Deterministic: the same segment gives the same bytes."""
-    global _ENCODERS
-    config = (S.SEGMENT_DELTA, S.SEGMENT_CNAME, S.SEGMENT_CLEVEL, S.SEGMENT_SHUFFLE)
-    if _ENCODERS is None or _ENCODERS[0] != config:
-        import numcodecs
-        from numcodecs import Blosc, Delta
-
-        numcodecs.blosc.use_threads = False  # one Dask thread per worker process: no oversubscription
-        shuffle = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE,
-                   "bitshuffle": Blosc.BITSHUFFLE}[S.SEGMENT_SHUFFLE]
-        _ENCODERS = (config, Delta(dtype="<i2") if S.SEGMENT_DELTA else None,
-                     Blosc(cname=S.SEGMENT_CNAME, clevel=S.SEGMENT_CLEVEL, shuffle=shuffle))
-    _, delta, blosc = _ENCODERS
-    out = []
-    for seg in np.asarray(segments):
-        x = np.ascontiguousarray(seg, dtype="<i2")
-        if delta is not None:
-            x = delta.encode(x)
-        out.append(bytes(blosc.encode(x)))
-    return out
-
-
-def decode_segments(chunks: list[bytes]) -> np.ndarray:
-    """Inverse of ``encode_segments``: int16 (N, 12, 2500)."""
-    encode_segments(np.zeros((0, *_SEG_SHAPE), np.int16))  # builds the codecs
-    _, delta, blosc = _ENCODERS
-    out = np.empty((len(chunks), *_SEG_SHAPE), dtype=np.int16)
-    for i, c in enumerate(chunks):
-        x = np.frombuffer(blosc.decode(c), dtype="<i2")
-        out[i] = (delta.decode(x) if delta is not None else x).reshape(_SEG_SHAPE)
-    return out
-
-
-def _direct_layout(arr) -> bool:
-    """True if ``segments`` has this version's chunking and codecs (then shard files are written
-    from worker-encoded chunks); an older store's array is written through zarr instead."""
-    filters, compressors = _codecs()
-    return (tuple(arr.chunks) == (1, *_SEG_SHAPE) and S.SEGMENT_CHUNK == 1
-            and tuple(arr.shards or ()) == (S.SEGMENT_SHARD, *_SEG_SHAPE)
-            and [c.to_dict() for c in arr.filters] == [c.to_dict() for c in filters]
-            and [c.to_dict() for c in arr.compressors] == [c.to_dict() for c in compressors])
-
-
-_EMPTY = np.uint64(2**64 - 1)  # zarr sharding index: an absent chunk
-
-
-class _ShardFiles:
-    """Writes the ``segments`` array's shard files directly from encoded chunks (zarr v3
-    sharding format: chunk bytes, then the (chunks, 2) uint64 offset/length index and its
-    crc32c at the end). Whole shards are written as soon as they are full; the open (last,
-    partial) shard is held in memory and written by ``flush()``, i.e. at commit. Every file goes
-    through a ``*.partial`` temp file + ``os.replace``: never half-written."""
-
-    def __init__(self, path: Path, n_segments: int):
-        self.dir = path / "segments"
-        self.per = S.SEGMENT_SHARD
-        self.start = n_segments - n_segments % self.per
-        self.tail: list[bytes | None] = self._read(self.start // self.per)[: n_segments - self.start]
-
-    def _file(self, k: int) -> Path:
-        return self.dir / "c" / str(k) / "0" / "0"
-
-    def _read(self, k: int) -> list[bytes | None]:
-        """The chunks of shard ``k`` as stored (None = absent chunk); [] if there is no file."""
-        try:
-            data = self._file(k).read_bytes()
-        except FileNotFoundError:
-            return []
-        n_index = self.per * 16
-        index = np.frombuffer(data, "<u8", self.per * 2, len(data) - n_index - 4).reshape(-1, 2)
-        return [None if off == _EMPTY else data[int(off): int(off) + int(n)] for off, n in index]
-
-    def _write(self, k: int, chunks: list[bytes | None]) -> None:
-        import google_crc32c
-
-        index = np.full((self.per, 2), _EMPTY, dtype="<u8")
-        offset = 0
-        for i, c in enumerate(chunks):
-            if c is not None:
-                index[i] = (offset, len(c))
-                offset += len(c)
-        index_bytes = index.tobytes()
-        crc = np.uint32(google_crc32c.value(index_bytes)).astype("<u4").tobytes()
-        target = self._file(k)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f"{target.name}.{uuid.uuid4().hex}.partial")
-        with open(tmp, "wb") as f:
-            f.write(b"".join(c for c in chunks if c is not None))
-            f.write(index_bytes)
-            f.write(crc)
-        os.replace(tmp, target)
-
-    def extend(self, chunks: list[bytes]) -> None:
-        self.tail.extend(chunks)
-        while len(self.tail) >= self.per:
-            self._write(self.start // self.per, self.tail[: self.per])
-            del self.tail[: self.per]
-            self.start += self.per
-
-    def flush(self) -> None:
-        if self.tail:
-            self._write(self.start // self.per, self.tail)
-
-    def drop_beyond(self, n_segments: int) -> None:
-        """Delete shard files wholly past ``n_segments`` (left by a killed run)."""
-        first_free = -(-n_segments // self.per)
-        for child in (self.dir / "c").iterdir() if (self.dir / "c").is_dir() else ():
-            if child.name.isdigit() and int(child.name) >= first_free:
-                shutil.rmtree(child, ignore_errors=True)
-
-
 class StoreWriter:
     """The single writer of a store: creates it if needed, appends batches, commits, splits.
 
@@ -298,8 +176,8 @@ class StoreWriter:
             self.close()
             raise
         self._staged: dict[str, list[np.ndarray]] = {}
-        self._shards = (_ShardFiles(self.path, int(self.committed["n_segments"]))
-                        if _direct_layout(self.root["segments"]) else None)
+        self._shards = (ShardFiles(self.path, int(self.committed["n_segments"]))
+                        if direct_layout(self.root["segments"]) else None)
         self.n_records = int(self.committed["n_records"])
         self.n_segments = int(self.committed["n_segments"])
         self.n_rejects = int(self.committed["n_rejects"])
@@ -325,7 +203,7 @@ class StoreWriter:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, secret_file)
-        filters, compressors = _codecs()
+        filters, compressors = codecs()
 
         def exists(key: str) -> bool:  # not group listing: it warns about our non-zarr files
             return (self.path / key / "zarr.json").is_file()
@@ -381,8 +259,8 @@ class StoreWriter:
         for child in splits_dir.iterdir() if splits_dir.is_dir() else ():
             if child.is_dir() and child.name != current:
                 shutil.rmtree(child)
-        if _direct_layout(self.root["segments"]):
-            _ShardFiles(self.path, 0).drop_beyond(int(self.committed["n_segments"]))
+        if direct_layout(self.root["segments"]):
+            ShardFiles(self.path, 0).drop_beyond(int(self.committed["n_segments"]))
         for partial in self.path.rglob("*.partial"):
             partial.unlink(missing_ok=True)
         for tmp in self.path.glob(".*.tmp"):
