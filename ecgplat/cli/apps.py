@@ -8,6 +8,7 @@ app = typer.Typer(
     no_args_is_help=True,
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,
+    add_completion=False,
 )
 evaluate_app = typer.Typer(help="Evaluate a model: arrhythmia classification or patient identification.",
                            no_args_is_help=True)
