@@ -227,9 +227,9 @@ def _warm_up() -> None:
 
     import ingestion.conditioning  # noqa: F401
     from ingestion.corpora import CORPORA  # noqa: F401
-    from ingestion.segment_codec import encode_segments
+    from ingestion.segment_codec import segment_codecs
 
-    encode_segments(__import__("numpy").zeros((1, 12, 2500), dtype="int16"))
+    segment_codecs()
 
 
 class _dask_client:

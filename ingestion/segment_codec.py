@@ -10,6 +10,7 @@ layout (a store created by an older version is appended to through zarr instead)
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import uuid
@@ -34,25 +35,29 @@ def codecs():
                                 shuffle=S.SEGMENT_SHUFFLE, typesize=2)]
 
 
-_ENCODERS: tuple | None = None
+def segment_codecs():
+    """(delta filter or None, Blosc) for the current codec constants of ``ecgplat.store``; built
+    once per process and configuration (the ingest workers build them at start-up)."""
+    return _build_codecs(S.SEGMENT_DELTA, S.SEGMENT_CNAME, S.SEGMENT_CLEVEL, S.SEGMENT_SHUFFLE)
+
+
+@functools.lru_cache(maxsize=4)
+def _build_codecs(delta: bool, cname: str, clevel: int, shuffle: str):
+    import numcodecs
+    from numcodecs import Blosc, Delta
+
+    numcodecs.blosc.use_threads = False  # one Dask thread per worker process: no oversubscription
+    shuffle_id = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE,
+                  "bitshuffle": Blosc.BITSHUFFLE}[shuffle]
+    return (Delta(dtype="<i2") if delta else None,
+            Blosc(cname=cname, clevel=clevel, shuffle=shuffle_id))
 
 
 def encode_segments(segments: np.ndarray) -> list[bytes]:
     """int16 (N, 12, 2500) -> N encoded zarr chunks of the ``segments`` array (one segment per
     chunk: delta filter, little-endian bytes, Blosc). Runs on the workers, so that the driver
     only places bytes into shard files. Deterministic: the same segment gives the same bytes."""
-    global _ENCODERS
-    config = (S.SEGMENT_DELTA, S.SEGMENT_CNAME, S.SEGMENT_CLEVEL, S.SEGMENT_SHUFFLE)
-    if _ENCODERS is None or _ENCODERS[0] != config:
-        import numcodecs
-        from numcodecs import Blosc, Delta
-
-        numcodecs.blosc.use_threads = False  # one Dask thread per worker process: no oversubscription
-        shuffle = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE,
-                   "bitshuffle": Blosc.BITSHUFFLE}[S.SEGMENT_SHUFFLE]
-        _ENCODERS = (config, Delta(dtype="<i2") if S.SEGMENT_DELTA else None,
-                     Blosc(cname=S.SEGMENT_CNAME, clevel=S.SEGMENT_CLEVEL, shuffle=shuffle))
-    _, delta, blosc = _ENCODERS
+    delta, blosc = segment_codecs()
     out = []
     for seg in np.asarray(segments):
         x = np.ascontiguousarray(seg, dtype="<i2")
@@ -64,8 +69,7 @@ def encode_segments(segments: np.ndarray) -> list[bytes]:
 
 def decode_segments(chunks: list[bytes]) -> np.ndarray:
     """Inverse of ``encode_segments``: int16 (N, 12, 2500)."""
-    encode_segments(np.zeros((0, *_SEG_SHAPE), np.int16))  # builds the codecs
-    _, delta, blosc = _ENCODERS
+    delta, blosc = segment_codecs()
     out = np.empty((len(chunks), *_SEG_SHAPE), dtype=np.int16)
     for i, c in enumerate(chunks):
         x = np.frombuffer(blosc.decode(c), dtype="<i2")
