@@ -39,6 +39,7 @@ from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from ecgplat.leads import LEADS, apply_lead_subset, lead_mask, parse_leads
+from ecgplat.store import to_millivolts
 from training.augment import RandomLeadMasking
 
 INFO_FILE = "_info.json"
@@ -300,7 +301,7 @@ class ShardStream(torch.utils.data.IterableDataset):
     def assemble(self, units: list[Unit], index: int) -> dict:
         """The batch dict of `units` (batch number `index` of this rank's epoch)."""
         segs = np.concatenate([u.segments for u in units])           # int16 µV
-        x = segs.astype(np.float32) / 1000                            # float32 mV
+        x = to_millivolts(segs)
         per_unit = [u.segments.shape[0] for u in units]
         masks = np.repeat(np.array([u.meta["lead_mask"] for u in units], dtype=bool),
                           per_unit, axis=0)

@@ -129,6 +129,7 @@ def evaluate_identify(
 
 def _conditioned_file(path: Path):
     """(float32 (S, 12, 2500) mV, lead mask) of a WFDB/CinC record file, via ingestion."""
+    from ecgplat.store import to_millivolts
     from ingestion.conditioning import condition
     from ingestion.corpora import get_corpus
     from ingestion.record import RecordError
@@ -140,7 +141,7 @@ def _conditioned_file(path: Path):
     for corpus in ("cinc2021", "wfdb"):
         try:
             rec = condition(get_corpus(corpus).read_record(src, rel))
-            return rec.segments.astype("float32") / 1000.0, rec.lead_mask
+            return to_millivolts(rec.segments), rec.lead_mask
         except RecordError as e:
             errors.append(e)
     fail(str(errors[-1]))
