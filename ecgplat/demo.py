@@ -39,7 +39,7 @@ def run(*args: str) -> None:
     print(f"\n$ ecgplat {shlex.join(args)}", flush=True)
     t0 = time.time()
     env = {**os.environ, "COLUMNS": os.environ.get("COLUMNS", "120")}
-    code = subprocess.run(cmd, env=env).returncode
+    code = subprocess.run(cmd, check=False, env=env).returncode
     if code != 0:
         raise SystemExit(f"demo step failed (exit {code}): ecgplat {shlex.join(args)}")
     print(f"[{time.time() - t0:.1f} s]", flush=True)
@@ -103,6 +103,8 @@ def main() -> None:
         rec = metrics["results"]["12"]["record"]
         print(f"{name:12s}" + "".join(
             f"{rec[k]:17.4f}" if rec[k] is not None else f"{'n/a':>17s}" for k in keys))
+    print("(150 pretraining updates leave the InfoNCE term at chance and the test split is small, so\n"
+          " this order is not stable; README 'Does pretraining help?' compares them at 1000 updates)")
     run("evaluate", "diagnosis", "--checkpoint",
         str(out / "runs" / "diagnosis_pretrained" / "checkpoint_best.pt"), "--store", str(store),
         "--split", "test", "--leads", "all", "--out", str(out / "runs" / "diagnosis_leads"))

@@ -1,0 +1,86 @@
+"""Pretraining pays off: fine-tuned from a W2V+CMSC+RLM-pretrained `tiny` encoder, a diagnosis
+model reaches a higher validation macro AUROC than the random-init baseline trained the same
+number of updates with the same seeds (the paper's claim, at toy scale).
+
+The pretrained encoder is the committed fixture `fixtures/pretrained_tiny/` (1000 updates on a
+synthetic cohort of its own, 1000 patients, seed 100; `make.py` there regenerates it). It is not
+pretrained here because the InfoNCE term of W2V stays at chance for the first ~300 updates:
+that is minutes on 2 CPU cores, over a unit-test budget. The fine-tuning cohort is generated
+here from other patients (seed 1): 300 one-record patients, half train, half validation. Both
+arms are the `diagnosis` preset (CNN frozen, as in the paper) at lr 1e-3 for 30 updates of 16
+segments, over three seeds. Over cohort seeds 1-6 of this protocol the mean gap was 0.084-0.113
+and all 18 per-seed gaps were positive (smallest +0.058), so the margin asserted below (mean
+> 0.04, every seed > 0) leaves room.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ecgplat.config import load_config
+from training.loop import train
+from training.models import load_encoder
+from training.tasks.diagnosis import DiagnosisTask
+
+FIXTURE = Path(__file__).parent / "fixtures" / "pretrained_tiny"
+CHECKPOINT = FIXTURE / "w2v_cmsc_rlm_tiny_synth.pt"
+SEEDS = (0, 1, 2)
+UPDATES = 30
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> Path:
+    from ingestion.pipeline import ingest
+    from ingestion.shards import write_shards
+    from ingestion.splits import split_store
+    from ingestion.synth import write_cohort
+
+    base = tmp_path_factory.mktemp("benefit")
+    write_cohort(base / "cohort", 300, 1, seconds=10.0, seed=1, label_fraction=0.75)
+    ingest("cinc2021", base / "cohort", base / "store", workers=0, progress=False)
+    split_store(base / "store", mode="random", valid=0.5, test=0.0, seed=1)
+    for split in ("train", "valid"):
+        write_shards(base / "store", split, base / "shards", max_count=64)
+    return base
+
+
+def valid_auroc(cohort: Path, out: Path, init: str, seed: int) -> float:
+    """Fine-tune (or train from scratch when init is "none") and return the last validation's
+    segment-level macro AUROC."""
+    torch.set_num_threads(1)
+    cfg = load_config("diagnosis", [
+        "model.preset=tiny", f"data.shards={cohort / 'shards'}", f"data.store={cohort / 'store'}",
+        f"out={out}", f"finetune.init={init}", f"seed={seed}", "data.batch_size=16",
+        "data.num_workers=0", "device=cpu", "optim.lr=1e-3", f"optim.max_update={UPDATES}",
+        "optim.max_epoch=0", "logging.wandb_mode=disabled", "logging.log_interval=1000"])
+    summary = train(cfg, DiagnosisTask(cfg))
+    assert summary["num_updates"] == UPDATES
+    valid = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+             if "valid_auroc_macro" in line]
+    return valid[-1]["valid_auroc_macro"]
+
+
+def test_fixture_matches_its_provenance():
+    record = json.loads((FIXTURE / "provenance.json").read_text())
+    assert hashlib.sha256(CHECKPOINT.read_bytes()).hexdigest() == record["sha256"]
+    assert record["num_updates"] == 1000
+    # the recipe left chance: InfoNCE below log2(101) bits, CMSC well below log2(8) bits
+    assert record["last_log"]["w2v_loss"] < record["first_log"]["w2v_loss"] - 0.2
+    assert record["last_log"]["cmsc_loss"] < 2.0
+    encoder = load_encoder(CHECKPOINT)  # strict: the fixture matches today's model
+    assert encoder.cfg.encoder_embed_dim == 64
+
+
+def test_pretrained_init_beats_random_init(cohort, tmp_path):
+    pretrained = [valid_auroc(cohort, tmp_path / f"pt{s}", str(CHECKPOINT), s) for s in SEEDS]
+    scratch = [valid_auroc(cohort, tmp_path / f"rnd{s}", "none", s) for s in SEEDS]
+    gaps = np.subtract(pretrained, scratch)
+    print(f"valid macro AUROC, pretrained {np.round(pretrained, 3)} vs random init "
+          f"{np.round(scratch, 3)}: gaps {np.round(gaps, 3)}")
+    assert np.mean(gaps) > 0.04 and (gaps > 0).all(), (pretrained, scratch)
