@@ -135,7 +135,7 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], origin: str = "config") -> "RunConfig":
+    def from_dict(cls, d: dict[str, Any], origin: str = "config") -> RunConfig:
         cfg = cls()
         _merge(cfg, d, prefix="", origin=origin)
         cfg.validate()

@@ -42,7 +42,7 @@ class ProgressBar:
             self._bar.stop()
             self._bar = None
 
-    def __enter__(self) -> "ProgressBar":
+    def __enter__(self) -> ProgressBar:
         return self
 
     def __exit__(self, *exc) -> None:

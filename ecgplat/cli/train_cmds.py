@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -63,26 +63,26 @@ def train_command(
     task: Annotated[str, typer.Argument(help="What to train: pretrain (W2V/CMSC/RLM), diagnosis "
                                              "(CinC 2021 arrhythmia classes) or identify "
                                              "(ArcFace patient identification).")],
-    overrides: Annotated[Optional[list[str]], typer.Argument(
+    overrides: Annotated[list[str] | None, typer.Argument(
         help="Config overrides `section.key=value`, e.g. optim.lr=1e-4 data.batch_size=8 "
              "criterion.loss_weights=[0.1,10]. Unknown keys are rejected.",
         show_default=False)] = None,
-    config: Annotated[Optional[str], typer.Option(
+    config: Annotated[str | None, typer.Option(
         "--config", "-c", help="Preset name (w2v_cmsc_rlm, w2v_cmsc, w2v, cmsc, diagnosis, "
                                "identification) or a YAML file; default: the task's "
                                "preset.")] = None,
-    shards: Annotated[Optional[str], typer.Option(
+    shards: Annotated[str | None, typer.Option(
         help="Directory of WebDataset shards written by `ecgplat shards` (data.shards).")] = None,
     out: Annotated[Path, typer.Option(
         help="Run directory: config.yaml, checkpoints, metrics.jsonl, W&B files.")] = ...,
-    init: Annotated[Optional[str], typer.Option(
+    init: Annotated[str | None, typer.Option(
         help="Checkpoint to fine-tune from (finetune.init).")] = None,
-    leads: Annotated[Optional[str], typer.Option(
+    leads: Annotated[str | None, typer.Option(
         help="Leads fed to the model: preset 12/6/4/3/2/1 or a comma list such as I,II,V2; "
              "absent leads are zero rows (data.leads).")] = None,
-    store: Annotated[Optional[str], typer.Option(
+    store: Annotated[str | None, typer.Option(
         help="Feature store used for validation (data.store).")] = None,
-    exclude_overlap: Annotated[Optional[str], typer.Option(
+    exclude_overlap: Annotated[str | None, typer.Option(
         "--exclude-overlap", help="Evaluation store whose records must not be trained on "
                                   "(identify: PhysioNet 2021's HR records are PTB-XL ECGs); the "
                                   "run reports how many it excluded "

@@ -31,7 +31,8 @@ Contract (fixed by the lead, see docs/ARCHITECTURE.md):
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -52,7 +53,7 @@ class Task:
     checkpoint_kind: str = "pretrain"
     find_unused_parameters: bool = True  # DDP option; False is faster when every param is used
 
-    def __init__(self, cfg: "RunConfig"):
+    def __init__(self, cfg: RunConfig):
         self.cfg = cfg
 
     # --- model -------------------------------------------------------------------------------
