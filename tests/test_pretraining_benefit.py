@@ -16,6 +16,7 @@ and all 18 per-seed gaps were positive (smallest +0.058), so the margin asserted
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 from pathlib import Path
 
@@ -75,6 +76,22 @@ def test_fixture_matches_its_provenance():
     assert record["last_log"]["cmsc_loss"] < 2.0
     encoder = load_encoder(CHECKPOINT)  # strict: the fixture matches today's model
     assert encoder.cfg.encoder_embed_dim == 64
+
+
+def test_recipe_still_reproduces_the_fixture_run(tmp_path):
+    """The recipe run today logs, over its first 25 updates, the losses the fixture's run logged:
+    the committed checkpoint is what this code's pretraining produces (a change to the model,
+    the objectives, RLM or the data stream shows up here)."""
+    spec = importlib.util.spec_from_file_location("make_fixture", FIXTURE / "make.py")
+    make = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make)
+    run = make.pretrain(tmp_path, 25)
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    first = next(r for r in logged if "w2v_loss" in r)
+    expected = json.loads((FIXTURE / "provenance.json").read_text())["first_log"]
+    assert first["update"] == expected["update"] == 25
+    for key in ("loss", "w2v_loss", "cmsc_loss", "accuracy"):
+        assert first[key] == pytest.approx(expected[key], rel=1e-3), key
 
 
 def test_pretrained_init_beats_random_init(cohort, tmp_path):
