@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+from ecgplat.tracking import read_metrics
+
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "data" / "samples"
 
@@ -47,8 +49,7 @@ def run(*args: str) -> None:
 
 def loss_curve(run_dir: Path, key: str = "loss", points: int = 6) -> str:
     """A few evenly spaced training-loss values from the run's metrics.jsonl."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    rows = [r for r in rows if r.get("phase", "train") == "train" and key in r]
+    rows = [r for r in read_metrics(run_dir, key) if r.get("phase", "train") == "train"]
     if not rows:
         return "(no training rows logged)"
     step = max(1, (len(rows) - 1) // (points - 1))

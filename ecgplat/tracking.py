@@ -4,7 +4,8 @@
 mirrors it to W&B (offline by default, files under `run_dir/wandb`; "disabled" writes nothing;
 "online" needs an API key and falls back to offline without one) and shows a rich progress
 bar with the loss and samples/s on the console (plain one-line records when stdout is not a
-terminal). `log_metrics(...)` is the one-shot helper for commands such as `ecgplat evaluate`.
+terminal). `log_metrics(...)` is the one-shot helper for commands such as `ecgplat evaluate`;
+`read_metrics(run_dir)` reads the records back.
 
 Privacy: pseudonymised patient keys start with `p-`. Nothing that looks like one is ever
 logged: keys starting with `p-` are dropped and string values containing one are redacted
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from ecgplat.progress import ProgressBar
+
+METRICS_FILE = "metrics.jsonl"
 
 PATIENT_KEY = re.compile(r"(?<![A-Za-z0-9_])p-[0-9a-fA-F]{4,}")
 REDACTED = "[redacted]"
@@ -62,7 +65,7 @@ class Tracker:
             raise ValueError(f"unknown W&B mode '{mode}' (offline, online, disabled)")
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl_path = self.run_dir / "metrics.jsonl"
+        self.jsonl_path = self.run_dir / METRICS_FILE
         self._jsonl = open(self.jsonl_path, "a" if resume else "w", encoding="utf-8")
         self.console = console
         self._progress = None
@@ -131,14 +134,9 @@ class Tracker:
         """Drop JSONL records with `update > step` (re-done after a resume)."""
         self._jsonl.close()
         keep = []
-        if self.jsonl_path.exists():
-            for raw in self.jsonl_path.read_text(encoding="utf-8").splitlines():
-                try:
-                    rec = json.loads(raw)
-                except json.JSONDecodeError:
-                    continue  # a line torn by a kill
-                if rec.get("update", -1) <= step:
-                    keep.append(raw)
+        for raw, rec in _records(self.jsonl_path):
+            if rec.get("update", -1) <= step:
+                keep.append(raw)
         tmp = self.jsonl_path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
         os.replace(tmp, self.jsonl_path)
@@ -185,6 +183,22 @@ def log_metrics(run_dir: str | Path, metrics: dict[str, Any], *, config: dict | 
         record = t.log(metrics, step=step)
         t.summary(metrics)
     return record
+
+
+def _records(path: Path):
+    """(line, record) pairs of a metrics file; a line torn by a kill is skipped."""
+    if not path.exists():
+        return
+    for raw in path.read_text(encoding="utf-8").splitlines():
+        try:
+            yield raw, json.loads(raw)
+        except json.JSONDecodeError:
+            continue
+
+
+def read_metrics(run_dir: str | Path, key: str | None = None) -> list[dict]:
+    """The records of run_dir/metrics.jsonl in order; with `key`, only those that have it."""
+    return [rec for _, rec in _records(Path(run_dir) / METRICS_FILE) if key is None or key in rec]
 
 
 def _fmt(v: Any) -> str:

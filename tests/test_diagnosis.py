@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from ecgplat.config import load_config
 from ecgplat.leads import apply_lead_subset, parse_leads
+from ecgplat.tracking import read_metrics
 from training.metrics import auroc
 from training.models import CheckpointError, build_encoder, build_pretraining_model, save_checkpoint
 from training.models.classifier import DiagnosisModel, load_diagnosis_model
@@ -183,8 +184,7 @@ def test_finetune_learns_and_evaluation_round_trips(cohort, pretrain_ckpt, tmp_p
     before = task.validate(task.build_model(), epoch=0)
     summary = train(cfg, task)
     assert summary["num_updates"] == 18
-    valid = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
-             if "valid_auroc_macro" in line]
+    valid = read_metrics(run, "valid_auroc_macro")
     after = valid[-1]["valid_auroc_macro"]
     print(f"valid macro AUROC: untrained {before['auroc_macro']:.3f} -> fine-tuned {after:.3f}")
     assert after > 0.55 and after > before["auroc_macro"] + 0.05, (before["auroc_macro"], after)

@@ -17,6 +17,7 @@ import torch
 from typer.testing import CliRunner
 
 from ecgplat.config import RunConfig, load_config
+from ecgplat.tracking import read_metrics
 from training.loop import train
 from training.tasks.base import Task
 
@@ -28,8 +29,7 @@ TINY = ["model.preset=tiny", "criterion.num_negatives=10", "data.batch_size=2",
 
 
 def losses(run: Path) -> dict[int, float]:
-    return {r["update"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text()
-                                                 .splitlines()) if "loss" in r}
+    return {r["update"]: r["loss"] for r in read_metrics(run, "loss")}
 
 
 def load(path: Path) -> dict:
@@ -152,8 +152,7 @@ def test_best_checkpoint_patience_and_keep_last(tmp_path):
     assert load(tmp_path / "r" / "checkpoint_last.pt")["num_updates"] == 6
     assert sorted(p.name for p in (tmp_path / "r").glob("checkpoint_*.pt")) == \
         ["checkpoint_5.pt", "checkpoint_6.pt", "checkpoint_best.pt", "checkpoint_last.pt"]
-    valid = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
-             if "valid_score" in x]
+    valid = read_metrics(tmp_path / "r", "valid_score")
     assert [v["valid_score"] for v in valid] == task.valid_metrics[:6]
 
 

@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from ecgplat.config import load_config
+from ecgplat.tracking import read_metrics
 from training.loop import train
 from training.models import load_encoder
 from training.tasks.diagnosis import DiagnosisTask
@@ -62,9 +63,7 @@ def valid_auroc(cohort: Path, out: Path, init: str, seed: int) -> float:
         "optim.max_epoch=0", "logging.wandb_mode=disabled", "logging.log_interval=1000"])
     summary = train(cfg, DiagnosisTask(cfg))
     assert summary["num_updates"] == UPDATES
-    valid = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
-             if "valid_auroc_macro" in line]
-    return valid[-1]["valid_auroc_macro"]
+    return read_metrics(out, "valid_auroc_macro")[-1]["valid_auroc_macro"]
 
 
 def test_fixture_matches_its_provenance():
@@ -86,8 +85,7 @@ def test_recipe_still_reproduces_the_fixture_run(tmp_path):
     make = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(make)
     run = make.pretrain(tmp_path, 25)
-    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    first = next(r for r in logged if "w2v_loss" in r)
+    first = read_metrics(run, "w2v_loss")[0]
     expected = json.loads((FIXTURE / "provenance.json").read_text())["first_log"]
     assert first["update"] == expected["update"] == 25
     for key in ("loss", "w2v_loss", "cmsc_loss", "accuracy"):
