@@ -30,19 +30,12 @@ torch.set_num_threads(1)
 def cohort(tmp_path_factory) -> dict:
     """100 synthetic one-record patients (75 % with an abnormality), split train 50 / valid 40 /
     test 10 by patient, with train and valid shards."""
-    from ingestion.pipeline import ingest
-    from ingestion.shards import write_shards
-    from ingestion.splits import split_store
-    from ingestion.synth import write_cohort
+    from ingestion.synth import prepare_synthetic
 
-    base = tmp_path_factory.mktemp("dx")
-    write_cohort(base / "cohort", 100, 1, seconds=10.0, seed=1, label_fraction=0.75)
-    ingest("cinc2021", base / "cohort", base / "store", workers=0, progress=False)
-    counts = split_store(base / "store", mode="random", valid=0.4, test=0.1, seed=0)
-    assert counts["split"] == {"train": 50, "valid": 40, "test": 10}
-    for split in ("train", "valid"):
-        write_shards(base / "store", split, base / "shards", max_count=16)
-    return {"base": base, "store": base / "store", "shards": base / "shards"}
+    data = prepare_synthetic(tmp_path_factory.mktemp("dx"), 100, seed=1, label_fraction=0.75,
+                             valid=0.4, test=0.1, split_seed=0, max_count=16)
+    assert data["counts"]["split"] == {"train": 50, "valid": 40, "test": 10}
+    return data
 
 
 @pytest.fixture(scope="module")

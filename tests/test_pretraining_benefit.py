@@ -15,7 +15,6 @@ and all 18 per-seed gaps were positive (smallest +0.058), so the margin asserted
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 
 from ecgplat.config import load_config
 from ecgplat.tracking import read_metrics
+from retrieval.embed import file_sha256
 from training.loop import train
 from training.models import load_encoder
 from training.tasks.diagnosis import DiagnosisTask
@@ -37,27 +37,19 @@ UPDATES = 30
 
 
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory) -> Path:
-    from ingestion.pipeline import ingest
-    from ingestion.shards import write_shards
-    from ingestion.splits import split_store
-    from ingestion.synth import write_cohort
+def cohort(tmp_path_factory) -> dict:
+    from ingestion.synth import prepare_synthetic
 
-    base = tmp_path_factory.mktemp("benefit")
-    write_cohort(base / "cohort", 300, 1, seconds=10.0, seed=1, label_fraction=0.75)
-    ingest("cinc2021", base / "cohort", base / "store", workers=0, progress=False)
-    split_store(base / "store", mode="random", valid=0.5, test=0.0, seed=1)
-    for split in ("train", "valid"):
-        write_shards(base / "store", split, base / "shards", max_count=64)
-    return base
+    return prepare_synthetic(tmp_path_factory.mktemp("benefit"), 300, seed=1,
+                             label_fraction=0.75, valid=0.5)
 
 
-def valid_auroc(cohort: Path, out: Path, init: str, seed: int) -> float:
+def valid_auroc(cohort: dict, out: Path, init: str, seed: int) -> float:
     """Fine-tune (or train from scratch when init is "none") and return the last validation's
     segment-level macro AUROC."""
     torch.set_num_threads(1)
     cfg = load_config("diagnosis", [
-        "model.preset=tiny", f"data.shards={cohort / 'shards'}", f"data.store={cohort / 'store'}",
+        "model.preset=tiny", f"data.shards={cohort['shards']}", f"data.store={cohort['store']}",
         f"out={out}", f"finetune.init={init}", f"seed={seed}", "data.batch_size=16",
         "data.num_workers=0", "device=cpu", "optim.lr=1e-3", f"optim.max_update={UPDATES}",
         "optim.max_epoch=0", "logging.wandb_mode=disabled", "logging.log_interval=1000"])
@@ -68,7 +60,7 @@ def valid_auroc(cohort: Path, out: Path, init: str, seed: int) -> float:
 
 def test_fixture_matches_its_provenance():
     record = json.loads((FIXTURE / "provenance.json").read_text())
-    assert hashlib.sha256(CHECKPOINT.read_bytes()).hexdigest() == record["sha256"]
+    assert file_sha256(CHECKPOINT) == record["sha256"]
     assert record["num_updates"] == 1000
     # the recipe left chance: InfoNCE below log2(101) bits, CMSC well below log2(8) bits
     assert record["last_log"]["w2v_loss"] < record["first_log"]["w2v_loss"] - 0.2
