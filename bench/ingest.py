@@ -98,21 +98,26 @@ def run_pipeline(src: Path, store: Path, workers: int, batch_size: int) -> dict:
 
     shutil.rmtree(store, ignore_errors=True)
     with PeakRSS() as rss:
-        summary = ingest("cinc2021", src, store, workers=workers, batch_size=batch_size,
-                         progress=False)
+        summary = ingest(
+            "cinc2021", src, store, workers=workers, batch_size=batch_size, progress=False
+        )
     work = summary["seconds"] - summary["startup_seconds"]
     seg_bytes = dir_bytes(store / "segments")
     return {
-        "workers": workers, "records": summary["records"], "segments": summary["segments"],
-        "seconds": summary["seconds"], "cluster_start_seconds": summary["startup_seconds"],
+        "workers": workers,
+        "records": summary["records"],
+        "segments": summary["segments"],
+        "seconds": summary["seconds"],
+        "cluster_start_seconds": summary["startup_seconds"],
         "records_per_s": summary["records_per_s"],
         "records_per_s_without_start": round(summary["records"] / work, 1),
         "mb_per_s_read": round(summary["bytes_read"] / 1e6 / summary["seconds"], 2),
         "bytes_per_segment": round(seg_bytes / max(1, summary["segments"])),
         "store_bytes_per_segment": round(dir_bytes(store) / max(1, summary["segments"])),
         "cpu_ms_per_record": round(rss.cpu_seconds * 1e3 / max(1, summary["records"]), 2),
-        "cpu_ms_per_record_driver": round(rss.cpu_seconds_driver * 1e3
-                                          / max(1, summary["records"]), 2),
+        "cpu_ms_per_record_driver": round(
+            rss.cpu_seconds_driver * 1e3 / max(1, summary["records"]), 2
+        ),
         "peak_rss_mb": round(rss.peak / 2**20, 1),
         "peak_rss_driver_mb": round(rss.peak_driver / 2**20, 1),
     }
@@ -144,9 +149,11 @@ def run_real(root: Path, copies: int) -> dict:
     store = root / "store-real"
     shutil.rmtree(store, ignore_errors=True)
     summary = ingest("cinc2021", make_real_cohort(root, copies), store, workers=0, progress=False)
-    return {"records": summary["records"], "segments": summary["segments"],
-            "bytes_per_segment": round(dir_bytes(store / "segments")
-                                       / max(1, summary["segments"]))}
+    return {
+        "records": summary["records"],
+        "segments": summary["segments"],
+        "bytes_per_segment": round(dir_bytes(store / "segments") / max(1, summary["segments"])),
+    }
 
 
 def run_naive(src: Path, out: Path, limit: int) -> dict:
@@ -165,26 +172,43 @@ def run_naive(src: Path, out: Path, limit: int) -> dict:
         nbytes += mat.stat().st_size + hea.stat().st_size
         feats = scipy.io.loadmat(mat)["val"].astype(np.float64) / gains[:, None]
         for k in range(feats.shape[1] // 2500):
-            scipy.io.savemat(out / f"{hea.stem}_{k}.mat",
-                             {"feats": feats[:, k * 2500:(k + 1) * 2500], "curr_sample_rate": 500,
-                              "label": np.zeros((1, 26), dtype=bool), "patient_id": 0})
+            scipy.io.savemat(
+                out / f"{hea.stem}_{k}.mat",
+                {
+                    "feats": feats[:, k * 2500 : (k + 1) * 2500],
+                    "curr_sample_rate": 500,
+                    "label": np.zeros((1, 26), dtype=bool),
+                    "patient_id": 0,
+                },
+            )
             segments += 1
     seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-    return {"records": len(heads), "segments": segments, "seconds": round(seconds, 3),
-            "cpu_ms_per_record": round(cpu * 1e3 / max(1, len(heads)), 2),
-            "records_per_s": round(len(heads) / seconds, 1),
-            "mb_per_s_read": round(nbytes / 1e6 / seconds, 2),
-            "bytes_per_segment": round(dir_bytes(out) / max(1, segments))}
+    return {
+        "records": len(heads),
+        "segments": segments,
+        "seconds": round(seconds, 3),
+        "cpu_ms_per_record": round(cpu * 1e3 / max(1, len(heads)), 2),
+        "records_per_s": round(len(heads) / seconds, 1),
+        "mb_per_s_read": round(nbytes / 1e6 / seconds, 2),
+        "bytes_per_segment": round(dir_bytes(out) / max(1, segments)),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--records", type=int, default=2000, help="synthetic records to ingest")
     parser.add_argument("--batch-size", type=int, default=128, help="records per Dask task")
-    parser.add_argument("--workdir", type=Path, default=None,
-                        help="where cohorts and stores go (default: a temporary directory)")
-    parser.add_argument("--rss-check", action="store_true",
-                        help="compare peak RSS for --records and 10x --records (2 workers)")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="where cohorts and stores go (default: a temporary directory)",
+    )
+    parser.add_argument(
+        "--rss-check",
+        action="store_true",
+        help="compare peak RSS for --records and 10x --records (2 workers)",
+    )
     args = parser.parse_args()
     tmp = None
     if args.workdir is None:
@@ -198,11 +222,15 @@ def main() -> None:
             runs = {}
             small, large = args.records, 10 * args.records
             for n in (small, large):
-                runs[n] = run_pipeline(make_cohort(root, n), root / f"store-{n}", 2, args.batch_size)
+                runs[n] = run_pipeline(
+                    make_cohort(root, n), root / f"store-{n}", 2, args.batch_size
+                )
             ratio = runs[large]["peak_rss_mb"] / runs[small]["peak_rss_mb"]
-            result = {"rss_check": {str(n): r for n, r in runs.items()},
-                      f"peak_rss_ratio_{large}_vs_{small}": round(ratio, 3),
-                      "flat_memory": ratio < 1.15}
+            result = {
+                "rss_check": {str(n): r for n, r in runs.items()},
+                f"peak_rss_ratio_{large}_vs_{small}": round(ratio, 3),
+                "flat_memory": ratio < 1.15,
+            }
         else:
             src = make_cohort(root, args.records)
             one = run_pipeline(src, root / "store-1", 1, args.batch_size)
@@ -210,24 +238,31 @@ def main() -> None:
             naive = run_naive(src, root / "naive", args.records)
             real = run_real(root, 25)
             result = {
-                "records": args.records, "cpu_count": os.cpu_count(),
-                "dask_1_worker": one, "dask_2_workers": two, "naive_baseline": naive,
+                "records": args.records,
+                "cpu_count": os.cpu_count(),
+                "dask_1_worker": one,
+                "dask_2_workers": two,
+                "naive_baseline": naive,
                 "real_samples_in_process": real,
                 "bytes_per_segment_synthetic": two["bytes_per_segment"],
                 "bytes_per_segment_real": real["bytes_per_segment"],
-                "speedup_2_vs_1_workers": round(two["records_per_s_without_start"]
-                                                / one["records_per_s_without_start"], 2),
+                "speedup_2_vs_1_workers": round(
+                    two["records_per_s_without_start"] / one["records_per_s_without_start"], 2
+                ),
                 "speedup_vs_naive": round(two["records_per_s"] / naive["records_per_s"], 2),
-                "cpu_cost_ratio_store_vs_naive": round(two["cpu_ms_per_record"]
-                                                       / naive["cpu_ms_per_record"], 2),
+                "cpu_cost_ratio_store_vs_naive": round(
+                    two["cpu_ms_per_record"] / naive["cpu_ms_per_record"], 2
+                ),
                 "load_average_1min": round(os.getloadavg()[0], 2),
-                "storage_ratio_naive_vs_store": round(naive["bytes_per_segment"]
-                                                      / two["bytes_per_segment"], 1),
-                "targets": {"records_per_s_per_worker>=500": one["records_per_s_without_start"] >= 500,
-                            "bytes_per_segment<=30000 (real ECGs)": real["bytes_per_segment"]
-                            <= 30000,
-                            "2_workers>=1.6x": two["records_per_s_without_start"]
-                            >= 1.6 * one["records_per_s_without_start"]},
+                "storage_ratio_naive_vs_store": round(
+                    naive["bytes_per_segment"] / two["bytes_per_segment"], 1
+                ),
+                "targets": {
+                    "records_per_s_per_worker>=500": one["records_per_s_without_start"] >= 500,
+                    "bytes_per_segment<=30000 (real ECGs)": real["bytes_per_segment"] <= 30000,
+                    "2_workers>=1.6x": two["records_per_s_without_start"]
+                    >= 1.6 * one["records_per_s_without_start"],
+                },
             }
         print(json.dumps(result, indent=1))
     finally:

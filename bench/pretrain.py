@@ -34,18 +34,23 @@ import tempfile
 import time
 from pathlib import Path
 
-GIB = 2 ** 30
+GIB = 2**30
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
-CPU_TARGETS = {"paper_steps_segments_per_s": 1.5, "peak_rss_gib": 3.2, "loader_over_steps": 20.0,
-               "fit_check_peak_gib": 24.0}
+CPU_TARGETS = {
+    "paper_steps_segments_per_s": 1.5,
+    "peak_rss_gib": 3.2,
+    "loader_over_steps": 20.0,
+    "fit_check_peak_gib": 24.0,
+}
 
 
 def build_shards(root: Path, records: int = 64) -> Path:
     """A synthetic cohort (20 s records = 2 CMSC pairs each) -> store -> train shards."""
     from ingestion.synth import prepare_synthetic
 
-    return prepare_synthetic(root, records // 2, 2, seconds=20, valid=0.0,
-                             shard_splits=("train",), max_count=16)["shards"]
+    return prepare_synthetic(
+        root, records // 2, 2, seconds=20, valid=0.0, shard_splits=("train",), max_count=16
+    )["shards"]
 
 
 def forward_flops(enc, n_segments: int, n_samples: int = 2500) -> float:
@@ -56,12 +61,15 @@ def forward_flops(enc, n_segments: int, n_samples: int = 2500) -> float:
         macs += length * c_out * c_in * k
         c_in = c_out
     t, d, f = length, enc.encoder_embed_dim, enc.encoder_ffn_embed_dim
-    macs += t * c_in * d                                    # post_extract_proj
+    macs += t * c_in * d  # post_extract_proj
     macs += t * d * (d // enc.conv_pos_groups) * enc.conv_pos  # positional conv
     per_layer = t * (4 * d * d + 2 * d * f) + 2 * t * t * d  # projections, FFN, QK^T and AV
     macs += enc.encoder_layers * per_layer
-    macs += t * (d * enc.final_dim + enc.conv_dim * enc.latent_vars * enc.latent_groups
-                 + enc.vq_dim * enc.final_dim)               # heads (upper bound: all frames)
+    macs += t * (
+        d * enc.final_dim
+        + enc.conv_dim * enc.latent_vars * enc.latent_groups
+        + enc.vq_dim * enc.final_dim
+    )  # heads (upper bound: all frames)
     return 2.0 * macs * n_segments
 
 
@@ -72,19 +80,35 @@ def peak_rss_gib() -> float:
 def _config(shards: Path, preset: str, pairs: int, workers: int):
     from ecgplat.config import load_config
 
-    return load_config("w2v_cmsc_rlm", [f"data.shards={shards}", f"model.preset={preset}",
-                                        f"data.batch_size={pairs}", f"data.num_workers={workers}",
-                                        "logging.wandb_mode=disabled", "data.shuffle_buffer=16"])
+    return load_config(
+        "w2v_cmsc_rlm",
+        [
+            f"data.shards={shards}",
+            f"model.preset={preset}",
+            f"data.batch_size={pairs}",
+            f"data.num_workers={workers}",
+            "logging.wandb_mode=disabled",
+            "data.shuffle_buffer=16",
+        ],
+    )
 
 
-def measure(preset: str, shards: str, pairs: int, steps: int, loader_batches: int,
-            workers: int, fit_check: bool) -> dict:
+def measure(
+    preset: str,
+    shards: str,
+    pairs: int,
+    steps: int,
+    loader_batches: int,
+    workers: int,
+    fit_check: bool,
+) -> dict:
     """Runs in a child process: loader and step throughput of one preset."""
     import psutil
     import torch
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1)))
     from training.distributed import limit_heap_growth, pick_device
+
     limit_heap_growth()  # what training.loop.train does on the CPU
     from training.loop import apply_update, to_device
     from training.optim import LRSchedule, build_optimizer
@@ -92,8 +116,13 @@ def measure(preset: str, shards: str, pairs: int, steps: int, loader_batches: in
 
     cfg = _config(Path(shards), preset, pairs, workers)
     device = pick_device("auto")
-    result = {"preset": preset, "device": str(device), "pairs": pairs, "segments": 2 * pairs,
-              "threads": torch.get_num_threads()}
+    result = {
+        "preset": preset,
+        "device": str(device),
+        "pairs": pairs,
+        "segments": 2 * pairs,
+        "threads": torch.get_num_threads(),
+    }
     task = PretrainTask(cfg)
 
     if not fit_check:  # (a) the loader alone, repeating epochs as needed
@@ -116,8 +145,11 @@ def measure(preset: str, shards: str, pairs: int, steps: int, loader_batches: in
     optimizer = build_optimizer(model.parameters(), cfg.optim)
     schedule = LRSchedule(cfg.optim)
     batch = to_device(next(iter(task.train_batches(0, 1, 1))), device)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else torch.autocast("cpu", enabled=False))
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.type == "cuda"
+        else torch.autocast("cpu", enabled=False)
+    )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
@@ -138,26 +170,39 @@ def measure(preset: str, shards: str, pairs: int, steps: int, loader_batches: in
     times = [step() for _ in range(1 if fit_check else steps + 1)]
     timed = times if fit_check else times[1:]  # the first step warms up allocators / kernels
     per_step = sum(timed) / len(timed)
-    cpu_per_step = sum(cpu_times[-len(timed):]) / len(timed)
+    cpu_per_step = sum(cpu_times[-len(timed) :]) / len(timed)
     # on a shared host wall time includes waiting for the CPU; CPU seconds / threads is
     # what the step would take with the cores to itself (an estimate, assumes full scaling)
-    result.update(step_cpu_s=cpu_per_step,
-                  uncontended_estimate_segments_per_s=2 * pairs * torch.get_num_threads()
-                  / cpu_per_step if device.type == "cpu" else None)
-    result.update(rss_after_forward_gib=max(rss_after_forward),
-                  param_gib=sum(p.numel() * p.element_size() for p in model.parameters()) / GIB)
-    result.update(step_s=per_step, steps_timed=len(timed),
-                  steps_segments_per_s=2 * pairs / per_step, peak_rss_gib=peak_rss_gib())
+    result.update(
+        step_cpu_s=cpu_per_step,
+        uncontended_estimate_segments_per_s=2 * pairs * torch.get_num_threads() / cpu_per_step
+        if device.type == "cpu"
+        else None,
+    )
+    result.update(
+        rss_after_forward_gib=max(rss_after_forward),
+        param_gib=sum(p.numel() * p.element_size() for p in model.parameters()) / GIB,
+    )
+    result.update(
+        step_s=per_step,
+        steps_timed=len(timed),
+        steps_segments_per_s=2 * pairs / per_step,
+        peak_rss_gib=peak_rss_gib(),
+    )
     if device.type == "cuda":
         result["peak_cuda_gib"] = torch.cuda.max_memory_allocated() / GIB
         name = torch.cuda.get_device_name(device)
         peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
         flops = 3 * forward_flops(model.encoder.cfg, 2 * pairs)
-        result.update(gpu=name, step_tflops=flops / per_step / 1e12,
-                      mfu=(flops / per_step / peak) if peak else None)
+        result.update(
+            gpu=name,
+            step_tflops=flops / per_step / 1e12,
+            mfu=(flops / per_step / peak) if peak else None,
+        )
     if "loader_segments_per_s" in result:
-        result["loader_over_steps"] = (result["loader_segments_per_s"]
-                                       / result["steps_segments_per_s"])
+        result["loader_over_steps"] = (
+            result["loader_segments_per_s"] / result["steps_segments_per_s"]
+        )
     return result
 
 
@@ -200,24 +245,34 @@ def fit_check(common: dict, pairs: int = 64, run_full: bool = True) -> dict:
         r = run_isolated(preset="paper", pairs=pairs, steps=1, fit_check=True, **common)
         r["fits_24_gib"] = "peak_cuda_gib" in r and r["peak_cuda_gib"] <= limit
         return r
-    small = [run_isolated(preset="paper", pairs=p, steps=1, fit_check=True, **common)
-             for p in (4, 8)]
+    small = [
+        run_isolated(preset="paper", pairs=p, steps=1, fit_check=True, **common) for p in (4, 8)
+    ]
     if any("error" in r for r in small):
         return {"error": [r.get("error") for r in small]}
     fwd = [r["rss_after_forward_gib"] for r in small]
     per_pair = (fwd[1] - fwd[0]) / 4
     estimate = 1.1 * (fwd[1] + per_pair * (pairs - 8) + small[1]["param_gib"])
     available = psutil.virtual_memory().available / GIB
-    report = {"pairs": pairs, "segments": 2 * pairs, "device": "cpu",
-              "rss_after_forward_gib_at_4_8_pairs": fwd, "activation_gib_per_pair": per_pair,
-              "estimated_peak_rss_gib": estimate, "available_gib": available}
+    report = {
+        "pairs": pairs,
+        "segments": 2 * pairs,
+        "device": "cpu",
+        "rss_after_forward_gib_at_4_8_pairs": fwd,
+        "activation_gib_per_pair": per_pair,
+        "estimated_peak_rss_gib": estimate,
+        "available_gib": available,
+    }
     if run_full and estimate * 1.15 < available:
         full = run_isolated(preset="paper", pairs=pairs, steps=1, fit_check=True, **common)
         report.update(measured=full, ran=True)
         peak = full.get("peak_rss_gib", estimate)
     else:
-        report.update(ran=False, reason="estimate only (--estimate-only, or the estimate "
-                                        "does not fit this host's free memory)")
+        report.update(
+            ran=False,
+            reason="estimate only (--estimate-only, or the estimate "
+            "does not fit this host's free memory)",
+        )
         peak = estimate
     report["fits_24_gib"] = peak <= limit
     return report
@@ -231,11 +286,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--loader-batches", type=int, default=40, help="batches timed for the loader")
     p.add_argument("--workers", type=int, default=1, help="DataLoader workers of the loader")
     p.add_argument("--shards", default=None, help="shard directory (default: synthetic)")
-    p.add_argument("--fit-check", action="store_true",
-                   help="one forward+backward of the paper preset with 64 pairs (128 segments)")
-    p.add_argument("--estimate-only", action="store_true",
-                   help="with --fit-check on CPU: extrapolate from 4 and 8 pairs, skip the "
-                        "full 64-pair run")
+    p.add_argument(
+        "--fit-check",
+        action="store_true",
+        help="one forward+backward of the paper preset with 64 pairs (128 segments)",
+    )
+    p.add_argument(
+        "--estimate-only",
+        action="store_true",
+        help="with --fit-check on CPU: extrapolate from 4 and 8 pairs, skip the full 64-pair run",
+    )
     p.add_argument("--out", default=None, help="also write the JSON to this file")
     args = p.parse_args(argv)
 
@@ -245,12 +305,20 @@ def main(argv: list[str] | None = None) -> dict:
         if args.fit_check:
             report = {"fit_check": fit_check(common, run_full=not args.estimate_only)}
         else:
-            report = {"results": [run_isolated(preset=name, pairs=args.pairs, steps=args.steps,
-                                               fit_check=False, **common)
-                                  for name in args.presets.split(",")],
-                      "cpu_targets": CPU_TARGETS}
-    report.update(python=sys.version.split()[0], cpu_count=os.cpu_count(),
-                  when=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+            report = {
+                "results": [
+                    run_isolated(
+                        preset=name, pairs=args.pairs, steps=args.steps, fit_check=False, **common
+                    )
+                    for name in args.presets.split(",")
+                ],
+                "cpu_targets": CPU_TARGETS,
+            }
+    report.update(
+        python=sys.version.split()[0],
+        cpu_count=os.cpu_count(),
+        when=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
     text = json.dumps(report, indent=2)
     if args.out:
         Path(args.out).write_text(text + "\n")

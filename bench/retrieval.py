@@ -53,10 +53,11 @@ from pathlib import Path
 
 def unit_rows(rng, n, dim, chunk=100_000):
     import numpy as np
+
     x = np.empty((n, dim), dtype=np.float32)
     for s in range(0, n, chunk):
         block = rng.standard_normal((min(chunk, n - s), dim), dtype=np.float32)
-        x[s:s + len(block)] = block / np.linalg.norm(block, axis=1, keepdims=True)
+        x[s : s + len(block)] = block / np.linalg.norm(block, axis=1, keepdims=True)
     return x
 
 
@@ -64,22 +65,27 @@ def lowrank_rows(rng, n, dim, latent=32, noise=0.3, chunk=100_000):
     """Unit vectors near a `latent`-dimensional subspace (learned embeddings have a low
     intrinsic dimension; structureless random vectors are the worst case for ANN indexes)."""
     import numpy as np
+
     proj = np.random.default_rng(1234).standard_normal((latent, dim), dtype=np.float32)
     proj /= np.sqrt(latent)
     x = np.empty((n, dim), dtype=np.float32)
     for s in range(0, n, chunk):
         m = min(chunk, n - s)
         block = rng.standard_normal((m, latent), dtype=np.float32) @ proj
-        block += noise * rng.standard_normal((m, dim), dtype=np.float32) / np.sqrt(dim) * np.sqrt(latent)
-        x[s:s + m] = block / np.linalg.norm(block, axis=1, keepdims=True)
+        block += (
+            noise * rng.standard_normal((m, dim), dtype=np.float32) / np.sqrt(dim) * np.sqrt(latent)
+        )
+        x[s : s + m] = block / np.linalg.norm(block, axis=1, keepdims=True)
     return x
 
 
 def noisy_probes(rng, gallery, n, noise=0.5):
     import numpy as np
+
     rows = rng.choice(len(gallery), n, replace=False)
     q = gallery[rows] + rng.standard_normal((n, gallery.shape[1]), dtype=np.float32) * (
-        noise / np.sqrt(gallery.shape[1]))
+        noise / np.sqrt(gallery.shape[1])
+    )
     return (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
 
 
@@ -99,6 +105,7 @@ def log(*a):
 def rss_gib() -> float:
     try:
         import resource
+
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
     except (ImportError, AttributeError, OSError):  # pragma: no cover
         return float("nan")
@@ -117,14 +124,19 @@ def mem_available_gib() -> float:
 def ident_probes(rng, gallery, n, cos):
     """Noisy copies of `n` random gallery rows (distinct "patients") at expected cosine `cos`."""
     import numpy as np
+
     src = rng.choice(len(gallery), n, replace=False)
-    sigma = np.sqrt(1.0 / cos ** 2 - 1.0)  # |noise| ~ sigma, ~orthogonal to the row: cos = 1/|q|
-    q = gallery[src] + sigma * rng.standard_normal((n, gallery.shape[1]), dtype=np.float32) / np.sqrt(
-        gallery.shape[1])
+    sigma = np.sqrt(1.0 / cos**2 - 1.0)  # |noise| ~ sigma, ~orthogonal to the row: cos = 1/|q|
+    q = gallery[src] + sigma * rng.standard_normal(
+        (n, gallery.shape[1]), dtype=np.float32
+    ) / np.sqrt(gallery.shape[1])
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     c = np.einsum("ij,ij->i", q, gallery[src])
-    return q.astype(np.float32), src, {"mean": float(c.mean()), "min": float(c.min()),
-                                       "max": float(c.max())}
+    return (
+        q.astype(np.float32),
+        src,
+        {"mean": float(c.mean()), "min": float(c.min()), "max": float(c.max())},
+    )
 
 
 def best_row(rows, key="recall_at_1"):
@@ -132,8 +144,9 @@ def best_row(rows, key="recall_at_1"):
     return max(good, key=lambda r: r["speedup"]) if good else None
 
 
-def interleaved_sweep(index, knob, values, probes, truth, exact_fn, n_exact, exact_top1, repeats,
-                      stop_at=0.999):
+def interleaved_sweep(
+    index, knob, values, probes, truth, exact_fn, n_exact, exact_top1, repeats, stop_at=0.999
+):
     """Time exact search (on `n_exact` probes) and each knob value (on all probes) in interleaved
     rounds, best per method. Round 0 also measures recall and drops the larger knob values once
     recall@1 reaches `stop_at` or search gets 2x slower than exact (they can only be slower)."""
@@ -150,7 +163,7 @@ def interleaved_sweep(index, knob, values, probes, truth, exact_fn, n_exact, exa
         t0 = time.perf_counter()
         exact_fn()
         t_exact = min(t_exact, time.perf_counter() - t0)
-        for v in (values if r == 0 else kept):
+        for v in values if r == 0 else kept:
             set_knob(v)
             t0 = time.perf_counter()
             _, a = index.search(probes, 1)
@@ -159,10 +172,15 @@ def interleaved_sweep(index, knob, values, probes, truth, exact_fn, n_exact, exa
                 kept.append(v)
                 rec_truth = float((a[:, 0] == truth).mean()) if truth is not None else None
                 rec_exact = float((a[:n_exact, 0] == exact_top1).mean())
-                rows[v] = {knob: v, "recall_at_1": rec_truth if truth is not None else rec_exact,
-                           "recall_at_1_vs_exact": rec_exact}
-                log(f"  {knob}={v} recall@1={rows[v]['recall_at_1']:.4f} "
-                    f"({len(probes) / times[v]:.0f} q/s)")
+                rows[v] = {
+                    knob: v,
+                    "recall_at_1": rec_truth if truth is not None else rec_exact,
+                    "recall_at_1_vs_exact": rec_exact,
+                }
+                log(
+                    f"  {knob}={v} recall@1={rows[v]['recall_at_1']:.4f} "
+                    f"({len(probes) / times[v]:.0f} q/s)"
+                )
                 if rows[v]["recall_at_1"] >= stop_at:
                     break
                 if (len(probes) / times[v]) / (n_exact / t_exact) < 0.5:
@@ -181,36 +199,65 @@ def interleaved_sweep(index, knob, values, probes, truth, exact_fn, n_exact, exa
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes (< 60 s), for a smoke test")
-    ap.add_argument("--sizes", default="10000,100000", help="gallery sizes for the exact comparison")
+    ap.add_argument(
+        "--sizes", default="10000,100000", help="gallery sizes for the exact comparison"
+    )
     ap.add_argument("--queries", type=int, default=1000, help="probes per measurement")
     ap.add_argument("--dim", type=int, default=768, help="embedding width (paper encoder: 768)")
     ap.add_argument("--k", type=int, default=10, help="neighbours per probe")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads for torch/numpy/FAISS")
-    ap.add_argument("--repeats", type=int, default=3, help="timed interleaved rounds (best is kept)")
+    ap.add_argument(
+        "--repeats", type=int, default=3, help="timed interleaved rounds (best is kept)"
+    )
     ap.add_argument("--kinds", default="hnsw,ivf", help="approximate kinds to measure ('' = none)")
-    ap.add_argument("--worst-size", type=int, default=100_000,
-                    help="gallery size of the random-probe worst case (IVF)")
-    ap.add_argument("--ident-size", type=int, default=1_000_000,
-                    help="identification gallery size (capped to what fits in --mem-gib)")
-    ap.add_argument("--ident-data", default="random,lowrank32",
-                    help="identification gallery models: random (structureless, the hard case), "
-                         "lowrank32 (embedding-like: low intrinsic dimension)")
+    ap.add_argument(
+        "--worst-size",
+        type=int,
+        default=100_000,
+        help="gallery size of the random-probe worst case (IVF)",
+    )
+    ap.add_argument(
+        "--ident-size",
+        type=int,
+        default=1_000_000,
+        help="identification gallery size (capped to what fits in --mem-gib)",
+    )
+    ap.add_argument(
+        "--ident-data",
+        default="random,lowrank32",
+        help="identification gallery models: random (structureless, the hard case), "
+        "lowrank32 (embedding-like: low intrinsic dimension)",
+    )
     ap.add_argument("--ident-cos", type=float, default=0.8, help="expected probe-match cosine")
-    ap.add_argument("--ident-exact-queries", type=int, default=200,
-                    help="probes on which exact search is timed at the identification size")
+    ap.add_argument(
+        "--ident-exact-queries",
+        type=int,
+        default=200,
+        help="probes on which exact search is timed at the identification size",
+    )
     ap.add_argument("--mem-gib", type=float, default=8.0, help="RSS budget of this process")
     ap.add_argument("--ivf-nlist-mult", default="4", help="IVF nlist = m*sqrt(N) for each m")
     ap.add_argument("--ivf-train", type=int, default=50_000, help="IVF k-means sample rows")
-    ap.add_argument("--ivf-nprobe", default="1,2,4,8,16,32,64,128,256,512",
-                    help="IVF nprobe sweep (stops at recall 0.999)")
+    ap.add_argument(
+        "--ivf-nprobe",
+        default="1,2,4,8,16,32,64,128,256,512",
+        help="IVF nprobe sweep (stops at recall 0.999)",
+    )
     ap.add_argument("--hnsw-m", type=int, default=16, help="HNSW M")
     ap.add_argument("--hnsw-efc", type=int, default=40, help="HNSW efConstruction")
     ap.add_argument("--hnsw-ef", default="8,16,32,64,128,256", help="HNSW efSearch sweep")
-    ap.add_argument("--hnsw-build-limit", type=float, default=300.0,
-                    help="seconds of HNSW build after which no more rows are added")
+    ap.add_argument(
+        "--hnsw-build-limit",
+        type=float,
+        default=300.0,
+        help="seconds of HNSW build after which no more rows are added",
+    )
     ap.add_argument("--hnsw-chunk", type=int, default=25_000, help="HNSW rows added per step")
-    ap.add_argument("--structured", action="store_true",
-                    help="also run the older low-rank 'embedding-like' workload")
+    ap.add_argument(
+        "--structured",
+        action="store_true",
+        help="also run the older low-rank 'embedding-like' workload",
+    )
     ap.add_argument("--large", type=int, default=300_000, help="--structured IVF gallery size")
     ap.add_argument("--hnsw-size", type=int, default=100_000, help="--structured HNSW gallery size")
     ap.add_argument("--out", default="bench_out/retrieval.json", help="JSON result path")
@@ -237,12 +284,21 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
     rng = np.random.default_rng(0)
-    result = {"dim": args.dim, "queries": args.queries, "k": args.k, "threads": args.threads,
-              "repeats": args.repeats, "quick": args.quick, "device": "cpu",
-              "faiss": faiss.__version__, "cpu_count": os.cpu_count(),
-              "timing": "interleaved rounds (exact, then each setting), best per method",
-              "target": "approximate >= 50x faster than exact at recall@1 >= 0.99 (1M gallery)",
-              "exact": [], "approximate": []}
+    result = {
+        "dim": args.dim,
+        "queries": args.queries,
+        "k": args.k,
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "quick": args.quick,
+        "device": "cpu",
+        "faiss": faiss.__version__,
+        "cpu_count": os.cpu_count(),
+        "timing": "interleaved rounds (exact, then each setting), best per method",
+        "target": "approximate >= 50x faster than exact at recall@1 >= 0.99 (1M gallery)",
+        "exact": [],
+        "approximate": [],
+    }
 
     def torch_topk(g, q, k):
         sim = torch.from_numpy(q) @ torch.from_numpy(g).T
@@ -259,9 +315,11 @@ def main(argv=None) -> dict:
         probes = noisy_probes(rng, gallery, args.queries)
         flat = build_index(gallery, [str(i) for i in range(n)], kind="flat").index
         # interleaved rounds, best per method: slow phases of a shared machine hit all alike
-        runs = {"faiss": lambda f=flat, q=probes: f.search(q, args.k)[1],
-                "torch": lambda g=gallery, q=probes: torch_topk(g, q, args.k),
-                "numpy": lambda g=gallery, q=probes: numpy_topk(g, q, args.k)}
+        runs = {
+            "faiss": lambda f=flat, q=probes: f.search(q, args.k)[1],
+            "torch": lambda g=gallery, q=probes: torch_topk(g, q, args.k),
+            "numpy": lambda g=gallery, q=probes: numpy_topk(g, q, args.k),
+        }
         times, found = {m: float("inf") for m in runs}, {}
         for _ in range(args.repeats):
             for method, fn in runs.items():
@@ -269,13 +327,19 @@ def main(argv=None) -> dict:
                 times[method] = min(times[method], t)
         t_faiss, t_torch, t_np = times["faiss"], times["torch"], times["numpy"]
         f_rows, t_rows, n_rows = found["faiss"], found["torch"], found["numpy"]
-        row = {"gallery": n, "probes": "noisy gallery rows, cosine ~0.9",
-               "qps_faiss_flat": args.queries / t_faiss, "qps_torch_bruteforce": args.queries / t_torch,
-               "qps_numpy_bruteforce": args.queries / t_np,
-               "top1_equal_torch": bool((f_rows[:, 0] == t_rows[:, 0]).all()),
-               "top1_equal_numpy": bool((f_rows[:, 0] == n_rows[:, 0]).all()),
-               "topk_sets_equal_torch": float(np.mean([set(a) == set(b) for a, b in zip(f_rows, t_rows)])),
-               "faiss_not_slower_than_torch": t_faiss <= t_torch * 1.05}
+        row = {
+            "gallery": n,
+            "probes": "noisy gallery rows, cosine ~0.9",
+            "qps_faiss_flat": args.queries / t_faiss,
+            "qps_torch_bruteforce": args.queries / t_torch,
+            "qps_numpy_bruteforce": args.queries / t_np,
+            "top1_equal_torch": bool((f_rows[:, 0] == t_rows[:, 0]).all()),
+            "top1_equal_numpy": bool((f_rows[:, 0] == n_rows[:, 0]).all()),
+            "topk_sets_equal_torch": float(
+                np.mean([set(a) == set(b) for a, b in zip(f_rows, t_rows)])
+            ),
+            "faiss_not_slower_than_torch": t_faiss <= t_torch * 1.05,
+        }
         log(json.dumps(row))
         result["exact"].append(row)
         del gallery, flat
@@ -294,38 +358,71 @@ def main(argv=None) -> dict:
         _, e_rows = exact.search(probes, 1)
         nlist = round(float(np.sqrt(n)) * 4)
         t0 = time.perf_counter()
-        ivf = build_index(gallery, ids, kind="ivf", copy=False, n_sample=0,
-                          params={"nlist": nlist, "max_train": args.ivf_train})
+        ivf = build_index(
+            gallery,
+            ids,
+            kind="ivf",
+            copy=False,
+            n_sample=0,
+            params={"nlist": nlist, "max_train": args.ivf_train},
+        )
         t_build = time.perf_counter() - t0
         log(f"worst case: IVF nlist={nlist} built in {t_build:.1f}s")
-        qps_exact, rows = interleaved_sweep(ivf.index, "nprobe", [v for v in nprobes if v <= nlist],
-                                            probes, None, lambda e=exact, q=probes: e.search(q, 1),
-                                            len(probes), e_rows[:, 0], args.repeats)
+        qps_exact, rows = interleaved_sweep(
+            ivf.index,
+            "nprobe",
+            [v for v in nprobes if v <= nlist],
+            probes,
+            None,
+            lambda e=exact, q=probes: e.search(q, 1),
+            len(probes),
+            e_rows[:, 0],
+            args.repeats,
+        )
         best = best_row(rows)
-        row = {"workload": "random_probes", "kind": "ivf", "gallery": n,
-               "data": "random", "probe_model": "random unit vectors (no true match)",
-               "params": ivf.info["params"], "build_s": t_build, "qps_exact": qps_exact,
-               "sweep": rows, "best_at_recall_0.99": best,
-               "meets_target": bool(best and best["speedup"] >= 50)}
+        row = {
+            "workload": "random_probes",
+            "kind": "ivf",
+            "gallery": n,
+            "data": "random",
+            "probe_model": "random unit vectors (no true match)",
+            "params": ivf.info["params"],
+            "build_s": t_build,
+            "qps_exact": qps_exact,
+            "sweep": rows,
+            "best_at_recall_0.99": best,
+            "meets_target": bool(best and best["speedup"] >= 50),
+        }
         log(json.dumps(row))
         result["approximate"].append(row)
         del gallery, exact, ivf
 
     # --- (2) identification: probes = noisy copies of patients' gallery rows ---------------
     result["identification"] = []
-    for data in ([v for v in args.ident_data.split(",") if v] if kinds and args.ident_size else []):
+    for data in [v for v in args.ident_data.split(",") if v] if kinds and args.ident_size else []:
         d = args.dim
         row_bytes = d * 4
         # exact index + one approximate index (its own copy of the vectors) + ~1.5 GiB overhead
-        fit = int((min(args.mem_gib, mem_available_gib() - 1.0) - 1.5) * 2**30 / (2 * row_bytes + 300))
+        fit = int(
+            (min(args.mem_gib, mem_available_gib() - 1.0) - 1.5) * 2**30 / (2 * row_bytes + 300)
+        )
         n = max(1000, min(args.ident_size, fit))
-        ident = {"data": data, "requested_gallery": args.ident_size, "gallery": n,
-                 "size_note": ("as requested" if n == args.ident_size else
-                               f"largest that fits {args.mem_gib} GiB with the exact index"),
-                 "gallery_model": (
-                     "random unit vectors" if data == "random" else
-                     "unit vectors near a 32-d subspace (random projection to 768-d + noise)")
-                 + ", one per patient; probes = a patient's row + isotropic noise, renormalised"}
+        ident = {
+            "data": data,
+            "requested_gallery": args.ident_size,
+            "gallery": n,
+            "size_note": (
+                "as requested"
+                if n == args.ident_size
+                else f"largest that fits {args.mem_gib} GiB with the exact index"
+            ),
+            "gallery_model": (
+                "random unit vectors"
+                if data == "random"
+                else "unit vectors near a 32-d subspace (random projection to 768-d + noise)"
+            )
+            + ", one per patient; probes = a patient's row + isotropic noise, renormalised",
+        }
         # the target is stated for 1M, or the largest gallery that fits (then n < requested)
         at_target_size = n >= 1_000_000 or n < args.ident_size
         ident["at_target_size"] = at_target_size
@@ -338,13 +435,21 @@ def main(argv=None) -> dict:
         nx = min(args.ident_exact_queries, len(probes))
         t0 = time.perf_counter()
         _, e_rows = exact.index.search(probes[:nx], 1)
-        ident.update({"probe_match_cosine": cos, "target_cosine": args.ident_cos,
-                      "exact_timed_probes": nx,
-                      "exact_recall_at_1": float((e_rows[:, 0] == truth[:nx]).mean()),
-                      "qps_exact_first_pass": nx / (time.perf_counter() - t0)})
-        log(f"identification ({data}): gallery {n}, exact recall@1 {ident['exact_recall_at_1']}, "
-            f"cos {cos}, {ident['qps_exact_first_pass']:.1f} q/s, rss {rss_gib():.2f} GiB")
+        ident.update(
+            {
+                "probe_match_cosine": cos,
+                "target_cosine": args.ident_cos,
+                "exact_timed_probes": nx,
+                "exact_recall_at_1": float((e_rows[:, 0] == truth[:nx]).mean()),
+                "qps_exact_first_pass": nx / (time.perf_counter() - t0),
+            }
+        )
+        log(
+            f"identification ({data}): gallery {n}, exact recall@1 {ident['exact_recall_at_1']}, "
+            f"cos {cos}, {ident['qps_exact_first_pass']:.1f} q/s, rss {rss_gib():.2f} GiB"
+        )
         result["identification"].append(ident)
+
         def exact_fn(e=exact, q=probes[:nx]):
             return e.index.search(q, 1)
 
@@ -352,19 +457,40 @@ def main(argv=None) -> dict:
             for mult in [float(m) for m in args.ivf_nlist_mult.split(",") if m]:
                 nlist = round(mult * float(np.sqrt(n)))
                 t0 = time.perf_counter()
-                ivf = build_index(gallery, ids, kind="ivf", copy=False, n_sample=0,
-                                  params={"nlist": nlist, "max_train": args.ivf_train})
+                ivf = build_index(
+                    gallery,
+                    ids,
+                    kind="ivf",
+                    copy=False,
+                    n_sample=0,
+                    params={"nlist": nlist, "max_train": args.ivf_train},
+                )
                 t_build = time.perf_counter() - t0
                 log(f"  IVF nlist={nlist} built in {t_build:.1f}s, rss {rss_gib():.2f} GiB")
                 qps_exact, rows = interleaved_sweep(
-                    ivf.index, "nprobe", [v for v in nprobes if v <= nlist], probes, truth, exact_fn,
-                    nx, e_rows[:, 0], args.repeats)
+                    ivf.index,
+                    "nprobe",
+                    [v for v in nprobes if v <= nlist],
+                    probes,
+                    truth,
+                    exact_fn,
+                    nx,
+                    e_rows[:, 0],
+                    args.repeats,
+                )
                 best = best_row(rows)
-                row = {"workload": "identification", "data": data, "kind": "ivf", "gallery": n,
-                       "params": {**ivf.info["params"], "nlist_per_sqrt_n": mult},
-                       "build_s": t_build, "qps_exact": qps_exact, "sweep": rows,
-                       "best_at_recall_0.99": best,
-                       "meets_target": bool(best and best["speedup"] >= 50 and at_target_size)}
+                row = {
+                    "workload": "identification",
+                    "data": data,
+                    "kind": "ivf",
+                    "gallery": n,
+                    "params": {**ivf.info["params"], "nlist_per_sqrt_n": mult},
+                    "build_s": t_build,
+                    "qps_exact": qps_exact,
+                    "sweep": rows,
+                    "best_at_recall_0.99": best,
+                    "meets_target": bool(best and best["speedup"] >= 50 and at_target_size),
+                }
                 log(json.dumps(row))
                 result["approximate"].append(row)
                 del ivf
@@ -380,44 +506,69 @@ def main(argv=None) -> dict:
                 per_row = elapsed / added if added else 0.0
                 if added and elapsed + per_row * m * 1.1 > args.hnsw_build_limit:
                     break
-                index.add(gallery[added:added + m])
+                index.add(gallery[added : added + m])
                 added += m
                 steps.append([added, round(time.perf_counter() - t0, 2)])
             t_build = time.perf_counter() - t0
             nh = added
             # hnsw build cost per row grows ~log(N): project the full build from the last rate
-            projected = (t_build if nh == n else
-                         t_build + (n - nh) * (t_build / nh) * np.log(n) / np.log(nh))
-            log(f"  HNSW M={args.hnsw_m} efC={args.hnsw_efc}: {nh} rows in {t_build:.1f}s "
-                f"(full {n}: ~{projected:.0f}s), rss {rss_gib():.2f} GiB")
+            projected = (
+                t_build if nh == n else t_build + (n - nh) * (t_build / nh) * np.log(n) / np.log(nh)
+            )
+            log(
+                f"  HNSW M={args.hnsw_m} efC={args.hnsw_efc}: {nh} rows in {t_build:.1f}s "
+                f"(full {n}: ~{projected:.0f}s), rss {rss_gib():.2f} GiB"
+            )
             if nh == n:
                 h_exact, h_probes, h_truth, h_cos, h_erows = exact, probes, truth, cos, e_rows
                 h_exact_fn = exact_fn
             else:
                 # measure on the prefix the graph covers, against exact search over that prefix
                 h_exact = build_index(gallery[:nh], ids[:nh], kind="flat", copy=False)
-                h_probes, h_truth, h_cos = ident_probes(rng, gallery[:nh], args.queries,
-                                                        args.ident_cos)
+                h_probes, h_truth, h_cos = ident_probes(
+                    rng, gallery[:nh], args.queries, args.ident_cos
+                )
                 _, h_erows = h_exact.index.search(h_probes[:nx], 1)
+
                 def h_exact_fn(e=h_exact, q=h_probes[:nx]):
                     return e.index.search(q, 1)
-            qps_exact, rows = interleaved_sweep(index, "efSearch", efs, h_probes, h_truth,
-                                                h_exact_fn, nx, h_erows[:, 0], args.repeats)
+
+            qps_exact, rows = interleaved_sweep(
+                index,
+                "efSearch",
+                efs,
+                h_probes,
+                h_truth,
+                h_exact_fn,
+                nx,
+                h_erows[:, 0],
+                args.repeats,
+            )
             best = best_row(rows)
-            row = {"workload": "identification", "data": data, "kind": "hnsw", "gallery": nh,
-                   "params": {"M": args.hnsw_m, "ef_construction": args.hnsw_efc},
-                   "build_s": t_build, "build_limit_s": args.hnsw_build_limit,
-                   "build_progress": steps, "projected_build_s_full_gallery": projected,
-                   "full_gallery": n,
-                   "exact_recall_at_1": float((h_erows[:, 0] == h_truth[:nx]).mean()),
-                   "probe_match_cosine": h_cos, "qps_exact": qps_exact, "sweep": rows,
-                   "best_at_recall_0.99": best,
-                   "meets_target": bool(best and best["speedup"] >= 50 and nh == n
-                                        and at_target_size)}
+            row = {
+                "workload": "identification",
+                "data": data,
+                "kind": "hnsw",
+                "gallery": nh,
+                "params": {"M": args.hnsw_m, "ef_construction": args.hnsw_efc},
+                "build_s": t_build,
+                "build_limit_s": args.hnsw_build_limit,
+                "build_progress": steps,
+                "projected_build_s_full_gallery": projected,
+                "full_gallery": n,
+                "exact_recall_at_1": float((h_erows[:, 0] == h_truth[:nx]).mean()),
+                "probe_match_cosine": h_cos,
+                "qps_exact": qps_exact,
+                "sweep": rows,
+                "best_at_recall_0.99": best,
+                "meets_target": bool(best and best["speedup"] >= 50 and nh == n and at_target_size),
+            }
             if nh < n:
-                row["note"] = (f"build stopped at {nh} of {n} rows to stay under "
-                               f"{args.hnsw_build_limit:.0f}s; measured on that prefix "
-                               f"(exact search over the same prefix)")
+                row["note"] = (
+                    f"build stopped at {nh} of {n} rows to stay under "
+                    f"{args.hnsw_build_limit:.0f}s; measured on that prefix "
+                    f"(exact search over the same prefix)"
+                )
             log(json.dumps(row))
             result["approximate"].append(row)
             del index
@@ -427,6 +578,7 @@ def main(argv=None) -> dict:
 
     # --- (3) optional: the older low-rank "embedding-like" workload -------------------------
     if args.structured and kinds:
+
         def sweep(gallery, probes, kind, params, knob, values, label):
             ids = [str(i) for i in range(len(gallery))]
             exact = build_index(gallery, ids, kind="flat").index
@@ -434,43 +586,84 @@ def main(argv=None) -> dict:
             t0 = time.perf_counter()
             approx = build_index(gallery, ids, kind=kind, params=params, n_sample=0)
             t_build = time.perf_counter() - t0
-            qps_exact, rows = interleaved_sweep(approx.index, knob, values, probes, None,
-                                                lambda: exact.search(probes, 1), len(probes),
-                                                e_rows[:, 0], args.repeats)
+            qps_exact, rows = interleaved_sweep(
+                approx.index,
+                knob,
+                values,
+                probes,
+                None,
+                lambda: exact.search(probes, 1),
+                len(probes),
+                e_rows[:, 0],
+                args.repeats,
+            )
             best = best_row(rows)
-            row = {"workload": "structured_lowrank32", "kind": kind, "gallery": len(gallery),
-                   "params": approx.info["params"], "build_s": t_build, "qps_exact": qps_exact,
-                   "sweep": rows, "best_at_recall_0.99": best,
-                   "meets_target": bool(best and best["speedup"] >= 50)}
+            row = {
+                "workload": "structured_lowrank32",
+                "kind": kind,
+                "gallery": len(gallery),
+                "params": approx.info["params"],
+                "build_s": t_build,
+                "qps_exact": qps_exact,
+                "sweep": rows,
+                "best_at_recall_0.99": best,
+                "meets_target": bool(best and best["speedup"] >= 50),
+            }
             log(json.dumps(row))
             result["approximate"].append(row)
 
         if "hnsw" in kinds:
             gallery = lowrank_rows(rng, args.hnsw_size, args.dim)
             probes = noisy_probes(rng, gallery, args.queries, noise=0.3)
-            sweep(gallery, probes, "hnsw", {"M": 16, "ef_construction": 40, "ef_search": 16},
-                  "efSearch", efs, "lowrank32")
+            sweep(
+                gallery,
+                probes,
+                "hnsw",
+                {"M": 16, "ef_construction": 40, "ef_search": 16},
+                "efSearch",
+                efs,
+                "lowrank32",
+            )
             del gallery
         if "ivf" in kinds:
             gallery = lowrank_rows(rng, args.large, args.dim)
             probes = noisy_probes(rng, gallery, args.queries, noise=0.3)
-            sweep(gallery, probes, "ivf", {"nlist": int(4 * np.sqrt(args.large))}, "nprobe",
-                  nprobes, "lowrank32")
+            sweep(
+                gallery,
+                probes,
+                "ivf",
+                {"nlist": int(4 * np.sqrt(args.large))},
+                "nprobe",
+                nprobes,
+                "lowrank32",
+            )
             del gallery
 
     ident_rows = [r for r in result["approximate"] if r["workload"] == "identification"]
-    bests = [(r["best_at_recall_0.99"]["speedup"], r["kind"], r["data"], r["gallery"])
-             for r in ident_rows if r["best_at_recall_0.99"]]
+    bests = [
+        (r["best_at_recall_0.99"]["speedup"], r["kind"], r["data"], r["gallery"])
+        for r in ident_rows
+        if r["best_at_recall_0.99"]
+    ]
     result["summary"] = {
-        "exact_faiss_equals_bruteforce": all(r["top1_equal_torch"] and r["topk_sets_equal_torch"] == 1.0
-                                             for r in result["exact"]),
+        "exact_faiss_equals_bruteforce": all(
+            r["top1_equal_torch"] and r["topk_sets_equal_torch"] == 1.0 for r in result["exact"]
+        ),
         "exact_faiss_not_slower": all(r["faiss_not_slower_than_torch"] for r in result["exact"]),
         "identification_best_speedup_at_recall_0.99": (
-            {"speedup": max(bests)[0], "kind": max(bests)[1], "data": max(bests)[2],
-             "gallery": max(bests)[3]}
-            if bests else None),
+            {
+                "speedup": max(bests)[0],
+                "kind": max(bests)[1],
+                "data": max(bests)[2],
+                "gallery": max(bests)[3],
+            }
+            if bests
+            else None
+        ),
         "target_met": any(r["meets_target"] for r in ident_rows),
-        "max_rss_gib": rss_gib(), "wall_s": time.perf_counter() - t_start}
+        "max_rss_gib": rss_gib(),
+        "wall_s": time.perf_counter() - t_start,
+    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

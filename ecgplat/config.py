@@ -31,7 +31,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    preset: str = "paper"                 # "paper" | "small" | "tiny" (training.models presets)
+    preset: str = "paper"  # "paper" | "small" | "tiny" (training.models presets)
     # None keeps the preset's value; names mirror fairseq's model.* options
     dropout: float | None = None
     attention_dropout: float | None = None
@@ -46,33 +46,33 @@ class ModelConfig:
 
 @dataclass
 class CriterionConfig:
-    w2v: bool = True                      # wav2vec 2.0 InfoNCE + extra losses
-    cmsc: bool = True                     # CMSC contrastive loss between the pair's segments
+    w2v: bool = True  # wav2vec 2.0 InfoNCE + extra losses
+    cmsc: bool = True  # CMSC contrastive loss between the pair's segments
     loss_weights: list[float] = field(default_factory=lambda: [0.1, 10.0])  # diversity, feat. pen.
     num_negatives: int = 100
     logit_temp: float = 0.1
-    cmsc_temp: float = 0.1                # criterion.temp
-    cmsc_weight: float = 1.0              # criterion.cmsc_weights (None in the original = 1)
-    cmsc_all_gather: bool = False         # model.all_gather (off in the paper: per-GPU negatives)
-    arcface_scale: float = 192.0          # criterion.scale
-    arcface_margin: float = 1.0           # criterion.margin
+    cmsc_temp: float = 0.1  # criterion.temp
+    cmsc_weight: float = 1.0  # criterion.cmsc_weights (None in the original = 1)
+    cmsc_all_gather: bool = False  # model.all_gather (off in the paper: per-GPU negatives)
+    arcface_scale: float = 192.0  # criterion.scale
+    arcface_margin: float = 1.0  # criterion.margin
 
 
 @dataclass
 class DataConfig:
-    shards: str = ""                      # directory with <split>-NNNNNN.tar and _info.json
+    shards: str = ""  # directory with <split>-NNNNNN.tar and _info.json
     train_split: str = "train"
     valid_split: str = "valid"
-    store: str | None = None              # feature store, for validation / evaluation
-    batch_size: int = 64                  # pairs for pretraining, segments for fine-tuning
+    store: str | None = None  # feature store, for validation / evaluation
+    batch_size: int = 64  # pairs for pretraining, segments for fine-tuning
     num_workers: int = 1
     shuffle_buffer: int = 256
-    rlm: bool = False                     # random lead masking (task.perturbation_mode)
-    rlm_mode: str = "random"              # task.mask_leads_selection: "random" | "conditional"
-    rlm_prob: float = 0.5                 # task.mask_leads_prob
+    rlm: bool = False  # random lead masking (task.perturbation_mode)
+    rlm_mode: str = "random"  # task.mask_leads_selection: "random" | "conditional"
+    rlm_prob: float = 0.5  # task.mask_leads_prob
     rlm_condition: list[int] = field(default_factory=lambda: [4, 5])  # task.mask_leads_condition
-    leads: str = "12"                     # task.leads_to_load: preset name or comma list
-    epoch_batches: int | None = None      # batches per epoch per rank; None = from _info.json
+    leads: str = "12"  # task.leads_to_load: preset name or comma list
+    epoch_batches: int | None = None  # batches per epoch per rank; None = from _info.json
 
 
 @dataclass
@@ -80,47 +80,47 @@ class OptimConfig:
     lr: float = 5e-5
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-8
-    weight_decay: float = 0.0             # decoupled: p <- p - lr*wd*p, all parameters
-    schedule: str = "fixed"               # "fixed" | "tri_stage" | "cosine"
-    warmup_updates: int = 0               # fixed / cosine warmup length
+    weight_decay: float = 0.0  # decoupled: p <- p - lr*wd*p, all parameters
+    schedule: str = "fixed"  # "fixed" | "tri_stage" | "cosine"
+    warmup_updates: int = 0  # fixed / cosine warmup length
     phase_ratio: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.7])  # tri_stage
     init_lr_scale: float = 0.01
     final_lr_scale: float = 0.01
-    max_update: int = 0                   # 0 = no limit
-    max_epoch: int = 0                    # 0 = no limit
-    update_freq: int = 1                  # gradient accumulation steps
-    clip_norm: float = 0.0                # 0 = no clipping
+    max_update: int = 0  # 0 = no limit
+    max_epoch: int = 0  # 0 = no limit
+    update_freq: int = 1  # gradient accumulation steps
+    clip_norm: float = 0.0  # 0 = no clipping
 
 
 @dataclass
 class FinetuneConfig:
-    init: str = "none"                    # model.model_path: checkpoint to start from, or "none"
-    freeze_finetune_updates: int = 0      # encoder under no_grad while num_updates < this
+    init: str = "none"  # model.model_path: checkpoint to start from, or "none"
+    freeze_finetune_updates: int = 0  # encoder under no_grad while num_updates < this
     leakage_exclude_store: str | None = None
 
 
 @dataclass
 class CheckpointConfig:
-    save_interval_updates: int = 0        # 0 = save at the end of every epoch only
-    keep_last: int = 1                    # numbered checkpoints kept besides last/best
+    save_interval_updates: int = 0  # 0 = save at the end of every epoch only
+    keep_last: int = 1  # numbered checkpoints kept besides last/best
     best_metric: str = "loss"
     maximize: bool = False
-    patience: int = -1                    # validations without improvement; <= 0 = off
+    patience: int = -1  # validations without improvement; <= 0 = off
 
 
 @dataclass
 class LoggingConfig:
-    log_interval: int = 10                # updates between console/JSONL/W&B records
-    wandb_mode: str = "offline"           # "offline" | "online" | "disabled"
+    log_interval: int = 10  # updates between console/JSONL/W&B records
+    wandb_mode: str = "offline"  # "offline" | "online" | "disabled"
     wandb_project: str = "ecgplat"
 
 
 @dataclass
 class RunConfig:
-    task: str = "pretrain"                # "pretrain" | "diagnosis" | "identify"
+    task: str = "pretrain"  # "pretrain" | "diagnosis" | "identify"
     seed: int = 1
-    device: str = "auto"                  # "auto" | "cpu" | "cuda"
-    out: str = ""                         # run directory
+    device: str = "auto"  # "auto" | "cpu" | "cuda"
+    out: str = ""  # run directory
     model: ModelConfig = field(default_factory=ModelConfig)
     criterion: CriterionConfig = field(default_factory=CriterionConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -154,19 +154,24 @@ class RunConfig:
         if len(self.optim.betas) != 2:
             raise ConfigError(f"optim.betas: expected 2 values, got {self.optim.betas}")
         if len(self.optim.phase_ratio) != 3 or abs(sum(self.optim.phase_ratio) - 1.0) > 1e-6:
-            raise ConfigError(f"optim.phase_ratio: expected 3 values summing to 1, "
-                              f"got {self.optim.phase_ratio}")
+            raise ConfigError(
+                f"optim.phase_ratio: expected 3 values summing to 1, got {self.optim.phase_ratio}"
+            )
         if len(self.criterion.loss_weights) != 2:
-            raise ConfigError(f"criterion.loss_weights: expected 2 values, "
-                              f"got {self.criterion.loss_weights}")
+            raise ConfigError(
+                f"criterion.loss_weights: expected 2 values, got {self.criterion.loss_weights}"
+            )
         if len(self.data.rlm_condition) != 2:
-            raise ConfigError(f"data.rlm_condition: expected 2 values, "
-                              f"got {self.data.rlm_condition}")
-        for key, value, low in (("data.batch_size", self.data.batch_size, 1),
-                                ("optim.update_freq", self.optim.update_freq, 1),
-                                ("data.num_workers", self.data.num_workers, 0),
-                                ("logging.log_interval", self.logging.log_interval, 1),
-                                ("checkpoint.keep_last", self.checkpoint.keep_last, 0)):
+            raise ConfigError(
+                f"data.rlm_condition: expected 2 values, got {self.data.rlm_condition}"
+            )
+        for key, value, low in (
+            ("data.batch_size", self.data.batch_size, 1),
+            ("optim.update_freq", self.optim.update_freq, 1),
+            ("data.num_workers", self.data.num_workers, 0),
+            ("logging.log_interval", self.logging.log_interval, 1),
+            ("checkpoint.keep_last", self.checkpoint.keep_last, 0),
+        ):
             if value < low:
                 raise ConfigError(f"{key}: must be >= {low}, got {value}")
         if self.optim.schedule == "tri_stage" and self.optim.max_update <= 0:
@@ -176,6 +181,7 @@ class RunConfig:
 
 
 # --- loading ---------------------------------------------------------------------------------
+
 
 def preset_dir() -> Path:
     """`training/configs`, located without importing the training package."""
@@ -203,8 +209,9 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
     return p
 
 
-def load_config(name_or_path: str | Path | None = None,
-                overrides: typing.Sequence[str] = ()) -> RunConfig:
+def load_config(
+    name_or_path: str | Path | None = None, overrides: typing.Sequence[str] = ()
+) -> RunConfig:
     """Defaults <- YAML preset/file (if given) <- `key=value` overrides; validated."""
     cfg = RunConfig()
     if name_or_path is not None:
@@ -248,6 +255,7 @@ def valid_keys(section: Any = None, prefix: str = "") -> list[str]:
 
 # --- internals -------------------------------------------------------------------------------
 
+
 def _choice(key: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise ConfigError(f"{key}: '{value}' is not one of {', '.join(map(str, allowed))}")
@@ -258,8 +266,9 @@ def _field_types(cls: type) -> dict[str, Any]:
 
 
 def _unknown(key: str, origin: str) -> ConfigError:
-    return ConfigError(f"{origin}: unknown config key '{key}'; valid keys: "
-                       f"{', '.join(valid_keys())}")
+    return ConfigError(
+        f"{origin}: unknown config key '{key}'; valid keys: {', '.join(valid_keys())}"
+    )
 
 
 def _locate(cfg: RunConfig, key: str) -> tuple[Any, str]:

@@ -125,16 +125,19 @@ PTBXL_SCP_TO_SNOMED: dict[str, str] = {
 }
 
 HEART_AXIS_TO_SNOMED: dict[str, str] = {
-    "LAD": "39732003", "ALAD": "39732003",
-    "RAD": "47665007", "ARAD": "47665007",
+    "LAD": "39732003",
+    "ALAD": "39732003",
+    "RAD": "47665007",
+    "ARAD": "47665007",
 }
 
 for _code in (*PTBXL_SCP_TO_SNOMED.values(), *HEART_AXIS_TO_SNOMED.values()):
     assert _code in _CODE_TO_CLASS, f"mapping target {_code} is not a scored code"
 
 
-def scp_to_snomed(scp_codes: Mapping[str, float] | Iterable[str],
-                  heart_axis: str | None = None) -> list[str]:
+def scp_to_snomed(
+    scp_codes: Mapping[str, float] | Iterable[str], heart_axis: str | None = None
+) -> list[str]:
     """Scored SNOMED codes (sorted, unique) for a PTB-XL ``scp_codes`` dict (keys are statements,
     values likelihoods; every listed statement counts) and optionally its ``heart_axis`` value."""
     out = {PTBXL_SCP_TO_SNOMED[k] for k in scp_codes if k in PTBXL_SCP_TO_SNOMED}

@@ -14,8 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-LEADS: tuple[str, ...] = ("I", "II", "III", "aVR", "aVL", "aVF",
-                          "V1", "V2", "V3", "V4", "V5", "V6")
+LEADS: tuple[str, ...] = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
 
 _LOOKUP: dict[str, str] = {name.lower(): name for name in LEADS}
 # Modified limb leads of Holter-style recordings (MIT-BIH) record the same projection.
@@ -58,7 +57,9 @@ def parse_leads(spec: str | Sequence[str] | Sequence[int]) -> tuple[int, ...]:
             continue
         name = canonical_lead(item)
         if name is None:
-            raise ValueError(f"unknown lead {str(item).strip()!r} (expected one of {', '.join(LEADS)})")
+            raise ValueError(
+                f"unknown lead {str(item).strip()!r} (expected one of {', '.join(LEADS)})"
+            )
         out.add(LEADS.index(name))
     return tuple(sorted(out))
 

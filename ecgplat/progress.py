@@ -11,8 +11,15 @@ from typing import Any
 
 
 class ProgressBar:
-    def __init__(self, enabled: bool, total: int | None, label: str, *, completed: int = 0,
-                 transient: bool = False):
+    def __init__(
+        self,
+        enabled: bool,
+        total: int | None,
+        label: str,
+        *,
+        completed: int = 0,
+        transient: bool = False,
+    ):
         self._bar = None
         if not enabled or total == 0:
             return
@@ -25,9 +32,15 @@ class ProgressBar:
             TimeRemainingColumn,
         )
 
-        self._bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
-                             MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                             TimeElapsedColumn(), TimeRemainingColumn(), transient=transient)
+        self._bar = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            transient=transient,
+        )
         self._bar.start()
         self._task = self._bar.add_task(label, total=total, completed=completed, info="")
 

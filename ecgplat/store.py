@@ -70,13 +70,13 @@ SAMPLE_RATE = 500
 SEGMENT_SECONDS = 5
 SEGMENT_SAMPLES = SAMPLE_RATE * SEGMENT_SECONDS
 N_LEADS = 12
-SEGMENT_CHUNK = 1           # segments per chunk of the `segments` array
-SEGMENT_SHARD = 64          # segments per shard file of the `segments` array
-SEGMENT_DELTA = True        # codecs of `segments`: delta(int16) -> bytes -> Blosc(below)
+SEGMENT_CHUNK = 1  # segments per chunk of the `segments` array
+SEGMENT_SHARD = 64  # segments per shard file of the `segments` array
+SEGMENT_DELTA = True  # codecs of `segments`: delta(int16) -> bytes -> Blosc(below)
 SEGMENT_CNAME = "zstd"
 SEGMENT_CLEVEL = 1
 SEGMENT_SHUFFLE = "bitshuffle"
-RECORD_CHUNK = 4096         # rows per chunk of record/reject columns
+RECORD_CHUNK = 4096  # rows per chunk of record/reject columns
 COMMIT_FILE = "commit.json"
 SECRET_FILE = "secret.key"
 UV_PER_MV = 1000.0
@@ -156,8 +156,10 @@ class EcgStore:
         attrs = dict(self.root.attrs)
         version = attrs.get("schema_version")
         if version != SCHEMA_VERSION:
-            raise ValueError(f"{self.path}: not an ecgplat store of schema version {SCHEMA_VERSION} "
-                             f"(found schema_version={version!r})")
+            raise ValueError(
+                f"{self.path}: not an ecgplat store of schema version {SCHEMA_VERSION} "
+                f"(found schema_version={version!r})"
+            )
         self.attrs = attrs
         self._commit = read_commit(self.path)
         self.n_records = int(self._commit["n_records"])
@@ -212,8 +214,12 @@ class EcgStore:
         list of values."""
         frame = self.records
         keep = np.ones(len(frame), dtype=bool)
-        for column, wanted in (("split", split), ("source", source),
-                               ("patient_key", patient_key), ("ident_split", ident_split)):
+        for column, wanted in (
+            ("split", split),
+            ("source", source),
+            ("patient_key", patient_key),
+            ("ident_split", ident_split),
+        ):
             if wanted is None:
                 continue
             values = [wanted] if isinstance(wanted, str) else list(wanted)
@@ -258,7 +264,7 @@ class EcgStore:
         unique, inverse = np.unique(idx, return_inverse=True)
         arr = self.root["segments"]
         if unique[-1] - unique[0] + 1 == unique.size:  # one contiguous run: a plain slice
-            block = np.asarray(arr[int(unique[0]): int(unique[-1]) + 1])
+            block = np.asarray(arr[int(unique[0]) : int(unique[-1]) + 1])
         else:
             block = np.asarray(arr.oindex[unique])
         return block[inverse]
@@ -270,8 +276,10 @@ class EcgStore:
     @cached_property
     def rejects(self) -> pd.DataFrame:
         """The committed rejects: source, path, reason."""
-        data = {name: as_str_array(self.root[f"rejects/{name}"][: self.n_rejects])
-                for name in REJECT_COLUMNS}
+        data = {
+            name: as_str_array(self.root[f"rejects/{name}"][: self.n_rejects])
+            for name in REJECT_COLUMNS
+        }
         return pd.DataFrame(data)
 
     def summary(self) -> dict:

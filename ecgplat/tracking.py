@@ -38,8 +38,11 @@ def looks_like_patient_key(text: str) -> bool:
 def sanitize(obj: Any) -> Any:
     """A copy of `obj` without patient-key-like dict keys and with such strings redacted."""
     if isinstance(obj, dict):
-        return {k: sanitize(v) for k, v in obj.items()
-                if not (isinstance(k, str) and looks_like_patient_key(k))}
+        return {
+            k: sanitize(v)
+            for k, v in obj.items()
+            if not (isinstance(k, str) and looks_like_patient_key(k))
+        }
     if isinstance(obj, (list, tuple)):
         return [sanitize(v) for v in obj]
     if isinstance(obj, str):
@@ -58,9 +61,18 @@ def _jsonable(v: Any) -> Any:
 class Tracker:
     """Console + JSONL + W&B logger of one run (create it on rank 0 only)."""
 
-    def __init__(self, run_dir: str | Path, *, config: dict | None = None,
-                 mode: str = "offline", project: str = "ecgplat", name: str | None = None,
-                 job_type: str = "train", resume: bool = False, console: bool = True):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        *,
+        config: dict | None = None,
+        mode: str = "offline",
+        project: str = "ecgplat",
+        name: str | None = None,
+        job_type: str = "train",
+        resume: bool = False,
+        console: bool = True,
+    ):
         if mode not in ("offline", "online", "disabled"):
             raise ValueError(f"unknown W&B mode '{mode}' (offline, online, disabled)")
         self.run_dir = Path(run_dir)
@@ -76,13 +88,18 @@ class Tracker:
             self.wandb_run = self._start_wandb(config or {}, mode, project, name, job_type, resume)
 
     # --- W&B ---------------------------------------------------------------------------------
-    def _start_wandb(self, config: dict, mode: str, project: str, name: str | None,
-                     job_type: str, resume: bool):
+    def _start_wandb(
+        self, config: dict, mode: str, project: str, name: str | None, job_type: str, resume: bool
+    ):
         wdir = self.run_dir / "wandb"
         wdir.mkdir(exist_ok=True)
         # keep every wandb file (cache, config, artifacts) inside the run directory
-        for var, sub in (("WANDB_DIR", ""), ("WANDB_CACHE_DIR", ".cache"),
-                         ("WANDB_CONFIG_DIR", ".config"), ("WANDB_DATA_DIR", ".data")):
+        for var, sub in (
+            ("WANDB_DIR", ""),
+            ("WANDB_CACHE_DIR", ".cache"),
+            ("WANDB_CONFIG_DIR", ".config"),
+            ("WANDB_DATA_DIR", ".data"),
+        ):
             os.environ[var] = str(wdir / sub) if sub else str(self.run_dir)
         os.environ.setdefault("WANDB_SILENT", "true")
         if os.environ.get("WANDB_MODE", None) == "":
@@ -91,15 +108,24 @@ class Tracker:
 
         id_file = self.run_dir / "wandb_run_id.txt"
         run_id = id_file.read_text().strip() if resume and id_file.is_file() else None
-        kwargs = dict(project=project, name=name, dir=str(self.run_dir), job_type=job_type,
-                      config=sanitize(config), id=run_id, resume="allow" if run_id else None)
+        kwargs = dict(
+            project=project,
+            name=name,
+            dir=str(self.run_dir),
+            job_type=job_type,
+            config=sanitize(config),
+            id=run_id,
+            resume="allow" if run_id else None,
+        )
         try:
             run = wandb.init(mode=mode, **kwargs)
         except Exception as e:
             if mode != "online":
                 raise
-            print(f"warning: W&B online mode failed ({type(e).__name__}); logging offline",
-                  file=sys.stderr)
+            print(
+                f"warning: W&B online mode failed ({type(e).__name__}); logging offline",
+                file=sys.stderr,
+            )
             run = wandb.init(mode="offline", **kwargs)
         if getattr(run, "id", None):
             id_file.write_text(str(run.id))
@@ -119,8 +145,7 @@ class Tracker:
             numeric = {k: v for k, v in record.items() if isinstance(v, (int, float, str))}
             self.wandb_run.log(numeric, step=step)
         if self.console and not self._tty and self._progress is None:
-            print(" | ".join(f"{k} {_fmt(v)}" for k, v in line.items() if k != "time"),
-                  flush=True)
+            print(" | ".join(f"{k} {_fmt(v)}" for k, v in line.items() if k != "time"), flush=True)
         return line
 
     def summary(self, metrics: dict[str, Any]) -> None:
@@ -143,16 +168,19 @@ class Tracker:
         self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
 
     # --- progress bar ------------------------------------------------------------------------
-    def start_progress(self, total: int | None, description: str = "train",
-                       completed: int = 0) -> None:
+    def start_progress(
+        self, total: int | None, description: str = "train", completed: int = 0
+    ) -> None:
         self.stop_progress()
-        self._progress = ProgressBar(bool(self.console and self._tty), total, description,
-                                     completed=completed)
+        self._progress = ProgressBar(
+            bool(self.console and self._tty), total, description, completed=completed
+        )
 
     def advance(self, n: int = 1, **fields: Any) -> None:
         if self._progress is not None:
-            self._progress.advance(n, "  ".join(f"{k} {_fmt(v)}"
-                                                for k, v in sanitize(fields).items()))
+            self._progress.advance(
+                n, "  ".join(f"{k} {_fmt(v)}" for k, v in sanitize(fields).items())
+            )
 
     def stop_progress(self) -> None:
         if self._progress is not None:
@@ -174,12 +202,28 @@ class Tracker:
         self.close()
 
 
-def log_metrics(run_dir: str | Path, metrics: dict[str, Any], *, config: dict | None = None,
-                mode: str = "offline", project: str = "ecgplat", name: str | None = None,
-                job_type: str = "evaluate", step: int | None = None) -> dict:
+def log_metrics(
+    run_dir: str | Path,
+    metrics: dict[str, Any],
+    *,
+    config: dict | None = None,
+    mode: str = "offline",
+    project: str = "ecgplat",
+    name: str | None = None,
+    job_type: str = "evaluate",
+    step: int | None = None,
+) -> dict:
     """One-shot: append `metrics` to run_dir/metrics.jsonl and a W&B run; returns the record."""
-    with Tracker(run_dir, config=config, mode=mode, project=project, name=name,
-                 job_type=job_type, resume=True, console=False) as t:
+    with Tracker(
+        run_dir,
+        config=config,
+        mode=mode,
+        project=project,
+        name=name,
+        job_type=job_type,
+        resume=True,
+        console=False,
+    ) as t:
         record = t.log(metrics, step=step)
         t.summary(metrics)
     return record

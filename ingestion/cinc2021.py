@@ -29,16 +29,21 @@ from ingestion.record import (
 )
 
 SOURCE = "cinc2021"
-_GAIN_RE = re.compile(r"^(?P<gain>[-+]?[0-9.]+(?:[eE][-+]?[0-9]+)?)"
-                      r"(?:\((?P<base>[-+]?[0-9]+)\))?(?:/(?P<units>\S+))?$")
+_GAIN_RE = re.compile(
+    r"^(?P<gain>[-+]?[0-9.]+(?:[eE][-+]?[0-9]+)?)"
+    r"(?:\((?P<base>[-+]?[0-9]+)\))?(?:/(?P<units>\S+))?$"
+)
 _SUBSET_SKIP = re.compile(r"^g\d+$")
 
 
 def list_records(src: Path) -> list[str]:
     """Relative record paths (no extension) of every ``.hea`` under ``src``, sorted."""
     src = Path(src)
-    return sorted(p.relative_to(src).with_suffix("").as_posix() for p in src.rglob("*.hea")
-                  if not p.name.startswith("."))
+    return sorted(
+        p.relative_to(src).with_suffix("").as_posix()
+        for p in src.rglob("*.hea")
+        if not p.name.startswith(".")
+    )
 
 
 def parse_header(text: str, where: str) -> dict:
@@ -65,14 +70,23 @@ def parse_header(text: str, where: str) -> dict:
             raise RecordError(where, f"unparsable header signal line {line!r}")
         gain = float(m["gain"]) or 200.0  # WFDB: gain 0 means the default 200
         adc_zero = int(tok[4])
-        signals.append({
-            "file": tok[0], "fmt": tok[1], "gain": gain,
-            "baseline": int(m["base"]) if m["base"] is not None else adc_zero,
-            "units": m["units"] or "mV",
-            "name": " ".join(tok[8:]) if len(tok) > 8 else f"ch{len(signals)}",
-        })
-    return {"n_sig": n_sig, "fs": fs, "sig_len": sig_len, "signals": signals,
-            "fields": comment_fields(comments)}
+        signals.append(
+            {
+                "file": tok[0],
+                "fmt": tok[1],
+                "gain": gain,
+                "baseline": int(m["base"]) if m["base"] is not None else adc_zero,
+                "units": m["units"] or "mV",
+                "name": " ".join(tok[8:]) if len(tok) > 8 else f"ch{len(signals)}",
+            }
+        )
+    return {
+        "n_sig": n_sig,
+        "fs": fs,
+        "sig_len": sig_len,
+        "signals": signals,
+        "fields": comment_fields(comments),
+    }
 
 
 # MATLAB v4 precision digit P of the type code MOPT -> numpy dtype (without byte order)
@@ -95,20 +109,30 @@ def read_mat4(data: bytes, name: str, key: str = "val") -> np.ndarray:
             hdr, order = np.frombuffer(data, ">i4", 5, pos), ">"
         mopt, mrows, ncols, imagf, namlen = (int(v) for v in hdr)
         m, o, p, t = mopt // 1000, mopt // 100 % 10, mopt // 10 % 10, mopt % 10
-        if (m not in (0, 1) or o != 0 or p not in _MAT4_DTYPES or t not in (0, 1, 2)
-                or mrows < 0 or ncols < 0 or imagf not in (0, 1) or not 0 < namlen < 64):
+        if (
+            m not in (0, 1)
+            or o != 0
+            or p not in _MAT4_DTYPES
+            or t not in (0, 1, 2)
+            or mrows < 0
+            or ncols < 0
+            or imagf not in (0, 1)
+            or not 0 < namlen < 64
+        ):
             raise ValueError(f"{name} is not a MATLAB v4 file (bad matrix header at byte {pos})")
         pos += 20
         if size - pos < namlen:
             raise ValueError(f"{name} is truncated (matrix name cut at byte {pos})")
-        var = data[pos: pos + namlen].split(b"\0", 1)[0].decode("latin-1")
+        var = data[pos : pos + namlen].split(b"\0", 1)[0].decode("latin-1")
         pos += namlen
         dtype = np.dtype(order + _MAT4_DTYPES[p])
         count = mrows * ncols
         nbytes = count * dtype.itemsize * (2 if imagf else 1)
         if size - pos < nbytes:
-            raise ValueError(f"{name} is truncated: matrix {var!r} ({mrows}x{ncols}) needs "
-                             f"{nbytes} bytes, {size - pos} left")
+            raise ValueError(
+                f"{name} is truncated: matrix {var!r} ({mrows}x{ncols}) needs "
+                f"{nbytes} bytes, {size - pos} left"
+            )
         if var == key:
             if t != 0 or imagf:
                 raise ValueError(f"{name}: matrix {var!r} is not a real full numeric matrix")
@@ -133,7 +157,9 @@ def read_record(src: Path, rel: str) -> RawRecord:
     hdr = parse_header(text, rel)
     files = {s["file"] for s in hdr["signals"]}
     if len(files) != 1 or not next(iter(files)).lower().endswith(".mat"):
-        raise RecordError(rel, f"unknown format: signal file(s) {sorted(files)} are not one .mat file")
+        raise RecordError(
+            rel, f"unknown format: signal file(s) {sorted(files)} are not one .mat file"
+        )
     if any(not s["fmt"].startswith("16") for s in hdr["signals"]):
         raise RecordError(rel, "unknown format: only WFDB format 16 .mat signals are supported")
     mat = hea.parent / next(iter(files))
@@ -144,11 +170,16 @@ def read_record(src: Path, rel: str) -> RawRecord:
     except KeyError:
         raise RecordError(rel, f"{mat.name} has no 'val' matrix") from None
     except (ValueError, OSError) as e:
-        raise RecordError(rel, f"cannot read {mat.name} (truncated or not MATLAB v4): {e}") from None
+        raise RecordError(
+            rel, f"cannot read {mat.name} (truncated or not MATLAB v4): {e}"
+        ) from None
     expected = (hdr["n_sig"], hdr["sig_len"])
     if val.shape != expected:
-        raise RecordError(rel, f"{mat.name} holds shape {val.shape}, header says {expected} "
-                               "(leads x samples): truncated or mismatched")
+        raise RecordError(
+            rel,
+            f"{mat.name} holds shape {val.shape}, header says {expected} "
+            "(leads x samples): truncated or mismatched",
+        )
     gains = np.array([s["gain"] for s in hdr["signals"]])
     baselines = np.array([s["baseline"] for s in hdr["signals"]], dtype=np.float64)
     scale = np.array([unit_scale_to_mv(s["units"]) or np.nan for s in hdr["signals"]])
@@ -166,9 +197,16 @@ def read_record(src: Path, rel: str) -> RawRecord:
     fields = hdr["fields"]
     codes = [c for c in re.split(r"[,\s]+", fields.get("dx", "")) if c]
     return RawRecord(
-        source=SOURCE, record_id=base.name, path=rel, signal=signal.astype(np.float32),
-        fs=hdr["fs"], lead_names=[s["name"] for s in hdr["signals"]],
-        patient_id=fields.get("patient") or None, codes=codes, labels=codes_to_multihot(codes),
-        age=parse_age(fields.get("age")), sex=parse_sex(fields.get("sex")),
+        source=SOURCE,
+        record_id=base.name,
+        path=rel,
+        signal=signal.astype(np.float32),
+        fs=hdr["fs"],
+        lead_names=[s["name"] for s in hdr["signals"]],
+        patient_id=fields.get("patient") or None,
+        codes=codes,
+        labels=codes_to_multihot(codes),
+        age=parse_age(fields.get("age")),
+        sex=parse_sex(fields.get("sex")),
         extra={"subset": _subset(rel)},
     )

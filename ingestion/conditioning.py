@@ -35,8 +35,8 @@ _I16 = np.iinfo(np.int16)
 class ConditionedRecord:
     """A record ready for the store: int16 µV segments in canonical lead order plus metadata."""
 
-    segments: np.ndarray        # int16 (S, 12, 2500) microvolts
-    lead_mask: np.ndarray       # bool (12,): which canonical leads the file had
+    segments: np.ndarray  # int16 (S, 12, 2500) microvolts
+    lead_mask: np.ndarray  # bool (12,): which canonical leads the file had
     n_samples_original: int
     fs_original: float
     source: str
@@ -58,7 +58,9 @@ class ConditionedRecord:
         return int(self.segments.shape[0])
 
 
-def canonical_leads(signal: np.ndarray, lead_names: list[str], path: str = "?") -> tuple[np.ndarray, np.ndarray]:
+def canonical_leads(
+    signal: np.ndarray, lead_names: list[str], path: str = "?"
+) -> tuple[np.ndarray, np.ndarray]:
     """(12, T) float array in canonical order and the bool (12,) present mask."""
     if len(lead_names) != signal.shape[0]:
         raise RecordError(path, f"{signal.shape[0]} channels but {len(lead_names)} lead names")
@@ -122,10 +124,21 @@ def condition(rec: RawRecord) -> ConditionedRecord:
     x = resample_to(x, fs)
     segs = segment(x)
     if segs.shape[0] == 0:  # rounding of a record just at 5 s
-        raise RecordError(rec.path, f"too short: {x.shape[-1]} samples at 500 Hz < {SEGMENT_SAMPLES}")
+        raise RecordError(
+            rec.path, f"too short: {x.shape[-1]} samples at 500 Hz < {SEGMENT_SAMPLES}"
+        )
     return ConditionedRecord(
-        segments=to_int16_microvolts(segs), lead_mask=mask, n_samples_original=n, fs_original=fs,
-        source=rec.source, record_id=rec.record_id, path=rec.path, patient_id=rec.patient_id,
-        codes=list(rec.codes), labels=np.asarray(rec.labels, dtype=bool).copy(), age=float(rec.age),
-        sex=rec.sex, extra=dict(rec.extra),
+        segments=to_int16_microvolts(segs),
+        lead_mask=mask,
+        n_samples_original=n,
+        fs_original=fs,
+        source=rec.source,
+        record_id=rec.record_id,
+        path=rec.path,
+        patient_id=rec.patient_id,
+        codes=list(rec.codes),
+        labels=np.asarray(rec.labels, dtype=bool).copy(),
+        age=float(rec.age),
+        sex=rec.sex,
+        extra=dict(rec.extra),
     )

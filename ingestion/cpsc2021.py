@@ -26,8 +26,11 @@ _AF = "164889003"
 def list_records(src: Path) -> list[str]:
     """Relative paths of every ``data_<patient>_<record>.hea`` under ``src``, sorted."""
     src = Path(src)
-    return sorted(p.relative_to(src).with_suffix("").as_posix() for p in src.rglob("data_*.hea")
-                  if NAME_RE.match(p.stem))
+    return sorted(
+        p.relative_to(src).with_suffix("").as_posix()
+        for p in src.rglob("data_*.hea")
+        if NAME_RE.match(p.stem)
+    )
 
 
 def read_record(src: Path, rel: str) -> RawRecord:
@@ -39,7 +42,14 @@ def read_record(src: Path, rel: str) -> RawRecord:
     rhythm = " ".join(c.strip().lower() for c in comments if c.strip())
     codes = [_AF] if "persistent atrial fibrillation" in rhythm else []
     return RawRecord(
-        source=SOURCE, record_id=Path(rel).name, path=rel, signal=signal, fs=fs, lead_names=names,
-        patient_id=m["patient"], codes=codes, labels=codes_to_multihot(codes),
+        source=SOURCE,
+        record_id=Path(rel).name,
+        path=rel,
+        signal=signal,
+        fs=fs,
+        lead_names=names,
+        patient_id=m["patient"],
+        codes=codes,
+        labels=codes_to_multihot(codes),
         extra={"rhythm": rhythm},
     )

@@ -81,7 +81,7 @@ def _trim_heap() -> None:
 
 def _batches(todo: list[str], batch_size: int):
     for seq, start in enumerate(range(0, len(todo), batch_size)):
-        yield seq, todo[start: start + batch_size]
+        yield seq, todo[start : start + batch_size]
 
 
 def _run_local(corpus, src, batches, secret, sink) -> None:
@@ -104,8 +104,18 @@ def _run_dask(client, corpus, src, batches, secret, sink, max_in_flight: int) ->
         if item is None:
             return False
         seq, rels = item
-        pending.add(client.submit(process_batch, corpus, src, rels, seq, secret, pure=False,
-                                  key=f"ingest-{corpus}-{seq}-{os.getpid()}-{time.monotonic_ns()}"))
+        pending.add(
+            client.submit(
+                process_batch,
+                corpus,
+                src,
+                rels,
+                seq,
+                secret,
+                pure=False,
+                key=f"ingest-{corpus}-{seq}-{os.getpid()}-{time.monotonic_ns()}",
+            )
+        )
         return True
 
     while in_flight + len(waiting) < max_in_flight and submit_one():
@@ -122,10 +132,18 @@ def _run_dask(client, corpus, src, batches, secret, sink, max_in_flight: int) ->
             in_flight += 1
 
 
-def ingest(corpus: str, src: str | os.PathLike, store: str | os.PathLike, workers: int | None = None,
-           scheduler: str | None = None, batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True,
-           max_in_flight: int | None = None, limit: int | None = None,
-           commit_interval: float = 1.0) -> dict:
+def ingest(
+    corpus: str,
+    src: str | os.PathLike,
+    store: str | os.PathLike,
+    workers: int | None = None,
+    scheduler: str | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: bool = True,
+    max_in_flight: int | None = None,
+    limit: int | None = None,
+    commit_interval: float = 1.0,
+) -> dict:
     """Ingest the records of ``corpus`` under ``src`` into ``store`` (created if missing).
 
     ``workers``: Dask worker processes of a LocalCluster (default: one per CPU core); 0 = run
@@ -152,8 +170,13 @@ def ingest(corpus: str, src: str | os.PathLike, store: str | os.PathLike, worker
         if limit is not None:
             todo = todo[:limit]
         keys = writer.record_keys()
-        stats = {"records": 0, "segments": 0, "bytes_read": 0, "patients": set(),
-                 "startup_seconds": 0.0}
+        stats = {
+            "records": 0,
+            "segments": 0,
+            "bytes_read": 0,
+            "patients": set(),
+            "startup_seconds": 0.0,
+        }
         rejected: Counter = Counter()
         bar = ProgressBar(progress, len(todo), f"ingest {corpus}")
 
@@ -184,23 +207,38 @@ def ingest(corpus: str, src: str | os.PathLike, store: str | os.PathLike, worker
                     stats["startup_seconds"] = time.perf_counter() - t_cluster
                     n_workers = max(1, len(client.scheduler_info()["workers"]))
                     limit_in_flight = max_in_flight or 2 * n_workers + 1
-                    _run_dask(client, corpus, str(src.resolve()), batches, writer.secret, sink,
-                              limit_in_flight)
+                    _run_dask(
+                        client,
+                        corpus,
+                        str(src.resolve()),
+                        batches,
+                        writer.secret,
+                        sink,
+                        limit_in_flight,
+                    )
         finally:
             bar.close()
             writer.commit()  # whatever was appended is complete: make it visible
-        totals = {"store_records": writer.n_records, "store_segments": writer.n_segments,
-                  "store_rejects": writer.n_rejects}
+        totals = {
+            "store_records": writer.n_records,
+            "store_segments": writer.n_segments,
+            "store_rejects": writer.n_rejects,
+        }
     seconds = time.perf_counter() - t0
     return {
-        "corpus": corpus, "store": str(store), "listed": len(listing),
+        "corpus": corpus,
+        "store": str(store),
+        "listed": len(listing),
         "skipped": skipped,
-        "records": stats["records"], "segments": stats["segments"],
-        "patients": len(stats["patients"]), "rejected": dict(sorted(rejected.items())),
+        "records": stats["records"],
+        "segments": stats["segments"],
+        "patients": len(stats["patients"]),
+        "rejected": dict(sorted(rejected.items())),
         "seconds": round(seconds, 3),
         "records_per_s": round(stats["records"] / seconds, 1) if seconds > 0 else 0.0,
         "bytes_read": stats["bytes_read"],
-        "startup_seconds": round(stats["startup_seconds"], 3), **totals,
+        "startup_seconds": round(stats["startup_seconds"], 3),
+        **totals,
     }
 
 
@@ -209,9 +247,15 @@ def ingest(corpus: str, src: str | os.PathLike, store: str | os.PathLike, worker
 # MALLOC_TRIM_THRESHOLD_=65536 also pins the mmap threshold at 128 KiB: every ~0.5 MB array of
 # a record is then mmap'ed, page-faulted and unmapped again (measured: 1.6 s of system time per
 # 2,000 records in one worker, 0.4 s without). Peak memory stays bounded by the batch size.
-_WORKER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-               "NUMEXPR_NUM_THREADS": "1", "BLOSC_NTHREADS": "1",
-               "MALLOC_TRIM_THRESHOLD_": str(256 << 20), "MALLOC_MMAP_THRESHOLD_": str(32 << 20)}
+_WORKER_ENV = {
+    "OMP_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "NUMEXPR_NUM_THREADS": "1",
+    "BLOSC_NTHREADS": "1",
+    "MALLOC_TRIM_THRESHOLD_": str(256 << 20),
+    "MALLOC_MMAP_THRESHOLD_": str(32 << 20),
+}
 _WORKER_CONFIG = {
     "distributed.nanny.pre-spawn-environ": _WORKER_ENV,
     # the workers' 10 ms stack-sampling profiler and frequent system/memory polling only cost CPU
@@ -250,8 +294,13 @@ class _dask_client:
             # no dashboard (bokeh is not installed); ":0" rather than None because the
             # scheduler's HTTP server otherwise tries port 8787 and warns when it is taken.
             with dask.config.set(_WORKER_CONFIG):
-                self.cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                                            dashboard_address=":0", env=dict(_WORKER_ENV))
+                self.cluster = LocalCluster(
+                    n_workers=n,
+                    threads_per_worker=1,
+                    processes=True,
+                    dashboard_address=":0",
+                    env=dict(_WORKER_ENV),
+                )
             self.client = Client(self.cluster)
         # import the reader, conditioning and codec code on every worker now (part of the
         # cluster start) rather than inside the first task

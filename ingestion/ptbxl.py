@@ -80,8 +80,16 @@ def read_record(src: Path, rel: str) -> RawRecord:
         extra["strat_fold"] = int(row["strat_fold"])
     codes = list(scp)
     return RawRecord(
-        source=SOURCE, record_id=f"{int(row['ecg_id']):05d}", path=rel, signal=signal, fs=fs,
-        lead_names=names, patient_id=None if _is_missing(pid) else str(int(float(pid))),
-        codes=codes, labels=codes_to_multihot(scp_to_snomed(scp, axis)), age=age, sex=sex,
+        source=SOURCE,
+        record_id=f"{int(row['ecg_id']):05d}",
+        path=rel,
+        signal=signal,
+        fs=fs,
+        lead_names=names,
+        patient_id=None if _is_missing(pid) else str(int(float(pid))),
+        codes=codes,
+        labels=codes_to_multihot(scp_to_snomed(scp, axis)),
+        age=age,
+        sex=sex,
         extra=extra,
     )

@@ -29,17 +29,17 @@ class RawRecord:
     ``ecgplat.privacy.pseudonymise`` (by the store writer); never print or log it.
     """
 
-    source: str                 # "cinc2021" | "ptbxl" | "wfdb" | "cpsc2021"
-    record_id: str              # unique within the source, e.g. "E07500", "00013"
-    path: str                   # record path relative to the source root, without extension
-    signal: np.ndarray          # (n_leads, n_samples) float32, millivolts, baseline removed
-    fs: float                   # original sampling rate, Hz
-    lead_names: list[str]       # as in the file
+    source: str  # "cinc2021" | "ptbxl" | "wfdb" | "cpsc2021"
+    record_id: str  # unique within the source, e.g. "E07500", "00013"
+    path: str  # record path relative to the source root, without extension
+    signal: np.ndarray  # (n_leads, n_samples) float32, millivolts, baseline removed
+    fs: float  # original sampling rate, Hz
+    lead_names: list[str]  # as in the file
     patient_id: str | None = field(default=None, repr=False)
     codes: list[str] = field(default_factory=list)  # SNOMED (cinc2021) or SCP (ptbxl)
     labels: np.ndarray = field(default_factory=lambda: np.zeros(NUM_CLASSES, dtype=bool))
     age: float = float("nan")
-    sex: str = ""               # "M" | "F" | ""
+    sex: str = ""  # "M" | "F" | ""
     extra: dict = field(default_factory=dict)
 
     @property
@@ -48,6 +48,7 @@ class RawRecord:
 
 
 # --- header comment helpers shared by the readers -------------------------------------------
+
 
 def comment_fields(comments: list[str]) -> dict[str, str]:
     """``key: value`` header comments as a dict with lower-case keys (first occurrence wins).
@@ -71,7 +72,7 @@ def parse_age(value) -> float:
 
 
 def parse_sex(value) -> str:
-    """"M", "F" or "" from spellings such as "Male", "female", "M", "f"."""
+    """ "M", "F" or "" from spellings such as "Male", "female", "M", "f"."""
     text = str(value or "").strip().lower()
     if text in ("m", "male", "man"):
         return "M"

@@ -31,8 +31,11 @@ def codecs():
 
     S.quiet_zarr_warnings()
     filters = [Delta(dtype="int16")] if S.SEGMENT_DELTA else []
-    return filters, [BloscCodec(cname=S.SEGMENT_CNAME, clevel=S.SEGMENT_CLEVEL,
-                                shuffle=S.SEGMENT_SHUFFLE, typesize=2)]
+    return filters, [
+        BloscCodec(
+            cname=S.SEGMENT_CNAME, clevel=S.SEGMENT_CLEVEL, shuffle=S.SEGMENT_SHUFFLE, typesize=2
+        )
+    ]
 
 
 def segment_codecs():
@@ -47,10 +50,15 @@ def _build_codecs(delta: bool, cname: str, clevel: int, shuffle: str):
     from numcodecs import Blosc, Delta
 
     numcodecs.blosc.use_threads = False  # one Dask thread per worker process: no oversubscription
-    shuffle_id = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE,
-                  "bitshuffle": Blosc.BITSHUFFLE}[shuffle]
-    return (Delta(dtype="<i2") if delta else None,
-            Blosc(cname=cname, clevel=clevel, shuffle=shuffle_id))
+    shuffle_id = {
+        "noshuffle": Blosc.NOSHUFFLE,
+        "shuffle": Blosc.SHUFFLE,
+        "bitshuffle": Blosc.BITSHUFFLE,
+    }[shuffle]
+    return (
+        Delta(dtype="<i2") if delta else None,
+        Blosc(cname=cname, clevel=clevel, shuffle=shuffle_id),
+    )
 
 
 def encode_segments(segments: np.ndarray) -> list[bytes]:
@@ -81,10 +89,13 @@ def direct_layout(arr) -> bool:
     """True if ``segments`` has this version's chunking and codecs (then shard files are written
     from worker-encoded chunks); an older store's array is written through zarr instead."""
     filters, compressors = codecs()
-    return (tuple(arr.chunks) == (1, *_SEG_SHAPE) and S.SEGMENT_CHUNK == 1
-            and tuple(arr.shards or ()) == (S.SEGMENT_SHARD, *_SEG_SHAPE)
-            and [c.to_dict() for c in arr.filters] == [c.to_dict() for c in filters]
-            and [c.to_dict() for c in arr.compressors] == [c.to_dict() for c in compressors])
+    return (
+        tuple(arr.chunks) == (1, *_SEG_SHAPE)
+        and S.SEGMENT_CHUNK == 1
+        and tuple(arr.shards or ()) == (S.SEGMENT_SHARD, *_SEG_SHAPE)
+        and [c.to_dict() for c in arr.filters] == [c.to_dict() for c in filters]
+        and [c.to_dict() for c in arr.compressors] == [c.to_dict() for c in compressors]
+    )
 
 
 _EMPTY = np.uint64(2**64 - 1)  # zarr sharding index: an absent chunk
@@ -101,7 +112,9 @@ class ShardFiles:
         self.dir = path / "segments"
         self.per = S.SEGMENT_SHARD
         self.start = n_segments - n_segments % self.per
-        self.tail: list[bytes | None] = self._read(self.start // self.per)[: n_segments - self.start]
+        self.tail: list[bytes | None] = self._read(self.start // self.per)[
+            : n_segments - self.start
+        ]
 
     def _file(self, k: int) -> Path:
         return self.dir / "c" / str(k) / "0" / "0"
@@ -114,7 +127,7 @@ class ShardFiles:
             return []
         n_index = self.per * 16
         index = np.frombuffer(data, "<u8", self.per * 2, len(data) - n_index - 4).reshape(-1, 2)
-        return [None if off == _EMPTY else data[int(off): int(off) + int(n)] for off, n in index]
+        return [None if off == _EMPTY else data[int(off) : int(off) + int(n)] for off, n in index]
 
     def _write(self, k: int, chunks: list[bytes | None]) -> None:
         import google_crc32c

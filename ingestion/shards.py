@@ -39,12 +39,27 @@ FORMAT = "ecgplat-shards/1"
 SAMPLE_SCHEMA = {
     "key": "r%08d (record index)",
     "seg.npy": "int16 (S, 12, 2500) microvolts, leads I..V6, absent leads 0",
-    "meta.json": ["record_key", "patient_key", "source", "split", "labels", "lead_mask",
-                  "record_index"],
+    "meta.json": [
+        "record_key",
+        "patient_key",
+        "source",
+        "split",
+        "labels",
+        "lead_mask",
+        "record_index",
+    ],
 }
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20,
-          "GIB": 2**30}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+}
 
 
 def parse_size(text: str | int) -> int:
@@ -96,8 +111,11 @@ class _ShardSink:
     def add(self, key: str, payloads: dict[str, bytes], n_segments: int) -> None:
         size = sum(512 + len(v) + 511 for v in payloads.values())  # tar header + padding
         entry = self.shards[-1] if self.tar is not None else None
-        if entry is not None and entry["samples"] and (
-                entry["samples"] >= self.max_count or entry["bytes"] + size > self.max_size):
+        if (
+            entry is not None
+            and entry["samples"]
+            and (entry["samples"] >= self.max_count or entry["bytes"] + size > self.max_size)
+        ):
             self._close()
             entry = None
         if entry is None:
@@ -134,7 +152,7 @@ def _iter_samples(store: EcgStore, indices: np.ndarray, block: int = 256):
     frame = store.records
     labels, masks = store.labels, store.lead_masks
     for start in range(0, len(indices), block):
-        part = indices[start: start + block]
+        part = indices[start : start + block]
         starts = frame["seg_start"].to_numpy()[part]
         counts = frame["seg_count"].to_numpy()[part]
         seg_idx = np.concatenate([np.arange(s, s + c) for s, c in zip(starts, counts)])
@@ -142,11 +160,16 @@ def _iter_samples(store: EcgStore, indices: np.ndarray, block: int = 256):
         offset = 0
         for i, c in zip(part, counts):
             row = frame.iloc[int(i)]
-            meta = {"record_key": row["record_key"], "patient_key": row["patient_key"],
-                    "source": row["source"], "split": row["split"],
-                    "labels": [int(v) for v in labels[i]],
-                    "lead_mask": [int(v) for v in masks[i]], "record_index": int(i)}
-            yield int(i), data[offset: offset + c], meta
+            meta = {
+                "record_key": row["record_key"],
+                "patient_key": row["patient_key"],
+                "source": row["source"],
+                "split": row["split"],
+                "labels": [int(v) for v in labels[i]],
+                "lead_mask": [int(v) for v in masks[i]],
+                "record_index": int(i),
+            }
+            yield int(i), data[offset : offset + c], meta
             offset += c
 
 
@@ -156,9 +179,15 @@ def read_info(out: str | os.PathLike) -> dict:
     return json.loads(file.read_text()) if file.exists() else {}
 
 
-def write_shards(store: str | os.PathLike, split: str, out: str | os.PathLike,
-                 name: str | None = None, max_size: int | str = "256MB",
-                 max_count: int = 100_000, progress: bool = False) -> dict:
+def write_shards(
+    store: str | os.PathLike,
+    split: str,
+    out: str | os.PathLike,
+    name: str | None = None,
+    max_size: int | str = "256MB",
+    max_count: int = 100_000,
+    progress: bool = False,
+) -> dict:
     """Export the records of ``split`` ("all" = every record) to shards; returns the
     ``_info.json`` entry written for ``name`` (default: the split name)."""
     name = name or split
@@ -187,13 +216,18 @@ def write_shards(store: str | os.PathLike, split: str, out: str | os.PathLike,
     finally:
         bar.close()
     entry = {
-        "format": FORMAT, "split": split, "shards": shards,
+        "format": FORMAT,
+        "split": split,
+        "shards": shards,
         "samples": int(sum(s["samples"] for s in shards)),
         "segments": int(sum(s["segments"] for s in shards)),
         "sample_schema": SAMPLE_SCHEMA,
         "params": {"max_size": max_size, "max_count": max_count},
-        "store": {"path": str(Path(store).resolve()), "uuid": reader.attrs.get("store_uuid"),
-                  "n_records": reader.n_records},
+        "store": {
+            "path": str(Path(store).resolve()),
+            "uuid": reader.attrs.get("store_uuid"),
+            "n_records": reader.n_records,
+        },
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
     info = read_info(out)

@@ -32,8 +32,13 @@ TRAIN_FOLDS = tuple(range(1, 9))
 VALID_FOLD, TEST_FOLD = 9, 10
 
 
-def random_split(patient_keys: Sequence[str], valid: float = 0.1, test: float = 0.1,
-                 seed: int = 0, order_keys: Sequence[str] | None = None) -> np.ndarray:
+def random_split(
+    patient_keys: Sequence[str],
+    valid: float = 0.1,
+    test: float = 0.1,
+    seed: int = 0,
+    order_keys: Sequence[str] | None = None,
+) -> np.ndarray:
     """Per-record "train"/"valid"/"test", grouped by patient.
 
     `order_keys` (one per record, e.g. the record keys) makes the split independent of the
@@ -56,7 +61,9 @@ def random_split(patient_keys: Sequence[str], valid: float = 0.1, test: float = 
     order = stable[np.random.default_rng(seed).permutation(len(patients))]
     before = np.cumsum(counts[order]) - counts[order]  # records already placed before each patient
     n = len(keys)
-    name = np.where(before < test * n, "test", np.where(before < (test + valid) * n, "valid", "train"))
+    name = np.where(
+        before < test * n, "test", np.where(before < (test + valid) * n, "valid", "train")
+    )
     per_patient = np.empty(len(patients), dtype=object)
     per_patient[order] = name
     out[:] = per_patient[inverse]
@@ -68,10 +75,13 @@ def strat_fold_split(folds: Sequence[int]) -> np.ndarray:
     folds = np.asarray(folds, dtype=np.int64)
     bad = ~np.isin(folds, np.arange(1, 11))
     if bad.any():
-        raise ValueError(f"{int(bad.sum())} records have no PTB-XL strat_fold (1..10); "
-                         "use --mode random or --source ptbxl")
-    return np.where(folds == TEST_FOLD, "test", np.where(folds == VALID_FOLD, "valid", "train")
-                    ).astype(object)
+        raise ValueError(
+            f"{int(bad.sum())} records have no PTB-XL strat_fold (1..10); "
+            "use --mode random or --source ptbxl"
+        )
+    return np.where(
+        folds == TEST_FOLD, "test", np.where(folds == VALID_FOLD, "valid", "train")
+    ).astype(object)
 
 
 def gallery_probe(patient_keys: Sequence[str], first_two: bool = False) -> np.ndarray:
@@ -94,10 +104,17 @@ def gallery_probe(patient_keys: Sequence[str], first_two: bool = False) -> np.nd
     return out
 
 
-def split_store(store: str | os.PathLike, mode: str = "random", valid: float = 0.1,
-                test: float = 0.1, seed: int = 0, ident: bool = False,
-                ident_first_two: bool = False, sources: Sequence[str] | None = None,
-                ident_within: str | None = None) -> dict:
+def split_store(
+    store: str | os.PathLike,
+    mode: str = "random",
+    valid: float = 0.1,
+    test: float = 0.1,
+    seed: int = 0,
+    ident: bool = False,
+    ident_first_two: bool = False,
+    sources: Sequence[str] | None = None,
+    ident_within: str | None = None,
+) -> dict:
     """Assign splits (and with ``ident`` the gallery/probe sets) to the records of ``sources``
     (default: all) and commit them to the store; returns counts per split and ident_split.
 
@@ -120,8 +137,13 @@ def split_store(store: str | os.PathLike, mode: str = "random", valid: float = 0
     split = frame["split"].to_numpy(dtype=object).copy()
     ident_split = frame["ident_split"].to_numpy(dtype=object).copy()
     if mode == "random":
-        split[selected] = random_split(frame["patient_key"][selected], valid, test, seed,
-                                       order_keys=frame["record_key"][selected])
+        split[selected] = random_split(
+            frame["patient_key"][selected],
+            valid,
+            test,
+            seed,
+            order_keys=frame["record_key"][selected],
+        )
     else:
         split[selected] = strat_fold_split(frame["strat_fold"][selected])
     if ident:
@@ -137,5 +159,9 @@ def split_store(store: str | os.PathLike, mode: str = "random", valid: float = 0
         kinds, n = np.unique(np.asarray(values, dtype=str), return_counts=True)
         return {str(k) or "none": int(c) for k, c in zip(kinds, n)}
 
-    return {"mode": mode, "records": int(selected.sum()), "split": counts(split[selected]),
-            "ident_split": counts(ident_split[selected])}
+    return {
+        "mode": mode,
+        "records": int(selected.sum()),
+        "split": counts(split[selected]),
+        "ident_split": counts(ident_split[selected]),
+    }

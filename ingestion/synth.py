@@ -44,7 +44,12 @@ ABNORMALITIES: dict[str, tuple[str, ...]] = {
     "TInv": ("426783006", "59931005"),
 }
 NORMAL_CODES = ("426783006",)
-RATE_RANGES = {"SB": (40.0, 55.0), "STach": (105.0, 145.0), "AF": (75.0, 130.0), "normal": (60.0, 95.0)}
+RATE_RANGES = {
+    "SB": (40.0, 55.0),
+    "STach": (105.0, 145.0),
+    "AF": (75.0, 130.0),
+    "normal": (60.0, 95.0),
+}
 WAVES = ("P", "Q", "R", "S", "T", "R2")  # R2: late R' (CRBBB) or notch (CLBBB); zero otherwise
 RECORDS_PER_DIR = 1000
 GAIN = 1000  # ADC units per mV: int16 values are microvolts
@@ -65,8 +70,8 @@ def _direction(rng, base, spread_deg):
 
 def make_patient(rng: np.random.Generator) -> dict:
     """Stable per-patient morphology. Axes: x = left, y = inferior (feet), z = anterior."""
-    axis = np.deg2rad(rng.uniform(-15, 85))                       # frontal QRS axis
-    back = np.deg2rad(rng.uniform(-35, -5))                       # QRS points posterior
+    axis = np.deg2rad(rng.uniform(-15, 85))  # frontal QRS axis
+    back = np.deg2rad(rng.uniform(-35, -5))  # QRS points posterior
     r_dir = np.array([np.cos(axis) * np.cos(back), np.sin(axis) * np.cos(back), np.sin(back)])
     return {
         "age": int(rng.integers(18, 90)),
@@ -79,12 +84,23 @@ def make_patient(rng: np.random.Generator) -> dict:
             "T": _unit(r_dir + rng.normal(0, 0.3, 3) + np.array([0, 0, 0.4])),
             "R2": _direction(rng, [-0.6, 0.0, 0.8], 10),
         },
-        "amp": {w: a * float(rng.lognormal(0, 0.25)) for w, a in
-                {"P": 0.15, "Q": 0.12, "R": 1.3, "S": 0.35, "T": 0.35, "R2": 0.0}.items()},
-        "width": {w: s * float(rng.uniform(0.8, 1.2)) for w, s in
-                  {"P": 0.022, "Q": 0.008, "R": 0.010, "S": 0.010, "T": 0.045, "R2": 0.012}.items()},
+        "amp": {
+            w: a * float(rng.lognormal(0, 0.25))
+            for w, a in {"P": 0.15, "Q": 0.12, "R": 1.3, "S": 0.35, "T": 0.35, "R2": 0.0}.items()
+        },
+        "width": {
+            w: s * float(rng.uniform(0.8, 1.2))
+            for w, s in {
+                "P": 0.022,
+                "Q": 0.008,
+                "R": 0.010,
+                "S": 0.010,
+                "T": 0.045,
+                "R2": 0.012,
+            }.items()
+        },
         "pr": float(rng.uniform(0.13, 0.19)),
-        "qt": float(rng.uniform(0.36, 0.42)),        # at 60 bpm; Bazett-scaled per beat
+        "qt": float(rng.uniform(0.36, 0.42)),  # at 60 bpm; Bazett-scaled per beat
         "precordial_deg": _PRECORDIAL_DEG + rng.normal(0, 6, 6),
         "precordial_tilt": rng.normal(0, 0.1, 6),
         "noise_mv": float(rng.uniform(0.008, 0.02)),
@@ -104,10 +120,13 @@ def _beat_times(rng, rate: float, seconds: float, irregular: bool) -> tuple[np.n
     n = int((seconds + 3.0) / (rr0 * 0.6)) + 4
     if irregular:  # AF: independent, widely spread intervals
         rr = np.clip(rng.normal(rr0, 0.22 * rr0, n), 0.3, 2.0)
-    else:          # sinus: respiratory modulation plus small jitter
+    else:  # sinus: respiratory modulation plus small jitter
         k = np.arange(n)
-        rr = rr0 * (1 + 0.04 * np.sin(2 * np.pi * k / rng.uniform(3.5, 5.5) + rng.uniform(0, 6.3))
-                    + rng.normal(0, 0.01, n))
+        rr = rr0 * (
+            1
+            + 0.04 * np.sin(2 * np.pi * k / rng.uniform(3.5, 5.5) + rng.uniform(0, 6.3))
+            + rng.normal(0, 0.01, n)
+        )
     times = -1.5 + rng.uniform(0, rr0) + np.concatenate([[0.0], np.cumsum(rr[1:])])
     keep = times < seconds + 1.5
     return times[keep], rr[keep]
@@ -125,8 +144,13 @@ def _wave_course(centers: np.ndarray, sigma: float, amp: float, n: int, fs: int)
     return np.bincount(idx[ok], weights=vals[ok], minlength=n)
 
 
-def synth_record(patient: dict, rng: np.random.Generator, abnormality: str | None,
-                 seconds: float = 10.0, fs: int = 500) -> tuple[np.ndarray, float]:
+def synth_record(
+    patient: dict,
+    rng: np.random.Generator,
+    abnormality: str | None,
+    seconds: float = 10.0,
+    fs: int = 500,
+) -> tuple[np.ndarray, float]:
     """One record: (12, seconds*fs) float32 mV in LEADS order, and its mean heart rate (bpm)."""
     kind = abnormality or "normal"
     lo, hi = RATE_RANGES.get(kind, RATE_RANGES["normal"])
@@ -160,11 +184,11 @@ def synth_record(patient: dict, rng: np.random.Generator, abnormality: str | Non
         dirs["T"] = -dirs["R"]
         amp["T"] *= 1.5
 
-    qt = patient["qt"] * np.sqrt(np.clip(rr, 0.3, 2.0))          # Bazett
+    qt = patient["qt"] * np.sqrt(np.clip(rr, 0.3, 2.0))  # Bazett
     offsets = {"P": -pr, "Q": -0.028, "R": 0.0, "S": 0.028, "R2": 0.065}
-    if kind == "CRBBB":   # terminal conduction delay: late R' and slurred S, QRS ~130 ms
+    if kind == "CRBBB":  # terminal conduction delay: late R' and slurred S, QRS ~130 ms
         offsets["S"] = 0.05
-    if kind == "CLBBB":   # notch 60 ms after R, QRS ~130 ms
+    if kind == "CLBBB":  # notch 60 ms after R, QRS ~130 ms
         offsets["R2"], offsets["S"] = 0.06, 0.075
     centers = np.stack([r_t + offsets[w] if w != "T" else r_t + qt - 0.12 for w in WAVES], axis=1)
 
@@ -172,22 +196,34 @@ def synth_record(patient: dict, rng: np.random.Generator, abnormality: str | Non
     t = np.arange(n, dtype=np.float64) / fs
     sig_w = np.array([width[w] for w in WAVES])
     amp_w = np.array([amp[w] for w in WAVES])
-    courses = np.stack([_wave_course(centers[:, j], sig_w[j], amp_w[j], n, fs)
-                        for j in range(len(WAVES))])                     # (waves, T)
-    dipole = np.stack([dirs[w] for w in WAVES], axis=1) @ courses        # (3, T)
+    courses = np.stack(
+        [_wave_course(centers[:, j], sig_w[j], amp_w[j], n, fs) for j in range(len(WAVES))]
+    )  # (waves, T)
+    dipole = np.stack([dirs[w] for w in WAVES], axis=1) @ courses  # (3, T)
     if af:  # fibrillatory waves along the atrial axis
         f = rng.uniform(4.5, 7.5)
-        fw = 0.05 * np.sin(2 * np.pi * f * t + 0.5 * np.sin(2 * np.pi * 0.3 * t) + rng.uniform(0, 6.3))
+        fw = 0.05 * np.sin(
+            2 * np.pi * f * t + 0.5 * np.sin(2 * np.pi * 0.3 * t) + rng.uniform(0, 6.3)
+        )
         dipole += np.outer(patient["dirs"]["P"], fw)
 
     deg = patient["precordial_deg"] + rng.normal(0, 2, 6)
-    eight = _lead_matrix(deg, patient["precordial_tilt"]) @ dipole        # I, II, V1..V6
+    eight = _lead_matrix(deg, patient["precordial_tilt"]) @ dipole  # I, II, V1..V6
     wander = rng.uniform(0.03, 0.12, (8, 1)) * np.sin(
-        2 * np.pi * rng.uniform(0.1, 0.4) * t[None, :] + rng.uniform(0, 6.3, (8, 1)))
+        2 * np.pi * rng.uniform(0.1, 0.4) * t[None, :] + rng.uniform(0, 6.3, (8, 1))
+    )
     eight += wander + _band_limited_noise(rng, patient["noise_mv"], eight.shape)
     lead_i, lead_ii = eight[0], eight[1]
-    limb = np.stack([lead_i, lead_ii, lead_ii - lead_i, -(lead_i + lead_ii) / 2,
-                     lead_i - lead_ii / 2, lead_ii - lead_i / 2])
+    limb = np.stack(
+        [
+            lead_i,
+            lead_ii,
+            lead_ii - lead_i,
+            -(lead_i + lead_ii) / 2,
+            lead_i - lead_ii / 2,
+            lead_ii - lead_i / 2,
+        ]
+    )
     x = np.vstack([limb, eight[2:]]).astype(np.float32)
     beats_in = (r_t >= 0) & (r_t < seconds)
     mean_rr = float(np.mean(rr[beats_in])) if beats_in.sum() > 1 else 60.0 / rate
@@ -206,23 +242,38 @@ def _checksum(v: np.ndarray) -> np.ndarray:
     return ((v.astype(np.int64).sum(axis=1) + 32768) % 65536) - 32768
 
 
-def write_record(base: Path, val: np.ndarray, fs: int, age, sex: str, codes, patient: str | None) -> None:
+def write_record(
+    base: Path, val: np.ndarray, fs: int, age, sex: str, codes, patient: str | None
+) -> None:
     """Write ``base.hea`` + ``base.mat`` (MATLAB v4, key ``val``, int16) in the challenge dialect."""
     name = base.name
     scipy.io.savemat(base.with_suffix(".mat"), {"val": val}, format="4")
     lines = [f"{name} {val.shape[0]} {fs} {val.shape[1]}"]
     for lead, first, chk in zip(LEADS, val[:, 0], _checksum(val)):
         lines.append(f"{name}.mat 16+24 {GAIN}/mV 16 0 {int(first)} {int(chk)} 0 {lead}")
-    lines += [f"#Age: {age}", f"#Sex: {sex}", f"#Dx: {','.join(codes)}",
-              "#Rx: Unknown", "#Hx: Unknown", "#Sx: Unknown"]
+    lines += [
+        f"#Age: {age}",
+        f"#Sex: {sex}",
+        f"#Dx: {','.join(codes)}",
+        "#Rx: Unknown",
+        "#Hx: Unknown",
+        "#Sx: Unknown",
+    ]
     if patient is not None:
         lines.append(f"#Patient: {patient}")
     base.with_suffix(".hea").write_text("\n".join(lines) + "\n")
 
 
-def write_cohort(out: str | Path, patients: int, records_per_patient: int, seconds: float = 10,
-                 seed: int = 0, label_fraction: float = 0.5, fs: int = 500,
-                 progress: Callable[[int, int], None] | None = None) -> dict:
+def write_cohort(
+    out: str | Path,
+    patients: int,
+    records_per_patient: int,
+    seconds: float = 10,
+    seed: int = 0,
+    label_fraction: float = 0.5,
+    fs: int = 500,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
     """Write ``patients * records_per_patient`` synthetic records under ``out`` and return the
     manifest (also saved as ``out/synth_manifest.json``): ``{"root", "n_patients", "n_records",
     "seconds", "fs", "seed", "label_fraction", "records": [{"path", "patient", "codes",
@@ -255,21 +306,45 @@ def write_cohort(out: str | Path, patients: int, records_per_patient: int, secon
             name = f"S{idx + 1:06d}"
             codes = ABNORMALITIES[kind] if kind else NORMAL_CODES
             write_record(folder / name, val, fs, patient["age"], patient["sex"], codes, pid)
-            records.append({"path": f"{folder.name}/{name}", "patient": pid, "codes": list(codes),
-                            "abnormality": kind or "NSR", "heart_rate": round(hr, 2)})
+            records.append(
+                {
+                    "path": f"{folder.name}/{name}",
+                    "patient": pid,
+                    "codes": list(codes),
+                    "abnormality": kind or "NSR",
+                    "heart_rate": round(hr, 2),
+                }
+            )
             if progress is not None:
                 progress(idx + 1, total)
-    manifest = {"root": str(out), "n_patients": patients, "n_records": total, "seconds": seconds,
-                "fs": fs, "seed": seed, "label_fraction": label_fraction, "records": records}
+    manifest = {
+        "root": str(out),
+        "n_patients": patients,
+        "n_records": total,
+        "seconds": seconds,
+        "fs": fs,
+        "seed": seed,
+        "label_fraction": label_fraction,
+        "records": records,
+    }
     (out / "synth_manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest
 
 
-def prepare_synthetic(root: str | Path, patients: int, records_per_patient: int = 1, *,
-                      seconds: float = 10.0, seed: int = 0, label_fraction: float = 0.5,
-                      valid: float = 0.2, test: float = 0.0, split_seed: int | None = None,
-                      shard_splits: tuple[str, ...] = ("train", "valid"),
-                      max_count: int = 64) -> dict:
+def prepare_synthetic(
+    root: str | Path,
+    patients: int,
+    records_per_patient: int = 1,
+    *,
+    seconds: float = 10.0,
+    seed: int = 0,
+    label_fraction: float = 0.5,
+    valid: float = 0.2,
+    test: float = 0.0,
+    split_seed: int | None = None,
+    shard_splits: tuple[str, ...] = ("train", "valid"),
+    max_count: int = 64,
+) -> dict:
     """A synthetic dataset ready to train on, under ``root``: ``cohort/`` (``write_cohort``),
     ``store/`` (ingested in-process, then split at random by patient with ``split_seed``,
     default ``seed``) and ``shards/`` (one shard set per name in ``shard_splits``, at most
@@ -281,11 +356,22 @@ def prepare_synthetic(root: str | Path, patients: int, records_per_patient: int 
 
     root = Path(root)
     paths = {name: root / name for name in ("cohort", "store", "shards")}
-    write_cohort(paths["cohort"], patients, records_per_patient, seconds=seconds, seed=seed,
-                 label_fraction=label_fraction)
+    write_cohort(
+        paths["cohort"],
+        patients,
+        records_per_patient,
+        seconds=seconds,
+        seed=seed,
+        label_fraction=label_fraction,
+    )
     ingest("cinc2021", paths["cohort"], paths["store"], workers=0, progress=False)
-    counts = split_store(paths["store"], mode="random", valid=valid, test=test,
-                         seed=seed if split_seed is None else split_seed)
+    counts = split_store(
+        paths["store"],
+        mode="random",
+        valid=valid,
+        test=test,
+        seed=seed if split_seed is None else split_seed,
+    )
     for split in shard_splits:
         write_shards(paths["store"], split, paths["shards"], max_count=max_count)
     return {**paths, "counts": counts}
@@ -297,5 +383,7 @@ def summarize(manifest: dict) -> str:
     for r in manifest["records"]:
         counts[r["abnormality"]] = counts.get(r["abnormality"], 0) + 1
     parts = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
-    return (f"wrote {manifest['n_records']} records of {manifest['n_patients']} patients "
-            f"({manifest['seconds']} s at {manifest['fs']} Hz) to {manifest['root']}: {parts}")
+    return (
+        f"wrote {manifest['n_records']} records of {manifest['n_patients']} patients "
+        f"({manifest['seconds']} s at {manifest['fs']} Hz) to {manifest['root']}: {parts}"
+    )

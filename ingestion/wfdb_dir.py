@@ -37,8 +37,11 @@ except ImportError:  # pragma: no cover
 def list_records(src: Path) -> list[str]:
     """Relative record paths (no extension) of every ``.hea`` under ``src``, sorted."""
     src = Path(src)
-    return sorted(p.relative_to(src).with_suffix("").as_posix() for p in src.rglob("*.hea")
-                  if not p.name.startswith("."))
+    return sorted(
+        p.relative_to(src).with_suffix("").as_posix()
+        for p in src.rglob("*.hea")
+        if not p.name.startswith(".")
+    )
 
 
 def read_wfdb(src: Path, rel: str) -> tuple[np.ndarray, float, list[str], list[str]]:
@@ -67,8 +70,11 @@ def read_wfdb(src: Path, rel: str) -> tuple[np.ndarray, float, list[str], list[s
     p = rec.p_signal
     if p is None or p.ndim != 2 or p.shape != (rec.sig_len, rec.n_sig):
         shape = None if p is None else p.shape
-        raise RecordError(rel, f"signal shape {shape} does not match header "
-                               f"({rec.sig_len} samples x {rec.n_sig} channels): truncated?")
+        raise RecordError(
+            rel,
+            f"signal shape {shape} does not match header "
+            f"({rec.sig_len} samples x {rec.n_sig} channels): truncated?",
+        )
     keep, scale = [], []
     for i, unit in enumerate(rec.units or ["mV"] * rec.n_sig):
         factor = unit_scale_to_mv(unit)
@@ -84,6 +90,13 @@ def read_record(src: Path, rel: str) -> RawRecord:
     signal, fs, names, comments = read_wfdb(src, rel)
     fields = comment_fields(comments)
     return RawRecord(
-        source=SOURCE, record_id=rel, path=rel, signal=signal, fs=fs, lead_names=names,
-        patient_id=None, age=parse_age(fields.get("age")), sex=parse_sex(fields.get("sex")),
+        source=SOURCE,
+        record_id=rel,
+        path=rel,
+        signal=signal,
+        fs=fs,
+        lead_names=names,
+        patient_id=None,
+        age=parse_age(fields.get("age")),
+        sex=parse_sex(fields.get("sex")),
     )

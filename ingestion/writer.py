@@ -52,9 +52,9 @@ _SEG_SHAPE = (S.N_LEADS, S.SEGMENT_SAMPLES)
 class RecordBatch:
     """Conditioned records and rejects of one batch, as columns (no raw patient ids)."""
 
-    seq: int                                  # batch number in listing order
-    chunks: list[bytes]                       # N encoded segments (one zarr chunk each), record order
-    columns: dict[str, np.ndarray]            # record columns except seg_start
+    seq: int  # batch number in listing order
+    chunks: list[bytes]  # N encoded segments (one zarr chunk each), record order
+    columns: dict[str, np.ndarray]  # record columns except seg_start
     rejects: list[tuple[str, str, str]] = field(default_factory=list)  # (source, path, reason)
     bytes_read: int = 0
 
@@ -86,8 +86,13 @@ def patient_key_for(patient_id: str | None, record_key: str, secret: bytes) -> s
     return pseudonymise(str(patient_id), secret)
 
 
-def pack_batch(seq: int, conditioned: list, rejects: list[tuple[str, str, str]], secret: bytes,
-               bytes_read: int = 0) -> RecordBatch:
+def pack_batch(
+    seq: int,
+    conditioned: list,
+    rejects: list[tuple[str, str, str]],
+    secret: bytes,
+    bytes_read: int = 0,
+) -> RecordBatch:
     """Columns of a batch of ``ingestion.conditioning.ConditionedRecord``s (in order)."""
     n = len(conditioned)
     cols: dict[str, np.ndarray] = {}
@@ -167,8 +172,9 @@ class StoreWriter:
             if is_store and version is None and not self._only_own_entries():
                 raise ValueError(f"{self.path}: a zarr group that is not an ecgplat store")
             if is_store and version not in (None, S.SCHEMA_VERSION):
-                raise ValueError(f"{self.path}: schema_version {version!r} is not "
-                                 f"{S.SCHEMA_VERSION}")
+                raise ValueError(
+                    f"{self.path}: schema_version {version!r} is not {S.SCHEMA_VERSION}"
+                )
             self._create_missing()
             self.committed = S.read_commit(self.path)
             self._recover()
@@ -176,21 +182,38 @@ class StoreWriter:
             self.close()
             raise
         self._staged: dict[str, list[np.ndarray]] = {}
-        self._shards = (ShardFiles(self.path, int(self.committed["n_segments"]))
-                        if direct_layout(self.root["segments"]) else None)
+        self._shards = (
+            ShardFiles(self.path, int(self.committed["n_segments"]))
+            if direct_layout(self.root["segments"])
+            else None
+        )
         self.n_records = int(self.committed["n_records"])
         self.n_segments = int(self.committed["n_segments"])
         self.n_rejects = int(self.committed["n_rejects"])
 
     # ---- creation and recovery ----------------------------------------------------------
-    _OWN_ENTRIES = frozenset({"zarr.json", ".lock", S.SECRET_FILE, f".{S.SECRET_FILE}.tmp",
-                              S.COMMIT_FILE, "segments", "segment_record", "segment_number",
-                              "records", "rejects", "splits"})
+    _OWN_ENTRIES = frozenset(
+        {
+            "zarr.json",
+            ".lock",
+            S.SECRET_FILE,
+            f".{S.SECRET_FILE}.tmp",
+            S.COMMIT_FILE,
+            "segments",
+            "segment_record",
+            "segment_number",
+            "records",
+            "rejects",
+            "splits",
+        }
+    )
 
     def _only_own_entries(self) -> bool:
         """True for a store whose creation was interrupted (nothing but our own entries)."""
-        return all(p.name in self._OWN_ENTRIES or p.name.endswith((".tmp", ".partial"))
-                   for p in self.path.iterdir())
+        return all(
+            p.name in self._OWN_ENTRIES or p.name.endswith((".tmp", ".partial"))
+            for p in self.path.iterdir()
+        )
 
     def _create_missing(self) -> None:
         """Create whatever a (possibly half-created) store lacks; never touches existing data."""
@@ -209,34 +232,52 @@ class StoreWriter:
             return (self.path / key / "zarr.json").is_file()
 
         if not exists("segments"):
-            self.root.create_array("segments", shape=(0, *_SEG_SHAPE), dtype="int16",
-                                   chunks=(S.SEGMENT_CHUNK, *_SEG_SHAPE),
-                                   shards=(S.SEGMENT_SHARD, *_SEG_SHAPE),
-                                   filters=filters, compressors=compressors, fill_value=0)
+            self.root.create_array(
+                "segments",
+                shape=(0, *_SEG_SHAPE),
+                dtype="int16",
+                chunks=(S.SEGMENT_CHUNK, *_SEG_SHAPE),
+                shards=(S.SEGMENT_SHARD, *_SEG_SHAPE),
+                filters=filters,
+                compressors=compressors,
+                fill_value=0,
+            )
         for name, dtype in (("segment_record", "int64"), ("segment_number", "int32")):
             if not exists(name):
                 self.root.create_array(name, shape=(0,), dtype=dtype, chunks=(65536,))
         records = self.root.require_group("records")
         for name, dtype, shape in S.RECORD_COLUMNS:
             if not exists(f"records/{name}"):
-                records.create_array(name, shape=(0, *shape), chunks=(S.RECORD_CHUNK, *shape),
-                                     dtype=str if dtype == "str" else dtype)
+                records.create_array(
+                    name,
+                    shape=(0, *shape),
+                    chunks=(S.RECORD_CHUNK, *shape),
+                    dtype=str if dtype == "str" else dtype,
+                )
         rejects = self.root.require_group("rejects")
         for name in S.REJECT_COLUMNS:
             if not exists(f"rejects/{name}"):
                 rejects.create_array(name, shape=(0,), chunks=(S.RECORD_CHUNK,), dtype=str)
         self.root.require_group("splits")
         if "schema_version" not in self.root.attrs:
-            self.root.attrs.update({
-                "schema_version": S.SCHEMA_VERSION, "sample_rate": S.SAMPLE_RATE,
-                "segment_samples": S.SEGMENT_SAMPLES, "segment_seconds": S.SEGMENT_SECONDS,
-                "leads": list(LEADS), "units": "uV", "dtype": "int16",
-                "store_uuid": uuid.uuid4().hex,
-                "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-            })
+            self.root.attrs.update(
+                {
+                    "schema_version": S.SCHEMA_VERSION,
+                    "sample_rate": S.SAMPLE_RATE,
+                    "segment_samples": S.SEGMENT_SAMPLES,
+                    "segment_seconds": S.SEGMENT_SECONDS,
+                    "leads": list(LEADS),
+                    "units": "uV",
+                    "dtype": "int16",
+                    "store_uuid": uuid.uuid4().hex,
+                    "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+                }
+            )
         if not (self.path / S.COMMIT_FILE).exists():
-            _atomic_write_json(self.path / S.COMMIT_FILE,
-                               {"n_records": 0, "n_segments": 0, "n_rejects": 0, "splits": None})
+            _atomic_write_json(
+                self.path / S.COMMIT_FILE,
+                {"n_records": 0, "n_segments": 0, "n_rejects": 0, "splits": None},
+            )
 
     def _appendables(self):
         c = self.committed
@@ -295,7 +336,7 @@ class StoreWriter:
         if n == 0:
             return
         arr.resize((at + n, *arr.shape[1:]))
-        arr[at: at + n] = values
+        arr[at : at + n] = values
 
     def append(self, batch: RecordBatch, known_keys: set[str] | None = None) -> dict:
         """Add a batch past the current counts, invisible to readers until ``commit()``:
@@ -310,13 +351,20 @@ class StoreWriter:
         keys = known_keys if known_keys is not None else self.record_keys()
         keep = np.ones(batch.n_records, dtype=bool)
         secret = self.secret
-        reject_rows = [(src, rel, reason, path_hash(src, rel, secret)) for src, rel, reason in rejects]
+        reject_rows = [
+            (src, rel, reason, path_hash(src, rel, secret)) for src, rel, reason in rejects
+        ]
         for i, key in enumerate(cols["record_key"]):
             if key in keys:
                 keep[i] = False
-                reject_rows.append((cols["source"][i], cols["path"][i],
-                                    "duplicate record_key (already in the store)",
-                                    cols["path_hash"][i]))
+                reject_rows.append(
+                    (
+                        cols["source"][i],
+                        cols["path"][i],
+                        "duplicate record_key (already in the store)",
+                        cols["path_hash"][i],
+                    )
+                )
             else:
                 keys.add(key)
         seg_count = cols["seg_count"].astype(np.int64)
@@ -333,12 +381,16 @@ class StoreWriter:
             segments = batch.chunks
         n_rec, n_seg = len(seg_count), int(seg_count.sum())
         if len(segments) != n_seg:
-            raise ValueError(f"batch {batch.seq}: {len(segments)} segments but seg_count sums "
-                             f"to {n_seg}")
+            raise ValueError(
+                f"batch {batch.seq}: {len(segments)} segments but seg_count sums to {n_seg}"
+            )
         rec_index = self.n_records + np.arange(n_rec, dtype=np.int64)
-        staged = {"segment_record": np.repeat(rec_index, seg_count),
-                  "segment_number": (np.arange(n_seg) - np.repeat(seg_starts, seg_count)
-                                     ).astype(np.int32)}
+        staged = {
+            "segment_record": np.repeat(rec_index, seg_count),
+            "segment_number": (np.arange(n_seg) - np.repeat(seg_starts, seg_count)).astype(
+                np.int32
+            ),
+        }
         cols = dict(cols, seg_start=self.n_segments + seg_starts)
         for name, dtype, _ in S.RECORD_COLUMNS:
             staged[f"records/{name}"] = np.asarray(cols[name], object if dtype == "str" else dtype)
@@ -355,8 +407,12 @@ class StoreWriter:
         self.n_records += n_rec
         self.n_segments += n_seg
         self.n_rejects += len(reject_rows)
-        return {"records": n_rec, "segments": n_seg, "patient_keys": list(cols["patient_key"]),
-                "reject_reasons": [r[2] for r in reject_rows]}
+        return {
+            "records": n_rec,
+            "segments": n_seg,
+            "patient_keys": list(cols["patient_key"]),
+            "reject_reasons": [r[2] for r in reject_rows],
+        }
 
     def _flush(self) -> None:
         """Write the staged small arrays (index arrays, record and reject columns) past the
@@ -380,9 +436,12 @@ class StoreWriter:
         """Make everything appended so far visible, atomically. ``splits`` (a generation name)
         switches the split assignment in the same commit."""
         self._flush()
-        state = {"n_records": self.n_records, "n_segments": self.n_segments,
-                 "n_rejects": self.n_rejects,
-                 "splits": self.committed.get("splits") if splits is False else splits}
+        state = {
+            "n_records": self.n_records,
+            "n_segments": self.n_segments,
+            "n_rejects": self.n_rejects,
+            "splits": self.committed.get("splits") if splits is False else splits,
+        }
         _atomic_write_json(self.path / S.COMMIT_FILE, state)
         self.committed = state
 
@@ -399,8 +458,9 @@ class StoreWriter:
         generation = f"g{k}"
         group = self.root.require_group(f"splits/{generation}")
         for name, values in (("split", split), ("ident_split", ident_split)):
-            arr = group.create_array(name, shape=(n,), chunks=(max(1, min(n, 65536)),), dtype=str,
-                                     overwrite=True)
+            arr = group.create_array(
+                name, shape=(n,), chunks=(max(1, min(n, 65536)),), dtype=str, overwrite=True
+            )
             if n:
                 arr[:] = _str_array(values)
         self.commit(splits=generation)

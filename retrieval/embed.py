@@ -79,14 +79,17 @@ def list_features(store_path: str | os.PathLike) -> list[str]:
     root = Path(store_path) / FEATURES
     if not root.is_dir():
         return []
-    return sorted(p.name for p in root.iterdir()
-                  if not p.name.startswith(".") and read_lineage(store_path, p.name))
+    return sorted(
+        p.name
+        for p in root.iterdir()
+        if not p.name.startswith(".") and read_lineage(store_path, p.name)
+    )
 
 
 @dataclass
 class Features:
-    embeddings: np.ndarray           # float32 (n, D) unit rows
-    record_index: np.ndarray         # int64 (n,)
+    embeddings: np.ndarray  # float32 (n, D) unit rows
+    record_index: np.ndarray  # int64 (n,)
     segment_number: np.ndarray | None  # int32 (n,) for segment level
     lineage: dict
 
@@ -99,13 +102,16 @@ def load_features(store_path: str | os.PathLike, name: str, level: str = "record
     lineage = read_lineage(store_path, name)
     if lineage is None:
         have = ", ".join(list_features(store_path)) or "none"
-        raise FeatureError(f"{store_path}: no feature set {name!r} (have: {have}); "
-                           f"run `ecgplat embed` first")
+        raise FeatureError(
+            f"{store_path}: no feature set {name!r} (have: {have}); run `ecgplat embed` first"
+        )
     group = zarr.open_group(str(feature_dir(store_path, name) / level), mode="r")
-    return Features(np.asarray(group["embedding"][:], dtype=np.float32),
-                    np.asarray(group["record_index"][:], dtype=np.int64),
-                    np.asarray(group["segment_number"][:]) if level == "segment" else None,
-                    lineage)
+    return Features(
+        np.asarray(group["embedding"][:], dtype=np.float32),
+        np.asarray(group["record_index"][:], dtype=np.int64),
+        np.asarray(group["segment_number"][:]) if level == "segment" else None,
+        lineage,
+    )
 
 
 def _remove_leftovers(store_path: Path, name: str) -> None:
@@ -125,9 +131,16 @@ def _write_group(path: Path, lineage: dict, seg: tuple, rec: tuple) -> None:
     group.attrs["lineage"] = lineage  # last: the set is marked complete only once all is written
 
 
-def embed_store(store_path: str | os.PathLike, checkpoint: str | os.PathLike, name: str,
-                leads="12", overwrite: bool = False, batch_size: int = 64, device: str = "auto",
-                progress: bool = False) -> dict:
+def embed_store(
+    store_path: str | os.PathLike,
+    checkpoint: str | os.PathLike,
+    name: str,
+    leads="12",
+    overwrite: bool = False,
+    batch_size: int = 64,
+    device: str = "auto",
+    progress: bool = False,
+) -> dict:
     """Embed every stored segment with `checkpoint`'s encoder into `features/<name>`.
 
     Returns {"status": "written" | "unchanged", "name", "n_segments", "n_records", "lineage"}.
@@ -150,15 +163,24 @@ def embed_store(store_path: str | os.PathLike, checkpoint: str | os.PathLike, na
     old = read_lineage(store_path, name)
     if old is not None:
         same_model = old.get("checkpoint_sha256") == sha and old.get("leads") == wanted_leads
-        same_store = (old.get("store_uuid") == store.attrs.get("store_uuid")
-                      and old.get("n_segments") == store.n_segments)
+        same_store = (
+            old.get("store_uuid") == store.attrs.get("store_uuid")
+            and old.get("n_segments") == store.n_segments
+        )
         if same_model and same_store and not overwrite:
-            return {"status": "unchanged", "name": name, "n_segments": old["n_segments"],
-                    "n_records": old["n_records"], "lineage": old}
+            return {
+                "status": "unchanged",
+                "name": name,
+                "n_segments": old["n_segments"],
+                "n_records": old["n_records"],
+                "lineage": old,
+            }
         if not same_model and not overwrite:
-            raise FeatureError(f"{store_path}: feature set {name!r} holds embeddings of checkpoint "
-                               f"{old.get('checkpoint_sha256', '?')[:12]} with leads "
-                               f"{old.get('leads')}; use another --name or --overwrite")
+            raise FeatureError(
+                f"{store_path}: feature set {name!r} holds embeddings of checkpoint "
+                f"{old.get('checkpoint_sha256', '?')[:12]} with leads "
+                f"{old.get('leads')}; use another --name or --overwrite"
+            )
 
     ckpt = load_checkpoint(checkpoint)
     encoder = load_encoder(checkpoint)
@@ -166,15 +188,26 @@ def embed_store(store_path: str | os.PathLike, checkpoint: str | os.PathLike, na
     encoder.to(dev)
     records = np.arange(store.n_records)
     with ProgressBar(progress, len(records), f"embed {name}", transient=True) as bar:
-        batches = store_batches(store, records, parse_leads(leads), batch_size, on_record=bar.advance)
+        batches = store_batches(
+            store, records, parse_leads(leads), batch_size, on_record=bar.advance
+        )
         emb, rec, seg = embed_batches(encoder, batches, dev)
     rec_ids, rec_emb = record_means(emb, rec)
-    lineage = {"schema": SCHEMA, "name": name, "checkpoint_sha256": sha,
-               "checkpoint_kind": ckpt["kind"], "checkpoint": str(Path(checkpoint).resolve()),
-               "config": ckpt.get("config") or {}, "leads": wanted_leads, "dim": int(emb.shape[1]),
-               "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-               "store_uuid": store.attrs.get("store_uuid"), "n_records": int(store.n_records),
-               "n_segments": len(emb), "complete": True}
+    lineage = {
+        "schema": SCHEMA,
+        "name": name,
+        "checkpoint_sha256": sha,
+        "checkpoint_kind": ckpt["kind"],
+        "checkpoint": str(Path(checkpoint).resolve()),
+        "config": ckpt.get("config") or {},
+        "leads": wanted_leads,
+        "dim": int(emb.shape[1]),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "store_uuid": store.attrs.get("store_uuid"),
+        "n_records": int(store.n_records),
+        "n_segments": len(emb),
+        "complete": True,
+    }
     del ckpt
 
     if not (store_path / FEATURES / "zarr.json").is_file():  # `features` as a zarr group
@@ -183,9 +216,12 @@ def embed_store(store_path: str | os.PathLike, checkpoint: str | os.PathLike, na
         zarr.open_group(str(store_path / FEATURES), mode="a")
     _remove_leftovers(store_path, name)
     tmp = store_path / FEATURES / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
-    _write_group(tmp, lineage,
-                 {"embedding": emb, "record_index": rec, "segment_number": seg.astype(np.int32)},
-                 {"embedding": rec_emb, "record_index": rec_ids})
+    _write_group(
+        tmp,
+        lineage,
+        {"embedding": emb, "record_index": rec, "segment_number": seg.astype(np.int32)},
+        {"embedding": rec_emb, "record_index": rec_ids},
+    )
     if target.exists():  # overwrite: move the old set aside first, then swap in the new one
         trash = store_path / FEATURES / f".tmp-{name}-old-{uuid.uuid4().hex[:8]}"
         os.replace(target, trash)
@@ -193,5 +229,10 @@ def embed_store(store_path: str | os.PathLike, checkpoint: str | os.PathLike, na
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(tmp, target)
-    return {"status": "written", "name": name, "n_segments": len(emb),
-            "n_records": len(rec_ids), "lineage": lineage}
+    return {
+        "status": "written",
+        "name": name,
+        "n_segments": len(emb),
+        "n_records": len(rec_ids),
+        "lineage": lineage,
+    }

@@ -35,12 +35,16 @@ def subset_features(store_path, name: str, leads, progress: bool = False) -> str
         return name
     checkpoint = lineage.get("checkpoint")
     if not checkpoint or not Path(checkpoint).is_file():
-        raise FeatureError(f"{store_path}: feature set {name!r} was embedded with leads "
-                           f"{lineage['leads']}; its checkpoint {checkpoint} is needed to embed "
-                           f"with {wanted} and is missing")
+        raise FeatureError(
+            f"{store_path}: feature set {name!r} was embedded with leads "
+            f"{lineage['leads']}; its checkpoint {checkpoint} is needed to embed "
+            f"with {wanted} and is missing"
+        )
     if file_sha256(checkpoint) != lineage["checkpoint_sha256"]:
-        raise FeatureError(f"{checkpoint}: changed since feature set {name!r} was embedded "
-                           f"(SHA-256 differs); re-embed explicitly with `ecgplat embed`")
+        raise FeatureError(
+            f"{checkpoint}: changed since feature set {name!r} was embedded "
+            f"(SHA-256 differs); re-embed explicitly with `ecgplat embed`"
+        )
     sub = f"{name}@{wanted.replace(',', '-')}"
     embed_store(store_path, checkpoint, sub, leads=wanted, progress=progress)
     return sub
@@ -60,16 +64,21 @@ def evaluate_level(store, features, ks=(1, 5, 10)) -> tuple[dict, np.ndarray]:
     g_labels, p_labels, probes = pids[g], pids[p], features.embeddings[p]
     cmc_sum, ap = np.zeros(depth), []
     for s in range(0, len(probes), PROBE_CHUNK):  # bounded memory: (chunk, depth) rankings
-        _, rows = index.search(probes[s:s + PROBE_CHUNK], depth, lineage=features.lineage)
-        labels = p_labels[s:s + PROBE_CHUNK]
+        _, rows = index.search(probes[s : s + PROBE_CHUNK], depth, lineage=features.lineage)
+        labels = p_labels[s : s + PROBE_CHUNK]
         cmc_sum += cmc_curve(rows, g_labels, labels) * len(labels)
         ap.append(average_precision(rows, g_labels, labels))
     cmc = cmc_sum / len(probes)
     ap = np.concatenate(ap)
     metrics = {f"rank{k}": float(cmc[min(k, depth) - 1]) for k in ks}
-    metrics.update({"mAP": float(np.nanmean(ap)) if np.isfinite(ap).any() else float("nan"),
-                    "n_gallery": int(g.sum()), "n_probe": int(p.sum()),
-                    "chance_rank1": float(np.mean([np.mean(g_labels == x) for x in p_labels]))})
+    metrics.update(
+        {
+            "mAP": float(np.nanmean(ap)) if np.isfinite(ap).any() else float("nan"),
+            "n_gallery": int(g.sum()),
+            "n_probe": int(p.sum()),
+            "chance_rank1": float(np.mean([np.mean(g_labels == x) for x in p_labels])),
+        }
+    )
     if depth < len(index):
         metrics["mAP_truncated_at"] = depth
     return metrics, cmc
@@ -89,8 +98,9 @@ def plot_cmc(curves: dict[str, np.ndarray], out: str | os.PathLike, max_rank: in
     return save_figure(fig, out, dpi=120)
 
 
-def evaluate_identification(store_path, name: str, leads=None, plot: str | os.PathLike | None = None,
-                            progress: bool = False) -> dict:
+def evaluate_identification(
+    store_path, name: str, leads=None, plot: str | os.PathLike | None = None, progress: bool = False
+) -> dict:
     """{"record": {...}, "segment": {...}, "features": name used, "leads": ...} for feature set
     `name` (or its `leads` variant) on the store's gallery/probe split."""
     from ecgplat.store import open_store
@@ -102,13 +112,20 @@ def evaluate_identification(store_path, name: str, leads=None, plot: str | os.Pa
     for level in ("record", "segment"):
         feats = load_features(store_path, name, level)
         if feats.lineage.get("n_records") != store.n_records:
-            raise FeatureError(f"{store_path}: feature set {name!r} covers "
-                               f"{feats.lineage.get('n_records')} records but the store now holds "
-                               f"{store.n_records}; re-run `ecgplat embed`")
+            raise FeatureError(
+                f"{store_path}: feature set {name!r} covers "
+                f"{feats.lineage.get('n_records')} records but the store now holds "
+                f"{store.n_records}; re-run `ecgplat embed`"
+            )
         result[level], curves[level] = evaluate_level(store, feats)
     lineage = feats.lineage
-    result.update({"features": name, "leads": lineage["leads"],
-                   "checkpoint_sha256": lineage["checkpoint_sha256"]})
+    result.update(
+        {
+            "features": name,
+            "leads": lineage["leads"],
+            "checkpoint_sha256": lineage["checkpoint_sha256"],
+        }
+    )
     if plot is not None:
         result["cmc_plot"] = str(plot_cmc(curves, plot))
     return result

@@ -43,9 +43,11 @@ def check_lineage(index_lineage: dict, query_lineage: dict | None) -> None:
     for key in LINEAGE_MATCH_KEYS:
         a, b = index_lineage.get(key), query_lineage.get(key)
         if key in index_lineage and a != b:
-            raise LineageError(f"query embeddings have {key}={_short(b)} but the index was built "
-                               f"with {key}={_short(a)}; re-embed with the index's checkpoint/leads "
-                               f"or rebuild the index")
+            raise LineageError(
+                f"query embeddings have {key}={_short(b)} but the index was built "
+                f"with {key}={_short(a)}; re-embed with the index's checkpoint/leads "
+                f"or rebuild the index"
+            )
 
 
 def _short(value) -> str:
@@ -63,16 +65,21 @@ def _unit_float32(x: np.ndarray) -> np.ndarray:
 
 def _checked_unit_float32(x: np.ndarray, tol: float = 1e-3, chunk: int = 65536) -> np.ndarray:
     """`x` itself (no copy) if it is a C-contiguous float32 (n, dim) matrix of unit rows."""
-    if not (isinstance(x, np.ndarray) and x.dtype == np.float32 and x.ndim == 2
-            and x.flags.c_contiguous):
-        raise ValueError("copy=False needs a C-contiguous float32 (n, dim) matrix, got "
-                         f"{getattr(x, 'dtype', type(x))} of shape {np.shape(x)}")
+    if not (
+        isinstance(x, np.ndarray) and x.dtype == np.float32 and x.ndim == 2 and x.flags.c_contiguous
+    ):
+        raise ValueError(
+            "copy=False needs a C-contiguous float32 (n, dim) matrix, got "
+            f"{getattr(x, 'dtype', type(x))} of shape {np.shape(x)}"
+        )
     for s in range(0, len(x), chunk):
-        norms = np.linalg.norm(x[s:s + chunk], axis=1)
+        norms = np.linalg.norm(x[s : s + chunk], axis=1)
         if norms.size and np.abs(norms - 1).max() > tol:
-            raise ValueError("copy=False needs L2-normalised rows; row "
-                             f"{s + int(np.abs(norms - 1).argmax())} has norm "
-                             f"{norms[np.abs(norms - 1).argmax()]:.4f}")
+            raise ValueError(
+                "copy=False needs L2-normalised rows; row "
+                f"{s + int(np.abs(norms - 1).argmax())} has norm "
+                f"{norms[np.abs(norms - 1).argmax()]:.4f}"
+            )
     return x
 
 
@@ -148,8 +155,9 @@ class GalleryIndex:
                 return self._gpu_index[1]
         return self.index
 
-    def search(self, queries: np.ndarray, k: int, lineage: dict | None = None
-               ) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, queries: np.ndarray, k: int, lineage: dict | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(scores (Q, k) float32 cosine, rows (Q, k) int64 gallery rows, -1 = none), best first."""
         check_lineage(self.lineage, lineage)
         q = _unit_float32(queries)
@@ -163,9 +171,16 @@ class GalleryIndex:
         """Write `PATH.faiss` and `PATH.json` atomically; returns the `.faiss` path."""
         index_path, meta_path = index_paths(path)
         index_path.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"format": META_FORMAT, "kind": self.kind, "dim": self.dim, "count": len(self),
-                "ids": list(self.ids), "labels": None if self.labels is None else list(self.labels),
-                "lineage": self.lineage, "info": self.info}
+        meta = {
+            "format": META_FORMAT,
+            "kind": self.kind,
+            "dim": self.dim,
+            "count": len(self),
+            "ids": list(self.ids),
+            "labels": None if self.labels is None else list(self.labels),
+            "lineage": self.lineage,
+            "info": self.info,
+        }
         tmp_index = index_path.with_name(index_path.name + ".tmp")
         tmp_meta = meta_path.with_name(meta_path.name + ".tmp")
         faiss.write_index(self.index, str(tmp_index))
@@ -185,14 +200,27 @@ class GalleryIndex:
         except json.JSONDecodeError as e:
             raise ValueError(f"{meta_path}: not valid JSON ({e.msg})") from None
         if meta.get("format") != META_FORMAT:
-            raise ValueError(f"{meta_path}: not an ecgplat index description "
-                             f"(format {meta.get('format')!r})")
+            raise ValueError(
+                f"{meta_path}: not an ecgplat index description (format {meta.get('format')!r})"
+            )
         index = faiss.read_index(str(index_path))
-        if index.ntotal != meta["count"] or index.d != meta["dim"] or len(meta["ids"]) != index.ntotal:
-            raise ValueError(f"{index_path}: {index.ntotal} vectors of dim {index.d} do not match "
-                             f"its description ({meta['count']} ids, dim {meta['dim']})")
-        return cls(index=index, kind=meta["kind"], ids=meta["ids"], labels=meta.get("labels"),
-                   lineage=meta.get("lineage") or {}, info=meta.get("info") or {})
+        if (
+            index.ntotal != meta["count"]
+            or index.d != meta["dim"]
+            or len(meta["ids"]) != index.ntotal
+        ):
+            raise ValueError(
+                f"{index_path}: {index.ntotal} vectors of dim {index.d} do not match "
+                f"its description ({meta['count']} ids, dim {meta['dim']})"
+            )
+        return cls(
+            index=index,
+            kind=meta["kind"],
+            ids=meta["ids"],
+            labels=meta.get("labels"),
+            lineage=meta.get("lineage") or {},
+            info=meta.get("info") or {},
+        )
 
 
 def index_paths(path: str | Path) -> tuple[Path, Path]:
@@ -211,10 +239,18 @@ def recall_at_1(approx: faiss.Index, exact: faiss.Index, queries: np.ndarray) ->
     return float((a[:, 0] == e[:, 0]).mean())
 
 
-def build_index(vectors: np.ndarray, ids: list[str], lineage: dict | None = None,
-                kind: str = "flat", labels: list[str] | None = None,
-                sample_queries: np.ndarray | None = None, n_sample: int = 1000,
-                params: dict | None = None, seed: int = 0, copy: bool = True) -> GalleryIndex:
+def build_index(
+    vectors: np.ndarray,
+    ids: list[str],
+    lineage: dict | None = None,
+    kind: str = "flat",
+    labels: list[str] | None = None,
+    sample_queries: np.ndarray | None = None,
+    n_sample: int = 1000,
+    params: dict | None = None,
+    seed: int = 0,
+    copy: bool = True,
+) -> GalleryIndex:
     """Index `vectors` (n, dim) whose rows are named by `ids`.
 
     For approximate kinds, recall@1 against exact search is measured on up to `n_sample` rows of
@@ -230,8 +266,10 @@ def build_index(vectors: np.ndarray, ids: list[str], lineage: dict | None = None
     if len(x) == 0:
         raise ValueError("cannot build an index over an empty gallery")
     if len(ids) != len(x) or (labels is not None and len(labels) != len(x)):
-        raise ValueError(f"{len(x)} vectors but {len(ids)} ids"
-                         + ("" if labels is None else f" and {len(labels)} labels"))
+        raise ValueError(
+            f"{len(x)} vectors but {len(ids)} ids"
+            + ("" if labels is None else f" and {len(labels)} labels")
+        )
     p = {**default_params(kind, len(x)), **(params or {})}
     index = _make_index(kind, x.shape[1], x, p, seed)
     info: dict = {"params": p}
@@ -249,13 +287,19 @@ def build_index(vectors: np.ndarray, ids: list[str], lineage: dict | None = None
         exact.add(x)
         info["recall_at_1"] = recall_at_1(index, exact, sample)
         info["recall_n"] = len(sample)
-    return GalleryIndex(index=index, kind=kind, ids=list(ids), labels=labels,
-                        lineage=dict(lineage or {}), info=info)
+    return GalleryIndex(
+        index=index, kind=kind, ids=list(ids), labels=labels, lineage=dict(lineage or {}), info=info
+    )
 
 
-def index_from_features(store_path: str | os.PathLike, features: str, split: str = "gallery",
-                        kind: str = "flat", level: str = "record", params: dict | None = None,
-                        ) -> GalleryIndex:
+def index_from_features(
+    store_path: str | os.PathLike,
+    features: str,
+    split: str = "gallery",
+    kind: str = "flat",
+    level: str = "record",
+    params: dict | None = None,
+) -> GalleryIndex:
     """An index over the `split` records ("gallery", "probe" or "all") of a stored feature set.
 
     Rows are named by record key (record level) or `record_key#segment` (segment level) and
@@ -271,15 +315,33 @@ def index_from_features(store_path: str | os.PathLike, features: str, split: str
     ident = frame["ident_split"].to_numpy()[feats.record_index]
     take = np.ones(len(ident), bool) if split == "all" else ident == split
     if not take.any():
-        raise ValueError(f"{store_path}: no records in ident split {split!r} "
-                         "(run `ecgplat split --ident`, or use --split all)")
+        raise ValueError(
+            f"{store_path}: no records in ident split {split!r} "
+            "(run `ecgplat split --ident`, or use --split all)"
+        )
     keys = frame["record_key"].to_numpy()[feats.record_index[take]]
-    ids = (list(keys) if level == "record" else
-           [f"{k}#{int(s)}" for k, s in zip(keys, feats.segment_number[take])])
+    ids = (
+        list(keys)
+        if level == "record"
+        else [f"{k}#{int(s)}" for k, s in zip(keys, feats.segment_number[take])]
+    )
     labels = list(frame["patient_key"].to_numpy()[feats.record_index[take]])
     probes = feats.embeddings[ident == "probe"] if split != "probe" else None
     lineage = {k: v for k, v in feats.lineage.items() if k != "config"}
-    lineage.update({"features": features, "level": level, "split": split,
-                    "store": str(Path(store_path).resolve())})
-    return build_index(feats.embeddings[take], ids, lineage=lineage, kind=kind, labels=labels,
-                       sample_queries=probes, params=params)
+    lineage.update(
+        {
+            "features": features,
+            "level": level,
+            "split": split,
+            "store": str(Path(store_path).resolve()),
+        }
+    )
+    return build_index(
+        feats.embeddings[take],
+        ids,
+        lineage=lineage,
+        kind=kind,
+        labels=labels,
+        sample_queries=probes,
+        params=params,
+    )

@@ -12,21 +12,25 @@ from __future__ import annotations
 import numpy as np
 
 
-def _match_matrix(neighbors: np.ndarray, gallery_labels: np.ndarray,
-                  probe_labels: np.ndarray) -> np.ndarray:
+def _match_matrix(
+    neighbors: np.ndarray, gallery_labels: np.ndarray, probe_labels: np.ndarray
+) -> np.ndarray:
     """bool (Q, K): neighbour j of probe i has the probe's patient label."""
     neighbors = np.asarray(neighbors)
     gallery_labels = np.asarray(gallery_labels)
     probe_labels = np.asarray(probe_labels)
     if neighbors.ndim != 2 or neighbors.shape[0] != len(probe_labels):
-        raise ValueError(f"neighbors must be (n_probe={len(probe_labels)}, K), got {neighbors.shape}")
+        raise ValueError(
+            f"neighbors must be (n_probe={len(probe_labels)}, K), got {neighbors.shape}"
+        )
     valid = neighbors >= 0
     labels = gallery_labels[np.where(valid, neighbors, 0)]
     return valid & (labels == probe_labels[:, None])
 
 
-def cmc_curve(neighbors: np.ndarray, gallery_labels: np.ndarray,
-              probe_labels: np.ndarray) -> np.ndarray:
+def cmc_curve(
+    neighbors: np.ndarray, gallery_labels: np.ndarray, probe_labels: np.ndarray
+) -> np.ndarray:
     """Cumulative match characteristic: cmc[k-1] = fraction of probes correct at rank k."""
     match = _match_matrix(neighbors, gallery_labels, probe_labels)
     if match.shape[0] == 0:
@@ -35,8 +39,12 @@ def cmc_curve(neighbors: np.ndarray, gallery_labels: np.ndarray,
     return hit_by_rank.mean(axis=0)
 
 
-def rank_k(neighbors: np.ndarray, gallery_labels: np.ndarray, probe_labels: np.ndarray,
-           ks: tuple[int, ...] = (1, 5, 10)) -> dict[int, float]:
+def rank_k(
+    neighbors: np.ndarray,
+    gallery_labels: np.ndarray,
+    probe_labels: np.ndarray,
+    ks: tuple[int, ...] = (1, 5, 10),
+) -> dict[int, float]:
     """{k: Rank-k accuracy}; k larger than the searched depth uses the deepest rank available."""
     cmc = cmc_curve(neighbors, gallery_labels, probe_labels)
     if len(cmc) == 0:
@@ -44,8 +52,9 @@ def rank_k(neighbors: np.ndarray, gallery_labels: np.ndarray, probe_labels: np.n
     return {k: float(cmc[min(k, len(cmc)) - 1]) for k in ks}
 
 
-def average_precision(neighbors: np.ndarray, gallery_labels: np.ndarray,
-                      probe_labels: np.ndarray) -> np.ndarray:
+def average_precision(
+    neighbors: np.ndarray, gallery_labels: np.ndarray, probe_labels: np.ndarray
+) -> np.ndarray:
     """AP per probe over the gallery items of the probe's patient (NaN when it has none).
 
     `neighbors` must rank the whole gallery (K = n_gallery) for the AP to be exact; the number of
@@ -64,8 +73,9 @@ def average_precision(neighbors: np.ndarray, gallery_labels: np.ndarray,
         return np.where(n_relevant > 0, precision_at_hits / n_relevant, np.nan)
 
 
-def mean_average_precision(neighbors: np.ndarray, gallery_labels: np.ndarray,
-                           probe_labels: np.ndarray) -> float:
+def mean_average_precision(
+    neighbors: np.ndarray, gallery_labels: np.ndarray, probe_labels: np.ndarray
+) -> float:
     """mAP over probes whose patient has at least one gallery item."""
     ap = average_precision(neighbors, gallery_labels, probe_labels)
     ap = ap[~np.isnan(ap)]

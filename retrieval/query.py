@@ -27,8 +27,14 @@ from retrieval.figures import pyplot, save_figure
 from retrieval.index import GalleryIndex, LineageError
 
 
-def _matches(index: GalleryIndex, embedding: np.ndarray, k: int, lineage: dict,
-             skip_id: str | None = None, label: str | None = None) -> list[dict]:
+def _matches(
+    index: GalleryIndex,
+    embedding: np.ndarray,
+    k: int,
+    lineage: dict,
+    skip_id: str | None = None,
+    label: str | None = None,
+) -> list[dict]:
     scores, rows = index.search(embedding.reshape(1, -1), k + (skip_id is not None), lineage)
     out = []
     for score, row in zip(scores[0], rows[0]):
@@ -58,11 +64,19 @@ def query_record(index: GalleryIndex, record_key: str, k: int = 5) -> list[dict]
     feats = load_features(store_path, name, "record")
     rows = np.flatnonzero(feats.record_index == hits[0])
     if len(rows) == 0:
-        raise FeatureError(f"{store_path}: record {record_key!r} has no embedding in {name!r} "
-                           f"(embedded before it was ingested? re-run `ecgplat embed`)")
+        raise FeatureError(
+            f"{store_path}: record {record_key!r} has no embedding in {name!r} "
+            f"(embedded before it was ingested? re-run `ecgplat embed`)"
+        )
     skip = record_key if level == "record" else None
-    matches = _matches(index, feats.embeddings[rows[0]], k, feats.lineage, skip_id=skip,
-                       label=frame["patient_key"].iloc[int(hits[0])])
+    matches = _matches(
+        index,
+        feats.embeddings[rows[0]],
+        k,
+        feats.lineage,
+        skip_id=skip,
+        label=frame["patient_key"].iloc[int(hits[0])],
+    )
     if level == "segment":  # drop the record's own segments
         matches = [m for m in matches if not m["id"].startswith(record_key + "#")]
         for i, m in enumerate(matches):
@@ -70,8 +84,13 @@ def query_record(index: GalleryIndex, record_key: str, k: int = 5) -> list[dict]
     return matches
 
 
-def embed_signal(checkpoint: str | os.PathLike, segments_mv: np.ndarray, lead_mask: np.ndarray,
-                 leads: str, device: str = "auto") -> np.ndarray:
+def embed_signal(
+    checkpoint: str | os.PathLike,
+    segments_mv: np.ndarray,
+    lead_mask: np.ndarray,
+    leads: str,
+    device: str = "auto",
+) -> np.ndarray:
     """Record embedding (D,) of conditioned segments with the checkpoint's encoder and `leads`."""
     import torch
 
@@ -89,21 +108,26 @@ def embed_signal(checkpoint: str | os.PathLike, segments_mv: np.ndarray, lead_ma
     mask = np.broadcast_to(np.asarray(lead_mask, bool) & mask_of(subset), (len(x), 12))
     dev = pick_device(device)
     encoder = load_encoder(checkpoint).to(dev)
-    batch = {"source": torch.from_numpy(np.ascontiguousarray(x)),
-             "lead_mask": torch.from_numpy(np.ascontiguousarray(mask)),
-             "record_index": torch.zeros(len(x), dtype=torch.long)}
+    batch = {
+        "source": torch.from_numpy(np.ascontiguousarray(x)),
+        "lead_mask": torch.from_numpy(np.ascontiguousarray(mask)),
+        "record_index": torch.zeros(len(x), dtype=torch.long),
+    }
     emb, rec, _ = embed_batches(encoder, [batch], dev)
     return record_means(emb, rec)[1][0]
 
 
-def query_signal(index: GalleryIndex, segments_mv: np.ndarray, lead_mask: np.ndarray,
-                 k: int = 5) -> list[dict]:
+def query_signal(
+    index: GalleryIndex, segments_mv: np.ndarray, lead_mask: np.ndarray, k: int = 5
+) -> list[dict]:
     """Nearest gallery items of a new ECG (conditioned segments), embedded like the gallery."""
     lineage = index.lineage
     checkpoint = lineage.get("checkpoint")
     if not checkpoint or not Path(checkpoint).is_file():
-        raise LineageError(f"the index's checkpoint {checkpoint} is missing: cannot embed a "
-                           "new ECG the way the gallery was embedded")
+        raise LineageError(
+            f"the index's checkpoint {checkpoint} is missing: cannot embed a "
+            "new ECG the way the gallery was embedded"
+        )
     sha = file_sha256(checkpoint)
     emb = embed_signal(checkpoint, segments_mv, lead_mask, lineage.get("leads", "12"))
     return _matches(index, emb, k, {"checkpoint_sha256": sha, "leads": lineage.get("leads")})
@@ -118,8 +142,13 @@ def record_trace(store, record_key: str) -> np.ndarray | None:
     return segs[int(seg) if seg else 0]
 
 
-def plot_matches(query: np.ndarray, matches: list[dict], out: str | os.PathLike,
-                 store_path: str | None = None, title: str = "query") -> Path:
+def plot_matches(
+    query: np.ndarray,
+    matches: list[dict],
+    out: str | os.PathLike,
+    store_path: str | None = None,
+    title: str = "query",
+) -> Path:
     """12-lead traces (first 5 s segment) of the query and its matches side by side."""
     from ecgplat.leads import LEADS
 
@@ -133,8 +162,9 @@ def plot_matches(query: np.ndarray, matches: list[dict], out: str | os.PathLike,
             if trace is not None:
                 panels.append((f"#{m['rank']} {m['id']}\ncos {m['score']:.3f}", trace))
     t = np.arange(panels[0][1].shape[-1]) / 500.0
-    fig, axes = pyplot().subplots(12, len(panels), figsize=(3.2 * len(panels), 10), sharex=True,
-                             squeeze=False)
+    fig, axes = pyplot().subplots(
+        12, len(panels), figsize=(3.2 * len(panels), 10), sharex=True, squeeze=False
+    )
     for col, (name, x) in enumerate(panels):
         axes[0, col].set_title(name, fontsize=8)
         for lead in range(12):

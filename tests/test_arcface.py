@@ -23,11 +23,16 @@ def _head_with_rows(rows, scale=192.0, margin=1.0):
 def test_logits_match_hand_computed_values_in_both_branches():
     # class rows (unnormalised on purpose: the head normalises them)
     head = _head_with_rows([[2.0, 0.0], [0.0, 3.0], [-5.0, 0.0]])
-    e = torch.tensor([[0.6, 0.8],     # cos = 0.6, 0.8, -0.6
-                      [-0.9, math.sqrt(1 - 0.81)]])  # cos = -0.9, 0.436, 0.9
+    e = torch.tensor(
+        [
+            [0.6, 0.8],  # cos = 0.6, 0.8, -0.6
+            [-0.9, math.sqrt(1 - 0.81)],
+        ]
+    )  # cos = -0.9, 0.436, 0.9
     cos = head.cosine(e)
-    assert torch.allclose(cos, torch.tensor([[0.6, 0.8, -0.6], [-0.9, math.sqrt(0.19), 0.9]]),
-                          atol=1e-6)
+    assert torch.allclose(
+        cos, torch.tensor([[0.6, 0.8, -0.6], [-0.9, math.sqrt(0.19), 0.9]]), atol=1e-6
+    )
     labels = torch.tensor([0, 0])
     logits = head.margin_logits(cos, labels) / 192.0
     # sample 0, target cos 0.6 > cos(pi - 1) = -0.5403: cos(theta + 1) = 0.6 cos1 - 0.8 sin1

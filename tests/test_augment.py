@@ -56,16 +56,16 @@ def test_absent_leads_stay_absent():
 
 def test_conditional_mode_drops_exact_counts():
     x, mask = _ones(300)
-    out, keep = RandomLeadMasking("conditional", condition=(4, 5))(x, mask,
-                                                                   np.random.default_rng(3))
+    out, keep = RandomLeadMasking("conditional", condition=(4, 5))(
+        x, mask, np.random.default_rng(3)
+    )
     assert np.all((~keep[:, :6]).sum(1) == 4)
     assert np.all((~keep[:, 6:]).sum(1) == 5)
     assert np.array_equal(out.any(axis=2), keep)
     # the dropped limb leads vary: every limb lead is dropped sometimes, never always
     rate = (~keep[:, :6]).mean(0)
     assert np.all(rate > 0.4) and np.all(rate < 0.95)
-    _, keep2 = RandomLeadMasking("conditional", condition=(0, 6))(x, mask,
-                                                                  np.random.default_rng(3))
+    _, keep2 = RandomLeadMasking("conditional", condition=(0, 6))(x, mask, np.random.default_rng(3))
     assert keep2[:, :6].all() and not keep2[:, 6:].any()
 
 

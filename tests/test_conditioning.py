@@ -11,8 +11,9 @@ from ingestion.record import RawRecord, RecordError
 def _rec(signal, fs=500.0, names=None, **kw):
     signal = np.asarray(signal, dtype=np.float32)
     names = list(LEADS[: signal.shape[0]]) if names is None else names
-    return RawRecord(source="test", record_id="r1", path="dir/r1", signal=signal, fs=fs,
-                     lead_names=names, **kw)
+    return RawRecord(
+        source="test", record_id="r1", path="dir/r1", signal=signal, fs=fs, lead_names=names, **kw
+    )
 
 
 def _sine(fs, seconds, freq, amp=1.0, n_leads=1):
@@ -29,7 +30,7 @@ def test_resampling_keeps_frequency_and_amplitude(fs):
     peak_hz = np.argmax(spec) * 500.0 / x.size
     assert peak_hz == pytest.approx(10.0, abs=0.1)
     core = x[200:-200]  # skip the filter's edge transient
-    assert np.sqrt(np.mean(core ** 2)) == pytest.approx(1.5 / np.sqrt(2), rel=0.01)
+    assert np.sqrt(np.mean(core**2)) == pytest.approx(1.5 / np.sqrt(2), rel=0.01)
     # independent check: continuous sine at the output time points
     t = np.arange(x.size) / 500.0
     assert np.max(np.abs(core - 1.5 * np.sin(2 * np.pi * 10 * t)[200:-200])) < 0.01
@@ -43,7 +44,7 @@ def test_segments_are_consecutive_windows_in_microvolts():
     out = condition(_rec(sig, names=["V2", "aVR"]))
     assert out.segments.dtype == np.int16 and out.segments.shape == (3, 12, 2500)
     for k in range(3):
-        expected = np.rint(ramp[k * 2500:(k + 1) * 2500] * 1000).astype(np.int16)
+        expected = np.rint(ramp[k * 2500 : (k + 1) * 2500] * 1000).astype(np.int16)
         assert np.array_equal(out.segments[k, 7], expected)
         assert np.array_equal(out.segments[k, 3], -expected)
     assert out.lead_mask.tolist() == [i in (3, 7) for i in range(12)]
@@ -69,8 +70,15 @@ def test_rounding_and_int16_clipping():
 
 def test_duplicate_lead_first_wins_and_metadata_carried():
     sig = np.vstack([np.ones(2500), 2 * np.ones(2500)])
-    rec = _rec(sig, names=["I", "i"], patient_id="12345", codes=["426783006"], age=61.0, sex="F",
-               extra={"strat_fold": 3})
+    rec = _rec(
+        sig,
+        names=["I", "i"],
+        patient_id="12345",
+        codes=["426783006"],
+        age=61.0,
+        sex="F",
+        extra={"strat_fold": 3},
+    )
     rec.labels[14] = True
     out = condition(rec)
     assert out.segments[0, 0, 0] == 1000
@@ -80,16 +88,19 @@ def test_duplicate_lead_first_wins_and_metadata_carried():
     assert "12345" not in repr(out) and "12345" not in repr(rec)  # raw ids never in reprs
 
 
-@pytest.mark.parametrize("signal,fs,names,reason", [
-    (np.zeros((12, 0)), 500.0, None, "zero-length"),
-    (np.zeros((2, 5000)), 500.0, ["vx", "PLETH"], "no ECG lead"),
-    (np.where(np.arange(5000) == 10, np.nan, 0.0)[None].repeat(2, 0), 500.0, None, "NaN"),
-    (np.where(np.arange(5000) == 10, np.inf, 0.0)[None], 500.0, None, "NaN or infinite"),
-    (np.zeros((12, 2449)), 500.0, None, "too short"),
-    (np.zeros((1, 1799)), 360.0, ["II"], "too short"),
-    (np.zeros((1, 5000)), 0.0, ["II"], "sampling rate"),
-    (np.zeros((2, 5000)), 500.0, ["I"], "lead names"),
-])
+@pytest.mark.parametrize(
+    "signal,fs,names,reason",
+    [
+        (np.zeros((12, 0)), 500.0, None, "zero-length"),
+        (np.zeros((2, 5000)), 500.0, ["vx", "PLETH"], "no ECG lead"),
+        (np.where(np.arange(5000) == 10, np.nan, 0.0)[None].repeat(2, 0), 500.0, None, "NaN"),
+        (np.where(np.arange(5000) == 10, np.inf, 0.0)[None], 500.0, None, "NaN or infinite"),
+        (np.zeros((12, 2449)), 500.0, None, "too short"),
+        (np.zeros((1, 1799)), 360.0, ["II"], "too short"),
+        (np.zeros((1, 5000)), 0.0, ["II"], "sampling rate"),
+        (np.zeros((2, 5000)), 500.0, ["I"], "lead names"),
+    ],
+)
 def test_rejections_name_the_reason(signal, fs, names, reason):
     with pytest.raises(RecordError, match=reason) as err:
         condition(_rec(signal, fs=fs, names=names))

@@ -16,8 +16,12 @@ def test_pretraining_presets_mirror_the_original():
     assert c.optim.weight_decay == 0.01 and c.optim.schedule == "fixed"
     assert (c.data.batch_size, c.optim.update_freq, c.optim.max_epoch) == (64, 2, 200)
     assert c.criterion.loss_weights == [0.1, 10.0]
-    assert (c.criterion.w2v, c.criterion.cmsc, c.data.rlm, c.data.rlm_prob) == \
-        (True, True, True, 0.5)
+    assert (c.criterion.w2v, c.criterion.cmsc, c.data.rlm, c.data.rlm_prob) == (
+        True,
+        True,
+        True,
+        0.5,
+    )
     assert c.optim.clip_norm == 0.0 and c.seed == 1
     wc = load_config("w2v_cmsc")
     assert (wc.data.rlm, wc.criterion.cmsc) == (False, True)
@@ -26,11 +30,23 @@ def test_pretraining_presets_mirror_the_original():
 
 
 def test_typed_overrides():
-    c = load_config("w2v_cmsc_rlm", [
-        "seed=7", "optim.max_update=1e3", "optim.lr=3e-4", "data.rlm=no",
-        "checkpoint.maximize=True",
-        "optim.betas=[0.8, 0.95]", "criterion.loss_weights=0.5,2", "data.store=none",
-        "data.epoch_batches=12", "model.dropout=0", "data.leads=I,II,V2", "finetune.init=none"])
+    c = load_config(
+        "w2v_cmsc_rlm",
+        [
+            "seed=7",
+            "optim.max_update=1e3",
+            "optim.lr=3e-4",
+            "data.rlm=no",
+            "checkpoint.maximize=True",
+            "optim.betas=[0.8, 0.95]",
+            "criterion.loss_weights=0.5,2",
+            "data.store=none",
+            "data.epoch_batches=12",
+            "model.dropout=0",
+            "data.leads=I,II,V2",
+            "finetune.init=none",
+        ],
+    )
     assert c.seed == 7 and isinstance(c.seed, int)
     assert c.optim.max_update == 1000 and isinstance(c.optim.max_update, int)
     assert c.optim.lr == 3e-4 and isinstance(c.optim.lr, float)
@@ -41,16 +57,19 @@ def test_typed_overrides():
     assert c.data.leads == "I,II,V2" and c.finetune.init == "none"
 
 
-@pytest.mark.parametrize("override, needle", [
-    ("seed=abc", "'seed' expects an int"),
-    ("optim.max_update=2.5", "'optim.max_update' expects an int"),
-    ("data.rlm=maybe", "'data.rlm' expects a bool"),
-    ("optim.lr=fast", "'optim.lr' expects a float"),
-    ("optim.schedule=linear", "optim.schedule: 'linear' is not one of"),
-    ("optim.betas=[0.9]", "optim.betas: expected 2 values"),
-    ("data.batch_size=0", "data.batch_size: must be >= 1"),
-    ("seed", "is not of the form key=value"),
-])
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("seed=abc", "'seed' expects an int"),
+        ("optim.max_update=2.5", "'optim.max_update' expects an int"),
+        ("data.rlm=maybe", "'data.rlm' expects a bool"),
+        ("optim.lr=fast", "'optim.lr' expects a float"),
+        ("optim.schedule=linear", "optim.schedule: 'linear' is not one of"),
+        ("optim.betas=[0.9]", "optim.betas: expected 2 values"),
+        ("data.batch_size=0", "data.batch_size: must be >= 1"),
+        ("seed", "is not of the form key=value"),
+    ],
+)
 def test_bad_override_values_are_rejected(override, needle):
     with pytest.raises(ConfigError, match=None) as e:
         load_config("w2v", [override])
@@ -86,11 +105,22 @@ def test_train_cli_rejects_misuse(tmp_path):
     from ecgplat.cli import app
 
     runner = CliRunner()
-    r = runner.invoke(app, ["train", "pretrain", "--shards", str(tmp_path), "--out",
-                            str(tmp_path / "run"), "optim.lrr=1"])
+    r = runner.invoke(
+        app,
+        [
+            "train",
+            "pretrain",
+            "--shards",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "run"),
+            "optim.lrr=1",
+        ],
+    )
     assert r.exit_code == 2 and "unknown config key 'optim.lrr'" in r.output
-    r = runner.invoke(app, ["train", "finetune", "--shards", str(tmp_path),
-                            "--out", str(tmp_path / "run")])
+    r = runner.invoke(
+        app, ["train", "finetune", "--shards", str(tmp_path), "--out", str(tmp_path / "run")]
+    )
     assert r.exit_code == 2 and "unknown task 'finetune'" in r.output
     r = runner.invoke(app, ["train", "pretrain", "--out", str(tmp_path / "run2"), "--resume"])
     assert r.exit_code == 2 and "nothing" not in r.output and "to resume from" in r.output

@@ -35,9 +35,15 @@ def _record(rng, index, n_segments, lead_mask=None):
     segs[:, mask == 0] = 0
     labels = np.zeros(26, dtype=int)
     labels[index % 26] = 1
-    meta = {"record_key": f"synth/{index:05d}", "patient_key": f"p-{index // 2:014x}",
-            "source": "synth", "split": "train", "labels": labels.tolist(),
-            "lead_mask": mask.tolist(), "record_index": index}
+    meta = {
+        "record_key": f"synth/{index:05d}",
+        "patient_key": f"p-{index // 2:014x}",
+        "source": "synth",
+        "split": "train",
+        "labels": labels.tolist(),
+        "lead_mask": mask.tolist(),
+        "record_index": index,
+    }
     return segs, meta
 
 
@@ -54,8 +60,13 @@ def write_shards(out: Path, per_shard: list[list[int]], split="train", seed=0, m
                 segs, meta = _record(rng, index, n, (masks or {}).get(index))
                 buf = io.BytesIO()
                 np.save(buf, segs)
-                sink.write({"__key__": f"r{index:08d}", "seg.npy": buf.getvalue(),
-                            "meta.json": json.dumps(meta).encode()})
+                sink.write(
+                    {
+                        "__key__": f"r{index:08d}",
+                        "seg.npy": buf.getvalue(),
+                        "meta.json": json.dumps(meta).encode(),
+                    }
+                )
                 truth[index] = segs
                 index += 1
         entries.append({"file": name, "samples": len(counts), "segments": int(sum(counts))})
@@ -78,11 +89,11 @@ def _collect(stream):
 def test_record_units_pairs_and_segments():
     segs = np.arange(12 * 12 * 3, dtype=np.int16).reshape(12, 12, 3)
     meta = {}
-    assert len(record_units(segs[:2], meta, "pairs")) == 1           # 10 s record
-    pairs = record_units(segs, meta, "pairs")                          # 60 s record
+    assert len(record_units(segs[:2], meta, "pairs")) == 1  # 10 s record
+    pairs = record_units(segs, meta, "pairs")  # 60 s record
     assert [u.first for u in pairs] == [0, 2, 4, 6, 8, 10]
     assert np.array_equal(pairs[2].segments, segs[4:6])
-    assert len(record_units(segs[:3], meta, "pairs")) == 1           # odd last segment dropped
+    assert len(record_units(segs[:3], meta, "pairs")) == 1  # odd last segment dropped
     assert record_units(segs[:1], meta, "pairs") == []
     assert len(record_units(segs[:3], meta, "segments")) == 3
 
@@ -101,10 +112,13 @@ def test_pair_counts_and_values_from_shards(tmp_path):
         assert torch.equal(b["group"][0::2], b["group"][1::2])
         for p in range(len(b["segment"]) // 2):
             r = int(b["record_index"][2 * p])
-            got = b["source"][2 * p:2 * p + 2].numpy()
+            got = b["source"][2 * p : 2 * p + 2].numpy()
             # the pair is two consecutive segments (2k, 2k+1) of its record, int16 / 1000
-            matches = [k for k in range(0, truth[r].shape[0] - 1, 2)
-                       if np.array_equal(got, truth[r][k:k + 2].astype(np.float32) / 1000)]
+            matches = [
+                k
+                for k in range(0, truth[r].shape[0] - 1, 2)
+                if np.array_equal(got, truth[r][k : k + 2].astype(np.float32) / 1000)
+            ]
             assert len(matches) == 1
     # one pair per record_index for the 60 s record: all six pairs, each once
     seg_batches = _collect(BatchStream(_spec(ss, mode="segments", train=False, batch_size=4)))
@@ -117,8 +131,13 @@ def test_pair_counts_and_values_from_shards(tmp_path):
 
 def test_segment_batch_contract(tmp_path):
     write_shards(tmp_path, [[2, 2, 2]], masks={1: [1] * 6 + [0] * 6})
-    b = next(iter(BatchStream(_spec(shard_set(tmp_path, "train"), mode="segments",
-                                    batch_size=6, train=False))))
+    b = next(
+        iter(
+            BatchStream(
+                _spec(shard_set(tmp_path, "train"), mode="segments", batch_size=6, train=False)
+            )
+        )
+    )
     assert set(b) >= {"source", "lead_mask", "labels", "record_index", "patient_key"}
     assert b["labels"].dtype == torch.float32 and b["labels"].shape == (6, 26)
     assert b["lead_mask"].dtype == torch.bool and b["record_index"].dtype == torch.int64
@@ -129,8 +148,11 @@ def test_segment_batch_contract(tmp_path):
 
 
 def _units_of(batches):
-    return [(int(r), tuple(b["source"][i, 0, :4].tolist()))
-            for b in batches for i, r in enumerate(b["record_index"])]
+    return [
+        (int(r), tuple(b["source"][i, 0, :4].tolist()))
+        for b in batches
+        for i, r in enumerate(b["record_index"])
+    ]
 
 
 @pytest.mark.parametrize("per_shard", [[[2] * 5] * 4, [[2] * 20]], ids=["by_shard", "by_record"])
@@ -138,23 +160,32 @@ def test_two_ranks_disjoint_cover_and_same_length(tmp_path, per_shard):
     write_shards(tmp_path, per_shard)
     ss = shard_set(tmp_path, "train")
     streams = [BatchStream(_spec(ss, mode="pairs", seed=3), rank=r, world=2) for r in (0, 1)]
-    assert len(streams[0]) == len(streams[1]) == 5          # 20 pairs / (2 ranks * 2)
+    assert len(streams[0]) == len(streams[1]) == 5  # 20 pairs / (2 ranks * 2)
     got = [_collect(s) for s in streams]
     assert len(got[0]) == len(got[1]) == 5
     recs = [set(torch.cat([b["record_index"] for b in g]).tolist()) for g in got]
     assert recs[0].isdisjoint(recs[1]) and recs[0] | recs[1] == set(range(20))
     # evaluation streams: disjoint and covering too, each record once
-    ev = [torch.cat([b["record_index"] for b in BatchStream(
-        _spec(ss, mode="segments", train=False, batch_size=3), rank=r, world=2)]) for r in (0, 1)]
+    ev = [
+        torch.cat(
+            [
+                b["record_index"]
+                for b in BatchStream(
+                    _spec(ss, mode="segments", train=False, batch_size=3), rank=r, world=2
+                )
+            ]
+        )
+        for r in (0, 1)
+    ]
     assert sorted(torch.cat(ev).tolist()) == sorted(list(range(20)) * 2)
     assert set(ev[0].tolist()).isdisjoint(set(ev[1].tolist()))
 
 
 def test_unbalanced_shards_still_give_equal_batch_counts(tmp_path):
-    write_shards(tmp_path, [[2] * 6, [2] * 6, [2] * 2])      # rank 0: 2 shards, rank 1: 1 shard
+    write_shards(tmp_path, [[2] * 6, [2] * 6, [2] * 2])  # rank 0: 2 shards, rank 1: 1 shard
     ss = shard_set(tmp_path, "train")
     counts = [len(_collect(BatchStream(_spec(ss), rank=r, world=2))) for r in (0, 1)]
-    assert counts == [3, 3]                                  # 14 pairs // (2 * 2)
+    assert counts == [3, 3]  # 14 pairs // (2 * 2)
 
 
 def test_order_is_seeded(tmp_path):
@@ -162,8 +193,7 @@ def test_order_is_seeded(tmp_path):
     ss = shard_set(tmp_path, "train")
 
     def run(seed, epoch=0):
-        return _units_of(_collect(BatchStream(_spec(ss, seed=seed, shuffle_buffer=8),
-                                              epoch=epoch)))
+        return _units_of(_collect(BatchStream(_spec(ss, seed=seed, shuffle_buffer=8), epoch=epoch)))
 
     a = run(1)
     assert a == run(1)
@@ -174,8 +204,9 @@ def test_order_is_seeded(tmp_path):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_skips_to_the_same_batches(tmp_path, workers):
     write_shards(tmp_path, [[2] * 6, [2] * 6, [2] * 6, [2] * 6])
-    spec = _spec(shard_set(tmp_path, "train"), batch_size=2, seed=5,
-                 rlm=RandomLeadMasking("random", 0.5))
+    spec = _spec(
+        shard_set(tmp_path, "train"), batch_size=2, seed=5, rlm=RandomLeadMasking("random", 0.5)
+    )
     full = BatchStream(spec, epoch=1, num_workers=workers)
     all_batches = _collect(full)
     assert len(all_batches) == 12 and full.batches_consumed == 12
@@ -198,30 +229,35 @@ def test_lead_subset_and_rlm_in_pipeline(tmp_path):
     batches = _collect(BatchStream(_spec(ss, batch_size=8, rlm=RandomLeadMasking())))
     mask = torch.cat([b["lead_mask"] for b in batches])
     src = torch.cat([b["source"] for b in batches])
-    assert torch.equal(src.abs().sum(-1) > 0, mask)          # zero rows exactly where absent
+    assert torch.equal(src.abs().sum(-1) > 0, mask)  # zero rows exactly where absent
     rate = 1 - mask.float().mean().item()
     assert 0.3 < rate < 0.7
     assert not torch.equal(batches[0]["lead_mask"][:, :11], batches[1]["lead_mask"][:, :11])
     first, second = mask[0::2], mask[1::2]
-    assert not torch.equal(first, second)                    # the pair's masks differ
+    assert not torch.equal(first, second)  # the pair's masks differ
     rec = torch.cat([b["record_index"] for b in batches])
-    assert not mask[rec == 0][:, 11].any()                   # absent lead stays absent
+    assert not mask[rec == 0][:, 11].any()  # absent lead stays absent
 
 
 def test_url_forms(tmp_path):
     write_shards(tmp_path, [[2] * 3, [2] * 3])
-    base = [int(r) for b in BatchStream(_spec(shard_set(tmp_path, "train"), train=False))
-            for r in b["record_index"][0::2]]
+    base = [
+        int(r)
+        for b in BatchStream(_spec(shard_set(tmp_path, "train"), train=False))
+        for r in b["record_index"][0::2]
+    ]
     assert base == list(range(6))
     assert shard_urls(tmp_path, "train") == [str(tmp_path / f"train-00000{i}.tar") for i in (0, 1)]
     brace = shard_set(f"{tmp_path}/train-{{000000..000001}}.tar", "train")
     assert brace.urls == shard_urls(tmp_path, "train") and brace.samples == 6
     fsspec_dir = shard_set(f"file://{tmp_path}", "train")
     assert fsspec_dir.samples == 6
-    for ss in (brace, fsspec_dir, shard_set(f"pipe:cat {tmp_path}/train-{{000000..000001}}.tar",
-                                            "train")):
-        got = [int(r) for b in BatchStream(_spec(ss, train=False))
-               for r in b["record_index"][0::2]]
+    for ss in (
+        brace,
+        fsspec_dir,
+        shard_set(f"pipe:cat {tmp_path}/train-{{000000..000001}}.tar", "train"),
+    ):
+        got = [int(r) for b in BatchStream(_spec(ss, train=False)) for r in b["record_index"][0::2]]
         assert got == base
     with pytest.raises(ValueError, match="epoch_batches"):
         BatchStream(_spec(shard_set(f"pipe:cat {tmp_path}/train-000000.tar", "train")))
@@ -234,26 +270,30 @@ def test_bad_sources_give_one_line_errors(tmp_path):
     with pytest.raises(ValueError, match="no split 'valid'.*train"):
         shard_set(tmp_path, "valid")
     shard = tmp_path / "train-000000.tar"
-    shard.write_bytes(shard.read_bytes()[:70_000])           # truncated mid-sample
+    shard.write_bytes(shard.read_bytes()[:70_000])  # truncated mid-sample
     for workers in (0, 1):
         with pytest.raises(ShardError, match="^/.*train-000000.tar: unreadable shard") as err:
-            _collect(BatchStream(_spec(shard_set(tmp_path, "train"), train=False),
-                                 num_workers=workers))
+            _collect(
+                BatchStream(_spec(shard_set(tmp_path, "train"), train=False), num_workers=workers)
+            )
         assert "\n" not in str(err.value)
     other = tmp_path / "other"
     other.mkdir()
     with wds.TarWriter(str(other / "x-000000.tar")) as sink:
         sink.write({"__key__": "r00000000", "meta.json": b"{}"})
-    (other / "_info.json").write_text(json.dumps(
-        {"x": {"shards": [{"file": "x-000000.tar", "samples": 1}]}}))
+    (other / "_info.json").write_text(
+        json.dumps({"x": {"shards": [{"file": "x-000000.tar", "samples": 1}]}})
+    )
     with pytest.raises(ShardError, match=r"x-000000.tar: sample r00000000: needs seg.npy"):
         _collect(BatchStream(_spec(shard_set(other, "x"), train=False)))
 
 
 def test_stream_from_config_and_group_ids(tmp_path):
     write_shards(tmp_path, [[2] * 8])
-    cfg = load_config("w2v_cmsc_rlm", [f"data.shards={tmp_path}", "data.batch_size=4",
-                                        "data.num_workers=0", "data.leads=6"])
+    cfg = load_config(
+        "w2v_cmsc_rlm",
+        [f"data.shards={tmp_path}", "data.batch_size=4", "data.num_workers=0", "data.leads=6"],
+    )
     stream = stream_from_config(cfg, "pairs", rank=0, world=1, epoch=0)
     assert len(stream) == 2 and stream.spec.rlm is not None
     b = next(iter(stream))
@@ -274,11 +314,12 @@ def test_stream_over_ingested_shards_matches_store(synth_shards, synth_store):
     assert ss.samples == len(train) and len(ss.urls) >= 2
     batches = _collect(BatchStream(_spec(ss, mode="pairs", batch_size=4, train=False)))
     rec = torch.cat([b["record_index"] for b in batches])
-    assert set(rec.tolist()) == train and len(rec) == 2 * len(train)   # 10 s: one pair each
+    assert set(rec.tolist()) == train and len(rec) == 2 * len(train)  # 10 s: one pair each
     patient = store.records["patient_key"]
     for b in batches[:3]:
         for i in range(0, len(b["record_index"]), 2):
             r = int(b["record_index"][i])
-            np.testing.assert_allclose(b["source"][i:i + 2].numpy(), store.record_segments(r),
-                                       atol=1e-6)
+            np.testing.assert_allclose(
+                b["source"][i : i + 2].numpy(), store.record_segments(r), atol=1e-6
+            )
             assert int(b["group"][i]) == group_id(patient.iloc[r])

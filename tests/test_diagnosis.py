@@ -32,8 +32,16 @@ def cohort(tmp_path_factory) -> dict:
     test 10 by patient, with train and valid shards."""
     from ingestion.synth import prepare_synthetic
 
-    data = prepare_synthetic(tmp_path_factory.mktemp("dx"), 100, seed=1, label_fraction=0.75,
-                             valid=0.4, test=0.1, split_seed=0, max_count=16)
+    data = prepare_synthetic(
+        tmp_path_factory.mktemp("dx"),
+        100,
+        seed=1,
+        label_fraction=0.75,
+        valid=0.4,
+        test=0.1,
+        split_seed=0,
+        max_count=16,
+    )
     assert data["counts"]["split"] == {"train": 50, "valid": 40, "test": 10}
     return data
 
@@ -44,15 +52,28 @@ def pretrain_ckpt(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     model = build_pretraining_model("tiny")
     path = tmp_path_factory.mktemp("ckpt") / "pretrain.pt"
-    save_checkpoint(path, kind="pretrain", encoder_config=model.encoder.cfg, model=model.state_dict())
+    save_checkpoint(
+        path, kind="pretrain", encoder_config=model.encoder.cfg, model=model.state_dict()
+    )
     return path
 
 
 def run_config(cohort, out, *overrides):
-    return load_config("diagnosis", [
-        "model.preset=tiny", f"data.shards={cohort['shards']}", f"data.store={cohort['store']}",
-        f"out={out}", "data.batch_size=16", "data.num_workers=0", "device=cpu",
-        "logging.wandb_mode=disabled", "logging.log_interval=1000", *overrides])
+    return load_config(
+        "diagnosis",
+        [
+            "model.preset=tiny",
+            f"data.shards={cohort['shards']}",
+            f"data.store={cohort['store']}",
+            f"out={out}",
+            "data.batch_size=16",
+            "data.num_workers=0",
+            "device=cpu",
+            "logging.wandb_mode=disabled",
+            "logging.log_interval=1000",
+            *overrides,
+        ],
+    )
 
 
 def cli(*args):
@@ -62,6 +83,7 @@ def cli(*args):
 
 
 # ------------------------------------------------------------------------ model
+
 
 def test_head_init_state_keys_and_padding():
     torch.manual_seed(0)
@@ -86,7 +108,9 @@ def test_head_init_state_keys_and_padding():
     assert not torch.allclose(logits[1], model.head(frames[1].mean(0)))
 
 
-def test_strict_load_drops_heads_applies_overrides_and_names_bad_keys(cohort, pretrain_ckpt, tmp_path):
+def test_strict_load_drops_heads_applies_overrides_and_names_bad_keys(
+    cohort, pretrain_ckpt, tmp_path
+):
     cfg = run_config(cohort, tmp_path / "run", f"finetune.init={pretrain_ckpt}")
     model = DiagnosisTask(cfg).build_model()
     ckpt = torch.load(pretrain_ckpt, weights_only=True)
@@ -95,17 +119,27 @@ def test_strict_load_drops_heads_applies_overrides_and_names_bad_keys(cohort, pr
     assert any(k.startswith("quantizer.") for k in ckpt["model"])
     assert {k.split(".")[0] for k in model.state_dict()} == {"encoder", "head"}
     enc = model.encoder.cfg
-    assert (enc.dropout, enc.attention_dropout, enc.activation_dropout, enc.dropout_input,
-            enc.feature_grad_mult) == (0.0, 0.0, 0.1, 0.0, 0.0)
+    assert (
+        enc.dropout,
+        enc.attention_dropout,
+        enc.activation_dropout,
+        enc.dropout_input,
+        enc.feature_grad_mult,
+    ) == (0.0, 0.0, 0.1, 0.0, 0.0)
     assert not any(p.requires_grad for p in model.encoder.feature_extractor.parameters())
     assert all(p.requires_grad for p in model.encoder.transformer.parameters())
 
     imported = tmp_path / "imported.pt"  # fairseq-signals imports carry the same layout
-    save_checkpoint(imported, kind="imported", encoder_config=ckpt["encoder_config"],
-                    model={k: v for k, v in ckpt["model"].items() if k.startswith("encoder.")})
+    save_checkpoint(
+        imported,
+        kind="imported",
+        encoder_config=ckpt["encoder_config"],
+        model={k: v for k, v in ckpt["model"].items() if k.startswith("encoder.")},
+    )
     cfg.finetune.init = str(imported)
-    torch.testing.assert_close(DiagnosisTask(cfg).build_model().encoder.state_dict(),
-                               model.encoder.state_dict())
+    torch.testing.assert_close(
+        DiagnosisTask(cfg).build_model().encoder.state_dict(), model.encoder.state_dict()
+    )
 
     broken = dict(ckpt["model"])
     del broken["encoder.layer_norm.weight"]
@@ -164,14 +198,22 @@ def test_six_lead_preset_zero_fills_v1_to_v6(cohort, tmp_path):
 
 # ------------------------------------------------------------------------ fine-tune + evaluate
 
+
 def test_finetune_learns_and_evaluation_round_trips(cohort, pretrain_ckpt, tmp_path):
     from ecgplat.store import open_store
     from training.loop import train
 
     run = tmp_path / "run"
     # the "pretrained" encoder is untrained here, so its CNN is left trainable (feature_grad_mult 1)
-    cfg = run_config(cohort, run, f"finetune.init={pretrain_ckpt}", "model.feature_grad_mult=1.0",
-                     "optim.lr=1e-3", "optim.max_update=18", "optim.max_epoch=0")
+    cfg = run_config(
+        cohort,
+        run,
+        f"finetune.init={pretrain_ckpt}",
+        "model.feature_grad_mult=1.0",
+        "optim.lr=1e-3",
+        "optim.max_update=18",
+        "optim.max_epoch=0",
+    )
     task = DiagnosisTask(cfg)
     torch.manual_seed(cfg.seed)
     before = task.validate(task.build_model(), epoch=0)
@@ -181,14 +223,18 @@ def test_finetune_learns_and_evaluation_round_trips(cohort, pretrain_ckpt, tmp_p
     after = valid[-1]["valid_auroc_macro"]
     print(f"valid macro AUROC: untrained {before['auroc_macro']:.3f} -> fine-tuned {after:.3f}")
     assert after > 0.55 and after > before["auroc_macro"] + 0.05, (before["auroc_macro"], after)
-    assert {"valid_cinc_score", "valid_record_cinc_score", "valid_record_auroc_macro"} <= set(valid[-1])
+    assert {"valid_cinc_score", "valid_record_cinc_score", "valid_record_auroc_macro"} <= set(
+        valid[-1]
+    )
     assert (run / "checkpoint_best.pt").is_file()
 
     # validation from the valid shards equals validation from the store's valid split (a
     # single-file shard source cannot name the valid split, so the store is used)
     model, _ = load_diagnosis_model(run / "checkpoint_last.pt")
     from_shards = task.validate(model, epoch=99)
-    store_cfg = run_config(cohort, tmp_path / "run2", f"data.shards={cohort['shards']}/train-000000.tar")
+    store_cfg = run_config(
+        cohort, tmp_path / "run2", f"data.shards={cohort['shards']}/train-000000.tar"
+    )
     store_task = DiagnosisTask(store_cfg)
     assert store_task.valid_source() == ("store", str(cohort["store"]))
     from_store = store_task.validate(model, epoch=99)
@@ -196,8 +242,21 @@ def test_finetune_learns_and_evaluation_round_trips(cohort, pretrain_ckpt, tmp_p
     assert from_store["auroc_macro"] == pytest.approx(after)
 
     out = tmp_path / "eval"
-    res = cli("evaluate", "diagnosis", "--checkpoint", run / "checkpoint_last.pt",
-              "--store", cohort["store"], "--split", "test", "--leads", "all", "--json", "--out", out)
+    res = cli(
+        "evaluate",
+        "diagnosis",
+        "--checkpoint",
+        run / "checkpoint_last.pt",
+        "--store",
+        cohort["store"],
+        "--split",
+        "test",
+        "--leads",
+        "all",
+        "--json",
+        "--out",
+        out,
+    )
     assert res.exit_code == 0, res.output
     summary = json.loads(res.output)
     assert summary == json.loads((out / "metrics.json").read_text())
@@ -219,7 +278,9 @@ def test_finetune_learns_and_evaluation_round_trips(cohort, pretrain_ckpt, tmp_p
             direct = torch.sigmoid(model(x)).numpy()
         np.testing.assert_allclose(probs, direct, atol=1e-5)
         np.testing.assert_array_equal(labels, np.repeat(store.labels[records], 2, axis=0))
-        assert keys.tolist() == np.repeat(store.records["record_key"].to_numpy()[records], 2).tolist()
+        assert (
+            keys.tolist() == np.repeat(store.records["record_key"].to_numpy()[records], 2).tolist()
+        )
         seg = summary["results"][name]["segment"]
         assert seg["auroc_micro"] == pytest.approx(auroc(labels, probs, "micro"))
         rescored = cli("score", out / f"predictions_{name}.npz", "--level", "segment", "--json")
@@ -229,24 +290,49 @@ def test_finetune_learns_and_evaluation_round_trips(cohort, pretrain_ckpt, tmp_p
             assert again[key] == pytest.approx(seg[key]), key
         rec = json.loads(cli("score", out / f"predictions_{name}.npz", "--json").output)
         assert rec["challenge_score"] == pytest.approx(
-            summary["results"][name]["record"]["challenge_score"])
+            summary["results"][name]["record"]["challenge_score"]
+        )
     with np.load(out / "predictions_12.npz") as p12, np.load(out / "predictions_6.npz") as p6:
         assert not np.allclose(p12["probabilities"], p6["probabilities"])
 
 
 def test_evaluate_rejects_bad_input(cohort, pretrain_ckpt, tmp_path):
     res = cli("evaluate", "diagnosis", "--checkpoint", pretrain_ckpt, "--store", cohort["store"])
-    assert res.exit_code != 0 and "pretrain.pt" in res.output and "not a diagnosis model" in res.output
+    assert (
+        res.exit_code != 0 and "pretrain.pt" in res.output and "not a diagnosis model" in res.output
+    )
 
     torch.manual_seed(0)
     model = DiagnosisModel(build_encoder("tiny"))
     ckpt = tmp_path / "dx.pt"
-    save_checkpoint(ckpt, kind="diagnosis", encoder_config=model.encoder.cfg, model=model.state_dict())
-    res = cli("evaluate", "diagnosis", "--checkpoint", ckpt, "--store", cohort["store"],
-              "--split", "nope", "--out", tmp_path / "e")
+    save_checkpoint(
+        ckpt, kind="diagnosis", encoder_config=model.encoder.cfg, model=model.state_dict()
+    )
+    res = cli(
+        "evaluate",
+        "diagnosis",
+        "--checkpoint",
+        ckpt,
+        "--store",
+        cohort["store"],
+        "--split",
+        "nope",
+        "--out",
+        tmp_path / "e",
+    )
     assert res.exit_code != 0 and "nope" in res.output and "no records" in res.output
-    res = cli("evaluate", "diagnosis", "--checkpoint", ckpt, "--store", cohort["store"],
-              "--leads", "I,XX", "--out", tmp_path / "e")
+    res = cli(
+        "evaluate",
+        "diagnosis",
+        "--checkpoint",
+        ckpt,
+        "--store",
+        cohort["store"],
+        "--leads",
+        "I,XX",
+        "--out",
+        tmp_path / "e",
+    )
     assert res.exit_code != 0 and "XX" in res.output
     res = cli("evaluate", "diagnosis", "--checkpoint", ckpt, "--store", tmp_path / "missing")
     assert res.exit_code != 0 and "missing" in res.output

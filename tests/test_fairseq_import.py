@@ -59,9 +59,19 @@ def _model(state, model_cfg, **kw):
 def test_config_from_checkpoint(fairseq):
     state, model_cfg = fairseq
     cfg, _ = map_fairseq_state_dict(state, model_cfg)
-    assert (cfg.encoder_embed_dim, cfg.encoder_layers, cfg.encoder_attention_heads,
-            cfg.encoder_ffn_embed_dim, cfg.final_dim) == (64, 2, 4, 128, 32)
-    assert (cfg.latent_vars, cfg.latent_groups, cfg.conv_dim, cfg.layer_norm_eps) == (320, 2, 256, 1e-5)
+    assert (
+        cfg.encoder_embed_dim,
+        cfg.encoder_layers,
+        cfg.encoder_attention_heads,
+        cfg.encoder_ffn_embed_dim,
+        cfg.final_dim,
+    ) == (64, 2, 4, 128, 32)
+    assert (cfg.latent_vars, cfg.latent_groups, cfg.conv_dim, cfg.layer_norm_eps) == (
+        320,
+        2,
+        256,
+        1e-5,
+    )
     assert cfg.latent_temp == (2.0, 0.5, 0.999995) and cfg.feature_grad_mult == 0.1
     paper_era = dict(model_cfg, _name="wav2vec2_clocs")
     assert map_fairseq_state_dict(state, paper_era)[0].layer_norm_eps == 1e-6
@@ -76,7 +86,7 @@ def test_parity_with_fairseq_signals(fairseq, reference):
         np.testing.assert_allclose(value.numpy(), reference[name], rtol=0, atol=ATOL, err_msg=name)
     # the 4th input has zeroed leads: the same result comes from lead_mask on the full signal
     x = torch.from_numpy(reference["input"])
-    keep = (x.abs().sum(-1) > 0)
+    keep = x.abs().sum(-1) > 0
     assert (~keep[3]).sum() == 6 and keep[:3].all()
     with torch.no_grad():
         lm = model.encoder.extract_features(x, lead_mask=keep).frames
@@ -92,13 +102,19 @@ def test_wrong_layer_norm_eps_is_detected(fairseq, reference):
 def test_unknown_and_missing_keys_are_named(fairseq):
     state, model_cfg = fairseq
     extra = dict(state, **{"encoder.layers.0.adapter.weight": torch.zeros(3)})
-    with pytest.raises(ValueError, match=r"unknown fairseq-signals key\(s\): encoder\.layers\.0\.adapter\.weight"):
+    with pytest.raises(
+        ValueError, match=r"unknown fairseq-signals key\(s\): encoder\.layers\.0\.adapter\.weight"
+    ):
         map_fairseq_state_dict(extra, model_cfg)
     missing = {k: v for k, v in state.items() if k != "encoder.layers.1.fc2.bias"}
-    with pytest.raises(ValueError, match=r"missing weight\(s\).*encoder\.transformer\.layers\.1\.fc2\.bias"):
+    with pytest.raises(
+        ValueError, match=r"missing weight\(s\).*encoder\.transformer\.layers\.1\.fc2\.bias"
+    ):
         map_fairseq_state_dict(missing, model_cfg)
     with pytest.raises(ValueError, match="shape mismatch.*encoder.mask_emb"):
-        map_fairseq_state_dict(state, dict(model_cfg, encoder_embed_dim=128, encoder_attention_heads=4))
+        map_fairseq_state_dict(
+            state, dict(model_cfg, encoder_embed_dim=128, encoder_attention_heads=4)
+        )
     with pytest.raises(ValueError, match="target_glu=True is not supported"):
         map_fairseq_state_dict(state, dict(model_cfg, target_glu=True))
 
@@ -107,16 +123,25 @@ def test_weight_g_weight_v_layout_imports_identically(fairseq):
     state, model_cfg = fairseq
     _, new = map_fairseq_state_dict(state, model_cfg)
     old = {}
-    for k, v in state.items():   # older torch + PAPER-ERA layout: posconv inside the encoder
+    for k, v in state.items():  # older torch + PAPER-ERA layout: posconv inside the encoder
         k = k.replace("conv_pos.pos_conv.0.", "encoder.pos_conv.0.")
-        k = k.replace("parametrizations.weight.original0", "weight_g").replace("parametrizations.weight.original1", "weight_v")
+        k = k.replace("parametrizations.weight.original0", "weight_g").replace(
+            "parametrizations.weight.original1", "weight_v"
+        )
         old[k] = v
     assert "encoder.pos_conv.0.weight_g" in old and "encoder.pos_conv.0.weight_v" in old
     _, mapped = map_fairseq_state_dict(old, model_cfg)
     assert mapped.keys() == new.keys()
     for k in new:
         assert torch.equal(mapped[k], new[k]), k
-    both = dict(state, **{"conv_pos.pos_conv.0.weight_g": state["conv_pos.pos_conv.0.parametrizations.weight.original0"]})
+    both = dict(
+        state,
+        **{
+            "conv_pos.pos_conv.0.weight_g": state[
+                "conv_pos.pos_conv.0.parametrizations.weight.original0"
+            ]
+        },
+    )
     with pytest.raises(ValueError, match="map twice"):
         map_fairseq_state_dict(both, model_cfg)
 
@@ -133,9 +158,12 @@ def test_imported_checkpoint_loads_for_encoder_and_heads(tmp_path, reference):
     np.testing.assert_allclose(res.frames.numpy(), reference["encoder_out"], rtol=0, atol=ATOL)
     np.testing.assert_allclose(res.pooled.numpy(), reference["pooled"], rtol=0, atol=ATOL)
     from training.models.config import EncoderConfig
+
     full = W2VCMSCModel(EncoderConfig.from_dict(ckpt["encoder_config"]))
     full.load_state_dict(ckpt["model"], strict=True)
-    np.testing.assert_allclose(_outputs(full, x)["project_q"].numpy(), reference["project_q"], rtol=0, atol=ATOL)
+    np.testing.assert_allclose(
+        _outputs(full, x)["project_q"].numpy(), reference["project_q"], rtol=0, atol=ATOL
+    )
 
 
 def test_import_cli(tmp_path):

@@ -20,11 +20,18 @@ ROOT = Path(__file__).parents[1]
 
 
 def _start_ingest(src, store) -> subprocess.Popen:
-    code = ("from ingestion.pipeline import ingest; "
-            f"ingest('cinc2021', {str(src)!r}, {str(store)!r}, workers=0, batch_size=2, progress=False, commit_interval=0)")
+    code = (
+        "from ingestion.pipeline import ingest; "
+        f"ingest('cinc2021', {str(src)!r}, {str(store)!r}, workers=0, batch_size=2, progress=False, commit_interval=0)"
+    )
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
 
 
 def _kill_after(proc, store, min_records: int) -> int:
@@ -60,6 +67,7 @@ def test_uncommitted_tail_is_dropped(synth_cohort, synth_store, tmp_path):
     store = tmp_path / "store"
     ingest("cinc2021", synth_cohort, store, workers=0, limit=10, progress=False)
     from ingestion.pipeline import corpus_module
+
     rels = corpus_module("cinc2021").list_records(synth_cohort)[10:14]
     with StoreWriter(store) as w:  # a crash between append and commit, plus a zarr temp file
         w.append(process_batch("cinc2021", str(synth_cohort), rels, 0, w.secret))
@@ -109,6 +117,7 @@ def _faulty_corpus(cohort: Path, out: Path) -> dict:
     faults["g1/X4"] = "no ECG lead"
     b = clone("X5")  # shorter than 5 s: header and signal cut to 3 s
     import scipy.io
+
     val = scipy.io.loadmat(b.with_suffix(".mat"))["val"][:, :1500]
     scipy.io.savemat(b.with_suffix(".mat"), {"val": val}, format="4")
     lines = b.with_suffix(".hea").read_text().splitlines()
@@ -132,13 +141,16 @@ def test_each_fault_kind_is_rejected_and_store_stays_intact(synth_cohort, tmp_pa
         reason = rejects.loc[rejects["path"] == path, "reason"].item()
         assert "\n" not in reason and word.lower() in reason.lower(), (path, reason)
     assert (rejects["source"] == "cinc2021").all()
-    assert sorted(reader.records["path"]) == sorted(p for p in
-                                                    (f"g1/{q.stem}" for q in (src / "g1").glob("S*.hea")))
+    assert sorted(reader.records["path"]) == sorted(
+        p for p in (f"g1/{q.stem}" for q in (src / "g1").glob("S*.hea"))
+    )
     for i in range(reader.n_records):  # good records bit-exact despite the faults around them
         import scipy.io
+
         val = scipy.io.loadmat(src / (reader.records["path"][i] + ".mat"))["val"][:, :5000]
-        np.testing.assert_array_equal(reader.record_segments_raw(i),
-                                      val.reshape(12, 2, 2500).transpose(1, 0, 2))
+        np.testing.assert_array_equal(
+            reader.record_segments_raw(i), val.reshape(12, 2, 2500).transpose(1, 0, 2)
+        )
     # re-running skips the rejects too: nothing added, nothing re-read
     again = ingest("cinc2021", src, store, workers=0, progress=False)
     assert again["records"] == 0 and again["skipped"] == 4 + len(faults)

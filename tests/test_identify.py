@@ -15,9 +15,19 @@ torch.set_num_threads(1)
 def _identify_config(shards, store, out, *extra):
     from ecgplat.config import load_config
 
-    return load_config("identification", [
-        f"data.shards={shards}", f"data.store={store}", f"out={out}", "model.preset=tiny",
-        "device=cpu", "data.num_workers=0", "logging.wandb_mode=disabled", *extra])
+    return load_config(
+        "identification",
+        [
+            f"data.shards={shards}",
+            f"data.store={store}",
+            f"out={out}",
+            "model.preset=tiny",
+            "device=cpu",
+            "data.num_workers=0",
+            "logging.wandb_mode=disabled",
+            *extra,
+        ],
+    )
 
 
 def test_ptbxl_ecg_id_of_record_keys():
@@ -56,15 +66,22 @@ def test_leakage_guard_drops_ptbxl_records_from_training(samples_dir, tmp_path, 
     split_store(tmp_path / "train_store", mode="random", valid=0.0, test=0.0)
     write_shards(tmp_path / "train_store", "train", tmp_path / "shards", max_count=2)
     ingest("ptbxl", samples_dir / "ptbxl", tmp_path / "eval_store", workers=0, progress=False)
-    assert {"ptbxl/00032", "ptbxl/00055"} <= set(open_store(tmp_path / "eval_store").records["record_key"])
+    assert {"ptbxl/00032", "ptbxl/00055"} <= set(
+        open_store(tmp_path / "eval_store").records["record_key"]
+    )
 
     from training.tasks.identify import IdentifyTask
 
     plain = IdentifyTask(_identify_config(tmp_path / "shards", "", tmp_path / "run"))
     assert plain.excluded_records == 0 and len(plain.classes) == 4  # each record its own class
-    cfg = _identify_config(tmp_path / "shards", "", tmp_path / "run",
-                           f"finetune.leakage_exclude_store={tmp_path / 'eval_store'}",
-                           "data.batch_size=2", "data.epoch_batches=6")
+    cfg = _identify_config(
+        tmp_path / "shards",
+        "",
+        tmp_path / "run",
+        f"finetune.leakage_exclude_store={tmp_path / 'eval_store'}",
+        "data.batch_size=2",
+        "data.epoch_batches=6",
+    )
     task = IdentifyTask(cfg)
     assert "excluded 2 of 4 training records" in capsys.readouterr().err
     assert task.excluded_records == 2 and task.extra_state()["excluded_records"] == 2
@@ -103,11 +120,21 @@ def test_arcface_finetuning_beats_random_init(cohort50):
     from training.tasks.identify import IdentifyTask
 
     # test-sized: the paper's s=192/m=1 with a frozen CNN needs far more than 40 updates
-    cfg = _identify_config(cohort50 / "shards", cohort50 / "store", cohort50 / "run",
-                           "criterion.arcface_scale=16", "criterion.arcface_margin=0.2",
-                           "model.feature_grad_mult=1.0", "optim.schedule=fixed", "optim.lr=2e-3",
-                           "data.batch_size=32", "data.epoch_batches=40", "optim.max_epoch=1",
-                           "optim.max_update=40", "logging.log_interval=20")
+    cfg = _identify_config(
+        cohort50 / "shards",
+        cohort50 / "store",
+        cohort50 / "run",
+        "criterion.arcface_scale=16",
+        "criterion.arcface_margin=0.2",
+        "model.feature_grad_mult=1.0",
+        "optim.schedule=fixed",
+        "optim.lr=2e-3",
+        "data.batch_size=32",
+        "data.epoch_batches=40",
+        "optim.max_epoch=1",
+        "optim.max_update=40",
+        "logging.log_interval=20",
+    )
     task = IdentifyTask(cfg)
     assert len(task.classes) == 50
     seed_everything(cfg.seed)
@@ -131,7 +158,11 @@ def test_arcface_finetuning_beats_random_init(cohort50):
     with torch.no_grad():
         assert torch.allclose(model.embed(x), unit_embedding(enc, x), atol=1e-5)
     # strict re-initialisation from the identification checkpoint (finetune.init)
-    init_cfg = _identify_config(cohort50 / "shards", "", cohort50 / "run2",
-                                f"finetune.init={cohort50 / 'run' / 'checkpoint_last.pt'}")
+    init_cfg = _identify_config(
+        cohort50 / "shards",
+        "",
+        cohort50 / "run2",
+        f"finetune.init={cohort50 / 'run' / 'checkpoint_last.pt'}",
+    )
     again = IdentifyTask(init_cfg).build_model()
     assert torch.equal(again.encoder.post_extract_proj.weight, enc.post_extract_proj.weight)

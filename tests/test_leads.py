@@ -17,12 +17,33 @@ def test_canonical_order():
     assert LEADS == ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
 
 
-@pytest.mark.parametrize("name,expected", [
-    ("i", "I"), ("II", "II"), ("iii", "III"), ("AVR", "aVR"), ("aVR", "aVR"), ("avl", "aVL"),
-    ("aVF", "aVF"), ("v1", "V1"), ("V6", "V6"), (" v3 ", "V3"), ("MLII", "II"), ("mli", "I"),
-    ("vx", None), ("vy", None), ("vz", None), ("PLETH", None), ("ABP", None), ("resp", None),
-    ("ECG", None), ("V", None), ("V7", None), ("", None),
-])
+@pytest.mark.parametrize(
+    "name,expected",
+    [
+        ("i", "I"),
+        ("II", "II"),
+        ("iii", "III"),
+        ("AVR", "aVR"),
+        ("aVR", "aVR"),
+        ("avl", "aVL"),
+        ("aVF", "aVF"),
+        ("v1", "V1"),
+        ("V6", "V6"),
+        (" v3 ", "V3"),
+        ("MLII", "II"),
+        ("mli", "I"),
+        ("vx", None),
+        ("vy", None),
+        ("vz", None),
+        ("PLETH", None),
+        ("ABP", None),
+        ("resp", None),
+        ("ECG", None),
+        ("V", None),
+        ("V7", None),
+        ("", None),
+    ],
+)
 def test_canonical_lead(name, expected):
     assert canonical_lead(name) == expected
 

@@ -23,9 +23,16 @@ from training.tasks.base import Task
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).parents[1]
-TINY = ["model.preset=tiny", "criterion.num_negatives=10", "data.batch_size=2",
-        "data.num_workers=0", "data.shuffle_buffer=8", "logging.log_interval=1",
-        "logging.wandb_mode=disabled", "optim.max_epoch=0"]
+TINY = [
+    "model.preset=tiny",
+    "criterion.num_negatives=10",
+    "data.batch_size=2",
+    "data.num_workers=0",
+    "data.shuffle_buffer=8",
+    "logging.log_interval=1",
+    "logging.wandb_mode=disabled",
+    "optim.max_epoch=0",
+]
 
 
 def losses(run: Path) -> dict[int, float]:
@@ -55,11 +62,13 @@ class LinearTask(Task):
     def train_batches(self, rank, world, epoch):
         x, y = X[rank::world], Y[rank::world]
         n = x.shape[0] // self.micro
-        return [{"x": x[i * n:(i + 1) * n], "y": y[i * n:(i + 1) * n]} for i in range(self.micro)]
+        return [
+            {"x": x[i * n : (i + 1) * n], "y": y[i * n : (i + 1) * n]} for i in range(self.micro)
+        ]
 
     def train_step(self, model, batch, num_updates):
         err = model(batch["x"]) - batch["y"]
-        return (err ** 2).sum(), batch["x"].shape[0], {"mse": float((err.detach() ** 2).mean())}
+        return (err**2).sum(), batch["x"].shape[0], {"mse": float((err.detach() ** 2).mean())}
 
     def validate(self, model, epoch):
         return None if self.valid_metrics is None else {"score": self.valid_metrics[epoch - 1]}
@@ -104,8 +113,14 @@ def test_gradient_normalisation_and_update_freq(tmp_path):
 
 
 def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+    )
     torch.set_num_threads(1)
     from training import distributed
 
@@ -120,8 +135,13 @@ def test_two_process_ddp_matches_one_process(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     # fork: the children need no re-import (spawn costs ~25 s on 2 busy cores)
-    procs = mp.start_processes(_ddp_worker, args=(2, port, str(tmp_path / "ddp")), nprocs=2,
-                               start_method="fork", join=False)
+    procs = mp.start_processes(
+        _ddp_worker,
+        args=(2, port, str(tmp_path / "ddp")),
+        nprocs=2,
+        start_method="fork",
+        join=False,
+    )
     deadline = time.time() + 180
     while not procs.join(timeout=1):
         if time.time() > deadline:
@@ -130,8 +150,10 @@ def test_two_process_ddp_matches_one_process(tmp_path):
             pytest.fail("DDP workers did not finish in 180 s")
     one = LinearTask(toy_cfg(tmp_path / "one", max_update=1))
     train(one.cfg, one)
-    ddp, single = load(tmp_path / "ddp" / "checkpoint_last.pt"), load(tmp_path / "one" /
-                                                                      "checkpoint_last.pt")
+    ddp, single = (
+        load(tmp_path / "ddp" / "checkpoint_last.pt"),
+        load(tmp_path / "one" / "checkpoint_last.pt"),
+    )
     assert torch.allclose(_params(ddp), _params(single), atol=1e-6)
     assert torch.allclose(_params(ddp), expected_first_update(0.05)[0], atol=1e-6)
     assert len(ddp["rng"]["per_rank"]) == 2  # both ranks' RNG states for resume
@@ -150,22 +172,41 @@ def test_best_checkpoint_patience_and_keep_last(tmp_path):
     assert (summary["stop_reason"], summary["epochs"], summary["best"]) == ("patience", 6, 0.7)
     assert load(tmp_path / "r" / "checkpoint_best.pt")["num_updates"] == 4
     assert load(tmp_path / "r" / "checkpoint_last.pt")["num_updates"] == 6
-    assert sorted(p.name for p in (tmp_path / "r").glob("checkpoint_*.pt")) == \
-        ["checkpoint_5.pt", "checkpoint_6.pt", "checkpoint_best.pt", "checkpoint_last.pt"]
+    assert sorted(p.name for p in (tmp_path / "r").glob("checkpoint_*.pt")) == [
+        "checkpoint_5.pt",
+        "checkpoint_6.pt",
+        "checkpoint_best.pt",
+        "checkpoint_last.pt",
+    ]
     valid = read_metrics(tmp_path / "r", "valid_score")
     assert [v["valid_score"] for v in valid] == task.valid_metrics[:6]
 
 
 # --- pretraining on real shards ----------------------------------------------------------------
 
+
 def test_pretraining_loss_falls_via_cli(synth_shards, tmp_path):
     from ecgplat.cli import app
 
     run = tmp_path / "pre"
-    result = CliRunner().invoke(app, [
-        "train", "pretrain", "--config", "w2v_cmsc_rlm", "--shards", str(synth_shards),
-        "--out", str(run), *TINY, "optim.lr=2e-3", "optim.max_update=40",
-        "optim.update_freq=1", "checkpoint.save_interval_updates=20"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "pretrain",
+            "--config",
+            "w2v_cmsc_rlm",
+            "--shards",
+            str(synth_shards),
+            "--out",
+            str(run),
+            *TINY,
+            "optim.lr=2e-3",
+            "optim.max_update=40",
+            "optim.update_freq=1",
+            "checkpoint.save_interval_updates=20",
+        ],
+    )
     assert result.exit_code == 0, result.output
     ls = losses(run)
     assert sorted(ls) == list(range(1, 41))
@@ -182,8 +223,14 @@ def test_pretraining_loss_falls_via_cli(synth_shards, tmp_path):
 
 
 def test_resume_gives_the_same_losses(synth_shards, tmp_path):
-    base = TINY + [f"data.shards={synth_shards}", "data.num_workers=1", "optim.update_freq=2",
-                   "optim.lr=1e-3", "data.epoch_batches=6", "data.rlm=true"]
+    base = TINY + [
+        f"data.shards={synth_shards}",
+        "data.num_workers=1",
+        "optim.update_freq=2",
+        "optim.lr=1e-3",
+        "data.epoch_batches=6",
+        "data.rlm=true",
+    ]
     full = load_config("w2v_cmsc_rlm", base + [f"out={tmp_path / 'full'}", "optim.max_update=5"])
     from training.tasks.pretrain import PretrainTask
 
@@ -197,24 +244,37 @@ def test_resume_gives_the_same_losses(synth_shards, tmp_path):
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]
     for u in a:
         assert b[u] == pytest.approx(a[u], abs=1e-6), u
-    fa, fb = load(tmp_path / "full" / "checkpoint_last.pt"), load(tmp_path / "part" /
-                                                                 "checkpoint_last.pt")
+    fa, fb = (
+        load(tmp_path / "full" / "checkpoint_last.pt"),
+        load(tmp_path / "part" / "checkpoint_last.pt"),
+    )
     for k in fa["model"]:
         assert torch.allclose(fa["model"][k], fb["model"][k], atol=1e-6), k
 
 
 def test_sigterm_writes_a_checkpoint_that_resumes(synth_shards, tmp_path):
     run = tmp_path / "sig"
-    cmd = [sys.executable, "-c", "from ecgplat.cli import app; app()", "train", "pretrain",
-           "--shards", str(synth_shards), "--out", str(run), *TINY, "optim.max_update=100000"]
+    cmd = [
+        sys.executable,
+        "-c",
+        "from ecgplat.cli import app; app()",
+        "train",
+        "pretrain",
+        "--shards",
+        str(synth_shards),
+        "--out",
+        str(run),
+        *TINY,
+        "optim.max_update=100000",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None:
-            if (run / "metrics.jsonl").exists() and \
-                    len((run / "metrics.jsonl").read_text().splitlines()) >= 2:
+            if (run / "metrics.jsonl").exists() and len(
+                (run / "metrics.jsonl").read_text().splitlines()
+            ) >= 2:
                 break
             time.sleep(0.2)
         assert proc.poll() is None, proc.communicate()
@@ -230,13 +290,15 @@ def test_sigterm_writes_a_checkpoint_that_resumes(synth_shards, tmp_path):
     assert done >= 2 and ckpt["optimizer"]["state"]
     from ecgplat.cli import app
 
-    r = CliRunner().invoke(app, ["train", "pretrain", "--out", str(run), "--resume",
-                                 f"optim.max_update={done + 2}"])
+    r = CliRunner().invoke(
+        app, ["train", "pretrain", "--out", str(run), "--resume", f"optim.max_update={done + 2}"]
+    )
     assert r.exit_code == 0, r.output
     assert sorted(losses(run)) == list(range(1, done + 3))
     assert load(run / "checkpoint_last.pt")["num_updates"] == done + 2
-    r = CliRunner().invoke(app, ["train", "pretrain", "--shards", str(synth_shards),
-                                 "--out", str(run)])
+    r = CliRunner().invoke(
+        app, ["train", "pretrain", "--shards", str(synth_shards), "--out", str(run)]
+    )
     assert r.exit_code == 2 and "already holds a training run" in r.output
 
 
@@ -248,9 +310,12 @@ def test_every_pretraining_preset_trains_one_step(preset, tmp_path):
     task = PretrainTask(cfg)
     model = task.build_model()
     g = torch.Generator().manual_seed(0)
-    batch = {"source": torch.randn(4, 12, 2500, generator=g),
-             "lead_mask": torch.ones(4, 12, dtype=torch.bool),
-             "segment": torch.tensor([0, 1, 0, 1]), "group": torch.tensor([0, 0, 1, 1])}
+    batch = {
+        "source": torch.randn(4, 12, 2500, generator=g),
+        "lead_mask": torch.ones(4, 12, dtype=torch.bool),
+        "segment": torch.tensor([0, 1, 0, 1]),
+        "group": torch.tensor([0, 0, 1, 1]),
+    }
     loss, sample_size, logs = task.train_step(model, batch, 0)
     loss.backward()
     assert torch.isfinite(loss) and sample_size > 0
@@ -260,4 +325,4 @@ def test_every_pretraining_preset_trains_one_step(preset, tmp_path):
         assert sample_size == 4 and not hasattr(model, "quantizer")
     task.on_update(model, 1000)
     if cfg.criterion.w2v:
-        assert model.quantizer.curr_temp == pytest.approx(max(2 * 0.999995 ** 1000, 0.5))
+        assert model.quantizer.curr_temp == pytest.approx(max(2 * 0.999995**1000, 0.5))

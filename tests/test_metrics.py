@@ -30,6 +30,7 @@ def multihot(*classes: int, n: int = 26) -> np.ndarray:
 
 # --------------------------------------------------------------- an independent reference
 
+
 def reference_challenge_score(labels, outputs) -> float:
     """The challenge definition written out with python sets and loops, weights read from the csv."""
     with open(WEIGHTS_CSV, newline="") as fh:
@@ -72,11 +73,21 @@ def make_predictions_small(path: Path) -> None:
 
 # --------------------------------------------------------------- challenge score, by hand
 
+
 def test_weights_entries_used_below():
     assert NORMAL_INDEX == NSR
-    expected = {(AF, AF): 1.0, (AF, PAC): 0.3375, (PVC, AF): 0.375, (PVC, PAC): 0.4625,
-                (STACH, NSR): 0.375, (AF, PVC): 0.375, (AF, NSR): 0.25, (PVC, NSR): 0.375,
-                (CRBBB, IRBBB): 0.4, (CRBBB, NSR): 0.35}
+    expected = {
+        (AF, AF): 1.0,
+        (AF, PAC): 0.3375,
+        (PVC, AF): 0.375,
+        (PVC, PAC): 0.4625,
+        (STACH, NSR): 0.375,
+        (AF, PVC): 0.375,
+        (AF, NSR): 0.25,
+        (PVC, NSR): 0.375,
+        (CRBBB, IRBBB): 0.4,
+        (CRBBB, NSR): 0.35,
+    }
     for (i, j), value in expected.items():
         assert WEIGHTS[i, j] == value, (i, j)
 
@@ -131,7 +142,9 @@ def test_challenge_score_matches_reference_on_random_inputs():
     rng = np.random.default_rng(7)
     y = rng.random((120, 26)) < 0.15
     o = rng.random((120, 26)) < 0.2
-    assert metrics.challenge_score(y, o) == pytest.approx(reference_challenge_score(y, o), abs=1e-12)
+    assert metrics.challenge_score(y, o) == pytest.approx(
+        reference_challenge_score(y, o), abs=1e-12
+    )
 
 
 def test_challenge_score_rejects_shape_mismatch():
@@ -141,21 +154,25 @@ def test_challenge_score_rejects_shape_mismatch():
 
 # --------------------------------------------------------------- ranking / thresholded metrics
 
+
 @pytest.fixture(scope="module")
 def random_scores():
     rng = np.random.default_rng(3)
     y = rng.random((300, 26)) < rng.uniform(0.05, 0.4, size=26)
     y[:, 4] = False  # single-valued class
-    y[:, 9] = True   # single-valued class
+    y[:, 9] = True  # single-valued class
     s = np.round(rng.random(y.shape) * 0.6 + 0.35 * y, 2)  # rounding creates ties
     return y, s
 
 
 def test_micro_auroc_auprc_equal_sklearn(random_scores):
     y, s = random_scores
-    assert metrics.auroc(y, s, "micro") == pytest.approx(roc_auc_score(y.ravel(), s.ravel()), abs=1e-12)
+    assert metrics.auroc(y, s, "micro") == pytest.approx(
+        roc_auc_score(y.ravel(), s.ravel()), abs=1e-12
+    )
     assert metrics.auprc(y, s, "micro") == pytest.approx(
-        average_precision_score(y.ravel(), s.ravel()), abs=1e-12)
+        average_precision_score(y.ravel(), s.ravel()), abs=1e-12
+    )
 
 
 def test_macro_auroc_auprc_equal_sklearn_over_defined_classes(random_scores):
@@ -163,9 +180,11 @@ def test_macro_auroc_auprc_equal_sklearn_over_defined_classes(random_scores):
     valid = [k for k in range(26) if 0 < y[:, k].sum() < len(y)]
     assert len(valid) == 24
     assert metrics.auroc(y, s, "macro") == pytest.approx(
-        roc_auc_score(y[:, valid], s[:, valid], average="macro"), abs=1e-12)
+        roc_auc_score(y[:, valid], s[:, valid], average="macro"), abs=1e-12
+    )
     assert metrics.auprc(y, s, "macro") == pytest.approx(
-        average_precision_score(y[:, valid], s[:, valid], average="macro"), abs=1e-12)
+        average_precision_score(y[:, valid], s[:, valid], average="macro"), abs=1e-12
+    )
     per = metrics.per_class_auroc(y, s)
     assert np.isnan(per[4]) and np.isnan(per[9])
     assert per[0] == pytest.approx(roc_auc_score(y[:, 0], s[:, 0]), abs=1e-12)
@@ -214,6 +233,7 @@ def test_aggregate_records_means_per_record():
 
 # --------------------------------------------------------------- `ecgplat score`
 
+
 def _run_cli(*args):
     from ecgplat.cli import app
 
@@ -229,10 +249,13 @@ def test_score_cli_agrees_with_reference_on_fixture():
     assert seg.exit_code == 0, seg.output
     seg_report = json.loads(seg.output)
     assert list(seg_report) == list(metrics.REPORT_KEYS)
-    assert seg_report["challenge_score"] == pytest.approx(reference_challenge_score(y, p >= 0.5), abs=1e-9)
+    assert seg_report["challenge_score"] == pytest.approx(
+        reference_challenge_score(y, p >= 0.5), abs=1e-9
+    )
     valid = [k for k in range(26) if 0 < y[:, k].sum() < len(y)]
     assert seg_report["auroc_macro"] == pytest.approx(
-        roc_auc_score(y[:, valid], p[:, valid], average="macro"), abs=1e-9)
+        roc_auc_score(y[:, valid], p[:, valid], average="macro"), abs=1e-9
+    )
     assert seg_report["auroc_micro"] == pytest.approx(roc_auc_score(y.ravel(), p.ravel()), abs=1e-9)
 
     rec = _run_cli("score", str(FIXTURE), "--json")  # record level is the default
@@ -241,12 +264,15 @@ def test_score_cli_agrees_with_reference_on_fixture():
     rec_p = p.reshape(30, 2, 26).astype(np.float64).mean(axis=1)  # rows are record-major pairs
     assert (keys[0::2] == keys[1::2]).all()
     assert rec_report["challenge_score"] == pytest.approx(
-        reference_challenge_score(y[0::2], rec_p >= 0.5), abs=1e-9)
+        reference_challenge_score(y[0::2], rec_p >= 0.5), abs=1e-9
+    )
     assert rec_report["per_class"][0]["support"] == int(y[0::2, 0].sum())
     assert rec_report["challenge_score"] != pytest.approx(seg_report["challenge_score"])
 
     table = _run_cli("score", str(FIXTURE))
-    assert table.exit_code == 0 and "challenge_score" in table.output and "CRBBB|RBBB" in table.output
+    assert (
+        table.exit_code == 0 and "challenge_score" in table.output and "CRBBB|RBBB" in table.output
+    )
 
 
 def test_score_cli_rejects_bad_input(tmp_path):

@@ -1,5 +1,6 @@
 """The memory-lean and fused ops of the encoder (training/models/lean_ops.py, the positional
 convolution) against the straightforward PyTorch formulation: forward and gradients."""
+
 import math
 
 import pytest
@@ -17,6 +18,8 @@ from training.models.lean_ops import (
 from training.models.positional import ConvPositionalEmbedding, grouped_conv1d
 
 torch.set_num_threads(1)
+
+
 def test_lean_dropout_and_gelu_linear_match_reference():
     torch.manual_seed(6)
     x = torch.randn(4000, requires_grad=True)
@@ -31,7 +34,8 @@ def test_lean_dropout_and_gelu_linear_match_reference():
     h = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
     for p in (0.0, 0.25):
         assert torch.autograd.gradcheck(
-            lambda t, p=p: (torch.manual_seed(3), gelu_dropout_linear(t, lin, p, True))[1], (h,))
+            lambda t, p=p: (torch.manual_seed(3), gelu_dropout_linear(t, lin, p, True))[1], (h,)
+        )
     for p in (0.0, 0.25):
         torch.manual_seed(11)
         out = gelu_dropout_linear(h, lin, p, True)
@@ -62,7 +66,7 @@ def test_lean_layer_norm_matches_torch():
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b)
     with torch.no_grad():
-        ln.weight[3] = 0.0                     # cannot divide by it: the plain op is used
+        ln.weight[3] = 0.0  # cannot divide by it: the plain op is used
     assert not ln(x).grad_fn.__class__.__name__.startswith("_LayerNormFromOutput")
 
 
@@ -72,7 +76,7 @@ def test_dropout_attention_matches_formula_and_gradcheck():
     allow = torch.ones(2, 1, 1, 7, dtype=torch.bool)
     allow[1, ..., 5:] = False
 
-    def seeded(*qkv):                          # the same dropout mask on every call
+    def seeded(*qkv):  # the same dropout mask on every call
         torch.manual_seed(9)
         return attention(*qkv, allow, 0.2)
 
@@ -105,7 +109,9 @@ def test_packed_attention_matches_formula_and_gradcheck():
 
     out = seeded(qkv)
     q, k, v = qkv.view(bsz, tsz, 3, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
-    probs = torch.softmax((q @ k.transpose(-1, -2) / math.sqrt(hd)).masked_fill(~allow, float("-inf")), -1)
+    probs = torch.softmax(
+        (q @ k.transpose(-1, -2) / math.sqrt(hd)).masked_fill(~allow, float("-inf")), -1
+    )
     torch.manual_seed(9)
     keep = _keep_mask(probs, 0.2)
     ref = ((probs * keep / 0.8) @ v).transpose(1, 2).reshape(bsz, tsz, heads * hd)
@@ -130,15 +136,20 @@ def test_self_attention_fused_projection_matches_separate():
     def heads(t):
         return t.view(2, 5, 4, 4).transpose(1, 2)
 
-    ref = F.scaled_dot_product_attention(heads(attn.q_proj(x)), heads(attn.k_proj(x)), heads(attn.v_proj(x)))
+    ref = F.scaled_dot_product_attention(
+        heads(attn.q_proj(x)), heads(attn.k_proj(x)), heads(attn.v_proj(x))
+    )
     ref = attn.out_proj(ref.transpose(1, 2).reshape(2, 5, 16))
     torch.testing.assert_close(out, ref)
     params = (x, attn.q_proj.weight, attn.k_proj.bias, attn.v_proj.weight)
-    for a, b in zip(torch.autograd.grad(out.square().sum(), params),
-                    torch.autograd.grad(ref.square().sum(), params)):
+    for a, b in zip(
+        torch.autograd.grad(out.square().sum(), params),
+        torch.autograd.grad(ref.square().sum(), params),
+    ):
         torch.testing.assert_close(a, b)
-    assert set(attn.state_dict()) == {f"{n}_proj.{p}" for n in ("q", "k", "v", "out")
-                                      for p in ("weight", "bias")}
+    assert set(attn.state_dict()) == {
+        f"{n}_proj.{p}" for n in ("q", "k", "v", "out") for p in ("weight", "bias")
+    }
 
 
 @pytest.mark.parametrize("kernel,groups", [(5, 2), (4, 2), (128, 16)])
@@ -155,7 +166,9 @@ def test_grouped_conv1d_and_positional_conv_match_torch(kernel, groups):
     out, ref = grouped_conv1d(x, w, b, groups), F.conv1d(x, w, b, groups=groups)
     torch.testing.assert_close(out, ref)
     gy = torch.randn_like(ref)
-    for g1, g2 in zip(torch.autograd.grad(out, (x, w, b), gy), torch.autograd.grad(ref, (x, w, b), gy)):
+    for g1, g2 in zip(
+        torch.autograd.grad(out, (x, w, b), gy), torch.autograd.grad(ref, (x, w, b), gy)
+    ):
         torch.testing.assert_close(g1, g2)
 
     pos = ConvPositionalEmbedding(dim, kernel, groups).double()

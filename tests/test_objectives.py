@@ -28,7 +28,9 @@ torch.set_num_threads(1)
 
 
 def _np_cos(a, b):
-    return (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-8)
+    return (a * b).sum(-1) / np.maximum(
+        np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-8
+    )
 
 
 def _np_logsumexp(v, axis=-1):
@@ -41,7 +43,9 @@ def test_infonce_tiny_case_matches_numpy():
     x = np.array([[[1.0, 0.0], [0.5, 0.5], [-1.0, 2.0]]], dtype=np.float32)
     y = np.array([[[0.8, 0.1], [0.0, 1.0], [-0.3, 0.7]]], dtype=np.float32)
     neg_idx = [[1, 2], [0, 2], [0, 1]]
-    negs = np.stack([y[0, [neg_idx[t][k] for t in range(3)]] for k in range(2)])[:, None]  # (2,1,3,2)
+    negs = np.stack([y[0, [neg_idx[t][k] for t in range(3)]] for k in range(2)])[
+        :, None
+    ]  # (2,1,3,2)
     logits = contrastive_logits(torch.tensor(x), torch.tensor(y), torch.tensor(negs), 0.1)
     assert logits.shape == (3, 1, 3)
     expected = np.empty((3, 3))
@@ -160,11 +164,16 @@ def test_l2_normalize_detached_norm_and_embeddings():
 
 def _net_output(b=4, m=6, f=8, t=10, d=16, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return {"x": torch.randn(b, m, f, generator=g, requires_grad=True),
-            "y": torch.randn(b, m, f, generator=g),
-            "frames": torch.randn(b, t, d, generator=g, requires_grad=True),
-            "features_pen": torch.tensor(0.25), "prob_perplexity": torch.tensor(480.0),
-            "code_perplexity": torch.tensor(300.0), "num_vars": 640, "temp": 1.9}
+    return {
+        "x": torch.randn(b, m, f, generator=g, requires_grad=True),
+        "y": torch.randn(b, m, f, generator=g),
+        "frames": torch.randn(b, t, d, generator=g, requires_grad=True),
+        "features_pen": torch.tensor(0.25),
+        "prob_perplexity": torch.tensor(480.0),
+        "code_perplexity": torch.tensor(300.0),
+        "num_vars": 640,
+        "temp": 1.9,
+    }
 
 
 def test_criterion_combines_terms_with_switches():
@@ -184,13 +193,15 @@ def test_criterion_combines_terms_with_switches():
     assert logs["cmsc_loss"] == pytest.approx(cmsc / math.log(2), rel=1e-6)
     assert logs["prob_perplexity"] == 480.0 and logs["temp"] == pytest.approx(1.9)
 
-    w2v_only, size, logs = PretrainCriterion(cmsc=False)(out, batch,
-                                                         torch.Generator().manual_seed(5))
+    w2v_only, size, logs = PretrainCriterion(cmsc=False)(
+        out, batch, torch.Generator().manual_seed(5)
+    )
     assert size == s and "cmsc_loss" not in logs
     assert w2v_only.item() == pytest.approx(infonce + s * (0.1 * div + 2.5), rel=1e-5)
 
     cmsc_only, size, logs = PretrainCriterion(w2v=False, cmsc_weight=2.0)(
-        {"frames": out["frames"]}, batch)
+        {"frames": out["frames"]}, batch
+    )
     assert size == 4 and cmsc_only.item() == pytest.approx(4 * 2.0 * cmsc, rel=1e-5)
     cmsc_only.backward()
     assert out["frames"].grad is not None and out["frames"].grad.abs().sum() > 0
@@ -201,8 +212,7 @@ def test_criterion_combines_terms_with_switches():
 
 def _gather_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         h_all, seg_all, group_all, owner = _gather_case()
         mine = owner == rank
@@ -216,17 +226,22 @@ def _gather_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 def _gather_case():
     g = torch.Generator().manual_seed(11)
-    h = torch.randn(10, 6, generator=g)                     # 5 pairs
+    h = torch.randn(10, 6, generator=g)  # 5 pairs
     seg = torch.tensor([0, 1] * 5)
-    group = torch.tensor([4, 4, 5, 5, 4, 4, 6, 6, 5, 5])     # groups shared across ranks
-    owner = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 1, 1])     # 2 pairs on rank 0, 3 on rank 1
+    group = torch.tensor([4, 4, 5, 5, 4, 4, 6, 6, 5, 5])  # groups shared across ranks
+    owner = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 1, 1])  # 2 pairs on rank 0, 3 on rank 1
     return h, seg, group, owner
 
 
 def test_cmsc_all_gather_two_process_gloo(tmp_path):
     # fork: the children need not re-import torch (spawn costs ~10 s on a busy 2-core box)
-    mp.start_processes(_gather_worker, args=(2, str(tmp_path / "init"), str(tmp_path)),
-                       nprocs=2, join=True, start_method="fork")
+    mp.start_processes(
+        _gather_worker,
+        args=(2, str(tmp_path / "init"), str(tmp_path)),
+        nprocs=2,
+        join=True,
+        start_method="fork",
+    )
     res = [torch.load(tmp_path / f"r{r}.pt", weights_only=True) for r in range(2)]
     h, seg, group, owner = _gather_case()
     h = h.clone().requires_grad_(True)

@@ -16,7 +16,7 @@ def _reference_step(w, g, m, v, t, lr, b1, b2, eps, wd):
     w = w - lr * wd * w
     m = b1 * m + (1 - b1) * g
     v = b2 * v + (1 - b2) * g * g
-    mhat, vhat = m / (1 - b1 ** t), v / (1 - b2 ** t)
+    mhat, vhat = m / (1 - b1**t), v / (1 - b2**t)
     return w - lr * mhat / (math.sqrt(vhat) + eps), m, v
 
 
@@ -61,26 +61,36 @@ def test_weight_decay_is_decoupled_and_applies_to_every_parameter():
 
 
 def test_tri_stage_schedule_at_stage_boundaries():
-    s = LRSchedule(OptimConfig(lr=1.0, schedule="tri_stage", max_update=100,
-                               phase_ratio=[0.1, 0.2, 0.7], init_lr_scale=0.01,
-                               final_lr_scale=0.01))
-    assert s.lr_at(0) == pytest.approx(0.01)                   # warmup starts at 0.01*lr
-    assert s.lr_at(5) == pytest.approx(0.01 + 0.99 * 5 / 10)   # linear warmup
-    assert s.lr_at(10) == pytest.approx(1.0)                   # hold
+    s = LRSchedule(
+        OptimConfig(
+            lr=1.0,
+            schedule="tri_stage",
+            max_update=100,
+            phase_ratio=[0.1, 0.2, 0.7],
+            init_lr_scale=0.01,
+            final_lr_scale=0.01,
+        )
+    )
+    assert s.lr_at(0) == pytest.approx(0.01)  # warmup starts at 0.01*lr
+    assert s.lr_at(5) == pytest.approx(0.01 + 0.99 * 5 / 10)  # linear warmup
+    assert s.lr_at(10) == pytest.approx(1.0)  # hold
     assert s.lr_at(29) == pytest.approx(1.0)
-    assert s.lr_at(30) == pytest.approx(1.0)                   # decay starts at lr
-    assert s.lr_at(65) == pytest.approx(0.1)                   # half-way: sqrt(0.01)
-    assert s.lr_at(100) == pytest.approx(0.01)                 # end of decay
-    assert s.lr_at(500) == pytest.approx(0.01)                 # constant afterwards
+    assert s.lr_at(30) == pytest.approx(1.0)  # decay starts at lr
+    assert s.lr_at(65) == pytest.approx(0.1)  # half-way: sqrt(0.01)
+    assert s.lr_at(100) == pytest.approx(0.01)  # end of decay
+    assert s.lr_at(500) == pytest.approx(0.01)  # constant afterwards
 
 
 def test_cosine_and_fixed_schedules():
-    c = LRSchedule(OptimConfig(lr=2.0, schedule="cosine", warmup_updates=10, max_update=110,
-                               final_lr_scale=0.0))
-    assert c.lr_at(0) == pytest.approx(0.2)            # (0+1)/10 of the peak
+    c = LRSchedule(
+        OptimConfig(
+            lr=2.0, schedule="cosine", warmup_updates=10, max_update=110, final_lr_scale=0.0
+        )
+    )
+    assert c.lr_at(0) == pytest.approx(0.2)  # (0+1)/10 of the peak
     assert c.lr_at(9) == pytest.approx(2.0)
     assert c.lr_at(10) == pytest.approx(2.0)
-    assert c.lr_at(60) == pytest.approx(1.0)           # cosine midpoint
+    assert c.lr_at(60) == pytest.approx(1.0)  # cosine midpoint
     assert c.lr_at(110) == pytest.approx(0.0, abs=1e-12)
     assert c.lr_at(200) == pytest.approx(0.0, abs=1e-12)
     f = LRSchedule(OptimConfig(lr=5e-5, schedule="fixed"))

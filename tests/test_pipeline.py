@@ -10,8 +10,9 @@ from ingestion.pipeline import ingest
 
 def test_local_cluster_two_workers_equals_in_process(synth_cohort, synth_store, tmp_path):
     store = tmp_path / "store"
-    summary = ingest("cinc2021", synth_cohort, store, workers=2, batch_size=5, progress=False,
-                     max_in_flight=3)
+    summary = ingest(
+        "cinc2021", synth_cohort, store, workers=2, batch_size=5, progress=False, max_in_flight=3
+    )
     assert summary["records"] == 72 and summary["segments"] == 144
     assert summary["patients"] == 24 and summary["rejected"] == {}
     assert summary["bytes_read"] > 72 * 2 * 12 * 5000  # int16 .mat files at least
@@ -20,7 +21,9 @@ def test_local_cluster_two_workers_equals_in_process(synth_cohort, synth_store, 
 
 def test_rerun_is_idempotent_and_resumes_a_limited_run(synth_cohort, synth_store, tmp_path):
     store = tmp_path / "store"
-    first = ingest("cinc2021", synth_cohort, store, workers=0, batch_size=7, limit=30, progress=False)
+    first = ingest(
+        "cinc2021", synth_cohort, store, workers=0, batch_size=7, limit=30, progress=False
+    )
     assert first["records"] == 30
     second = ingest("cinc2021", synth_cohort, store, workers=0, batch_size=11, progress=False)
     assert (second["records"], second["skipped"]) == (42, 30)
@@ -39,7 +42,9 @@ def test_append_second_corpus(samples_dir, tmp_path):
     assert after.n_records == a["records"] + b["records"] and b["records"] > 0
     assert set(after.records["source"]) == {"cinc2021", "ptbxl"}
     # the first corpus is untouched, the second starts right after it
-    np.testing.assert_array_equal(after.read_segments_raw(np.arange(before.n_segments)), segs_before)
+    np.testing.assert_array_equal(
+        after.read_segments_raw(np.arange(before.n_segments)), segs_before
+    )
     ptb = after.select(source="ptbxl")
     assert ptb.min() == before.n_records
     assert after.records["seg_start"][ptb.min()] == before.n_segments
@@ -50,7 +55,10 @@ def test_append_second_corpus(samples_dir, tmp_path):
     # the store is internally consistent: seg ranges tile the segment array
     starts, counts = after.records["seg_start"].to_numpy(), after.records["seg_count"].to_numpy()
     assert starts.tolist() == np.concatenate([[0], np.cumsum(counts)[:-1]]).tolist()
-    assert after.segment_record_index.tolist() == np.repeat(np.arange(after.n_records), counts).tolist()
+    assert (
+        after.segment_record_index.tolist()
+        == np.repeat(np.arange(after.n_records), counts).tolist()
+    )
 
 
 def test_unknown_corpus_and_missing_source(tmp_path):

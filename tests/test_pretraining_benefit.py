@@ -40,19 +40,34 @@ UPDATES = 30
 def cohort(tmp_path_factory) -> dict:
     from ingestion.synth import prepare_synthetic
 
-    return prepare_synthetic(tmp_path_factory.mktemp("benefit"), 300, seed=1,
-                             label_fraction=0.75, valid=0.5)
+    return prepare_synthetic(
+        tmp_path_factory.mktemp("benefit"), 300, seed=1, label_fraction=0.75, valid=0.5
+    )
 
 
 def valid_auroc(cohort: dict, out: Path, init: str, seed: int) -> float:
     """Fine-tune (or train from scratch when init is "none") and return the last validation's
     segment-level macro AUROC."""
     torch.set_num_threads(1)
-    cfg = load_config("diagnosis", [
-        "model.preset=tiny", f"data.shards={cohort['shards']}", f"data.store={cohort['store']}",
-        f"out={out}", f"finetune.init={init}", f"seed={seed}", "data.batch_size=16",
-        "data.num_workers=0", "device=cpu", "optim.lr=1e-3", f"optim.max_update={UPDATES}",
-        "optim.max_epoch=0", "logging.wandb_mode=disabled", "logging.log_interval=1000"])
+    cfg = load_config(
+        "diagnosis",
+        [
+            "model.preset=tiny",
+            f"data.shards={cohort['shards']}",
+            f"data.store={cohort['store']}",
+            f"out={out}",
+            f"finetune.init={init}",
+            f"seed={seed}",
+            "data.batch_size=16",
+            "data.num_workers=0",
+            "device=cpu",
+            "optim.lr=1e-3",
+            f"optim.max_update={UPDATES}",
+            "optim.max_epoch=0",
+            "logging.wandb_mode=disabled",
+            "logging.log_interval=1000",
+        ],
+    )
     summary = train(cfg, DiagnosisTask(cfg))
     assert summary["num_updates"] == UPDATES
     return read_metrics(out, "valid_auroc_macro")[-1]["valid_auroc_macro"]
@@ -88,6 +103,8 @@ def test_pretrained_init_beats_random_init(cohort, tmp_path):
     pretrained = [valid_auroc(cohort, tmp_path / f"pt{s}", str(CHECKPOINT), s) for s in SEEDS]
     scratch = [valid_auroc(cohort, tmp_path / f"rnd{s}", "none", s) for s in SEEDS]
     gaps = np.subtract(pretrained, scratch)
-    print(f"valid macro AUROC, pretrained {np.round(pretrained, 3)} vs random init "
-          f"{np.round(scratch, 3)}: gaps {np.round(gaps, 3)}")
+    print(
+        f"valid macro AUROC, pretrained {np.round(pretrained, 3)} vs random init "
+        f"{np.round(scratch, 3)}: gaps {np.round(gaps, 3)}"
+    )
     assert np.mean(gaps) > 0.04 and (gaps > 0).all(), (pretrained, scratch)

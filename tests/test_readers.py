@@ -15,9 +15,16 @@ from ingestion.conditioning import condition
 from ingestion.corpora import CORPORA, get_corpus
 from ingestion.record import RecordError
 
-CINC = ["chapman_shaoxing/JS00001", "chapman_shaoxing/JS00005", "chapman_shaoxing/JS20000",
-        "chapman_shaoxing/JS20012", "georgia/E07500", "georgia/E07509", "ptbxl/HR06000",
-        "ptbxl/HR06002"]
+CINC = [
+    "chapman_shaoxing/JS00001",
+    "chapman_shaoxing/JS00005",
+    "chapman_shaoxing/JS20000",
+    "chapman_shaoxing/JS20012",
+    "georgia/E07500",
+    "georgia/E07509",
+    "ptbxl/HR06000",
+    "ptbxl/HR06002",
+]
 
 
 def _expected_multihot(codes):
@@ -27,12 +34,13 @@ def _expected_multihot(codes):
 def test_registry():
     assert set(CORPORA) == {"cinc2021", "ptbxl", "wfdb", "cpsc2021"}
     for name, mod in CORPORA.items():
-        assert mod.SOURCE == name and callable(mod.list_records) and callable(mod.read_record)
+        assert name == mod.SOURCE and callable(mod.list_records) and callable(mod.read_record)
     with pytest.raises(ValueError, match="known"):
         get_corpus("mitdb")
 
 
 # --- CinC 2021 --------------------------------------------------------------------------------
+
 
 def test_cinc2021_lists_records(samples_dir):
     assert cinc2021.list_records(samples_dir / "cinc2021") == sorted(CINC)
@@ -50,7 +58,20 @@ def test_cinc2021_matches_independent_read(samples_dir, rel):
     # and wfdb's own reader of the same files
     assert np.allclose(rec.signal, wfdb.rdrecord(str(src / rel)).p_signal.T, atol=1e-6)
     assert rec.signal.dtype == np.float32 and rec.fs == 500.0 and rec.signal.shape == (12, 5000)
-    assert rec.lead_names == ["I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6"]
+    assert rec.lead_names == [
+        "I",
+        "II",
+        "III",
+        "aVR",
+        "aVL",
+        "aVF",
+        "V1",
+        "V2",
+        "V3",
+        "V4",
+        "V5",
+        "V6",
+    ]
     dx = re.search(r"^#\s*Dx:\s*(.*)$", text, re.MULTILINE).group(1).split(",")
     assert rec.codes == dx
     assert np.array_equal(rec.labels, _expected_multihot(dx))
@@ -83,6 +104,7 @@ def test_cinc2021_age_nan_and_patient_line(samples_dir, tmp_path):
 
 # --- PTB-XL -----------------------------------------------------------------------------------
 
+
 def test_ptbxl_matches_csv_and_wfdb(samples_dir):
     src = samples_dir / "ptbxl"
     db = pd.read_csv(src / "ptbxl_database.csv")
@@ -99,7 +121,9 @@ def test_ptbxl_matches_csv_and_wfdb(samples_dir):
         assert rec.sex == ("M" if row["sex"] == 0 else "F") and rec.age == row["age"]
         assert rec.extra["strat_fold"] == row["strat_fold"]
         assert set(rec.codes) == set(eval(row["scp_codes"]))
-        assert [canon.upper() for canon in rec.lead_names] == [n.upper() for n in fields["sig_name"]]
+        assert [canon.upper() for canon in rec.lead_names] == [
+            n.upper() for n in fields["sig_name"]
+        ]
         by_patient.setdefault(rec.patient_id, []).append(rec.record_id)
     assert sorted(len(v) for v in by_patient.values() if len(v) > 1) == [2] * 5
     assert sorted(by_patient["20191"]) == ["00055", "00056"]
@@ -107,7 +131,9 @@ def test_ptbxl_matches_csv_and_wfdb(samples_dir):
 
 def test_ptbxl_labels(samples_dir):
     src = samples_dir / "ptbxl"
-    names = lambda rel: [ABBREVIATIONS[i] for i in np.flatnonzero(ptbxl.read_record(src, rel).labels)]
+    names = lambda rel: [
+        ABBREVIATIONS[i] for i in np.flatnonzero(ptbxl.read_record(src, rel).labels)
+    ]
     assert names("records500/00000/00032_hr") == ["NSR", "RAD"]  # LPFB unmapped, axis RAD
     assert names("records500/00000/00330_hr") == ["AF"]  # NORM is not a rhythm
     assert names("records500/00000/00141_hr") == ["IAVB", "NSR", "TAb"]
@@ -127,6 +153,7 @@ def test_ptbxl_faults(samples_dir, tmp_path):
 
 # --- generic WFDB, CPSC 2021 ------------------------------------------------------------------
 
+
 def test_ptb_diagnostic_15_leads(samples_dir):
     src = samples_dir / "wfdb_misc"
     rec = wfdb_dir.read_record(src, "s0010_re")
@@ -138,6 +165,7 @@ def test_ptb_diagnostic_15_leads(samples_dir):
     assert out.lead_mask.all() and out.segments.shape == (7, 12, 2500)  # 19.2 s at 500 Hz
     # lower-case leads in file order; compare with an independent 1000 -> 500 Hz polyphase
     from scipy.signal import resample_poly
+
     ref500 = resample_poly(ref.p_signal[:, :12].T, 1, 2, axis=1)[:, :2500]
     assert np.abs(out.segments[0] / 1000.0 - ref500).max() <= 0.0006
 
@@ -152,8 +180,9 @@ def test_mitbih_two_leads_and_a103l(samples_dir):
     assert out.segments.shape[0] == 650000 * 500 // 360 // 2500
     a = wfdb_dir.read_record(src, "a103l")  # WFDB '16+24' .mat; PLETH (units NU) dropped
     assert a.lead_names == ["II", "V"] and a.fs == 250.0
-    assert np.allclose(a.signal, wfdb.rdrecord(str(src / "a103l"), channels=[0, 1]).p_signal.T,
-                       atol=1e-6)
+    assert np.allclose(
+        a.signal, wfdb.rdrecord(str(src / "a103l"), channels=[0, 1]).p_signal.T, atol=1e-6
+    )
     assert np.flatnonzero(condition(a).lead_mask).tolist() == [1]  # bare 'V' is not a lead
 
 
@@ -174,6 +203,7 @@ def test_cpsc2021(samples_dir):
 
 
 # --- faults -----------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def cinc_copy(samples_dir, tmp_path):
@@ -230,8 +260,10 @@ def test_wfdb_faults(samples_dir, tmp_path):
     data = (tmp_path / "100.dat").read_bytes()
     (tmp_path / "100.dat").write_bytes(data[:100_000])
     assert "truncated" in _error(wfdb_dir, tmp_path, "100")
-    (tmp_path / "100.hea").write_text("100 2 360 650000\n100.dat 999 200 11 1024 995 0 0 MLII\n"
-                                      "100.dat 999 200 11 1024 1011 0 0 V5\n")
+    (tmp_path / "100.hea").write_text(
+        "100 2 360 650000\n100.dat 999 200 11 1024 995 0 0 MLII\n"
+        "100.dat 999 200 11 1024 1011 0 0 V5\n"
+    )
     assert "unknown format" in _error(wfdb_dir, tmp_path, "100")
     (tmp_path / "100.hea").write_text("garbage\n")
     assert "unparsable header" in _error(wfdb_dir, tmp_path, "100")
@@ -242,16 +274,34 @@ def test_cpsc_bad_name_and_nan(samples_dir, tmp_path):
     # a WFDB record whose samples are the format's invalid value reads back as NaN
     sig = np.zeros((1200, 2))
     sig[100, 0] = np.nan
-    wfdb.wrsamp("data_7_1", fs=200, units=["mV", "mV"], sig_name=["I", "II"], p_signal=sig,
-                fmt=["16", "16"], adc_gain=[1000.0, 1000.0], baseline=[0, 0], write_dir=str(tmp_path))
+    wfdb.wrsamp(
+        "data_7_1",
+        fs=200,
+        units=["mV", "mV"],
+        sig_name=["I", "II"],
+        p_signal=sig,
+        fmt=["16", "16"],
+        adc_gain=[1000.0, 1000.0],
+        baseline=[0, 0],
+        write_dir=str(tmp_path),
+    )
     rec = cpsc2021.read_record(tmp_path, "data_7_1")
     assert rec.patient_id == "7" and np.isnan(rec.signal[0, 100])
     with pytest.raises(RecordError, match="NaN"):
         condition(rec)
     # too short: 6 s record cut to 4 s in the header and the data
     sig = np.random.default_rng(0).normal(size=(800, 2))
-    wfdb.wrsamp("data_7_2", fs=200, units=["mV", "mV"], sig_name=["I", "II"], p_signal=sig,
-                fmt=["16", "16"], adc_gain=[1000.0, 1000.0], baseline=[0, 0], write_dir=str(tmp_path))
+    wfdb.wrsamp(
+        "data_7_2",
+        fs=200,
+        units=["mV", "mV"],
+        sig_name=["I", "II"],
+        p_signal=sig,
+        fmt=["16", "16"],
+        adc_gain=[1000.0, 1000.0],
+        baseline=[0, 0],
+        write_dir=str(tmp_path),
+    )
     with pytest.raises(RecordError, match="too short: 4.00 s"):
         condition(cpsc2021.read_record(tmp_path, "data_7_2"))
 
@@ -266,6 +316,7 @@ def test_record_error_is_one_line_and_survives_pickling():
 
 
 # --- the MATLAB v4 reader against scipy.io.loadmat ----------------------------------------------
+
 
 def test_read_mat4_matches_scipy_on_bundled_files(samples_dir):
     mats = sorted(samples_dir.rglob("*.mat"))

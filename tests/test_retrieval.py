@@ -19,6 +19,7 @@ torch.set_num_threads(1)
 
 # ------------------------------------------------------------------ metrics and index (pure)
 
+
 def _cohort(rng, patients=30, per_patient=3, probes_per=2, dim=32, noise=1.6):
     centres = rng.normal(size=(patients, dim))
     g_lab = np.repeat(np.arange(patients), per_patient)
@@ -54,7 +55,7 @@ def test_rank_k_cmc_and_map_equal_numpy_brute_force():
 def test_metrics_handle_missing_neighbours_and_patients_without_gallery_items():
     rows = np.array([[0, 1, -1], [2, -1, -1]])
     g_lab = np.array([5, 6, 7])
-    p_lab = np.array([6, 9])                        # patient 9 has no gallery item
+    p_lab = np.array([6, 9])  # patient 9 has no gallery item
     assert rank_k(rows, g_lab, p_lab, (1, 2)) == {1: 0.0, 2: 0.5}
     assert mean_average_precision(rows, g_lab, p_lab) == pytest.approx(0.5)  # probe 0 only
 
@@ -65,15 +66,20 @@ def test_index_save_load_round_trip(tmp_path, kind):
     gal, g_lab, prb, _ = _cohort(rng, patients=100, per_patient=4, noise=0.3)
     ids = [f"src/r{i}" for i in range(len(gal))]
     lineage = {"checkpoint_sha256": "ab" * 32, "leads": "I,II"}
-    index = build_index(gal, ids, lineage, kind=kind, labels=[f"p-{x}" for x in g_lab],
-                        sample_queries=prb)
+    index = build_index(
+        gal, ids, lineage, kind=kind, labels=[f"p-{x}" for x in g_lab], sample_queries=prb
+    )
     if kind != "flat":
         assert index.info["recall_at_1"] >= 0.9 and index.info["recall_n"] == len(prb)
     path = index.save(tmp_path / "gallery")
     assert path == tmp_path / "gallery.faiss" and (tmp_path / "gallery.json").is_file()
     loaded = GalleryIndex.load(tmp_path / "gallery")
     assert (loaded.kind, loaded.ids, loaded.labels, loaded.lineage) == (
-        kind, ids, index.labels, lineage)
+        kind,
+        ids,
+        index.labels,
+        lineage,
+    )
     a, b = index.search(prb, 5), loaded.search(prb, 5)
     assert (a[1] == b[1]).all() and np.allclose(a[0], b[0])
 
@@ -94,8 +100,9 @@ def test_large_gallery_options_copy_false_no_recall_sample_and_ivf_max_train(kin
         xb = faiss.rev_swig_ptr(lean.index.get_xb(), gal.size).reshape(gal.shape)
         assert np.array_equal(xb, gal)
     a, b = ref.search(prb, 5), lean.search(prb, 5)
-    assert (a[1][:, 0] == b[1][:, 0]).mean() >= 0.95 and np.allclose(a[0][:, 0], b[0][:, 0],
-                                                                      atol=1e-5)
+    assert (a[1][:, 0] == b[1][:, 0]).mean() >= 0.95 and np.allclose(
+        a[0][:, 0], b[0][:, 0], atol=1e-5
+    )
     with pytest.raises(ValueError, match="float32"):
         build_index(gal.astype(np.float64), ids, kind=kind, copy=False)
     with pytest.raises(ValueError, match="normalised"):
@@ -118,8 +125,9 @@ def test_load_rejects_mismatched_or_missing_files(tmp_path):
 
 
 def test_lineage_mismatch_is_refused_with_a_clear_error():
-    index = build_index(np.eye(3, dtype=np.float32), list("abc"),
-                        {"checkpoint_sha256": "1" * 64, "leads": "I,II"})
+    index = build_index(
+        np.eye(3, dtype=np.float32), list("abc"), {"checkpoint_sha256": "1" * 64, "leads": "I,II"}
+    )
     q = np.eye(3, dtype=np.float32)[:1]
     index.search(q, 1, lineage={"checkpoint_sha256": "1" * 64, "leads": "I,II"})
     with pytest.raises(LineageError, match="checkpoint_sha256"):
@@ -130,13 +138,18 @@ def test_lineage_mismatch_is_refused_with_a_clear_error():
 
 # ------------------------------------------------------------------ store-backed (real store)
 
+
 def _tiny_checkpoint(path, seed):
     from training.models import build_encoder, save_checkpoint
 
     torch.manual_seed(seed)
     enc = build_encoder("tiny")
-    return save_checkpoint(path, kind="pretrain", encoder_config=enc.cfg,
-                           model={f"encoder.{k}": v for k, v in enc.state_dict().items()})
+    return save_checkpoint(
+        path,
+        kind="pretrain",
+        encoder_config=enc.cfg,
+        model={f"encoder.{k}": v for k, v in enc.state_dict().items()},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -167,9 +180,14 @@ def test_embed_writes_unit_embeddings_with_lineage_and_is_idempotent(embedded):
     # record embedding = normalised mean of its segments
     i = 5
     mean = seg.embeddings[seg.record_index == i].mean(0)
-    assert np.allclose(rec.embeddings[rec.record_index == i][0], mean / np.linalg.norm(mean), atol=1e-5)
+    assert np.allclose(
+        rec.embeddings[rec.record_index == i][0], mean / np.linalg.norm(mean), atol=1e-5
+    )
     lin = rec.lineage
-    assert lin["checkpoint_sha256"] == file_sha256(embedded["a"]) and lin["checkpoint_kind"] == "pretrain"
+    assert (
+        lin["checkpoint_sha256"] == file_sha256(embedded["a"])
+        and lin["checkpoint_kind"] == "pretrain"
+    )
     assert lin["leads"] == "I,II,III,aVR,aVL,aVF,V1,V2,V3,V4,V5,V6" and lin["complete"]
     # same checkpoint + leads: no-op, nothing rewritten
     meta = embedded["store"] / "features" / "a" / "zarr.json"
@@ -274,8 +292,9 @@ def test_queries_by_record_and_by_signal_agree(embedded, tmp_path):
     # a gallery record never matches itself
     g_key = store.records["record_key"].iloc[int(store.select(ident_split="gallery")[0])]
     assert g_key not in [m["id"] for m in query_record(index, g_key, k=5)]
-    out = plot_matches(store.record_segments(probe)[0], by_record, tmp_path / "q.png",
-                       str(embedded["store"]))
+    out = plot_matches(
+        store.record_segments(probe)[0], by_record, tmp_path / "q.png", str(embedded["store"])
+    )
     assert out.stat().st_size > 1000
     with pytest.raises(KeyError, match="no record"):
         query_record(index, "cinc2021/NOPE", 3)
@@ -290,14 +309,36 @@ def test_cli_embed_index_evaluate_query(embedded, tmp_path):
     store = str(embedded["store"])
     ok = run(app, ["embed", "--checkpoint", str(embedded["a"]), "--store", store, "--name", "a"])
     assert ok.exit_code == 0 and "already up to date" in ok.output
-    bad = run(app, ["embed", "--checkpoint", str(tmp_path / "none.pt"), "--store", store, "--name", "a"])
+    bad = run(
+        app, ["embed", "--checkpoint", str(tmp_path / "none.pt"), "--store", store, "--name", "a"]
+    )
     assert bad.exit_code != 0 and "no such checkpoint" in bad.output
-    out = run(app, ["index", "build", "--store", store, "--features", "a", "--out",
-                    str(tmp_path / "g"), "--kind", "hnsw"])
+    out = run(
+        app,
+        [
+            "index",
+            "build",
+            "--store",
+            store,
+            "--features",
+            "a",
+            "--out",
+            str(tmp_path / "g"),
+            "--kind",
+            "hnsw",
+        ],
+    )
     assert out.exit_code == 0 and "recall@1" in out.output
     ev = run(app, ["evaluate", "identify", "--store", store, "--features", "a", "--json"])
     assert ev.exit_code == 0
-    assert set(json.loads(ev.output)["record"]) >= {"rank1", "rank5", "rank10", "mAP", "n_gallery", "n_probe"}
+    assert set(json.loads(ev.output)["record"]) >= {
+        "rank1",
+        "rank5",
+        "rank10",
+        "mAP",
+        "n_gallery",
+        "n_probe",
+    }
     missing = run(app, ["evaluate", "identify", "--store", store, "--features", "zzz"])
     assert missing.exit_code != 0 and "no feature set 'zzz'" in missing.output
     q = run(app, ["query", "--index", str(tmp_path / "g.faiss"), "--record", "cinc2021/NOPE"])

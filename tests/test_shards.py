@@ -31,11 +31,15 @@ def test_fixture_shards_round_trip(synth_store, synth_shards):
             assert segs.dtype == np.int16
             np.testing.assert_array_equal(segs, store.record_segments_raw(i))
             row = store.records.iloc[i]
-            assert meta == {"record_key": row["record_key"], "patient_key": row["patient_key"],
-                            "source": row["source"], "split": split,
-                            "labels": store.labels[i].astype(int).tolist(),
-                            "lead_mask": store.lead_masks[i].astype(int).tolist(),
-                            "record_index": int(i)}
+            assert meta == {
+                "record_key": row["record_key"],
+                "patient_key": row["patient_key"],
+                "source": row["source"],
+                "split": split,
+                "labels": store.labels[i].astype(int).tolist(),
+                "lead_mask": store.lead_masks[i].astype(int).tolist(),
+                "record_index": int(i),
+            }
         assert entry["segments"] == int(store.records["seg_count"][idx].sum())
 
 

@@ -25,7 +25,13 @@ def test_random_split_groups_patients_and_hits_fractions():
 
 
 def test_strat_fold_rule():
-    assert strat_fold_split([1, 8, 9, 10, 3]).tolist() == ["train", "train", "valid", "test", "train"]
+    assert strat_fold_split([1, 8, 9, 10, 3]).tolist() == [
+        "train",
+        "train",
+        "valid",
+        "test",
+        "train",
+    ]
     with pytest.raises(ValueError, match="strat_fold"):
         strat_fold_split([1, -1])
 
@@ -33,14 +39,23 @@ def test_strat_fold_rule():
 def test_gallery_probe_rules():
     keys = ["a", "b", "a", "c", "a", "b"]
     assert gallery_probe(keys).tolist() == ["gallery", "gallery", "probe", "", "probe", "probe"]
-    assert gallery_probe(keys, first_two=True).tolist() == ["gallery", "gallery", "probe", "", "", "probe"]
+    assert gallery_probe(keys, first_two=True).tolist() == [
+        "gallery",
+        "gallery",
+        "probe",
+        "",
+        "",
+        "probe",
+    ]
 
 
 def test_fixture_store_splits(synth_store):
     frame = open_store(synth_store).records
     assert set(frame["split"]) == {"train", "valid", "test"}
     assert frame.groupby("patient_key")["split"].nunique().max() == 1
-    assert (frame["ident_split"] == "gallery").sum() == 24 and (frame["ident_split"] == "probe").sum() == 48
+    assert (frame["ident_split"] == "gallery").sum() == 24 and (
+        frame["ident_split"] == "probe"
+    ).sum() == 48
     first = frame.groupby("patient_key").head(1)
     assert (first["ident_split"] == "gallery").all()
 
@@ -57,7 +72,9 @@ def test_split_store_rerun_sources_and_strat_fold(samples_dir, tmp_path):
     out = split_store(store, mode="strat_fold", sources=["ptbxl"], ident=True, ident_first_two=True)
     frame = open_store(store).records
     ptb = frame[~cinc]
-    want = np.where(ptb["strat_fold"] == 10, "test", np.where(ptb["strat_fold"] == 9, "valid", "train"))
+    want = np.where(
+        ptb["strat_fold"] == 10, "test", np.where(ptb["strat_fold"] == 9, "valid", "train")
+    )
     assert ptb["split"].tolist() == want.tolist()
     assert frame["split"][cinc].tolist() == before  # other sources keep their assignment
     counts = ptb.groupby("patient_key").size()

@@ -25,7 +25,9 @@ def test_fixture_store_matches_source_files(synth_cohort, synth_store):
         val = scipy.io.loadmat(synth_cohort / (frame["path"][i] + ".mat"))["val"]
         expected = val[:, :5000].reshape(12, 2, 2500).transpose(1, 0, 2) / 1000.0
         np.testing.assert_allclose(store.record_segments(i), expected, atol=1e-6)
-        assert store.labels[i].tolist() == codes_to_multihot(manifest["records"][i]["codes"]).tolist()
+        assert (
+            store.labels[i].tolist() == codes_to_multihot(manifest["records"][i]["codes"]).tolist()
+        )
     assert store.segment_record_index.tolist() == np.repeat(np.arange(72), 2).tolist()
     assert store.segment_number.tolist() == [0, 1] * 72
     assert store.lead_masks.all()
@@ -52,19 +54,23 @@ def test_select_filters(synth_store):
     store = open_store(synth_store)
     frame = store.records
     for split in ("train", "valid", "test"):
-        assert store.select(split=split).tolist() == np.flatnonzero(frame["split"] == split).tolist()
+        assert (
+            store.select(split=split).tolist() == np.flatnonzero(frame["split"] == split).tolist()
+        )
     pk = frame["patient_key"][4]
     assert store.select(patient_key=pk).tolist() == [3, 4, 5]
     both = store.select(split=["valid", "test"], ident_split="gallery")
-    assert set(both) == set(np.flatnonzero(frame["split"].isin(["valid", "test"])
-                                           & (frame["ident_split"] == "gallery")))
+    assert set(both) == set(
+        np.flatnonzero(frame["split"].isin(["valid", "test"]) & (frame["ident_split"] == "gallery"))
+    )
 
 
 def test_open_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path)):
         open_store(tmp_path)
-    (tmp_path / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group",
-                                                    "attributes": {}}))
+    (tmp_path / "zarr.json").write_text(
+        json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}})
+    )
     with pytest.raises(ValueError, match="schema version"):
         open_store(tmp_path)
 
@@ -103,15 +109,24 @@ def test_file_names_with_patient_ids_are_redacted(samples_dir, tmp_path):
 
 # --- the segments array written as shard files from worker-encoded chunks ----------------------
 
+
 def _fake_batch(seq, counts, rng, prefix="r"):
     """A RecordBatch of len(counts) records with counts[i] random segments each."""
     from ingestion.conditioning import ConditionedRecord
     from ingestion.writer import pack_batch
 
-    recs = [ConditionedRecord(segments=rng.integers(-3000, 3000, (n, 12, 2500)).astype(np.int16),
-                              lead_mask=np.ones(12, bool), n_samples_original=2500 * n,
-                              fs_original=500.0, source="wfdb", record_id=f"{prefix}{seq}_{i}",
-                              path=f"{prefix}{seq}_{i}") for i, n in enumerate(counts)]
+    recs = [
+        ConditionedRecord(
+            segments=rng.integers(-3000, 3000, (n, 12, 2500)).astype(np.int16),
+            lead_mask=np.ones(12, bool),
+            n_samples_original=2500 * n,
+            fs_original=500.0,
+            source="wfdb",
+            record_id=f"{prefix}{seq}_{i}",
+            path=f"{prefix}{seq}_{i}",
+        )
+        for i, n in enumerate(counts)
+    ]
     recs[0].segments[0] = 0  # an all-zero segment (zarr itself would not store such a chunk)
     return pack_batch(seq, recs, [], b"k" * 32), np.concatenate([r.segments for r in recs])
 
@@ -121,8 +136,14 @@ def test_direct_shard_writes_read_back_across_commits_and_reopens(tmp_path):
 
     rng = np.random.default_rng(1)
     store, expected = tmp_path / "s", []
-    plan = [([3, 1], True), ([30, 40], False), ([1], True), ([64, 2], True), ([5], "reopen"),
-            ([60, 60], "crash")]
+    plan = [
+        ([3, 1], True),
+        ([30, 40], False),
+        ([1], True),
+        ([64, 2], True),
+        ([5], "reopen"),
+        ([60, 60], "crash"),
+    ]
     w = StoreWriter(store)
     for seq, (counts, action) in enumerate(plan):
         batch, segs = _fake_batch(seq, counts, rng)
@@ -169,5 +190,6 @@ def test_store_with_an_older_segment_layout_is_appended_through_zarr(tmp_path, m
         w.append(batch)
         w.commit()
     reader = open_store(tmp_path / "s")
-    np.testing.assert_array_equal(reader.read_segments_raw(np.arange(9)),
-                                  np.concatenate([first, second]))
+    np.testing.assert_array_equal(
+        reader.read_segments_raw(np.arange(9)), np.concatenate([first, second])
+    )

@@ -27,7 +27,7 @@ def r_peaks(x: np.ndarray) -> np.ndarray:
 def template(x: np.ndarray, before=0.4, after=0.5) -> np.ndarray:
     """Average beat (12, samples) aligned on detected R peaks."""
     b, a = int(before * FS), int(after * FS)
-    beats = [x[:, p - b:p + a] for p in r_peaks(x) if b <= p < x.shape[1] - a]
+    beats = [x[:, p - b : p + a] for p in r_peaks(x) if b <= p < x.shape[1] - a]
     return np.mean(beats, axis=0)
 
 
@@ -58,7 +58,9 @@ def test_files_reread_by_the_cinc2021_reader(plain):
         assert [ABBREVIATIONS[i] for i in np.flatnonzero(rec.labels)] == ["NSR"]
         assert rec.signal.shape == (12, 5000) and rec.fs == 500
         assert np.allclose(rec.signal, _load(root, entry["path"]), atol=1e-6)
-        assert np.allclose(rec.signal, wfdb.rdrecord(str(root / entry["path"])).p_signal.T, atol=1e-6)
+        assert np.allclose(
+            rec.signal, wfdb.rdrecord(str(root / entry["path"])).p_signal.T, atol=1e-6
+        )
         assert rec.sex in ("M", "F") and 18 <= rec.age < 90
     hea = (root / "g1" / "S000001.hea").read_text().splitlines()
     assert hea[0] == "S000001 12 500 5000"
@@ -80,9 +82,11 @@ def test_leads_are_consistent(plain):
 
 def shift_corr(a: np.ndarray, b: np.ndarray, max_lag: int = 25) -> float:
     """Best Pearson correlation of two templates over shifts of +-50 ms (R-peak jitter)."""
-    core = b[:, max_lag:b.shape[1] - max_lag].ravel()
-    return max(np.corrcoef(a[:, max_lag + k:a.shape[1] - max_lag + k].ravel(), core)[0, 1]
-               for k in range(-max_lag, max_lag + 1, 2))
+    core = b[:, max_lag : b.shape[1] - max_lag].ravel()
+    return max(
+        np.corrcoef(a[:, max_lag + k : a.shape[1] - max_lag + k].ravel(), core)[0, 1]
+        for k in range(-max_lag, max_lag + 1, 2)
+    )
 
 
 def test_records_of_a_patient_resemble_each_other(plain):
@@ -126,7 +130,7 @@ def _qrs_onset_end(t: np.ndarray, r: int) -> tuple[int, int]:
     30% of its peak."""
     e = np.abs(sosfiltfilt(_QRS_BAND, t, axis=1)).sum(0)
     lo = r - 40  # 80 ms: the P wave ends earlier even with a short PR
-    above = lo + np.flatnonzero(e[lo:r + 90] > 0.3 * e[lo:r + 90].max())
+    above = lo + np.flatnonzero(e[lo : r + 90] > 0.3 * e[lo : r + 90].max())
     return int(above.min()), int(above.max())
 
 
@@ -134,7 +138,7 @@ def _p_to_qrs(t: np.ndarray, r: int) -> float:
     """Seconds from the P-wave peak (largest bump before the QRS, all leads) to QRS onset."""
     onset, _ = _qrs_onset_end(t, r)
     pre = t[:, : onset - 10] - np.median(t[:, : onset - 10], axis=1, keepdims=True)
-    energy = np.convolve((pre ** 2).sum(0), np.ones(15) / 15, "same")
+    energy = np.convolve((pre**2).sum(0), np.ones(15) / 15, "same")
     return (onset - int(np.argmax(energy))) / FS
 
 
@@ -146,8 +150,10 @@ def test_morphology_labels_match_the_signal(seed, monkeypatch):
     r = int(0.4 * FS)
     for p in range(4):
         patient = make_patient(np.random.default_rng([seed, p]))
-        beat = {k: template(synth_record(patient, rng, k)[0])
-                for k in (None, "TInv", "IAVB", "CRBBB", "CLBBB")}
+        beat = {
+            k: template(synth_record(patient, rng, k)[0])
+            for k in (None, "TInv", "IAVB", "CRBBB", "CLBBB")
+        }
         normal = beat[None]
         # TInv: the T wave flips sign relative to the same patient's normal beat
         t_seg = slice(r + 60, r + 240)
@@ -165,11 +171,21 @@ def test_deterministic_and_never_overwrites(tmp_path, monkeypatch):
     a = write_cohort(tmp_path / "a", 3, 2, seconds=6, seed=9)
     write_cohort(tmp_path / "b", 3, 2, seconds=6, seed=9)
     write_cohort(tmp_path / "c", 3, 2, seconds=6, seed=10)
-    assert [r["path"] for r in a["records"]] == ["g1/S000001", "g1/S000002", "g1/S000003",
-                                                  "g1/S000004", "g2/S000005", "g2/S000006"]
+    assert [r["path"] for r in a["records"]] == [
+        "g1/S000001",
+        "g1/S000002",
+        "g1/S000003",
+        "g1/S000004",
+        "g2/S000005",
+        "g2/S000006",
+    ]
     for rel in ("g1/S000001", "g2/S000006"):
-        assert (tmp_path / "a" / f"{rel}.mat").read_bytes() == (tmp_path / "b" / f"{rel}.mat").read_bytes()
-        assert (tmp_path / "a" / f"{rel}.mat").read_bytes() != (tmp_path / "c" / f"{rel}.mat").read_bytes()
+        assert (tmp_path / "a" / f"{rel}.mat").read_bytes() == (
+            tmp_path / "b" / f"{rel}.mat"
+        ).read_bytes()
+        assert (tmp_path / "a" / f"{rel}.mat").read_bytes() != (
+            tmp_path / "c" / f"{rel}.mat"
+        ).read_bytes()
     assert _load(tmp_path / "a", "g1/S000001").shape == (12, 3000)
     before = (tmp_path / "a" / "g1" / "S000001.mat").read_bytes()
     with pytest.raises(FileExistsError, match="not empty"):

@@ -27,12 +27,26 @@ def _all_bytes(root):
 
 
 def test_sanitize_drops_and_redacts_patient_keys():
-    clean = sanitize({KEY: 1.0, "loss": 2.0, "note": f"worst {KEY} here", "who": KEY,
-                      "nested": {"list": [KEY, "ok"], f"{KEY}_acc": 3}})
-    assert clean == {"loss": 2.0, "note": f"worst {REDACTED} here", "who": REDACTED,
-                     "nested": {"list": [REDACTED, "ok"]}}
-    assert sanitize({"top-1": 0.5, "pp-abc": 1, "group": "cpu-1"}) == \
-        {"top-1": 0.5, "pp-abc": 1, "group": "cpu-1"}
+    clean = sanitize(
+        {
+            KEY: 1.0,
+            "loss": 2.0,
+            "note": f"worst {KEY} here",
+            "who": KEY,
+            "nested": {"list": [KEY, "ok"], f"{KEY}_acc": 3},
+        }
+    )
+    assert clean == {
+        "loss": 2.0,
+        "note": f"worst {REDACTED} here",
+        "who": REDACTED,
+        "nested": {"list": [REDACTED, "ok"]},
+    }
+    assert sanitize({"top-1": 0.5, "pp-abc": 1, "group": "cpu-1"}) == {
+        "top-1": 0.5,
+        "pp-abc": 1,
+        "group": "cpu-1",
+    }
 
 
 def test_offline_run_writes_files_without_patient_keys(tmp_path):
@@ -64,8 +78,12 @@ def test_disabled_mode_and_resume_truncation(tmp_path):
     with Tracker(run, mode="disabled", resume=True, console=False) as t:
         t.truncate_after(3)
         t.log({"loss": 40.0}, step=4)
-    assert [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()] \
-        == [1.0, 2.0, 3.0, 40.0]
+    assert [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [
+        1.0,
+        2.0,
+        3.0,
+        40.0,
+    ]
     record = log_metrics(run, {"accuracy": 0.9, "probe": KEY}, mode="disabled")
     assert record["accuracy"] == 0.9 and record["probe"] == REDACTED
     assert json.loads((run / "summary.json").read_text())["probe"] == REDACTED

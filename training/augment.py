@@ -30,8 +30,7 @@ class RandomLeadMasking:
     """`rlm(x, lead_mask, rng) -> (x_masked, lead_mask_out)` for x float (N, 12, T), lead_mask
     bool (N, 12) and a `numpy.random.Generator`; inputs are not modified."""
 
-    def __init__(self, mode: str = "random", prob: float = 0.5,
-                 condition: Sequence[int] = (4, 5)):
+    def __init__(self, mode: str = "random", prob: float = 0.5, condition: Sequence[int] = (4, 5)):
         if mode not in ("random", "conditional"):
             raise ValueError(f"rlm_mode: '{mode}' is not one of random, conditional")
         if not 0.0 <= prob <= 1.0:
@@ -52,8 +51,9 @@ class RandomLeadMasking:
             drop[i, rng.choice(CHEST, size=n2, replace=False)] = True
         return drop
 
-    def __call__(self, x: np.ndarray, lead_mask: np.ndarray,
-                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(
+        self, x: np.ndarray, lead_mask: np.ndarray, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
         if x.ndim != 3 or x.shape[1] != N_LEADS:
             raise ValueError(f"RLM expects (N, 12, T) segments, got shape {tuple(x.shape)}")
         keep = np.asarray(lead_mask, dtype=bool) & ~self.drop_mask(x.shape[0], rng)

@@ -85,8 +85,10 @@ def read_info(base: str) -> dict | None:
 
 def _split_entry(info: dict, split: str, where: str) -> dict:
     if split not in info:
-        raise ValueError(f"{where}: no split '{split}' in {INFO_FILE} "
-                         f"(has: {', '.join(sorted(info)) or 'nothing'})")
+        raise ValueError(
+            f"{where}: no split '{split}' in {INFO_FILE} "
+            f"(has: {', '.join(sorted(info)) or 'nothing'})"
+        )
     return info[split]
 
 
@@ -107,8 +109,11 @@ def shard_set(shards: str | Path, split: str) -> ShardSet:
             by_name = {_shard_file(s): s for s in info[split]["shards"]}
             names = [u.rsplit("/", 1)[-1] for u in urls]
             if all(n in by_name for n in names):
-                return ShardSet(urls, sum(by_name[n]["samples"] for n in names),
-                                sum(by_name[n].get("segments", 0) for n in names) or None)
+                return ShardSet(
+                    urls,
+                    sum(by_name[n]["samples"] for n in names),
+                    sum(by_name[n].get("segments", 0) for n in names) or None,
+                )
         return ShardSet(urls)
     info = read_info(src)
     if info is None:
@@ -170,16 +175,19 @@ def iter_records(url: str) -> Iterator[tuple[str, np.ndarray, dict]]:
 def _decode(url: str, sample: dict) -> tuple[str, np.ndarray, dict]:
     key = sample["__key__"]
     if "seg.npy" not in sample or "meta.json" not in sample:
-        raise ShardError(f"{url}: sample {key}: needs seg.npy and meta.json, "
-                         f"has {sorted(k for k in sample if not k.startswith('__'))}")
+        raise ShardError(
+            f"{url}: sample {key}: needs seg.npy and meta.json, "
+            f"has {sorted(k for k in sample if not k.startswith('__'))}"
+        )
     try:
         segs = np.load(io.BytesIO(sample["seg.npy"]), allow_pickle=False)
         meta = json.loads(sample["meta.json"])
     except (ValueError, OSError, EOFError) as e:
         raise ShardError(f"{url}: sample {key}: cannot decode ({e})") from None
     if segs.dtype != np.int16 or segs.ndim != 3 or segs.shape[1] != len(LEADS):
-        raise ShardError(f"{url}: sample {key}: seg.npy must be int16 (S, 12, T), "
-                         f"got {segs.dtype} {segs.shape}")
+        raise ShardError(
+            f"{url}: sample {key}: seg.npy must be int16 (S, 12, T), got {segs.dtype} {segs.shape}"
+        )
     missing = [f for f in META_FIELDS if f not in meta]
     if missing:
         raise ShardError(f"{url}: sample {key}: meta.json lacks {', '.join(missing)}")
@@ -191,15 +199,15 @@ class Unit:
     """One training item: a pair (segments (2, 12, T)) or a single segment ((1, 12, T))."""
 
     segments: np.ndarray
-    first: int                   # index of the first segment within its record
+    first: int  # index of the first segment within its record
     meta: dict = field(repr=False)
 
 
 def record_units(segs: np.ndarray, meta: dict, mode: str) -> list[Unit]:
     """CMSC pairs (0,1), (2,3), ... (an odd last segment dropped) or every single segment."""
     if mode == "pairs":
-        return [Unit(segs[i:i + 2], i, meta) for i in range(0, segs.shape[0] - 1, 2)]
-    return [Unit(segs[i:i + 1], i, meta) for i in range(segs.shape[0])]
+        return [Unit(segs[i : i + 2], i, meta) for i in range(0, segs.shape[0] - 1, 2)]
+    return [Unit(segs[i : i + 1], i, meta) for i in range(segs.shape[0])]
 
 
 # --- the stream ----------------------------------------------------------------------------
@@ -224,8 +232,9 @@ class StreamSpec:
 class ShardStream(torch.utils.data.IterableDataset):
     """Batches of one rank for one epoch; each DataLoader worker produces every nw-th batch."""
 
-    def __init__(self, spec: StreamSpec, rank: int = 0, world: int = 1, epoch: int = 0,
-                 start_batch: int = 0):
+    def __init__(
+        self, spec: StreamSpec, rank: int = 0, world: int = 1, epoch: int = 0, start_batch: int = 0
+    ):
         super().__init__()
         if spec.mode not in MODES:
             raise ValueError(f"stream mode '{spec.mode}' is not one of {', '.join(MODES)}")
@@ -240,8 +249,10 @@ class ShardStream(torch.utils.data.IterableDataset):
             return int(self.spec.epoch_batches)
         units = self.spec.shards.units(self.spec.mode)
         if units is None:
-            raise ValueError("cannot size the epoch: the shard source lists no sample counts "
-                             "(no _info.json); set data.epoch_batches")
+            raise ValueError(
+                "cannot size the epoch: the shard source lists no sample counts "
+                "(no _info.json); set data.epoch_batches"
+            )
         return max(1, units // (self.world * self.spec.batch_size))
 
     # units of one slot, one pass over its share
@@ -276,9 +287,11 @@ class ShardStream(torch.utils.data.IterableDataset):
                 produced = True
                 yield unit
             if not produced:
-                raise ValueError(f"rank {self.rank}: no training units in its share of "
-                                 f"{len(self.spec.shards.urls)} shard(s) (records shorter than "
-                                 "10 s give no pairs; fewer records than ranks x workers?)")
+                raise ValueError(
+                    f"rank {self.rank}: no training units in its share of "
+                    f"{len(self.spec.shards.urls)} shard(s) (records shorter than "
+                    "10 s give no pairs; fewer records than ranks x workers?)"
+                )
             pass_index += 1
 
     def __iter__(self) -> Iterator[dict]:
@@ -300,11 +313,12 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def assemble(self, units: list[Unit], index: int) -> dict:
         """The batch dict of `units` (batch number `index` of this rank's epoch)."""
-        segs = np.concatenate([u.segments for u in units])           # int16 µV
+        segs = np.concatenate([u.segments for u in units])  # int16 µV
         x = to_millivolts(segs)
         per_unit = [u.segments.shape[0] for u in units]
-        masks = np.repeat(np.array([u.meta["lead_mask"] for u in units], dtype=bool),
-                          per_unit, axis=0)
+        masks = np.repeat(
+            np.array([u.meta["lead_mask"] for u in units], dtype=bool), per_unit, axis=0
+        )
         if len(self.spec.leads) < len(LEADS):
             x = apply_lead_subset(x, self.spec.leads)
             masks &= lead_mask(self.spec.leads)
@@ -312,14 +326,17 @@ class ShardStream(torch.utils.data.IterableDataset):
             rng = np.random.default_rng([self.spec.seed, self.epoch, self.rank, index, 0x5A])
             x, masks = self.spec.rlm(x, masks, rng)
         record_index = np.repeat([int(u.meta["record_index"]) for u in units], per_unit)
-        batch = {"source": torch.from_numpy(np.ascontiguousarray(x)),
-                 "lead_mask": torch.from_numpy(masks),
-                 "record_index": torch.from_numpy(record_index.astype(np.int64))}
+        batch = {
+            "source": torch.from_numpy(np.ascontiguousarray(x)),
+            "lead_mask": torch.from_numpy(masks),
+            "record_index": torch.from_numpy(record_index.astype(np.int64)),
+        }
         if self.spec.mode == "pairs":
             keys = [u.meta.get("patient_key") or u.meta["record_key"] for u in units]
             batch["segment"] = torch.tensor([0, 1] * len(units), dtype=torch.long)
-            batch["group"] = torch.tensor(np.repeat([group_id(k) for k in keys], 2),
-                                          dtype=torch.long)
+            batch["group"] = torch.tensor(
+                np.repeat([group_id(k) for k in keys], 2), dtype=torch.long
+            )
         else:
             batch["labels"] = torch.tensor([u.meta["labels"] for u in units], dtype=torch.float32)
             batch["patient_key"] = [u.meta["patient_key"] for u in units]
@@ -336,8 +353,9 @@ class BatchStream:
     `num_workers` processes. `batches_consumed` counts batches handed out (resume position);
     `len()` is the number of batches left (training streams)."""
 
-    def __init__(self, spec: StreamSpec, rank: int = 0, world: int = 1, epoch: int = 0,
-                 num_workers: int = 0):
+    def __init__(
+        self, spec: StreamSpec, rank: int = 0, world: int = 1, epoch: int = 0, num_workers: int = 0
+    ):
         self.spec, self.rank, self.world, self.epoch = spec, rank, world, epoch
         self.num_workers = num_workers
         self.dataset = ShardStream(spec, rank, world, epoch)
@@ -356,8 +374,11 @@ class BatchStream:
 
     def __iter__(self) -> Iterator[dict]:
         loader = torch.utils.data.DataLoader(
-            self.dataset, batch_size=None, num_workers=self.num_workers,
-            worker_init_fn=_worker_init if self.num_workers else None)
+            self.dataset,
+            batch_size=None,
+            num_workers=self.num_workers,
+            worker_init_fn=_worker_init if self.num_workers else None,
+        )
         try:
             for batch in loader:
                 self.batches_consumed += 1
@@ -368,14 +389,26 @@ class BatchStream:
             raise ShardError(last.split("ShardError: ", 1)[-1]) from None
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches_consumed": self.batches_consumed,
-                "rank": self.rank, "world": self.world, "num_workers": self.num_workers,
-                "seed": self.spec.seed}
+        return {
+            "epoch": self.epoch,
+            "batches_consumed": self.batches_consumed,
+            "rank": self.rank,
+            "world": self.world,
+            "num_workers": self.num_workers,
+            "seed": self.spec.seed,
+        }
 
 
-def stream_from_config(cfg, mode: str, rank: int = 0, world: int = 1, epoch: int = 0,
-                       split: str | None = None, train: bool = True,
-                       exclude_record_keys: frozenset[str] | None = None) -> BatchStream:
+def stream_from_config(
+    cfg,
+    mode: str,
+    rank: int = 0,
+    world: int = 1,
+    epoch: int = 0,
+    split: str | None = None,
+    train: bool = True,
+    exclude_record_keys: frozenset[str] | None = None,
+) -> BatchStream:
     """A BatchStream from a RunConfig: `cfg.data.shards`, the split (default
     `cfg.data.train_split`), `batch_size`, `num_workers`, `shuffle_buffer`, `leads`, RLM
     options and `epoch_batches`, seeded by `cfg.seed`; without the records of
@@ -384,9 +417,15 @@ def stream_from_config(cfg, mode: str, rank: int = 0, world: int = 1, epoch: int
     if not d.shards:
         raise ValueError("data.shards is not set (pass --shards DIR)")
     spec = StreamSpec(
-        shards=shard_set(d.shards, split or d.train_split), mode=mode,
-        batch_size=int(d.batch_size), seed=int(cfg.seed), shuffle_buffer=int(d.shuffle_buffer),
-        train=train, rlm=RandomLeadMasking.from_config(d) if train else None,
-        leads=parse_leads(d.leads), epoch_batches=d.epoch_batches,
-        exclude_record_keys=exclude_record_keys)
+        shards=shard_set(d.shards, split or d.train_split),
+        mode=mode,
+        batch_size=int(d.batch_size),
+        seed=int(cfg.seed),
+        shuffle_buffer=int(d.shuffle_buffer),
+        train=train,
+        rlm=RandomLeadMasking.from_config(d) if train else None,
+        leads=parse_leads(d.leads),
+        epoch_batches=d.epoch_batches,
+        exclude_record_keys=exclude_record_keys,
+    )
     return BatchStream(spec, rank, world, epoch, int(d.num_workers))

@@ -31,7 +31,7 @@ class DistInfo:
 
 
 def pick_device(pref: str = "auto", local_rank: int = 0) -> torch.device:
-    """"cuda" if asked for or ("auto" and available), else "cpu"."""
+    """ "cuda" if asked for or ("auto" and available), else "cpu"."""
     if pref == "cuda" or (pref == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise RuntimeError("device=cuda requested but CUDA is not available")
@@ -50,8 +50,9 @@ def setup(device_pref: str = "auto") -> DistInfo:
     if world > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                rank=rank, world_size=world)
+        dist.init_process_group(
+            backend="nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world
+        )
     return DistInfo(rank=rank, world=world, local_rank=local_rank, device=device)
 
 
@@ -80,8 +81,9 @@ def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return tensor
 
 
-def all_reduce_floats(values: list[float], device: torch.device | str = "cpu",
-                      op: str = "sum") -> list[float]:
+def all_reduce_floats(
+    values: list[float], device: torch.device | str = "cpu", op: str = "sum"
+) -> list[float]:
     """All-reduce a short list of python numbers (float64 on the wire)."""
     t = torch.tensor(values, dtype=torch.float64, device=device)
     return all_reduce(t, op).tolist()

@@ -41,17 +41,22 @@ class EvaluationError(Exception):
 
 @dataclass
 class Predictions:
-    probabilities: np.ndarray    # (N, C) float32, sigmoid outputs
-    labels: np.ndarray           # (N, C) bool
-    record_index: np.ndarray     # (N,) int64 store record index
-    segment_index: np.ndarray    # (N,) int64 segment number within its record
+    probabilities: np.ndarray  # (N, C) float32, sigmoid outputs
+    labels: np.ndarray  # (N, C) bool
+    record_index: np.ndarray  # (N,) int64 store record index
+    segment_index: np.ndarray  # (N,) int64 segment number within its record
 
 
 # --------------------------------------------------------------------------- inference
 
-def store_batches(store, records: Iterable[int], leads: tuple[int, ...] = tuple(range(12)),
-                  batch_size: int = 64, on_record: Callable[[], None] | None = None
-                  ) -> Iterator[dict]:
+
+def store_batches(
+    store,
+    records: Iterable[int],
+    leads: tuple[int, ...] = tuple(range(12)),
+    batch_size: int = 64,
+    on_record: Callable[[], None] | None = None,
+) -> Iterator[dict]:
     """Single-segment batches (the `training.data` evaluation form) of the given store records,
     in order: source (B, 12, T) float32 mV with the leads outside `leads` zero-filled,
     lead_mask (B, 12) bool, labels (B, C) float32, record_index, segment_index (B,) int64.
@@ -73,25 +78,33 @@ def store_batches(store, records: Iterable[int], leads: tuple[int, ...] = tuple(
         rec = seg_record[rows]
         if len(leads) < len(LEADS):
             x = apply_lead_subset(x, leads)
-        yield {"source": torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)),
-               "lead_mask": torch.from_numpy(masks[rec] & keep),
-               "labels": torch.from_numpy(labels[rec].astype(np.float32)),
-               "record_index": torch.from_numpy(rec.copy()),
-               "segment_index": torch.from_numpy(seg_number[rows].astype(np.int64))}
+        yield {
+            "source": torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)),
+            "lead_mask": torch.from_numpy(masks[rec] & keep),
+            "labels": torch.from_numpy(labels[rec].astype(np.float32)),
+            "record_index": torch.from_numpy(rec.copy()),
+            "segment_index": torch.from_numpy(seg_number[rows].astype(np.int64)),
+        }
         if on_record is not None:
             for _ in range(int(np.sum((last_of_record >= b) & (last_of_record < b + batch_size)))):
                 on_record()
 
 
-def predict_lead_sets(model: torch.nn.Module, batches: Iterable[dict],
-                      lead_sets: dict[str, tuple[int, ...] | None]) -> dict[str, Predictions]:
+def predict_lead_sets(
+    model: torch.nn.Module, batches: Iterable[dict], lead_sets: dict[str, tuple[int, ...] | None]
+) -> dict[str, Predictions]:
     """Sigmoid outputs of `model` (a DiagnosisModel, already in eval mode) for every batch and
     every lead set (None = the batch as given; else the leads outside the set zero-filled, in
     addition to what the batch already zeroes). Each batch is read once."""
     device = next(model.parameters()).device
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else contextlib.nullcontext())
-    out: dict[str, dict[str, list]] = {name: {"p": [], "y": [], "r": [], "s": []} for name in lead_sets}
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.type == "cuda"
+        else contextlib.nullcontext()
+    )
+    out: dict[str, dict[str, list]] = {
+        name: {"p": [], "y": [], "r": [], "s": []} for name in lead_sets
+    }
     with torch.no_grad():
         for batch in batches:
             x, mask = batch["source"], batch["lead_mask"].bool()
@@ -112,12 +125,19 @@ def predict_lead_sets(model: torch.nn.Module, batches: Iterable[dict],
     for name, acc in out.items():
         if not acc["p"]:
             n = model.num_classes
-            result[name] = Predictions(np.zeros((0, n), np.float32), np.zeros((0, n), bool),
-                                       np.zeros(0, np.int64), np.zeros(0, np.int64))
+            result[name] = Predictions(
+                np.zeros((0, n), np.float32),
+                np.zeros((0, n), bool),
+                np.zeros(0, np.int64),
+                np.zeros(0, np.int64),
+            )
             continue
-        result[name] = Predictions(np.concatenate(acc["p"]).astype(np.float32),
-                                   np.concatenate(acc["y"]), np.concatenate(acc["r"]).astype(np.int64),
-                                   np.concatenate(acc["s"]).astype(np.int64))
+        result[name] = Predictions(
+            np.concatenate(acc["p"]).astype(np.float32),
+            np.concatenate(acc["y"]),
+            np.concatenate(acc["r"]).astype(np.int64),
+            np.concatenate(acc["s"]).astype(np.int64),
+        )
     return result
 
 
@@ -129,8 +149,10 @@ def predict(model: torch.nn.Module, batches: Iterable[dict]) -> Predictions:
 def reports(pred: Predictions, threshold: float = 0.5) -> dict[str, dict]:
     """{"segment": report, "record": report} (record: probabilities averaged per record)."""
     _, rec_p, rec_y = aggregate_records(pred.probabilities, pred.record_index, pred.labels)
-    return {"segment": classification_report(pred.labels, pred.probabilities, threshold),
-            "record": classification_report(rec_y, rec_p, threshold)}
+    return {
+        "segment": classification_report(pred.labels, pred.probabilities, threshold),
+        "record": classification_report(rec_y, rec_p, threshold),
+    }
 
 
 def flat_metrics(level_reports: dict[str, dict]) -> dict[str, float]:
@@ -148,6 +170,7 @@ def flat_metrics(level_reports: dict[str, dict]) -> dict[str, float]:
 
 # --------------------------------------------------------------------------- files and plots
 
+
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     write(tmp)
@@ -157,9 +180,15 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 def save_predictions(path: Path, pred: Predictions, record_keys: np.ndarray) -> None:
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as fh:
-            np.savez(fh, labels=pred.labels, probabilities=pred.probabilities,
-                     record_keys=np.asarray(record_keys[pred.record_index], dtype=str),
-                     record_index=pred.record_index, segment_index=pred.segment_index)
+            np.savez(
+                fh,
+                labels=pred.labels,
+                probabilities=pred.probabilities,
+                record_keys=np.asarray(record_keys[pred.record_index], dtype=str),
+                record_index=pred.record_index,
+                segment_index=pred.segment_index,
+            )
+
     _atomic_write(path, write)
 
 
@@ -184,8 +213,13 @@ def plot_roc_curves(labels: np.ndarray, probabilities: np.ndarray, title: str, p
         fpr, tpr = roc_curve(labels[:, k], probabilities[:, k])
         if fpr.size:
             ax.plot(fpr, tpr, lw=1.0, label=f"{ABBREVIATIONS[k]} ({report[k]['auroc']:.3f})")
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title,
-           xlim=(-0.01, 1.01), ylim=(-0.01, 1.01))  # keep curves on the frame visible
+    ax.set(
+        xlabel="false positive rate",
+        ylabel="true positive rate",
+        title=title,
+        xlim=(-0.01, 1.01),
+        ylim=(-0.01, 1.01),
+    )  # keep curves on the frame visible
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, ncol=2, loc="lower right")
     _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
@@ -209,17 +243,26 @@ def plot_lead_sets(results: dict[str, dict], path: Path) -> None:
 
 # --------------------------------------------------------------------------- the evaluation
 
+
 def resolve_lead_sets(leads: str) -> dict[str, tuple[int, ...]]:
-    """"all" -> every preset; a preset or comma list -> that one set. ValueError if bad."""
+    """ "all" -> every preset; a preset or comma list -> that one set. ValueError if bad."""
     if str(leads).strip().lower() == "all":
         return {name: parse_leads(name) for name in LEAD_PRESETS}
     return {str(leads).strip(): parse_leads(leads)}
 
 
-def evaluate_diagnosis(checkpoint: str | Path, store: str | Path, split: str = "test",
-                       leads: str = "12", out: str | Path | None = None, batch_size: int = 64,
-                       device: str = "auto", wandb_mode: str = "disabled",
-                       threshold: float = 0.5, progress: bool = False) -> dict:
+def evaluate_diagnosis(
+    checkpoint: str | Path,
+    store: str | Path,
+    split: str = "test",
+    leads: str = "12",
+    out: str | Path | None = None,
+    batch_size: int = 64,
+    device: str = "auto",
+    wandb_mode: str = "disabled",
+    threshold: float = 0.5,
+    progress: bool = False,
+) -> dict:
     """Evaluate a diagnosis checkpoint on a store split (see the module docstring); returns the
     summary that is also written to `out/metrics.json`. Raises EvaluationError."""
     from ecgplat.store import open_store
@@ -242,12 +285,15 @@ def evaluate_diagnosis(checkpoint: str | Path, store: str | Path, split: str = "
     try:
         records = st.select(split=split)
     except KeyError as e:  # a store written by another schema revision
-        raise EvaluationError(f"{store}: store lacks the array {e} (written by another "
-                              "ecgplat version?)") from None
+        raise EvaluationError(
+            f"{store}: store lacks the array {e} (written by another ecgplat version?)"
+        ) from None
     if records.size == 0:
         present = sorted(set(st.records["split"]) - {""})
-        raise EvaluationError(f"{store}: split '{split}' has no records "
-                              f"(splits present: {', '.join(present) or 'none; run ecgplat split'})")
+        raise EvaluationError(
+            f"{store}: split '{split}' has no records "
+            f"(splits present: {', '.join(present) or 'none; run ecgplat split'})"
+        )
     try:
         dev = pick_device(device)
     except (RuntimeError, ValueError) as e:
@@ -256,8 +302,11 @@ def evaluate_diagnosis(checkpoint: str | Path, store: str | Path, split: str = "
 
     n_seg = int(st.records["seg_count"].to_numpy()[records].sum())
     with ProgressBar(progress, len(records), f"evaluate {split}", transient=True) as bar:
-        preds = predict_lead_sets(model, store_batches(st, records, batch_size=batch_size,
-                                                       on_record=bar.advance), lead_sets)
+        preds = predict_lead_sets(
+            model,
+            store_batches(st, records, batch_size=batch_size, on_record=bar.advance),
+            lead_sets,
+        )
 
     out_dir = Path(out) if out is not None else Path(checkpoint).parent / f"eval-{split}"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -269,30 +318,50 @@ def evaluate_diagnosis(checkpoint: str | Path, store: str | Path, split: str = "
         save_predictions(out_dir / fname, pred, record_keys)
         files[name] = fname
         _, rec_p, rec_y = aggregate_records(pred.probabilities, pred.record_index, pred.labels)
-        plot_roc_curves(rec_y, rec_p, f"{split}, leads {name}: per-class ROC (record level)",
-                        out_dir / f"roc_{_slug(name)}.png")
+        plot_roc_curves(
+            rec_y,
+            rec_p,
+            f"{split}, leads {name}: per-class ROC (record level)",
+            out_dir / f"roc_{_slug(name)}.png",
+        )
     if len(results) > 1:
         plot_lead_sets(results, out_dir / "lead_sets.png")
 
-    summary = {"checkpoint": str(checkpoint), "store": str(store), "split": split,
-               "n_records": int(records.size), "n_segments": n_seg, "threshold": threshold,
-               "lead_sets": {name: [LEADS[i] for i in idx] for name, idx in lead_sets.items()},
-               "trained_leads": ckpt.get("extra", {}).get("leads"),
-               "results": results, "predictions": files, "out": str(out_dir)}
-    _atomic_write(out_dir / "metrics.json",
-                  lambda tmp: tmp.write_text(json.dumps(summary, indent=2, allow_nan=False)))
+    summary = {
+        "checkpoint": str(checkpoint),
+        "store": str(store),
+        "split": split,
+        "n_records": int(records.size),
+        "n_segments": n_seg,
+        "threshold": threshold,
+        "lead_sets": {name: [LEADS[i] for i in idx] for name, idx in lead_sets.items()},
+        "trained_leads": ckpt.get("extra", {}).get("leads"),
+        "results": results,
+        "predictions": files,
+        "out": str(out_dir),
+    }
+    _atomic_write(
+        out_dir / "metrics.json",
+        lambda tmp: tmp.write_text(json.dumps(summary, indent=2, allow_nan=False)),
+    )
     if wandb_mode != "disabled":
         from ecgplat.tracking import log_metrics
 
-        flat = {f"{_slug(name)}/{k}": v for name, res in results.items()
-                for k, v in flat_metrics(res).items()}
-        log_metrics(out_dir, flat, config={"checkpoint": str(checkpoint), "split": split,
-                                           "leads": leads}, mode=wandb_mode,
-                    name=f"eval-{split}", job_type="evaluate")
+        flat = {
+            f"{_slug(name)}/{k}": v
+            for name, res in results.items()
+            for k, v in flat_metrics(res).items()
+        }
+        log_metrics(
+            out_dir,
+            flat,
+            config={"checkpoint": str(checkpoint), "split": split, "leads": leads},
+            mode=wandb_mode,
+            name=f"eval-{split}",
+            job_type="evaluate",
+        )
     return summary
 
 
 def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name)
-
-

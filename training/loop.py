@@ -52,8 +52,9 @@ class Interrupted(Exception):
         self.signum = signum
         self.checkpoint = checkpoint
         self.exit_code = 128 + signum
-        super().__init__(f"interrupted by {signal.Signals(signum).name}; "
-                         f"checkpoint written to {checkpoint}")
+        super().__init__(
+            f"interrupted by {signal.Signals(signum).name}; checkpoint written to {checkpoint}"
+        )
 
 
 class _StopFlag:
@@ -84,8 +85,9 @@ def seed_everything(seed: int) -> None:
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
-            for k, v in batch.items()}
+    return {
+        k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()
+    }
 
 
 def _fetch(batches: Iterator[dict]) -> dict | None:
@@ -102,9 +104,14 @@ def _count_items(batch: dict, sample_size: int) -> int:
     return int(x.shape[0]) if torch.is_tensor(x) else int(sample_size)
 
 
-def apply_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 schedule: LRSchedule, num_updates: int, sample_size: float,
-                 clip_norm: float = 0.0) -> tuple[float, float]:
+def apply_update(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule: LRSchedule,
+    num_updates: int,
+    sample_size: float,
+    clip_norm: float = 0.0,
+) -> tuple[float, float]:
     """Divide the summed gradients by `sample_size` (per process: DDP has already averaged
     over ranks, so pass total / world), clip if `clip_norm` > 0, set the scheduled rate and
     take the optimizer step. Returns (lr, gradient norm before clipping)."""
@@ -112,8 +119,9 @@ def apply_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         if grads:
             torch._foreach_mul_(grads, 1.0 / sample_size)
-    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                           clip_norm if clip_norm > 0 else float("inf"))
+    gnorm = torch.nn.utils.clip_grad_norm_(
+        model.parameters(), clip_norm if clip_norm > 0 else float("inf")
+    )
     lr = schedule.apply(optimizer, num_updates)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -122,8 +130,14 @@ def apply_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
 
 def _new_window() -> dict:
     """Accumulators of the metrics logged every `log_interval` updates."""
-    return {"loss": 0.0, "sample_size": 0.0, "local_size": 0.0, "items": 0,
-            "t0": time.perf_counter(), "logs": {}}
+    return {
+        "loss": 0.0,
+        "sample_size": 0.0,
+        "local_size": 0.0,
+        "items": 0,
+        "t0": time.perf_counter(),
+        "logs": {},
+    }
 
 
 def train(cfg: RunConfig, task: Task, *, resume: bool = False) -> dict[str, Any]:
@@ -163,17 +177,29 @@ def train(cfg: RunConfig, task: Task, *, resume: bool = False) -> dict[str, Any]
 
     if info.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=getattr(task, "find_unused_parameters", True))
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else contextlib.nullcontext())
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=getattr(task, "find_unused_parameters", True),
+        )
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.type == "cuda"
+        else contextlib.nullcontext()
+    )
 
     tracker = None
     if info.is_main:
         from ecgplat.tracking import Tracker
-        tracker = Tracker(run_dir, config=cfg.to_dict(), mode=cfg.logging.wandb_mode,
-                          project=cfg.logging.wandb_project, name=run_dir.name,
-                          job_type=task.name, resume=resume)
+
+        tracker = Tracker(
+            run_dir,
+            config=cfg.to_dict(),
+            mode=cfg.logging.wandb_mode,
+            project=cfg.logging.wandb_project,
+            name=run_dir.name,
+            job_type=task.name,
+            resume=resume,
+        )
         if resume:
             tracker.truncate_after(num_updates)
 
@@ -186,14 +212,25 @@ def train(cfg: RunConfig, task: Task, *, resume: bool = False) -> dict[str, Any]
         path = None
         if info.is_main:
             path = run_state.save_run_checkpoint(
-                run_dir, keep_last=cfg.checkpoint.keep_last, is_best=is_best,
-                kind=task.checkpoint_kind, encoder_config=task.encoder_config(model),
-                model=unwrap(model).state_dict(), config=cfg.to_dict(),
-                optimizer=optimizer.state_dict(), scheduler=schedule.state_dict(),
-                num_updates=num_updates, rng={"per_rank": rngs},
-                data_state={"epoch": epoch, "batches_done": batches_done, "best": best,
-                            "bad_validations": bad_validations},
-                extra=task.extra_state())
+                run_dir,
+                keep_last=cfg.checkpoint.keep_last,
+                is_best=is_best,
+                kind=task.checkpoint_kind,
+                encoder_config=task.encoder_config(model),
+                model=unwrap(model).state_dict(),
+                config=cfg.to_dict(),
+                optimizer=optimizer.state_dict(),
+                scheduler=schedule.state_dict(),
+                num_updates=num_updates,
+                rng={"per_rank": rngs},
+                data_state={
+                    "epoch": epoch,
+                    "batches_done": batches_done,
+                    "best": best,
+                    "bad_validations": bad_validations,
+                },
+                extra=task.extra_state(),
+            )
         dist_utils.barrier()
         return path
 
@@ -209,7 +246,9 @@ def train(cfg: RunConfig, task: Task, *, resume: bool = False) -> dict[str, Any]
     if tracker is not None:
         total = cfg.optim.max_update or (
             math.ceil(per_epoch / update_freq) * cfg.optim.max_epoch
-            if per_epoch and cfg.optim.max_epoch else None)
+            if per_epoch and cfg.optim.max_epoch
+            else None
+        )
         tracker.start_progress(total, description=task.name, completed=num_updates)
 
     stop_reason, last_train_loss = "max_epoch", None
@@ -232,12 +271,14 @@ def train(cfg: RunConfig, task: Task, *, resume: bool = False) -> dict[str, Any]
                 model.train()
                 epoch_loss, epoch_size = 0.0, 0.0
                 while num_updates < max_update:
-                    group = [b for b in (_fetch(batches) for _ in range(update_freq))
-                             if b is not None]
+                    group = [
+                        b for b in (_fetch(batches) for _ in range(update_freq)) if b is not None
+                    ]
                     # every rank must agree: stop on a signal anywhere, end the epoch when
                     # any rank ran out of batches (an unmatched DDP all-reduce would hang)
                     missing, signalled = dist_utils.all_reduce_floats(
-                        [float(not group), float(stop.signum)], device, op="max")
+                        [float(not group), float(stop.signum)], device, op="max"
+                    )
                     if signalled:
                         raise Interrupted(int(signalled), save())
                     if missing:
@@ -247,10 +288,11 @@ def train(cfg: RunConfig, task: Task, *, resume: bool = False) -> dict[str, Any]
                     loss_sum, sample_size, sum_local, items, logs = 0.0, 0, 0, 0, {}
                     for i, batch in enumerate(group):
                         sync = i == len(group) - 1 or not info.distributed
-                        with (contextlib.nullcontext() if sync else model.no_sync()):
+                        with contextlib.nullcontext() if sync else model.no_sync():
                             with autocast:
                                 loss, n, step_logs = task.train_step(
-                                    model, to_device(batch, device), num_updates)
+                                    model, to_device(batch, device), num_updates
+                                )
                             loss.backward()
                         loss_sum += float(loss.detach())
                         sample_size += int(n)
@@ -259,9 +301,16 @@ def train(cfg: RunConfig, task: Task, *, resume: bool = False) -> dict[str, Any]
                         for k, v in step_logs.items():
                             logs[k] = logs.get(k, 0.0) + float(v) * int(n)
                     loss_sum, sample_size = dist_utils.all_reduce_floats(
-                        [loss_sum, float(sample_size)], device)
-                    lr, gnorm = apply_update(model, optimizer, schedule, num_updates,
-                                             sample_size / world, cfg.optim.clip_norm)
+                        [loss_sum, float(sample_size)], device
+                    )
+                    lr, gnorm = apply_update(
+                        model,
+                        optimizer,
+                        schedule,
+                        num_updates,
+                        sample_size / world,
+                        cfg.optim.clip_norm,
+                    )
                     num_updates += 1
                     batches_done += len(group)
                     task.on_update(unwrap(model), num_updates)
@@ -278,20 +327,29 @@ def train(cfg: RunConfig, task: Task, *, resume: bool = False) -> dict[str, Any]
                         window["logs"][k] = window["logs"].get(k, 0.0) + v
                     if tracker is not None:
                         now = time.perf_counter()
-                        tracker.advance(1, loss=update_loss, lr=lr,
-                                        samples_s=items * world / max(now - t_update, 1e-9))
+                        tracker.advance(
+                            1,
+                            loss=update_loss,
+                            lr=lr,
+                            samples_s=items * world / max(now - t_update, 1e-9),
+                        )
                         t_update = now
                     if num_updates % cfg.logging.log_interval == 0:
                         elapsed = time.perf_counter() - window["t0"]
                         size = max(window["sample_size"], 1.0)
-                        record = {"epoch": epoch,
-                                  "loss": window["loss"] / size / math.log(2),
-                                  "lr": lr, "gnorm": gnorm, "sample_size": sample_size,
-                                  "samples_per_s": window["items"] / max(elapsed, 1e-9)}
+                        record = {
+                            "epoch": epoch,
+                            "loss": window["loss"] / size / math.log(2),
+                            "lr": lr,
+                            "gnorm": gnorm,
+                            "sample_size": sample_size,
+                            "samples_per_s": window["items"] / max(elapsed, 1e-9),
+                        }
                         # task logs: sample-size-weighted means over the window (rank 0's)
                         local = max(window["local_size"], 1.0)
-                        record.update({k: v / local for k, v in window["logs"].items()
-                                       if k not in record})
+                        record.update(
+                            {k: v / local for k, v in window["logs"].items() if k not in record}
+                        )
                         if tracker is not None:
                             tracker.log(record, step=num_updates)
                         window = _new_window()
@@ -302,10 +360,12 @@ def train(cfg: RunConfig, task: Task, *, resume: bool = False) -> dict[str, Any]
 
                 # --- end of epoch (or of training): validation, best, patience, save -------
                 finished_epoch = num_updates < max_update or (
-                    per_epoch is not None and batches_done >= per_epoch)
+                    per_epoch is not None and batches_done >= per_epoch
+                )
                 if finished_epoch and batches_done == 0:
-                    raise ValueError(f"epoch {epoch}: the task yielded no training batches "
-                                       f"on rank {rank}")
+                    raise ValueError(
+                        f"epoch {epoch}: the task yielded no training batches on rank {rank}"
+                    )
                 if epoch_size:
                     last_train_loss = epoch_loss / epoch_size / math.log(2)
                 metrics = task.validate(model, epoch)
@@ -328,9 +388,15 @@ def train(cfg: RunConfig, task: Task, *, resume: bool = False) -> dict[str, Any]
                     raise Interrupted(stop.signum, path)
                 if num_updates >= max_update:
                     stop_reason = "max_update"
-        summary = {"num_updates": num_updates, "epochs": epoch - 1, "stop_reason": stop_reason,
-                   "best": best, "best_metric": cfg.checkpoint.best_metric,
-                   "train_loss": last_train_loss, "checkpoint": str(run_dir / run_state.LAST)}
+        summary = {
+            "num_updates": num_updates,
+            "epochs": epoch - 1,
+            "stop_reason": stop_reason,
+            "best": best,
+            "best_metric": cfg.checkpoint.best_metric,
+            "train_loss": last_train_loss,
+            "checkpoint": str(run_dir / run_state.LAST),
+        }
         if tracker is not None:
             tracker.summary(summary)
     finally:

@@ -24,8 +24,17 @@ import math
 import numpy as np
 from scipy.stats import rankdata
 
-REPORT_KEYS = ("challenge_score", "auroc_macro", "auroc_micro", "auprc_macro", "auprc_micro",
-               "f1_macro", "f1_micro", "accuracy", "per_class")
+REPORT_KEYS = (
+    "challenge_score",
+    "auroc_macro",
+    "auroc_micro",
+    "auprc_macro",
+    "auprc_micro",
+    "f1_macro",
+    "f1_micro",
+    "accuracy",
+    "per_class",
+)
 
 
 def _as_2d(name: str, a, dtype) -> np.ndarray:
@@ -46,6 +55,7 @@ def _check_pair(labels, other, other_name: str, other_dtype) -> tuple[np.ndarray
 
 
 # --------------------------------------------------------------------------- challenge score
+
 
 def scored_confusion(labels, outputs) -> np.ndarray:
     """The challenge's normalised multi-label confusion matrix A (C, C): for every sample,
@@ -81,6 +91,7 @@ def challenge_score(labels, predictions, weights=None, normal_index: int | None 
 
 
 # --------------------------------------------------------------------------- ranking metrics
+
 
 def _binary_auroc(y: np.ndarray, s: np.ndarray) -> float:
     """Mann-Whitney AUROC (ties count one half); NaN unless both label values occur."""
@@ -162,6 +173,7 @@ def auprc(labels, scores, average: str = "macro") -> float:
 
 # --------------------------------------------------------------------------- thresholded metrics
 
+
 def _counts(labels, predictions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     y, o = _check_pair(labels, predictions, "predictions", bool)
     tp = (y & o).sum(axis=0)
@@ -198,6 +210,7 @@ def exact_match_accuracy(labels, predictions) -> float:
 
 # --------------------------------------------------------------------------- report + aggregation
 
+
 def _nan_to_none(x: float) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
 
@@ -229,9 +242,13 @@ def classification_report(labels, probabilities, threshold: float = 0.5) -> dict
     }
     report = {k: _nan_to_none(v) for k, v in report.items()}
     report["per_class"] = [
-        {"class": label_table.CLASS_NAMES[k], "abbreviation": label_table.ABBREVIATIONS[k],
-         "auroc": _nan_to_none(class_auroc[k]), "f1": _nan_to_none(class_f1[k]),
-         "support": int(support[k])}
+        {
+            "class": label_table.CLASS_NAMES[k],
+            "abbreviation": label_table.ABBREVIATIONS[k],
+            "auroc": _nan_to_none(class_auroc[k]),
+            "f1": _nan_to_none(class_f1[k]),
+            "support": int(support[k]),
+        }
         for k in range(y.shape[1])
     ]
     return report

@@ -20,8 +20,9 @@ import torch
 from ecgplat.config import OptimConfig
 
 
-def build_optimizer(params: Iterable[torch.nn.Parameter],
-                    cfg: OptimConfig) -> torch.optim.Optimizer:
+def build_optimizer(
+    params: Iterable[torch.nn.Parameter], cfg: OptimConfig
+) -> torch.optim.Optimizer:
     """Adam(betas, eps) with decoupled weight decay `cfg.weight_decay` at rate `cfg.lr`."""
     params = [p for p in params if p.requires_grad]
     kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)

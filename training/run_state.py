@@ -37,15 +37,20 @@ _NUMBERED = re.compile(r"^checkpoint_(\d+)\.pt$")
 
 # --- RNG -------------------------------------------------------------------------------------
 
+
 def capture_rng() -> dict[str, Any]:
     """RNG states of torch, CUDA, numpy and python `random` as weights_only-safe values."""
     np_state = np.random.get_state()
     py_state = random.getstate()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": {"name": str(np_state[0]), "keys": torch.from_numpy(np_state[1].astype(np.int64)),
-                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
-                  "cached_gaussian": float(np_state[4])},
+        "numpy": {
+            "name": str(np_state[0]),
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
         "python": {"version": py_state[0], "state": list(py_state[1]), "gauss": py_state[2]},
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -56,8 +61,15 @@ def capture_rng() -> dict[str, Any]:
 def restore_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"],
-                         n["has_gauss"], n["cached_gaussian"]))
+    np.random.set_state(
+        (
+            n["name"],
+            n["keys"].numpy().astype(np.uint32),
+            n["pos"],
+            n["has_gauss"],
+            n["cached_gaussian"],
+        )
+    )
     p = state["python"]
     random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
@@ -65,6 +77,7 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 # --- files -----------------------------------------------------------------------------------
+
 
 def _link_or_copy(src: Path, dst: Path) -> None:
     """Make `dst` the same bytes as `src`, atomically (a hard link when possible)."""
@@ -77,8 +90,9 @@ def _link_or_copy(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
-def save_run_checkpoint(run_dir: str | Path, *, keep_last: int = 1, is_best: bool = False,
-                        **fields: Any) -> Path:
+def save_run_checkpoint(
+    run_dir: str | Path, *, keep_last: int = 1, is_best: bool = False, **fields: Any
+) -> Path:
     """Write `checkpoint_last.pt` (atomic, via `training.models.checkpoint.save_checkpoint`
     whose keyword fields this takes), its numbered hard link and optionally `checkpoint_best.pt`;
     prune numbered checkpoints beyond the newest `keep_last`."""
@@ -86,8 +100,9 @@ def save_run_checkpoint(run_dir: str | Path, *, keep_last: int = 1, is_best: boo
     last = save_checkpoint(run_dir / LAST, **fields)
     if keep_last > 0:
         _link_or_copy(last, run_dir / f"checkpoint_{int(fields['num_updates'])}.pt")
-        numbered = sorted((int(m.group(1)), p) for p in run_dir.iterdir()
-                          if (m := _NUMBERED.match(p.name)))
+        numbered = sorted(
+            (int(m.group(1)), p) for p in run_dir.iterdir() if (m := _NUMBERED.match(p.name))
+        )
         for _, old in numbered[:-keep_last]:
             old.unlink(missing_ok=True)
     if is_best:

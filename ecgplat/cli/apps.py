@@ -10,10 +10,16 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-evaluate_app = typer.Typer(help="Evaluate a model: arrhythmia classification or patient identification.",
-                           no_args_is_help=True)
-import_app = typer.Typer(help="Import checkpoints from other implementations.", no_args_is_help=True)
-index_app = typer.Typer(help="Build FAISS gallery indexes over stored embeddings.", no_args_is_help=True)
+evaluate_app = typer.Typer(
+    help="Evaluate a model: arrhythmia classification or patient identification.",
+    no_args_is_help=True,
+)
+import_app = typer.Typer(
+    help="Import checkpoints from other implementations.", no_args_is_help=True
+)
+index_app = typer.Typer(
+    help="Build FAISS gallery indexes over stored embeddings.", no_args_is_help=True
+)
 
 app.add_typer(evaluate_app, name="evaluate")
 app.add_typer(import_app, name="import")

@@ -17,9 +17,15 @@ CORPUS_NAMES = ("cinc2021", "ptbxl", "wfdb", "cpsc2021")
 def synth(
     out: Annotated[Path, typer.Argument(help="New (or empty) directory for the synthetic cohort.")],
     patients: Annotated[int, typer.Option(min=1, help="Number of synthetic patients.")] = 24,
-    records_per_patient: Annotated[int, typer.Option(min=1, help="Records written per patient.")] = 3,
-    seconds: Annotated[float, typer.Option(min=0.1, help="Length of each record in seconds.")] = 10.0,
-    seed: Annotated[int, typer.Option(help="Random seed; the same seed gives the same cohort.")] = 0,
+    records_per_patient: Annotated[
+        int, typer.Option(min=1, help="Records written per patient.")
+    ] = 3,
+    seconds: Annotated[
+        float, typer.Option(min=0.1, help="Length of each record in seconds.")
+    ] = 10.0,
+    seed: Annotated[
+        int, typer.Option(help="Random seed; the same seed gives the same cohort.")
+    ] = 0,
 ) -> None:
     """Write a synthetic 12-lead cohort in the CinC 2021 format (WFDB header + MATLAB v4)."""
     from ingestion.synth import summarize, write_cohort
@@ -35,14 +41,27 @@ def synth(
 def ingest(
     corpus: Annotated[str, typer.Argument(help=f"Corpus reader: {', '.join(CORPUS_NAMES)}.")],
     src: Annotated[Path, typer.Argument(help="Root directory of the corpus.")],
-    store: Annotated[Path, typer.Option("--store", help="Feature store directory (created if missing).")],
-    workers: Annotated[int | None, typer.Option(
-        min=0, help="Dask worker processes of a local cluster (default: one per CPU core; "
-                    "0 = no cluster, run in this process).")] = None,
-    scheduler: Annotated[str | None, typer.Option(
-        help="Address of an existing Dask scheduler, e.g. tcp://host:8786 (overrides --workers).")] = None,
+    store: Annotated[
+        Path, typer.Option("--store", help="Feature store directory (created if missing).")
+    ],
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="Dask worker processes of a local cluster (default: one per CPU core; "
+            "0 = no cluster, run in this process).",
+        ),
+    ] = None,
+    scheduler: Annotated[
+        str | None,
+        typer.Option(
+            help="Address of an existing Dask scheduler, e.g. tcp://host:8786 (overrides --workers)."
+        ),
+    ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Records per worker task.")] = 128,
-    limit: Annotated[int | None, typer.Option(min=1, help="Ingest at most this many new records.")] = None,
+    limit: Annotated[
+        int | None, typer.Option(min=1, help="Ingest at most this many new records.")
+    ] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
@@ -58,42 +77,78 @@ def ingest(
     from ingestion.pipeline import ingest as run_ingest
 
     try:
-        summary = run_ingest(corpus, src, store, workers=workers, scheduler=scheduler,
-                             batch_size=batch_size, progress=progress, limit=limit)
+        summary = run_ingest(
+            corpus,
+            src,
+            store,
+            workers=workers,
+            scheduler=scheduler,
+            batch_size=batch_size,
+            progress=progress,
+            limit=limit,
+        )
     except (FileNotFoundError, ValueError, RuntimeError, OSError) as e:
         fail(str(e))
     except KeyboardInterrupt:
-        fail("interrupted; everything committed so far is kept: re-run the same command to resume",
-             code=130)
+        fail(
+            "interrupted; everything committed so far is kept: re-run the same command to resume",
+            code=130,
+        )
     if as_json:
         typer.echo(json.dumps(summary, indent=1))
         return
     rejected = ", ".join(f"{k} {v}" for k, v in summary["rejected"].items()) or "none"
-    typer.echo(f"ingested {summary['records']} records ({summary['segments']} segments, "
-               f"{summary['patients']} patients) in {summary['seconds']:.1f} s "
-               f"({summary['records_per_s']:.0f} records/s); skipped {summary['skipped']} "
-               f"already present; rejected: {rejected}; store now holds "
-               f"{summary['store_records']} records")
+    typer.echo(
+        f"ingested {summary['records']} records ({summary['segments']} segments, "
+        f"{summary['patients']} patients) in {summary['seconds']:.1f} s "
+        f"({summary['records_per_s']:.0f} records/s); skipped {summary['skipped']} "
+        f"already present; rejected: {rejected}; store now holds "
+        f"{summary['store_records']} records"
+    )
 
 
 @app.command("split")
 def split(
     store: Annotated[Path, typer.Argument(help="Feature store directory.")],
-    mode: Annotated[str, typer.Option(
-        help="random: grouped by patient; strat_fold: PTB-XL folds 1-8 train, 9 valid, 10 test.")] = "random",
-    valid: Annotated[float, typer.Option(min=0.0, max=1.0, help="Fraction of records for valid (random mode).")] = 0.1,
-    test: Annotated[float, typer.Option(min=0.0, max=1.0, help="Fraction of records for test (random mode).")] = 0.1,
+    mode: Annotated[
+        str,
+        typer.Option(
+            help="random: grouped by patient; strat_fold: PTB-XL folds 1-8 train, 9 valid, 10 test."
+        ),
+    ] = "random",
+    valid: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Fraction of records for valid (random mode).")
+    ] = 0.1,
+    test: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Fraction of records for test (random mode).")
+    ] = 0.1,
     seed: Annotated[int, typer.Option(help="Seed of the patient shuffle (random mode).")] = 0,
-    ident: Annotated[bool, typer.Option(
-        "--ident", help="Also assign identification gallery/probe: per patient with >= 2 records, "
-                        "first record gallery, the others probe.")] = False,
-    ident_first_two: Annotated[bool, typer.Option(
-        "--ident-first-two", help="Paper rule: first record gallery, second probe, later ones unused "
-                                  "(implies --ident).")] = False,
-    ident_within: Annotated[str | None, typer.Option(
-        help="Only records of this split take part in gallery/probe (e.g. test).")] = None,
-    source: Annotated[list[str] | None, typer.Option(
-        help="Only split records of this source (repeatable); others keep their assignment.")] = None,
+    ident: Annotated[
+        bool,
+        typer.Option(
+            "--ident",
+            help="Also assign identification gallery/probe: per patient with >= 2 records, "
+            "first record gallery, the others probe.",
+        ),
+    ] = False,
+    ident_first_two: Annotated[
+        bool,
+        typer.Option(
+            "--ident-first-two",
+            help="Paper rule: first record gallery, second probe, later ones unused "
+            "(implies --ident).",
+        ),
+    ] = False,
+    ident_within: Annotated[
+        str | None,
+        typer.Option(help="Only records of this split take part in gallery/probe (e.g. test)."),
+    ] = None,
+    source: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Only split records of this source (repeatable); others keep their assignment."
+        ),
+    ] = None,
 ) -> None:
     """Assign record-level train/valid/test splits (and gallery/probe) inside the store."""
     from ingestion.splits import split_store
@@ -101,9 +156,17 @@ def split(
     if not (store / "zarr.json").is_file():
         fail(f"{store}: no ecgplat store here")
     try:
-        summary = split_store(store, mode=mode, valid=valid, test=test, seed=seed,
-                              ident=ident or ident_first_two, ident_first_two=ident_first_two,
-                              sources=source, ident_within=ident_within)
+        summary = split_store(
+            store,
+            mode=mode,
+            valid=valid,
+            test=test,
+            seed=seed,
+            ident=ident or ident_first_two,
+            ident_first_two=ident_first_two,
+            sources=source,
+            ident_within=ident_within,
+        )
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         fail(str(e))
     typer.echo(json.dumps(summary))
@@ -112,11 +175,21 @@ def split(
 @app.command("shards")
 def shards(
     store: Annotated[Path, typer.Argument(help="Feature store directory.")],
-    split_name: Annotated[str, typer.Option("--split", help="Split to export (train, valid, test or all).")],
-    out: Annotated[Path, typer.Option("--out", help="Output directory for the tar shards and _info.json.")],
-    max_size: Annotated[str, typer.Option(help="Maximum shard size, e.g. 256MB or 1GiB.")] = "256MB",
-    max_count: Annotated[int, typer.Option(min=1, help="Maximum samples (records) per shard.")] = 100_000,
-    name: Annotated[str | None, typer.Option(help="Shard name prefix (default: the split name).")] = None,
+    split_name: Annotated[
+        str, typer.Option("--split", help="Split to export (train, valid, test or all).")
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", help="Output directory for the tar shards and _info.json.")
+    ],
+    max_size: Annotated[
+        str, typer.Option(help="Maximum shard size, e.g. 256MB or 1GiB.")
+    ] = "256MB",
+    max_count: Annotated[
+        int, typer.Option(min=1, help="Maximum samples (records) per shard.")
+    ] = 100_000,
+    name: Annotated[
+        str | None, typer.Option(help="Shard name prefix (default: the split name).")
+    ] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Export one split of the store as WebDataset tar shards (one sample per record)."""
@@ -125,12 +198,21 @@ def shards(
     if not (store / "zarr.json").is_file():
         fail(f"{store}: no ecgplat store here")
     try:
-        entry = write_shards(store, split_name, out, name=name, max_size=max_size,
-                             max_count=max_count, progress=progress)
+        entry = write_shards(
+            store,
+            split_name,
+            out,
+            name=name,
+            max_size=max_size,
+            max_count=max_count,
+            progress=progress,
+        )
     except (FileNotFoundError, ValueError, OSError) as e:
         fail(str(e))
-    typer.echo(f"wrote {entry['samples']} records ({entry['segments']} segments) in "
-               f"{len(entry['shards'])} shards to {out}")
+    typer.echo(
+        f"wrote {entry['samples']} records ({entry['segments']} segments) in "
+        f"{len(entry['shards'])} shards to {out}"
+    )
 
 
 @app.command("info")
@@ -149,9 +231,15 @@ def info(
         typer.echo(json.dumps(summary, indent=1))
         return
     typer.echo(f"store {summary['path']} (schema {summary['schema_version']})")
-    typer.echo(f"  records {summary['records']}, segments {summary['segments']}, "
-               f"patients {summary['patients']}, rejects {summary['rejects']}")
-    for title, key in (("per source", "per_source"), ("per split", "per_split"),
-                       ("per ident_split", "per_ident_split"), ("rejects by reason", "rejects_by_reason")):
+    typer.echo(
+        f"  records {summary['records']}, segments {summary['segments']}, "
+        f"patients {summary['patients']}, rejects {summary['rejects']}"
+    )
+    for title, key in (
+        ("per source", "per_source"),
+        ("per split", "per_split"),
+        ("per ident_split", "per_ident_split"),
+        ("rejects by reason", "rejects_by_reason"),
+    ):
         if summary[key]:
             typer.echo(f"  {title}: " + ", ".join(f"{k} {v}" for k, v in summary[key].items()))

@@ -13,8 +13,16 @@ import typer
 
 from ecgplat.cli.apps import app, evaluate_app, fail
 
-_OVERALL = ("challenge_score", "auroc_macro", "auroc_micro", "auprc_macro", "auprc_micro",
-            "f1_macro", "f1_micro", "accuracy")
+_OVERALL = (
+    "challenge_score",
+    "auroc_macro",
+    "auroc_micro",
+    "auprc_macro",
+    "auprc_micro",
+    "f1_macro",
+    "f1_micro",
+    "accuracy",
+)
 
 
 def _fmt(value) -> str:
@@ -37,12 +45,22 @@ def _print_report(title: str, reports: dict[str, dict], per_class_from: str | No
     if per_class_from is None:
         return
     per = Table(title=f"per class ({per_class_from})")
-    for col, justify in (("class", "left"), ("SNOMED", "left"), ("support", "right"),
-                         ("AUROC", "right"), ("F1", "right")):
+    for col, justify in (
+        ("class", "left"),
+        ("SNOMED", "left"),
+        ("support", "right"),
+        ("AUROC", "right"),
+        ("F1", "right"),
+    ):
         per.add_column(col, justify=justify)
     for row in reports[per_class_from]["per_class"]:
-        per.add_row(row["abbreviation"], row["class"], str(row["support"]),
-                    _fmt(row["auroc"]), _fmt(row["f1"]))
+        per.add_row(
+            row["abbreviation"],
+            row["class"],
+            str(row["support"]),
+            _fmt(row["auroc"]),
+            _fmt(row["f1"]),
+        )
     console.print(per)
 
 
@@ -56,8 +74,10 @@ def _load_predictions(path: Path):
         with np.load(path, allow_pickle=False) as data:
             missing = [k for k in ("labels", "probabilities") if k not in data.files]
             if missing:
-                fail(f"{path}: missing array(s) {', '.join(missing)} (expected labels, "
-                     "probabilities, record_keys)")
+                fail(
+                    f"{path}: missing array(s) {', '.join(missing)} (expected labels, "
+                    "probabilities, record_keys)"
+                )
             labels = data["labels"].astype(bool)
             probs = data["probabilities"].astype(np.float64)
             keys = data["record_keys"] if "record_keys" in data.files else None
@@ -74,16 +94,27 @@ def _load_predictions(path: Path):
 
 @app.command("score")
 def score(
-    predictions: Annotated[Path, typer.Argument(
-        help="Predictions .npz with arrays labels (N,26) bool, probabilities (N,26) float and "
-             "record_keys (N,) str, as written by `ecgplat evaluate diagnosis`.")],
-    as_json: Annotated[bool, typer.Option(
-        "--json", help="Print the metrics as one JSON object instead of tables.")] = False,
-    level: Annotated[str, typer.Option(
-        help="record: average the probabilities of rows sharing a record key first; "
-             "segment: score every row (the paper's unit).")] = "record",
-    threshold: Annotated[float, typer.Option(
-        min=0.0, max=1.0, help="Probability threshold for a positive prediction.")] = 0.5,
+    predictions: Annotated[
+        Path,
+        typer.Argument(
+            help="Predictions .npz with arrays labels (N,26) bool, probabilities (N,26) float and "
+            "record_keys (N,) str, as written by `ecgplat evaluate diagnosis`."
+        ),
+    ],
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the metrics as one JSON object instead of tables.")
+    ] = False,
+    level: Annotated[
+        str,
+        typer.Option(
+            help="record: average the probabilities of rows sharing a record key first; "
+            "segment: score every row (the paper's unit)."
+        ),
+    ] = "record",
+    threshold: Annotated[
+        float,
+        typer.Option(min=0.0, max=1.0, help="Probability threshold for a positive prediction."),
+    ] = 0.5,
 ) -> None:
     """Rescore a predictions file: CinC 2021 challenge score, AUROC/AUPRC, F1, exact-match accuracy."""
     from training.metrics import aggregate_records, classification_report
@@ -106,31 +137,52 @@ def score(
 
 @evaluate_app.command("diagnosis")
 def evaluate_diagnosis_cmd(
-    checkpoint: Annotated[Path, typer.Option(
-        help="Diagnosis checkpoint (from `ecgplat train diagnosis`).")],
+    checkpoint: Annotated[
+        Path, typer.Option(help="Diagnosis checkpoint (from `ecgplat train diagnosis`).")
+    ],
     store: Annotated[Path, typer.Option(help="Feature store (Zarr) holding the evaluation split.")],
-    split: Annotated[str, typer.Option(help="Store split to evaluate (train/valid/test).")] = "test",
-    leads: Annotated[str, typer.Option(
-        help="Lead subset fed to the model, absent leads zero-filled: a preset (12, 6, 4, 3, 2, "
-             "1), a comma list such as I,II,V2, or 'all' for every preset.")] = "12",
-    out: Annotated[Path | None, typer.Option(
-        help="Output directory for metrics.json, predictions.npz and plots "
-             "(default: <checkpoint dir>/eval-<split>).")] = None,
-    as_json: Annotated[bool, typer.Option(
-        "--json", help="Print the metrics as one JSON object instead of tables.")] = False,
+    split: Annotated[
+        str, typer.Option(help="Store split to evaluate (train/valid/test).")
+    ] = "test",
+    leads: Annotated[
+        str,
+        typer.Option(
+            help="Lead subset fed to the model, absent leads zero-filled: a preset (12, 6, 4, 3, 2, "
+            "1), a comma list such as I,II,V2, or 'all' for every preset."
+        ),
+    ] = "12",
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Output directory for metrics.json, predictions.npz and plots "
+            "(default: <checkpoint dir>/eval-<split>)."
+        ),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the metrics as one JSON object instead of tables.")
+    ] = False,
     batch_size: Annotated[int, typer.Option(min=1, help="Segments per inference batch.")] = 64,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    wandb_mode: Annotated[str, typer.Option(
-        help="W&B mode for logging the metrics: offline, online or disabled.")] = "disabled",
+    wandb_mode: Annotated[
+        str, typer.Option(help="W&B mode for logging the metrics: offline, online or disabled.")
+    ] = "disabled",
 ) -> None:
     """Evaluate a diagnosis model on a store split, at segment and record level."""
     from training.evaluate_diagnosis import EvaluationError, evaluate_diagnosis
 
     out_dir = out if out is not None else checkpoint.parent / f"eval-{split}"
     try:
-        summary = evaluate_diagnosis(checkpoint, store, split=split, leads=leads, out=out_dir,
-                                     batch_size=batch_size, device=device, wandb_mode=wandb_mode,
-                                     progress=not as_json)
+        summary = evaluate_diagnosis(
+            checkpoint,
+            store,
+            split=split,
+            leads=leads,
+            out=out_dir,
+            batch_size=batch_size,
+            device=device,
+            wandb_mode=wandb_mode,
+            progress=not as_json,
+        )
     except EvaluationError as exc:
         fail(str(exc))
     if as_json:
@@ -138,10 +190,17 @@ def evaluate_diagnosis_cmd(
         return
     results = summary["results"]
     if len(results) == 1:
-        (name, res), = results.items()
-        _print_report(f"{split}, leads {name}: {summary['n_records']} records, "
-                      f"{summary['n_segments']} segments", res, "record")
+        ((name, res),) = results.items()
+        _print_report(
+            f"{split}, leads {name}: {summary['n_records']} records, "
+            f"{summary['n_segments']} segments",
+            res,
+            "record",
+        )
     else:
-        _print_report(f"{split}, record level, by lead set",
-                      {name: res["record"] for name, res in results.items()}, None)
+        _print_report(
+            f"{split}, record level, by lead set",
+            {name: res["record"] for name, res in results.items()},
+            None,
+        )
     typer.echo(f"wrote {summary['out']}")

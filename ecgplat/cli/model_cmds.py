@@ -13,7 +13,9 @@ from ecgplat.cli.apps import app, fail, import_app
 
 @app.command("models")
 def models_cmd(
-    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list instead of a table.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print a JSON list instead of a table.")
+    ] = False,
 ) -> None:
     """List the encoder presets with their encoder and pretraining-head parameter counts."""
     from training.models import list_presets, preset_summary
@@ -22,19 +24,36 @@ def models_cmd(
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
-    typer.echo(f"{'preset':<8} {'encoder':>12} {'pt-heads':>10} {'D':>5} {'layers':>6} {'attn':>5} {'FFN':>5}  description")
+    typer.echo(
+        f"{'preset':<8} {'encoder':>12} {'pt-heads':>10} {'D':>5} {'layers':>6} {'attn':>5} {'FFN':>5}  description"
+    )
     for r in rows:
-        typer.echo(f"{r['name']:<8} {r['encoder_params'] / 1e6:>10.2f} M {r['pretraining_head_params'] / 1e6:>8.2f} M "
-                   f"{r['embed_dim']:>5} {r['layers']:>6} {r['heads']:>5} {r['ffn_dim']:>5}  {r['description']}")
+        typer.echo(
+            f"{r['name']:<8} {r['encoder_params'] / 1e6:>10.2f} M {r['pretraining_head_params'] / 1e6:>8.2f} M "
+            f"{r['embed_dim']:>5} {r['layers']:>6} {r['heads']:>5} {r['ffn_dim']:>5}  {r['description']}"
+        )
 
 
 @import_app.command("fairseq-signals")
 def import_fairseq_cmd(
-    ckpt: Annotated[Path, typer.Argument(help="fairseq-signals wav2vec2 / wav2vec2_cmsc pretraining checkpoint (.pt).")],
-    out: Annotated[Path, typer.Argument(help="Where to write the ecgplat checkpoint (kind 'imported').")],
-    layer_norm_eps: Annotated[float | None, typer.Option(
-        help="Encoder-layer LayerNorm eps; default: 1e-6 for PAPER-ERA (wav2vec2_clocs) checkpoints, else 1e-5.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite OUT if it already exists.")] = False,
+    ckpt: Annotated[
+        Path,
+        typer.Argument(
+            help="fairseq-signals wav2vec2 / wav2vec2_cmsc pretraining checkpoint (.pt)."
+        ),
+    ],
+    out: Annotated[
+        Path, typer.Argument(help="Where to write the ecgplat checkpoint (kind 'imported').")
+    ],
+    layer_norm_eps: Annotated[
+        float | None,
+        typer.Option(
+            help="Encoder-layer LayerNorm eps; default: 1e-6 for PAPER-ERA (wav2vec2_clocs) checkpoints, else 1e-5."
+        ),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Overwrite OUT if it already exists.")
+    ] = False,
 ) -> None:
     """Convert a fairseq-signals W2V(+CMSC) checkpoint: encoder, quantizer, project_q and final_proj."""
     if out.exists() and not force:
@@ -47,5 +66,7 @@ def import_fairseq_cmd(
     except ValueError as e:
         fail(str(e))
     enc = load_checkpoint(path)["encoder_config"]
-    typer.echo(f"imported {ckpt.name} -> {path} (D={enc['encoder_embed_dim']}, "
-               f"{enc['encoder_layers']} layers, final_dim={enc['final_dim']})")
+    typer.echo(
+        f"imported {ckpt.name} -> {path} (D={enc['encoder_embed_dim']}, "
+        f"{enc['encoder_layers']} layers, final_dim={enc['final_dim']})"
+    )

@@ -26,18 +26,34 @@ def _message(exc: Exception) -> str:
 
 @app.command("embed")
 def embed(
-    checkpoint: Annotated[Path, typer.Option(
-        help="Checkpoint whose encoder embeds the ECGs (any kind: pretrain, diagnosis, identify, "
-             "imported).")],
-    store: Annotated[Path, typer.Option(help="Feature store to read the ECGs from and write "
-                                             "the embeddings into (features/NAME).")],
+    checkpoint: Annotated[
+        Path,
+        typer.Option(
+            help="Checkpoint whose encoder embeds the ECGs (any kind: pretrain, diagnosis, identify, "
+            "imported)."
+        ),
+    ],
+    store: Annotated[
+        Path,
+        typer.Option(
+            help="Feature store to read the ECGs from and write "
+            "the embeddings into (features/NAME)."
+        ),
+    ],
     name: Annotated[str, typer.Option(help="Name of the feature set inside the store.")],
-    leads: Annotated[str, typer.Option(
-        help="Leads fed to the encoder: preset 12/6/4/3/2/1 or a comma list such as I,II,V2; "
-             "the others are zero rows.")] = "12",
-    overwrite: Annotated[bool, typer.Option(
-        "--overwrite", help="Replace an existing feature set of another checkpoint or lead "
-                            "set.")] = False,
+    leads: Annotated[
+        str,
+        typer.Option(
+            help="Leads fed to the encoder: preset 12/6/4/3/2/1 or a comma list such as I,II,V2; "
+            "the others are zero rows."
+        ),
+    ] = "12",
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite", help="Replace an existing feature set of another checkpoint or lead set."
+        ),
+    ] = False,
     batch_size: Annotated[int, typer.Option(min=1, help="Segments per forward pass.")] = 64,
     device: Annotated[str, typer.Option(help="auto (GPU when present), cpu or cuda.")] = "auto",
 ) -> None:
@@ -48,28 +64,51 @@ def embed(
     if not checkpoint.is_file():
         fail(f"{checkpoint}: no such checkpoint file")
     try:
-        result = embed_store(store, checkpoint, name, leads=leads, overwrite=overwrite,
-                             batch_size=batch_size, device=device, progress=True)
+        result = embed_store(
+            store,
+            checkpoint,
+            name,
+            leads=leads,
+            overwrite=overwrite,
+            batch_size=batch_size,
+            device=device,
+            progress=True,
+        )
     except (CheckpointError, *_ERRORS) as e:
         fail(_message(e))
     verb = "already up to date" if result["status"] == "unchanged" else "written"
-    typer.echo(f"features/{name}: {result['n_segments']} segments, {result['n_records']} records "
-               f"({result['lineage']['leads']}) {verb}")
+    typer.echo(
+        f"features/{name}: {result['n_segments']} segments, {result['n_records']} records "
+        f"({result['lineage']['leads']}) {verb}"
+    )
 
 
 @index_app.command("build")
 def index_build(
     store: Annotated[Path, typer.Option(help="Feature store holding the embeddings.")],
     features: Annotated[str, typer.Option(help="Feature set name (see `ecgplat embed`).")],
-    out: Annotated[Path, typer.Option(
-        help="Index path: writes OUT.faiss and OUT.json (ids, patient pseudonyms, lineage).")],
-    split: Annotated[str, typer.Option(
-        help="Which records to index: gallery, probe or all (the store's ident_split).")] = "gallery",
-    kind: Annotated[str, typer.Option(
-        help="flat (exact, default), hnsw or ivf (approximate, for large galleries; "
-             "recall@1 against exact is reported).")] = "flat",
-    level: Annotated[str, typer.Option(
-        help="record (one vector per record) or segment (one per 5 s segment).")] = "record",
+    out: Annotated[
+        Path,
+        typer.Option(
+            help="Index path: writes OUT.faiss and OUT.json (ids, patient pseudonyms, lineage)."
+        ),
+    ],
+    split: Annotated[
+        str,
+        typer.Option(
+            help="Which records to index: gallery, probe or all (the store's ident_split)."
+        ),
+    ] = "gallery",
+    kind: Annotated[
+        str,
+        typer.Option(
+            help="flat (exact, default), hnsw or ivf (approximate, for large galleries; "
+            "recall@1 against exact is reported)."
+        ),
+    ] = "flat",
+    level: Annotated[
+        str, typer.Option(help="record (one vector per record) or segment (one per 5 s segment).")
+    ] = "record",
 ) -> None:
     """Build a FAISS index over the embeddings of a store split."""
     from retrieval.index import INDEX_KINDS, index_from_features
@@ -95,9 +134,13 @@ def index_build(
 def evaluate_identify(
     store: Annotated[Path, typer.Option(help="Feature store with a gallery/probe split.")],
     features: Annotated[str, typer.Option(help="Feature set name (see `ecgplat embed`).")],
-    leads: Annotated[str | None, typer.Option(
-        help="Evaluate with this lead subset (12/6/4/3/2/1 or a list); embeddings are computed "
-             "with the subset by the feature set's checkpoint.")] = None,
+    leads: Annotated[
+        str | None,
+        typer.Option(
+            help="Evaluate with this lead subset (12/6/4/3/2/1 or a list); embeddings are computed "
+            "with the subset by the feature set's checkpoint."
+        ),
+    ] = None,
     plot: Annotated[Path | None, typer.Option(help="Write the CMC curves to this PNG.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
 ) -> None:
@@ -150,14 +193,21 @@ def _conditioned_file(path: Path):
 @app.command("query")
 def query(
     index: Annotated[Path, typer.Option(help="Index built by `ecgplat index build` (.faiss).")],
-    record: Annotated[str | None, typer.Option(
-        help="Record key of the index's store, e.g. ptbxl/00013.")] = None,
-    file: Annotated[Path | None, typer.Option(
-        help="A new ECG as a WFDB header (.hea) not in the store; it is conditioned and "
-             "embedded with the index's checkpoint.")] = None,
+    record: Annotated[
+        str | None, typer.Option(help="Record key of the index's store, e.g. ptbxl/00013.")
+    ] = None,
+    file: Annotated[
+        Path | None,
+        typer.Option(
+            help="A new ECG as a WFDB header (.hea) not in the store; it is conditioned and "
+            "embedded with the index's checkpoint."
+        ),
+    ] = None,
     k: Annotated[int, typer.Option(min=1, help="Number of matches.")] = 5,
-    plot: Annotated[Path | None, typer.Option(
-        help="Write the 12-lead traces of the query and its matches to this PNG.")] = None,
+    plot: Annotated[
+        Path | None,
+        typer.Option(help="Write the 12-lead traces of the query and its matches to this PNG."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the matches as JSON.")] = False,
 ) -> None:
     """Nearest gallery ECGs (cosine similarity) of a stored record or a new file."""
@@ -182,8 +232,7 @@ def query(
                 from retrieval.query import record_trace
 
                 trace = record_trace(open_store(idx.lineage["store"]), record)
-            plot_matches(trace, matches, plot, idx.lineage.get("store"),
-                         title=record or file.name)
+            plot_matches(trace, matches, plot, idx.lineage.get("store"), title=record or file.name)
     except (LineageError, CheckpointError, *_ERRORS) as e:
         fail(_message(e))
     if as_json:

@@ -15,13 +15,26 @@ import typer
 from ecgplat.cli.apps import app, fail
 
 TASKS = ("pretrain", "diagnosis", "identify")
-DEFAULT_PRESET = {"pretrain": "w2v_cmsc_rlm", "diagnosis": "diagnosis",
-                  "identify": "identification"}
+DEFAULT_PRESET = {
+    "pretrain": "w2v_cmsc_rlm",
+    "diagnosis": "diagnosis",
+    "identify": "identification",
+}
 
 
-def resolve_run_config(task: str, config: str | None, overrides: list[str], *, shards: str | None,
-                       out: Path, init: str | None, leads: str | None, store: str | None,
-                       resume: bool, exclude_overlap: str | None = None):
+def resolve_run_config(
+    task: str,
+    config: str | None,
+    overrides: list[str],
+    *,
+    shards: str | None,
+    out: Path,
+    init: str | None,
+    leads: str | None,
+    store: str | None,
+    resume: bool,
+    exclude_overlap: str | None = None,
+):
     """The RunConfig of a new run (preset + options + overrides) or of a resumed one (the run
     directory's `config.yaml` + overrides). Raises ConfigError / FileExistsError."""
     from ecgplat.config import ConfigError, apply_overrides, load_config
@@ -33,22 +46,36 @@ def resolve_run_config(task: str, config: str | None, overrides: list[str], *, s
         cfg = load_config(saved, overrides)
         if cfg.task != task:
             raise ConfigError(f"{out}: the run is a '{cfg.task}' run, not '{task}'")
-        for name, given in (("--config", config), ("--shards", shards), ("--init", init),
-                            ("--leads", leads), ("--store", store),
-                            ("--exclude-overlap", exclude_overlap)):
+        for name, given in (
+            ("--config", config),
+            ("--shards", shards),
+            ("--init", init),
+            ("--leads", leads),
+            ("--store", store),
+            ("--exclude-overlap", exclude_overlap),
+        ):
             if given is not None:
-                raise ConfigError(f"{name} cannot change on --resume (the run's config.yaml "
-                                  f"holds it); pass key=value overrides instead")
+                raise ConfigError(
+                    f"{name} cannot change on --resume (the run's config.yaml "
+                    f"holds it); pass key=value overrides instead"
+                )
         cfg.out = str(out)
         return cfg
     if (out / "checkpoint_last.pt").exists():
-        raise FileExistsError(f"{out}: already holds a training run; use --resume to continue "
-                              f"it or choose another --out")
+        raise FileExistsError(
+            f"{out}: already holds a training run; use --resume to continue "
+            f"it or choose another --out"
+        )
     cfg = load_config(config or DEFAULT_PRESET[task], [])
     cfg.task = task
     cfg.out = str(out)
-    for value, key in ((shards, "data.shards"), (init, "finetune.init"), (leads, "data.leads"),
-                       (store, "data.store"), (exclude_overlap, "finetune.leakage_exclude_store")):
+    for value, key in (
+        (shards, "data.shards"),
+        (init, "finetune.init"),
+        (leads, "data.leads"),
+        (store, "data.store"),
+        (exclude_overlap, "finetune.leakage_exclude_store"),
+    ):
         if value is not None:
             apply_overrides(cfg, [f"{key}={value}"])
     apply_overrides(cfg, overrides)
@@ -60,36 +87,73 @@ def resolve_run_config(task: str, config: str | None, overrides: list[str], *, s
 
 @app.command("train")
 def train_command(
-    task: Annotated[str, typer.Argument(help="What to train: pretrain (W2V/CMSC/RLM), diagnosis "
-                                             "(CinC 2021 arrhythmia classes) or identify "
-                                             "(ArcFace patient identification).")],
-    overrides: Annotated[list[str] | None, typer.Argument(
-        help="Config overrides `section.key=value`, e.g. optim.lr=1e-4 data.batch_size=8 "
-             "criterion.loss_weights=[0.1,10]. Unknown keys are rejected.",
-        show_default=False)] = None,
-    config: Annotated[str | None, typer.Option(
-        "--config", "-c", help="Preset name (w2v_cmsc_rlm, w2v_cmsc, w2v, cmsc, diagnosis, "
-                               "identification) or a YAML file; default: the task's "
-                               "preset.")] = None,
-    shards: Annotated[str | None, typer.Option(
-        help="Directory of WebDataset shards written by `ecgplat shards` (data.shards).")] = None,
-    out: Annotated[Path, typer.Option(
-        help="Run directory: config.yaml, checkpoints, metrics.jsonl, W&B files.")] = ...,
-    init: Annotated[str | None, typer.Option(
-        help="Checkpoint to fine-tune from (finetune.init).")] = None,
-    leads: Annotated[str | None, typer.Option(
-        help="Leads fed to the model: preset 12/6/4/3/2/1 or a comma list such as I,II,V2; "
-             "absent leads are zero rows (data.leads).")] = None,
-    store: Annotated[str | None, typer.Option(
-        help="Feature store used for validation (data.store).")] = None,
-    exclude_overlap: Annotated[str | None, typer.Option(
-        "--exclude-overlap", help="Evaluation store whose records must not be trained on "
-                                  "(identify: PhysioNet 2021's HR records are PTB-XL ECGs); the "
-                                  "run reports how many it excluded "
-                                  "(finetune.leakage_exclude_store).")] = None,
-    resume: Annotated[bool, typer.Option(
-        "--resume", help="Continue the interrupted run in --out exactly where its last "
-                         "checkpoint left off.")] = False,
+    task: Annotated[
+        str,
+        typer.Argument(
+            help="What to train: pretrain (W2V/CMSC/RLM), diagnosis "
+            "(CinC 2021 arrhythmia classes) or identify "
+            "(ArcFace patient identification)."
+        ),
+    ],
+    overrides: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="Config overrides `section.key=value`, e.g. optim.lr=1e-4 data.batch_size=8 "
+            "criterion.loss_weights=[0.1,10]. Unknown keys are rejected.",
+            show_default=False,
+        ),
+    ] = None,
+    config: Annotated[
+        str | None,
+        typer.Option(
+            "--config",
+            "-c",
+            help="Preset name (w2v_cmsc_rlm, w2v_cmsc, w2v, cmsc, diagnosis, "
+            "identification) or a YAML file; default: the task's "
+            "preset.",
+        ),
+    ] = None,
+    shards: Annotated[
+        str | None,
+        typer.Option(
+            help="Directory of WebDataset shards written by `ecgplat shards` (data.shards)."
+        ),
+    ] = None,
+    out: Annotated[
+        Path,
+        typer.Option(help="Run directory: config.yaml, checkpoints, metrics.jsonl, W&B files."),
+    ] = ...,
+    init: Annotated[
+        str | None, typer.Option(help="Checkpoint to fine-tune from (finetune.init).")
+    ] = None,
+    leads: Annotated[
+        str | None,
+        typer.Option(
+            help="Leads fed to the model: preset 12/6/4/3/2/1 or a comma list such as I,II,V2; "
+            "absent leads are zero rows (data.leads)."
+        ),
+    ] = None,
+    store: Annotated[
+        str | None, typer.Option(help="Feature store used for validation (data.store).")
+    ] = None,
+    exclude_overlap: Annotated[
+        str | None,
+        typer.Option(
+            "--exclude-overlap",
+            help="Evaluation store whose records must not be trained on "
+            "(identify: PhysioNet 2021's HR records are PTB-XL ECGs); the "
+            "run reports how many it excluded "
+            "(finetune.leakage_exclude_store).",
+        ),
+    ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue the interrupted run in --out exactly where its last "
+            "checkpoint left off.",
+        ),
+    ] = False,
 ) -> None:
     """Train a model; Ctrl-C / SIGTERM writes a checkpoint that --resume continues from."""
     from ecgplat.config import ConfigError
@@ -97,9 +161,18 @@ def train_command(
     if task not in TASKS:
         fail(f"unknown task '{task}'; choose one of {', '.join(TASKS)}")
     try:
-        cfg = resolve_run_config(task, config, list(overrides or []), shards=shards, out=out,
-                                 init=init, leads=leads, store=store, resume=resume,
-                                 exclude_overlap=exclude_overlap)
+        cfg = resolve_run_config(
+            task,
+            config,
+            list(overrides or []),
+            shards=shards,
+            out=out,
+            init=init,
+            leads=leads,
+            store=store,
+            resume=resume,
+            exclude_overlap=exclude_overlap,
+        )
     except (ConfigError, FileExistsError) as e:
         fail(str(e))
 
@@ -125,8 +198,13 @@ def train_command(
         fail(str(e).splitlines()[0] if str(e) else type(e).__name__, code=1)
     distributed.teardown()
     if rank == 0:
-        best = f", best {summary['best_metric']} {summary['best']:.4g}" \
-            if summary["best"] is not None else ""
-        typer.echo(f"done: {summary['num_updates']} updates, {summary['epochs']} complete "
-                   f"epochs (stopped by {summary['stop_reason']}){best}; checkpoint "
-                   f"{summary['checkpoint']}")
+        best = (
+            f", best {summary['best_metric']} {summary['best']:.4g}"
+            if summary["best"] is not None
+            else ""
+        )
+        typer.echo(
+            f"done: {summary['num_updates']} updates, {summary['epochs']} complete "
+            f"epochs (stopped by {summary['stop_reason']}){best}; checkpoint "
+            f"{summary['checkpoint']}"
+        )

@@ -48,12 +48,16 @@ def list_presets() -> list[str]:
     return list(PRESETS)
 
 
-def build_encoder(preset_or_config: str | EncoderConfig | dict = "paper", **overrides) -> ECGEncoder:
+def build_encoder(
+    preset_or_config: str | EncoderConfig | dict = "paper", **overrides
+) -> ECGEncoder:
     """An ECGEncoder from a preset name / EncoderConfig / dict, with EncoderConfig field overrides."""
     return ECGEncoder(get_config(preset_or_config, **overrides))
 
 
-def build_pretraining_model(preset_or_config: str | EncoderConfig | dict = "paper", **overrides) -> W2VCMSCModel:
+def build_pretraining_model(
+    preset_or_config: str | EncoderConfig | dict = "paper", **overrides
+) -> W2VCMSCModel:
     """A W2VCMSCModel (encoder + Gumbel quantizer + project_q + final_proj)."""
     return W2VCMSCModel(get_config(preset_or_config, **overrides))
 
@@ -69,9 +73,14 @@ def preset_summary(name: str) -> dict:
         model = W2VCMSCModel(cfg)
     enc = count_parameters(model.encoder)
     return {
-        "name": name, "description": PRESET_HELP.get(name, ""),
-        "encoder_params": enc, "pretraining_head_params": count_parameters(model) - enc,
-        "embed_dim": cfg.encoder_embed_dim, "layers": cfg.encoder_layers,
-        "heads": cfg.encoder_attention_heads, "ffn_dim": cfg.encoder_ffn_embed_dim,
-        "conv_dim": cfg.conv_dim, "final_dim": cfg.final_dim,
+        "name": name,
+        "description": PRESET_HELP.get(name, ""),
+        "encoder_params": enc,
+        "pretraining_head_params": count_parameters(model) - enc,
+        "embed_dim": cfg.encoder_embed_dim,
+        "layers": cfg.encoder_layers,
+        "heads": cfg.encoder_attention_heads,
+        "ffn_dim": cfg.encoder_ffn_embed_dim,
+        "conv_dim": cfg.conv_dim,
+        "final_dim": cfg.final_dim,
     }

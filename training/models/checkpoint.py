@@ -35,20 +35,36 @@ class CheckpointError(ValueError):
         super().__init__(f"{path}: {reason}")
 
 
-def save_checkpoint(path: str | os.PathLike, *, kind: str, encoder_config: EncoderConfig | dict,
-                    model: dict, config: dict | None = None, optimizer=None, scheduler=None,
-                    num_updates: int = 0, rng: dict | None = None, data_state: dict | None = None,
-                    extra: dict | None = None) -> Path:
+def save_checkpoint(
+    path: str | os.PathLike,
+    *,
+    kind: str,
+    encoder_config: EncoderConfig | dict,
+    model: dict,
+    config: dict | None = None,
+    optimizer=None,
+    scheduler=None,
+    num_updates: int = 0,
+    rng: dict | None = None,
+    data_state: dict | None = None,
+    extra: dict | None = None,
+) -> Path:
     """Atomically write a checkpoint to ``path`` and return it. ``model`` is a state dict."""
     if kind not in KINDS:
         raise ValueError(f"unknown checkpoint kind {kind!r}; expected one of {', '.join(KINDS)}")
     if isinstance(encoder_config, EncoderConfig):
         encoder_config = encoder_config.to_dict()
     ckpt = {
-        "format": FORMAT, "kind": kind, "encoder_config": dict(encoder_config),
+        "format": FORMAT,
+        "kind": kind,
+        "encoder_config": dict(encoder_config),
         "model": {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in model.items()},
-        "config": config or {}, "optimizer": optimizer, "scheduler": scheduler,
-        "num_updates": int(num_updates), "rng": rng or {}, "data_state": data_state or {},
+        "config": config or {},
+        "optimizer": optimizer,
+        "scheduler": scheduler,
+        "num_updates": int(num_updates),
+        "rng": rng or {},
+        "data_state": data_state or {},
         "extra": extra or {},
     }
     path = Path(path)
@@ -78,11 +94,16 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(path, f"not a loadable torch checkpoint ({reason})") from None
     if not isinstance(ckpt, dict) or "format" not in ckpt:
-        hint = " (a fairseq-signals checkpoint? use `ecgplat import fairseq-signals`)" \
-            if isinstance(ckpt, dict) and "cfg" in ckpt else ""
+        hint = (
+            " (a fairseq-signals checkpoint? use `ecgplat import fairseq-signals`)"
+            if isinstance(ckpt, dict) and "cfg" in ckpt
+            else ""
+        )
         raise CheckpointError(path, f"not an ecgplat checkpoint: no 'format' field{hint}")
     if ckpt["format"] != FORMAT:
-        raise CheckpointError(path, f"unsupported checkpoint format {ckpt['format']!r} (expected {FORMAT!r})")
+        raise CheckpointError(
+            path, f"unsupported checkpoint format {ckpt['format']!r} (expected {FORMAT!r})"
+        )
     for key in ("kind", "encoder_config", "model"):
         if key not in ckpt:
             raise CheckpointError(path, f"checkpoint lacks the {key!r} field")
@@ -93,7 +114,11 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
 
 def encoder_state_dict(ckpt: dict) -> dict:
     """The encoder's weights from a checkpoint's model state dict (the "encoder." prefix removed)."""
-    return {k[len(ENCODER_PREFIX):]: v for k, v in ckpt["model"].items() if k.startswith(ENCODER_PREFIX)}
+    return {
+        k[len(ENCODER_PREFIX) :]: v
+        for k, v in ckpt["model"].items()
+        if k.startswith(ENCODER_PREFIX)
+    }
 
 
 def load_encoder(path: str | os.PathLike, **overrides):
@@ -116,14 +141,23 @@ def load_encoder(path: str | os.PathLike, **overrides):
         missing, unexpected = encoder.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shape mismatches
         detail = " ".join(str(e).split())
-        raise CheckpointError(path, f"encoder weights do not fit encoder_config: {detail[:300]}") from None
+        raise CheckpointError(
+            path, f"encoder weights do not fit encoder_config: {detail[:300]}"
+        ) from None
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append("missing encoder weights " + ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
+            parts.append(
+                "missing encoder weights "
+                + ", ".join(missing[:5])
+                + (" ..." if len(missing) > 5 else "")
+            )
         if unexpected:
-            parts.append("unexpected encoder weights " + ", ".join(unexpected[:5])
-                         + (" ..." if len(unexpected) > 5 else ""))
+            parts.append(
+                "unexpected encoder weights "
+                + ", ".join(unexpected[:5])
+                + (" ..." if len(unexpected) > 5 else "")
+            )
         raise CheckpointError(path, "; ".join(parts))
     return encoder.eval()
 
@@ -134,8 +168,9 @@ def load_strict(module: torch.nn.Module, state: dict, path) -> None:
     try:
         missing, unexpected = module.load_state_dict(state, strict=False)
     except RuntimeError as e:
-        raise CheckpointError(path, "weights do not fit the model: "
-                                    + " ".join(str(e).split())[:300]) from None
+        raise CheckpointError(
+            path, "weights do not fit the model: " + " ".join(str(e).split())[:300]
+        ) from None
     parts = []
     for what, keys in (("missing", missing), ("unexpected", unexpected)):
         if keys:
@@ -144,8 +179,15 @@ def load_strict(module: torch.nn.Module, state: dict, path) -> None:
         raise CheckpointError(path, "; ".join(parts))
 
 
-def load_finetuned(path: str | os.PathLike, kind: str, what: str, head_key: str, head_name: str,
-                   build, map_location="cpu") -> tuple[torch.nn.Module, dict]:
+def load_finetuned(
+    path: str | os.PathLike,
+    kind: str,
+    what: str,
+    head_key: str,
+    head_name: str,
+    build,
+    map_location="cpu",
+) -> tuple[torch.nn.Module, dict]:
     """Rebuild a fine-tuned model (encoder + head) from a checkpoint of `kind`, strictly, in
     eval mode. `what` names the model in errors ("a diagnosis model"); `head_key` is the head
     weight whose first dimension is the class count (`head_name` describes it);
@@ -155,8 +197,11 @@ def load_finetuned(path: str | os.PathLike, kind: str, what: str, head_key: str,
 
     ckpt = load_checkpoint(path, map_location=map_location)
     if ckpt["kind"] != kind:
-        raise CheckpointError(path, f"a {ckpt['kind']!r} checkpoint, not {what} "
-                                    f"(fine-tune it with `ecgplat train {kind} --init`)")
+        raise CheckpointError(
+            path,
+            f"a {ckpt['kind']!r} checkpoint, not {what} "
+            f"(fine-tune it with `ecgplat train {kind} --init`)",
+        )
     head = ckpt["model"].get(head_key)
     if head is None:
         raise CheckpointError(path, f"no {head_name} ({head_key}) in the model weights")

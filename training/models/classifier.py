@@ -24,7 +24,9 @@ NUM_CLASSES = 26
 
 
 class DiagnosisModel(nn.Module):
-    def __init__(self, encoder: ECGEncoder, num_classes: int = NUM_CLASSES, final_dropout: float = 0.0):
+    def __init__(
+        self, encoder: ECGEncoder, num_classes: int = NUM_CLASSES, final_dropout: float = 0.0
+    ):
         """encoder: a (pretrained) ECGEncoder; num_classes: `num_labels` (26 scored CinC 2021
         classes); final_dropout: `final_dropout`, applied to the frames before pooling."""
         super().__init__()
@@ -38,13 +40,21 @@ class DiagnosisModel(nn.Module):
     def num_classes(self) -> int:
         return self.head.out_features
 
-    def forward(self, source: torch.Tensor, lead_mask: torch.Tensor | None = None,
-                padding_mask: torch.Tensor | None = None, freeze_encoder: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        source: torch.Tensor,
+        lead_mask: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
+        freeze_encoder: bool = False,
+    ) -> torch.Tensor:
         """source (B, 12, T) float mV; lead_mask (B, 12) bool (False leads zeroed); padding_mask
         (B, T) bool True = pad; freeze_encoder: run the encoder under no_grad
         (`freeze_finetune_updates`). Returns logits (B, num_classes)."""
-        return self.head(pooled_output(self.encoder, source, lead_mask, padding_mask,
-                                       self.final_dropout, freeze_encoder))
+        return self.head(
+            pooled_output(
+                self.encoder, source, lead_mask, padding_mask, self.final_dropout, freeze_encoder
+            )
+        )
 
 
 def load_diagnosis_model(path, map_location="cpu") -> tuple[DiagnosisModel, dict]:
@@ -52,7 +62,12 @@ def load_diagnosis_model(path, map_location="cpu") -> tuple[DiagnosisModel, dict
     Returns ``(model, checkpoint)``; raises CheckpointError naming the file and the reason."""
     from training.models.checkpoint import load_finetuned
 
-    return load_finetuned(path, "diagnosis", "a diagnosis model", "head.weight",
-                          "classification head",
-                          lambda encoder, n, _: DiagnosisModel(encoder, num_classes=n),
-                          map_location=map_location)
+    return load_finetuned(
+        path,
+        "diagnosis",
+        "a diagnosis model",
+        "head.weight",
+        "classification head",
+        lambda encoder, n, _: DiagnosisModel(encoder, num_classes=n),
+        map_location=map_location,
+    )

@@ -99,17 +99,27 @@ class EncoderConfig:
     def __post_init__(self) -> None:
         self.latent_temp = tuple(float(t) for t in self.latent_temp)
         if self.encoder_embed_dim % self.encoder_attention_heads:
-            raise ValueError(f"encoder_embed_dim {self.encoder_embed_dim} is not divisible by "
-                             f"encoder_attention_heads {self.encoder_attention_heads}")
+            raise ValueError(
+                f"encoder_embed_dim {self.encoder_embed_dim} is not divisible by "
+                f"encoder_attention_heads {self.encoder_attention_heads}"
+            )
         if self.encoder_embed_dim % self.conv_pos_groups:
-            raise ValueError(f"encoder_embed_dim {self.encoder_embed_dim} is not divisible by "
-                             f"conv_pos_groups {self.conv_pos_groups}")
+            raise ValueError(
+                f"encoder_embed_dim {self.encoder_embed_dim} is not divisible by "
+                f"conv_pos_groups {self.conv_pos_groups}"
+            )
         if self.extractor_mode != "default":
-            raise ValueError(f"extractor_mode {self.extractor_mode!r} is not supported (only 'default')")
+            raise ValueError(
+                f"extractor_mode {self.extractor_mode!r} is not supported (only 'default')"
+            )
         if self.mask_selection != "static":
-            raise ValueError(f"mask_selection {self.mask_selection!r} is not supported (only 'static')")
+            raise ValueError(
+                f"mask_selection {self.mask_selection!r} is not supported (only 'static')"
+            )
         if self.vq_dim % self.latent_groups:
-            raise ValueError(f"quantized dim {self.vq_dim} is not divisible by latent_groups {self.latent_groups}")
+            raise ValueError(
+                f"quantized dim {self.vq_dim} is not divisible by latent_groups {self.latent_groups}"
+            )
         parse_conv_layers(self.conv_feature_layers)
 
     @property
@@ -167,11 +177,18 @@ def parse_conv_layers(spec: str) -> list[tuple[int, int, int]]:
         layers = ev(ast.parse(spec, mode="eval"))
     except SyntaxError as e:
         raise ValueError(f"conv_feature_layers {spec!r}: {e.msg}") from None
-    if not isinstance(layers, list) or not layers or not all(
+    if (
+        not isinstance(layers, list)
+        or not layers
+        or not all(
             isinstance(t, tuple) and len(t) == 3 and all(isinstance(v, int) and v > 0 for v in t)
-            for t in layers):
-        raise ValueError(f"conv_feature_layers {spec!r}: expected a non-empty list of "
-                         "(channels, kernel, stride) tuples of positive ints")
+            for t in layers
+        )
+    ):
+        raise ValueError(
+            f"conv_feature_layers {spec!r}: expected a non-empty list of "
+            "(channels, kernel, stride) tuples of positive ints"
+        )
     return layers
 
 
@@ -203,9 +220,12 @@ def get_config(preset_or_config: str | EncoderConfig | dict, **overrides) -> Enc
         base = dict(preset_or_config)
     elif isinstance(preset_or_config, str):
         if preset_or_config not in PRESETS:
-            raise ValueError(f"unknown model preset {preset_or_config!r}; "
-                             f"choose one of {', '.join(PRESETS)}")
+            raise ValueError(
+                f"unknown model preset {preset_or_config!r}; choose one of {', '.join(PRESETS)}"
+            )
         base = PRESETS[preset_or_config].to_dict()
     else:
-        raise TypeError(f"expected a preset name, EncoderConfig or dict, got {type(preset_or_config).__name__}")
+        raise TypeError(
+            f"expected a preset name, EncoderConfig or dict, got {type(preset_or_config).__name__}"
+        )
     return EncoderConfig.from_dict(base, **overrides)

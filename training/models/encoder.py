@@ -26,31 +26,45 @@ from training.models.transformer import TransformerEncoder
 
 
 class EncoderOutput(NamedTuple):
-    frames: torch.Tensor                    # (B, T', D) transformer output
-    pooled: torch.Tensor                    # (B, D) mean over non-padded frames
-    features_pen: torch.Tensor              # () fp32 mean of squared raw CNN features
-    local_features: torch.Tensor            # (B, T', C) LayerNorm'ed CNN features after dropout_features
-    mask_indices: torch.Tensor | None       # (B, T') bool, True = masked; None when mask=False
+    frames: torch.Tensor  # (B, T', D) transformer output
+    pooled: torch.Tensor  # (B, D) mean over non-padded frames
+    features_pen: torch.Tensor  # () fp32 mean of squared raw CNN features
+    local_features: torch.Tensor  # (B, T', C) LayerNorm'ed CNN features after dropout_features
+    mask_indices: torch.Tensor | None  # (B, T') bool, True = masked; None when mask=False
 
 
 class ECGEncoder(nn.Module):
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
         self.cfg = cfg
-        self.feature_extractor = ConvFeatureExtractor(cfg.conv_layers, in_d=cfg.in_d, conv_bias=cfg.conv_bias)
+        self.feature_extractor = ConvFeatureExtractor(
+            cfg.conv_layers, in_d=cfg.in_d, conv_bias=cfg.conv_bias
+        )
         conv_dim = cfg.conv_dim
         self.layer_norm = nn.LayerNorm(conv_dim)
-        self.post_extract_proj = (nn.Linear(conv_dim, cfg.encoder_embed_dim)
-                                  if conv_dim != cfg.encoder_embed_dim else None)
+        self.post_extract_proj = (
+            nn.Linear(conv_dim, cfg.encoder_embed_dim)
+            if conv_dim != cfg.encoder_embed_dim
+            else None
+        )
         self.dropout_input = Dropout(cfg.dropout_input)
         self.dropout_features = Dropout(cfg.dropout_features)
         self.mask_emb = nn.Parameter(torch.empty(cfg.encoder_embed_dim).uniform_())
-        self.pos_conv = ConvPositionalEmbedding(cfg.encoder_embed_dim, cfg.conv_pos, cfg.conv_pos_groups)
+        self.pos_conv = ConvPositionalEmbedding(
+            cfg.encoder_embed_dim, cfg.conv_pos, cfg.conv_pos_groups
+        )
         self.transformer = TransformerEncoder(
-            cfg.encoder_embed_dim, cfg.encoder_layers, cfg.encoder_ffn_embed_dim,
-            cfg.encoder_attention_heads, dropout=cfg.dropout, attention_dropout=cfg.attention_dropout,
-            activation_dropout=cfg.activation_dropout, layer_norm_eps=cfg.layer_norm_eps,
-            layer_norm_first=cfg.layer_norm_first, layerdrop=cfg.encoder_layerdrop)
+            cfg.encoder_embed_dim,
+            cfg.encoder_layers,
+            cfg.encoder_ffn_embed_dim,
+            cfg.encoder_attention_heads,
+            dropout=cfg.dropout,
+            attention_dropout=cfg.attention_dropout,
+            activation_dropout=cfg.activation_dropout,
+            layer_norm_eps=cfg.layer_norm_eps,
+            layer_norm_first=cfg.layer_norm_first,
+            layerdrop=cfg.encoder_layerdrop,
+        )
         self.feature_grad_mult = cfg.feature_grad_mult
 
     @property
@@ -71,16 +85,23 @@ class ECGEncoder(nn.Module):
         with torch.no_grad():
             return self.feature_extractor(x)
 
-    def frame_padding_mask(self, padding_mask: torch.Tensor | None, n_frames: int) -> torch.Tensor | None:
+    def frame_padding_mask(
+        self, padding_mask: torch.Tensor | None, n_frames: int
+    ) -> torch.Tensor | None:
         """Reduce a (B, T) sample padding mask to (B, T') frames: frames beyond the valid length."""
         if padding_mask is None or not padding_mask.any():
             return None
         valid = self.feature_extractor.output_lengths((~padding_mask).sum(-1))
         return torch.arange(n_frames, device=padding_mask.device)[None, :] >= valid[:, None]
 
-    def extract_features(self, x: torch.Tensor, lead_mask: torch.Tensor | None = None,
-                         padding_mask: torch.Tensor | None = None, mask: bool = False,
-                         mask_indices: torch.Tensor | None = None) -> EncoderOutput:
+    def extract_features(
+        self,
+        x: torch.Tensor,
+        lead_mask: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
+        mask: bool = False,
+        mask_indices: torch.Tensor | None = None,
+    ) -> EncoderOutput:
         """x (B, in_d, T) float mV; lead_mask (B, in_d) bool (False leads are zeroed);
         padding_mask (B, T) bool True = pad; mask: apply time masking (pretraining);
         mask_indices: a precomputed (B, T') mask to use instead of drawing one."""
@@ -97,17 +118,24 @@ class ECGEncoder(nn.Module):
         h = self.dropout_input(h)
         if mask or mask_indices is not None:
             if mask_indices is None:
-                mask_indices = torch.from_numpy(compute_mask_indices(
-                    tuple(h.shape[:2]), frame_pad, self.cfg.mask_prob, self.cfg.mask_length,
-                    min_masks=self.cfg.min_masks))
+                mask_indices = torch.from_numpy(
+                    compute_mask_indices(
+                        tuple(h.shape[:2]),
+                        frame_pad,
+                        self.cfg.mask_prob,
+                        self.cfg.mask_length,
+                        min_masks=self.cfg.min_masks,
+                    )
+                )
             mask_indices = mask_indices.to(device=h.device, dtype=torch.bool)
             h = torch.where(mask_indices[..., None], self.mask_emb.to(h.dtype), h)
         if frame_pad is not None:
             h = h.masked_fill(frame_pad[..., None], 0.0)
         h = h + self.pos_conv(h)
         frames = self.transformer(h, frame_pad)
-        return EncoderOutput(frames, self.pool(frames, frame_pad), features_pen, local_features,
-                             mask_indices)
+        return EncoderOutput(
+            frames, self.pool(frames, frame_pad), features_pen, local_features, mask_indices
+        )
 
     @staticmethod
     def pool(frames: torch.Tensor, frame_pad: torch.Tensor | None) -> torch.Tensor:
@@ -117,6 +145,11 @@ class ECGEncoder(nn.Module):
         keep = (~frame_pad).to(frames.dtype)[..., None]
         return (frames * keep).sum(1) / keep.sum(1).clamp_min(1.0)
 
-    def forward(self, x: torch.Tensor, lead_mask: torch.Tensor | None = None,
-                padding_mask: torch.Tensor | None = None, mask: bool = False) -> EncoderOutput:
+    def forward(
+        self,
+        x: torch.Tensor,
+        lead_mask: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
+        mask: bool = False,
+    ) -> EncoderOutput:
         return self.extract_features(x, lead_mask=lead_mask, padding_mask=padding_mask, mask=mask)

@@ -35,25 +35,44 @@ PAPER_ERA_NAMES = {"wav2vec2_clocs"}
 
 # fairseq options that select code paths we do not implement, with the value we require
 _REQUIRED = {
-    "quantize_targets": True, "quantize_input": False, "same_quantizer": False, "target_glu": False,
-    "extractor_mode": "default", "mask_selection": "static", "no_mask_overlap": False,
-    "mask_channel_prob": 0.0, "negatives_from_everywhere": False, "codebook_negatives": 0,
+    "quantize_targets": True,
+    "quantize_input": False,
+    "same_quantizer": False,
+    "target_glu": False,
+    "extractor_mode": "default",
+    "mask_selection": "static",
+    "no_mask_overlap": False,
+    "mask_channel_prob": 0.0,
+    "negatives_from_everywhere": False,
+    "codebook_negatives": 0,
     "cross_sample_negatives": 0,
 }
 
 _RULES = [
-    (r"feature_extractor\.conv_layers\.(\d+)\.(\d+)\.(weight|bias)", r"encoder.feature_extractor.conv_layers.\1.\2.\3"),
+    (
+        r"feature_extractor\.conv_layers\.(\d+)\.(\d+)\.(weight|bias)",
+        r"encoder.feature_extractor.conv_layers.\1.\2.\3",
+    ),
     (r"layer_norm\.(weight|bias)", r"encoder.layer_norm.\1"),
     (r"post_extract_proj\.(weight|bias)", r"encoder.post_extract_proj.\1"),
     (r"mask_emb", r"encoder.mask_emb"),
     (r"(?:conv_pos|encoder)\.pos_conv\.0\.bias", r"encoder.pos_conv.conv.bias"),
-    (r"(?:conv_pos|encoder)\.pos_conv\.0\.(?:weight_g|parametrizations\.weight\.original0)",
-     r"encoder.pos_conv.conv.parametrizations.weight.original0"),
-    (r"(?:conv_pos|encoder)\.pos_conv\.0\.(?:weight_v|parametrizations\.weight\.original1)",
-     r"encoder.pos_conv.conv.parametrizations.weight.original1"),
+    (
+        r"(?:conv_pos|encoder)\.pos_conv\.0\.(?:weight_g|parametrizations\.weight\.original0)",
+        r"encoder.pos_conv.conv.parametrizations.weight.original0",
+    ),
+    (
+        r"(?:conv_pos|encoder)\.pos_conv\.0\.(?:weight_v|parametrizations\.weight\.original1)",
+        r"encoder.pos_conv.conv.parametrizations.weight.original1",
+    ),
     (r"encoder\.layer_norm\.(weight|bias)", r"encoder.transformer.layer_norm.\1"),
-    ((r"encoder\.layers\.(\d+)\.(self_attn\.(?:q|k|v|out)_proj|self_attn_layer_norm|fc1|fc2|final_layer_norm)"
-      r"\.(weight|bias)"), r"encoder.transformer.layers.\1.\2.\3"),
+    (
+        (
+            r"encoder\.layers\.(\d+)\.(self_attn\.(?:q|k|v|out)_proj|self_attn_layer_norm|fc1|fc2|final_layer_norm)"
+            r"\.(weight|bias)"
+        ),
+        r"encoder.transformer.layers.\1.\2.\3",
+    ),
     (r"quantizer\.vars", r"quantizer.vars"),
     (r"quantizer\.weight_proj\.(weight|bias)", r"quantizer.weight_proj.\1"),
     (r"(project_q|final_proj)\.(weight|bias)", r"\1.\2"),
@@ -75,7 +94,9 @@ def config_from_fairseq(model_cfg: dict, layer_norm_eps: float | None = None) ->
         raise TypeError(f"fairseq model config must be a dict, got {type(model_cfg).__name__}")
     for opt, want in _REQUIRED.items():
         if opt in model_cfg and model_cfg[opt] is not None and model_cfg[opt] != want:
-            raise ValueError(f"fairseq option {opt}={model_cfg[opt]!r} is not supported (need {want!r})")
+            raise ValueError(
+                f"fairseq option {opt}={model_cfg[opt]!r} is not supported (need {want!r})"
+            )
     names = {f.name for f in dataclasses.fields(EncoderConfig)}
     fields = {k: v for k, v in model_cfg.items() if k in names and v is not None}
     if "latent_temp" in fields:
@@ -86,8 +107,9 @@ def config_from_fairseq(model_cfg: dict, layer_norm_eps: float | None = None) ->
     return EncoderConfig(**fields)
 
 
-def map_fairseq_state_dict(state_dict: dict, model_cfg: dict,
-                           layer_norm_eps: float | None = None) -> tuple[EncoderConfig, dict]:
+def map_fairseq_state_dict(
+    state_dict: dict, model_cfg: dict, layer_norm_eps: float | None = None
+) -> tuple[EncoderConfig, dict]:
     """Map a fairseq-signals wav2vec2(_cmsc) state dict onto W2VCMSCModel's keys (see module doc).
 
     Raises ValueError naming unknown source keys, missing target keys and shape mismatches.
@@ -103,7 +125,9 @@ def map_fairseq_state_dict(state_dict: dict, model_cfg: dict,
                 unknown.append(key)
             continue
         if target in mapped:
-            raise ValueError(f"fairseq keys map twice onto {target} (both weight-norm layouts present?)")
+            raise ValueError(
+                f"fairseq keys map twice onto {target} (both weight-norm layouts present?)"
+            )
         mapped[target] = value
     if unknown:
         raise ValueError(f"unknown fairseq-signals key(s): {', '.join(sorted(unknown))}")
@@ -112,9 +136,14 @@ def map_fairseq_state_dict(state_dict: dict, model_cfg: dict,
         expected = {k: v.shape for k, v in W2VCMSCModel(cfg).state_dict().items()}
     missing = sorted(set(expected) - set(mapped))
     if missing:
-        raise ValueError(f"missing weight(s) in the fairseq-signals state dict for: {', '.join(missing)}")
-    bad = [f"{k} {tuple(mapped[k].shape)} != {tuple(expected[k])}" for k in expected
-           if tuple(mapped[k].shape) != tuple(expected[k])]
+        raise ValueError(
+            f"missing weight(s) in the fairseq-signals state dict for: {', '.join(missing)}"
+        )
+    bad = [
+        f"{k} {tuple(mapped[k].shape)} != {tuple(expected[k])}"
+        for k in expected
+        if tuple(mapped[k].shape) != tuple(expected[k])
+    ]
     if bad:
         raise ValueError(f"shape mismatch against the config: {'; '.join(bad)}")
     return cfg, {k: mapped[k].detach().clone().float() for k in expected}
@@ -124,8 +153,9 @@ def _json_safe(obj):
     return json.loads(json.dumps(obj, default=str))
 
 
-def import_fairseq_checkpoint(src: str | os.PathLike, out: str | os.PathLike,
-                              layer_norm_eps: float | None = None) -> Path:
+def import_fairseq_checkpoint(
+    src: str | os.PathLike, out: str | os.PathLike, layer_norm_eps: float | None = None
+) -> Path:
     """Convert a fairseq-signals pretraining checkpoint into an ecgplat checkpoint of kind
     "imported" (encoder + quantizer/project_q/final_proj heads). Errors name ``src``."""
     src = Path(src)
@@ -141,14 +171,19 @@ def import_fairseq_checkpoint(src: str | os.PathLike, out: str | os.PathLike,
     cfg_all = ckpt.get("cfg")
     if not isinstance(cfg_all, dict) or not isinstance(cfg_all.get("model"), dict):
         raise ValueError(  # noqa: TRY004 - bad file content, reported like every other input error
-            f"{src}: no cfg['model'] (only hydra-era fairseq-signals checkpoints are supported)")
+            f"{src}: no cfg['model'] (only hydra-era fairseq-signals checkpoints are supported)"
+        )
     model_cfg = cfg_all["model"]
     try:
         cfg, state = map_fairseq_state_dict(ckpt["model"], model_cfg, layer_norm_eps)
     except ValueError as e:
         raise ValueError(f"{src}: {e}") from None
     return save_checkpoint(
-        out, kind="imported", encoder_config=cfg, model=state,
+        out,
+        kind="imported",
+        encoder_config=cfg,
+        model=state,
         config={"source": "fairseq-signals", "fairseq_model_cfg": _json_safe(model_cfg)},
         num_updates=int((ckpt.get("optimizer_history") or [{}])[-1].get("num_updates", 0) or 0),
-        extra={"imported_from": src.name})
+        extra={"imported_from": src.name},
+    )

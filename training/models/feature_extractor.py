@@ -34,17 +34,26 @@ class Fp32GroupNorm(nn.GroupNorm):
     """GroupNorm computed in float32 whatever the autocast dtype (fairseq's Fp32GroupNorm)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.group_norm(x.float(), self.num_groups,
-                           self.weight.float() if self.weight is not None else None,
-                           self.bias.float() if self.bias is not None else None, self.eps)
+        out = F.group_norm(
+            x.float(),
+            self.num_groups,
+            self.weight.float() if self.weight is not None else None,
+            self.bias.float() if self.bias is not None else None,
+            self.eps,
+        )
         return out.type_as(x)
 
 
 class ConvFeatureExtractor(nn.Module):
     """Stack of strided Conv1d blocks; ``conv_layers`` is a list of (channels, kernel, stride)."""
 
-    def __init__(self, conv_layers: list[tuple[int, int, int]], in_d: int = 12,
-                 dropout: float = 0.0, conv_bias: bool = False):
+    def __init__(
+        self,
+        conv_layers: list[tuple[int, int, int]],
+        in_d: int = 12,
+        dropout: float = 0.0,
+        conv_bias: bool = False,
+    ):
         super().__init__()
         self.spec = list(conv_layers)
         blocks = []
@@ -53,7 +62,9 @@ class ConvFeatureExtractor(nn.Module):
             conv = nn.Conv1d(in_ch, dim, kernel, stride=stride, bias=conv_bias)
             nn.init.kaiming_normal_(conv.weight)
             if i == 0:
-                block = nn.Sequential(conv, Dropout(dropout), Fp32GroupNorm(dim, dim, affine=True), nn.GELU())
+                block = nn.Sequential(
+                    conv, Dropout(dropout), Fp32GroupNorm(dim, dim, affine=True), nn.GELU()
+                )
             else:
                 block = nn.Sequential(conv, Dropout(dropout), nn.GELU())
             blocks.append(block)

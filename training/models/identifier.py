@@ -29,17 +29,28 @@ from training.models.pooling import pooled_output
 from training.objectives.arcface import ArcFaceHead, arcface_loss
 
 
-def unit_embedding(encoder: ECGEncoder, source: torch.Tensor, lead_mask: torch.Tensor | None = None,
-                   padding_mask: torch.Tensor | None = None, final_dropout: nn.Module | None = None,
-                   freeze_encoder: bool = False) -> torch.Tensor:
+def unit_embedding(
+    encoder: ECGEncoder,
+    source: torch.Tensor,
+    lead_mask: torch.Tensor | None = None,
+    padding_mask: torch.Tensor | None = None,
+    final_dropout: nn.Module | None = None,
+    freeze_encoder: bool = False,
+) -> torch.Tensor:
     """L2-normalised mean-pooled encoder output (B, D) in float32."""
     pooled = pooled_output(encoder, source, lead_mask, padding_mask, final_dropout, freeze_encoder)
     return F.normalize(pooled.float(), dim=-1)
 
 
 class IdentificationModel(nn.Module):
-    def __init__(self, encoder: ECGEncoder, num_classes: int, scale: float = 192.0,
-                 margin: float = 1.0, final_dropout: float = 0.0):
+    def __init__(
+        self,
+        encoder: ECGEncoder,
+        num_classes: int,
+        scale: float = 192.0,
+        margin: float = 1.0,
+        final_dropout: float = 0.0,
+    ):
         """encoder: a (pretrained) ECGEncoder; num_classes: `num_labels` (training patients);
         scale / margin: `criterion.scale` / `criterion.margin` (paper: 192, 1.0);
         final_dropout: `final_dropout` on the frames before pooling (paper: 0)."""
@@ -52,16 +63,27 @@ class IdentificationModel(nn.Module):
     def num_classes(self) -> int:
         return self.arcface.num_classes
 
-    def embed(self, source: torch.Tensor, lead_mask: torch.Tensor | None = None,
-              padding_mask: torch.Tensor | None = None, freeze_encoder: bool = False) -> torch.Tensor:
+    def embed(
+        self,
+        source: torch.Tensor,
+        lead_mask: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
+        freeze_encoder: bool = False,
+    ) -> torch.Tensor:
         """Unit embeddings (B, D); freeze_encoder runs the encoder under no_grad
         (`freeze_finetune_updates`)."""
-        return unit_embedding(self.encoder, source, lead_mask, padding_mask, self.final_dropout,
-                              freeze_encoder)
+        return unit_embedding(
+            self.encoder, source, lead_mask, padding_mask, self.final_dropout, freeze_encoder
+        )
 
-    def forward(self, source: torch.Tensor, labels: torch.Tensor | None = None,
-                lead_mask: torch.Tensor | None = None, padding_mask: torch.Tensor | None = None,
-                freeze_encoder: bool = False):
+    def forward(
+        self,
+        source: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        lead_mask: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
+        freeze_encoder: bool = False,
+    ):
         """Without labels: the embeddings. With labels (B,) class indices: the ArcFace loss
         `(loss summed over the batch, B, logs)` (see `training.objectives.arcface`)."""
         e = self.embed(source, lead_mask, padding_mask, freeze_encoder)
@@ -71,8 +93,9 @@ class IdentificationModel(nn.Module):
 
 
 @torch.no_grad()
-def embed_batches(model: nn.Module, batches: Iterable[dict], device: torch.device | None = None
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def embed_batches(
+    model: nn.Module, batches: Iterable[dict], device: torch.device | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Unit embeddings of every segment of `batches` (the `store_batches` / training.data form).
 
     `model` is an ECGEncoder or an IdentificationModel; it is run in eval mode and put back.
@@ -82,8 +105,11 @@ def embed_batches(model: nn.Module, batches: Iterable[dict], device: torch.devic
     was_training = model.training
     model.eval()
     encoder = model.encoder if isinstance(model, IdentificationModel) else model
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else contextlib.nullcontext())
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.type == "cuda"
+        else contextlib.nullcontext()
+    )
     embs, recs, segs = [], [], []
     try:
         for batch in batches:
@@ -121,8 +147,19 @@ def load_identification_model(path, map_location="cpu") -> tuple[IdentificationM
 
     def build(encoder: ECGEncoder, num_classes: int, ckpt: dict) -> IdentificationModel:
         crit = (ckpt.get("config") or {}).get("criterion", {})
-        return IdentificationModel(encoder, num_classes, scale=crit.get("arcface_scale", 192.0),
-                                   margin=crit.get("arcface_margin", 1.0))
+        return IdentificationModel(
+            encoder,
+            num_classes,
+            scale=crit.get("arcface_scale", 192.0),
+            margin=crit.get("arcface_margin", 1.0),
+        )
 
-    return load_finetuned(path, "identify", "an identification model", "arcface.kernel",
-                          "ArcFace head", build, map_location=map_location)
+    return load_finetuned(
+        path,
+        "identify",
+        "an identification model",
+        "arcface.kernel",
+        "ArcFace head",
+        build,
+        map_location=map_location,
+    )

@@ -138,8 +138,13 @@ class _PackedDropoutAttention(torch.autograd.Function):
         return grad_qkv.view(bsz, tsz, 3 * num_heads * head_dim), None, None, None
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
-              dropout_p: float) -> torch.Tensor:
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    dropout_p: float,
+) -> torch.Tensor:
     """softmax(q kᵀ / sqrt(d) [masked]) v with dropout on the probabilities.
     q, k, v (B, H, T, d); attn_mask broadcastable to (B, H, T, T), bool, True = may attend."""
     if dropout_p == 0.0 or dropout_p >= 1.0 or q.device.type != "cpu":
@@ -147,13 +152,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torc
     return _DropoutAttention.apply(q, k, v, attn_mask, dropout_p)
 
 
-def packed_attention(qkv: torch.Tensor, num_heads: int, attn_mask: torch.Tensor | None,
-                     dropout_p: float) -> torch.Tensor:
+def packed_attention(
+    qkv: torch.Tensor, num_heads: int, attn_mask: torch.Tensor | None, dropout_p: float
+) -> torch.Tensor:
     """``attention`` on a fused projection: qkv (B, T, 3D) -> (B, T, D) (heads concatenated)."""
     bsz, tsz, three_d = qkv.shape
     dim = three_d // 3
     if dropout_p == 0.0 or dropout_p >= 1.0 or qkv.device.type != "cpu":
-        q, k, v = qkv.view(bsz, tsz, 3, num_heads, dim // num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = (
+            qkv.view(bsz, tsz, 3, num_heads, dim // num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        )
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
         return out.transpose(1, 2).reshape(bsz, tsz, dim)
     return _PackedDropoutAttention.apply(qkv, num_heads, attn_mask, dropout_p)
@@ -226,7 +234,9 @@ class _GeluDropoutLinear(torch.autograd.Function):
         return grad_h, grad_w, grad_b, None
 
 
-def gelu_dropout_linear(h: torch.Tensor, linear: nn.Linear, p: float, training: bool) -> torch.Tensor:
+def gelu_dropout_linear(
+    h: torch.Tensor, linear: nn.Linear, p: float, training: bool
+) -> torch.Tensor:
     """linear(dropout(gelu(h), p)) with GELU in fp32 (fairseq's utils.gelu), recomputed in backward."""
     p = p if training else 0.0
     if not torch.is_grad_enabled() or not (h.requires_grad or linear.weight.requires_grad):
@@ -252,8 +262,15 @@ class _LayerNormFromOutput(torch.autograd.Function):
         # dγ, dβ and rstd⁻¹ · dx in one pass (instead of ~10 elementwise passes)
         x_hat = (y - bias).div_(weight)
         grad_x, grad_w, grad_b = torch.ops.aten.native_layer_norm_backward(
-            grad_y.contiguous(), x_hat, (x_hat.shape[-1],), torch.zeros_like(rstd),
-            torch.ones_like(rstd), weight, bias, list(ctx.needs_input_grad[:3]))
+            grad_y.contiguous(),
+            x_hat,
+            (x_hat.shape[-1],),
+            torch.zeros_like(rstd),
+            torch.ones_like(rstd),
+            weight,
+            bias,
+            list(ctx.needs_input_grad[:3]),
+        )
         if grad_x is not None:
             grad_x = grad_x.mul_(rstd)
         return grad_x, grad_w, grad_b, None
@@ -267,8 +284,13 @@ class LayerNorm(nn.LayerNorm):
     min_abs_weight = 1e-3
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.device.type != "cpu" or not torch.is_grad_enabled() or x.dtype != self.weight.dtype
-                or not self.elementwise_affine or self.bias is None
-                or bool((self.weight.detach().abs() < self.min_abs_weight).any())):
+        if (
+            x.device.type != "cpu"
+            or not torch.is_grad_enabled()
+            or x.dtype != self.weight.dtype
+            or not self.elementwise_affine
+            or self.bias is None
+            or bool((self.weight.detach().abs() < self.min_abs_weight).any())
+        ):
             return super().forward(x)
         return _LayerNormFromOutput.apply(x, self.weight, self.bias, self.eps)

@@ -22,15 +22,24 @@ import numpy as np
 import torch
 
 
-def compute_mask_indices(shape: tuple[int, int], padding_mask: torch.Tensor | np.ndarray | None,
-                         mask_prob: float, mask_length: int, min_masks: int = 0,
-                         rng: np.random.Generator | None = None) -> np.ndarray:
+def compute_mask_indices(
+    shape: tuple[int, int],
+    padding_mask: torch.Tensor | np.ndarray | None,
+    mask_prob: float,
+    mask_length: int,
+    min_masks: int = 0,
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
     """Bool (B, T) mask with the same number of True entries in every row (see module doc)."""
     bsz, all_sz = shape
     if rng is None:
         rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,)).item()))
     if padding_mask is not None:
-        pad = padding_mask.detach().cpu().numpy() if isinstance(padding_mask, torch.Tensor) else np.asarray(padding_mask)
+        pad = (
+            padding_mask.detach().cpu().numpy()
+            if isinstance(padding_mask, torch.Tensor)
+            else np.asarray(padding_mask)
+        )
         sizes = all_sz - pad.astype(np.int64).sum(axis=1)
     else:
         sizes = np.full(bsz, all_sz, dtype=np.int64)

@@ -46,20 +46,25 @@ class _GroupedConv1d(torch.autograd.Function):
         c_out, c_in_g, k = weight.shape
         if ctx.needs_input_grad[0]:
             # full correlation: grad_x[s] = sum_j grad_y[s - j] W[:, :, j]
-            w_t = (weight.view(groups, c_out // groups, c_in_g, k).transpose(1, 2)
-                   .reshape(groups * c_in_g, c_out // groups, k).flip(2))
+            w_t = (
+                weight.view(groups, c_out // groups, c_in_g, k)
+                .transpose(1, 2)
+                .reshape(groups * c_in_g, c_out // groups, k)
+                .flip(2)
+            )
             grad_x = F.conv1d(F.pad(grad_y, (k - 1, k - 1)), w_t, groups=groups)
         if ctx.needs_input_grad[1]:
             grad_w = torch.ops.aten.convolution_backward(
-                grad_y, x, weight, None, [1], [0], [1], False, [0], groups,
-                [False, True, False])[1]
+                grad_y, x, weight, None, [1], [0], [1], False, [0], groups, [False, True, False]
+            )[1]
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_y.sum((0, 2))
         return grad_x, grad_w, grad_b, None
 
 
-def grouped_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                   groups: int) -> torch.Tensor:
+def grouped_conv1d(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int
+) -> torch.Tensor:
     """Grouped Conv1d, stride 1, no padding; custom backward on CPU (see _GroupedConv1d)."""
     if x.device.type != "cpu" or not torch.is_grad_enabled():
         return F.conv1d(x, weight, bias, groups=groups)

@@ -27,8 +27,9 @@ class W2VCMSCModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.encoder = ECGEncoder(cfg)
-        self.quantizer = GumbelVectorQuantizer(cfg.conv_dim, cfg.latent_vars, cfg.latent_groups,
-                                               cfg.vq_dim, cfg.latent_temp)
+        self.quantizer = GumbelVectorQuantizer(
+            cfg.conv_dim, cfg.latent_vars, cfg.latent_groups, cfg.vq_dim, cfg.latent_temp
+        )
         self.project_q = nn.Linear(cfg.vq_dim, cfg.final_dim)
         self.final_proj = nn.Linear(cfg.encoder_embed_dim, cfg.final_dim)
         self.num_updates = 0
@@ -43,15 +44,24 @@ class W2VCMSCModel(nn.Module):
         self.project_q = None
         self.final_proj = None
 
-    def forward(self, source: torch.Tensor, lead_mask: torch.Tensor | None = None,
-                padding_mask: torch.Tensor | None = None,
-                mask_indices: torch.Tensor | None = None) -> dict:
+    def forward(
+        self,
+        source: torch.Tensor,
+        lead_mask: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
+        mask_indices: torch.Tensor | None = None,
+    ) -> dict:
         """source (B, in_d, T) mV -> the dict described in the module docstring.
         ``mask_indices`` (B, T') may be given to fix the masked frames (tests, debugging)."""
         if self.quantizer is None:
             raise RuntimeError("pretraining heads were removed; use model.encoder for features")
-        out = self.encoder.extract_features(source, lead_mask=lead_mask, padding_mask=padding_mask,
-                                            mask=True, mask_indices=mask_indices)
+        out = self.encoder.extract_features(
+            source,
+            lead_mask=lead_mask,
+            padding_mask=padding_mask,
+            mask=True,
+            mask_indices=mask_indices,
+        )
         mi = out.mask_indices
         bsz = source.shape[0]
         # every row masks the same number M of frames, so the gathers reshape to (B, M, C)

@@ -26,8 +26,14 @@ def _perplexity(probs: torch.Tensor) -> torch.Tensor:
 
 
 class GumbelVectorQuantizer(nn.Module):
-    def __init__(self, dim: int, num_vars: int = 320, groups: int = 2, vq_dim: int = 256,
-                 temp: tuple[float, float, float] = (2.0, 0.5, 0.999995)):
+    def __init__(
+        self,
+        dim: int,
+        num_vars: int = 320,
+        groups: int = 2,
+        vq_dim: int = 256,
+        temp: tuple[float, float, float] = (2.0, 0.5, 0.999995),
+    ):
         super().__init__()
         if vq_dim % groups:
             raise ValueError(f"vq_dim {vq_dim} must be divisible by groups {groups}")
@@ -43,15 +49,15 @@ class GumbelVectorQuantizer(nn.Module):
         self.curr_temp = self.temperature(num_updates)
 
     def temperature(self, num_updates: int) -> float:
-        return max(self.max_temp * self.temp_decay ** num_updates, self.min_temp)
+        return max(self.max_temp * self.temp_decay**num_updates, self.min_temp)
 
     def forward(self, x: torch.Tensor, produce_targets: bool = False) -> dict:
         """x (B, T, C) -> dict(x (B, T, vq_dim), prob_perplexity, code_perplexity, num_vars, temp
         [, targets (B, T, G) int64 code indices])."""
         bsz, tsz, fsz = x.shape
         logits = self.weight_proj(x.reshape(-1, fsz)).view(bsz * tsz, self.groups, self.num_vars)
-        codes = logits.argmax(dim=-1)                                     # (N, G)
-        hard = F.one_hot(codes, self.num_vars).to(logits.dtype)           # (N, G, V)
+        codes = logits.argmax(dim=-1)  # (N, G)
+        hard = F.one_hot(codes, self.num_vars).to(logits.dtype)  # (N, G, V)
         result = {
             "num_vars": self.num_vars * self.groups,
             "temp": self.curr_temp,

@@ -14,7 +14,16 @@ from training.objectives.wav2vec2 import (
 )
 
 __all__ = [
-    "PretrainCriterion", "Wav2Vec2Terms", "cmsc_embeddings", "cmsc_loss", "contrastive_logits",
-    "diversity_loss", "infonce_accuracy", "infonce_loss", "l2_normalize", "mean_pool",
-    "sample_negatives", "wav2vec2_terms",
+    "PretrainCriterion",
+    "Wav2Vec2Terms",
+    "cmsc_embeddings",
+    "cmsc_loss",
+    "contrastive_logits",
+    "diversity_loss",
+    "infonce_accuracy",
+    "infonce_loss",
+    "l2_normalize",
+    "mean_pool",
+    "sample_negatives",
+    "wav2vec2_terms",
 ]

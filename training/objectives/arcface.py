@@ -84,8 +84,9 @@ def apply_margin(cosine: torch.Tensor, labels: torch.Tensor, margin: float) -> t
     return cosine.scatter(1, labels.view(-1, 1), target_logit)
 
 
-def arcface_loss(head: ArcFaceHead, embedding: torch.Tensor, labels: torch.Tensor
-                 ) -> tuple[torch.Tensor, int, dict]:
+def arcface_loss(
+    head: ArcFaceHead, embedding: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, int, dict]:
     """(cross-entropy summed over the batch, sample size B, {"accuracy": top-1 over cos θ})."""
     labels = labels.long()
     cosine = head.cosine(embedding)

@@ -38,9 +38,13 @@ def l2_normalize(h: Tensor, eps: float = 1e-8) -> Tensor:
 def pair_views(h: Tensor, segment: Tensor, group: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(A, B, group_A, group_B): rows with segment 0 and rows with segment 1, in pair order."""
     first, second = segment == 0, segment == 1
-    if int(first.sum()) != int(second.sum()) or int(first.sum()) + int(second.sum()) != len(segment):
-        raise ValueError("CMSC needs a pair batch: as many segment-0 rows as segment-1 rows "
-                         f"and nothing else, got segment ids {segment.tolist()[:16]}...")
+    if int(first.sum()) != int(second.sum()) or int(first.sum()) + int(second.sum()) != len(
+        segment
+    ):
+        raise ValueError(
+            "CMSC needs a pair batch: as many segment-0 rows as segment-1 rows "
+            f"and nothing else, got segment ids {segment.tolist()[:16]}..."
+        )
     return h[first], h[second], group[first], group[second]
 
 
@@ -49,8 +53,9 @@ def _positive_nll(logits: Tensor, positives: Tensor) -> Tensor:
     return -(F.log_softmax(logits.float(), dim=1)[positives]).sum()
 
 
-def cmsc_loss(h: Tensor, segment: Tensor, group: Tensor, temperature: float = 0.1,
-              all_gather: bool = False) -> Tensor:
+def cmsc_loss(
+    h: Tensor, segment: Tensor, group: Tensor, temperature: float = 0.1, all_gather: bool = False
+) -> Tensor:
     """The symmetric multi-positive CMSC loss on L2-normalised embeddings `h` (2P, D).
 
     `segment` (2P,) is the position within the pair (0/1), `group` (2P,) an int64 id equal for
@@ -65,19 +70,23 @@ def cmsc_loss(h: Tensor, segment: Tensor, group: Tensor, temperature: float = 0.
         return _cmsc_loss(h.float(), segment, group, temperature, all_gather)
 
 
-def _cmsc_loss(h: Tensor, segment: Tensor, group: Tensor, temperature: float,
-               all_gather: bool) -> Tensor:
+def _cmsc_loss(
+    h: Tensor, segment: Tensor, group: Tensor, temperature: float, all_gather: bool
+) -> Tensor:
     a, b, ga, gb = pair_views(h, segment, group)
-    if not all_gather or not (dist.is_available() and dist.is_initialized()) \
-            or dist.get_world_size() == 1:
+    if (
+        not all_gather
+        or not (dist.is_available() and dist.is_initialized())
+        or dist.get_world_size() == 1
+    ):
         logits = a @ b.t() / temperature
         pos = ga.unsqueeze(1) == gb.unsqueeze(0)
         n_pos = pos.sum()
         return 0.5 * (_positive_nll(logits, pos) + _positive_nll(logits.t(), pos.t())) / n_pos
     a_all, b_all = _gather_pairs(a, b)
     ga_all, gb_all = _gather_no_grad(ga), _gather_no_grad(gb)
-    pos_rows = ga.unsqueeze(1) == gb_all.unsqueeze(0)      # own A vs all B
-    pos_cols = gb.unsqueeze(1) == ga_all.unsqueeze(0)      # own B vs all A
+    pos_rows = ga.unsqueeze(1) == gb_all.unsqueeze(0)  # own A vs all B
+    pos_cols = gb.unsqueeze(1) == ga_all.unsqueeze(0)  # own B vs all A
     n_pos = (ga_all.unsqueeze(1) == gb_all.unsqueeze(0)).sum()
     rows = _positive_nll(a @ b_all.t() / temperature, pos_rows)
     cols = _positive_nll(b @ a_all.t() / temperature, pos_cols)
@@ -102,7 +111,7 @@ class _AllGatherRows(torch.autograd.Function):
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
         start = sum(ctx.sizes[: ctx.rank])
-        return grad[start:start + ctx.sizes[ctx.rank]], None, None
+        return grad[start : start + ctx.sizes[ctx.rank]], None, None
 
 
 def _gather_sizes(n: int, device: torch.device) -> list[int]:
@@ -120,8 +129,8 @@ def _gather_pairs(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     both = _AllGatherRows.apply(torch.cat([a, b], 0), sizes, dist.get_rank())
     a_parts, b_parts, start = [], [], 0
     for n in sizes:
-        a_parts.append(both[start:start + n // 2])
-        b_parts.append(both[start + n // 2:start + n])
+        a_parts.append(both[start : start + n // 2])
+        b_parts.append(both[start + n // 2 : start + n])
         start += n
     return torch.cat(a_parts), torch.cat(b_parts)
 

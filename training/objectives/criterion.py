@@ -37,10 +37,17 @@ class PretrainCriterion:
     `model.all_gather`.
     """
 
-    def __init__(self, w2v: bool = True, cmsc: bool = True,
-                 loss_weights: tuple[float, float] = (0.1, 10.0), num_negatives: int = 100,
-                 logit_temp: float = 0.1, cmsc_temp: float = 0.1, cmsc_weight: float = 1.0,
-                 cmsc_all_gather: bool = False):
+    def __init__(
+        self,
+        w2v: bool = True,
+        cmsc: bool = True,
+        loss_weights: tuple[float, float] = (0.1, 10.0),
+        num_negatives: int = 100,
+        logit_temp: float = 0.1,
+        cmsc_temp: float = 0.1,
+        cmsc_weight: float = 1.0,
+        cmsc_all_gather: bool = False,
+    ):
         if not (w2v or cmsc):
             raise ValueError("criterion: at least one of w2v and cmsc must be enabled")
         if len(loss_weights) != 2:
@@ -56,13 +63,20 @@ class PretrainCriterion:
     @classmethod
     def from_config(cls, c) -> PretrainCriterion:
         """From the `criterion` section of a RunConfig (or anything with the same fields)."""
-        return cls(w2v=c.w2v, cmsc=c.cmsc, loss_weights=tuple(c.loss_weights),
-                   num_negatives=c.num_negatives, logit_temp=c.logit_temp,
-                   cmsc_temp=c.cmsc_temp, cmsc_weight=c.cmsc_weight,
-                   cmsc_all_gather=c.cmsc_all_gather)
+        return cls(
+            w2v=c.w2v,
+            cmsc=c.cmsc,
+            loss_weights=tuple(c.loss_weights),
+            num_negatives=c.num_negatives,
+            logit_temp=c.logit_temp,
+            cmsc_temp=c.cmsc_temp,
+            cmsc_weight=c.cmsc_weight,
+            cmsc_all_gather=c.cmsc_all_gather,
+        )
 
-    def __call__(self, net_output: dict, batch: dict,
-                 generator: torch.Generator | None = None) -> tuple[Tensor, int, dict]:
+    def __call__(
+        self, net_output: dict, batch: dict, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, int, dict]:
         logs: dict[str, float] = {}
         total: Tensor | None = None
         if self.w2v:
@@ -97,6 +111,9 @@ class PretrainCriterion:
             logs["cmsc_loss"] = loss_c.item() / LN2
         logs["loss"] = total.item() / sample_size / LN2
         logs["sample_size"] = float(sample_size)
-        logs["nsegments"] = float(net_output["frames"].shape[0]) if "frames" in net_output \
+        logs["nsegments"] = (
+            float(net_output["frames"].shape[0])
+            if "frames" in net_output
             else float(net_output["x"].shape[0])
+        )
         return total, sample_size, logs

@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def sample_negatives(y: Tensor, num_negatives: int,
-                     generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+def sample_negatives(
+    y: Tensor, num_negatives: int, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
     """Draw `num_negatives` distractors per masked frame, uniformly from the *same sample's*
     other masked frames (original options `num_negatives=100`, `cross_sample_negatives=0`).
 
@@ -33,8 +34,9 @@ def sample_negatives(y: Tensor, num_negatives: int,
         raise ValueError(f"negative sampling needs at least 2 masked frames per sample, got {m}")
     with torch.no_grad():
         gen_device = generator.device if generator is not None else torch.device("cpu")
-        idx = torch.randint(0, m - 1, (bsz, m, num_negatives), generator=generator,
-                            device=gen_device)
+        idx = torch.randint(
+            0, m - 1, (bsz, m, num_negatives), generator=generator, device=gen_device
+        )
         own = torch.arange(m, device=gen_device).view(1, m, 1)
         idx = idx + (idx >= own).long()
         idx = idx.to(y.device)
@@ -108,14 +110,19 @@ class Wav2Vec2Terms:
     count: int
 
 
-def wav2vec2_terms(net_output: dict, num_negatives: int = 100, logit_temp: float = 0.1,
-                   generator: torch.Generator | None = None) -> Wav2Vec2Terms:
+def wav2vec2_terms(
+    net_output: dict,
+    num_negatives: int = 100,
+    logit_temp: float = 0.1,
+    generator: torch.Generator | None = None,
+) -> Wav2Vec2Terms:
     """All wav2vec 2.0 terms from the pretraining model's output dict (keys `x`, `y`,
     `prob_perplexity`, `num_vars`, `features_pen`)."""
     x, y = net_output["x"], net_output["y"]
     if x.shape != y.shape or x.dim() != 3:
-        raise ValueError(f"expected x and y of equal shape (B, M, F), got {tuple(x.shape)} "
-                         f"and {tuple(y.shape)}")
+        raise ValueError(
+            f"expected x and y of equal shape (B, M, F), got {tuple(x.shape)} and {tuple(y.shape)}"
+        )
     negs, _ = sample_negatives(y, num_negatives, generator)
     logits = contrastive_logits(x, y, negs, logit_temp)
     correct, count = infonce_accuracy(logits)

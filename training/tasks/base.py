@@ -42,8 +42,11 @@ if TYPE_CHECKING:  # pragma: no cover
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The bare model under a DistributedDataParallel (or similar `.module`) wrapper."""
-    return model.module if hasattr(model, "module") and isinstance(
-        model, torch.nn.parallel.DistributedDataParallel) else model
+    return (
+        model.module
+        if hasattr(model, "module") and isinstance(model, torch.nn.parallel.DistributedDataParallel)
+        else model
+    )
 
 
 class Task:
@@ -77,8 +80,9 @@ class Task:
         return self.cfg.data.epoch_batches
 
     # --- step --------------------------------------------------------------------------------
-    def train_step(self, model: torch.nn.Module, batch: dict,
-                   num_updates: int) -> tuple[torch.Tensor, int, dict]:
+    def train_step(
+        self, model: torch.nn.Module, batch: dict, num_updates: int
+    ) -> tuple[torch.Tensor, int, dict]:
         raise NotImplementedError
 
     def on_update(self, model: torch.nn.Module, num_updates: int) -> None:

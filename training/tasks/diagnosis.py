@@ -44,17 +44,23 @@ class DiagnosisTask(FinetuneTask):
         return DiagnosisModel(build_finetune_encoder(self.cfg))
 
     # --- step --------------------------------------------------------------------------------
-    def train_step(self, model: nn.Module, batch: dict,
-                   num_updates: int) -> tuple[torch.Tensor, int, dict]:
-        logits = model(batch["source"], lead_mask=batch.get("lead_mask"),
-                       freeze_encoder=self.encoder_frozen(num_updates))
+    def train_step(
+        self, model: nn.Module, batch: dict, num_updates: int
+    ) -> tuple[torch.Tensor, int, dict]:
+        logits = model(
+            batch["source"],
+            lead_mask=batch.get("lead_mask"),
+            freeze_encoder=self.encoder_frozen(num_updates),
+        )
         target = batch["labels"].to(logits.device, torch.float32)
         loss = F.binary_cross_entropy_with_logits(logits.float(), target, reduction="sum")
         with torch.no_grad():
             pred = logits.detach().float() > 0  # sigmoid > 0.5
             hit = pred == target.bool()
-            logs = {"accuracy": float(hit.float().mean()),
-                    "em_accuracy": float(hit.all(dim=1).float().mean())}
+            logs = {
+                "accuracy": float(hit.float().mean()),
+                "em_accuracy": float(hit.all(dim=1).float().mean()),
+            }
         return loss, target.numel(), logs
 
     # --- validation --------------------------------------------------------------------------
@@ -75,8 +81,11 @@ class DiagnosisTask(FinetuneTask):
                 if self.cfg.data.store:
                     self._valid_source = ("store", self.cfg.data.store)
                 else:
-                    print(f"warning: no '{split}' split in {self.cfg.data.shards} and no "
-                          "data.store: diagnosis validation is off", file=sys.stderr)
+                    print(
+                        f"warning: no '{split}' split in {self.cfg.data.shards} and no "
+                        "data.store: diagnosis validation is off",
+                        file=sys.stderr,
+                    )
                     self._valid_source = ("none", None)
         return None if self._valid_source[0] == "none" else self._valid_source
 
@@ -87,14 +96,16 @@ class DiagnosisTask(FinetuneTask):
         if kind == "shards":
             from training.data import stream_from_config
 
-            return stream_from_config(self.cfg, "segments", split=self.cfg.data.valid_split,
-                                      train=False)
+            return stream_from_config(
+                self.cfg, "segments", split=self.cfg.data.valid_split, train=False
+            )
         from ecgplat.store import open_store
 
         store = open_store(where)
         records = store.select(split=self.cfg.data.valid_split)
-        return store_batches(store, records, parse_leads(self.cfg.data.leads),
-                             self.cfg.data.batch_size)
+        return store_batches(
+            store, records, parse_leads(self.cfg.data.leads), self.cfg.data.batch_size
+        )
 
     def validate(self, model: nn.Module, epoch: int) -> dict | None:
         from training.evaluate_diagnosis import flat_metrics, predict, reports
@@ -110,8 +121,10 @@ class DiagnosisTask(FinetuneTask):
         finally:
             net.train(was_training)
         if len(pred.labels) == 0:
-            print(f"warning: the '{self.cfg.data.valid_split}' split is empty: no validation",
-                  file=sys.stderr)
+            print(
+                f"warning: the '{self.cfg.data.valid_split}' split is empty: no validation",
+                file=sys.stderr,
+            )
             return None
         return flat_metrics(reports(pred))
 

@@ -24,15 +24,22 @@ from training.tasks.base import Task
 from training.tasks.pretrain import MODEL_OVERRIDES
 
 # fairseq-signals ex/finetuning/ecg_transformer/diagnosis.yaml (method spec section 3.1)
-FINETUNE_DEFAULTS = {"dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.1,
-                     "dropout_input": 0.0, "dropout_features": 0.0, "feature_grad_mult": 0.0}
+FINETUNE_DEFAULTS = {
+    "dropout": 0.0,
+    "attention_dropout": 0.0,
+    "activation_dropout": 0.1,
+    "dropout_input": 0.0,
+    "dropout_features": 0.0,
+    "feature_grad_mult": 0.0,
+}
 
 
 def finetune_overrides(cfg: RunConfig) -> dict:
     """EncoderConfig overrides: the fine-tune defaults, replaced by any `model.*` value set."""
     over = dict(FINETUNE_DEFAULTS, encoder_layerdrop=0.0)
-    over.update({k: getattr(cfg.model, k) for k in MODEL_OVERRIDES
-                 if getattr(cfg.model, k) is not None})
+    over.update(
+        {k: getattr(cfg.model, k) for k in MODEL_OVERRIDES if getattr(cfg.model, k) is not None}
+    )
     return over
 
 
@@ -79,8 +86,14 @@ class FinetuneTask(Task):
     def _stream(self, rank: int, world: int, epoch: int):
         from training.data import stream_from_config
 
-        return stream_from_config(self.cfg, "segments", rank=rank, world=world, epoch=epoch,
-                                  exclude_record_keys=self.exclude_record_keys)
+        return stream_from_config(
+            self.cfg,
+            "segments",
+            rank=rank,
+            world=world,
+            epoch=epoch,
+            exclude_record_keys=self.exclude_record_keys,
+        )
 
     def train_batches(self, rank: int, world: int, epoch: int) -> Iterable[dict]:
         return self._stream(rank, world, epoch)
@@ -90,5 +103,8 @@ class FinetuneTask(Task):
 
     # --- checkpoint state --------------------------------------------------------------------
     def extra_state(self) -> dict:
-        return {"classes": list(self.classes), "leads": str(self.cfg.data.leads),
-                "init": str(self.cfg.finetune.init)}
+        return {
+            "classes": list(self.classes),
+            "leads": str(self.cfg.data.leads),
+            "init": str(self.cfg.finetune.init),
+        }

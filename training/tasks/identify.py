@@ -77,7 +77,9 @@ def training_records(cfg: RunConfig) -> list[tuple[str, str]]:
             from ecgplat.store import open_store
 
             store = open_store(src["path"])
-            if store.attrs.get("store_uuid") == src.get("uuid") and store.n_records == src.get("n_records"):
+            if store.attrs.get("store_uuid") == src.get("uuid") and store.n_records == src.get(
+                "n_records"
+            ):
                 frame = store.records.loc[store.select(split=split)]
                 if len(frame) == (info[split].get("samples") or len(frame)):
                     return list(zip(frame["record_key"], frame["patient_key"]))
@@ -89,14 +91,16 @@ def training_records(cfg: RunConfig) -> list[tuple[str, str]]:
     return out
 
 
-def rank1(gallery: torch.Tensor, gallery_pid: np.ndarray, probe: torch.Tensor,
-          probe_pid: np.ndarray) -> float:
+def rank1(
+    gallery: torch.Tensor, gallery_pid: np.ndarray, probe: torch.Tensor, probe_pid: np.ndarray
+) -> float:
     """Top-1 identification accuracy: the probe's most cosine-similar gallery item has its
     patient key (unit embeddings; the original's `sim = gallery @ probe.T`, best row)."""
     if len(probe) == 0 or len(gallery) == 0:
         return float("nan")
-    best = torch.cat([(probe[s:s + 1024] @ gallery.T).argmax(dim=1)
-                      for s in range(0, len(probe), 1024)]).numpy()
+    best = torch.cat(
+        [(probe[s : s + 1024] @ gallery.T).argmax(dim=1) for s in range(0, len(probe), 1024)]
+    ).numpy()
     return float(np.mean(np.asarray(gallery_pid)[best] == np.asarray(probe_pid)))
 
 
@@ -106,17 +110,24 @@ class IdentifyTask(FinetuneTask):
 
     def __init__(self, cfg: RunConfig):
         super().__init__(cfg)
-        self.guard = (LeakageGuard.from_store(cfg.finetune.leakage_exclude_store)
-                      if cfg.finetune.leakage_exclude_store else None)
+        self.guard = (
+            LeakageGuard.from_store(cfg.finetune.leakage_exclude_store)
+            if cfg.finetune.leakage_exclude_store
+            else None
+        )
         records = training_records(cfg)
-        excluded = frozenset(r for r, _ in records
-                             if self.guard is not None and self.guard.excluded(r))
+        excluded = frozenset(
+            r for r, _ in records if self.guard is not None and self.guard.excluded(r)
+        )
         kept = [(r, p) for r, p in records if r not in excluded]
         self.excluded_records = len(records) - len(kept)
         self.exclude_record_keys = excluded or None
         if self.guard is not None and _is_main():
-            print(f"leakage guard: excluded {self.excluded_records} of {len(records)} training "
-                  f"records also present in {cfg.finetune.leakage_exclude_store}", file=sys.stderr)
+            print(
+                f"leakage guard: excluded {self.excluded_records} of {len(records)} training "
+                f"records also present in {cfg.finetune.leakage_exclude_store}",
+                file=sys.stderr,
+            )
         if not kept:
             raise ValueError(f"{cfg.data.shards}: no training records left for identification")
         self.classes = sorted({p for _, p in kept})
@@ -127,22 +138,33 @@ class IdentifyTask(FinetuneTask):
         from training.models.identifier import IdentificationModel
 
         c = self.cfg.criterion
-        return IdentificationModel(build_finetune_encoder(self.cfg), len(self.classes),
-                                   scale=c.arcface_scale, margin=c.arcface_margin)
+        return IdentificationModel(
+            build_finetune_encoder(self.cfg),
+            len(self.classes),
+            scale=c.arcface_scale,
+            margin=c.arcface_margin,
+        )
 
     # --- step --------------------------------------------------------------------------------
     def labels_of(self, patient_keys: list[str]) -> torch.Tensor:
         try:
             return torch.tensor([self.class_index[k] for k in patient_keys], dtype=torch.long)
         except KeyError:
-            raise ValueError(f"{self.cfg.data.shards}: a training segment's patient is not in "
-                             "the class map (shards rewritten during training?)") from None
+            raise ValueError(
+                f"{self.cfg.data.shards}: a training segment's patient is not in "
+                "the class map (shards rewritten during training?)"
+            ) from None
 
-    def train_step(self, model: nn.Module, batch: dict,
-                   num_updates: int) -> tuple[torch.Tensor, int, dict]:
+    def train_step(
+        self, model: nn.Module, batch: dict, num_updates: int
+    ) -> tuple[torch.Tensor, int, dict]:
         labels = self.labels_of(batch["patient_key"]).to(batch["source"].device)
-        return model(batch["source"], labels, lead_mask=batch.get("lead_mask"),
-                     freeze_encoder=self.encoder_frozen(num_updates))
+        return model(
+            batch["source"],
+            labels,
+            lead_mask=batch.get("lead_mask"),
+            freeze_encoder=self.encoder_frozen(num_updates),
+        )
 
     # --- validation --------------------------------------------------------------------------
     def validate(self, model: nn.Module, epoch: int) -> dict | None:
@@ -159,22 +181,35 @@ class IdentifyTask(FinetuneTask):
         sets = {}
         for side in ("gallery", "probe"):
             records = store.select(ident_split=side)
-            emb, rec, _ = embed_batches(unwrap(model), store_batches(
-                store, records, leads, self.cfg.data.batch_size))
+            emb, rec, _ = embed_batches(
+                unwrap(model), store_batches(store, records, leads, self.cfg.data.batch_size)
+            )
             rec_ids, rec_emb = record_means(emb, rec)
-            sets[side] = (torch.from_numpy(emb), pids[rec], torch.from_numpy(rec_emb), pids[rec_ids])
+            sets[side] = (
+                torch.from_numpy(emb),
+                pids[rec],
+                torch.from_numpy(rec_emb),
+                pids[rec_ids],
+            )
         if len(sets["probe"][0]) == 0 or len(sets["gallery"][0]) == 0:
-            print(f"warning: {self.cfg.data.store} has no gallery/probe split: no validation",
-                  file=sys.stderr)
+            print(
+                f"warning: {self.cfg.data.store} has no gallery/probe split: no validation",
+                file=sys.stderr,
+            )
             return None
         g, p = sets["gallery"], sets["probe"]
-        return {"rank1": rank1(g[0], g[1], p[0], p[1]),
-                "record_rank1": rank1(g[2], g[3], p[2], p[3])}
+        return {
+            "rank1": rank1(g[0], g[1], p[0], p[1]),
+            "record_rank1": rank1(g[2], g[3], p[2], p[3]),
+        }
 
     # --- checkpoint state --------------------------------------------------------------------
     def extra_state(self) -> dict:
-        return {**super().extra_state(), "excluded_records": self.excluded_records,
-                "leakage_exclude_store": self.cfg.finetune.leakage_exclude_store}
+        return {
+            **super().extra_state(),
+            "excluded_records": self.excluded_records,
+            "leakage_exclude_store": self.cfg.finetune.leakage_exclude_store,
+        }
 
 
 def _is_main() -> bool:

@@ -18,9 +18,17 @@ from torch import nn
 from ecgplat.config import RunConfig
 from training.tasks.base import Task, unwrap
 
-MODEL_OVERRIDES = ("dropout", "attention_dropout", "activation_dropout", "dropout_input",
-                   "dropout_features", "feature_grad_mult", "mask_prob", "encoder_layers",
-                   "layer_norm_eps")
+MODEL_OVERRIDES = (
+    "dropout",
+    "attention_dropout",
+    "activation_dropout",
+    "dropout_input",
+    "dropout_features",
+    "feature_grad_mult",
+    "mask_prob",
+    "encoder_layers",
+    "layer_norm_eps",
+)
 
 
 class EncoderOnly(nn.Module):
@@ -49,12 +57,16 @@ def encoder_overrides(cfg: RunConfig) -> dict:
 class PretrainTask(Task):
     name = "pretrain"
     checkpoint_kind = "pretrain"
+
     def __init__(self, cfg: RunConfig):
         super().__init__(cfg)
         # DDP must look for parameters without gradients only when some exist: mask_emb
         # without masking (CMSC only, mask_prob 0), the CNN when it is frozen
-        self.find_unused_parameters = (not cfg.criterion.w2v or cfg.model.mask_prob == 0.0
-                                       or cfg.model.feature_grad_mult == 0.0)
+        self.find_unused_parameters = (
+            not cfg.criterion.w2v
+            or cfg.model.mask_prob == 0.0
+            or cfg.model.feature_grad_mult == 0.0
+        )
         from training.objectives.criterion import PretrainCriterion
 
         self.criterion = PretrainCriterion.from_config(cfg.criterion)
@@ -78,8 +90,9 @@ class PretrainTask(Task):
     def batches_per_epoch(self, rank: int, world: int) -> int | None:
         return self.train_batches(rank, world, 1).batches_per_epoch
 
-    def train_step(self, model: nn.Module, batch: dict,
-                   num_updates: int) -> tuple[torch.Tensor, int, dict]:
+    def train_step(
+        self, model: nn.Module, batch: dict, num_updates: int
+    ) -> tuple[torch.Tensor, int, dict]:
         net_output = model(batch["source"], lead_mask=batch.get("lead_mask"))
         return self.criterion(net_output, batch)
 
