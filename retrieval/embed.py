@@ -34,7 +34,10 @@ from pathlib import Path
 
 import numpy as np
 
-FEATURES = "features"
+from ecgplat.atomic import fsync_dir
+from ecgplat.store import FEATURES_DIR as FEATURES
+from ecgplat.store import StoreLock
+
 SCHEMA = "ecgplat-features/1"
 LEVELS = ("segment", "record")
 
@@ -131,6 +134,27 @@ def _write_group(path: Path, lineage: dict, seg: tuple, rec: tuple) -> None:
     group.attrs["lineage"] = lineage  # last: the set is marked complete only once all is written
 
 
+def _publish(store_path: Path, name: str, lineage: dict, seg: dict, rec: dict) -> None:
+    """Write the feature set under a temporary name and rename it into place (the caller
+    holds the store's lock)."""
+    if not (store_path / FEATURES / "zarr.json").is_file():  # `features` as a zarr group
+        import zarr
+
+        zarr.open_group(str(store_path / FEATURES), mode="a")
+    _remove_leftovers(store_path, name)
+    tmp = store_path / FEATURES / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
+    _write_group(tmp, lineage, seg, rec)
+    target = feature_dir(store_path, name)
+    if target.exists():  # overwrite: move the old set aside first, then swap in the new one
+        trash = store_path / FEATURES / f".tmp-{name}-old-{uuid.uuid4().hex[:8]}"
+        os.replace(target, trash)
+        os.replace(tmp, target)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+    fsync_dir(store_path / FEATURES)
+
+
 def embed_store(
     store_path: str | os.PathLike,
     checkpoint: str | os.PathLike,
@@ -157,7 +181,7 @@ def embed_store(
 
     store_path = Path(store_path)
     store = open_store(store_path)
-    target = feature_dir(store_path, name)
+    feature_dir(store_path, name)  # a bad name fails before the slow part
     sha = file_sha256(checkpoint)
     wanted_leads = lead_names(leads)
     old = read_lineage(store_path, name)
@@ -210,25 +234,14 @@ def embed_store(
     }
     del ckpt
 
-    if not (store_path / FEATURES / "zarr.json").is_file():  # `features` as a zarr group
-        import zarr
-
-        zarr.open_group(str(store_path / FEATURES), mode="a")
-    _remove_leftovers(store_path, name)
-    tmp = store_path / FEATURES / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
-    _write_group(
-        tmp,
-        lineage,
-        {"embedding": emb, "record_index": rec, "segment_number": seg.astype(np.int32)},
-        {"embedding": rec_emb, "record_index": rec_ids},
-    )
-    if target.exists():  # overwrite: move the old set aside first, then swap in the new one
-        trash = store_path / FEATURES / f".tmp-{name}-old-{uuid.uuid4().hex[:8]}"
-        os.replace(target, trash)
-        os.replace(tmp, target)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
+    with StoreLock(store_path):  # the store's single writer, like ingest and split
+        _publish(
+            store_path,
+            name,
+            lineage,
+            {"embedding": emb, "record_index": rec, "segment_number": seg.astype(np.int32)},
+            {"embedding": rec_emb, "record_index": rec_ids},
+        )
     return {
         "status": "written",
         "name": name,

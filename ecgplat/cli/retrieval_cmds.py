@@ -90,7 +90,8 @@ def index_build(
     out: Annotated[
         Path,
         typer.Option(
-            help="Index path: writes OUT.faiss and OUT.json (ids, patient pseudonyms, lineage)."
+            help="Index path: writes OUT.faiss, one file holding the vectors, their ids, "
+            "patient pseudonyms and lineage."
         ),
     ],
     split: Annotated[
