@@ -100,6 +100,10 @@ def generation_number(generation: str | None) -> int:
     return int(generation[1:]) if generation else 0
 
 
+class StoreBusyError(RuntimeError):
+    """Another process holds the store's (or a shard directory's) writer lock."""
+
+
 class StoreLock:
     """The store's single-writer lock: an exclusive, non-blocking flock on ``STORE/.lock``.
 
@@ -116,7 +120,9 @@ class StoreLock:
         except BlockingIOError:
             os.close(self._fd)
             self._fd = None
-            raise RuntimeError(f"{self.path}: store is being written by another process") from None
+            raise StoreBusyError(
+                f"{self.path}: store is being written by another process"
+            ) from None
 
     def release(self) -> None:
         import fcntl

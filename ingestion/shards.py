@@ -40,7 +40,7 @@ from ecgplat.shard_format import (
     shard_glob,
     shard_name,
 )
-from ecgplat.store import EcgStore, open_store
+from ecgplat.store import EcgStore, StoreBusyError, open_store
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 _UNITS = {
@@ -261,7 +261,7 @@ class _export_lock:  # noqa: N801 - used as a context manager
         except BlockingIOError:
             os.close(self.fd)
             where = self.file.parent
-            raise RuntimeError(f"{where}: shards are being written by another process") from None
+            raise StoreBusyError(f"{where}: shards are being written by another process") from None
         return self
 
     def __exit__(self, *exc) -> None:

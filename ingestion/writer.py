@@ -199,13 +199,7 @@ class StoreWriter:
         """Create whatever a (possibly half-created) store lacks; never touches existing data."""
         secret_file = self.path / S.SECRET_FILE
         if not secret_file.exists():
-            tmp = self.path / f".{S.SECRET_FILE}.tmp"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(secrets.token_bytes(32))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, secret_file)
+            atomic.write_bytes(secret_file, secrets.token_bytes(32), mode=0o600)
         filters, compressors = codecs()
 
         def exists(key: str) -> bool:  # not group listing: it warns about our non-zarr files

@@ -135,8 +135,13 @@ def _write_group(path: Path, lineage: dict, seg: tuple, rec: tuple) -> None:
 
 
 def _publish(store_path: Path, name: str, lineage: dict, seg: dict, rec: dict) -> None:
-    """Write the feature set under a temporary name and rename it into place (the caller
-    holds the store's lock)."""
+    """Write the feature set under a temporary name and rename it into place, holding the
+    store's writer lock (like ingest and split; StoreBusyError while another writer runs)."""
+    with StoreLock(store_path):
+        _publish_locked(store_path, name, lineage, seg, rec)
+
+
+def _publish_locked(store_path: Path, name: str, lineage: dict, seg: dict, rec: dict) -> None:
     if not (store_path / FEATURES / "zarr.json").is_file():  # `features` as a zarr group
         import zarr
 
@@ -234,14 +239,13 @@ def embed_store(
     }
     del ckpt
 
-    with StoreLock(store_path):  # the store's single writer, like ingest and split
-        _publish(
-            store_path,
-            name,
-            lineage,
-            {"embedding": emb, "record_index": rec, "segment_number": seg.astype(np.int32)},
-            {"embedding": rec_emb, "record_index": rec_ids},
-        )
+    _publish(
+        store_path,
+        name,
+        lineage,
+        {"embedding": emb, "record_index": rec, "segment_number": seg.astype(np.int32)},
+        {"embedding": rec_emb, "record_index": rec_ids},
+    )
     return {
         "status": "written",
         "name": name,
