@@ -156,7 +156,7 @@ def open_store(path: str | os.PathLike, mode: str = "r") -> EcgStore:
 
 
 class EcgStore:
-    """Read view of a feature store at its last commit (see the module docstring for the layout)."""
+    """Read view of a feature store at its last commit (layout: docs/formats.md)."""
 
     def __init__(self, path: str | os.PathLike, mode: str = "r"):
         import zarr

@@ -2,24 +2,16 @@
 
 `embed_store(store, checkpoint, name, leads)` runs the checkpoint's encoder (any kind:
 pretrain, diagnosis, identify, imported) over every committed segment of the store and writes
-
-    STORE/features/<name>/
-        zarr.json              attrs["lineage"]: schema, checkpoint_sha256, checkpoint_kind,
-                               checkpoint (path), config (the checkpoint's run config), leads
-                               (canonical names, comma-joined), dim, created (UTC), store_uuid,
-                               n_records, n_segments, complete=True
-        segment/embedding      float32 (N, D) unit rows, one per stored segment (row = segment row)
-        segment/record_index   int64 (N,)
-        segment/segment_number int32 (N,)
-        record/embedding       float32 (R, D): mean of the record's segment embeddings, re-normalised
-        record/record_index    int64 (R,)
+the feature set `STORE/features/<name>/` (segment- and record-level embeddings plus their
+lineage; layout in docs/formats.md, "Feature sets").
 
 An embedding is the L2-normalised time-mean of the encoder output (the identification embedding
 of spec §3.6) computed with the leads outside `leads` zero-filled. The feature set is built under
 `features/.tmp-<name>-<id>` and renamed into place only when complete, so an interrupted run never
 leaves a half-written feature set under its name (the leftover temporary group is removed by the
-next run). Re-running with the same checkpoint (by SHA-256) and leads on an unchanged store is a
-no-op; another checkpoint or lead set under an existing name needs `overwrite=True`.
+next run); the write holds the store's writer lock. Re-running with the same checkpoint (by
+SHA-256) and leads on an unchanged store is a no-op; another checkpoint or lead set under an
+existing name needs `overwrite=True`.
 """
 
 from __future__ import annotations
