@@ -99,13 +99,18 @@ def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     return Path(dst)
 
 
+def is_temp(path: Path) -> bool:
+    """True for a temporary file of this module (``.NAME.<hex>.tmp``)."""
+    return path.name.startswith(".") and path.name.endswith(TMP_SUFFIX) and path.is_file()
+
+
 def remove_temps(folder: str | os.PathLike, name: str = "*") -> int:
     """Delete the temporary files a killed writer left in ``folder`` (for targets matching the
     glob ``name``); returns how many. Call it only while no other writer can be active there."""
     folder = Path(folder)
     n = 0
     for tmp in folder.glob(f".{name}.*{TMP_SUFFIX}"):
-        if tmp.is_file():
+        if is_temp(tmp):
             tmp.unlink(missing_ok=True)
             n += 1
     return n

@@ -191,7 +191,9 @@ def write_shards(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with _export_lock(out):
-        atomic.remove_temps(out)  # of killed runs: nobody else can be writing here now
+        # temporary files of killed runs (nobody else can be writing here now)
+        atomic.remove_temps(out, "*.tar")
+        atomic.remove_temps(out, INFO_FILE)
         sink = _ShardSink(out, name, max_size, max_count)
         bar = ProgressBar(progress, len(indices), f"shards {name}")
         try:

@@ -2,13 +2,13 @@
 
 Protocol: everything appended goes *past* the committed counts of ``commit.json``. ``append()``
 writes a batch's segments at once and stages its small rows (segment index, record and reject
-columns) in memory; ``commit()`` writes the staged rows, then replaces ``commit.json``
-atomically (temp file, fsync, ``os.replace``, fsync of the directory). Readers use only the
-committed counts, so a writer killed at any moment leaves a store whose visible content is its
-last commit. When a writer next opens the store it truncates every array back to the committed
-counts and removes zarr's leftover ``*.partial`` temp files (zarr 3.1's LocalStore writes each
-chunk/shard and each ``zarr.json`` through a temp file + rename, so no file is ever half-written;
-a killed run can only leave whole files past the commit point).
+columns) in memory; ``commit()`` writes the staged rows, then replaces ``commit.json`` through
+``ecgplat.atomic``. Readers use only the committed counts, so a writer killed at any moment
+leaves a store whose visible content is its last commit. When a writer next opens the store it
+truncates every array back to the committed counts and removes leftover temporary files (zarr
+3.1's LocalStore writes each chunk/shard and each ``zarr.json`` through a ``*.partial`` file +
+rename, ecgplat's own files go through ``.*.tmp`` files, so no file is ever half-written; a
+killed run can only leave whole files past the commit point). Layout: docs/formats.md.
 
 Batches (``RecordBatch``) are built on the workers by ``pack_batch``: it pseudonymises the raw
 patient ids there (and redacts them from file-name-derived ids), so raw ids never reach the
@@ -273,10 +273,9 @@ class StoreWriter:
         self._drop_generations(keep_below=S.generation_number(self.committed.get("splits")) + 1)
         if direct_layout(self.root["segments"]):
             ShardFiles(self.path, 0).drop_beyond(int(self.committed["n_segments"]))
-        for partial in self.path.rglob("*.partial"):
-            partial.unlink(missing_ok=True)
-        for tmp in self.path.rglob(".*.tmp"):
-            tmp.unlink(missing_ok=True)
+        for tmp in self.path.rglob("*"):  # zarr's *.partial and ecgplat.atomic's .*.tmp files
+            if tmp.name.endswith(".partial") or atomic.is_temp(tmp):
+                tmp.unlink(missing_ok=True)
 
     # ---- queries ------------------------------------------------------------------------
     @property
