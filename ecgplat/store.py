@@ -1,64 +1,16 @@
-"""The Zarr v3 feature store: its on-disk schema and the read API used by training and retrieval.
+"""The Zarr v3 feature store: its schema constants and the read API used by training and
+retrieval.
 
-Layout of a store directory ``STORE/`` (schema version 1)::
-
-    STORE/
-      zarr.json          root group; attrs: schema_version=1, sample_rate=500, segment_samples=2500,
-                         segment_seconds=5, leads=[I..V6], units="uV", dtype="int16",
-                         store_uuid, created (UTC ISO time)
-      commit.json        the commit point (ecgplat's, not zarr's): {"n_records", "n_segments",
-                         "n_rejects", "splits"}; rewritten via temp file + fsync + os.replace
-      secret.key         32 random bytes (mode 0600) keying the patient pseudonyms of this store
-      .lock              advisory flock held by the single writer
-      segments           int16 (N, 12, 2500) microvolts, leads in canonical order, absent leads 0;
-                         chunks (1, 12, 2500) = one 5 s segment (the unit of random access),
-                         grouped in shards of (64, 12, 2500) = one file per 64 segments
-                         (streaming export, few files); codecs: delta(int16) -> bytes ->
-                         Blosc(zstd, level 1, bitshuffle). The ingest workers encode each
-                         segment (one chunk) and the writer assembles the shard files itself
-                         (zarr's sharding format), so chunks must hold exactly one segment.
-      segment_record     int64 (N,)  record index of each segment
-      segment_number     int32 (N,)  window number of the segment inside its record (0, 1, ...)
-      records/           the record table, one array per column, row i = record index i:
-        record_key         str   "<source>/<record_id>", unique in the store
-        source             str   corpus name: cinc2021 | ptbxl | wfdb | cpsc2021
-        record_id          str   id inside the source (e.g. "E07500", PTB-XL ecg_id "00013")
-        path               str   record path relative to the ingested SRC, no extension
-        path_hash          str   HMAC-SHA256(secret, source + NUL + path as listed), 32 hex: the
-                                 idempotency key (re-runs skip records whose hash is stored)
-        patient_key        str   pseudonym "p-<16 hex>" = HMAC-SHA256(secret.key, raw patient id);
-                                 a record without a patient id (CinC 2021) is its own patient:
-                                 key = pseudonymise("record:" + source/record_id, secret)
-                         Where a file name embeds the raw patient id as a token (CPSC 2021's
-                         data_<patient>_<record>), that token is replaced by the patient key in
-                         record_id, path and record_key (data_35_4 -> data_p-1f..._4).
-        fs_original        float64  sampling rate of the file, Hz
-        n_samples_original int64    length of the file in its own samples
-        age                float32  years, NaN if unknown
-        sex                str   "M" | "F" | ""
-        raw_codes          str   the record's label codes ";"-joined (SNOMED or SCP)
-        labels             bool (R, 26)  multi-hot over the 26 scored CinC 2021 classes
-        lead_mask          bool (R, 12)  leads present in the file
-        strat_fold         int16 PTB-XL strat_fold 1..10, -1 if none
-        seg_start          int64 first segment row of the record
-        seg_count          int32 number of 5 s segments (trailing partial window dropped)
-      splits/g<k>/       the current split assignment (generation k named in commit.json):
-        split              str (R',)  "train" | "valid" | "test" | ""
-        ident_split        str (R',)  "gallery" | "probe" | ""
-                         R' <= R: records appended after the last `ecgplat split` read as "".
-      rejects/           records that could not be ingested: source, path (as listed, so the
-                         file can be found and fixed), reason (one line), path_hash (str each)
-      features/          (optional, written by retrieval) embeddings per model
-
-Only rows below the counts in ``commit.json`` exist for a reader; a writer may have written
-more (a crash mid-append) and truncates them when it next opens the store. Raw patient ids are
-never written anywhere in the store.
+The on-disk layout (every file and array, the commit point, split generations, feature sets) is
+documented once, in docs/formats.md ("Feature store"). Only rows below the counts in
+``commit.json`` exist for a reader; raw patient ids are never written anywhere in the store.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from functools import cached_property
 from pathlib import Path
 
@@ -79,7 +31,12 @@ SEGMENT_SHUFFLE = "bitshuffle"
 RECORD_CHUNK = 4096  # rows per chunk of record/reject columns
 COMMIT_FILE = "commit.json"
 SECRET_FILE = "secret.key"
+LOCK_FILE = ".lock"  # advisory flock held by the one process writing the store
+FEATURES_DIR = "features"  # feature sets (retrieval.embed), written under the store's lock
+UNITS = "uV"
+DTYPE = "int16"
 UV_PER_MV = 1000.0
+SPLITS_KEPT = 2  # split generations kept on disk: the current one and the one before it
 
 # (name, numpy dtype, trailing shape) of the record-table columns, in storage order.
 RECORD_COLUMNS: tuple[tuple[str, str, tuple[int, ...]], ...] = (
@@ -102,8 +59,6 @@ RECORD_COLUMNS: tuple[tuple[str, str, tuple[int, ...]], ...] = (
 )
 REJECT_COLUMNS: tuple[str, ...] = ("source", "path", "reason", "path_hash")
 SPLIT_COLUMNS: tuple[str, ...] = ("split", "ident_split")
-SPLIT_VALUES = ("train", "valid", "test")
-IDENT_VALUES = ("gallery", "probe")
 
 
 def quiet_zarr_warnings() -> None:
@@ -114,13 +69,76 @@ def quiet_zarr_warnings() -> None:
     warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3")
 
 
+_COUNTS = ("n_records", "n_segments", "n_rejects")
+_GENERATION = re.compile(r"^g[0-9]+$")
+
+
 def read_commit(path: str | os.PathLike) -> dict:
-    """The committed counts of a store (zeros for a store that never committed)."""
+    """The committed counts of a store (zeros for a store that never committed); ValueError
+    naming the file when it is not a valid commit point."""
     file = Path(path) / COMMIT_FILE
     if not file.exists():
         return {"n_records": 0, "n_segments": 0, "n_rejects": 0, "splits": None}
-    with open(file) as f:
-        return json.load(f)
+    try:
+        state = json.loads(file.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file}: corrupt commit point, not JSON ({e})") from None
+    except OSError as e:
+        raise ValueError(f"{file}: cannot read the commit point ({e.strerror or e})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{file}: corrupt commit point (not a JSON object)")
+    for key in _COUNTS:
+        value = state.get(key)
+        if type(value) is not int or value < 0:
+            raise ValueError(f"{file}: corrupt commit point ({key}={value!r} is not a count)")
+    splits = state.get("splits")
+    if splits is not None and not (isinstance(splits, str) and _GENERATION.match(splits)):
+        raise ValueError(f"{file}: corrupt commit point (splits={splits!r})")
+    return state
+
+
+def generation_number(generation: str | None) -> int:
+    """k of a split generation name ``g<k>`` (0 for none)."""
+    return int(generation[1:]) if generation else 0
+
+
+class StoreBusyError(RuntimeError):
+    """Another process holds the store's (or a shard directory's) writer lock."""
+
+
+class StoreLock:
+    """The store's single-writer lock: an exclusive, non-blocking flock on ``STORE/.lock``.
+
+    RuntimeError when another process holds it. Use as a context manager or call
+    ``release()``."""
+
+    def __init__(self, path: str | os.PathLike):
+        import fcntl
+
+        self.path = Path(path)
+        self._fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            self._fd = None
+            raise StoreBusyError(
+                f"{self.path}: store is being written by another process"
+            ) from None
+
+    def release(self) -> None:
+        import fcntl
+
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> StoreLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def as_str_array(values) -> np.ndarray:
@@ -140,7 +158,7 @@ def open_store(path: str | os.PathLike, mode: str = "r") -> EcgStore:
 
 
 class EcgStore:
-    """Read view of a feature store at its last commit (see the module docstring for the layout)."""
+    """Read view of a feature store at its last commit (layout: docs/formats.md)."""
 
     def __init__(self, path: str | os.PathLike, mode: str = "r"):
         import zarr
@@ -173,14 +191,35 @@ class EcgStore:
     def _column(self, name: str) -> np.ndarray:
         return self.root[f"records/{name}"][: self.n_records]
 
-    def _split_column(self, name: str) -> np.ndarray:
-        out = np.full(self.n_records, "", dtype=object)
+    @property
+    def split_generation(self) -> str | None:
+        """Name of the split generation this view reads (``g<k>``), None before any split."""
+        return self._commit.get("splits")
+
+    def _split_columns(self) -> dict[str, np.ndarray]:
+        """The split columns of one generation. A concurrent `split` deletes a generation only
+        once two newer ones are committed; if that happened while this view read it (the read
+        fails or the generation is no longer kept afterwards), the read moves to the current
+        generation and is repeated."""
         generation = self._commit.get("splits")
-        if generation:
-            values = as_str_array(self.root[f"splits/{generation}/{name}"][:])
-            n = min(len(values), self.n_records)
-            out[:n] = values[:n]
-        return out
+        for _ in range(5):
+            out = {name: np.full(self.n_records, "", dtype=object) for name in SPLIT_COLUMNS}
+            if not generation:
+                return out
+            try:
+                for name in SPLIT_COLUMNS:
+                    values = as_str_array(self.root[f"splits/{generation}/{name}"][:])
+                    n = min(len(values), self.n_records)
+                    out[name][:n] = values[:n]
+                complete = True
+            except (KeyError, FileNotFoundError):
+                complete = False
+            now = read_commit(self.path).get("splits")
+            if complete and generation_number(now) - generation_number(generation) < SPLITS_KEPT:
+                self._commit = dict(self._commit, splits=generation)
+                return out
+            generation = now
+        raise RuntimeError(f"{self.path}: the split assignment kept changing while being read")
 
     @cached_property
     def records(self) -> pd.DataFrame:
@@ -191,10 +230,9 @@ class EcgStore:
                 continue
             values = self._column(name)
             data[name] = as_str_array(values) if dtype == "str" else np.asarray(values)
-        for name in SPLIT_COLUMNS:
-            data[name] = self._split_column(name)
+        data.update(self._split_columns())
         frame = pd.DataFrame(data, index=pd.RangeIndex(self.n_records, name="record_index"))
-        for name, dtype, shape in RECORD_COLUMNS:
+        for name, dtype, _shape in RECORD_COLUMNS:
             if dtype == "str":
                 frame[name] = frame[name].astype(object)
         return frame

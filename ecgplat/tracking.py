@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ecgplat import atomic
 from ecgplat.progress import ProgressBar
 
 METRICS_FILE = "metrics.jsonl"
@@ -162,9 +163,7 @@ class Tracker:
         for raw, rec in _records(self.jsonl_path):
             if rec.get("update", -1) <= step:
                 keep.append(raw)
-        tmp = self.jsonl_path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
-        os.replace(tmp, self.jsonl_path)
+        atomic.write_text(self.jsonl_path, "".join(line + "\n" for line in keep))
         self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
 
     # --- progress bar ------------------------------------------------------------------------

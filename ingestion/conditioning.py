@@ -22,13 +22,11 @@ from fractions import Fraction
 import numpy as np
 
 from ecgplat.leads import LEADS, canonical_lead
+from ecgplat.store import DTYPE, SAMPLE_RATE, SEGMENT_SAMPLES, SEGMENT_SECONDS, UV_PER_MV
 from ingestion.record import RawRecord, RecordError
 
-SAMPLE_RATE = 500
-SEGMENT_SECONDS = 5
-SEGMENT_SAMPLES = SAMPLE_RATE * SEGMENT_SECONDS
 MAX_DENOMINATOR = 1000
-_I16 = np.iinfo(np.int16)
+_I16 = np.iinfo(DTYPE)
 
 
 @dataclass
@@ -98,10 +96,12 @@ def segment(x: np.ndarray, length: int = SEGMENT_SAMPLES) -> np.ndarray:
 
 
 def to_int16_microvolts(x_mv: np.ndarray) -> np.ndarray:
-    y = np.asarray(x_mv, dtype=np.float64) * 1000.0  # one temporary, rounded and clipped in place
+    y = (
+        np.asarray(x_mv, dtype=np.float64) * UV_PER_MV
+    )  # one temporary, rounded and clipped in place
     np.rint(y, out=y)
     np.clip(y, _I16.min, _I16.max, out=y)
-    return y.astype(np.int16)
+    return y.astype(DTYPE)
 
 
 def condition(rec: RawRecord) -> ConditionedRecord:
@@ -125,7 +125,7 @@ def condition(rec: RawRecord) -> ConditionedRecord:
     segs = segment(x)
     if segs.shape[0] == 0:  # rounding of a record just at 5 s
         raise RecordError(
-            rec.path, f"too short: {x.shape[-1]} samples at 500 Hz < {SEGMENT_SAMPLES}"
+            rec.path, f"too short: {x.shape[-1]} samples at {SAMPLE_RATE} Hz < {SEGMENT_SAMPLES}"
         )
     return ConditionedRecord(
         segments=to_int16_microvolts(segs),

@@ -11,13 +11,12 @@ layout (a store created by an older version is appended to through zarr instead)
 from __future__ import annotations
 
 import functools
-import os
 import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
 
+from ecgplat import atomic
 from ecgplat import store as S
 
 _SEG_SHAPE = (S.N_LEADS, S.SEGMENT_SAMPLES)
@@ -106,7 +105,7 @@ class ShardFiles:
     sharding format: chunk bytes, then the (chunks, 2) uint64 offset/length index and its
     crc32c at the end). Whole shards are written as soon as they are full; the open (last,
     partial) shard is held in memory and written by ``flush()``, i.e. at commit. Every file goes
-    through a ``*.partial`` temp file + ``os.replace``: never half-written."""
+    through ``ecgplat.atomic`` (temporary file, fsync, rename): never half-written."""
 
     def __init__(self, path: Path, n_segments: int):
         self.dir = path / "segments"
@@ -142,12 +141,9 @@ class ShardFiles:
         crc = np.uint32(google_crc32c.value(index_bytes)).astype("<u4").tobytes()
         target = self._file(k)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f"{target.name}.{uuid.uuid4().hex}.partial")
-        with open(tmp, "wb") as f:
-            f.write(b"".join(c for c in chunks if c is not None))
-            f.write(index_bytes)
-            f.write(crc)
-        os.replace(tmp, target)
+        atomic.write_bytes(
+            target, b"".join([*(c for c in chunks if c is not None), index_bytes, crc])
+        )
 
     def extend(self, chunks: list[bytes]) -> None:
         self.tail.extend(chunks)

@@ -1,54 +1,47 @@
 """Export a split of the store as WebDataset tar shards for streaming training.
 
-``DIR/<name>-000000.tar, ...``: one sample per record, in record-index order, key ``r%08d`` (the
-record index; never a patient id), members ``<key>.seg.npy`` (int16 (S, 12, 2500) microvolts)
-and ``<key>.meta.json`` (record_key, patient_key, source, split, labels [26], lead_mask [12],
-record_index). A shard is closed when adding a sample would pass ``max_size`` bytes or when it
-holds ``max_count`` samples.
+One sample per record, in record-index order; the shard format and the ``_info.json`` manifest
+are defined in ``ecgplat.shard_format`` and documented in docs/formats.md ("Shards").
 
-``DIR/_info.json`` maps each export name to::
-
-    {"format": "ecgplat-shards/1", "split": ..., "shards": [{"file", "samples", "segments",
-     "bytes"}], "samples": N, "segments": M, "sample_schema": {...},
-     "params": {"max_size", "max_count"}, "store": {"path", "uuid", "n_records"}, "created"}
-
-Every file is written under a temporary name and renamed into place; ``_info.json`` is merged
-(other names kept) and replaced atomically last, and shards of an older export with the same
-name that the new one does not reuse are removed afterwards.
+A re-export is atomic as a whole: the exporter holds ``DIR/.lock``, deletes the temporary files
+of killed runs, writes every shard under a temporary name, withdraws the export's old manifest
+entry, renames the shards into place and then writes the new entry (the manifest, last). A run
+killed at any point leaves either the old export, or none under that name (training then
+refuses it), never a manifest listing a mix of old and new shards.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import fcntl
 import io
 import json
 import os
 import re
 import tarfile
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
 
+from ecgplat import atomic
+from ecgplat.faults import stop_point
 from ecgplat.progress import ProgressBar
-from ecgplat.store import EcgStore, open_store
+from ecgplat.shard_format import (
+    FORMAT,
+    INFO_FILE,
+    LOCK_FILE,
+    META_MEMBER,
+    SAMPLE_SCHEMA,
+    SEG_MEMBER,
+    listed_urls,
+    read_info,
+    sample_key,
+    shard_glob,
+    shard_name,
+)
+from ecgplat.store import EcgStore, StoreBusyError, open_store
 
-INFO_FILE = "_info.json"
-FORMAT = "ecgplat-shards/1"
-SAMPLE_SCHEMA = {
-    "key": "r%08d (record index)",
-    "seg.npy": "int16 (S, 12, 2500) microvolts, leads I..V6, absent leads 0",
-    "meta.json": [
-        "record_key",
-        "patient_key",
-        "source",
-        "split",
-        "labels",
-        "lead_mask",
-        "record_index",
-    ],
-}
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 _UNITS = {
     "": 1,
@@ -79,12 +72,6 @@ def sample_bytes(segments: np.ndarray, meta: dict) -> tuple[bytes, bytes]:
     return buf.getvalue(), json.dumps(meta, sort_keys=True).encode()
 
 
-def _atomic_replace(tmp: Path, final: Path) -> None:
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-
-
 class _ShardSink:
     """Writes tar shards ``name-%06d.tar`` with rotation, each via a temp file."""
 
@@ -96,8 +83,8 @@ class _ShardSink:
 
     def _open(self) -> None:
         index = len(self.shards)
-        final = self.out / f"{self.name}-{index:06d}.tar"
-        self.temps.append(self.out / f".{final.name}.{uuid.uuid4().hex}.tmp")
+        final = self.out / shard_name(self.name, index)
+        self.temps.append(atomic.temp_name(final))
         self.tar = tarfile.open(self.temps[-1], "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
         self.shards.append({"file": final.name, "samples": 0, "segments": 0, "bytes": 0})
 
@@ -131,13 +118,20 @@ class _ShardSink:
         entry["bytes"] += size
 
     def finish(self) -> list[dict]:
-        """Close the last shard and move all shards into place (renames only, after every
-        shard is complete on disk)."""
+        """Close the last shard and fsync every temporary file (nothing renamed yet)."""
         self._close()
-        for tmp, entry in zip(self.temps, self.shards):
-            _atomic_replace(tmp, self.out / entry["file"])
-        self.temps = []
+        for tmp in self.temps:
+            atomic.fsync_file(tmp)
         return self.shards
+
+    def publish(self) -> None:
+        """Move the finished shards into place (renames only), then fsync the folder."""
+        for n, (tmp, entry) in enumerate(zip(self.temps, self.shards, strict=True)):
+            os.replace(tmp, self.out / entry["file"])
+            if n == 0:
+                stop_point("shards.between_renames")
+        atomic.fsync_dir(self.out)
+        self.temps = []
 
     def abort(self) -> None:
         if self.tar is not None:
@@ -155,10 +149,10 @@ def _iter_samples(store: EcgStore, indices: np.ndarray, block: int = 256):
         part = indices[start : start + block]
         starts = frame["seg_start"].to_numpy()[part]
         counts = frame["seg_count"].to_numpy()[part]
-        seg_idx = np.concatenate([np.arange(s, s + c) for s, c in zip(starts, counts)])
+        seg_idx = np.concatenate([np.arange(s, s + c) for s, c in zip(starts, counts, strict=True)])
         data = store.read_segments_raw(seg_idx)
         offset = 0
-        for i, c in zip(part, counts):
+        for i, c in zip(part, counts, strict=True):
             row = frame.iloc[int(i)]
             meta = {
                 "record_key": row["record_key"],
@@ -171,12 +165,6 @@ def _iter_samples(store: EcgStore, indices: np.ndarray, block: int = 256):
             }
             yield int(i), data[offset : offset + c], meta
             offset += c
-
-
-def read_info(out: str | os.PathLike) -> dict:
-    """The ``_info.json`` of a shard directory ({} if none)."""
-    file = Path(out) / INFO_FILE
-    return json.loads(file.read_text()) if file.exists() else {}
 
 
 def write_shards(
@@ -202,20 +190,31 @@ def write_shards(
         raise ValueError(f"{store}: no records in split {split!r} (run `ecgplat split` first?)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    sink = _ShardSink(out, name, max_size, max_count)
-    bar = ProgressBar(progress, len(indices), f"shards {name}")
-    try:
-        for i, segs, meta in _iter_samples(reader, indices):
-            seg_bytes, meta_bytes = sample_bytes(segs, meta)
-            sink.add(f"r{i:08d}", {"seg.npy": seg_bytes, "meta.json": meta_bytes}, len(segs))
-            bar.advance()
-        shards = sink.finish()
-    except BaseException:
-        sink.abort()
-        raise
-    finally:
-        bar.close()
-    entry = {
+    with _export_lock(out):
+        # temporary files of killed runs (nobody else can be writing here now)
+        atomic.remove_temps(out, "*.tar")
+        atomic.remove_temps(out, INFO_FILE)
+        sink = _ShardSink(out, name, max_size, max_count)
+        bar = ProgressBar(progress, len(indices), f"shards {name}")
+        try:
+            for i, segs, meta in _iter_samples(reader, indices):
+                seg_bytes, meta_bytes = sample_bytes(segs, meta)
+                payloads = {SEG_MEMBER: seg_bytes, META_MEMBER: meta_bytes}
+                sink.add(sample_key(i), payloads, len(segs))
+                bar.advance()
+            shards = sink.finish()
+        except BaseException:
+            sink.abort()
+            raise
+        finally:
+            bar.close()
+        entry = _entry(reader, store, split, shards, max_size, max_count)
+        _publish(out, name, sink, entry)
+    return entry
+
+
+def _entry(reader: EcgStore, store, split: str, shards: list, max_size: int, max_count: int):
+    return {
         "format": FORMAT,
         "split": split,
         "shards": shards,
@@ -227,24 +226,51 @@ def write_shards(
             "path": str(Path(store).resolve()),
             "uuid": reader.attrs.get("store_uuid"),
             "n_records": reader.n_records,
+            "split_generation": reader.split_generation,
         },
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
-    info = read_info(out)
+
+
+def _publish(out: Path, name: str, sink: _ShardSink, entry: dict) -> None:
+    """Withdraw the old entry of ``name``, rename the new shards into place, write the new
+    entry (the manifest last), then delete old shards the new export does not reuse."""
+    info = read_info(out) or {}
+    if name in info:
+        del info[name]
+        atomic.write_json(out / INFO_FILE, info, indent=1, sort_keys=True)
+    stop_point("shards.before_renames")
+    sink.publish()
+    stop_point("shards.before_manifest")
     info[name] = entry
-    tmp = out / f".{INFO_FILE}.{uuid.uuid4().hex}.tmp"
-    tmp.write_text(json.dumps(info, indent=1, sort_keys=True))
-    _atomic_replace(tmp, out / INFO_FILE)
-    keep = {s["file"] for s in shards}
-    for old in out.glob(f"{name}-[0-9][0-9][0-9][0-9][0-9][0-9].tar"):
+    atomic.write_json(out / INFO_FILE, info, indent=1, sort_keys=True)
+    keep = {s["file"] for s in entry["shards"]}
+    for old in out.glob(shard_glob(name)):
         if old.name not in keep:
             old.unlink()
-    return entry
+
+
+class _export_lock:  # noqa: N801 - used as a context manager
+    """An exclusive advisory lock on ``DIR/.lock`` (one exporter per shard directory)."""
+
+    def __init__(self, out: Path):
+        self.file = out / LOCK_FILE
+
+    def __enter__(self):
+        self.fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            where = self.file.parent
+            raise StoreBusyError(f"{where}: shards are being written by another process") from None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
 
 
 def shard_urls(out: str | os.PathLike, name: str) -> list[str]:
     """Paths of the shards of export ``name`` listed in ``_info.json``."""
-    info = read_info(out)
-    if name not in info:
-        raise KeyError(f"{out}: no shards named {name!r} in {INFO_FILE}")
-    return [str(Path(out) / s["file"]) for s in info[name]["shards"]]
+    return listed_urls(out, name)

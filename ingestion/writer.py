@@ -2,13 +2,13 @@
 
 Protocol: everything appended goes *past* the committed counts of ``commit.json``. ``append()``
 writes a batch's segments at once and stages its small rows (segment index, record and reject
-columns) in memory; ``commit()`` writes the staged rows, then replaces ``commit.json``
-atomically (temp file, fsync, ``os.replace``, fsync of the directory). Readers use only the
-committed counts, so a writer killed at any moment leaves a store whose visible content is its
-last commit. When a writer next opens the store it truncates every array back to the committed
-counts and removes zarr's leftover ``*.partial`` temp files (zarr 3.1's LocalStore writes each
-chunk/shard and each ``zarr.json`` through a temp file + rename, so no file is ever half-written;
-a killed run can only leave whole files past the commit point).
+columns) in memory; ``commit()`` writes the staged rows, then replaces ``commit.json`` through
+``ecgplat.atomic``. Readers use only the committed counts, so a writer killed at any moment
+leaves a store whose visible content is its last commit. When a writer next opens the store it
+truncates every array back to the committed counts and removes leftover temporary files (zarr
+3.1's LocalStore writes each chunk/shard and each ``zarr.json`` through a ``*.partial`` file +
+rename, ecgplat's own files go through ``.*.tmp`` files, so no file is ever half-written; a
+killed run can only leave whole files past the commit point). Layout: docs/formats.md.
 
 Batches (``RecordBatch``) are built on the workers by ``pack_batch``: it pseudonymises the raw
 patient ids there (and redacts them from file-name-derived ids), so raw ids never reach the
@@ -19,10 +19,8 @@ One writer at a time holds an advisory lock on ``STORE/.lock``.
 from __future__ import annotations
 
 import datetime as _dt
-import fcntl
 import hashlib
 import hmac
-import json
 import os
 import re
 import secrets
@@ -34,6 +32,7 @@ from typing import Self
 
 import numpy as np
 
+from ecgplat import atomic
 from ecgplat import store as S
 from ecgplat.leads import LEADS
 from ecgplat.privacy import pseudonymise
@@ -123,20 +122,6 @@ def pack_batch(
     return RecordBatch(seq, chunks, cols, list(rejects), bytes_read)
 
 
-def _atomic_write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def _str_array(values) -> np.ndarray:
     return np.asarray(list(values), dtype=str) if len(values) else np.zeros(0, dtype=str)
 
@@ -160,12 +145,7 @@ class StoreWriter:
             if self.path.exists() and any(p.name != ".lock" for p in self.path.iterdir()):
                 raise ValueError(f"{self.path}: directory is not empty and is not an ecgplat store")
         self.path.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._lock_fd)
-            raise RuntimeError(f"{self.path}: store is being written by another process") from None
+        self._lock = S.StoreLock(self.path)
         try:
             self.root = zarr.open_group(str(self.path), mode="a")
             version = self.root.attrs.get("schema_version")
@@ -219,13 +199,7 @@ class StoreWriter:
         """Create whatever a (possibly half-created) store lacks; never touches existing data."""
         secret_file = self.path / S.SECRET_FILE
         if not secret_file.exists():
-            tmp = self.path / f".{S.SECRET_FILE}.tmp"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(secrets.token_bytes(32))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, secret_file)
+            atomic.write_bytes(secret_file, secrets.token_bytes(32), mode=0o600)
         filters, compressors = codecs()
 
         def exists(key: str) -> bool:  # not group listing: it warns about our non-zarr files
@@ -235,7 +209,7 @@ class StoreWriter:
             self.root.create_array(
                 "segments",
                 shape=(0, *_SEG_SHAPE),
-                dtype="int16",
+                dtype=S.DTYPE,
                 chunks=(S.SEGMENT_CHUNK, *_SEG_SHAPE),
                 shards=(S.SEGMENT_SHARD, *_SEG_SHAPE),
                 filters=filters,
@@ -267,16 +241,17 @@ class StoreWriter:
                     "segment_samples": S.SEGMENT_SAMPLES,
                     "segment_seconds": S.SEGMENT_SECONDS,
                     "leads": list(LEADS),
-                    "units": "uV",
-                    "dtype": "int16",
+                    "units": S.UNITS,
+                    "dtype": S.DTYPE,
                     "store_uuid": uuid.uuid4().hex,
                     "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
                 }
             )
         if not (self.path / S.COMMIT_FILE).exists():
-            _atomic_write_json(
+            atomic.write_json(
                 self.path / S.COMMIT_FILE,
                 {"n_records": 0, "n_segments": 0, "n_rejects": 0, "splits": None},
+                sort_keys=True,
             )
 
     def _appendables(self):
@@ -290,22 +265,17 @@ class StoreWriter:
             yield self.root[f"rejects/{name}"], c["n_rejects"]
 
     def _recover(self) -> None:
-        """Drop everything past the commit point: truncate arrays, delete stale split
-        generations and zarr temp files."""
+        """Drop everything past the commit point: truncate arrays, delete split generations
+        that are neither kept nor committed, and zarr temp files."""
         for arr, n in self._appendables():
             if arr.shape[0] != n:
                 arr.resize((n, *arr.shape[1:]))
-        current = self.committed.get("splits")
-        splits_dir = self.path / "splits"
-        for child in splits_dir.iterdir() if splits_dir.is_dir() else ():
-            if child.is_dir() and child.name != current:
-                shutil.rmtree(child)
+        self._drop_generations(keep_below=S.generation_number(self.committed.get("splits")) + 1)
         if direct_layout(self.root["segments"]):
             ShardFiles(self.path, 0).drop_beyond(int(self.committed["n_segments"]))
-        for partial in self.path.rglob("*.partial"):
-            partial.unlink(missing_ok=True)
-        for tmp in self.path.glob(".*.tmp"):
-            tmp.unlink(missing_ok=True)
+        for tmp in self.path.rglob("*"):  # zarr's *.partial and ecgplat.atomic's .*.tmp files
+            if tmp.name.endswith(".partial") or atomic.is_temp(tmp):
+                tmp.unlink(missing_ok=True)
 
     # ---- queries ------------------------------------------------------------------------
     @property
@@ -442,12 +412,26 @@ class StoreWriter:
             "n_rejects": self.n_rejects,
             "splits": self.committed.get("splits") if splits is False else splits,
         }
-        _atomic_write_json(self.path / S.COMMIT_FILE, state)
+        atomic.write_json(self.path / S.COMMIT_FILE, state, sort_keys=True)
         self.committed = state
+
+    def _drop_generations(self, keep_below: int) -> None:
+        """Delete split generations numbered ``>= keep_below`` (never committed) or older than
+        the last ``S.SPLITS_KEPT`` below it (no reader can still be reading those)."""
+        splits_dir = self.path / "splits"
+        for child in splits_dir.iterdir() if splits_dir.is_dir() else ():
+            k = S.generation_number(child.name) if re.fullmatch(r"g[0-9]+", child.name) else None
+            if (
+                child.is_dir()
+                and k is not None
+                and not keep_below - S.SPLITS_KEPT <= k < keep_below
+            ):
+                shutil.rmtree(child, ignore_errors=True)
 
     def write_splits(self, split, ident_split) -> None:
         """Replace the split assignment of all committed records atomically (a new generation
-        under ``splits/``, switched to by one commit; the old one is then deleted)."""
+        under ``splits/``, switched to by one commit). The generation before it stays on disk
+        for readers that opened the store earlier; older ones are then deleted."""
         n = int(self.committed["n_records"])
         if len(split) != n or len(ident_split) != n:
             raise ValueError(f"{self.path}: split arrays must have {n} entries")
@@ -464,14 +448,12 @@ class StoreWriter:
             if n:
                 arr[:] = _str_array(values)
         self.commit(splits=generation)
-        if old:
-            shutil.rmtree(self.path / "splits" / old, ignore_errors=True)
+        self._drop_generations(keep_below=k + 1)
 
     def close(self) -> None:
-        if getattr(self, "_lock_fd", None) is not None:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        if getattr(self, "_lock", None) is not None:
+            self._lock.release()
+            self._lock = None
 
     def __enter__(self) -> Self:
         return self

@@ -2,24 +2,16 @@
 
 `embed_store(store, checkpoint, name, leads)` runs the checkpoint's encoder (any kind:
 pretrain, diagnosis, identify, imported) over every committed segment of the store and writes
-
-    STORE/features/<name>/
-        zarr.json              attrs["lineage"]: schema, checkpoint_sha256, checkpoint_kind,
-                               checkpoint (path), config (the checkpoint's run config), leads
-                               (canonical names, comma-joined), dim, created (UTC), store_uuid,
-                               n_records, n_segments, complete=True
-        segment/embedding      float32 (N, D) unit rows, one per stored segment (row = segment row)
-        segment/record_index   int64 (N,)
-        segment/segment_number int32 (N,)
-        record/embedding       float32 (R, D): mean of the record's segment embeddings, re-normalised
-        record/record_index    int64 (R,)
+the feature set `STORE/features/<name>/` (segment- and record-level embeddings plus their
+lineage; layout in docs/formats.md, "Feature sets").
 
 An embedding is the L2-normalised time-mean of the encoder output (the identification embedding
 of spec §3.6) computed with the leads outside `leads` zero-filled. The feature set is built under
 `features/.tmp-<name>-<id>` and renamed into place only when complete, so an interrupted run never
 leaves a half-written feature set under its name (the leftover temporary group is removed by the
-next run). Re-running with the same checkpoint (by SHA-256) and leads on an unchanged store is a
-no-op; another checkpoint or lead set under an existing name needs `overwrite=True`.
+next run); the write holds the store's writer lock. Re-running with the same checkpoint (by
+SHA-256) and leads on an unchanged store is a no-op; another checkpoint or lead set under an
+existing name needs `overwrite=True`.
 """
 
 from __future__ import annotations
@@ -34,7 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-FEATURES = "features"
+from ecgplat.atomic import fsync_dir
+from ecgplat.store import FEATURES_DIR as FEATURES
+from ecgplat.store import StoreLock
+
 SCHEMA = "ecgplat-features/1"
 LEVELS = ("segment", "record")
 
@@ -131,6 +126,32 @@ def _write_group(path: Path, lineage: dict, seg: tuple, rec: tuple) -> None:
     group.attrs["lineage"] = lineage  # last: the set is marked complete only once all is written
 
 
+def _publish(store_path: Path, name: str, lineage: dict, seg: dict, rec: dict) -> None:
+    """Write the feature set under a temporary name and rename it into place, holding the
+    store's writer lock (like ingest and split; StoreBusyError while another writer runs)."""
+    with StoreLock(store_path):
+        _publish_locked(store_path, name, lineage, seg, rec)
+
+
+def _publish_locked(store_path: Path, name: str, lineage: dict, seg: dict, rec: dict) -> None:
+    if not (store_path / FEATURES / "zarr.json").is_file():  # `features` as a zarr group
+        import zarr
+
+        zarr.open_group(str(store_path / FEATURES), mode="a")
+    _remove_leftovers(store_path, name)
+    tmp = store_path / FEATURES / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
+    _write_group(tmp, lineage, seg, rec)
+    target = feature_dir(store_path, name)
+    if target.exists():  # overwrite: move the old set aside first, then swap in the new one
+        trash = store_path / FEATURES / f".tmp-{name}-old-{uuid.uuid4().hex[:8]}"
+        os.replace(target, trash)
+        os.replace(tmp, target)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+    fsync_dir(store_path / FEATURES)
+
+
 def embed_store(
     store_path: str | os.PathLike,
     checkpoint: str | os.PathLike,
@@ -157,7 +178,7 @@ def embed_store(
 
     store_path = Path(store_path)
     store = open_store(store_path)
-    target = feature_dir(store_path, name)
+    feature_dir(store_path, name)  # a bad name fails before the slow part
     sha = file_sha256(checkpoint)
     wanted_leads = lead_names(leads)
     old = read_lineage(store_path, name)
@@ -210,25 +231,13 @@ def embed_store(
     }
     del ckpt
 
-    if not (store_path / FEATURES / "zarr.json").is_file():  # `features` as a zarr group
-        import zarr
-
-        zarr.open_group(str(store_path / FEATURES), mode="a")
-    _remove_leftovers(store_path, name)
-    tmp = store_path / FEATURES / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
-    _write_group(
-        tmp,
+    _publish(
+        store_path,
+        name,
         lineage,
         {"embedding": emb, "record_index": rec, "segment_number": seg.astype(np.int32)},
         {"embedding": rec_emb, "record_index": rec_ids},
     )
-    if target.exists():  # overwrite: move the old set aside first, then swap in the new one
-        trash = store_path / FEATURES / f".tmp-{name}-old-{uuid.uuid4().hex[:8]}"
-        os.replace(target, trash)
-        os.replace(tmp, target)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
     return {
         "status": "written",
         "name": name,

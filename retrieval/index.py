@@ -9,10 +9,10 @@ identification score, spec §3.7). Kinds:
 
 Approximate kinds report their recall@1 against exact search on a sample of queries at build
 time (`GalleryIndex.info["recall_at_1"]`). Search runs on a GPU copy when FAISS sees a GPU,
-else on the CPU. On disk an index is two files: `NAME.faiss` (FAISS's own format) and
-`NAME.json` beside it holding the row ids (record keys or segment ids), the pseudonymised
-patient key of each row, the lineage of the embeddings (checkpoint SHA-256, lead set, ...)
-and build info. Queries whose embeddings come from another lineage are refused.
+else on the CPU. On disk an index is one file, `NAME.faiss`: FAISS's own serialisation followed
+by its description (row ids, patient keys, lineage, build info) and a trailer, so the vectors and
+their description are replaced together by one atomic rename (layout: docs/formats.md, "FAISS
+index"). Queries whose embeddings come from another lineage are refused.
 """
 
 from __future__ import annotations
@@ -20,16 +20,23 @@ from __future__ import annotations
 import json
 import math
 import os
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import faiss
 import numpy as np
 
+from ecgplat import atomic
+from ecgplat.faults import stop_point
+
 INDEX_KINDS = ("flat", "hnsw", "ivf")
 # lineage fields that must agree between an index and the embeddings used to query it
 LINEAGE_MATCH_KEYS = ("checkpoint_sha256", "leads")
-META_FORMAT = "ecgplat-faiss-index/1"
+META_FORMAT = "ecgplat-faiss-index/2"
+INDEX_SUFFIX = ".faiss"
+TRAILER_MAGIC = b"ECGPIDX2"  # last 8 bytes of an index file
+_TRAILER = struct.Struct("<Q8s")  # description length in bytes, magic
 
 
 class LineageError(ValueError):
@@ -168,8 +175,9 @@ class GalleryIndex:
         return scores, rows.astype(np.int64)
 
     def save(self, path: str | Path) -> Path:
-        """Write `PATH.faiss` and `PATH.json` atomically; returns the `.faiss` path."""
-        index_path, meta_path = index_paths(path)
+        """Write the index and its description as one file, replaced atomically (a reader or
+        a crash sees the old index or the new one, never a mix); returns its path."""
+        index_path = index_file(path)
         index_path.parent.mkdir(parents=True, exist_ok=True)
         meta = {
             "format": META_FORMAT,
@@ -181,34 +189,30 @@ class GalleryIndex:
             "lineage": self.lineage,
             "info": self.info,
         }
-        tmp_index = index_path.with_name(index_path.name + ".tmp")
-        tmp_meta = meta_path.with_name(meta_path.name + ".tmp")
-        faiss.write_index(self.index, str(tmp_index))
-        tmp_meta.write_text(json.dumps(meta))
-        os.replace(tmp_index, index_path)
-        os.replace(tmp_meta, meta_path)
+        description = json.dumps(meta).encode()
+        atomic.remove_temps(index_path.parent, index_path.name)  # of killed builds
+        with atomic.atomic_path(index_path) as tmp, open(tmp, "wb") as f:
+            writer = faiss.PyCallbackIOWriter(f.write)
+            faiss.write_index(self.index, writer)
+            del writer
+            f.write(description)
+            f.write(_TRAILER.pack(len(description), TRAILER_MAGIC))
+            f.flush()
+            stop_point("index.before_replace")
         return index_path
 
     @classmethod
     def load(cls, path: str | Path) -> GalleryIndex:
-        index_path, meta_path = index_paths(path)
-        for p in (index_path, meta_path):
-            if not p.exists():
-                raise FileNotFoundError(f"{p}: index file not found")
-        try:
-            meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{meta_path}: not valid JSON ({e.msg})") from None
-        if meta.get("format") != META_FORMAT:
-            raise ValueError(
-                f"{meta_path}: not an ecgplat index description (format {meta.get('format')!r})"
-            )
-        index = faiss.read_index(str(index_path))
-        if (
-            index.ntotal != meta["count"]
-            or index.d != meta["dim"]
-            or len(meta["ids"]) != index.ntotal
-        ):
+        """Read an index file; FileNotFoundError / ValueError (one line naming the file) when
+        it is missing or not an ecgplat index."""
+        index_path = index_file(path)
+        if not index_path.is_file():
+            raise FileNotFoundError(f"{index_path}: index file not found")
+        with open(index_path, "rb") as f:  # one open file: one version, even during a rebuild
+            meta, n_index = _read_description(f, index_path)
+            f.seek(0)
+            index = _read_faiss(f, n_index, index_path)
+        if index.ntotal != meta["count"] or index.d != meta["dim"]:
             raise ValueError(
                 f"{index_path}: {index.ntotal} vectors of dim {index.d} do not match "
                 f"its description ({meta['count']} ids, dim {meta['dim']})"
@@ -223,12 +227,71 @@ class GalleryIndex:
         )
 
 
-def index_paths(path: str | Path) -> tuple[Path, Path]:
-    """(`X.faiss`, `X.json`) for `X` or `X.faiss`."""
+def _read_description(f, where: Path) -> tuple[dict, int]:
+    """(description, length of the FAISS part) of an open index file; ValueError if it is
+    not an ecgplat index file or its description is malformed."""
+    size = os.fstat(f.fileno()).st_size
+    if size < _TRAILER.size:
+        raise ValueError(f"{where}: not an ecgplat index file ({size} bytes)")
+    f.seek(size - _TRAILER.size)
+    n_meta, magic = _TRAILER.unpack(f.read(_TRAILER.size))
+    if magic != TRAILER_MAGIC or n_meta > size - _TRAILER.size:
+        raise ValueError(
+            f"{where}: not an ecgplat index file (no description trailer; "
+            "rebuild it with `ecgplat index build`)"
+        )
+    n_index = size - _TRAILER.size - n_meta
+    f.seek(n_index)
+    try:
+        meta = json.loads(f.read(n_meta))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{where}: corrupt index description ({e})") from None
+    _check_description(meta, where)
+    return meta, n_index
+
+
+def _check_description(meta, where: Path) -> None:
+    if not isinstance(meta, dict):
+        raise ValueError(f"{where}: corrupt index description (not a JSON object)")
+    if meta.get("format") != META_FORMAT:
+        raise ValueError(f"{where}: not an ecgplat index (format {meta.get('format')!r})")
+    for key in ("count", "dim"):
+        if type(meta.get(key)) is not int or meta[key] < 0:
+            raise ValueError(f"{where}: corrupt index description ({key}={meta.get(key)!r})")
+    if meta.get("kind") not in INDEX_KINDS:
+        raise ValueError(f"{where}: corrupt index description (kind={meta.get('kind')!r})")
+    for key in ("ids", "labels"):
+        rows = meta.get(key)
+        if (rows is not None or key == "ids") and (
+            not isinstance(rows, list) or len(rows) != meta["count"]
+        ):
+            raise ValueError(
+                f"{where}: corrupt index description ({key} is not a list of {meta['count']})"
+            )
+
+
+def _read_faiss(f, n_bytes: int, where: Path) -> faiss.Index:
+    """The FAISS index in the first ``n_bytes`` of the open file ``f``; ValueError if FAISS
+    cannot read it (truncated, random bytes, another format)."""
+    left = [n_bytes]
+
+    def read(n: int) -> bytes:
+        data = f.read(min(n, left[0]))
+        left[0] -= len(data)
+        return data
+
+    try:
+        return faiss.read_index(faiss.PyCallbackIOReader(read))
+    except (RuntimeError, MemoryError) as e:
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        reason = reason.split(": ", 1)[-1] if " at /" in reason else reason
+        raise ValueError(f"{where}: not a readable FAISS index ({reason[:120]})") from None
+
+
+def index_file(path: str | Path) -> Path:
+    """The index file for `X` or `X.faiss`: `X.faiss`."""
     p = Path(path)
-    if p.suffix != ".faiss":
-        p = p.with_name(p.name + ".faiss")
-    return p, p.with_suffix(".json")
+    return p if p.suffix == INDEX_SUFFIX else p.with_name(p.name + INDEX_SUFFIX)
 
 
 def recall_at_1(approx: faiss.Index, exact: faiss.Index, queries: np.ndarray) -> float:

@@ -4,6 +4,7 @@ the store (idempotent, atomic), identification evaluation, queries and the CLI."
 import itertools
 import json
 import shutil
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score
 
-from retrieval.index import GalleryIndex, LineageError, build_index, index_paths
+from retrieval.index import _TRAILER, GalleryIndex, LineageError, build_index, index_file
 from retrieval.metrics import cmc_curve, mean_average_precision, rank_k
 
 torch.set_num_threads(1)
@@ -72,7 +73,7 @@ def test_index_save_load_round_trip(tmp_path, kind):
     if kind != "flat":
         assert index.info["recall_at_1"] >= 0.9 and index.info["recall_n"] == len(prb)
     path = index.save(tmp_path / "gallery")
-    assert path == tmp_path / "gallery.faiss" and (tmp_path / "gallery.json").is_file()
+    assert path == tmp_path / "gallery.faiss" and sorted(tmp_path.iterdir()) == [path]
     loaded = GalleryIndex.load(tmp_path / "gallery")
     assert (loaded.kind, loaded.ids, loaded.labels, loaded.lineage) == (
         kind,
@@ -110,18 +111,31 @@ def test_large_gallery_options_copy_false_no_recall_sample_and_ivf_max_train(kin
     assert ref.info.get("params", {}).get("max_train") == (320 if kind == "ivf" else None)
 
 
+def _parts(path) -> tuple[bytes, bytes]:
+    """(FAISS part, description) of an index file, split at its trailer."""
+    data = Path(path).read_bytes()
+    n_meta, magic = _TRAILER.unpack(data[-_TRAILER.size :])
+    assert magic == b"ECGPIDX2"
+    end = len(data) - _TRAILER.size
+    return data[: end - n_meta], data[end - n_meta : end]
+
+
+def _trailer(description: bytes) -> bytes:
+    return _TRAILER.pack(len(description), b"ECGPIDX2")
+
+
 def test_load_rejects_mismatched_or_missing_files(tmp_path):
     index = build_index(np.eye(4, dtype=np.float32), list("abcd"))
     index.save(tmp_path / "x")
-    meta = json.loads((tmp_path / "x.json").read_text())
-    meta["ids"] = meta["ids"][:3]
-    meta["count"] = 3
-    (tmp_path / "x.json").write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match="do not match"):
-        GalleryIndex.load(tmp_path / "x.faiss")
+    three = build_index(np.eye(3, 4, dtype=np.float32), list("abc")).save(tmp_path / "z")
+    four_vectors = _parts(tmp_path / "x.faiss")[0]
+    description = _parts(three)[1]  # 3 ids
+    (tmp_path / "m.faiss").write_bytes(four_vectors + description + _trailer(description))
+    with pytest.raises(ValueError, match="m.faiss: 4 vectors of dim 4 do not match"):
+        GalleryIndex.load(tmp_path / "m.faiss")
     with pytest.raises(FileNotFoundError, match="y.faiss"):
         GalleryIndex.load(tmp_path / "y")
-    assert index_paths("a/b.faiss") == index_paths("a/b")
+    assert index_file("a/b.faiss") == index_file("a/b") == Path("a/b.faiss")
 
 
 def test_lineage_mismatch_is_refused_with_a_clear_error():

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from ecgplat.store import open_store
+from ecgplat.store import open_store, read_commit
 from ingestion.pipeline import ingest
 from ingestion.splits import gallery_probe, random_split, split_store, strat_fold_split
 
@@ -84,10 +84,13 @@ def test_split_store_rerun_sources_and_strat_fold(samples_dir, tmp_path):
     with pytest.raises(ValueError, match="strat_fold"):
         split_store(store, mode="strat_fold")  # CinC records have no fold
     assert open_store(store).records["split"][cinc].tolist() == before  # failed run changed nothing
-    # only one split generation is kept, re-running replaces it
+    # the current generation and the one before it are kept (for readers that opened the
+    # store before the last split); older ones are deleted
+    current = read_commit(store)["splits"]
     split_store(store, seed=5)
-    gens = [p.name for p in (store / "splits").iterdir() if p.is_dir()]
-    assert len(gens) == 1
+    gens = sorted(p.name for p in (store / "splits").iterdir() if p.is_dir())
+    k = int(current[1:]) + 1
+    assert read_commit(store)["splits"] == f"g{k}" and gens == sorted([current, f"g{k}"])
 
 
 def test_random_split_does_not_depend_on_the_pseudonyms():

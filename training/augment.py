@@ -21,7 +21,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-N_LEADS = 12
+from ecgplat.store import N_LEADS
+
 LIMB = np.arange(0, 6)
 CHEST = np.arange(6, 12)
 

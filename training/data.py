@@ -1,7 +1,7 @@
 """Streaming training batches from WebDataset shards (written by `ingestion.shards`).
 
-Shards: `DIR/<split>-NNNNNN.tar`, one sample per record (`<key>.seg.npy` int16 (S, 12, 2500) µV,
-`<key>.meta.json`), listed with their sample/segment counts in `DIR/_info.json`. A shard source
+Shards (format: `ecgplat.shard_format`, documented in docs/formats.md): `DIR/<split>-NNNNNN.tar`,
+one sample per record, listed with their sample/segment counts in `DIR/_info.json`. A shard source
 may be a directory (local path or fsspec URL such as `file:///...`, `s3://...`), a brace
 pattern (`dir/train-{000000..000003}.tar`), a single `.tar`, or a `pipe:` command.
 
@@ -39,12 +39,18 @@ from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from ecgplat.leads import LEADS, apply_lead_subset, lead_mask, parse_leads
+from ecgplat.shard_format import (
+    META_MEMBER,
+    META_REQUIRED,
+    SEG_MEMBER,
+    export_entry,
+    listed_urls,
+    read_info,
+)
 from ecgplat.store import to_millivolts
 from training.augment import RandomLeadMasking
 
-INFO_FILE = "_info.json"
 MODES = ("pairs", "segments")
-META_FIELDS = ("record_key", "patient_key", "labels", "lead_mask", "record_index")
 
 
 # --- shard sources -------------------------------------------------------------------------
@@ -68,34 +74,6 @@ def _is_remote(url: str) -> bool:
     return "://" in url and not url.startswith("file://")
 
 
-def read_info(base: str) -> dict | None:
-    """The parsed `_info.json` of a shard directory (local path or fsspec URL), or None when
-    it does not exist."""
-    if "://" in base:
-        import fsspec
-
-        fs, path = fsspec.core.url_to_fs(base.rstrip("/") + "/" + INFO_FILE)
-        if not fs.exists(path):
-            return None
-        with fs.open(path, "rb") as f:
-            return json.loads(f.read())
-    path = Path(base) / INFO_FILE
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def _split_entry(info: dict, split: str, where: str) -> dict:
-    if split not in info:
-        raise ValueError(
-            f"{where}: no split '{split}' in {INFO_FILE} "
-            f"(has: {', '.join(sorted(info)) or 'nothing'})"
-        )
-    return info[split]
-
-
-def _shard_file(entry: dict) -> str:
-    return entry.get("file", entry.get("name"))
-
-
 def shard_set(shards: str | Path, split: str) -> ShardSet:
     """The shards of `split` under `shards` (see the module docstring for accepted forms)."""
     src = str(shards)
@@ -106,7 +84,7 @@ def shard_set(shards: str | Path, split: str) -> ShardSet:
         base = src.rsplit("/", 1)[0] if "/" in src else "."
         info = read_info(base)
         if info and split in info:  # counts for exactly the listed files, when known
-            by_name = {_shard_file(s): s for s in info[split]["shards"]}
+            by_name = {s["file"]: s for s in info[split]["shards"]}
             names = [u.rsplit("/", 1)[-1] for u in urls]
             if all(n in by_name for n in names):
                 return ShardSet(
@@ -115,15 +93,10 @@ def shard_set(shards: str | Path, split: str) -> ShardSet:
                     sum(by_name[n].get("segments", 0) for n in names) or None,
                 )
         return ShardSet(urls)
-    info = read_info(src)
-    if info is None:
-        raise FileNotFoundError(f"{src}: no {INFO_FILE} (write shards with `ecgplat shards`)")
-    entry = _split_entry(info, split, src)
-    files = entry["shards"]
+    urls = listed_urls(src, split)  # FileNotFoundError / ValueError naming the problem
+    files = export_entry(read_info(src) or {}, split, src)["shards"]
     if not files:
         raise ValueError(f"{src}: split '{split}' has no shards")
-    base = src.rstrip("/")
-    urls = [f"{base}/{_shard_file(s)}" for s in files]
     segments = sum(s.get("segments", 0) for s in files) or None
     return ShardSet(urls, sum(int(s["samples"]) for s in files), segments)
 
@@ -174,21 +147,21 @@ def iter_records(url: str) -> Iterator[tuple[str, np.ndarray, dict]]:
 
 def _decode(url: str, sample: dict) -> tuple[str, np.ndarray, dict]:
     key = sample["__key__"]
-    if "seg.npy" not in sample or "meta.json" not in sample:
+    if SEG_MEMBER not in sample or META_MEMBER not in sample:
         raise ShardError(
             f"{url}: sample {key}: needs seg.npy and meta.json, "
             f"has {sorted(k for k in sample if not k.startswith('__'))}"
         )
     try:
-        segs = np.load(io.BytesIO(sample["seg.npy"]), allow_pickle=False)
-        meta = json.loads(sample["meta.json"])
+        segs = np.load(io.BytesIO(sample[SEG_MEMBER]), allow_pickle=False)
+        meta = json.loads(sample[META_MEMBER])
     except (ValueError, OSError, EOFError) as e:
         raise ShardError(f"{url}: sample {key}: cannot decode ({e})") from None
     if segs.dtype != np.int16 or segs.ndim != 3 or segs.shape[1] != len(LEADS):
         raise ShardError(
             f"{url}: sample {key}: seg.npy must be int16 (S, 12, T), got {segs.dtype} {segs.shape}"
         )
-    missing = [f for f in META_FIELDS if f not in meta]
+    missing = [f for f in META_REQUIRED if f not in meta]
     if missing:
         raise ShardError(f"{url}: sample {key}: meta.json lacks {', '.join(missing)}")
     return key, segs, meta

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ecgplat.atomic import atomic_path
 from ecgplat.leads import LEAD_PRESETS, LEADS, apply_lead_subset, lead_mask, parse_leads
 from ecgplat.progress import ProgressBar
 from training.metrics import REPORT_KEYS, aggregate_records, classification_report, roc_curve
@@ -172,9 +172,8 @@ def flat_metrics(level_reports: dict[str, dict]) -> dict[str, float]:
 
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        write(tmp)
 
 
 def save_predictions(path: Path, pred: Predictions, record_keys: np.ndarray) -> None:

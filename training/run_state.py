@@ -18,16 +18,15 @@ that epoch already consumed), `best` (best validation metric so far) and `bad_va
 
 from __future__ import annotations
 
-import os
 import random
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from ecgplat.atomic import link_or_copy
 from training.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 LAST = "checkpoint_last.pt"
@@ -79,17 +78,6 @@ def restore_rng(state: dict[str, Any]) -> None:
 # --- files -----------------------------------------------------------------------------------
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    """Make `dst` the same bytes as `src`, atomically (a hard link when possible)."""
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
-
-
 def save_run_checkpoint(
     run_dir: str | Path, *, keep_last: int = 1, is_best: bool = False, **fields: Any
 ) -> Path:
@@ -99,14 +87,14 @@ def save_run_checkpoint(
     run_dir = Path(run_dir)
     last = save_checkpoint(run_dir / LAST, **fields)
     if keep_last > 0:
-        _link_or_copy(last, run_dir / f"checkpoint_{int(fields['num_updates'])}.pt")
+        link_or_copy(last, run_dir / f"checkpoint_{int(fields['num_updates'])}.pt")
         numbered = sorted(
             (int(m.group(1)), p) for p in run_dir.iterdir() if (m := _NUMBERED.match(p.name))
         )
         for _, old in numbered[:-keep_last]:
             old.unlink(missing_ok=True)
     if is_best:
-        _link_or_copy(last, run_dir / BEST)
+        link_or_copy(last, run_dir / BEST)
     return last
 
 

@@ -193,6 +193,7 @@ def shards(
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Export one split of the store as WebDataset tar shards (one sample per record)."""
+    from ecgplat.store import StoreBusyError
     from ingestion.shards import write_shards
 
     if not (store / "zarr.json").is_file():
@@ -207,7 +208,7 @@ def shards(
             max_count=max_count,
             progress=progress,
         )
-    except (FileNotFoundError, ValueError, OSError) as e:
+    except (FileNotFoundError, ValueError, OSError, StoreBusyError) as e:
         fail(str(e))
     typer.echo(
         f"wrote {entry['samples']} records ({entry['segments']} segments) in "

@@ -58,6 +58,7 @@ def embed(
     device: Annotated[str, typer.Option(help="auto (GPU when present), cpu or cuda.")] = "auto",
 ) -> None:
     """Embed every stored ECG (per 5 s segment and per record) with a checkpoint."""
+    from ecgplat.store import StoreBusyError
     from retrieval.embed import embed_store
     from training.models.checkpoint import CheckpointError
 
@@ -74,7 +75,7 @@ def embed(
             device=device,
             progress=True,
         )
-    except (CheckpointError, *_ERRORS) as e:
+    except (CheckpointError, StoreBusyError, *_ERRORS) as e:
         fail(_message(e))
     verb = "already up to date" if result["status"] == "unchanged" else "written"
     typer.echo(
@@ -90,7 +91,8 @@ def index_build(
     out: Annotated[
         Path,
         typer.Option(
-            help="Index path: writes OUT.faiss and OUT.json (ids, patient pseudonyms, lineage)."
+            help="Index path: writes OUT.faiss, one file holding the vectors, their ids, "
+            "patient pseudonyms and lineage."
         ),
     ],
     split: Annotated[

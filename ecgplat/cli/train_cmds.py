@@ -154,6 +154,14 @@ def train_command(
             "checkpoint left off.",
         ),
     ] = False,
+    allow_stale: Annotated[
+        bool,
+        typer.Option(
+            "--allow-stale",
+            help="Train on shards exported before the store's last `ecgplat split` "
+            "(refused by default: their train/valid/test membership is out of date).",
+        ),
+    ] = False,
 ) -> None:
     """Train a model; Ctrl-C / SIGTERM writes a checkpoint that --resume continues from."""
     from ecgplat.config import ConfigError
@@ -174,6 +182,12 @@ def train_command(
             exclude_overlap=exclude_overlap,
         )
     except (ConfigError, FileExistsError) as e:
+        fail(str(e))
+    from ecgplat.shard_format import check_current
+
+    try:
+        check_current(cfg.data.shards, (cfg.data.train_split, cfg.data.valid_split), allow_stale)
+    except ValueError as e:
         fail(str(e))
 
     import importlib

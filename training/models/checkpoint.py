@@ -8,18 +8,18 @@ Format (docs/ARCHITECTURE.md): a dict saved with torch.save whose values all loa
      "encoder_config": EncoderConfig.to_dict(), "model": state dict (encoder under "encoder."),
      "config": dict, "optimizer", "scheduler", "num_updates", "rng", "data_state", "extra"}
 
-Saving writes a temporary file in the destination folder, fsyncs it and ``os.replace``s it over
-the target, so an interrupted save never leaves a truncated checkpoint behind.
+Saving goes through ``ecgplat.atomic`` (temporary file, fsync, ``os.replace``, fsync of the
+folder), so an interrupted save never leaves a truncated checkpoint behind.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from ecgplat.atomic import atomic_path
 from training.models.config import EncoderConfig
 
 FORMAT = "ecgplat-checkpoint/1"
@@ -69,17 +69,8 @@ def save_checkpoint(
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        torch.save(ckpt, tmp)
     return path
 
 
