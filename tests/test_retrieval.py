@@ -12,7 +12,7 @@ import torch
 from sklearn.metrics import average_precision_score
 
 from retrieval.index import GalleryIndex, LineageError, build_index, index_paths
-from retrieval.metrics import cmc_curve, mean_average_precision, rank_k
+from training.ident_metrics import cmc_curve, mean_average_precision, nearest, rank_k
 
 torch.set_num_threads(1)
 
@@ -58,6 +58,24 @@ def test_metrics_handle_missing_neighbours_and_patients_without_gallery_items():
     p_lab = np.array([6, 9])  # patient 9 has no gallery item
     assert rank_k(rows, g_lab, p_lab, (1, 2)) == {1: 0.0, 2: 0.5}
     assert mean_average_precision(rows, g_lab, p_lab) == pytest.approx(0.5)  # probe 0 only
+
+
+def test_nearest_and_training_rank1_equal_brute_force_and_faiss():
+    from training.tasks.identify import rank1
+
+    rng = np.random.default_rng(2)
+    gal, g_lab, prb, p_lab = _cohort(rng, patients=40, noise=1.2)
+    sim = prb.astype(np.float64) @ gal.T.astype(np.float64)
+    order = np.argsort(-sim, axis=1, kind="stable")
+    assert (nearest(gal, prb, k=1, chunk=7)[:, 0] == order[:, 0]).all()
+    assert (nearest(gal, prb, k=5, chunk=7) == order[:, :5]).all()
+    assert nearest(gal[:3], prb, k=10).shape == (len(prb), 3)
+    expected = np.mean(g_lab[order[:, 0]] == p_lab)
+    assert 0.2 < expected < 0.95  # a non-trivial case
+    assert rank1(gal, g_lab, prb, p_lab) == pytest.approx(expected)
+    _, rows = build_index(gal, [str(i) for i in range(len(gal))], kind="flat").search(prb, 1)
+    assert rank_k(rows, g_lab, p_lab, (1,))[1] == pytest.approx(expected)
+    assert np.isnan(rank1(gal[:0], g_lab[:0], prb, p_lab))
 
 
 @pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
