@@ -151,7 +151,7 @@ def embed_store(
     from ecgplat.progress import ProgressBar
     from ecgplat.store import open_store
     from training.distributed import pick_device
-    from training.evaluate_diagnosis import store_batches
+    from training.batch import store_batches
     from training.models.checkpoint import load_checkpoint, load_encoder
     from training.models.identifier import embed_batches, record_means
 

@@ -37,7 +37,7 @@ def _matches(
 ) -> list[dict]:
     scores, rows = index.search(embedding.reshape(1, -1), k + (skip_id is not None), lineage)
     out = []
-    for score, row in zip(scores[0], rows[0]):
+    for score, row in zip(scores[0], rows[0], strict=True):
         if row < 0 or index.ids[row] == skip_id:
             continue
         match = {"rank": len(out) + 1, "id": index.ids[row], "score": float(score)}
@@ -92,28 +92,19 @@ def embed_signal(
     device: str = "auto",
 ) -> np.ndarray:
     """Record embedding (D,) of conditioned segments with the checkpoint's encoder and `leads`."""
-    import torch
-
-    from ecgplat.leads import apply_lead_subset, parse_leads
-    from ecgplat.leads import lead_mask as mask_of
+    from ecgplat.leads import parse_leads
+    from training.batch import make_batch
     from training.distributed import pick_device
     from training.models.checkpoint import load_encoder
     from training.models.identifier import embed_batches, record_means
 
-    x = np.asarray(segments_mv, dtype=np.float32)
-    if x.ndim != 3 or x.shape[1] != 12 or len(x) == 0:
-        raise ValueError(f"expected conditioned segments (S, 12, T) in mV, got shape {x.shape}")
-    subset = parse_leads(leads)
-    x = apply_lead_subset(x, subset)
-    mask = np.broadcast_to(np.asarray(lead_mask, bool) & mask_of(subset), (len(x), 12))
+    if np.ndim(segments_mv) != 3 or len(segments_mv) == 0:
+        raise ValueError(
+            f"expected conditioned segments (S, 12, T) in mV, got shape {np.shape(segments_mv)}"
+        )
+    batch = make_batch(segments_mv, lead_mask, 0, parse_leads(leads))
     dev = pick_device(device)
-    encoder = load_encoder(checkpoint).to(dev)
-    batch = {
-        "source": torch.from_numpy(np.ascontiguousarray(x)),
-        "lead_mask": torch.from_numpy(np.ascontiguousarray(mask)),
-        "record_index": torch.zeros(len(x), dtype=torch.long),
-    }
-    emb, rec, _ = embed_batches(encoder, [batch], dev)
+    emb, rec, _ = embed_batches(load_encoder(checkpoint).to(dev), [batch], dev)
     return record_means(emb, rec)[1][0]
 
 

@@ -170,7 +170,7 @@ class IdentifyTask(FinetuneTask):
             return None
         from ecgplat.leads import parse_leads
         from ecgplat.store import open_store
-        from training.evaluate_diagnosis import store_batches
+        from training.batch import store_batches
         from training.models.identifier import embed_batches, record_means
 
         store = open_store(self.cfg.data.store)
