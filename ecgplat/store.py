@@ -102,8 +102,6 @@ RECORD_COLUMNS: tuple[tuple[str, str, tuple[int, ...]], ...] = (
 )
 REJECT_COLUMNS: tuple[str, ...] = ("source", "path", "reason", "path_hash")
 SPLIT_COLUMNS: tuple[str, ...] = ("split", "ident_split")
-SPLIT_VALUES = ("train", "valid", "test")
-IDENT_VALUES = ("gallery", "probe")
 
 
 def quiet_zarr_warnings() -> None:

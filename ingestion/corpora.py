@@ -7,7 +7,7 @@ from pathlib import Path
 from types import ModuleType
 
 from ingestion import cinc2021, cpsc2021, ptbxl, wfdb_dir
-from ingestion.record import RecordError
+from ingestion.record import RECORD_SUFFIXES, RecordError
 
 CORPORA: dict[str, ModuleType] = {
     "cinc2021": cinc2021,
@@ -23,9 +23,6 @@ def get_corpus(name: str) -> ModuleType:
         return CORPORA[name]
     except KeyError:
         raise ValueError(f"unknown corpus {name!r} (known: {', '.join(CORPORA)})") from None
-
-
-_SIGNAL_SUFFIXES = (".hea", ".mat", ".dat")
 
 
 def _reader_of_header(text: str) -> ModuleType:
@@ -50,7 +47,7 @@ def read_one(path: str | Path):
     from ingestion.conditioning import condition
 
     path = Path(path)
-    base = path.with_suffix("") if path.suffix.lower() in _SIGNAL_SUFFIXES else path
+    base = path.with_suffix("") if path.suffix.lower() in RECORD_SUFFIXES else path
     hea = base.with_name(base.name + ".hea")
     try:
         text = hea.read_text(encoding="utf-8", errors="replace")

@@ -93,10 +93,6 @@ def _split_entry(info: dict, split: str, where: str) -> dict:
     return info[split]
 
 
-def _shard_file(entry: dict) -> str:
-    return entry.get("file", entry.get("name"))
-
-
 def shard_set(shards: str | Path, split: str) -> ShardSet:
     """The shards of `split` under `shards` (see the module docstring for accepted forms)."""
     src = str(shards)
@@ -107,7 +103,7 @@ def shard_set(shards: str | Path, split: str) -> ShardSet:
         base = src.rsplit("/", 1)[0] if "/" in src else "."
         info = read_info(base)
         if info and split in info:  # counts for exactly the listed files, when known
-            by_name = {_shard_file(s): s for s in info[split]["shards"]}
+            by_name = {s["file"]: s for s in info[split]["shards"]}
             names = [u.rsplit("/", 1)[-1] for u in urls]
             if all(n in by_name for n in names):
                 return ShardSet(
@@ -124,7 +120,7 @@ def shard_set(shards: str | Path, split: str) -> ShardSet:
     if not files:
         raise ValueError(f"{src}: split '{split}' has no shards")
     base = src.rstrip("/")
-    urls = [f"{base}/{_shard_file(s)}" for s in files]
+    urls = [f"{base}/{s['file']}" for s in files]
     segments = sum(s.get("segments", 0) for s in files) or None
     return ShardSet(urls, sum(int(s["samples"]) for s in files), segments)
 
