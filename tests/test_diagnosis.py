@@ -30,7 +30,7 @@ torch.set_num_threads(1)
 def cohort(tmp_path_factory) -> dict:
     """100 synthetic one-record patients (75 % with an abnormality), split train 50 / valid 40 /
     test 10 by patient, with train and valid shards."""
-    from ingestion.synth import prepare_synthetic
+    from helpers import prepare_synthetic
 
     data = prepare_synthetic(
         tmp_path_factory.mktemp("dx"),
