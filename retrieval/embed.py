@@ -14,11 +14,11 @@ pretrain, diagnosis, identify, imported) over every committed segment of the sto
         record/embedding       float32 (R, D): mean of the record's segment embeddings, re-normalised
         record/record_index    int64 (R,)
 
-An embedding is the L2-normalised time-mean of the encoder output (the identification embedding
-of spec §3.6) computed with the leads outside `leads` zero-filled. The feature set is built under
-`features/.tmp-<name>-<id>` and renamed into place only when complete, so an interrupted run never
-leaves a half-written feature set under its name (the leftover temporary group is removed by the
-next run). Re-running with the same checkpoint (by SHA-256) and leads on an unchanged store is a
+An embedding is the L2-normalised time-mean of the encoder output (the identification embedding of
+docs/method.md §6.1) computed with the leads outside `leads` zero-filled. The feature set is built
+under `features/.tmp-<name>-<id>` and renamed into place only when complete, so an interrupted run
+never leaves a half-written feature set under its name (the leftover temporary group is removed by
+the next run). Re-running with the same checkpoint (by SHA-256) and leads on an unchanged store is a
 no-op; another checkpoint or lead set under an existing name needs `overwrite=True`.
 """
 

@@ -2,7 +2,7 @@
 
 For each level (`record`: one embedding per record; `segment`: one per 5 s segment, the original's
 unit) the gallery items are indexed exactly (FAISS inner product of unit vectors = cosine, the
-paper's rule: docs/method.md, "Identification evaluation"), every probe ranks the whole gallery,
+paper's rule: docs/method.md §6.2), every probe ranks the whole gallery,
 and a probe's match is correct when the gallery item has the probe's patient key. Reported per
 level: Rank-1/5/10, mAP over the gallery items of the probe's patient, and the gallery/probe
 sizes; optionally a CMC plot.

@@ -4,7 +4,7 @@ Every function takes a neighbour matrix `neighbors (Q, K)` of gallery row indice
 first (-1 for "no result", which FAISS emits when K exceeds what an approximate index can
 return), the patient label of every gallery row and of every probe. A probe is correct at rank k
 when one of its first k neighbours belongs to its patient; Rank-1 is the top-1 identification
-accuracy the paper reports (docs/method.md, "Identification"). `nearest` ranks a gallery by cosine
+accuracy the paper reports (docs/method.md §6.2). `nearest` ranks a gallery by cosine
 similarity of unit embeddings, the paper's rule. Training's per-epoch validation and retrieval's
 evaluation both use this module.
 """

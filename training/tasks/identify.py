@@ -1,4 +1,4 @@
-"""IdentifyTask: ArcFace fine-tuning for patient identification (method spec §1.8, §3.6, §3.7).
+"""IdentifyTask: ArcFace fine-tuning for patient identification (docs/method.md §1.5, §6).
 
 * classes: the training patients, i.e. the distinct `patient_key`s of the training records,
   sorted (identical on every rank). Corpora without patient ids (CinC 2021) give every record
@@ -9,7 +9,7 @@
   fine-tune dropouts of the original's identification.yaml, CNN frozen).
 * data: single-segment batches of `training.data` with lead padding (`data.leads`; absent leads
   are zero rows, the original's `enable_padding_leads: true`).
-* leakage guard (spec §5 item 4): PhysioNet 2021's ptb-xl subset holds the PTB-XL recordings
+* leakage guard (docs/method.md §8 item 4): PhysioNet 2021's ptb-xl subset holds the PTB-XL recordings
   (`HR%05d` = PTB-XL `ecg_id`). With `finetune.leakage_exclude_store=STORE` every training
   record present in STORE, by record key or by PTB-XL ecg_id, is dropped from training (the
   stream's `exclude_record_keys`); the count is printed and saved in
