@@ -367,3 +367,28 @@ def test_cli_embed_index_evaluate_query(embedded, tmp_path):
     f = run(app, ["query", "--index", str(tmp_path / "g.faiss"), "--file", str(hea)])
     assert f.exit_code != 0 and ".hea" in f.output
     assert "p-" not in q.output + ev.output  # no patient pseudonyms on the console
+
+
+def test_cli_query_by_file_finds_the_stored_record(embedded, synth_cohort, tmp_path):
+    from typer.testing import CliRunner
+
+    from ecgplat.cli import app
+    from ecgplat.store import open_store
+    from retrieval.index import index_from_features
+
+    index_from_features(embedded["store"], "a", split="gallery").save(tmp_path / "g")
+    store = open_store(embedded["store"])
+    row = store.records.iloc[int(store.select(ident_split="gallery")[3])]
+    hea = synth_cohort / f"{row['path']}.hea"
+    out = CliRunner().invoke(
+        app, ["query", "--index", str(tmp_path / "g.faiss"), "--file", str(hea), "--json"]
+    )
+    assert out.exit_code == 0, out.output
+    matches = json.loads(out.output)
+    assert matches[0]["id"] == row["record_key"] and matches[0]["score"] > 0.9999
+    bad = tmp_path / "bad.hea"
+    bad.write_text(hea.read_text().replace(".mat", ".dat"))
+    err = CliRunner().invoke(
+        app, ["query", "--index", str(tmp_path / "g.faiss"), "--file", str(bad)]
+    )
+    assert err.exit_code != 0 and str(bad) in err.output and "Traceback" not in err.output
