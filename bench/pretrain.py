@@ -46,11 +46,16 @@ CPU_TARGETS = {
 
 def build_shards(root: Path, records: int = 64) -> Path:
     """A synthetic cohort (20 s records = 2 CMSC pairs each) -> store -> train shards."""
-    from ingestion.synth import prepare_synthetic
+    from ingestion.pipeline import ingest
+    from ingestion.shards import write_shards
+    from ingestion.splits import split_store
+    from ingestion.synth import write_cohort
 
-    return prepare_synthetic(
-        root, records // 2, 2, seconds=20, valid=0.0, shard_splits=("train",), max_count=16
-    )["shards"]
+    write_cohort(root / "cohort", records // 2, 2, seconds=20, seed=0)
+    ingest("cinc2021", root / "cohort", root / "store", workers=0, progress=False)
+    split_store(root / "store", mode="random", valid=0.0, test=0.0, seed=0)
+    write_shards(root / "store", "train", root / "shards", max_count=16)
+    return root / "shards"
 
 
 def forward_flops(enc, n_segments: int, n_samples: int = 2500) -> float:

@@ -35,10 +35,11 @@ vectors:
      to 768-d plus noise), HNSW at `--hnsw-size` and IVF at `--large`.
 
 `--quick` shrinks every size (< 60 s). Prints one JSON document to stdout (progress goes to
-stderr) and writes it to `--out`. Threads are fixed with `--threads` for torch, numpy's BLAS (via
-OMP_NUM_THREADS, set before the imports) and FAISS. Device: CPU.
+stderr) and, when `--out FILE` is given, writes it there too (nothing is written by default).
+Threads are fixed with `--threads` for torch, numpy's BLAS (via OMP_NUM_THREADS, set before the
+imports) and FAISS. Device: CPU.
 
-    python bench/retrieval.py --out bench_out/retrieval.json [--threads 2] [--quick]
+    python bench/retrieval.py [--out /tmp/retrieval.json] [--threads 2] [--quick]
 """
 
 from __future__ import annotations
@@ -260,7 +261,7 @@ def parse_args(argv=None):
     )
     ap.add_argument("--large", type=int, default=300_000, help="--structured IVF gallery size")
     ap.add_argument("--hnsw-size", type=int, default=100_000, help="--structured HNSW gallery size")
-    ap.add_argument("--out", default="bench_out/retrieval.json", help="JSON result path")
+    ap.add_argument("--out", default=None, help="also write the JSON to this file")
     args = ap.parse_args(argv)
     if args.quick:
         args.sizes, args.queries, args.repeats = "2000,10000", 200, 2
@@ -664,10 +665,11 @@ def main(argv=None) -> dict:
         "max_rss_gib": rss_gib(),
         "wall_s": time.perf_counter() - t_start,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    log(f"wrote {out}")
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+        log(f"wrote {out}")
     print(json.dumps(result, indent=2))
     return result
 

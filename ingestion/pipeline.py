@@ -20,27 +20,16 @@ from pathlib import Path
 
 from ecgplat.progress import ProgressBar
 from ecgplat.store import reason_kind
+from ingestion.record import RECORD_SUFFIXES
 from ingestion.writer import RecordBatch, StoreWriter, pack_batch
 
 DEFAULT_BATCH_SIZE = 128
 
 
-def corpus_module(corpus: str):
-    """The reader module of a corpus name; ValueError listing the known ones."""
-    from ingestion.corpora import CORPORA
-
-    if corpus not in CORPORA:
-        raise ValueError(f"unknown corpus {corpus!r}; choose one of {', '.join(sorted(CORPORA))}")
-    return CORPORA[corpus]
-
-
-_DATA_SUFFIXES = (".hea", ".mat", ".dat")
-
-
 def _file_bytes(src: Path, rel: str) -> int:
     """Bytes of a record's header and signal files (for throughput reports)."""
     total = 0
-    for suffix in _DATA_SUFFIXES:
+    for suffix in RECORD_SUFFIXES:
         try:
             total += os.stat(f"{src / rel}{suffix}").st_size
         except OSError:
@@ -51,9 +40,10 @@ def _file_bytes(src: Path, rel: str) -> int:
 def process_batch(corpus: str, src: str, rels: list[str], seq: int, secret: bytes) -> RecordBatch:
     """Read and condition ``rels`` (worker side); every failure becomes a reject, never raises."""
     from ingestion.conditioning import condition
+    from ingestion.corpora import get_corpus
     from ingestion.record import RecordError
 
-    module = corpus_module(corpus)
+    module = get_corpus(corpus)
     root = Path(src)
     good, rejects, nbytes = [], [], 0
     for rel in rels:
@@ -155,7 +145,9 @@ def ingest(
     skipped (already present), seconds, records_per_s, bytes_read, startup_seconds (Dask
     cluster start, included in seconds), and the store totals.
     """
-    module = corpus_module(corpus)
+    from ingestion.corpora import get_corpus
+
+    module = get_corpus(corpus)
     src = Path(src)
     if not src.exists():
         raise FileNotFoundError(f"{src}: source directory does not exist")
@@ -197,11 +189,9 @@ def ingest(
 
         batches = _batches(todo, batch_size)
         try:
-            if not todo:
-                pass
-            elif workers == 0 and scheduler is None:
+            if todo and workers == 0 and scheduler is None:
                 _run_local(corpus, str(src), batches, writer.secret, sink)
-            else:
+            elif todo:
                 t_cluster = time.perf_counter()
                 with _dask_client(workers, scheduler) as client:
                     stats["startup_seconds"] = time.perf_counter() - t_cluster

@@ -8,6 +8,8 @@ import numpy as np
 
 from ecgplat.labels import NUM_CLASSES
 
+RECORD_SUFFIXES = (".hea", ".mat", ".dat")  # a WFDB record's header and signal file suffixes
+
 
 class RecordError(Exception):
     """A record that cannot be read or used; ``str(e) == f"{path}: {reason}"`` on one line."""

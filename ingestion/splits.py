@@ -28,7 +28,6 @@ import numpy as np
 from ecgplat.store import open_store
 
 MODES = ("random", "strat_fold")
-TRAIN_FOLDS = tuple(range(1, 9))
 VALID_FOLD, TEST_FOLD = 9, 10
 
 

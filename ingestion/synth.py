@@ -16,11 +16,11 @@ IAVB PR 0.26-0.34 s, CRBBB wide QRS with a late rightward-anterior R', CLBBB wid
 leftward-posterior QRS without septal q and with discordant T, TInv inverted T. Sinus records
 with a conduction/T finding also carry NSR, as in the challenge data.
 
-Format. ``g<k>/S%06d.hea`` + ``.mat`` (at most 1000 records per ``g<k>``); headers in the original
-challenge dialect (``16+24 1000/mV``, ``#Dx:``), MATLAB v4 ``val`` int16 in microvolts. The challenge
-format has no patient field, so the generator adds a ``#Patient: <id>`` comment line; the
-``cinc2021`` reader returns it as ``patient_id`` (None for real challenge files). The ids are
-synthetic (``SYN00001``...), not health data.
+Format. ``g<k>/S%06d.hea`` + ``.mat`` (at most 1000 records per ``g<k>``); headers in the
+original challenge dialect (``16+24 1000/mV``, ``#Dx:``), MATLAB v4 ``val`` int16 in microvolts.
+The challenge format has no patient field, so the generator adds a ``#Patient: <id>`` comment
+line; the ``cinc2021`` reader returns it as ``patient_id`` (None for real challenge files). The
+ids are synthetic (``SYN00001``...), not health data.
 """
 
 from __future__ import annotations
@@ -245,7 +245,7 @@ def _checksum(v: np.ndarray) -> np.ndarray:
 def write_record(
     base: Path, val: np.ndarray, fs: int, age, sex: str, codes, patient: str | None
 ) -> None:
-    """Write ``base.hea`` + ``base.mat`` (MATLAB v4, key ``val``, int16) in the challenge dialect."""
+    """Write ``base.hea`` + ``base.mat`` (MATLAB v4, key ``val``, int16), challenge dialect."""
     name = base.name
     scipy.io.savemat(base.with_suffix(".mat"), {"val": val}, format="4")
     lines = [f"{name} {val.shape[0]} {fs} {val.shape[1]}"]
@@ -329,52 +329,6 @@ def write_cohort(
     }
     (out / "synth_manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest
-
-
-def prepare_synthetic(
-    root: str | Path,
-    patients: int,
-    records_per_patient: int = 1,
-    *,
-    seconds: float = 10.0,
-    seed: int = 0,
-    label_fraction: float = 0.5,
-    valid: float = 0.2,
-    test: float = 0.0,
-    split_seed: int | None = None,
-    shard_splits: tuple[str, ...] = ("train", "valid"),
-    max_count: int = 64,
-) -> dict:
-    """A synthetic dataset ready to train on, under ``root``: ``cohort/`` (``write_cohort``),
-    ``store/`` (ingested in-process, then split at random by patient with ``split_seed``,
-    default ``seed``) and ``shards/`` (one shard set per name in ``shard_splits``, at most
-    ``max_count`` records per tar). Returns ``{"cohort", "store", "shards"}`` paths and the
-    ``split_store`` counts under ``"counts"``."""
-    from ingestion.pipeline import ingest
-    from ingestion.shards import write_shards
-    from ingestion.splits import split_store
-
-    root = Path(root)
-    paths = {name: root / name for name in ("cohort", "store", "shards")}
-    write_cohort(
-        paths["cohort"],
-        patients,
-        records_per_patient,
-        seconds=seconds,
-        seed=seed,
-        label_fraction=label_fraction,
-    )
-    ingest("cinc2021", paths["cohort"], paths["store"], workers=0, progress=False)
-    counts = split_store(
-        paths["store"],
-        mode="random",
-        valid=valid,
-        test=test,
-        seed=seed if split_seed is None else split_seed,
-    )
-    for split in shard_splits:
-        write_shards(paths["store"], split, paths["shards"], max_count=max_count)
-    return {**paths, "counts": counts}
 
 
 def summarize(manifest: dict) -> str:

@@ -5,13 +5,12 @@ pretrain, diagnosis, identify, imported) over every committed segment of the sto
 the feature set `STORE/features/<name>/` (segment- and record-level embeddings plus their
 lineage; layout in docs/formats.md, "Feature sets").
 
-An embedding is the L2-normalised time-mean of the encoder output (the identification embedding
-of spec §3.6) computed with the leads outside `leads` zero-filled. The feature set is built under
-`features/.tmp-<name>-<id>` and renamed into place only when complete, so an interrupted run never
-leaves a half-written feature set under its name (the leftover temporary group is removed by the
-next run); the write holds the store's writer lock. Re-running with the same checkpoint (by
-SHA-256) and leads on an unchanged store is a no-op; another checkpoint or lead set under an
-existing name needs `overwrite=True`.
+An embedding is the L2-normalised time-mean of the encoder output (the identification embedding of
+docs/method.md §6.1) computed with the leads outside `leads` zero-filled. The feature set is built
+under `features/.tmp-<name>-<id>` and renamed into place only when complete, so an interrupted run
+never leaves a half-written feature set under its name (the leftover temporary group is removed by
+the next run); the write holds the store's writer lock. Re-running with the same checkpoint (by SHA-256) and leads on an unchanged store is a
+no-op; another checkpoint or lead set under an existing name needs `overwrite=True`.
 """
 
 from __future__ import annotations
@@ -172,7 +171,7 @@ def embed_store(
     from ecgplat.progress import ProgressBar
     from ecgplat.store import open_store
     from training.distributed import pick_device
-    from training.evaluate_diagnosis import store_batches
+    from training.batch import store_batches
     from training.models.checkpoint import load_checkpoint, load_encoder
     from training.models.identifier import embed_batches, record_means
 

@@ -2,9 +2,10 @@
 
 For each level (`record`: one embedding per record; `segment`: one per 5 s segment, the original's
 unit) the gallery items are indexed exactly (FAISS inner product of unit vectors = cosine, the
-PAPER-ERA rule of spec §3.7), every probe ranks the whole gallery, and a probe's match is correct
-when the gallery item has the probe's patient key. Reported per level: Rank-1/5/10, mAP over the
-gallery items of the probe's patient, and the gallery/probe sizes; optionally a CMC plot.
+paper's rule: docs/method.md §6.2), every probe ranks the whole gallery,
+and a probe's match is correct when the gallery item has the probe's patient key. Reported per
+level: Rank-1/5/10, mAP over the gallery items of the probe's patient, and the gallery/probe
+sizes; optionally a CMC plot.
 
 Lead-subset evaluation uses embeddings computed with the subset: when the requested leads differ
 from the feature set's, the set's checkpoint is re-run with those leads into `<name>@<leads>`
@@ -21,7 +22,7 @@ import numpy as np
 from retrieval.embed import FeatureError, embed_store, file_sha256, lead_names, load_features
 from retrieval.figures import pyplot, save_figure
 from retrieval.index import build_index
-from retrieval.metrics import average_precision, cmc_curve
+from training.ident_metrics import average_precision, cmc_curve, ranks_from_cmc
 
 FULL_RANKING_MAX = 200_000  # larger galleries rank their first 1000 items (mAP a lower bound)
 PROBE_CHUNK = 1024
@@ -70,7 +71,7 @@ def evaluate_level(store, features, ks=(1, 5, 10)) -> tuple[dict, np.ndarray]:
         ap.append(average_precision(rows, g_labels, labels))
     cmc = cmc_sum / len(probes)
     ap = np.concatenate(ap)
-    metrics = {f"rank{k}": float(cmc[min(k, depth) - 1]) for k in ks}
+    metrics = {f"rank{k}": v for k, v in ranks_from_cmc(cmc, ks).items()}
     metrics.update(
         {
             "mAP": float(np.nanmean(ap)) if np.isfinite(ap).any() else float("nan"),

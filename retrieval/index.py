@@ -1,7 +1,7 @@
 """FAISS gallery index over L2-normalised embeddings, saved with its id mapping and lineage.
 
 Similarity is the inner product of unit vectors, i.e. cosine similarity (the paper-era
-identification score, spec §3.7). Kinds:
+identification score, docs/method.md §6.2). Kinds:
 
 * `flat`  exact `IndexFlatIP` (default; same neighbours as a brute-force similarity matrix);
 * `hnsw`  `IndexHNSWFlat` (graph search, no training) for large galleries;

@@ -4,12 +4,12 @@ An index (see `retrieval.index`) records the lineage of its embeddings: the chec
 SHA-256), the lead set, the feature set, its level (record or segment) and the store. A query is
 
 * a record of that store (`query_record`): its stored embedding of the same feature set; or
-* a new ECG given as conditioned segments (`query_signal`): float32 (S, 12, 2500) mV at 500 Hz
-  in canonical lead order plus its lead mask. Reading and conditioning a file is ingestion's job;
-  this package may not import `ingestion` (docs/ARCHITECTURE.md), so the caller (the CLI)
-  conditions the file and passes the segments here. They are embedded on the fly with the
-  index's checkpoint and leads (the record embedding: mean of the segment embeddings,
-  re-normalised), after checking the checkpoint file still has the index's SHA-256.
+* a new ECG given as conditioned segments (`query_signal`): float32 (S, 12, 2500) mV at 500 Hz in
+  canonical lead order plus its lead mask. Reading and conditioning a file is ingestion's job; this
+  package may not import `ingestion` (docs/ARCHITECTURE.md), so the caller (the CLI, through
+  `ingestion.corpora.read_one`) conditions the file and passes the segments here. They are embedded
+  on the fly with the index's checkpoint and leads (the record embedding: mean of the segment
+  embeddings, re-normalised), after checking the checkpoint file still has the index's SHA-256.
 
 Results are rows {rank, id, score (cosine), same_patient (store queries only)}; patient keys
 are never returned or printed.
@@ -37,7 +37,7 @@ def _matches(
 ) -> list[dict]:
     scores, rows = index.search(embedding.reshape(1, -1), k + (skip_id is not None), lineage)
     out = []
-    for score, row in zip(scores[0], rows[0]):
+    for score, row in zip(scores[0], rows[0], strict=True):
         if row < 0 or index.ids[row] == skip_id:
             continue
         match = {"rank": len(out) + 1, "id": index.ids[row], "score": float(score)}
@@ -92,28 +92,19 @@ def embed_signal(
     device: str = "auto",
 ) -> np.ndarray:
     """Record embedding (D,) of conditioned segments with the checkpoint's encoder and `leads`."""
-    import torch
-
-    from ecgplat.leads import apply_lead_subset, parse_leads
-    from ecgplat.leads import lead_mask as mask_of
+    from ecgplat.leads import parse_leads
+    from training.batch import make_batch
     from training.distributed import pick_device
     from training.models.checkpoint import load_encoder
     from training.models.identifier import embed_batches, record_means
 
-    x = np.asarray(segments_mv, dtype=np.float32)
-    if x.ndim != 3 or x.shape[1] != 12 or len(x) == 0:
-        raise ValueError(f"expected conditioned segments (S, 12, T) in mV, got shape {x.shape}")
-    subset = parse_leads(leads)
-    x = apply_lead_subset(x, subset)
-    mask = np.broadcast_to(np.asarray(lead_mask, bool) & mask_of(subset), (len(x), 12))
+    if np.ndim(segments_mv) != 3 or len(segments_mv) == 0:
+        raise ValueError(
+            f"expected conditioned segments (S, 12, T) in mV, got shape {np.shape(segments_mv)}"
+        )
+    batch = make_batch(segments_mv, lead_mask, 0, parse_leads(leads))
     dev = pick_device(device)
-    encoder = load_encoder(checkpoint).to(dev)
-    batch = {
-        "source": torch.from_numpy(np.ascontiguousarray(x)),
-        "lead_mask": torch.from_numpy(np.ascontiguousarray(mask)),
-        "record_index": torch.zeros(len(x), dtype=torch.long),
-    }
-    emb, rec, _ = embed_batches(encoder, [batch], dev)
+    emb, rec, _ = embed_batches(load_encoder(checkpoint).to(dev), [batch], dev)
     return record_means(emb, rec)[1][0]
 
 

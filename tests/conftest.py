@@ -11,7 +11,7 @@ def samples_dir() -> Path:
     return Path(__file__).parents[1] / "data" / "samples"
 
 
-# ---- synthetic cohort, store and shards (owned by the store/ingest engineer) -------------------
+# ---- synthetic cohort, store and shards --------------------------------------------------------
 # Session-scoped and shared: treat them as READ-ONLY (copy with shutil.copytree to modify).
 
 SYNTH_PATIENTS, SYNTH_RECORDS_PER_PATIENT, SYNTH_SECONDS = 24, 3, 10.0

@@ -323,3 +323,44 @@ def test_stream_over_ingested_shards_matches_store(synth_shards, synth_store):
                 b["source"][i : i + 2].numpy(), store.record_segments(r), atol=1e-6
             )
             assert int(b["group"][i]) == group_id(patient.iloc[r])
+
+
+def test_make_batch_subsets_masks_and_passes_extras():
+    from training.batch import make_batch
+
+    x = np.broadcast_to(np.arange(1, 13, dtype=np.float32)[None, :, None], (2, 12, 3)).copy()
+    present = np.ones(12, dtype=bool)
+    present[11] = False  # the file lacks V6
+    seen = {}
+
+    def drop_lead0_of_row1(xs, mask, rng):
+        seen["mask"], seen["rng"] = mask.copy(), rng
+        mask = mask.copy()
+        mask[1, 0] = False
+        return np.where(mask[:, :, None], xs, 0), mask
+
+    rng = np.random.default_rng(0)
+    b = make_batch(
+        x, present, 7, (0, 1, 11), rlm=drop_lead0_of_row1, rng=rng, labels=np.eye(2), keys=["a"]
+    )
+    expected_mask = np.zeros((2, 12), dtype=bool)
+    expected_mask[:, :2] = True  # V6 is in the subset but absent from the file
+    assert np.array_equal(seen["mask"], expected_mask) and seen["rng"] is rng
+    expected_mask[1, 0] = False
+    assert b["lead_mask"].dtype == torch.bool
+    assert np.array_equal(b["lead_mask"].numpy(), expected_mask)
+    src = b["source"].numpy()
+    assert src.dtype == np.float32 and src[0, :, 0].tolist() == [1, 2] + [0] * 10
+    assert src[1, :, 0].tolist() == [0, 2] + [0] * 10
+    subset = make_batch(x, present, 0, (0, 1, 11))["source"].numpy()  # no RLM: only the subset
+    assert subset[1, :, 0].tolist() == [1, 2] + [0] * 9 + [12]
+    assert b["record_index"].tolist() == [7, 7] and b["record_index"].dtype == torch.int64
+    assert torch.equal(b["labels"], torch.eye(2, dtype=torch.float64)) and b["keys"] == ["a"]
+    assert x[0, 5, 0] == 6  # the input is not modified
+    full = make_batch(x, present, [3, 4])
+    assert torch.equal(full["source"], torch.from_numpy(x)) and full["record_index"].tolist() == [
+        3,
+        4,
+    ]
+    with pytest.raises(ValueError, match="expected segments"):
+        make_batch(x[:, :6], present, 0)

@@ -30,7 +30,7 @@ torch.set_num_threads(1)
 def cohort(tmp_path_factory) -> dict:
     """100 synthetic one-record patients (75 % with an abnormality), split train 50 / valid 40 /
     test 10 by patient, with train and valid shards."""
-    from ingestion.synth import prepare_synthetic
+    from helpers import prepare_synthetic
 
     data = prepare_synthetic(
         tmp_path_factory.mktemp("dx"),
@@ -180,7 +180,7 @@ def test_train_step_is_bce_sum_and_freeze_finetune_updates(cohort, tmp_path):
 
 def test_six_lead_preset_zero_fills_v1_to_v6(cohort, tmp_path):
     from ecgplat.store import open_store
-    from training.evaluate_diagnosis import store_batches
+    from training.batch import store_batches
 
     cfg = run_config(cohort, tmp_path / "run", "data.leads=6")
     batch = next(iter(DiagnosisTask(cfg).train_batches(0, 1, 1)))

@@ -34,7 +34,7 @@ def _ecg(batch, samples=2500, seed=0):
 
 
 def _paper_counts(layers):
-    """Hand count of the paper architecture (spec §2.1-2.7), independent of the modules."""
+    """Hand count of the paper architecture (docs/method.md §2.1), independent of the modules."""
     D, F_, C, V, G, fd = 768, 3072, 256, 320, 2, 256
     conv = 12 * C * 2 + 3 * C * C * 2 + 2 * C  # convs (no bias) + GroupNorm
     post = 2 * C + (C * D + D) + D  # LayerNorm(256), proj, mask_emb

@@ -38,7 +38,7 @@ UPDATES = 30
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory) -> dict:
-    from ingestion.synth import prepare_synthetic
+    from helpers import prepare_synthetic
 
     return prepare_synthetic(
         tmp_path_factory.mktemp("benefit"), 300, seed=1, label_fraction=0.75, valid=0.5

@@ -349,3 +349,36 @@ def test_read_mat4_dtypes_byte_orders_and_several_matrices(tmp_path, dtype):
             cinc2021.read_mat4(data[:cut], "a.mat")
     with pytest.raises(ValueError, match="not a MATLAB v4"):
         cinc2021.read_mat4(b"MATLAB 5.0 MAT-file" + bytes(200), "a.mat")
+
+
+# --- one file outside a corpus (the query CLI's reader) ---------------------------------------
+
+
+def test_read_one_picks_the_reader_by_format(samples_dir):
+    from ingestion.corpora import read_one
+
+    cinc = samples_dir / "cinc2021" / "georgia" / "E07500"
+    want = condition(cinc2021.read_record(cinc.parent, "E07500"))
+    for given in (cinc.with_suffix(".hea"), cinc.with_suffix(".mat"), cinc):
+        got = read_one(given)
+        assert got.source == "cinc2021" and np.array_equal(got.segments, want.segments)
+        assert np.array_equal(got.lead_mask, want.lead_mask) and got.codes == want.codes
+    misc = samples_dir / "wfdb_misc"
+    for name in ("100", "a103l"):  # a .dat record, and a .mat record not in the challenge format
+        got = read_one(misc / f"{name}.hea")
+        want = condition(wfdb_dir.read_record(misc, name))
+        assert got.source == "wfdb" and np.array_equal(got.segments, want.segments)
+    assert np.flatnonzero(read_one(misc / "a103l.mat").lead_mask).tolist() == [1]
+
+
+def test_read_one_errors_name_the_file(cinc_copy):
+    from ingestion.corpora import read_one
+
+    with pytest.raises(RecordError, match=r"nothere\.hea: no WFDB header"):
+        read_one(cinc_copy / "nothere.hea")
+    data = (cinc_copy / "E07500.mat").read_bytes()
+    (cinc_copy / "E07500.mat").write_bytes(data[: len(data) // 2])
+    with pytest.raises(RecordError) as err:
+        read_one(cinc_copy / "E07500.hea")
+    assert str(err.value).startswith(str(cinc_copy / "E07500.hea") + ": ")
+    assert "truncated" in str(err.value) and "\n" not in str(err.value)

@@ -13,7 +13,7 @@ import torch
 from sklearn.metrics import average_precision_score
 
 from retrieval.index import _TRAILER, GalleryIndex, LineageError, build_index, index_file
-from retrieval.metrics import cmc_curve, mean_average_precision, rank_k
+from training.ident_metrics import cmc_curve, mean_average_precision, nearest, rank_k
 
 torch.set_num_threads(1)
 
@@ -59,6 +59,24 @@ def test_metrics_handle_missing_neighbours_and_patients_without_gallery_items():
     p_lab = np.array([6, 9])  # patient 9 has no gallery item
     assert rank_k(rows, g_lab, p_lab, (1, 2)) == {1: 0.0, 2: 0.5}
     assert mean_average_precision(rows, g_lab, p_lab) == pytest.approx(0.5)  # probe 0 only
+
+
+def test_nearest_and_training_rank1_equal_brute_force_and_faiss():
+    from training.tasks.identify import rank1
+
+    rng = np.random.default_rng(2)
+    gal, g_lab, prb, p_lab = _cohort(rng, patients=40, noise=1.2)
+    sim = prb.astype(np.float64) @ gal.T.astype(np.float64)
+    order = np.argsort(-sim, axis=1, kind="stable")
+    assert (nearest(gal, prb, k=1, chunk=7)[:, 0] == order[:, 0]).all()
+    assert (nearest(gal, prb, k=5, chunk=7) == order[:, :5]).all()
+    assert nearest(gal[:3], prb, k=10).shape == (len(prb), 3)
+    expected = np.mean(g_lab[order[:, 0]] == p_lab)
+    assert 0.2 < expected < 0.95  # a non-trivial case
+    assert rank1(gal, g_lab, prb, p_lab) == pytest.approx(expected)
+    _, rows = build_index(gal, [str(i) for i in range(len(gal))], kind="flat").search(prb, 1)
+    assert rank_k(rows, g_lab, p_lab, (1,))[1] == pytest.approx(expected)
+    assert np.isnan(rank1(gal[:0], g_lab[:0], prb, p_lab))
 
 
 @pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
@@ -363,3 +381,28 @@ def test_cli_embed_index_evaluate_query(embedded, tmp_path):
     f = run(app, ["query", "--index", str(tmp_path / "g.faiss"), "--file", str(hea)])
     assert f.exit_code != 0 and ".hea" in f.output
     assert "p-" not in q.output + ev.output  # no patient pseudonyms on the console
+
+
+def test_cli_query_by_file_finds_the_stored_record(embedded, synth_cohort, tmp_path):
+    from typer.testing import CliRunner
+
+    from ecgplat.cli import app
+    from ecgplat.store import open_store
+    from retrieval.index import index_from_features
+
+    index_from_features(embedded["store"], "a", split="gallery").save(tmp_path / "g")
+    store = open_store(embedded["store"])
+    row = store.records.iloc[int(store.select(ident_split="gallery")[3])]
+    hea = synth_cohort / f"{row['path']}.hea"
+    out = CliRunner().invoke(
+        app, ["query", "--index", str(tmp_path / "g.faiss"), "--file", str(hea), "--json"]
+    )
+    assert out.exit_code == 0, out.output
+    matches = json.loads(out.output)
+    assert matches[0]["id"] == row["record_key"] and matches[0]["score"] > 0.9999
+    bad = tmp_path / "bad.hea"
+    bad.write_text(hea.read_text().replace(".mat", ".dat"))
+    err = CliRunner().invoke(
+        app, ["query", "--index", str(tmp_path / "g.faiss"), "--file", str(bad)]
+    )
+    assert err.exit_code != 0 and str(bad) in err.output and "Traceback" not in err.output

@@ -1,5 +1,5 @@
 """Random lead masking (RLM), the only lead-agnostic mechanism of the method (fairseq-signals
-`RandomLeadsMask`, method spec §2.10).
+`RandomLeadsMask`, docs/method.md §4).
 
 Applied per 5 s segment on the CPU, training splits only; the two segments of a pair get
 independent masks because every segment draws its own values. A zeroed lead's whole row is set
@@ -11,8 +11,8 @@ Modes (original option `mask_leads_selection`):
   0.5); nothing keeps at least one lead (all 12 go with probability 2^-12), as in the original.
 * `conditional`: drop exactly n1 of the 6 limb leads (I..aVF) and n2 of the 6 chest leads
   (V1..V6), (n1, n2) = `condition` (`mask_leads_condition`, default (4, 5)), chosen uniformly
-  without replacement among all 6 positions. The original's conditional mode is broken (spec
-  §5 item 9); this is what it was meant to do.
+  without replacement among all 6 positions. The original's conditional mode is broken
+  (docs/method.md §8 item 9); this is what it was meant to do.
 """
 
 from __future__ import annotations

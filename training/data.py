@@ -38,7 +38,7 @@ import webdataset as wds
 from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from ecgplat.leads import LEADS, apply_lead_subset, lead_mask, parse_leads
+from ecgplat.leads import LEADS, parse_leads
 from ecgplat.shard_format import (
     META_MEMBER,
     META_REQUIRED,
@@ -49,6 +49,7 @@ from ecgplat.shard_format import (
 )
 from ecgplat.store import to_millivolts
 from training.augment import RandomLeadMasking
+from training.batch import make_batch
 
 MODES = ("pairs", "segments")
 
@@ -286,35 +287,32 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def assemble(self, units: list[Unit], index: int) -> dict:
         """The batch dict of `units` (batch number `index` of this rank's epoch)."""
-        segs = np.concatenate([u.segments for u in units])  # int16 µV
-        x = to_millivolts(segs)
         per_unit = [u.segments.shape[0] for u in units]
-        masks = np.repeat(
-            np.array([u.meta["lead_mask"] for u in units], dtype=bool), per_unit, axis=0
-        )
-        if len(self.spec.leads) < len(LEADS):
-            x = apply_lead_subset(x, self.spec.leads)
-            masks &= lead_mask(self.spec.leads)
-        if self.spec.train and self.spec.rlm is not None:
-            rng = np.random.default_rng([self.spec.seed, self.epoch, self.rank, index, 0x5A])
-            x, masks = self.spec.rlm(x, masks, rng)
+        present = np.repeat([u.meta["lead_mask"] for u in units], per_unit, axis=0)
         record_index = np.repeat([int(u.meta["record_index"]) for u in units], per_unit)
-        batch = {
-            "source": torch.from_numpy(np.ascontiguousarray(x)),
-            "lead_mask": torch.from_numpy(masks),
-            "record_index": torch.from_numpy(record_index.astype(np.int64)),
-        }
         if self.spec.mode == "pairs":
             keys = [u.meta.get("patient_key") or u.meta["record_key"] for u in units]
-            batch["segment"] = torch.tensor([0, 1] * len(units), dtype=torch.long)
-            batch["group"] = torch.tensor(
-                np.repeat([group_id(k) for k in keys], 2), dtype=torch.long
-            )
+            extra = {
+                "segment": np.tile(np.array([0, 1], dtype=np.int64), len(units)),
+                "group": np.repeat([group_id(k) for k in keys], 2).astype(np.int64),
+            }
         else:
-            batch["labels"] = torch.tensor([u.meta["labels"] for u in units], dtype=torch.float32)
-            batch["patient_key"] = [u.meta["patient_key"] for u in units]
-            batch["segment_index"] = torch.tensor([u.first for u in units], dtype=torch.long)
-        return batch
+            extra = {
+                "labels": np.array([u.meta["labels"] for u in units], dtype=np.float32),
+                "patient_key": [u.meta["patient_key"] for u in units],
+                "segment_index": np.array([u.first for u in units], dtype=np.int64),
+            }
+        rlm = self.spec.rlm if self.spec.train else None
+        rng = np.random.default_rng([self.spec.seed, self.epoch, self.rank, index, 0x5A])
+        return make_batch(
+            to_millivolts(np.concatenate([u.segments for u in units])),  # int16 µV -> mV
+            present,
+            record_index,
+            self.spec.leads,
+            rlm=rlm,
+            rng=rng if rlm is not None else None,
+            **extra,
+        )
 
 
 def _worker_init(_: int) -> None:

@@ -98,15 +98,6 @@ def all_gather(tensor: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
-def broadcast_object(obj, src: int = 0):
-    """A picklable object from rank `src` on every rank."""
-    if not is_distributed():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

@@ -13,16 +13,15 @@ every segment of a store split, once per lead set (a preset, a comma list, or "a
   macro AUROC across lead sets (record level), when more than one lead set is evaluated;
 * metrics to W&B (and `metrics.jsonl`) through `ecgplat.tracking` unless disabled.
 
-The inference helpers (`predict`, `store_batches`, `reports`, `flat_metrics`) are shared with
-the diagnosis task's per-epoch validation; `store_batches` also with
-`retrieval.embed`.
+The inference helpers (`predict`, `reports`, `flat_metrics`) are shared with the diagnosis
+task's per-epoch validation; batches come from `training.batch.store_batches`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +31,7 @@ import torch
 from ecgplat.atomic import atomic_path
 from ecgplat.leads import LEAD_PRESETS, LEADS, apply_lead_subset, lead_mask, parse_leads
 from ecgplat.progress import ProgressBar
+from training.batch import store_batches
 from training.metrics import REPORT_KEYS, aggregate_records, classification_report, roc_curve
 
 
@@ -48,46 +48,6 @@ class Predictions:
 
 
 # --------------------------------------------------------------------------- inference
-
-
-def store_batches(
-    store,
-    records: Iterable[int],
-    leads: tuple[int, ...] = tuple(range(12)),
-    batch_size: int = 64,
-    on_record: Callable[[], None] | None = None,
-) -> Iterator[dict]:
-    """Single-segment batches (the `training.data` evaluation form) of the given store records,
-    in order: source (B, 12, T) float32 mV with the leads outside `leads` zero-filled,
-    lead_mask (B, 12) bool, labels (B, C) float32, record_index, segment_index (B,) int64.
-    Each batch is one bulk read of the store (a slice when its segments are contiguous);
-    `on_record()` is called once per record whose last segment has been yielded."""
-    records = np.asarray(list(records), dtype=np.int64)
-    frame = store.records
-    starts = frame["seg_start"].to_numpy(dtype=np.int64)[records]
-    counts = frame["seg_count"].to_numpy(dtype=np.int64)[records]
-    seg_record = np.repeat(records, counts)
-    seg_number = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
-    seg_rows = np.repeat(starts, counts) + seg_number
-    last_of_record = np.cumsum(counts) - 1
-    keep = lead_mask(leads)
-    labels, masks = store.labels, store.lead_masks
-    for b in range(0, len(seg_rows), batch_size):
-        rows = slice(b, b + batch_size)
-        x = store.read_segments(seg_rows[rows])
-        rec = seg_record[rows]
-        if len(leads) < len(LEADS):
-            x = apply_lead_subset(x, leads)
-        yield {
-            "source": torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)),
-            "lead_mask": torch.from_numpy(masks[rec] & keep),
-            "labels": torch.from_numpy(labels[rec].astype(np.float32)),
-            "record_index": torch.from_numpy(rec.copy()),
-            "segment_index": torch.from_numpy(seg_number[rows].astype(np.int64)),
-        }
-        if on_record is not None:
-            for _ in range(int(np.sum((last_of_record >= b) & (last_of_record < b + batch_size)))):
-                on_record()
 
 
 def predict_lead_sets(

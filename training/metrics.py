@@ -156,11 +156,6 @@ def per_class_auroc(labels, scores) -> np.ndarray:
     return _per_class(_binary_auroc, labels, scores)
 
 
-def per_class_auprc(labels, scores) -> np.ndarray:
-    """Average precision of each class (NaN for a class whose labels are all one value)."""
-    return _per_class(_binary_average_precision, labels, scores)
-
-
 def auroc(labels, scores, average: str = "macro") -> float:
     """Area under the ROC curve, ``average`` "micro" (flattened) or "macro" (see module doc)."""
     return _averaged(_binary_auroc, labels, scores, average)
@@ -257,9 +252,9 @@ def classification_report(labels, probabilities, threshold: float = 0.5) -> dict
 def aggregate_records(probabilities, record_index, labels=None):
     """Average segment probabilities per record.
 
-    Returns ``(records, record_probabilities, record_labels)``: the sorted unique record indices,
-    the (R, C) mean probabilities and, when ``labels`` is given, the (R, C) record labels (a record's
-    segments share its labels; OR-ed to be safe), else None."""
+    Returns ``(records, record_probabilities, record_labels)``: the sorted unique record
+    indices, the (R, C) mean probabilities and, when ``labels`` is given, the (R, C) record
+    labels (a record's segments share its labels; OR-ed to be safe), else None."""
     p = np.asarray(probabilities, dtype=np.float64)
     rec = np.asarray(record_index).reshape(-1)
     if p.ndim != 2 or len(p) != len(rec):

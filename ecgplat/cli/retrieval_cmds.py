@@ -173,23 +173,16 @@ def evaluate_identify(
 
 
 def _conditioned_file(path: Path):
-    """(float32 (S, 12, 2500) mV, lead mask) of a WFDB/CinC record file, via ingestion."""
+    """(float32 (S, 12, 2500) mV, lead mask) of a record file, read by `ingestion`."""
     from ecgplat.store import to_millivolts
-    from ingestion.conditioning import condition
-    from ingestion.corpora import get_corpus
+    from ingestion.corpora import read_one
     from ingestion.record import RecordError
 
-    if path.suffix != ".hea" or not path.is_file():
-        fail(f"{path}: expected an existing WFDB header file (.hea)")
-    src, rel = path.parent, path.with_suffix("").name
-    errors = []
-    for corpus in ("cinc2021", "wfdb"):
-        try:
-            rec = condition(get_corpus(corpus).read_record(src, rel))
-            return to_millivolts(rec.segments), rec.lead_mask
-        except RecordError as e:
-            errors.append(e)
-    fail(str(errors[-1]))
+    try:
+        rec = read_one(path)
+    except RecordError as e:
+        fail(str(e))
+    return to_millivolts(rec.segments), rec.lead_mask
 
 
 @app.command("query")

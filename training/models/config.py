@@ -3,13 +3,14 @@
 Field names mirror the fairseq-signals options of `wav2vec2_cmsc` (fs/models/wav2vec2/wav2vec2.py,
 fs/models/ecg_transformer.py), so a fairseq-signals `cfg["model"]` maps onto this dataclass by
 name. Defaults are those of the paper's pretraining config `w2v_cmsc_rlm.yaml` (HEAD), except
-`layer_norm_eps`, which fairseq does not expose: 1e-5 is HEAD, 1e-6 the PAPER-ERA encoder layers.
+`layer_norm_eps`, which fairseq does not expose: 1e-5 is HEAD, 1e-6 the PAPER-ERA encoder layers
+(the two versions of the original: docs/method.md).
 
 Presets:
   * ``paper``: the paper's encoder (768 wide, 12 post-LN layers, 12 heads, FFN 3072,
     final_dim 256): ~90.37 M encoder parameters + ~0.51 M pretraining heads.
   * ``small``: the original's `w2v_cmsc_rlm_small.yaml`: the paper model with 8 layers.
-  * ``tiny``: for tests and the CPU demo. The conv extractor keeps the spec's layout (4 x
+  * ``tiny``: for tests and the CPU demo. The conv extractor keeps the paper's layout (4 x
     kernel 2 / stride 2, so T' = 156 for 2500 samples) but with 48 channels instead of 256:
     with 256 (or 128) channels the CNN is most of a tiny model's cost (conv cost grows with
     channels²); 48 still differs from the width, so post_extract_proj exists as in the paper

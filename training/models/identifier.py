@@ -1,10 +1,10 @@
 """IdentificationModel: encoder + mean-pool + L2 normalisation -> embedding, with an ArcFace head.
 
-fairseq-signals' `arcface` model (method spec §3.6): frames (B, T', D) -> Dropout(final_dropout)
+fairseq-signals' `arcface` model (docs/method.md §6.1): frames (B, T', D) -> Dropout(final_dropout)
 -> mean over time -> L2 normalise -> e (B, D), ‖e‖ = 1, no projection layer. The embedding is the
 identification feature: gallery and probe ECGs are compared by the cosine similarity of their
-embeddings (the PAPER-ERA evaluation, §3.7; HEAD's comparison of class-similarity vectors is a
-regression and is not reproduced).
+embeddings (the PAPER-ERA evaluation, docs/method.md §6.2; HEAD's comparison of class-similarity
+vectors is a regression and is not reproduced).
 
 State dict keys: ``encoder.*`` (loadable by `training.load_encoder`) and ``arcface.kernel``.
 

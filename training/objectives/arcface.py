@@ -1,6 +1,6 @@
 """ArcFace (additive angular margin) head and loss for patient identification.
 
-Mirrors fairseq-signals' `arcface` model head and `arcface` criterion (method spec §3.6):
+Mirrors fairseq-signals' `arcface` model head and `arcface` criterion (docs/method.md §6.1):
 
 * class weights `kernel` of shape (N, D), one row per training class; every use normalises
   the rows, so logits are cosines between the L2-normalised embedding and the class centres;
@@ -9,7 +9,7 @@ Mirrors fairseq-signals' `arcface` model head and `arcface` criterion (method sp
 * all logits are scaled by s and fed to a summed cross-entropy; sample size = batch size;
 * training "accuracy" is argmax over the *unmargined* cosines.
 
-Deviation from the original (a bug fix, spec §5 item 15): sin θ is computed as
+Deviation from the original (a bug fix, docs/method.md §8 item 15): sin θ is computed as
 sqrt(clamp(1 − cos²θ, eps)) so the gradient stays finite at |cos θ| = 1.
 """
 

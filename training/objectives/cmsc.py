@@ -1,5 +1,5 @@
 """CMSC: contrastive multi-segment coding between the two adjacent 5 s segments of a pair
-(fairseq-signals `Wav2Vec2CMSCModel` + `Wav2Vec2WithCMSCCriterion`, method spec §2.9).
+(fairseq-signals `Wav2Vec2CMSCModel` + `Wav2Vec2WithCMSCCriterion`, docs/method.md §3.4).
 
 The representation is the transformer output of the *masked* forward pass, mean-pooled over
 time and L2-normalised with a detached norm; there is no projection head. With A the first
@@ -10,7 +10,7 @@ segments and B the second segments of the P pairs, S = A B^T / temp and
 where Pos_ij = [group(A_i) == group(B_j)]: the diagonal, plus every other pair of the same
 group (multi-positive). Negatives are the other pairs on the same process unless
 `all_gather=True`, which gathers the embeddings of all DDP ranks with a gradient-correct
-all-gather (off in the paper, spec §5 item 12).
+all-gather (off in the paper, docs/method.md §8 item 12).
 """
 
 from __future__ import annotations

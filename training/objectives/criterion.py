@@ -1,5 +1,5 @@
 """The pretraining criterion: wav2vec 2.0 and/or CMSC, combined as fairseq-signals'
-`Wav2Vec2WithCMSCCriterion` does (method spec §2.8-2.9), with one switch per ablation:
+`Wav2Vec2WithCMSCCriterion` does (docs/method.md §3.3-3.4), with one switch per ablation:
 
 * W2V + CMSC (`w2v=True, cmsc=True`, the paper): S = number of masked frames (B*M) and
   total = sum_frames InfoNCE + S * (w_div * diversity + w_fp * features_pen) + S * w_cmsc * L_CMSC

@@ -1,6 +1,6 @@
 """The wav2vec 2.0 pretraining terms: negative sampling, contrastive (InfoNCE) logits and loss,
 the codebook diversity term and the logged accuracy (fairseq-signals' `Wav2Vec2Model`
-`sample_negatives` / `compute_preds` and `Wav2Vec2Criterion`, method spec §2.7-2.8).
+`sample_negatives` / `compute_preds` and `Wav2Vec2Criterion`, docs/method.md §3.2-3.3).
 
 Shapes: `x` context vectors (B, M, F) = final_proj at the M masked frames of each sample,
 `y` targets (B, M, F) = project_q(quantized) at the same frames. Every sample of a batch has

@@ -3,7 +3,7 @@
 A task owns the model, the data and the loss; the loop owns everything else (device, DDP,
 optimizer, schedule, accumulation, gradient normalisation, checkpoints, resume, logging).
 
-Contract (fixed by the lead, see docs/ARCHITECTURE.md):
+Contract (see docs/ARCHITECTURE.md):
 
 * `build_model()` returns a fresh model on the CPU, or one initialised from
   `cfg.finetune.init` (strict load). The loop moves it to the device and wraps it in DDP.

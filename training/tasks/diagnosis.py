@@ -91,7 +91,7 @@ class DiagnosisTask(FinetuneTask):
 
     def _valid_batches(self, kind: str, where) -> Iterable[dict]:
         from ecgplat.leads import parse_leads
-        from training.evaluate_diagnosis import store_batches
+        from training.batch import store_batches
 
         if kind == "shards":
             from training.data import stream_from_config

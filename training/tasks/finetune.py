@@ -4,7 +4,7 @@
   fairseq-signals, ...) and loaded strictly, the pretraining heads (quantizer, project_q,
   final_proj) dropped; `init=none` is the random-init baseline of `model.preset`;
 * the fine-tune dropout defaults of the original's `diagnosis.yaml` / `identification.yaml`
-  (method spec section 3.1), applied to every `model.*` field left None: dropout 0,
+  (docs/method.md §5.1), applied to every `model.*` field left None: dropout 0,
   attention_dropout 0, activation_dropout 0.1, dropout_input 0, dropout_features 0, layerdrop 0
   and feature_grad_mult 0;
 * freezing: feature_grad_mult 0 freezes the CNN (its parameters are marked requires_grad=False
@@ -23,7 +23,7 @@ from ecgplat.config import RunConfig
 from training.tasks.base import Task
 from training.tasks.pretrain import MODEL_OVERRIDES
 
-# fairseq-signals ex/finetuning/ecg_transformer/diagnosis.yaml (method spec section 3.1)
+# fairseq-signals ex/finetuning/ecg_transformer/diagnosis.yaml (docs/method.md §5.1)
 FINETUNE_DEFAULTS = {
     "dropout": 0.0,
     "attention_dropout": 0.0,

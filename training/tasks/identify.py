@@ -1,4 +1,4 @@
-"""IdentifyTask: ArcFace fine-tuning for patient identification (method spec §1.8, §3.6, §3.7).
+"""IdentifyTask: ArcFace fine-tuning for patient identification (docs/method.md §1.5, §6).
 
 * classes: the training patients, i.e. the distinct `patient_key`s of the training records,
   sorted (identical on every rank). Corpora without patient ids (CinC 2021) give every record
@@ -9,7 +9,7 @@
   fine-tune dropouts of the original's identification.yaml, CNN frozen).
 * data: single-segment batches of `training.data` with lead padding (`data.leads`; absent leads
   are zero rows, the original's `enable_padding_leads: true`).
-* leakage guard (spec §5 item 4): PhysioNet 2021's ptb-xl subset holds the PTB-XL recordings
+* leakage guard (docs/method.md §8 item 4): PhysioNet 2021's ptb-xl subset holds the PTB-XL recordings
   (`HR%05d` = PTB-XL `ecg_id`). With `finetune.leakage_exclude_store=STORE` every training
   record present in STORE, by record key or by PTB-XL ecg_id, is dropped from training (the
   stream's `exclude_record_keys`); the count is printed and saved in
@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ecgplat.config import RunConfig
+from training.ident_metrics import nearest, rank_k
 from training.tasks.base import unwrap
 from training.tasks.finetune import FinetuneTask, build_finetune_encoder
 
@@ -92,16 +93,13 @@ def training_records(cfg: RunConfig) -> list[tuple[str, str]]:
 
 
 def rank1(
-    gallery: torch.Tensor, gallery_pid: np.ndarray, probe: torch.Tensor, probe_pid: np.ndarray
+    gallery: np.ndarray, gallery_pid: np.ndarray, probe: np.ndarray, probe_pid: np.ndarray
 ) -> float:
     """Top-1 identification accuracy: the probe's most cosine-similar gallery item has its
     patient key (unit embeddings; the original's `sim = gallery @ probe.T`, best row)."""
     if len(probe) == 0 or len(gallery) == 0:
         return float("nan")
-    best = torch.cat(
-        [(probe[s : s + 1024] @ gallery.T).argmax(dim=1) for s in range(0, len(probe), 1024)]
-    ).numpy()
-    return float(np.mean(np.asarray(gallery_pid)[best] == np.asarray(probe_pid)))
+    return rank_k(nearest(gallery, probe, k=1), gallery_pid, probe_pid, (1,))[1]
 
 
 class IdentifyTask(FinetuneTask):
@@ -172,7 +170,7 @@ class IdentifyTask(FinetuneTask):
             return None
         from ecgplat.leads import parse_leads
         from ecgplat.store import open_store
-        from training.evaluate_diagnosis import store_batches
+        from training.batch import store_batches
         from training.models.identifier import embed_batches, record_means
 
         store = open_store(self.cfg.data.store)
@@ -185,12 +183,7 @@ class IdentifyTask(FinetuneTask):
                 unwrap(model), store_batches(store, records, leads, self.cfg.data.batch_size)
             )
             rec_ids, rec_emb = record_means(emb, rec)
-            sets[side] = (
-                torch.from_numpy(emb),
-                pids[rec],
-                torch.from_numpy(rec_emb),
-                pids[rec_ids],
-            )
+            sets[side] = (emb, pids[rec], rec_emb, pids[rec_ids])
         if len(sets["probe"][0]) == 0 or len(sets["gallery"][0]) == 0:
             print(
                 f"warning: {self.cfg.data.store} has no gallery/probe split: no validation",
