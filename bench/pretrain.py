@@ -78,7 +78,7 @@ def peak_rss_gib() -> float:
 
 
 def _config(shards: Path, preset: str, pairs: int, workers: int):
-    from ecgplat.config import load_config
+    from training.config import load_config
 
     return load_config(
         "w2v_cmsc_rlm",

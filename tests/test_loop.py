@@ -16,8 +16,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from ecgplat.config import RunConfig, load_config
 from ecgplat.tracking import read_metrics
+from training.config import RunConfig, load_config
 from training.loop import train
 from training.tasks.base import Task
 

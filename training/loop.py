@@ -38,9 +38,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ecgplat.config import RunConfig
 from training import distributed as dist_utils
 from training import run_state
+from training.config import RunConfig
 from training.optim import LRSchedule, build_optimizer
 from training.tasks.base import Task, unwrap
 
