@@ -110,7 +110,7 @@ def measure(
     from training.distributed import limit_heap_growth, pick_device
 
     limit_heap_growth()  # what training.loop.train does on the CPU
-    from training.loop import apply_update, to_device
+    from training.step import apply_update, to_device
     from training.optim import LRSchedule, build_optimizer
     from training.tasks.pretrain import PretrainTask
 
