@@ -83,7 +83,7 @@ def peak_rss_gib() -> float:
 
 
 def _config(shards: Path, preset: str, pairs: int, workers: int):
-    from ecgplat.config import load_config
+    from training.config import load_config
 
     return load_config(
         "w2v_cmsc_rlm",
@@ -115,7 +115,7 @@ def measure(
     from training.distributed import limit_heap_growth, pick_device
 
     limit_heap_growth()  # what training.loop.train does on the CPU
-    from training.loop import apply_update, to_device
+    from training.step import apply_update, to_device
     from training.optim import LRSchedule, build_optimizer
     from training.tasks.pretrain import PretrainTask
 

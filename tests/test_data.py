@@ -12,8 +12,8 @@ import pytest
 import torch
 import webdataset as wds
 
-from ecgplat.config import load_config
 from training.augment import RandomLeadMasking
+from training.config import load_config
 from training.data import (
     BatchStream,
     ShardError,

@@ -14,9 +14,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from ecgplat.config import load_config
 from ecgplat.leads import apply_lead_subset, parse_leads
 from ecgplat.tracking import read_metrics
+from training.config import load_config
 from training.metrics import auroc
 from training.models import CheckpointError, build_encoder, build_pretraining_model, save_checkpoint
 from training.models.classifier import DiagnosisModel, load_diagnosis_model

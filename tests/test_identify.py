@@ -13,7 +13,7 @@ torch.set_num_threads(1)
 
 
 def _identify_config(shards, store, out, *extra):
-    from ecgplat.config import load_config
+    from training.config import load_config
 
     return load_config(
         "identification",

@@ -16,8 +16,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from ecgplat.config import RunConfig, load_config
 from ecgplat.tracking import read_metrics
+from training.config import RunConfig, load_config
 from training.loop import train
 from training.tasks.base import Task
 
@@ -180,6 +180,47 @@ def test_best_checkpoint_patience_and_keep_last(tmp_path):
     ]
     valid = read_metrics(tmp_path / "r", "valid_score")
     assert [v["valid_score"] for v in valid] == task.valid_metrics[:6]
+
+
+def test_metrics_window_record_is_the_window_means(tmp_path):
+    """Two updates of hand-set sums, world 2, logged every 2: loss = summed loss / summed size
+    in bits, task logs weighted by this rank's sample units, lr/gnorm/sample_size of the last."""
+    import math
+
+    from ecgplat.tracking import Tracker
+    from training.metrics_window import MetricsWindow
+    from training.step import StepResult
+
+    with Tracker(tmp_path, mode="disabled", console=False) as tracker:
+        window = MetricsWindow(tracker, log_interval=2, world=2)
+        window.add(StepResult(12.0, 8.0, 3, 3, {"acc": 1.5}, 0.1, 2.0), 1, epoch=1)
+        assert read_metrics(tmp_path) == []
+        window.add(StepResult(4.0, 8.0, 5, 5, {"acc": 0.5, "lr": 9.0}, 0.2, 3.0), 2, epoch=1)
+        window.end_epoch()
+    (rec,) = read_metrics(tmp_path)
+    assert rec["update"] == 2 and rec["epoch"] == 1
+    assert rec["loss"] == pytest.approx(16.0 / 16.0 / math.log(2))
+    assert (rec["lr"], rec["gnorm"], rec["sample_size"]) == (0.2, 3.0, 8.0)
+    assert rec["acc"] == pytest.approx(2.0 / 8)  # (1.5 + 0.5) over 3 + 5 local units
+    assert rec["samples_per_s"] > 0
+    assert window.train_loss == pytest.approx(16.0 / 16.0 / math.log(2))
+
+
+def test_checkpointer_best_of_and_patience_bookkeeping(tmp_path):
+    from training.checkpointer import Checkpointer, TrainState
+
+    cfg = toy_cfg(tmp_path)
+    cfg.checkpoint.best_metric, cfg.checkpoint.patience = "loss", 2  # minimised
+    state = TrainState()
+    ckpt = Checkpointer(cfg, LinearTask(cfg), None, None, None, state, None)
+    seen = [
+        ckpt.record_validation(m)
+        for m in ({"loss": 3.0}, None, {"other": 1.0}, {"loss": 2.0}, {"loss": float("nan")})
+    ]
+    assert seen == [True, False, False, True, False]
+    assert (state.best, state.bad_validations, ckpt.out_of_patience) == (2.0, 1, False)
+    assert ckpt.record_validation({"loss": 2.0}) is False  # equal is not better
+    assert (state.bad_validations, ckpt.out_of_patience) == (2, True)
 
 
 # --- pretraining on real shards ----------------------------------------------------------------

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from ecgplat.config import OptimConfig
+from training.config import OptimConfig
 from training.optim import LRSchedule, build_optimizer
 
 torch.set_num_threads(1)

@@ -23,9 +23,9 @@ import numpy as np
 import pytest
 import torch
 
-from ecgplat.config import load_config
 from ecgplat.tracking import read_metrics
 from retrieval.embed import file_sha256
+from training.config import load_config
 from training.loop import train
 from training.models import load_encoder
 from training.tasks.diagnosis import DiagnosisTask

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 
 import torch
 
-from ecgplat.config import OptimConfig
+from training.config import OptimConfig
 
 
 def build_optimizer(

@@ -37,7 +37,7 @@ def resolve_run_config(
 ):
     """The RunConfig of a new run (preset + options + overrides) or of a resumed one (the run
     directory's `config.yaml` + overrides). Raises ConfigError / FileExistsError."""
-    from ecgplat.config import ConfigError, apply_overrides, load_config
+    from training.config import ConfigError, apply_overrides, load_config
 
     if resume:
         saved = out / "config.yaml"
@@ -164,7 +164,7 @@ def train_command(
     ] = False,
 ) -> None:
     """Train a model; Ctrl-C / SIGTERM writes a checkpoint that --resume continues from."""
-    from ecgplat.config import ConfigError
+    from training.config import ConfigError
 
     if task not in TASKS:
         fail(f"unknown task '{task}'; choose one of {', '.join(TASKS)}")

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ecgplat.config import RunConfig
+from training.config import RunConfig
 from training.tasks.base import unwrap
 from training.tasks.finetune import FinetuneTask, build_finetune_encoder
 

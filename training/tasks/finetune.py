@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from ecgplat.config import RunConfig
+from training.config import RunConfig
 from training.tasks.base import Task
 from training.tasks.pretrain import MODEL_OVERRIDES
 

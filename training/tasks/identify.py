@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ecgplat.config import RunConfig
+from training.config import RunConfig
 from training.ident_metrics import nearest, rank_k
 from training.tasks.base import unwrap
 from training.tasks.finetune import FinetuneTask, build_finetune_encoder

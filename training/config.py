@@ -15,7 +15,6 @@ Defaults are fairseq's global defaults (seed 1, clip_norm 0, patience -1, best m
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import types
 import typing
 from dataclasses import dataclass, field
@@ -184,11 +183,8 @@ class RunConfig:
 
 
 def preset_dir() -> Path:
-    """`training/configs`, located without importing the training package."""
-    spec = importlib.util.find_spec("training")
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError("cannot locate the 'training' package holding the config presets")
-    return Path(list(spec.submodule_search_locations)[0]) / "configs"
+    """`training/configs`, the folder of the YAML presets."""
+    return Path(__file__).resolve().parent / "configs"
 
 
 def preset_names() -> list[str]:
@@ -340,36 +336,50 @@ def _coerce(key: str, value: Any, tp: Any, origin: str) -> Any:
             raise bad
         (item_tp,) = typing.get_args(base)[:1]
         return [_coerce(key, v, item_tp, origin) for v in value]
-    if base is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
-            return value.lower() in _TRUE
+    convert = _SCALARS.get(base)
+    if convert is None:
         raise bad
-    if base is int:
-        if isinstance(value, bool):
-            raise bad
-        if isinstance(value, int):
-            return value
-        try:
-            f = float(value)
-        except (TypeError, ValueError):
-            raise bad from None
-        if not f.is_integer():
-            raise bad
-        return int(f)
-    if base is float:
-        if isinstance(value, bool):
-            raise bad
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise bad from None
-    if base is str:
-        if isinstance(value, (dict, list)):
-            raise bad
-        return str(value)
-    raise bad
+    try:
+        return convert(value)
+    except (TypeError, ValueError):
+        raise bad from None
+
+
+# Scalar converters: each raises ValueError (or TypeError) on a value of the wrong kind.
+
+
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+        return value.lower() in _TRUE
+    raise ValueError(value)
+
+
+def _to_int(value: Any) -> int:
+    if isinstance(value, bool):  # bool is an int subclass; `true` is not a count
+        raise ValueError(value)
+    if isinstance(value, int):
+        return value
+    f = float(value)  # "1e3" and 3.0 are ints, 2.5 is not
+    if not f.is_integer():
+        raise ValueError(value)
+    return int(f)
+
+
+def _to_float(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError(value)
+    return float(value)
+
+
+def _to_str(value: Any) -> str:
+    if isinstance(value, (dict, list)):
+        raise ValueError(value)
+    return str(value)
+
+
+_SCALARS = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
 
 
 def _type_name(tp: Any) -> str:

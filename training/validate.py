@@ -1,0 +1,25 @@
+"""End-of-epoch validation: the task's metrics on every rank, logged as `valid_<name>`."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from training.tasks.base import Task
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ecgplat.tracking import Tracker
+
+
+class Validator:
+    """Runs `task.validate` (None: the task has no validation) and logs what it returns."""
+
+    def __init__(self, task: Task, tracker: Tracker | None):
+        self.task, self.tracker = task, tracker
+
+    def __call__(self, model: torch.nn.Module, epoch: int, num_updates: int) -> dict | None:
+        metrics = self.task.validate(model, epoch)
+        if metrics and self.tracker is not None:
+            self.tracker.log({"epoch": epoch, **metrics}, step=num_updates, prefix="valid_")
+        return metrics
