@@ -55,7 +55,9 @@ class RecordBatch:
     seq: int  # batch number in listing order
     chunks: list[bytes]  # N encoded segments (one zarr chunk each), record order
     columns: dict[str, np.ndarray]  # record columns except seg_start
-    rejects: list[tuple[str, str, str]] = field(default_factory=list)  # (source, path, reason)
+    # (source, path, reason, path_hash): path and reason already redacted, hash of the raw path;
+    # a 3-tuple (source, raw path, reason) is hashed by the writer
+    rejects: list[tuple] = field(default_factory=list)
     bytes_read: int = 0
 
     @property
@@ -215,10 +217,29 @@ class StoreWriter:
             for p in self.path.iterdir()
         )
 
+    def _refuse_new_key_for_old_records(self) -> None:
+        """A store that already holds records or rejects must never get a fresh key: every
+        patient would get a new pseudonym and every record would be ingested again."""
+        commit = self.path / S.COMMIT_FILE
+        if not commit.exists():
+            return
+        try:
+            state = json.loads(commit.read_text())
+            held = int(state.get("n_records", 0)) + int(state.get("n_rejects", 0))
+        except (OSError, ValueError, TypeError, AttributeError):
+            held = 1  # unreadable commit point: assume the store is not empty
+        if held:
+            raise ValueError(
+                f"{self.path / S.SECRET_FILE}: the pseudonymisation key is missing but the store "
+                "already holds records; restore secret.key from your backup of this store "
+                "(a new key would give every patient a new pseudonym and duplicate every record)"
+            )
+
     def _create_missing(self) -> None:
         """Create whatever a (possibly half-created) store lacks; never touches existing data."""
         secret_file = self.path / S.SECRET_FILE
         if not secret_file.exists():
+            self._refuse_new_key_for_old_records()
             tmp = self.path / f".{S.SECRET_FILE}.tmp"
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "wb") as f:
@@ -352,7 +373,8 @@ class StoreWriter:
         keep = np.ones(batch.n_records, dtype=bool)
         secret = self.secret
         reject_rows = [
-            (src, rel, reason, path_hash(src, rel, secret)) for src, rel, reason in rejects
+            r if len(r) == 4 else (r[0], r[1], r[2], path_hash(r[0], r[1], secret))
+            for r in rejects
         ]
         for i, key in enumerate(cols["record_key"]):
             if key in keys:
