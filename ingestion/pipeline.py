@@ -13,6 +13,7 @@ for debugging.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections import Counter
@@ -49,10 +50,8 @@ def _file_bytes(src: Path, rel: str) -> int:
     """Bytes of a record's header and signal files (for throughput reports)."""
     total = 0
     for suffix in _DATA_SUFFIXES:
-        try:
+        with contextlib.suppress(OSError):
             total += os.stat(f"{src / rel}{suffix}").st_size
-        except OSError:
-            pass
     return total
 
 
@@ -161,35 +160,38 @@ def _task_key(corpus: str, seq) -> str:
     return f"ingest-{corpus}-{seq}-{os.getpid()}-{time.monotonic_ns()}"
 
 
+def _single(client, corpus, src, rel, tag, secret, opts):
+    return client.submit(
+        process_batch, corpus, src, [rel], 0, secret, opts, pure=False, key=_task_key(corpus, tag)
+    )
+
+
 def _retry_one_by_one(client, corpus, src, rels, seq, secret, opts) -> RecordBatch:
     """A batch whose task failed (a worker died on it): run each record as its own task, so a
-    record that kills its worker becomes the reject "worker died" and costs only itself."""
+    record that kills its worker becomes the reject "worker died" and costs only itself. A
+    record whose task fails is tried once more on its own (it may only have shared a worker
+    with the culprit) before it is blamed."""
     futures = [
-        client.submit(
-            process_batch,
-            corpus,
-            src,
-            [rel],
-            0,
-            secret,
-            opts,
-            pure=False,
-            key=_task_key(corpus, f"{seq}-{i}"),
-        )
-        for i, rel in enumerate(rels)
+        _single(client, corpus, src, rel, f"{seq}-{i}", secret, opts) for i, rel in enumerate(rels)
     ]
     module, parts = corpus_module(corpus), []
-    for rel, future in zip(rels, futures, strict=True):
-        try:
-            parts.append(future.result())
-        except Exception as e:  # noqa: BLE001 - KilledWorker, or the task itself failed
-            reason = (
-                WORKER_DIED
-                if type(e).__name__ == "KilledWorker"
-                else (f"unexpected {type(e).__name__} while processing the record")
-            )
-            row = reject_row(module, Path(src), rel, reason, secret)
-            parts.append(pack_batch(seq, [], [row], secret))
+    for i, (rel, future) in enumerate(zip(rels, futures, strict=True)):
+        for attempt in (1, 2):
+            try:
+                parts.append(future.result())
+                break
+            except Exception as e:  # noqa: BLE001 - KilledWorker, or the task itself failed
+                future.release()
+                if attempt == 1:
+                    future = _single(client, corpus, src, rel, f"{seq}-{i}-again", secret, opts)
+                    continue
+                reason = (
+                    WORKER_DIED
+                    if type(e).__name__ == "KilledWorker"
+                    else f"unexpected {type(e).__name__} while processing the record"
+                )
+                row = reject_row(module, Path(src), rel, reason, secret)
+                parts.append(pack_batch(seq, [], [row], secret))
         future.release()
     return merge_batches(seq, parts)
 
