@@ -51,7 +51,9 @@ def _record_line(tokens: list[str], where: str) -> tuple[int, float, int | None]
         try:
             fs = float(tokens[2].split("/")[0].split("(")[0])
         except ValueError:
-            raise RecordError(where, "unparsable header: the sampling frequency is not a number") from None
+            raise RecordError(
+                where, "unparsable header: the sampling frequency is not a number"
+            ) from None
         if not (math.isfinite(fs) and fs > 0):
             raise RecordError(where, "sampling rate is not a finite positive number")
     sig_len = None
@@ -59,7 +61,9 @@ def _record_line(tokens: list[str], where: str) -> tuple[int, float, int | None]
         try:
             sig_len = int(tokens[3])
         except ValueError:
-            raise RecordError(where, "unparsable header: the signal length is not an integer") from None
+            raise RecordError(
+                where, "unparsable header: the signal length is not an integer"
+            ) from None
         if sig_len < 0:
             raise RecordError(where, "unparsable header: the signal length is negative")
     return n_sig, fs, sig_len
@@ -83,7 +87,9 @@ def _signal_line(tok: list[str], k: int, where: str) -> dict:
         try:
             ints.append(int(tok[pos]) if len(tok) > pos else 0)
         except ValueError:
-            raise RecordError(where, f"unparsable header signal line {k + 1}: non-integer ADC field") from None
+            raise RecordError(
+                where, f"unparsable header signal line {k + 1}: non-integer ADC field"
+            ) from None
     return {
         "file": tok[0],
         "fmt": m["fmt"],

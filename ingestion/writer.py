@@ -373,8 +373,7 @@ class StoreWriter:
         keep = np.ones(batch.n_records, dtype=bool)
         secret = self.secret
         reject_rows = [
-            r if len(r) == 4 else (r[0], r[1], r[2], path_hash(r[0], r[1], secret))
-            for r in rejects
+            r if len(r) == 4 else (r[0], r[1], r[2], path_hash(r[0], r[1], secret)) for r in rejects
         ]
         for i, key in enumerate(cols["record_key"]):
             if key in keys:
