@@ -28,7 +28,7 @@ from ingestion.record import (
     parse_sex,
     unit_scale_to_mv,
 )
-from ingestion.wfdb_header import parse_header
+from ingestion.wfdb_header import read_header
 
 SOURCE = "cinc2021"
 _SUBSET_SKIP = re.compile(r"^g\d+$")
@@ -102,14 +102,7 @@ def _subset(rel: str) -> str:
 
 
 def _header(src: Path, rel: str, opts: ReadOptions | None) -> tuple[Path, dict]:
-    hea = inside_src(src, f"{rel}.hea", rel, opts)
-    try:
-        text = hea.read_bytes().decode("utf-8", errors="replace")
-    except FileNotFoundError:
-        raise RecordError(rel, f"missing header file {hea.name}") from None
-    except OSError:
-        raise RecordError(rel, "header file unreadable") from None
-    hdr = parse_header(text, rel)
+    hea, hdr = read_header(src, rel, opts)
     if hdr["sig_len"] is None:
         raise RecordError(rel, "header gives no signal length")
     hdr["fields"] = comment_fields(hdr["comments"])

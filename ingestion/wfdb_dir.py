@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ingestion.limits import ReadOptions, check_length, inside_src, sibling
+from ingestion.limits import ReadOptions, check_length, sibling
 from ingestion.record import (
     RawRecord,
     RecordError,
@@ -28,7 +28,7 @@ from ingestion.record import (
     parse_sex,
     unit_scale_to_mv,
 )
-from ingestion.wfdb_header import DAT_FMTS, check_data_sizes, parse_header, read_digital
+from ingestion.wfdb_header import DAT_FMTS, check_data_sizes, read_digital, read_header
 
 SOURCE = "wfdb"
 
@@ -41,17 +41,6 @@ def list_records(src: Path) -> list[str]:
         for p in src.rglob("*.hea")
         if not p.name.startswith(".")
     )
-
-
-def _header(src: Path, rel: str, opts: ReadOptions | None) -> tuple[Path, dict]:
-    hea = inside_src(src, f"{rel}.hea", rel, opts)
-    try:
-        text = hea.read_bytes().decode("utf-8", errors="replace")
-    except FileNotFoundError:
-        raise RecordError(rel, f"missing header file {Path(rel).name}.hea") from None
-    except OSError:
-        raise RecordError(rel, "header file unreadable") from None
-    return hea, parse_header(text, rel)
 
 
 def _signal_paths(src: Path, rel: str, hdr: dict, opts: ReadOptions | None) -> dict[str, Path]:
@@ -79,7 +68,7 @@ def read_wfdb(
     non-voltage channels dropped. RecordError for every way a record can be unreadable, and
     before any signal is read for a rate/duration outside ``opts`` or a data file whose size
     does not match the header."""
-    hea, hdr = _header(Path(src), rel, opts)
+    hea, hdr = read_header(Path(src), rel, opts)
     paths = _signal_paths(Path(src), rel, hdr, opts)
     sig_len = check_data_sizes(hdr, paths, rel)
     check_length(rel, hdr["fs"], sig_len, opts)

@@ -119,6 +119,26 @@ def parse_header(text: str, where: str) -> dict:
     return {"n_sig": n_sig, "fs": fs, "sig_len": sig_len, "signals": signals, "comments": comments}
 
 
+MAX_HEADER_BYTES = 1 << 20  # real headers are a few KB; a larger one is not read into memory
+
+
+def read_header(src: Path, rel: str, opts=None) -> tuple[Path, dict]:
+    """(path of ``SRC/rel.hea``, its parsed header); the path is checked by
+    ``ingestion.limits.inside_src`` and the text decoded as UTF-8 (file names may be non-ASCII)."""
+    from ingestion.limits import inside_src
+
+    hea = inside_src(src, f"{rel}.hea", rel, opts)
+    try:
+        if hea.stat().st_size > MAX_HEADER_BYTES:
+            raise RecordError(rel, f"header file larger than {MAX_HEADER_BYTES} bytes")
+        text = hea.read_bytes().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        raise RecordError(rel, f"missing header file {hea.name}") from None
+    except OSError:
+        raise RecordError(rel, "header file unreadable") from None
+    return hea, parse_header(text, rel)
+
+
 def _files(hdr: dict) -> dict[str, list[int]]:
     """Signal file name -> indices of its signals (header order)."""
     out: dict[str, list[int]] = {}

@@ -390,3 +390,49 @@ def test_condition_bounds_a_raw_record_from_any_reader():
     rec = RawRecord("x", "r", "r", np.zeros((12, 600), np.float32), 0.05, LEADS12)
     with pytest.raises(RecordError, match="outside the supported range"):
         condition(rec)
+
+
+# ---- neighbours of the cases above ------------------------------------------------------------
+
+
+def test_ptbxl_metadata_faults_name_the_column(tmp_path):
+    rows = [
+        {"filename_hr": "records500/00000/00001_hr", "ecg_id": "x"},
+        {"filename_hr": "records500/00000/00002_hr", "patient_id": 17.0},
+        {"filename_hr": "records500/00000/00002_hr", "_no_file": True},  # listed twice
+        {"filename_hr": "records500/00000/00003_hr", "scp_codes": "[" * 500},
+    ]
+    write_ptbxl(tmp_path, rows)
+    assert "ecg_id in ptbxl_database.csv is not an integer" in _reason(
+        ptbxl, tmp_path, "records500/00000/00001_hr"
+    )
+    assert "listed more than once" in _reason(ptbxl, tmp_path, "records500/00000/00002_hr")
+    assert "unparsable scp_codes" in _reason(ptbxl, tmp_path, "records500/00000/00003_hr")
+
+
+def test_oversized_files_are_refused_before_reading(tmp_path):
+    base = write_cinc(tmp_path, "big")
+    with open(base.with_suffix(".mat"), "ab") as f:  # 1 MB appended after the 'val' matrix
+        f.write(bytes(1 << 20))
+    assert "larger than the header" in _reason(cinc2021, tmp_path, "big")
+    base = write_wfdb(tmp_path, "hea")
+    with open(base.with_suffix(".hea"), "a") as f:
+        f.write("#" + "x" * (2 << 20) + "\n")
+    assert "header file larger than" in _reason(wfdb_dir, tmp_path, "hea")
+
+
+def test_more_gain_and_header_spellings(tmp_path):
+    base = write_wfdb(tmp_path, "w")
+    text = base.with_suffix(".hea").read_text()
+    for bad, words in [
+        ("nan/mV", "gain is not a number"),
+        ("1000.0(x)/mV", "gain is not a number"),
+        ("1000.0(0)/mV 16 zero", "non-integer ADC field"),
+    ]:
+        edit_header(base, lambda ls, bad=bad: [ls[0], ls[1].replace("1000.0(0)/mV", bad), *ls[2:]])
+        assert words in _reason(wfdb_dir, tmp_path, "w"), bad
+        base.with_suffix(".hea").write_text(text)
+    edit_header(base, lambda ls: [ls[0].replace("w 3 ", "w 0 "), *ls[1:]])
+    assert "declares no signals" in _reason(wfdb_dir, tmp_path, "w")
+    edit_header(base, lambda ls: [ls[0].replace("w 0 ", "w 900000000 "), *ls[1:]])
+    assert "declares 900000000 signals but lists 3" in _reason(wfdb_dir, tmp_path, "w")
