@@ -242,28 +242,29 @@ def _cohort(tmp_path, n=10) -> Path:
     return src
 
 
-def test_worker_death_costs_only_that_record(tmp_path, monkeypatch):
-    """A LocalCluster with a memory limit; the named record makes its worker process exit. The
-    batch is retried record by record: 9 stored, the culprit rejected as "worker died"."""
+@pytest.mark.parametrize("cluster", ["memory-limited", "default"])
+def test_worker_death_costs_only_that_record(tmp_path, monkeypatch, cluster):
+    """The named record makes its worker process exit (on a LocalCluster with a 1 GiB memory
+    limit per worker, and on the pipeline's own LocalCluster). The batch is retried record by
+    record: 9 stored, the culprit rejected as "worker died"."""
     import dask
     from distributed import LocalCluster
 
     src = _cohort(tmp_path)
     monkeypatch.setenv("ECGPLAT_TEST_CRASH_ON", "g1/R03")
-    with (
-        dask.config.set({"distributed.scheduler.allowed-failures": 0}),
-        LocalCluster(
-            n_workers=2, threads_per_worker=1, memory_limit="1GiB", dashboard_address=":0"
-        ) as cluster,
-    ):
-        summary = ingest(
-            "cinc2021",
-            src,
-            tmp_path / "s",
-            scheduler=cluster.scheduler_address,
-            batch_size=4,
-            progress=False,
-        )
+    kwargs = {"batch_size": 4, "progress": False}
+    if cluster == "default":
+        summary = ingest("cinc2021", src, tmp_path / "s", workers=2, **kwargs)
+    else:
+        with (
+            dask.config.set({"distributed.scheduler.allowed-failures": 0}),
+            LocalCluster(
+                n_workers=2, threads_per_worker=1, memory_limit="1GiB", dashboard_address=":0"
+            ) as lc,
+        ):
+            summary = ingest(
+                "cinc2021", src, tmp_path / "s", scheduler=lc.scheduler_address, **kwargs
+            )
     assert summary["records"] == 9 and summary["rejected"] == {"worker died": 1}, summary
     store = open_store(tmp_path / "s")
     assert store.rejects["path"].tolist() == ["g1/R03"]
