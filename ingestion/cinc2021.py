@@ -109,10 +109,10 @@ def _header(src: Path, rel: str, opts: ReadOptions | None) -> tuple[Path, dict]:
     return hea, hdr
 
 
-def patient_hint(src: Path, rel: str) -> str | None:
+def patient_hint(src: Path, rel: str, opts: ReadOptions | None = None) -> str | None:
     """The raw ``#Patient:`` id of a record's header (for redacting it from a reject), or None."""
     try:
-        hea = inside_src(src, f"{rel}.hea", rel)
+        hea = inside_src(src, f"{rel}.hea", rel, opts)
         text = hea.read_bytes()[:65536].decode("utf-8", errors="replace")
     except (RecordError, OSError):
         return None

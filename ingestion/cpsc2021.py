@@ -34,7 +34,7 @@ def list_records(src: Path) -> list[str]:
     )
 
 
-def patient_hint(src: Path, rel: str) -> str | None:
+def patient_hint(src: Path, rel: str, opts: ReadOptions | None = None) -> str | None:
     """The raw patient number in the file name (for redacting it from a reject), or None."""
     m = NAME_RE.match(Path(rel).name)
     return m["patient"] if m else None

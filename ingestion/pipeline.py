@@ -72,7 +72,7 @@ def _crash_hook(rel: str) -> None:
     os._exit(70)
 
 
-def reject_row(module, root: Path, rel: str, reason: str, secret: bytes) -> tuple:
+def reject_row(module, root: Path, rel: str, reason: str, secret: bytes, opts=None) -> tuple:
     """(source, path, reason, path_hash) of a rejected record. Path and reason get the same
     redaction as a stored record_id: the raw patient id (when the reader can tell it without
     reading the signal) is replaced by its pseudonym; the hash is of the raw listed path."""
@@ -81,7 +81,7 @@ def reject_row(module, root: Path, rel: str, reason: str, secret: bytes) -> tupl
     raw = None
     if hint is not None:
         try:
-            raw = hint(root, rel)
+            raw = hint(root, rel, opts)
         except Exception:  # noqa: BLE001 - a hint only
             raw = None
     key = patient_key_for(raw, f"{source}/{rel}", secret)
@@ -110,13 +110,13 @@ def process_batch(
         try:
             good.append(condition(module.read_record(root, rel, opts), opts))
         except RecordError as e:
-            rejects.append(reject_row(module, root, rel, e.reason, secret))
+            rejects.append(reject_row(module, root, rel, e.reason, secret, opts))
         except MemoryError:
             reason = "out of memory reading the record"
-            rejects.append(reject_row(module, root, rel, reason, secret))
+            rejects.append(reject_row(module, root, rel, reason, secret, opts))
         except Exception as e:  # noqa: BLE001 - a reader bug must not stop the job either
             reason = f"unexpected {type(e).__name__} while reading the record"
-            rejects.append(reject_row(module, root, rel, reason, secret))
+            rejects.append(reject_row(module, root, rel, reason, secret, opts))
         nbytes += _file_bytes(root, rel)
     return pack_batch(seq, good, rejects, secret, nbytes)
 
@@ -190,7 +190,7 @@ def _retry_one_by_one(client, corpus, src, rels, seq, secret, opts) -> RecordBat
                     if type(e).__name__ == "KilledWorker"
                     else f"unexpected {type(e).__name__} while processing the record"
                 )
-                row = reject_row(module, Path(src), rel, reason, secret)
+                row = reject_row(module, Path(src), rel, reason, secret, opts)
                 parts.append(pack_batch(seq, [], [row], secret))
         future.release()
     return merge_batches(seq, parts)

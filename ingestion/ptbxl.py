@@ -97,7 +97,7 @@ def _row(src: Path, rel: str):
     return row
 
 
-def patient_hint(src: Path, rel: str) -> str | None:
+def patient_hint(src: Path, rel: str, opts: ReadOptions | None = None) -> str | None:
     """The raw patient id of a listed record (for redacting it from a reject), or None."""
     try:
         return _patient(_row(src, rel).get("patient_id"))
