@@ -274,6 +274,31 @@ def test_worker_death_costs_only_that_record(tmp_path, monkeypatch, cluster):
     assert batch.n_records == 1
 
 
+def test_a_record_that_really_blows_the_worker_memory_limit(tmp_path):
+    """With the rate bound switched off (min 0.01 Hz), the fs=0.25 record makes resampling take
+    gigabytes: the nanny of a 700 MiB worker kills it, twice; the batch is retried record by
+    record and only the culprit is lost, as "worker died"."""
+    import dask
+    from distributed import LocalCluster
+
+    src = tmp_path / "src"
+    for i in range(6):
+        write_cinc(src / "g1", f"R{i:02d}")
+    edit_header(src / "g1" / "R02", lambda ls: [ls[0].replace(" 500 ", " 0.25 ", 1), *ls[1:]])
+    with (
+        dask.config.set({"distributed.scheduler.allowed-failures": 0}),
+        LocalCluster(
+            n_workers=1, threads_per_worker=1, memory_limit="700MiB", dashboard_address=":0"
+        ) as lc,
+    ):
+        summary = ingest(
+            "cinc2021", src, tmp_path / "s", scheduler=lc.scheduler_address, batch_size=3,
+            progress=False, opts=ReadOptions(min_fs=0.01, max_seconds=1e9),
+        )  # fmt: skip
+    assert summary["records"] == 5 and summary["rejected"] == {"worker died": 1}, summary
+    assert open_store(tmp_path / "s").rejects["path"].tolist() == ["g1/R02"]
+
+
 # ---- 4. paths outside SRC -------------------------------------------------------------------
 
 
