@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ecgplat.labels import codes_to_multihot
+from ingestion.limits import ReadOptions, check_length, inside_src, sibling
 from ingestion.record import (
     RawRecord,
     RecordError,
@@ -27,12 +28,9 @@ from ingestion.record import (
     parse_sex,
     unit_scale_to_mv,
 )
+from ingestion.wfdb_header import read_header
 
 SOURCE = "cinc2021"
-_GAIN_RE = re.compile(
-    r"^(?P<gain>[-+]?[0-9.]+(?:[eE][-+]?[0-9]+)?)"
-    r"(?:\((?P<base>[-+]?[0-9]+)\))?(?:/(?P<units>\S+))?$"
-)
 _SUBSET_SKIP = re.compile(r"^g\d+$")
 
 
@@ -44,49 +42,6 @@ def list_records(src: Path) -> list[str]:
         for p in src.rglob("*.hea")
         if not p.name.startswith(".")
     )
-
-
-def parse_header(text: str, where: str) -> dict:
-    """The parts of a single-segment WFDB header the challenge files use. RecordError if malformed."""
-    lines = [ln.strip() for ln in text.splitlines()]
-    comments = [ln for ln in lines if ln.startswith("#")]
-    body = [ln for ln in lines if ln and not ln.startswith("#")]
-    if not body:
-        raise RecordError(where, "header has no record line")
-    rec = body[0].split()
-    try:
-        n_sig, fs, sig_len = int(rec[1]), float(rec[2].split("/")[0].split("(")[0]), int(rec[3])
-    except (IndexError, ValueError):
-        raise RecordError(where, f"unparsable header record line {body[0]!r}") from None
-    if "/" in rec[0]:
-        raise RecordError(where, "unknown format: multi-segment WFDB records are not supported")
-    if len(body) - 1 < n_sig:
-        raise RecordError(where, f"header declares {n_sig} signals but lists {len(body) - 1}")
-    signals = []
-    for line in body[1 : 1 + n_sig]:
-        tok = line.split()
-        m = _GAIN_RE.match(tok[2]) if len(tok) > 2 else None
-        if m is None or len(tok) < 5:
-            raise RecordError(where, f"unparsable header signal line {line!r}")
-        gain = float(m["gain"]) or 200.0  # WFDB: gain 0 means the default 200
-        adc_zero = int(tok[4])
-        signals.append(
-            {
-                "file": tok[0],
-                "fmt": tok[1],
-                "gain": gain,
-                "baseline": int(m["base"]) if m["base"] is not None else adc_zero,
-                "units": m["units"] or "mV",
-                "name": " ".join(tok[8:]) if len(tok) > 8 else f"ch{len(signals)}",
-            }
-        )
-    return {
-        "n_sig": n_sig,
-        "fs": fs,
-        "sig_len": sig_len,
-        "signals": signals,
-        "fields": comment_fields(comments),
-    }
 
 
 # MATLAB v4 precision digit P of the type code MOPT -> numpy dtype (without byte order)
@@ -130,12 +85,12 @@ def read_mat4(data: bytes, name: str, key: str = "val") -> np.ndarray:
         nbytes = count * dtype.itemsize * (2 if imagf else 1)
         if size - pos < nbytes:
             raise ValueError(
-                f"{name} is truncated: matrix {var!r} ({mrows}x{ncols}) needs "
+                f"{name} is truncated: a {mrows}x{ncols} matrix needs "
                 f"{nbytes} bytes, {size - pos} left"
             )
         if var == key:
             if t != 0 or imagf:
-                raise ValueError(f"{name}: matrix {var!r} is not a real full numeric matrix")
+                raise ValueError(f"{name}: matrix 'val' is not a real full numeric matrix")
             return np.frombuffer(data, dtype, count, pos).reshape(ncols, mrows).T
         pos += nbytes
     raise KeyError(key)
@@ -146,25 +101,45 @@ def _subset(rel: str) -> str:
     return parts[-1] if parts else ""
 
 
-def read_record(src: Path, rel: str) -> RawRecord:
-    """Read one challenge record (``rel`` relative to ``src``, without extension)."""
-    base = Path(src) / rel
-    hea = base.with_suffix(".hea")
+def _header(src: Path, rel: str, opts: ReadOptions | None) -> tuple[Path, dict]:
+    hea, hdr = read_header(src, rel, opts)
+    if hdr["sig_len"] is None:
+        raise RecordError(rel, "header gives no signal length")
+    hdr["fields"] = comment_fields(hdr["comments"])
+    return hea, hdr
+
+
+def patient_hint(src: Path, rel: str, opts: ReadOptions | None = None) -> str | None:
+    """The raw ``#Patient:`` id of a record's header (for redacting it from a reject), or None."""
     try:
-        text = hea.read_text(encoding="utf-8", errors="replace")
-    except FileNotFoundError:
-        raise RecordError(rel, f"missing header file {hea.name}") from None
-    hdr = parse_header(text, rel)
+        hea = inside_src(src, f"{rel}.hea", rel, opts)
+        text = hea.read_bytes()[:65536].decode("utf-8", errors="replace")
+    except (RecordError, OSError):
+        return None
+    return (
+        comment_fields([ln for ln in text.splitlines() if ln.strip().startswith("#")]).get(
+            "patient"
+        )
+        or None
+    )
+
+
+def _read_val(src: Path, rel: str, hdr: dict, opts: ReadOptions | None) -> np.ndarray:
     files = {s["file"] for s in hdr["signals"]}
     if len(files) != 1 or not next(iter(files)).lower().endswith(".mat"):
-        raise RecordError(
-            rel, f"unknown format: signal file(s) {sorted(files)} are not one .mat file"
-        )
-    if any(not s["fmt"].startswith("16") for s in hdr["signals"]):
+        raise RecordError(rel, f"unknown format: {len(files)} signal file(s), not one .mat file")
+    if any(s["fmt"] != "16" or s["spf"] != 1 for s in hdr["signals"]):
         raise RecordError(rel, "unknown format: only WFDB format 16 .mat signals are supported")
-    mat = hea.parent / next(iter(files))
-    if not mat.exists():
-        raise RecordError(rel, f"missing signal file {mat.name}")
+    name = next(iter(files))
+    mat = sibling(src, rel, name, rel, opts)
+    if not mat.is_file():
+        raise RecordError(rel, f"missing signal file {Path(name).name}")
+    # a MATLAB v4 matrix of at most 8-byte values plus its name: anything larger is not this
+    # record, and is refused before it is read into memory
+    if mat.stat().st_size > hdr["n_sig"] * hdr["sig_len"] * 8 + 4096:
+        raise RecordError(
+            rel, f"{mat.name} is larger than the header's {hdr['n_sig']} x {hdr['sig_len']} allow"
+        )
     try:
         val = read_mat4(mat.read_bytes(), mat.name)
     except KeyError:
@@ -180,12 +155,23 @@ def read_record(src: Path, rel: str) -> RawRecord:
             f"{mat.name} holds shape {val.shape}, header says {expected} "
             "(leads x samples): truncated or mismatched",
         )
+    return val
+
+
+def read_record(src: Path, rel: str, opts: ReadOptions | None = None) -> RawRecord:
+    """Read one challenge record (``rel`` relative to ``src``, without extension)."""
+    base = Path(src) / rel
+    _, hdr = _header(Path(src), rel, opts)
+    check_length(rel, hdr["fs"], hdr["sig_len"], opts)
+    if not any(unit_scale_to_mv(s["units"]) is not None for s in hdr["signals"]):
+        raise RecordError(rel, "no channel in voltage units (mV, uV or V)")
+    val = _read_val(Path(src), rel, hdr, opts)
     gains = np.array([s["gain"] for s in hdr["signals"]])
     baselines = np.array([s["baseline"] for s in hdr["signals"]], dtype=np.float64)
     scale = np.array([unit_scale_to_mv(s["units"]) or np.nan for s in hdr["signals"]])
     if np.isnan(scale).any():
-        bad = [s["units"] for s in hdr["signals"] if unit_scale_to_mv(s["units"]) is None]
-        raise RecordError(rel, f"non-voltage units {bad} in a challenge record")
+        bad = sum(unit_scale_to_mv(s["units"]) is None for s in hdr["signals"])
+        raise RecordError(rel, f"{bad} channel(s) in non-voltage units in a challenge record")
     # in place, same float64 operations (and so the same values) as
     # (val - baseline) / gain * scale; subtracting 0 and multiplying by 1 are skipped (exact)
     signal = val.astype(np.float64)

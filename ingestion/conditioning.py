@@ -5,8 +5,9 @@
 1. channels are mapped to the canonical order I..V6 (``ecgplat.leads``); non-ECG channels are
    dropped, absent leads stay zero and are False in ``lead_mask`` (never derived or invented);
    the first channel wins if a lead appears twice;
-2. rejected with ``RecordError``: zero-length signal, no ECG lead, NaN/inf in an ECG lead,
-   shorter than 5 s;
+2. rejected with ``RecordError``: zero-length signal, a sampling rate outside the supported
+   range or a duration above the maximum (``ingestion.limits.ReadOptions``), no ECG lead,
+   NaN/inf in an ECG lead, shorter than 5 s;
 3. resampled to 500 Hz with ``scipy.signal.resample_poly`` (anti-aliased polyphase filter; the
    up/down ratio is ``Fraction(500 / fs)`` limited to denominators <= 1000);
 4. cut into non-overlapping 2500-sample (5 s) segments starting at sample 0; a trailing partial
@@ -23,6 +24,7 @@ import numpy as np
 
 from ecgplat.leads import LEADS, canonical_lead
 from ecgplat.store import DTYPE, SAMPLE_RATE, SEGMENT_SAMPLES, SEGMENT_SECONDS, UV_PER_MV
+from ingestion.limits import ReadOptions, check_length
 from ingestion.record import RawRecord, RecordError
 
 MAX_DENOMINATOR = 1000
@@ -104,17 +106,20 @@ def to_int16_microvolts(x_mv: np.ndarray) -> np.ndarray:
     return y.astype(DTYPE)
 
 
-def condition(rec: RawRecord) -> ConditionedRecord:
-    """Canonical leads, checks, 500 Hz, 5 s int16 µV segments (see module docstring)."""
+def condition(rec: RawRecord, opts: ReadOptions | None = None) -> ConditionedRecord:
+    """Canonical leads, checks, 500 Hz, 5 s int16 µV segments (see module docstring); the rate
+    range and maximum duration of ``opts`` bound the memory resampling may take."""
     sig = np.asarray(rec.signal)
     if sig.ndim != 2:
         raise RecordError(rec.path, f"signal must be (leads, samples), got shape {sig.shape}")
     n = int(sig.shape[1])
     if n == 0 or sig.shape[0] == 0:
         raise RecordError(rec.path, "zero-length signal")
-    fs = float(rec.fs)
-    if not np.isfinite(fs) or fs <= 0:
-        raise RecordError(rec.path, f"invalid sampling rate {rec.fs!r}")
+    try:
+        fs = float(rec.fs)
+    except (TypeError, ValueError):
+        raise RecordError(rec.path, "sampling rate is not a finite positive number") from None
+    check_length(rec.path, fs, n, opts)
     x, mask = canonical_leads(sig, list(rec.lead_names), rec.path)
     if not np.isfinite(sig).all() and not np.isfinite(x[mask]).all():  # cheap test first
         raise RecordError(rec.path, "signal contains NaN or infinite values")

@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 
 from ecgplat.labels import codes_to_multihot
+from ingestion.limits import ReadOptions
 from ingestion.record import RawRecord, RecordError
 from ingestion.wfdb_dir import read_wfdb
 
@@ -33,12 +34,18 @@ def list_records(src: Path) -> list[str]:
     )
 
 
-def read_record(src: Path, rel: str) -> RawRecord:
+def patient_hint(src: Path, rel: str, opts: ReadOptions | None = None) -> str | None:
+    """The raw patient number in the file name (for redacting it from a reject), or None."""
+    m = NAME_RE.match(Path(rel).name)
+    return m["patient"] if m else None
+
+
+def read_record(src: Path, rel: str, opts: ReadOptions | None = None) -> RawRecord:
     """Read one CPSC 2021 record (``rel`` relative to ``src``, without extension)."""
     m = NAME_RE.match(Path(rel).name)
     if m is None:
         raise RecordError(rel, "file name is not data_<patient>_<record>")
-    signal, fs, names, comments = read_wfdb(src, rel)
+    signal, fs, names, comments = read_wfdb(src, rel, opts)
     rhythm = " ".join(c.strip().lower() for c in comments if c.strip())
     codes = [_AF] if "persistent atrial fibrillation" in rhythm else []
     return RawRecord(

@@ -13,6 +13,7 @@ for debugging.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections import Counter
@@ -20,8 +21,16 @@ from pathlib import Path
 
 from ecgplat.progress import ProgressBar
 from ecgplat.store import reason_kind
+from ingestion.limits import ReadOptions
 from ingestion.record import RECORD_SUFFIXES
-from ingestion.writer import RecordBatch, StoreWriter, pack_batch
+from ingestion.writer import (
+    RecordBatch,
+    StoreWriter,
+    pack_batch,
+    path_hash,
+    patient_key_for,
+    redact,
+)
 
 DEFAULT_BATCH_SIZE = 128
 
@@ -30,15 +39,55 @@ def _file_bytes(src: Path, rel: str) -> int:
     """Bytes of a record's header and signal files (for throughput reports)."""
     total = 0
     for suffix in RECORD_SUFFIXES:
-        try:
+        with contextlib.suppress(OSError):
             total += os.stat(f"{src / rel}{suffix}").st_size
-        except OSError:
-            pass
     return total
 
 
-def process_batch(corpus: str, src: str, rels: list[str], seq: int, secret: bytes) -> RecordBatch:
-    """Read and condition ``rels`` (worker side); every failure becomes a reject, never raises."""
+CRASH_HOOK_ENV = "ECGPLAT_TEST_CRASH_ON"  # tests: a Dask worker process exits on this record
+WORKER_DIED = "worker died"
+
+
+def _crash_hook(rel: str) -> None:
+    """Fault injection for tests: exit the worker process (never the driver) on a named record."""
+    if os.environ.get(CRASH_HOOK_ENV) != rel:
+        return
+    try:
+        from distributed import get_worker
+
+        get_worker()
+    except (ImportError, ValueError):
+        return
+    os._exit(70)
+
+
+def reject_row(module, root: Path, rel: str, reason: str, secret: bytes, opts=None) -> tuple:
+    """(source, path, reason, path_hash) of a rejected record. Path and reason get the same
+    redaction as a stored record_id: the raw patient id (when the reader can tell it without
+    reading the signal) is replaced by its pseudonym; the hash is of the raw listed path."""
+    source = module.SOURCE
+    hint = getattr(module, "patient_hint", None)
+    raw = None
+    if hint is not None:
+        try:
+            raw = hint(root, rel, opts)
+        except Exception:  # noqa: BLE001 - a hint only
+            raw = None
+    key = patient_key_for(raw, f"{source}/{rel}", secret)
+    return (source, redact(rel, raw, key), redact(reason, raw, key), path_hash(source, rel, secret))
+
+
+def process_batch(
+    corpus: str,
+    src: str,
+    rels: list[str],
+    seq: int,
+    secret: bytes,
+    opts: ReadOptions | None = None,
+) -> RecordBatch:
+    """Read and condition ``rels`` (worker side); every failure becomes a reject, never raises.
+    Reasons are the readers' fixed templates; an unexpected exception contributes its type only
+    (its text may quote field values such as patient ids)."""
     from ingestion.conditioning import condition
     from ingestion.corpora import get_corpus
     from ingestion.record import RecordError
@@ -47,15 +96,33 @@ def process_batch(corpus: str, src: str, rels: list[str], seq: int, secret: byte
     root = Path(src)
     good, rejects, nbytes = [], [], 0
     for rel in rels:
+        _crash_hook(rel)
         try:
-            good.append(condition(module.read_record(root, rel)))
+            good.append(condition(module.read_record(root, rel, opts), opts))
         except RecordError as e:
-            rejects.append((corpus, rel, e.reason))
+            rejects.append(reject_row(module, root, rel, e.reason, secret, opts))
+        except MemoryError:
+            reason = "out of memory reading the record"
+            rejects.append(reject_row(module, root, rel, reason, secret, opts))
         except Exception as e:  # noqa: BLE001 - a reader bug must not stop the job either
-            reason = " ".join(f"unexpected {type(e).__name__}: {e}".split())
-            rejects.append((corpus, rel, reason))
+            reason = f"unexpected {type(e).__name__} while reading the record"
+            rejects.append(reject_row(module, root, rel, reason, secret, opts))
         nbytes += _file_bytes(root, rel)
     return pack_batch(seq, good, rejects, secret, nbytes)
+
+
+def merge_batches(seq: int, batches: list[RecordBatch]) -> RecordBatch:
+    """One batch (numbered ``seq``) holding the records and rejects of ``batches`` in order."""
+    import numpy as np
+
+    cols = {k: np.concatenate([b.columns[k] for b in batches]) for k in batches[0].columns}
+    return RecordBatch(
+        seq,
+        [c for b in batches for c in b.chunks],
+        cols,
+        [r for b in batches for r in b.rejects],
+        sum(b.bytes_read for b in batches),
+    )
 
 
 def _trim_heap() -> None:
@@ -74,18 +141,61 @@ def _batches(todo: list[str], batch_size: int):
         yield seq, todo[start : start + batch_size]
 
 
-def _run_local(corpus, src, batches, secret, sink) -> None:
+def _run_local(corpus, src, batches, secret, sink, opts=None) -> None:
     for seq, rels in batches:
-        sink(process_batch(corpus, src, rels, seq, secret))
+        sink(process_batch(corpus, src, rels, seq, secret, opts))
 
 
-def _run_dask(client, corpus, src, batches, secret, sink, max_in_flight: int) -> None:
+def _task_key(corpus: str, seq) -> str:
+    return f"ingest-{corpus}-{seq}-{os.getpid()}-{time.monotonic_ns()}"
+
+
+def _single(client, corpus, src, rel, tag, secret, opts):
+    return client.submit(
+        process_batch, corpus, src, [rel], 0, secret, opts, pure=False, key=_task_key(corpus, tag)
+    )
+
+
+def _retry_one_by_one(client, corpus, src, rels, seq, secret, opts) -> RecordBatch:
+    """A batch whose task failed (a worker died on it): run each record as its own task, so a
+    record that kills its worker becomes the reject "worker died" and costs only itself. A
+    record whose task fails is tried once more on its own (it may only have shared a worker
+    with the culprit) before it is blamed."""
+    futures = [
+        _single(client, corpus, src, rel, f"{seq}-{i}", secret, opts) for i, rel in enumerate(rels)
+    ]
+    from ingestion.corpora import get_corpus
+
+    module, parts = get_corpus(corpus), []
+    for i, (rel, future) in enumerate(zip(rels, futures, strict=True)):
+        for attempt in (1, 2):
+            try:
+                parts.append(future.result())
+                break
+            except Exception as e:  # noqa: BLE001 - KilledWorker, or the task itself failed
+                future.release()
+                if attempt == 1:
+                    future = _single(client, corpus, src, rel, f"{seq}-{i}-again", secret, opts)
+                    continue
+                reason = (
+                    WORKER_DIED
+                    if type(e).__name__ == "KilledWorker"
+                    else f"unexpected {type(e).__name__} while processing the record"
+                )
+                row = reject_row(module, Path(src), rel, reason, secret, opts)
+                parts.append(pack_batch(seq, [], [row], secret))
+        future.release()
+    return merge_batches(seq, parts)
+
+
+def _run_dask(client, corpus, src, batches, secret, sink, max_in_flight: int, opts=None) -> None:
     """Bounded ``client.submit`` + ``as_completed``; results re-ordered by sequence number."""
     from distributed import as_completed
 
     pending = as_completed()
     waiting: dict[int, RecordBatch] = {}
     next_seq = 0
+    submitted: dict[str, tuple[int, list[str]]] = {}
     batches = iter(batches)
     in_flight = 0
 
@@ -94,24 +204,29 @@ def _run_dask(client, corpus, src, batches, secret, sink, max_in_flight: int) ->
         if item is None:
             return False
         seq, rels = item
-        pending.add(
-            client.submit(
-                process_batch,
-                corpus,
-                src,
-                rels,
-                seq,
-                secret,
-                pure=False,
-                key=f"ingest-{corpus}-{seq}-{os.getpid()}-{time.monotonic_ns()}",
-            )
+        future = client.submit(
+            process_batch,
+            corpus,
+            src,
+            rels,
+            seq,
+            secret,
+            opts,
+            pure=False,
+            key=_task_key(corpus, seq),
         )
+        submitted[future.key] = (seq, rels)
+        pending.add(future)
         return True
 
     while in_flight + len(waiting) < max_in_flight and submit_one():
         in_flight += 1
     for future in pending:
-        batch = future.result()
+        seq, rels = submitted.pop(future.key)
+        try:
+            batch = future.result()
+        except Exception:  # noqa: BLE001 - the batch's worker died (or the task failed)
+            batch = _retry_one_by_one(client, corpus, src, rels, seq, secret, opts)
         future.release()
         in_flight -= 1
         waiting[batch.seq] = batch
@@ -133,6 +248,7 @@ def ingest(
     max_in_flight: int | None = None,
     limit: int | None = None,
     commit_interval: float = 1.0,
+    opts: ReadOptions | None = None,
 ) -> dict:
     """Ingest the records of ``corpus`` under ``src`` into ``store`` (created if missing).
 
@@ -140,7 +256,10 @@ def ingest(
     synchronously in this process. ``scheduler``: address of an existing cluster
     (``tcp://host:port``), overrides ``workers``. ``limit``: ingest at most this many new records.
     ``commit_interval``: seconds between commits (0 = after every batch); a killed run loses at
-    most the batches since the last commit.
+    most the batches since the last commit. ``opts``: rate range, maximum duration and path
+    policy of the readers (``ingestion.limits.ReadOptions``; default: its defaults). A batch
+    whose Dask worker dies is retried record by record; the record that kills its worker is
+    rejected as "worker died".
     Returns a summary: records, segments, patients (added by this run), rejected (by reason),
     skipped (already present), seconds, records_per_s, bytes_read, startup_seconds (Dask
     cluster start, included in seconds), and the store totals.
@@ -190,7 +309,7 @@ def ingest(
         batches = _batches(todo, batch_size)
         try:
             if todo and workers == 0 and scheduler is None:
-                _run_local(corpus, str(src), batches, writer.secret, sink)
+                _run_local(corpus, str(src), batches, writer.secret, sink, opts)
             elif todo:
                 t_cluster = time.perf_counter()
                 with _dask_client(workers, scheduler) as client:
@@ -205,6 +324,7 @@ def ingest(
                         writer.secret,
                         sink,
                         limit_in_flight,
+                        opts,
                     )
         finally:
             bar.close()
@@ -253,6 +373,8 @@ _WORKER_CONFIG = {
     "distributed.worker.memory.monitor-interval": "1s",
     "distributed.admin.system-monitor.interval": "2s",
     "distributed.scheduler.work-stealing": False,  # equal tasks, in order: nothing to steal
+    # a task that kills its worker twice is given up (KilledWorker) and retried record by record
+    "distributed.scheduler.allowed-failures": 1,
 }
 
 

@@ -17,6 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from ecgplat.labels import codes_to_multihot, scp_to_snomed
+from ingestion.limits import ReadOptions
 from ingestion.record import RawRecord, RecordError, parse_age
 from ingestion.wfdb_dir import read_wfdb
 
@@ -30,8 +31,9 @@ def _database(csv_path: str, mtime_ns: int):
 
     try:
         db = pd.read_csv(csv_path)
-    except Exception as e:  # noqa: BLE001 - any parse failure is reported as a bad database
-        raise RecordError(csv_path, f"cannot read the PTB-XL database: {e}") from None
+    except Exception:  # noqa: BLE001 - any parse failure is reported as a bad database
+        # no exception text: it can quote cell values (patient ids)
+        raise RecordError(csv_path, "cannot read the PTB-XL database (not a csv table)") from None
     missing = {"ecg_id", "patient_id", "filename_hr", "scp_codes"} - set(db.columns)
     if missing:
         raise RecordError(csv_path, f"missing columns {sorted(missing)}")
@@ -55,38 +57,84 @@ def _is_missing(value) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
-def read_record(src: Path, rel: str) -> RawRecord:
-    """Read one PTB-XL record by its ``filename_hr`` path."""
+def _patient(value) -> str | None:
+    """The raw patient id as a string: ``15709.0`` -> ``"15709"``; a non-numeric id is kept as
+    written (it is only ever pseudonymised)."""
+    if _is_missing(value) or str(value).strip() == "":
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value).strip()
+    if math.isfinite(number) and number == int(number):
+        return str(int(number))
+    return str(value).strip()
+
+
+def _int_field(row, name: str, rel: str, required: bool = False) -> int | None:
+    """An integer column; RecordError naming the column (never its value) if it is not one."""
+    value = row.get(name)
+    if _is_missing(value):
+        if required:
+            raise RecordError(rel, f"{name} is missing in {DATABASE}")
+        return None
+    try:
+        number = float(value)
+        if not number.is_integer():
+            raise ValueError
+    except (TypeError, ValueError, OverflowError):
+        raise RecordError(rel, f"{name} in {DATABASE} is not an integer") from None
+    return int(number)
+
+
+def _row(src: Path, rel: str):
     db = database(src)
     if rel not in db.index:
         raise RecordError(rel, f"not listed in {DATABASE}")
     row = db.loc[rel]
+    if getattr(row, "ndim", 1) != 1:
+        raise RecordError(rel, f"listed more than once in {DATABASE}")
+    return row
+
+
+def patient_hint(src: Path, rel: str, opts: ReadOptions | None = None) -> str | None:
+    """The raw patient id of a listed record (for redacting it from a reject), or None."""
+    try:
+        return _patient(_row(src, rel).get("patient_id"))
+    except Exception:  # noqa: BLE001 - a hint only
+        return None
+
+
+def read_record(src: Path, rel: str, opts: ReadOptions | None = None) -> RawRecord:
+    """Read one PTB-XL record by its ``filename_hr`` path."""
+    row = _row(src, rel)
+    ecg_id = _int_field(row, "ecg_id", rel, required=True)
     try:
         scp = ast.literal_eval(row["scp_codes"]) if not _is_missing(row["scp_codes"]) else {}
         if not isinstance(scp, dict):
             raise TypeError("not a dict")
-    except (ValueError, SyntaxError, TypeError):
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
         raise RecordError(rel, "unparsable scp_codes (expected a dict literal)") from None
-    signal, fs, names, _ = read_wfdb(src, rel)
+    signal, fs, names, _ = read_wfdb(src, rel, opts)
     axis = row.get("heart_axis")
     axis = "" if _is_missing(axis) else str(axis)
     age = parse_age(row.get("age"))
     if age >= 300:  # PTB-XL's marker for "older than 89"
         age = 90.0
-    sex = {0: "M", 1: "F"}.get(None if _is_missing(row.get("sex")) else int(row["sex"]), "")
-    pid = row["patient_id"]
-    extra = {"ecg_id": int(row["ecg_id"]), "heart_axis": axis}
-    if "strat_fold" in row and not _is_missing(row["strat_fold"]):
-        extra["strat_fold"] = int(row["strat_fold"])
-    codes = list(scp)
+    sex = {0: "M", 1: "F"}.get(_int_field(row, "sex", rel), "")
+    extra = {"ecg_id": ecg_id, "heart_axis": axis}
+    fold = _int_field(row, "strat_fold", rel)
+    if fold is not None:
+        extra["strat_fold"] = fold
+    codes = [str(c) for c in scp]
     return RawRecord(
         source=SOURCE,
-        record_id=f"{int(row['ecg_id']):05d}",
+        record_id=f"{ecg_id:05d}",
         path=rel,
         signal=signal,
         fs=fs,
         lead_names=names,
-        patient_id=None if _is_missing(pid) else str(int(float(pid))),
+        patient_id=_patient(row.get("patient_id")),
         codes=codes,
         labels=codes_to_multihot(scp_to_snomed(scp, axis)),
         age=age,

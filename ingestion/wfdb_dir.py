@@ -2,9 +2,11 @@
 ``read_wfdb`` helper the PTB-XL and CPSC 2021 readers build on.
 
 Every ``*.hea`` under the source root is one record (single-segment; multi-segment records are
-merged by wfdb). Signals come from ``wfdb.rdrecord`` in physical units with the ADC baseline
-removed, then are scaled to millivolts from each channel's units (mV, uV, V). Channels whose
-units are not a voltage (pleth ``NU``, ABP ``mmHg``, ...) are dropped here; channels that are
+rejected). The header is parsed strictly by ``ingestion.wfdb_header`` (rate, gains, data-file
+sizes, paths inside SRC, all checked before a sample is read); samples are decoded by wfdb's
+format decoders, the ADC baseline removed and divided by the gain, then scaled to millivolts
+from each channel's units (mV, uV, V). Channels whose units are not a voltage (pleth ``NU``, ABP
+``mmHg``, ...) are dropped here (a record with no voltage channel is rejected); channels that are
 voltages but not one of the 12 leads (Frank ``vx vy vz``, a bare ``V``) are kept in the
 ``RawRecord`` and dropped by conditioning. Age and sex come from ``key: value`` comments when the
 header has them (PTB Diagnostic style); otherwise NaN / "". Generic WFDB folders have no patient
@@ -16,8 +18,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import wfdb
 
+from ingestion.limits import ReadOptions, check_length, sibling
 from ingestion.record import (
     RawRecord,
     RecordError,
@@ -26,12 +28,9 @@ from ingestion.record import (
     parse_sex,
     unit_scale_to_mv,
 )
+from ingestion.wfdb_header import DAT_FMTS, check_data_sizes, read_digital, read_header
 
 SOURCE = "wfdb"
-try:  # the sample formats wfdb can decode (a private table; fall back to wfdb 4.x's list)
-    from wfdb.io._signal import DAT_FMTS as _DAT_FMTS
-except ImportError:  # pragma: no cover
-    _DAT_FMTS = ["8", "16", "32", "61", "80", "160", "212", "310", "311", "24", "508", "516", "524"]
 
 
 def list_records(src: Path) -> list[str]:
@@ -44,50 +43,55 @@ def list_records(src: Path) -> list[str]:
     )
 
 
-def read_wfdb(src: Path, rel: str) -> tuple[np.ndarray, float, list[str], list[str]]:
-    """(signal (n_ch, n) float32 mV, fs, channel names, header comments) of a WFDB record;
-    non-voltage channels dropped. RecordError for every way a record can be unreadable."""
-    base = Path(src) / rel
-    if not base.with_suffix(".hea").exists():
-        raise RecordError(rel, f"missing header file {base.name}.hea")
-    try:
-        header = wfdb.rdheader(str(base))
-    except Exception as e:  # noqa: BLE001 - wfdb raises many types on malformed headers
-        raise RecordError(rel, f"unparsable header: {e}") from None
-    bad = sorted({str(f) for f in (header.fmt or []) if str(f) not in _DAT_FMTS})
+def _signal_paths(src: Path, rel: str, hdr: dict, opts: ReadOptions | None) -> dict[str, Path]:
+    bad = sorted({s["fmt"] for s in hdr["signals"] if s["fmt"] not in DAT_FMTS})
     if bad:
         raise RecordError(rel, f"unknown format: WFDB sample format(s) {bad} not supported")
-    files = sorted({f for f in (header.file_name or []) if f})
-    if not files:
-        raise RecordError(rel, "unknown format: header lists no signal files (multi-segment?)")
-    for name in files:
-        if not (base.parent / name).exists():
-            raise RecordError(rel, f"missing signal file {name}")
+    paths = {}
+    for s in hdr["signals"]:
+        name = s["file"]
+        if name in paths:
+            continue
+        if name == "~" or not name:
+            raise RecordError(rel, "unknown format: a signal has no data file")
+        path = sibling(src, rel, name, rel, opts)
+        if not path.is_file():
+            raise RecordError(rel, f"missing signal file {Path(name).name}")
+        paths[name] = path
+    return paths
+
+
+def read_wfdb(
+    src: Path, rel: str, opts: ReadOptions | None = None
+) -> tuple[np.ndarray, float, list[str], list[str]]:
+    """(signal (n_ch, n) float32 mV, fs, channel names, header comments) of a WFDB record;
+    non-voltage channels dropped. RecordError for every way a record can be unreadable, and
+    before any signal is read for a rate/duration outside ``opts`` or a data file whose size
+    does not match the header."""
+    hea, hdr = read_header(Path(src), rel, opts)
+    paths = _signal_paths(Path(src), rel, hdr, opts)
+    sig_len = check_data_sizes(hdr, paths, rel)
+    check_length(rel, hdr["fs"], sig_len, opts)
+    keep = [i for i, s in enumerate(hdr["signals"]) if unit_scale_to_mv(s["units"]) is not None]
+    if not keep:
+        raise RecordError(rel, "no channel in voltage units (mV, uV or V)")
+    if sig_len == 0:
+        raise RecordError(rel, "zero-length signal (the header gives 0 samples)")
     try:
-        rec = wfdb.rdrecord(str(base), physical=True)
-    except Exception as e:  # noqa: BLE001 - and on short/damaged signal files
-        raise RecordError(rel, f"signal file truncated or unreadable: {e}") from None
-    p = rec.p_signal
-    if p is None or p.ndim != 2 or p.shape != (rec.sig_len, rec.n_sig):
-        shape = None if p is None else p.shape
-        raise RecordError(
-            rel,
-            f"signal shape {shape} does not match header "
-            f"({rec.sig_len} samples x {rec.n_sig} channels): truncated?",
-        )
-    keep, scale = [], []
-    for i, unit in enumerate(rec.units or ["mV"] * rec.n_sig):
-        factor = unit_scale_to_mv(unit)
-        if factor is not None:
-            keep.append(i)
-            scale.append(factor)
-    signal = (p[:, keep].T * np.asarray(scale)[:, None]).astype(np.float32)
-    return signal, float(rec.fs), [rec.sig_name[i] for i in keep], list(rec.comments or [])
+        digital = read_digital(hdr, hea.parent, sig_len)
+    except Exception:  # noqa: BLE001 - wfdb raises many types on short/damaged files
+        raise RecordError(rel, "signal file truncated or unreadable") from None
+    sigs = [hdr["signals"][i] for i in keep]
+    baseline = np.array([s["baseline"] for s in sigs], dtype=np.float64)
+    factor = np.array([unit_scale_to_mv(s["units"]) / s["gain"] for s in sigs])
+    signal = ((digital[:, keep] - baseline) * factor).T.astype(np.float32)
+    names = [s["name"] for s in sigs]
+    return signal, float(hdr["fs"]), names, list(hdr["comments"])
 
 
-def read_record(src: Path, rel: str) -> RawRecord:
+def read_record(src: Path, rel: str, opts: ReadOptions | None = None) -> RawRecord:
     """Read one WFDB record (``rel`` relative to ``src``, without extension)."""
-    signal, fs, names, comments = read_wfdb(src, rel)
+    signal, fs, names, comments = read_wfdb(src, rel, opts)
     fields = comment_fields(comments)
     return RawRecord(
         source=SOURCE,

@@ -54,7 +54,9 @@ class RecordBatch:
     seq: int  # batch number in listing order
     chunks: list[bytes]  # N encoded segments (one zarr chunk each), record order
     columns: dict[str, np.ndarray]  # record columns except seg_start
-    rejects: list[tuple[str, str, str]] = field(default_factory=list)  # (source, path, reason)
+    # (source, path, reason, path_hash): path and reason already redacted, hash of the raw path;
+    # a 3-tuple (source, raw path, reason) is hashed by the writer
+    rejects: list[tuple] = field(default_factory=list)
     bytes_read: int = 0
 
     @property
@@ -195,10 +197,26 @@ class StoreWriter:
             for p in self.path.iterdir()
         )
 
+    def _refuse_new_key_for_old_records(self) -> None:
+        """A store that already holds records or rejects must never get a fresh key: every
+        patient would get a new pseudonym and every record would be ingested again."""
+        try:
+            state = S.read_commit(self.path)
+            held = state["n_records"] + state["n_rejects"]
+        except ValueError:
+            held = 1  # unreadable commit point: assume the store is not empty
+        if held:
+            raise ValueError(
+                f"{self.path / S.SECRET_FILE}: the pseudonymisation key is missing but the store "
+                "already holds records; restore secret.key from your backup of this store "
+                "(a new key would give every patient a new pseudonym and duplicate every record)"
+            )
+
     def _create_missing(self) -> None:
         """Create whatever a (possibly half-created) store lacks; never touches existing data."""
         secret_file = self.path / S.SECRET_FILE
         if not secret_file.exists():
+            self._refuse_new_key_for_old_records()
             atomic.write_bytes(secret_file, secrets.token_bytes(32), mode=0o600)
         filters, compressors = codecs()
 
@@ -322,7 +340,7 @@ class StoreWriter:
         keep = np.ones(batch.n_records, dtype=bool)
         secret = self.secret
         reject_rows = [
-            (src, rel, reason, path_hash(src, rel, secret)) for src, rel, reason in rejects
+            r if len(r) == 4 else (r[0], r[1], r[2], path_hash(r[0], r[1], secret)) for r in rejects
         ]
         for i, key in enumerate(cols["record_key"]):
             if key in keys:

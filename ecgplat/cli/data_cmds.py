@@ -64,18 +64,52 @@ def ingest(
     ] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    min_fs: Annotated[
+        float, typer.Option(min=0.001, help="Lowest sampling rate accepted, Hz.")
+    ] = 50.0,
+    max_fs: Annotated[
+        float, typer.Option(min=0.001, help="Highest sampling rate accepted, Hz.")
+    ] = 10_000.0,
+    max_duration: Annotated[
+        float,
+        typer.Option(
+            min=5.0,
+            help="Longest record accepted, seconds (bounds the memory one record may take).",
+        ),
+    ] = 3600.0,
+    follow_symlinks: Annotated[
+        bool,
+        typer.Option(
+            "--follow-symlinks",
+            help="Read files through symbolic links (they must still resolve inside SRC).",
+        ),
+    ] = False,
+    allow_outside: Annotated[
+        bool,
+        typer.Option(
+            "--allow-outside",
+            help="With --follow-symlinks: let symbolic links resolve outside SRC.",
+        ),
+    ] = False,
 ) -> None:
     """Read, condition (500 Hz, 5 s int16 segments) and append a corpus to the feature store.
 
     Interrupted runs resume where they stopped; records already stored are skipped; bad
-    records are listed in the store's rejects table with a one-line reason.
+    records are listed in the store's rejects table with a one-line reason. Every file read
+    must lie inside SRC (no absolute or '..' paths; no symbolic links unless --follow-symlinks).
     """
     if corpus not in CORPUS_NAMES:
         fail(f"unknown corpus {corpus!r}; choose one of {', '.join(CORPUS_NAMES)}")
     if not src.is_dir():
         fail(f"{src}: source directory does not exist")
+    if allow_outside and not follow_symlinks:
+        fail("--allow-outside needs --follow-symlinks")
+    if min_fs > max_fs:
+        fail(f"--min-fs ({min_fs:g}) is above --max-fs ({max_fs:g})")
+    from ingestion.limits import ReadOptions
     from ingestion.pipeline import ingest as run_ingest
 
+    opts = ReadOptions(min_fs, max_fs, max_duration, follow_symlinks, allow_outside)
     try:
         summary = run_ingest(
             corpus,
@@ -86,6 +120,7 @@ def ingest(
             batch_size=batch_size,
             progress=progress,
             limit=limit,
+            opts=opts,
         )
     except (FileNotFoundError, ValueError, RuntimeError, OSError) as e:
         fail(str(e))

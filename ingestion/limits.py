@@ -1,0 +1,111 @@
+"""What a reader may open and how large a record may be: checked from the header, before any read.
+
+``ReadOptions`` carries the bounds every reader applies:
+
+- the sampling rate must be a finite number in ``[min_fs, max_fs]`` Hz and the duration at most
+  ``max_seconds``: together they bound the memory a record needs (samples read, and samples
+  after resampling to 500 Hz) before anything is allocated;
+- every file a reader opens must lie inside the source directory ``SRC``: absolute names and
+  ``..`` escapes are always refused; symbolic links are refused unless ``follow_symlinks``, and
+  then must still resolve inside the resolved ``SRC`` unless ``allow_outside``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ingestion.record import RecordError
+
+DEFAULT_MIN_FS = 50.0
+DEFAULT_MAX_FS = 10_000.0
+# PhysioNet/CinC 2021 records reach 1,800 s; at 500 Hz and 12 leads one hour is ~170 MB of float64
+DEFAULT_MAX_SECONDS = 3600.0
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """Bounds and path policy shared by every corpus reader (picklable, sent to Dask workers)."""
+
+    min_fs: float = DEFAULT_MIN_FS
+    max_fs: float = DEFAULT_MAX_FS
+    max_seconds: float = DEFAULT_MAX_SECONDS
+    follow_symlinks: bool = False
+    allow_outside: bool = False
+
+    def __post_init__(self):
+        if not (0 < self.min_fs <= self.max_fs < math.inf):
+            raise ValueError(
+                f"sampling-rate range must satisfy 0 < min ({self.min_fs}) <= max ({self.max_fs})"
+            )
+        if not (0 < self.max_seconds < math.inf):
+            raise ValueError(f"max duration must be a positive number, got {self.max_seconds}")
+        if self.allow_outside and not self.follow_symlinks:
+            raise ValueError("--allow-outside only makes sense with --follow-symlinks")
+
+
+DEFAULT_OPTIONS = ReadOptions()
+
+
+def check_rate(where: str, fs: float, opts: ReadOptions | None = None) -> None:
+    """RecordError unless ``fs`` is finite, positive and inside the supported range."""
+    opts = opts or DEFAULT_OPTIONS
+    if not (isinstance(fs, int | float) and math.isfinite(fs) and fs > 0):
+        raise RecordError(where, "sampling rate is not a finite positive number")
+    if not opts.min_fs <= fs <= opts.max_fs:
+        raise RecordError(
+            where,
+            f"sampling rate {fs:g} Hz is outside the supported range "
+            f"{opts.min_fs:g}-{opts.max_fs:g} Hz (--min-fs/--max-fs)",
+        )
+
+
+def check_length(where: str, fs: float, n_samples: int, opts: ReadOptions | None = None) -> None:
+    """``check_rate`` plus: the duration ``n_samples / fs`` is at most ``max_seconds``."""
+    opts = opts or DEFAULT_OPTIONS
+    check_rate(where, fs, opts)
+    seconds = n_samples / fs
+    if seconds > opts.max_seconds:
+        raise RecordError(
+            where,
+            f"duration {seconds:.0f} s exceeds the maximum {opts.max_seconds:g} s (--max-duration)",
+        )
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def inside_src(src: Path, rel: str, where: str, opts: ReadOptions | None = None) -> Path:
+    """The path ``SRC/rel`` after checking the policy of the module docstring; RecordError
+    (naming the rule, never the target) otherwise. ``rel`` uses ``/`` separators."""
+    opts = opts or DEFAULT_OPTIONS
+    root = Path(os.path.abspath(src))
+    if os.path.isabs(rel) or rel.startswith("~"):
+        raise RecordError(where, "refused: absolute file path (files must lie inside SRC)")
+    lexical = Path(os.path.normpath(root / rel))
+    if not _inside(lexical, root) or lexical == root:
+        raise RecordError(where, "refused: file path leads outside SRC ('..')")
+    if not opts.follow_symlinks:
+        node = root
+        for part in lexical.relative_to(root).parts:
+            node = node / part
+            if node.is_symlink():
+                raise RecordError(where, "refused: symbolic link (allow with --follow-symlinks)")
+    elif not opts.allow_outside and not _inside(
+        Path(os.path.realpath(lexical)), Path(os.path.realpath(root))
+    ):
+        raise RecordError(
+            where, "refused: symbolic link resolves outside SRC (allow with --allow-outside)"
+        )
+    return lexical
+
+
+def sibling(src: Path, rel: str, name: str, where: str, opts: ReadOptions | None = None) -> Path:
+    """``inside_src`` for a file named in the header of record ``rel`` (relative to its folder)."""
+    if os.path.isabs(name) or name.startswith("~"):
+        raise RecordError(where, "refused: absolute file path (files must lie inside SRC)")
+    folder = os.path.dirname(rel)
+    return inside_src(src, f"{folder}/{name}" if folder else name, where, opts)
