@@ -43,8 +43,10 @@ def no_autocast(x: torch.Tensor):
 
 
 def _keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Bool mask, True with probability 1 - p (rand >= p: faster than a bool bernoulli_ on CPU)."""
-    return torch.rand_like(x) >= p
+    """Bool mask, True with probability 1 - p (rand >= p: faster than a bool bernoulli_ on CPU).
+    Drawn in fp32 whatever x's dtype: a bf16 run drops what an fp32 run from the same RNG state
+    drops."""
+    return torch.rand(x.shape, device=x.device) >= p
 
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -68,7 +70,7 @@ class Dropout(nn.Dropout):
 def _drop_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     """Bool mask, True = dropped: exactly ``~_keep_mask(x, p)`` for the same RNG state, without
     the extra negation pass."""
-    return torch.rand_like(x) < p
+    return torch.rand(x.shape, device=x.device) < p
 
 
 def _attn_probs(q, k, attn_mask):
