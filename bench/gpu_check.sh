@@ -28,8 +28,8 @@ for r in json.load(open(sys.argv[1]))["results"]:
     if "error" in r:
         print("pretrain error:", r["error"]); continue
     print(f"{r['preset']} {r['precision']} {r['device']}: {r['steps_segments_per_s']:.1f} segments/s, "
-          f"{r['step_tflops']:.2f} TFLOP/s, {100 * r['utilisation']:.1f}% of the bf16 GEMM rate "
-          f"({r['gemm_tflops']:.1f} TFLOP/s), MFU {r.get('mfu')}")
+          f"{r['step_tflops']:.3g} TFLOP/s, {100 * r['utilisation']:.1f}% of the bf16 GEMM rate "
+          f"({r['gemm_tflops']:.3g} TFLOP/s), MFU {r.get('mfu')}")
 PYEOF
 
 echo "== 2. embedding $SEGMENTS segments, bf16 =="
