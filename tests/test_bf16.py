@@ -246,3 +246,24 @@ def test_bf16_embedding_ranks_neighbours_like_fp32(tmp_path):
                 assert s16[i, a] > s16[i, b], (i, int(a), int(b))
                 checked += 1
     assert checked >= len(s32) * 5  # most neighbour pairs are clearly ordered, so this tested
+
+
+def test_embed_records_precision_in_lineage(tmp_path):
+    """`embed_store` in fp32 and in bf16 over one store: the lineage says which, the embeddings
+    agree to bf16's resolution, and the other precision under an existing name is refused
+    without --overwrite (the set would silently mix precisions otherwise)."""
+    from ingestion.synth import prepare_synthetic
+    from retrieval.embed import FeatureError, embed_store, load_features
+    from training.models.fairseq_import import import_fairseq_checkpoint
+
+    store = prepare_synthetic(tmp_path, 4, 1, seconds=10, valid=0.0, shard_splits=())["store"]
+    ckpt = import_fairseq_checkpoint(FIX / "w2v_cmsc_rlm_tiny.pt", tmp_path / "c.pt")
+    for p in ("fp32", "bf16"):
+        assert embed_store(store, ckpt, p, precision=p)["lineage"]["precision"] == p
+    a, b = (load_features(store, p, "segment") for p in ("fp32", "bf16"))
+    assert a.lineage["precision"] == "fp32" and b.lineage["precision"] == "bf16"
+    assert 0 < _rel(torch.from_numpy(b.embeddings), torch.from_numpy(a.embeddings)) <= 4 * U
+    assert embed_store(store, ckpt, "fp32", precision="fp32")["status"] == "unchanged"
+    with pytest.raises(FeatureError, match="in fp32"):
+        embed_store(store, ckpt, "fp32", precision="bf16")
+    assert embed_store(store, ckpt, "fp32", precision="bf16", overwrite=True)["status"] == "written"
