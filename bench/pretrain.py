@@ -6,8 +6,12 @@ For each preset (default `tiny` and `paper`) a fresh child process measures
   (b) full training steps (W2V+CMSC forward, criterion, backward, gradient normalisation,
       Adam) on prefetched batches: segments/s, s/step;
 and its peak RSS. The ratio loader/steps says how far the loader is from being the
-bottleneck. On CUDA the steps run under bf16 autocast and the report adds the MFU from the
-model's matmul/conv FLOPs (forward x 3 for forward + backward) over the device's peak.
+bottleneck. The steps are measured in every precision of `--precisions` (default fp32 and
+bf16 autocast, one child process each), and each result carries the model's analytic FLOPs per
+segment (matmuls and convolutions, forward x 3 for forward + backward), the GEMM rate of a plain
+torch.mm in that dtype measured in the same process, and the utilisation: achieved FLOP/s over
+that GEMM rate (and, on CUDA, the MFU over the device's datasheet peak). The report carries
+the CPU flags (lscpu) and the bf16/fp32 speed-up per preset.
 
 `--fit-check`: one forward + backward of the paper preset at the paper's per-GPU batch of
 64 pairs = 128 segments; reports its peak RSS (CPU) or peak CUDA memory (must fit 24 GiB).
@@ -18,7 +22,7 @@ Without `--shards` a synthetic cohort is generated and ingested through the real
 (`ingestion.synth` -> store -> shards) in a temporary directory. Output: JSON on stdout
 (and in `--out FILE` if given).
 
-    python bench/pretrain.py [--presets tiny,paper] [--pairs 8] [--steps 3]
+    python bench/pretrain.py [--presets tiny,paper] [--pairs 8] [--steps 3] [--precisions fp32,bf16]
     python bench/pretrain.py --fit-check [--estimate-only]
 """
 
@@ -58,26 +62,6 @@ def build_shards(root: Path, records: int = 64) -> Path:
     return root / "shards"
 
 
-def forward_flops(enc, n_segments: int, n_samples: int = 2500) -> float:
-    """Forward FLOPs (2 x multiply-accumulates) of the matmuls/convs of one batch."""
-    macs, length, c_in = 0, n_samples, enc.in_d
-    for c_out, k, s in enc.conv_layers:
-        length = (length - k) // s + 1
-        macs += length * c_out * c_in * k
-        c_in = c_out
-    t, d, f = length, enc.encoder_embed_dim, enc.encoder_ffn_embed_dim
-    macs += t * c_in * d  # post_extract_proj
-    macs += t * d * (d // enc.conv_pos_groups) * enc.conv_pos  # positional conv
-    per_layer = t * (4 * d * d + 2 * d * f) + 2 * t * t * d  # projections, FFN, QK^T and AV
-    macs += enc.encoder_layers * per_layer
-    macs += t * (
-        d * enc.final_dim
-        + enc.conv_dim * enc.latent_vars * enc.latent_groups
-        + enc.vq_dim * enc.final_dim
-    )  # heads (upper bound: all frames)
-    return 2.0 * macs * n_segments
-
-
 def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB  # KiB on Linux
 
@@ -106,8 +90,9 @@ def measure(
     loader_batches: int,
     workers: int,
     fit_check: bool,
+    precision: str = "fp32",
 ) -> dict:
-    """Runs in a child process: loader and step throughput of one preset."""
+    """Runs in a child process: loader and step throughput of one preset in one precision."""
     import psutil
     import torch
 
@@ -115,8 +100,12 @@ def measure(
     from training.distributed import limit_heap_growth, pick_device
 
     limit_heap_growth()  # what training.loop.train does on the CPU
-    from training.step import apply_update, to_device
+    from training.hardware import gemm_tflops
+    from training.models.flops import pretrain_forward_flops
     from training.optim import LRSchedule, build_optimizer
+    from training.precision import autocast as precision_autocast
+    from training.precision import resolve_precision
+    from training.step import apply_update, to_device
     from training.tasks.pretrain import PretrainTask
 
     cfg = _config(Path(shards), preset, pairs, workers)
@@ -127,13 +116,14 @@ def measure(
         "pairs": pairs,
         "segments": 2 * pairs,
         "threads": torch.get_num_threads(),
+        "precision": resolve_precision(precision, device),
     }
     task = PretrainTask(cfg)
 
-    if not fit_check:  # (a) the loader alone, repeating epochs as needed
+    if not fit_check and loader_batches > 0:  # (a) the loader alone, repeating epochs
         n, t0, epoch, first = 0, None, 1, True
         while n < loader_batches:
-            for batch in task.train_batches(0, 1, epoch):
+            for _batch in task.train_batches(0, 1, epoch):
                 if first:  # worker start-up is not throughput
                     first, t0 = False, time.perf_counter()
                     continue
@@ -150,11 +140,7 @@ def measure(
     optimizer = build_optimizer(model.parameters(), cfg.optim)
     schedule = LRSchedule(cfg.optim)
     batch = to_device(next(iter(task.train_batches(0, 1, 1))), device)
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if device.type == "cuda"
-        else torch.autocast("cpu", enabled=False)
-    )
+    autocast = precision_autocast(result["precision"], device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
@@ -194,16 +180,19 @@ def measure(
         steps_segments_per_s=2 * pairs / per_step,
         peak_rss_gib=peak_rss_gib(),
     )
+    flops = 3 * pretrain_forward_flops(model.encoder.cfg) * 2 * pairs
+    gemm = gemm_tflops(result["precision"], str(device)) * 1e12
+    result.update(
+        gflop_per_segment_step=flops / (2 * pairs) / 1e9,
+        step_tflops=flops / per_step / 1e12,
+        gemm_tflops=gemm / 1e12,
+        utilisation=flops / per_step / gemm,
+    )
     if device.type == "cuda":
         result["peak_cuda_gib"] = torch.cuda.max_memory_allocated() / GIB
         name = torch.cuda.get_device_name(device)
         peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-        flops = 3 * forward_flops(model.encoder.cfg, 2 * pairs)
-        result.update(
-            gpu=name,
-            step_tflops=flops / per_step / 1e12,
-            mfu=(flops / per_step / peak) if peak else None,
-        )
+        result.update(gpu=name, mfu=(flops / per_step / peak) if peak else None)
     if "loader_segments_per_s" in result:
         result["loader_over_steps"] = (
             result["loader_segments_per_s"] / result["steps_segments_per_s"]
@@ -283,11 +272,26 @@ def fit_check(common: dict, pairs: int = 64, run_full: bool = True) -> dict:
     return report
 
 
+def speedups(results: list[dict]) -> dict:
+    """Per preset: bf16 segments/s over fp32 segments/s of the same run (when both ran)."""
+    rate = {
+        (r["preset"], r.get("precision")): r["steps_segments_per_s"]
+        for r in results
+        if "steps_segments_per_s" in r
+    }
+    return {
+        preset: rate[(preset, "bf16")] / rate[(preset, "fp32")]
+        for preset, precision in rate
+        if precision == "fp32" and (preset, "bf16") in rate
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--presets", default="tiny,paper", help="comma list of model presets")
     p.add_argument("--pairs", type=int, default=8, help="pairs per micro-batch (segments = 2x)")
     p.add_argument("--steps", type=int, default=3, help="timed training steps per preset")
+    p.add_argument("--precisions", default="fp32,bf16", help="comma list: fp32, bf16, auto")
     p.add_argument("--loader-batches", type=int, default=40, help="batches timed for the loader")
     p.add_argument("--workers", type=int, default=1, help="DataLoader workers of the loader")
     p.add_argument("--shards", default=None, help="shard directory (default: synthetic)")
@@ -306,20 +310,33 @@ def main(argv: list[str] | None = None) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="ecgplat-bench-") as tmp:
         shards = args.shards or str(build_shards(Path(tmp)))
-        common = dict(shards=shards, loader_batches=args.loader_batches, workers=args.workers)
+        common = dict(shards=shards, workers=args.workers)
         if args.fit_check:
+            common["loader_batches"] = 0
             report = {"fit_check": fit_check(common, run_full=not args.estimate_only)}
         else:
+            results = [
+                run_isolated(
+                    preset=name,
+                    pairs=args.pairs,
+                    steps=args.steps,
+                    fit_check=False,
+                    precision=precision,
+                    loader_batches=args.loader_batches if i == 0 else 0,  # once per preset
+                    **common,
+                )
+                for name in args.presets.split(",")
+                for i, precision in enumerate(args.precisions.split(","))
+            ]
             report = {
-                "results": [
-                    run_isolated(
-                        preset=name, pairs=args.pairs, steps=args.steps, fit_check=False, **common
-                    )
-                    for name in args.presets.split(",")
-                ],
+                "results": results,
+                "bf16_over_fp32": speedups(results),
                 "cpu_targets": CPU_TARGETS,
             }
+    from training.hardware import cpu_info
+
     report.update(
+        cpu=cpu_info(),
         python=sys.version.split()[0],
         cpu_count=os.cpu_count(),
         when=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

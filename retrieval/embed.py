@@ -6,11 +6,15 @@ the feature set `STORE/features/<name>/` (segment- and record-level embeddings p
 lineage; layout in docs/formats.md, "Feature sets").
 
 An embedding is the L2-normalised time-mean of the encoder output (the identification embedding of
-docs/method.md §6.1) computed with the leads outside `leads` zero-filled. The feature set is built
-under `features/.tmp-<name>-<id>` and renamed into place only when complete, so an interrupted run
-never leaves a half-written feature set under its name (the leftover temporary group is removed by
-the next run); the write holds the store's writer lock. Re-running with the same checkpoint (by SHA-256) and leads on an unchanged store is a
-no-op; another checkpoint or lead set under an existing name needs `overwrite=True`.
+docs/method.md §6.1) computed with the leads outside `leads` zero-filled, under the resolved
+`precision` (fp32 | bf16, recorded in the lineage). The feature set is built under
+`features/.tmp-<name>-<id>` and renamed into place only when complete, so an interrupted run never
+leaves a half-written feature set under its name (the leftover temporary group is removed by the
+next run); the write holds the store's writer lock. Re-running with the same checkpoint (by
+SHA-256), leads and precision on an unchanged store is a no-op; another checkpoint, lead set or
+precision under an existing name needs `overwrite=True`. Store reads run one batch ahead in a
+thread, overlapping the forward passes; the default batch size is sized to the model
+(`training.models.flops.inference_batch_size`).
 """
 
 from __future__ import annotations
@@ -157,12 +161,14 @@ def embed_store(
     name: str,
     leads="12",
     overwrite: bool = False,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     device: str = "auto",
     progress: bool = False,
+    precision: str = "auto",
 ) -> dict:
     """Embed every stored segment with `checkpoint`'s encoder into `features/<name>`.
 
+    `precision` auto | fp32 | bf16 (training.precision); `batch_size` None = sized to the model.
     Returns {"status": "written" | "unchanged", "name", "n_segments", "n_records", "lineage"}.
     Raises FeatureError (existing set of another lineage without `overwrite`), CheckpointError
     (unusable checkpoint), FileNotFoundError/ValueError (not a store).
@@ -170,19 +176,27 @@ def embed_store(
     from ecgplat.leads import parse_leads
     from ecgplat.progress import ProgressBar
     from ecgplat.store import open_store
-    from training.distributed import pick_device
     from training.batch import store_batches
+    from training.distributed import pick_device
     from training.models.checkpoint import load_checkpoint, load_encoder
+    from training.models.flops import inference_batch_size
     from training.models.identifier import embed_batches, record_means
+    from training.precision import resolve_precision
 
     store_path = Path(store_path)
+    dev = pick_device(device)
+    precision = resolve_precision(precision, dev)
     store = open_store(store_path)
     feature_dir(store_path, name)  # a bad name fails before the slow part
     sha = file_sha256(checkpoint)
     wanted_leads = lead_names(leads)
     old = read_lineage(store_path, name)
     if old is not None:
-        same_model = old.get("checkpoint_sha256") == sha and old.get("leads") == wanted_leads
+        same_model = (
+            old.get("checkpoint_sha256") == sha
+            and old.get("leads") == wanted_leads
+            and old.get("precision", "fp32") == precision
+        )
         same_store = (
             old.get("store_uuid") == store.attrs.get("store_uuid")
             and old.get("n_segments") == store.n_segments
@@ -199,19 +213,20 @@ def embed_store(
             raise FeatureError(
                 f"{store_path}: feature set {name!r} holds embeddings of checkpoint "
                 f"{old.get('checkpoint_sha256', '?')[:12]} with leads "
-                f"{old.get('leads')}; use another --name or --overwrite"
+                f"{old.get('leads')} in {old.get('precision', 'fp32')}; "
+                "use another --name or --overwrite"
             )
 
     ckpt = load_checkpoint(checkpoint)
     encoder = load_encoder(checkpoint)
-    dev = pick_device(device)
     encoder.to(dev)
+    batch_size = batch_size or inference_batch_size(encoder.cfg)
     records = np.arange(store.n_records)
     with ProgressBar(progress, len(records), f"embed {name}", transient=True) as bar:
         batches = store_batches(
             store, records, parse_leads(leads), batch_size, on_record=bar.advance
         )
-        emb, rec, seg = embed_batches(encoder, batches, dev)
+        emb, rec, seg = embed_batches(encoder, batches, dev, precision)
     rec_ids, rec_emb = record_means(emb, rec)
     lineage = {
         "schema": SCHEMA,
@@ -221,6 +236,7 @@ def embed_store(
         "checkpoint": str(Path(checkpoint).resolve()),
         "config": ckpt.get("config") or {},
         "leads": wanted_leads,
+        "precision": precision,
         "dim": int(emb.shape[1]),
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "store_uuid": store.attrs.get("store_uuid"),

@@ -28,8 +28,11 @@ FULL_RANKING_MAX = 200_000  # larger galleries rank their first 1000 items (mAP 
 PROBE_CHUNK = 1024
 
 
-def subset_features(store_path, name: str, leads, progress: bool = False) -> str:
-    """The feature set of `name`'s checkpoint with `leads` (computed once into `name@leads`)."""
+def subset_features(
+    store_path, name: str, leads, progress: bool = False, precision: str | None = None
+) -> str:
+    """The feature set of `name`'s checkpoint with `leads` (computed once into `name@leads`),
+    embedded in `precision` (default: the precision `name` was embedded in)."""
     lineage = load_features(store_path, name, "record").lineage
     wanted = lead_names(leads)
     if lineage["leads"] == wanted:
@@ -47,7 +50,8 @@ def subset_features(store_path, name: str, leads, progress: bool = False) -> str
             f"(SHA-256 differs); re-embed explicitly with `ecgplat embed`"
         )
     sub = f"{name}@{wanted.replace(',', '-')}"
-    embed_store(store_path, checkpoint, sub, leads=wanted, progress=progress)
+    precision = precision or lineage.get("precision", "fp32")
+    embed_store(store_path, checkpoint, sub, leads=wanted, progress=progress, precision=precision)
     return sub
 
 
@@ -100,15 +104,21 @@ def plot_cmc(curves: dict[str, np.ndarray], out: str | os.PathLike, max_rank: in
 
 
 def evaluate_identification(
-    store_path, name: str, leads=None, plot: str | os.PathLike | None = None, progress: bool = False
+    store_path,
+    name: str,
+    leads=None,
+    plot: str | os.PathLike | None = None,
+    progress: bool = False,
+    precision: str | None = None,
 ) -> dict:
     """{"record": {...}, "segment": {...}, "features": name used, "leads": ...} for feature set
-    `name` (or its `leads` variant) on the store's gallery/probe split."""
+    `name` (or its `leads` variant, embedded in `precision`, default `name`'s) on the store's
+    gallery/probe split."""
     from ecgplat.store import open_store
 
     store = open_store(store_path)
     if leads is not None:
-        name = subset_features(store_path, name, leads, progress=progress)
+        name = subset_features(store_path, name, leads, progress=progress, precision=precision)
     result, curves = {}, {}
     for level in ("record", "segment"):
         feats = load_features(store_path, name, level)
@@ -125,6 +135,7 @@ def evaluate_identification(
             "features": name,
             "leads": lineage["leads"],
             "checkpoint_sha256": lineage["checkpoint_sha256"],
+            "precision": lineage.get("precision", "fp32"),
         }
     )
     if plot is not None:

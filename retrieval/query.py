@@ -90,8 +90,10 @@ def embed_signal(
     lead_mask: np.ndarray,
     leads: str,
     device: str = "auto",
+    precision: str = "auto",
 ) -> np.ndarray:
-    """Record embedding (D,) of conditioned segments with the checkpoint's encoder and `leads`."""
+    """Record embedding (D,) of conditioned segments with the checkpoint's encoder and `leads`,
+    in `precision` (auto | fp32 | bf16)."""
     from ecgplat.leads import parse_leads
     from training.batch import make_batch
     from training.distributed import pick_device
@@ -104,14 +106,19 @@ def embed_signal(
         )
     batch = make_batch(segments_mv, lead_mask, 0, parse_leads(leads))
     dev = pick_device(device)
-    emb, rec, _ = embed_batches(load_encoder(checkpoint).to(dev), [batch], dev)
+    emb, rec, _ = embed_batches(load_encoder(checkpoint).to(dev), [batch], dev, precision)
     return record_means(emb, rec)[1][0]
 
 
 def query_signal(
-    index: GalleryIndex, segments_mv: np.ndarray, lead_mask: np.ndarray, k: int = 5
+    index: GalleryIndex,
+    segments_mv: np.ndarray,
+    lead_mask: np.ndarray,
+    k: int = 5,
+    precision: str | None = None,
 ) -> list[dict]:
-    """Nearest gallery items of a new ECG (conditioned segments), embedded like the gallery."""
+    """Nearest gallery items of a new ECG (conditioned segments), embedded like the gallery
+    (in the gallery's precision unless `precision` is given)."""
     lineage = index.lineage
     checkpoint = lineage.get("checkpoint")
     if not checkpoint or not Path(checkpoint).is_file():
@@ -120,7 +127,10 @@ def query_signal(
             "new ECG the way the gallery was embedded"
         )
     sha = file_sha256(checkpoint)
-    emb = embed_signal(checkpoint, segments_mv, lead_mask, lineage.get("leads", "12"))
+    precision = precision or lineage.get("precision", "fp32")
+    emb = embed_signal(
+        checkpoint, segments_mv, lead_mask, lineage.get("leads", "12"), precision=precision
+    )
     return _matches(index, emb, k, {"checkpoint_sha256": sha, "leads": lineage.get("leads")})
 
 

@@ -1,6 +1,11 @@
 """Shared pytest fixtures."""
 
+import os
 from pathlib import Path
+
+# `precision=auto` means bf16 on CPUs with native bf16: the suite's numbers must not depend on the
+# CPU, so `auto` resolves to fp32 here; tests/test_bf16.py sets bf16 explicitly.
+os.environ.setdefault("ECGPLAT_CPU_BF16", "0")
 
 import pytest
 

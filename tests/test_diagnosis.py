@@ -256,10 +256,13 @@ def test_finetune_learns_and_evaluation_round_trips(cohort, pretrain_ckpt, tmp_p
         "--json",
         "--out",
         out,
+        "--precision",
+        "fp32",  # compared below with an fp32 forward (auto is bf16 on CPUs with native bf16)
     )
     assert res.exit_code == 0, res.output
     summary = json.loads(res.output)
     assert summary == json.loads((out / "metrics.json").read_text())
+    assert summary["precision"] == "fp32"
     assert list(summary["results"]) == ["12", "6", "4", "3", "2", "1"]
     assert summary["n_records"] == 10 and summary["n_segments"] == 20
     for name in summary["results"]:

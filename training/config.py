@@ -119,6 +119,7 @@ class RunConfig:
     task: str = "pretrain"  # "pretrain" | "diagnosis" | "identify"
     seed: int = 1
     device: str = "auto"  # "auto" | "cpu" | "cuda"
+    precision: str = "auto"  # "auto" (bf16 where native) | "fp32" | "bf16"
     out: str = ""  # run directory
     model: ModelConfig = field(default_factory=ModelConfig)
     criterion: CriterionConfig = field(default_factory=CriterionConfig)
@@ -146,6 +147,7 @@ class RunConfig:
     def validate(self) -> None:
         """Check enumerated values and ranges; raises ConfigError."""
         _choice("device", self.device, ("auto", "cpu", "cuda"))
+        _choice("precision", self.precision, ("auto", "fp32", "bf16"))
         _choice("model.preset", self.model.preset, ("paper", "small", "tiny"))
         _choice("optim.schedule", self.optim.schedule, ("fixed", "tri_stage", "cosine"))
         _choice("data.rlm_mode", self.data.rlm_mode, ("random", "conditional"))

@@ -19,7 +19,6 @@ task's per-epoch validation; batches come from `training.batch.store_batches`.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -51,22 +50,25 @@ class Predictions:
 
 
 def predict_lead_sets(
-    model: torch.nn.Module, batches: Iterable[dict], lead_sets: dict[str, tuple[int, ...] | None]
+    model: torch.nn.Module,
+    batches: Iterable[dict],
+    lead_sets: dict[str, tuple[int, ...] | None],
+    precision: str = "auto",
 ) -> dict[str, Predictions]:
     """Sigmoid outputs of `model` (a DiagnosisModel, already in eval mode) for every batch and
     every lead set (None = the batch as given; else the leads outside the set zero-filled, in
-    addition to what the batch already zeroes). Each batch is read once."""
+    addition to what the batch already zeroes), under `precision`'s autocast (auto | fp32 |
+    bf16). Each batch is read once, one batch ahead of the model in a thread."""
+    from training.precision import autocast as precision_autocast
+    from training.prefetch import prefetch
+
     device = next(model.parameters()).device
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if device.type == "cuda"
-        else contextlib.nullcontext()
-    )
+    autocast = precision_autocast(precision, device)
     out: dict[str, dict[str, list]] = {
         name: {"p": [], "y": [], "r": [], "s": []} for name in lead_sets
     }
-    with torch.no_grad():
-        for batch in batches:
+    with torch.inference_mode():
+        for batch in prefetch(batches, depth=2):
             x, mask = batch["source"], batch["lead_mask"].bool()
             for name, leads in lead_sets.items():
                 xs, ms = x, mask
@@ -101,9 +103,11 @@ def predict_lead_sets(
     return result
 
 
-def predict(model: torch.nn.Module, batches: Iterable[dict]) -> Predictions:
+def predict(
+    model: torch.nn.Module, batches: Iterable[dict], precision: str = "auto"
+) -> Predictions:
     """Sigmoid outputs for batches as given (their lead subset already applied)."""
-    return predict_lead_sets(model, batches, {"": None})[""]
+    return predict_lead_sets(model, batches, {"": None}, precision)[""]
 
 
 def reports(pred: Predictions, threshold: float = 0.5) -> dict[str, dict]:
@@ -218,6 +222,7 @@ def evaluate_diagnosis(
     out: str | Path | None = None,
     batch_size: int = 64,
     device: str = "auto",
+    precision: str = "auto",
     wandb_mode: str = "disabled",
     threshold: float = 0.5,
     progress: bool = False,
@@ -228,6 +233,7 @@ def evaluate_diagnosis(
     from training.distributed import pick_device
     from training.models.checkpoint import CheckpointError
     from training.models.classifier import load_diagnosis_model
+    from training.precision import resolve_precision
 
     try:
         lead_sets = resolve_lead_sets(leads)
@@ -265,6 +271,7 @@ def evaluate_diagnosis(
             model,
             store_batches(st, records, batch_size=batch_size, on_record=bar.advance),
             lead_sets,
+            precision,
         )
 
     out_dir = Path(out) if out is not None else Path(checkpoint).parent / f"eval-{split}"
@@ -295,6 +302,7 @@ def evaluate_diagnosis(
         "threshold": threshold,
         "lead_sets": {name: [LEADS[i] for i in idx] for name, idx in lead_sets.items()},
         "trained_leads": ckpt.get("extra", {}).get("leads"),
+        "precision": resolve_precision(precision, dev),
         "results": results,
         "predictions": files,
         "out": str(out_dir),

@@ -3,8 +3,9 @@
 The task supplies the model, the batches and the loss (`training.tasks.base.Task`); the loop
 follows fairseq's trainer semantics and hands each concern to one piece:
 
-* `training.step.train_step`: one update = `update_freq` micro-batches, forward/backward (bf16
-  autocast on CUDA, fp32 on CPU), gradients divided by the sample size over micro-batches and
+* `training.step.train_step`: one update = `update_freq` micro-batches, forward/backward in the
+  run's precision (`precision=auto|fp32|bf16`, resolved once per run by
+  `training.precision.resolve_precision` and logged as `precision_resolved`), gradients divided by the sample size over micro-batches and
   ranks, optional clipping, Adam with decoupled weight decay and the `training.optim` schedule;
 * `training.checkpointer.Checkpointer`: checkpoints every `save_interval_updates`, at every
   epoch end and at the end; best by `checkpoint.best_metric` and patience; exact resume; on
@@ -33,6 +34,7 @@ from training.checkpointer import Checkpointer, Interrupted, TrainState
 from training.config import RunConfig
 from training.metrics_window import MetricsWindow
 from training.optim import LRSchedule, build_optimizer
+from training.precision import resolve_precision
 from training.step import train_step
 from training.tasks.base import Task, unwrap
 from training.validate import Validator
@@ -71,7 +73,8 @@ def train(cfg: RunConfig, task: Task, *, resume: bool = False) -> dict[str, Any]
     task.on_update(model, state.num_updates)  # e.g. the quantizer temperature of a resumed run
 
     model = _wrap_ddp(model, task, info)
-    tracker = _open_tracker(cfg, task, info, resume, state.num_updates)
+    precision = resolve_precision(cfg.precision, info.device)
+    tracker = _open_tracker(cfg, task, info, resume, state.num_updates, precision)
     per_epoch = task.batches_per_epoch(info.rank, info.world)
     if tracker is not None:
         total = _planned_updates(cfg, per_epoch)
@@ -80,7 +83,18 @@ def train(cfg: RunConfig, task: Task, *, resume: bool = False) -> dict[str, Any]
     window = MetricsWindow(tracker, cfg.logging.log_interval, info.world)
     validator = Validator(task, tracker)
     run = _Run(
-        cfg, task, info, model, optimizer, schedule, state, ckpt, window, validator, per_epoch
+        cfg,
+        task,
+        info,
+        model,
+        optimizer,
+        schedule,
+        state,
+        ckpt,
+        window,
+        validator,
+        per_epoch,
+        precision,
     )
     max_epoch, stop_reason = cfg.optim.max_epoch or math.inf, "max_epoch"
     try:
@@ -123,6 +137,7 @@ class _Run:
     window: MetricsWindow
     validator: Validator
     per_epoch: int | None  # batches per epoch on this rank, if the task knows
+    precision: str  # resolved: "fp32" | "bf16"
 
     @property
     def max_update(self) -> float:
@@ -140,7 +155,12 @@ def _wrap_ddp(model: torch.nn.Module, task: Task, info: dist_utils.DistInfo) -> 
 
 
 def _open_tracker(
-    cfg: RunConfig, task: Task, info: dist_utils.DistInfo, resume: bool, num_updates: int
+    cfg: RunConfig,
+    task: Task,
+    info: dist_utils.DistInfo,
+    resume: bool,
+    num_updates: int,
+    precision: str,
 ) -> Tracker | None:
     """The run's metric tracker on rank 0 (None elsewhere); a resumed run drops the records
     logged after its checkpoint."""
@@ -150,7 +170,7 @@ def _open_tracker(
 
     tracker = Tracker(
         cfg.out,
-        config=cfg.to_dict(),
+        config={**cfg.to_dict(), "precision_resolved": precision},
         mode=cfg.logging.wandb_mode,
         project=cfg.logging.wandb_project,
         name=Path(cfg.out).name,
@@ -220,6 +240,7 @@ def _train_epoch(run: _Run) -> None:
             device=info.device,
             world=info.world,
             clip_norm=run.cfg.optim.clip_norm,
+            precision=run.precision,
         )
         state.num_updates += 1
         state.batches_done += len(group)
@@ -256,5 +277,6 @@ def _summary(run: _Run, stop_reason: str) -> dict[str, Any]:
         "best": run.state.best,
         "best_metric": run.cfg.checkpoint.best_metric,
         "train_loss": run.window.train_loss,
+        "precision": run.precision,
         "checkpoint": str(run.checkpointer.last),
     }

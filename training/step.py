@@ -17,14 +17,8 @@ import torch
 
 from training import distributed as dist_utils
 from training.optim import LRSchedule
+from training.precision import autocast
 from training.tasks.base import Task
-
-
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """The precision of the forward passes: bf16 autocast on CUDA, plain fp32 on the CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -92,14 +86,16 @@ def train_step(
     device: torch.device,
     world: int = 1,
     clip_norm: float = 0.0,
+    precision: str = "fp32",
 ) -> StepResult:
     """One update from `micro_batches` (`update_freq` of them, or fewer at the end of an
-    epoch); `model` is DDP-wrapped when `world` > 1."""
+    epoch); `model` is DDP-wrapped when `world` > 1; forward passes run in `precision`
+    (`training.precision`: fp32, or bf16 autocast with the losses kept in fp32)."""
     loss_sum, local_size, items, logs = 0.0, 0, 0, {}
     for i, batch in enumerate(micro_batches):
         sync = world == 1 or i == len(micro_batches) - 1
         with contextlib.nullcontext() if sync else model.no_sync():
-            with autocast(device):
+            with autocast(precision, device):
                 loss, n, step_logs = task.train_step(model, to_device(batch, device), num_updates)
             loss.backward()
         loss_sum += float(loss.detach())

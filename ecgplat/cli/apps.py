@@ -1,5 +1,7 @@
 """The typer app and its sub-command groups, shared by the `*_cmds` modules."""
 
+from enum import Enum
+
 import typer
 
 app = typer.Typer(
@@ -30,3 +32,17 @@ def fail(message: str, code: int = 2) -> None:
     """Print a one-line error to stderr and exit non-zero."""
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
+
+
+class Precision(str, Enum):
+    """--precision of the commands that run a model (resolved by training.precision)."""
+
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+PRECISION_HELP = (
+    "Numeric precision of the forward passes: auto (bf16 on CUDA and on CPUs with AMX or "
+    "AVX-512-BF16, else fp32), fp32 or bf16."
+)

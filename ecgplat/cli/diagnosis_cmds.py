@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from ecgplat.cli.apps import app, evaluate_app, fail
+from ecgplat.cli.apps import PRECISION_HELP, Precision, app, evaluate_app, fail
 
 _OVERALL = (
     "challenge_score",
@@ -163,6 +163,7 @@ def evaluate_diagnosis_cmd(
     ] = False,
     batch_size: Annotated[int, typer.Option(min=1, help="Segments per inference batch.")] = 64,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    precision: Annotated[Precision, typer.Option(help=PRECISION_HELP)] = Precision.auto,
     wandb_mode: Annotated[
         str, typer.Option(help="W&B mode for logging the metrics: offline, online or disabled.")
     ] = "disabled",
@@ -180,6 +181,7 @@ def evaluate_diagnosis_cmd(
             out=out_dir,
             batch_size=batch_size,
             device=device,
+            precision=precision.value,
             wandb_mode=wandb_mode,
             progress=not as_json,
         )

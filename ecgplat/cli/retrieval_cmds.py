@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from ecgplat.cli.apps import app, evaluate_app, fail, index_app
+from ecgplat.cli.apps import PRECISION_HELP, Precision, app, evaluate_app, fail, index_app
 
 _ERRORS = (FileNotFoundError, ValueError, KeyError)
 
@@ -54,8 +54,12 @@ def embed(
             "--overwrite", help="Replace an existing feature set of another checkpoint or lead set."
         ),
     ] = False,
-    batch_size: Annotated[int, typer.Option(min=1, help="Segments per forward pass.")] = 64,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(min=1, help="Segments per forward pass (default: sized to the model)."),
+    ] = None,
     device: Annotated[str, typer.Option(help="auto (GPU when present), cpu or cuda.")] = "auto",
+    precision: Annotated[Precision, typer.Option(help=PRECISION_HELP)] = Precision.auto,
 ) -> None:
     """Embed every stored ECG (per 5 s segment and per record) with a checkpoint."""
     from ecgplat.store import StoreBusyError
@@ -74,6 +78,7 @@ def embed(
             batch_size=batch_size,
             device=device,
             progress=True,
+            precision=precision.value,
         )
     except (CheckpointError, StoreBusyError, *_ERRORS) as e:
         fail(_message(e))
@@ -145,12 +150,23 @@ def evaluate_identify(
     ] = None,
     plot: Annotated[Path | None, typer.Option(help="Write the CMC curves to this PNG.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
+    precision: Annotated[
+        Precision | None,
+        typer.Option(help=PRECISION_HELP + " Used with --leads (default: the feature set's)."),
+    ] = None,
 ) -> None:
     """Patient identification: Rank-1/5/10 and mAP per record and per segment."""
     from retrieval.evaluate import evaluate_identification
 
     try:
-        result = evaluate_identification(store, features, leads=leads, plot=plot, progress=True)
+        result = evaluate_identification(
+            store,
+            features,
+            leads=leads,
+            plot=plot,
+            progress=True,
+            precision=precision.value if precision else None,
+        )
     except _ERRORS as e:
         fail(_message(e))
     if as_json:
@@ -204,6 +220,10 @@ def query(
         typer.Option(help="Write the 12-lead traces of the query and its matches to this PNG."),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the matches as JSON.")] = False,
+    precision: Annotated[
+        Precision | None,
+        typer.Option(help=PRECISION_HELP + " Used with --file (default: the gallery's)."),
+    ] = None,
 ) -> None:
     """Nearest gallery ECGs (cosine similarity) of a stored record or a new file."""
     from retrieval.index import GalleryIndex, LineageError
@@ -219,7 +239,9 @@ def query(
             trace = None
         else:
             segments, mask = _conditioned_file(file)
-            matches = query_signal(idx, segments, mask, k)
+            matches = query_signal(
+                idx, segments, mask, k, precision=precision.value if precision else None
+            )
             trace = segments[0]
         if plot is not None:
             if trace is None:

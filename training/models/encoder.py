@@ -110,7 +110,7 @@ class ECGEncoder(nn.Module):
         if lead_mask is not None:
             x = x * lead_mask.to(device=x.device, dtype=x.dtype)[:, :, None]
         features = self.conv_features(x)
-        features_pen = features.float().pow(2).mean()
+        features_pen = features.float().pow(2).mean()  # fp32 under bf16: a sum of squares
         features = self.layer_norm(features.transpose(1, 2))
         local_features = self.dropout_features(features)
         frame_pad = self.frame_padding_mask(padding_mask, features.shape[1])

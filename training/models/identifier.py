@@ -16,7 +16,6 @@ Also here, because the diagnosis model, training validation and `retrieval` shar
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable
 
 import numpy as np
@@ -92,27 +91,31 @@ class IdentificationModel(nn.Module):
         return arcface_loss(self.arcface, e, labels.to(e.device))
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def embed_batches(
-    model: nn.Module, batches: Iterable[dict], device: torch.device | None = None
+    model: nn.Module,
+    batches: Iterable[dict],
+    device: torch.device | None = None,
+    precision: str = "auto",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Unit embeddings of every segment of `batches` (the `store_batches` / training.data form).
 
     `model` is an ECGEncoder or an IdentificationModel; it is run in eval mode and put back.
+    `precision` (auto | fp32 | bf16, see training.precision) is the autocast of the forward
+    passes; the embeddings are float32 either way. `batches` are read one ahead in a thread.
     Returns (embeddings float32 (N, D), record_index int64 (N,), segment_index int64 (N,)).
     """
+    from training.precision import autocast as precision_autocast
+    from training.prefetch import prefetch
+
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
     encoder = model.encoder if isinstance(model, IdentificationModel) else model
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if device.type == "cuda"
-        else contextlib.nullcontext()
-    )
+    autocast = precision_autocast(precision, device)
     embs, recs, segs = [], [], []
     try:
-        for batch in batches:
+        for batch in prefetch(batches, depth=2):
             x = batch["source"].to(device, non_blocking=True)
             mask = batch.get("lead_mask")
             with autocast:

@@ -14,6 +14,11 @@ Same mathematics as the plain torch ops, fewer saved activations (the 2-core / 2
     and the dropout mask, recomputing the GELU in backward, instead of keeping the (B, T, FFN)
     activation: ~31 MB per layer per 16 segments for the paper model, at the cost of one GELU.
   * ``LayerNorm``: saves its output (which the next Linear keeps anyway) instead of its input.
+
+Autocast (CPU and CUDA, bf16 or fp16): each autograd Function casts at its boundary. Its forward
+picks the compute dtype (the autocast dtype when autocast is on for the input's device, else the
+input's dtype), casts the floating inputs to it and runs with autocast off; backward runs in that
+same dtype and returns each gradient in its input's dtype. Softmax and GELU stay in fp32 inside.
 """
 
 from __future__ import annotations
@@ -25,9 +30,23 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype an op on ``x`` computes in: autocast's when it is on for x's device."""
+    kind = x.device.type
+    if x.is_floating_point() and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return x.dtype
+
+
+def no_autocast(x: torch.Tensor):
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
 def _keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Bool mask, True with probability 1 - p (rand >= p: faster than a bool bernoulli_ on CPU)."""
-    return torch.rand_like(x) >= p
+    """Bool mask, True with probability 1 - p (rand >= p: faster than a bool bernoulli_ on CPU).
+    Drawn in fp32 whatever x's dtype: a bf16 run drops what an fp32 run from the same RNG state
+    drops."""
+    return torch.rand(x.shape, device=x.device) >= p
 
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -51,7 +70,7 @@ class Dropout(nn.Dropout):
 def _drop_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     """Bool mask, True = dropped: exactly ``~_keep_mask(x, p)`` for the same RNG state, without
     the extra negation pass."""
-    return torch.rand_like(x) < p
+    return torch.rand(x.shape, device=x.device) < p
 
 
 def _attn_probs(q, k, attn_mask):
@@ -97,8 +116,11 @@ class _DropoutAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, attn_mask, p):
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        out, drop = _attn_forward(q, k, v, attn_mask, p)
+        dtype = compute_dtype(q)
+        ctx.in_dtypes = (q.dtype, k.dtype, v.dtype)
+        q, k, v = (t.to(dtype).contiguous() for t in (q, k, v))
+        with no_autocast(q):
+            out, drop = _attn_forward(q, k, v, attn_mask, p)
         ctx.p = p
         ctx.save_for_backward(q, k, v, attn_mask, drop)
         return out
@@ -106,7 +128,9 @@ class _DropoutAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, attn_mask, drop = ctx.saved_tensors
-        return (*_attn_backward(grad_out, q, k, v, attn_mask, drop, ctx.p), None, None)
+        with no_autocast(q):
+            grads = _attn_backward(grad_out.to(q.dtype), q, k, v, attn_mask, drop, ctx.p)
+        return (*(g.to(d) for g, d in zip(grads, ctx.in_dtypes, strict=True)), None, None)
 
 
 class _PackedDropoutAttention(torch.autograd.Function):
@@ -119,9 +143,12 @@ class _PackedDropoutAttention(torch.autograd.Function):
     def forward(ctx, qkv, num_heads, attn_mask, p):
         bsz, tsz, three_d = qkv.shape
         dim = three_d // 3
+        ctx.in_dtype = qkv.dtype
+        qkv = qkv.to(compute_dtype(qkv))
         heads = qkv.view(bsz, tsz, 3, num_heads, dim // num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = heads.contiguous().unbind(0)
-        out, drop = _attn_forward(q, k, v, attn_mask, p)
+        with no_autocast(q):
+            out, drop = _attn_forward(q, k, v, attn_mask, p)
         ctx.p = p
         ctx.save_for_backward(q, k, v, attn_mask, drop)
         return out.transpose(1, 2).reshape(bsz, tsz, dim)
@@ -130,9 +157,12 @@ class _PackedDropoutAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, attn_mask, drop = ctx.saved_tensors
         bsz, num_heads, tsz, head_dim = q.shape
-        grad_out = grad_out.view(bsz, tsz, num_heads, head_dim).transpose(1, 2)
-        grads = _attn_backward(grad_out, q, k, v, attn_mask, drop, ctx.p)
-        grad_qkv = torch.empty(bsz, tsz, 3, num_heads, head_dim, dtype=q.dtype, device=q.device)
+        grad_out = grad_out.to(q.dtype).view(bsz, tsz, num_heads, head_dim).transpose(1, 2)
+        with no_autocast(q):
+            grads = _attn_backward(grad_out, q, k, v, attn_mask, drop, ctx.p)
+        grad_qkv = torch.empty(
+            bsz, tsz, 3, num_heads, head_dim, dtype=ctx.in_dtype, device=q.device
+        )
         for i, g in enumerate(grads):
             grad_qkv[:, :, i].copy_(g.transpose(1, 2))
         return grad_qkv.view(bsz, tsz, 3 * num_heads * head_dim), None, None, None
@@ -171,24 +201,42 @@ def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
+def sum_at_least_fp32(t: torch.Tensor, dims) -> torch.Tensor:
+    """t.sum(dims) accumulated in fp32 at least (a bias gradient sums B*T bf16 rows)."""
+    return t.sum(dims, dtype=torch.promote_types(t.dtype, torch.float32))
+
+
 class _ConcatLinear(torch.autograd.Function):
     """F.linear(x, cat(weights), cat(biases)) saving x and the separate weights only."""
 
     @staticmethod
     def forward(ctx, x, n, *params):
         weights, biases = params[:n], params[n:]
-        ctx.n = n
+        dtype = compute_dtype(x)
+        ctx.n, ctx.in_dtype = n, x.dtype
         ctx.sizes = [w.shape[0] for w in weights]
-        ctx.save_for_backward(x, *weights)
-        return F.linear(x, torch.cat(weights), torch.cat(biases) if biases else None)
+        x = x.to(dtype)
+        ctx.save_for_backward(x, *weights)  # the parameters themselves: no low-precision copy
+        weight = torch.cat(weights).to(dtype)
+        bias = torch.cat(biases).to(dtype) if biases else None
+        with no_autocast(x):
+            return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_y):
         x, *weights = ctx.saved_tensors
+        grad_y = grad_y.to(x.dtype)
         g2 = grad_y.reshape(-1, grad_y.shape[-1])
-        grad_x = torch.matmul(grad_y, torch.cat(weights)) if ctx.needs_input_grad[0] else None
-        grad_w = (g2.t() @ x.reshape(-1, x.shape[-1])).split(ctx.sizes)
-        grad_b = g2.sum(0).split(ctx.sizes) if len(ctx.needs_input_grad) > 2 + ctx.n else ()
+        with no_autocast(x):
+            grad_x = None
+            if ctx.needs_input_grad[0]:
+                grad_x = torch.matmul(grad_y, torch.cat(weights).to(x.dtype)).to(ctx.in_dtype)
+            grad_w = (g2.t() @ x.reshape(-1, x.shape[-1])).split(ctx.sizes)
+            grad_b = ()
+            if len(ctx.needs_input_grad) > 2 + ctx.n:
+                grad_b = sum_at_least_fp32(g2, 0).split(ctx.sizes)
+        grad_w = [g.to(w.dtype) for g, w in zip(grad_w, weights, strict=True)]
+        grad_b = [g.to(w.dtype) for g, w in zip(grad_b, weights, strict=False)]
         return (grad_x, None, *grad_w, *grad_b)
 
 
@@ -205,33 +253,40 @@ def qkv_linear(x: torch.Tensor, linears: list[nn.Linear]) -> torch.Tensor:
 
 class _GeluDropoutLinear(torch.autograd.Function):
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, h, weight, bias, p):
+        dtype = compute_dtype(h)
+        ctx.in_dtype = h.dtype
+        h = h.to(dtype)
         keep = _keep_mask(h, p) if p > 0.0 else None
-        a = F.gelu(_at_least_fp32(h)).to(h.dtype)
-        if keep is not None:
-            a = a.masked_fill_(~keep, 0.0).mul_(1.0 / (1.0 - p))
-        ctx.p = p
-        ctx.has_bias = bias is not None
-        ctx.save_for_backward(h, weight, keep)
-        return F.linear(a, weight, bias)
+        with no_autocast(h):
+            a = F.gelu(_at_least_fp32(h)).to(dtype)  # fp32 GELU (fairseq's utils.gelu)
+            if keep is not None:
+                a = a.masked_fill_(~keep, 0.0).mul_(1.0 / (1.0 - p))
+            ctx.p = p
+            ctx.has_bias = bias is not None
+            ctx.save_for_backward(h, weight, keep)
+            return F.linear(a, weight.to(dtype), None if bias is None else bias.to(dtype))
 
     @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_out):
         h, weight, keep = ctx.saved_tensors
-        hf = _at_least_fp32(h)
-        a = F.gelu(hf).to(h.dtype)
-        if keep is not None:
-            a = a.masked_fill_(~keep, 0.0).mul_(1.0 / (1.0 - ctx.p))
-        g2 = grad_out.reshape(-1, grad_out.shape[-1])
-        grad_w = (g2.t() @ a.reshape(-1, a.shape[-1]).to(g2.dtype)).to(weight.dtype)
-        grad_b = g2.sum(0).to(weight.dtype) if ctx.has_bias else None
-        grad_a = torch.matmul(grad_out, weight.to(grad_out.dtype))
-        if keep is not None:
-            grad_a = grad_a.masked_fill_(~keep, 0.0).mul_(1.0 / (1.0 - ctx.p))
-        grad_h = torch.ops.aten.gelu_backward(_at_least_fp32(grad_a), hf).to(h.dtype)
-        return grad_h, grad_w, grad_b, None
+        with no_autocast(h):
+            return _gelu_dropout_linear_backward(ctx, grad_out.to(h.dtype), h, weight, keep)
+
+
+def _gelu_dropout_linear_backward(ctx, grad_out, h, weight, keep):
+    hf = _at_least_fp32(h)
+    a = F.gelu(hf).to(h.dtype)
+    if keep is not None:
+        a = a.masked_fill_(~keep, 0.0).mul_(1.0 / (1.0 - ctx.p))
+    g2 = grad_out.reshape(-1, grad_out.shape[-1])
+    grad_w = (g2.t() @ a.reshape(-1, a.shape[-1])).to(weight.dtype)
+    grad_b = sum_at_least_fp32(g2, 0).to(weight.dtype) if ctx.has_bias else None
+    grad_a = torch.matmul(grad_out, weight.to(grad_out.dtype))
+    if keep is not None:
+        grad_a = grad_a.masked_fill_(~keep, 0.0).mul_(1.0 / (1.0 - ctx.p))
+    grad_h = torch.ops.aten.gelu_backward(_at_least_fp32(grad_a), hf).to(ctx.in_dtype)
+    return grad_h, grad_w, grad_b, None
 
 
 def gelu_dropout_linear(
@@ -251,7 +306,8 @@ class _LayerNormFromOutput(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps):
-        y, _, rstd = torch.native_layer_norm(x, (x.shape[-1],), weight, bias, eps)
+        with no_autocast(x):  # used only when x and the weights share a dtype: kept as is
+            y, _, rstd = torch.native_layer_norm(x, (x.shape[-1],), weight, bias, eps)
         ctx.save_for_backward(y, weight, bias, rstd)
         return y
 

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
+from training.models.lean_ops import compute_dtype, no_autocast, sum_at_least_fp32
+
 
 class _GroupedConv1d(torch.autograd.Function):
     """F.conv1d(x, w, b, groups=g) (no padding, stride 1) whose input gradient is computed as a
@@ -28,38 +30,56 @@ class _GroupedConv1d(torch.autograd.Function):
     Why: for the positional conv's shape (768 -> 768, k 128, 16 groups) oneDNN's backward-data
     kernel takes ~2x the time of its forward kernel on AVX2 CPUs, while the equivalent forward
     convolution is as fast as the forward pass (~1.0 -> ~0.5 CPU-s per 16 segments). The weight
-    gradient still comes from aten's convolution_backward (weight only)."""
+    gradient still comes from aten's convolution_backward (weight only). Under autocast it
+    computes in the autocast dtype, cast at the boundary (see lean_ops)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, groups):
+        dtype = compute_dtype(x)
+        ctx.in_dtypes = (x.dtype, weight.dtype)
+        x, weight = x.to(dtype), weight.to(dtype)
         ctx.save_for_backward(x, weight)
         ctx.groups = groups
         ctx.has_bias = bias is not None
-        return F.conv1d(x, weight, bias, groups=groups)
+        with no_autocast(x):
+            return F.conv1d(x, weight, None if bias is None else bias.to(dtype), groups=groups)
 
     @staticmethod
     def backward(ctx, grad_y):
         x, weight = ctx.saved_tensors
-        groups = ctx.groups
-        grad_y = grad_y.contiguous()
-        grad_x = grad_w = grad_b = None
-        c_out, c_in_g, k = weight.shape
-        if ctx.needs_input_grad[0]:
-            # full correlation: grad_x[s] = sum_j grad_y[s - j] W[:, :, j]
-            w_t = (
-                weight.view(groups, c_out // groups, c_in_g, k)
-                .transpose(1, 2)
-                .reshape(groups * c_in_g, c_out // groups, k)
-                .flip(2)
-            )
-            grad_x = F.conv1d(F.pad(grad_y, (k - 1, k - 1)), w_t, groups=groups)
-        if ctx.needs_input_grad[1]:
-            grad_w = torch.ops.aten.convolution_backward(
-                grad_y, x, weight, None, [1], [0], [1], False, [0], groups, [False, True, False]
-            )[1]
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = grad_y.sum((0, 2))
-        return grad_x, grad_w, grad_b, None
+        with no_autocast(x):
+            grads = _grouped_conv1d_backward(ctx, grad_y.to(x.dtype).contiguous(), x, weight)
+        grad_x, grad_w, grad_b = grads
+        x_dtype, w_dtype = ctx.in_dtypes
+        return (
+            None if grad_x is None else grad_x.to(x_dtype),
+            None if grad_w is None else grad_w.to(w_dtype),
+            None if grad_b is None else grad_b.to(w_dtype),
+            None,
+        )
+
+
+def _grouped_conv1d_backward(ctx, grad_y, x, weight):
+    """Gradients (x, weight, bias) of _GroupedConv1d in the saved tensors' dtype."""
+    groups = ctx.groups
+    grad_x = grad_w = grad_b = None
+    c_out, c_in_g, k = weight.shape
+    if ctx.needs_input_grad[0]:
+        # full correlation: grad_x[s] = sum_j grad_y[s - j] W[:, :, j]
+        w_t = (
+            weight.view(groups, c_out // groups, c_in_g, k)
+            .transpose(1, 2)
+            .reshape(groups * c_in_g, c_out // groups, k)
+            .flip(2)
+        )
+        grad_x = F.conv1d(F.pad(grad_y, (k - 1, k - 1)), w_t, groups=groups)
+    if ctx.needs_input_grad[1]:
+        grad_w = torch.ops.aten.convolution_backward(
+            grad_y, x, weight, None, [1], [0], [1], False, [0], groups, [False, True, False]
+        )[1]
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        grad_b = sum_at_least_fp32(grad_y, (0, 2))
+    return grad_x, grad_w, grad_b
 
 
 def grouped_conv1d(

@@ -58,16 +58,21 @@ class GumbelVectorQuantizer(nn.Module):
         logits = self.weight_proj(x.reshape(-1, fsz)).view(bsz * tsz, self.groups, self.num_vars)
         codes = logits.argmax(dim=-1)  # (N, G)
         hard = F.one_hot(codes, self.num_vars).to(logits.dtype)  # (N, G, V)
-        result = {
-            "num_vars": self.num_vars * self.groups,
-            "temp": self.curr_temp,
-            "code_perplexity": _perplexity(hard.float().mean(dim=0)),
-            "prob_perplexity": _perplexity(torch.softmax(logits.float(), dim=-1).mean(dim=0)),
-        }
-        if self.training:
-            onehot = F.gumbel_softmax(logits.float(), tau=self.curr_temp, hard=True).type_as(logits)
-        else:
-            onehot = hard
+        # fp32 softmax and Gumbel-softmax under bf16: the perplexity (diversity loss) and the
+        # sampled codes would otherwise move with bf16's 3-digit logits
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits32 = logits.float()
+            result = {
+                "num_vars": self.num_vars * self.groups,
+                "temp": self.curr_temp,
+                "code_perplexity": _perplexity(hard.float().mean(dim=0)),
+                "prob_perplexity": _perplexity(torch.softmax(logits32, dim=-1).mean(dim=0)),
+            }
+            if self.training:
+                onehot = F.gumbel_softmax(logits32, tau=self.curr_temp, hard=True)
+                onehot = onehot.type_as(logits)
+            else:
+                onehot = hard
         if produce_targets:
             result["targets"] = onehot.argmax(dim=-1).view(bsz, tsz, self.groups).detach()
         codebook = self.vars.view(self.groups, self.num_vars, -1).to(onehot.dtype)

@@ -1,0 +1,55 @@
+"""The machine the benchmarks measure the model against: its CPU flags and the GEMM rate of a
+plain torch.mm per dtype (used by bench/pretrain.py, bench/embed.py and bench/gpu_check.sh)."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import time
+
+FLAG_PREFIXES = ("avx", "amx", "fma", "f16c", "sse4")
+
+
+def cpu_info() -> dict:
+    """Model name, thread count and the SIMD/matrix flags from `lscpu` (empty off Linux), and
+    what torch reports about native bf16."""
+    import torch
+
+    info = {"machine": platform.machine(), "torch": torch.__version__}
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        text = ""
+    fields = dict(
+        (k.strip(), v.strip()) for k, _, v in (line.partition(":") for line in text.splitlines())
+    )
+    flags = fields.get("Flags", "").split()
+    info.update(
+        model=fields.get("Model name"),
+        cpus=fields.get("CPU(s)"),
+        flags=sorted(f for f in flags if f.startswith(FLAG_PREFIXES)),
+        amx=torch.cpu._is_amx_tile_supported(),
+        avx512_bf16=torch.cpu._is_avx512_bf16_supported(),
+    )
+    return info
+
+
+def gemm_tflops(dtype: str, device: str = "cpu", n: int = 2048, repeats: int = 3) -> float:
+    """Best-of-`repeats` rate of a plain torch.mm of two n x n matrices in `dtype` (fp32 |
+    bf16), in TFLOP/s: what this machine's matmul kernels reach right now, the ceiling the
+    model's utilisation is measured against."""
+    import torch
+
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    a = torch.randn(n, n, device=device).to(dt)
+    b = torch.randn(n, n, device=device).to(dt)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    torch.mm(a, b)  # warm-up: kernel selection, page faults
+    sync()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        sync()
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * n**3 / best / 1e12
