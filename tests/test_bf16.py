@@ -63,7 +63,7 @@ def test_autocast_contexts(monkeypatch):
 
 
 def test_run_config_precision_is_validated():
-    from ecgplat.config import ConfigError, RunConfig
+    from training.config import ConfigError, RunConfig
 
     assert RunConfig().precision == "auto"
     assert RunConfig.from_dict({"precision": "bf16"}).precision == "bf16"
@@ -177,7 +177,7 @@ def test_tiny_preset_trains_the_same_in_bf16(tmp_path):
     bf16. Tolerance: each logged loss within 4u relative (the logits come from bf16 features,
     each off by ≤ u relative, then the trajectories drift a little apart over 50 updates of
     bf16 gradients); the mean over the run within u (a systematic bias would show there)."""
-    from ecgplat.config import load_config
+    from training.config import load_config
 
     from ingestion.synth import prepare_synthetic
     from training.tasks.pretrain import PretrainTask
