@@ -155,8 +155,8 @@ def test_lean_ops_are_exact_outside_autocast():
 
 
 def _pretrain_losses(task, batches, precision: str, updates: int) -> list[float]:
-    from training.loop import apply_update
     from training.optim import LRSchedule, build_optimizer
+    from training.step import apply_update
 
     torch.manual_seed(0)
     model = task.build_model().train()
@@ -177,9 +177,9 @@ def test_tiny_preset_trains_the_same_in_bf16(tmp_path):
     bf16. Tolerance: each logged loss within 4u relative (the logits come from bf16 features,
     each off by ≤ u relative, then the trajectories drift a little apart over 50 updates of
     bf16 gradients); the mean over the run within u (a systematic bias would show there)."""
-    from training.config import load_config
+    from helpers import prepare_synthetic
 
-    from ingestion.synth import prepare_synthetic
+    from training.config import load_config
     from training.tasks.pretrain import PretrainTask
 
     shards = prepare_synthetic(
@@ -253,7 +253,8 @@ def test_embed_records_precision_in_lineage(tmp_path):
     """`embed_store` in fp32 and in bf16 over one store: the lineage says which, the embeddings
     agree to bf16's resolution, and the other precision under an existing name is refused
     without --overwrite (the set would silently mix precisions otherwise)."""
-    from ingestion.synth import prepare_synthetic
+    from helpers import prepare_synthetic
+
     from retrieval.embed import FeatureError, embed_store, load_features
     from training.models.fairseq_import import import_fairseq_checkpoint
 
