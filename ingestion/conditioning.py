@@ -23,6 +23,7 @@ import numpy as np
 
 from ecgplat.leads import LEADS, canonical_lead
 from ingestion.record import RawRecord, RecordError
+from ingestion.units import store_unit
 
 SAMPLE_RATE = 500
 SEGMENT_SECONDS = 5
@@ -48,6 +49,7 @@ class ConditionedRecord:
     age: float = float("nan")
     sex: str = ""
     extra: dict = field(default_factory=dict)
+    units: str = "uV"  # the store's records/units value: "uV", or "z" (ingestion.units)
 
     @property
     def record_key(self) -> str:
@@ -141,4 +143,5 @@ def condition(rec: RawRecord) -> ConditionedRecord:
         age=float(rec.age),
         sex=rec.sex,
         extra=dict(rec.extra),
+        units=store_unit(rec.units),
     )

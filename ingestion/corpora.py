@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from ingestion import cinc2021, cpsc2021, ptbxl, wfdb_dir
+from ingestion import cinc2021, code15, cpsc2021, ludb, numpy_arrays, ptbxl, wfdb_dir
 
 CORPORA: dict[str, ModuleType] = {
     "cinc2021": cinc2021,
     "ptbxl": ptbxl,
     "wfdb": wfdb_dir,
     "cpsc2021": cpsc2021,
+    "ludb": ludb,
+    "code15": code15,
+    "numpy": numpy_arrays,
 }
 
 

@@ -18,8 +18,11 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
+
 from ecgplat.progress import ProgressBar
 from ecgplat.store import reason_kind
+from ingestion.units import NOT_VOLTAGE
 from ingestion.writer import RecordBatch, StoreWriter, pack_batch
 
 DEFAULT_BATCH_SIZE = 128
@@ -48,8 +51,11 @@ def _file_bytes(src: Path, rel: str) -> int:
     return total
 
 
-def process_batch(corpus: str, src: str, rels: list[str], seq: int, secret: bytes) -> RecordBatch:
-    """Read and condition ``rels`` (worker side); every failure becomes a reject, never raises."""
+def process_batch(
+    corpus: str, src: str, rels: list[str], seq: int, secret: bytes, options: dict | None = None
+) -> RecordBatch:
+    """Read and condition ``rels`` (worker side); every failure becomes a reject, never raises.
+    ``options``: keyword arguments of the reader's ``read_record`` (see ``reader_options``)."""
     from ingestion.conditioning import condition
     from ingestion.record import RecordError
 
@@ -58,7 +64,7 @@ def process_batch(corpus: str, src: str, rels: list[str], seq: int, secret: byte
     good, rejects, nbytes = [], [], 0
     for rel in rels:
         try:
-            good.append(condition(module.read_record(root, rel)))
+            good.append(condition(module.read_record(root, rel, **(options or {}))))
         except RecordError as e:
             rejects.append((corpus, rel, e.reason))
         except Exception as e:  # noqa: BLE001 - a reader bug must not stop the job either
@@ -84,12 +90,45 @@ def _batches(todo: list[str], batch_size: int):
         yield seq, todo[start : start + batch_size]
 
 
-def _run_local(corpus, src, batches, secret, sink) -> None:
+def _run_local(corpus, src, batches, secret, sink, options=None) -> None:
     for seq, rels in batches:
-        sink(process_batch(corpus, src, rels, seq, secret))
+        sink(process_batch(corpus, src, rels, seq, secret, options))
 
 
-def _run_dask(client, corpus, src, batches, secret, sink, max_in_flight: int) -> None:
+def reader_options(module, options: dict | None) -> dict:
+    """The options given (None values dropped), checked against the reader's ``OPTIONS``;
+    ValueError naming an option the corpus reader does not take."""
+    given = {k: v for k, v in (options or {}).items() if v is not None}
+    allowed = tuple(getattr(module, "OPTIONS", ()))
+    extra = sorted(set(given) - set(allowed))
+    if extra:
+        name = getattr(module, "SOURCE", module.__name__)
+        flags = ", ".join("--" + k.replace("_", "-") for k in extra)
+        raise ValueError(f"{flags} does not apply to the {name} reader")
+    return given
+
+
+def unit_rejects(writer: StoreWriter, corpus: str, listing: list[str]) -> set[str]:
+    """Paths of ``listing`` rejected earlier only for their non-voltage unit: an ingest with
+    ``--units`` reads them again (their old reject rows stay, as the history of that run)."""
+    from ecgplat.store import as_str_array
+    from ingestion.writer import path_hash
+
+    n = writer.n_rejects
+    if n == 0:
+        return set()
+    root = writer.root
+    reasons = as_str_array(root["rejects/reason"][:n])
+    sources = as_str_array(root["rejects/source"][:n])
+    hashes = as_str_array(root["rejects/path_hash"][:n])
+    marked = (sources == corpus) & np.char.startswith(reasons.astype(str), NOT_VOLTAGE)
+    stored = set(as_str_array(root["records/path_hash"][: writer.n_records]).tolist())
+    wanted = set(hashes[marked].tolist()) - stored
+    secret = writer.secret
+    return {rel for rel in listing if path_hash(corpus, rel, secret) in wanted}
+
+
+def _run_dask(client, corpus, src, batches, secret, sink, max_in_flight: int, options=None) -> None:
     """Bounded ``client.submit`` + ``as_completed``; results re-ordered by sequence number."""
     from distributed import as_completed
 
@@ -112,6 +151,7 @@ def _run_dask(client, corpus, src, batches, secret, sink, max_in_flight: int) ->
                 rels,
                 seq,
                 secret,
+                options,
                 pure=False,
                 key=f"ingest-{corpus}-{seq}-{os.getpid()}-{time.monotonic_ns()}",
             )
@@ -143,6 +183,7 @@ def ingest(
     max_in_flight: int | None = None,
     limit: int | None = None,
     commit_interval: float = 1.0,
+    options: dict | None = None,
 ) -> dict:
     """Ingest the records of ``corpus`` under ``src`` into ``store`` (created if missing).
 
@@ -150,12 +191,14 @@ def ingest(
     synchronously in this process. ``scheduler``: address of an existing cluster
     (``tcp://host:port``), overrides ``workers``. ``limit``: ingest at most this many new records.
     ``commit_interval``: seconds between commits (0 = after every batch); a killed run loses at
-    most the batches since the last commit.
+    most the batches since the last commit. ``options``: reader options (e.g. ``{"units": "z"}``
+    for WFDB records in a non-voltage unit), checked against the reader's ``OPTIONS``.
     Returns a summary: records, segments, patients (added by this run), rejected (by reason),
     skipped (already present), seconds, records_per_s, bytes_read, startup_seconds (Dask
     cluster start, included in seconds), and the store totals.
     """
     module = corpus_module(corpus)
+    options = reader_options(module, options)
     src = Path(src)
     if not src.exists():
         raise FileNotFoundError(f"{src}: source directory does not exist")
@@ -165,6 +208,8 @@ def ingest(
     with StoreWriter(store) as writer:
         listing = module.list_records(src)
         done = writer.done_paths(corpus, listing)
+        if options.get("units"):
+            done -= unit_rejects(writer, corpus, listing)
         todo = [rel for rel in listing if rel not in done]
         skipped = len(listing) - len(todo)
         if limit is not None:
@@ -200,7 +245,7 @@ def ingest(
             if not todo:
                 pass
             elif workers == 0 and scheduler is None:
-                _run_local(corpus, str(src), batches, writer.secret, sink)
+                _run_local(corpus, str(src), batches, writer.secret, sink, options)
             else:
                 t_cluster = time.perf_counter()
                 with _dask_client(workers, scheduler) as client:
@@ -215,6 +260,7 @@ def ingest(
                         writer.secret,
                         sink,
                         limit_in_flight,
+                        options,
                     )
         finally:
             bar.close()

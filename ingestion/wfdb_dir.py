@@ -8,7 +8,9 @@ units are not a voltage (pleth ``NU``, ABP ``mmHg``, ...) are dropped here; chan
 voltages but not one of the 12 leads (Frank ``vx vy vz``, a bare ``V``) are kept in the
 ``RawRecord`` and dropped by conditioning. Age and sex come from ``key: value`` comments when the
 header has them (PTB Diagnostic style); otherwise NaN / "". Generic WFDB folders have no patient
-field: ``patient_id`` is None.
+field: ``patient_id`` is None. A record with no voltage channel is rejected with a reason naming
+its units; with ``--units z`` (``read_record(..., units="z")``) a record whose channels are all
+in unit ``z`` is read as it is and marked ``units="z"`` (see ``ingestion.units``).
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ from ingestion.record import (
     parse_sex,
     unit_scale_to_mv,
 )
+from ingestion.units import VOLTAGE, accepted_unit, not_voltage_reason
 
 SOURCE = "wfdb"
+OPTIONS = ("units",)  # reader options `ecgplat ingest wfdb` passes on (read_record keywords)
 try:  # the sample formats wfdb can decode (a private table; fall back to wfdb 4.x's list)
     from wfdb.io._signal import DAT_FMTS as _DAT_FMTS
 except ImportError:  # pragma: no cover
@@ -46,7 +50,16 @@ def list_records(src: Path) -> list[str]:
 
 def read_wfdb(src: Path, rel: str) -> tuple[np.ndarray, float, list[str], list[str]]:
     """(signal (n_ch, n) float32 mV, fs, channel names, header comments) of a WFDB record;
-    non-voltage channels dropped. RecordError for every way a record can be unreadable."""
+    non-voltage channels dropped. RecordError for every way a record can be unreadable, and
+    for a record without any voltage channel (the reason names its units)."""
+    return read_wfdb_units(src, rel)[:4]
+
+
+def read_wfdb_units(
+    src: Path, rel: str, accept: str | None = None
+) -> tuple[np.ndarray, float, list[str], list[str], str]:
+    """``read_wfdb`` plus the signal's unit: "mV", or ``accept`` (a non-voltage unit such as
+    "z") for a record with no voltage channel whose channels are in that unit."""
     base = Path(src) / rel
     if not base.with_suffix(".hea").exists():
         raise RecordError(rel, f"missing header file {base.name}.hea")
@@ -75,19 +88,35 @@ def read_wfdb(src: Path, rel: str) -> tuple[np.ndarray, float, list[str], list[s
             f"signal shape {shape} does not match header "
             f"({rec.sig_len} samples x {rec.n_sig} channels): truncated?",
         )
+    units = list(rec.units or ["mV"] * rec.n_sig)
+    keep, scale, unit = channel_scales(units, accept)
+    if not keep:
+        raise RecordError(rel, not_voltage_reason(units))
+    signal = (p[:, keep].T * np.asarray(scale)[:, None]).astype(np.float32)
+    names = [rec.sig_name[i] for i in keep]
+    return signal, float(rec.fs), names, list(rec.comments or []), unit
+
+
+def channel_scales(units: list[str], accept: str | None) -> tuple[list[int], list[float], str]:
+    """(channels kept, factor of each, signal unit): the voltage channels scaled to mV; when
+    there are none and ``accept`` names a non-voltage unit (``--units z``), the channels in that
+    unit as they are."""
     keep, scale = [], []
-    for i, unit in enumerate(rec.units or ["mV"] * rec.n_sig):
+    for i, unit in enumerate(units):
         factor = unit_scale_to_mv(unit)
         if factor is not None:
             keep.append(i)
             scale.append(factor)
-    signal = (p[:, keep].T * np.asarray(scale)[:, None]).astype(np.float32)
-    return signal, float(rec.fs), [rec.sig_name[i] for i in keep], list(rec.comments or [])
+    if keep or accept is None:
+        return keep, scale, VOLTAGE
+    keep = [i for i, unit in enumerate(units) if str(unit).strip().lower() == accept]
+    return keep, [1.0] * len(keep), accept
 
 
-def read_record(src: Path, rel: str) -> RawRecord:
-    """Read one WFDB record (``rel`` relative to ``src``, without extension)."""
-    signal, fs, names, comments = read_wfdb(src, rel)
+def read_record(src: Path, rel: str, units: str | None = None) -> RawRecord:
+    """Read one WFDB record (``rel`` relative to ``src``, without extension); ``units`` (the
+    ``--units`` option, e.g. "z") opts into records whose channels are in that non-voltage unit."""
+    signal, fs, names, comments, unit = read_wfdb_units(src, rel, accepted_unit(units))
     fields = comment_fields(comments)
     return RawRecord(
         source=SOURCE,
@@ -99,4 +128,5 @@ def read_record(src: Path, rel: str) -> RawRecord:
         patient_id=None,
         age=parse_age(fields.get("age")),
         sex=parse_sex(fields.get("sex")),
+        units=unit,
     )

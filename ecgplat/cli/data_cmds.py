@@ -11,6 +11,13 @@ import typer
 from ecgplat.cli.apps import app, fail
 
 CORPUS_NAMES = ("cinc2021", "ptbxl", "wfdb", "cpsc2021")
+CORPUS_NAMES += ("ludb", "code15", "numpy")  # corpora of issue 12 (see _reader_options)
+UNITS_HELP = (
+    "wfdb: opt into records whose channels are in a non-voltage unit (z = z-scored; stored and "
+    "marked units=z); numpy: unit of the array values, mV (default), uV or z."
+)
+LEADS_HELP = "numpy: lead names of the arrays' rows (or columns), in order, e.g. I,II,III,aVR."
+PATIENTS_HELP = "numpy: CSV with record_id and optionally patient_id, labels (SNOMED/abbrev.)."
 
 
 @app.command("synth")
@@ -64,6 +71,12 @@ def ingest(
     ] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    units: Annotated[str | None, typer.Option(help=UNITS_HELP)] = None,
+    fs: Annotated[
+        float | None, typer.Option(help="numpy: sampling rate of the arrays, Hz.")
+    ] = None,
+    leads: Annotated[str | None, typer.Option(help=LEADS_HELP)] = None,
+    patients: Annotated[Path | None, typer.Option(help=PATIENTS_HELP)] = None,
 ) -> None:
     """Read, condition (500 Hz, 5 s int16 segments) and append a corpus to the feature store.
 
@@ -72,8 +85,9 @@ def ingest(
     """
     if corpus not in CORPUS_NAMES:
         fail(f"unknown corpus {corpus!r}; choose one of {', '.join(CORPUS_NAMES)}")
-    if not src.is_dir():
+    if not (src.is_dir() or (corpus == "numpy" and src.is_file())):
         fail(f"{src}: source directory does not exist")
+    options = _reader_options(corpus, units, fs, leads, patients)
     from ingestion.pipeline import ingest as run_ingest
 
     try:
@@ -86,6 +100,7 @@ def ingest(
             batch_size=batch_size,
             progress=progress,
             limit=limit,
+            options=options,
         )
     except (FileNotFoundError, ValueError, RuntimeError, OSError) as e:
         fail(str(e))
@@ -105,6 +120,37 @@ def ingest(
         f"already present; rejected: {rejected}; store now holds "
         f"{summary['store_records']} records"
     )
+
+
+def _reader_options(corpus: str, units, fs, leads, patients) -> dict:
+    """The reader options of `ingest`, checked here so that misuse exits non-zero at once."""
+    from ingestion.numpy_arrays import check_rate, parse_lead_names, read_patients
+    from ingestion.units import accepted_unit, array_unit
+
+    given = {"fs": fs, "leads": leads, "patients": patients}
+    try:
+        if corpus == "numpy":
+            check_rate(fs)
+            if leads is None:
+                raise ValueError("missing lead names: pass --leads I,II,...")
+            parse_lead_names(leads)
+            array_unit(units)
+            if patients is not None:
+                read_patients(patients)
+            return {
+                "fs": fs,
+                "leads": leads,
+                "units": units,
+                "patients": patients and str(patients),
+            }
+        extra = [f"--{k}" for k, v in given.items() if v is not None]
+        if extra:
+            raise ValueError(f"{', '.join(extra)} only apply to the numpy reader")
+        if units is not None and corpus != "wfdb":
+            raise ValueError(f"--units does not apply to the {corpus} reader (its units are known)")
+        return {"units": accepted_unit(units)} if units is not None else {}
+    except ValueError as e:
+        fail(str(e))
 
 
 @app.command("split")
