@@ -6,7 +6,9 @@ pretrain, diagnosis, identify, imported) over every committed segment of the sto
     STORE/features/<name>/
         zarr.json              attrs["lineage"]: schema, checkpoint_sha256, checkpoint_kind,
                                checkpoint (path), config (the checkpoint's run config), leads
-                               (canonical names, comma-joined), dim, created (UTC), store_uuid,
+                               (canonical names, comma-joined), normalize (the checkpoint's
+                               data.normalize, applied per record before the encoder), dim,
+                               created (UTC), store_uuid,
                                n_records, n_segments, complete=True
         segment/embedding      float32 (N, D) unit rows, one per stored segment (row = segment row)
         segment/record_index   int64 (N,)
@@ -154,6 +156,7 @@ def embed_store(
     from training.evaluate_diagnosis import store_batches
     from training.models.checkpoint import load_checkpoint, load_encoder
     from training.models.identifier import embed_batches, record_means
+    from training.normalize import mode_of, normalize_store_batches
 
     store_path = Path(store_path)
     store = open_store(store_path)
@@ -184,6 +187,7 @@ def embed_store(
 
     ckpt = load_checkpoint(checkpoint)
     encoder = load_encoder(checkpoint)
+    normalize = mode_of(ckpt)  # as the encoder was trained
     dev = pick_device(device)
     encoder.to(dev)
     records = np.arange(store.n_records)
@@ -191,6 +195,7 @@ def embed_store(
         batches = store_batches(
             store, records, parse_leads(leads), batch_size, on_record=bar.advance
         )
+        batches = normalize_store_batches(store, batches, normalize, parse_leads(leads))
         emb, rec, seg = embed_batches(encoder, batches, dev)
     rec_ids, rec_emb = record_means(emb, rec)
     lineage = {
@@ -201,6 +206,7 @@ def embed_store(
         "checkpoint": str(Path(checkpoint).resolve()),
         "config": ckpt.get("config") or {},
         "leads": wanted_leads,
+        "normalize": normalize,
         "dim": int(emb.shape[1]),
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "store_uuid": store.attrs.get("store_uuid"),

@@ -97,12 +97,14 @@ def embed_signal(
     from ecgplat.leads import apply_lead_subset, parse_leads
     from ecgplat.leads import lead_mask as mask_of
     from training.distributed import pick_device
-    from training.models.checkpoint import load_encoder
+    from training.models.checkpoint import load_checkpoint, load_encoder
     from training.models.identifier import embed_batches, record_means
+    from training.normalize import mode_of, normalize_record
 
     x = np.asarray(segments_mv, dtype=np.float32)
     if x.ndim != 3 or x.shape[1] != 12 or len(x) == 0:
         raise ValueError(f"expected conditioned segments (S, 12, T) in mV, got shape {x.shape}")
+    x = normalize_record(x, mode_of(load_checkpoint(checkpoint)))  # as the encoder was trained
     subset = parse_leads(leads)
     x = apply_lead_subset(x, subset)
     mask = np.broadcast_to(np.asarray(lead_mask, bool) & mask_of(subset), (len(x), 12))

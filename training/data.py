@@ -10,7 +10,8 @@ same order on every rank) -> split by slot (whole shards when there are at least
 shards as slots, otherwise every slot reads all shards and keeps every slots-th record) ->
 records (those whose key is in `StreamSpec.exclude_record_keys` dropped as they are read,
 before the split by record) -> units (CMSC pairs or single segments) -> seeded shuffle buffer -> batches ->
-int16 µV to float32 mV, lead subset (`data.leads`, zero-filled), random lead masking.
+int16 µV to float32 mV, lead subset (`data.leads`, zero-filled), random lead masking. With
+`data.normalize=zscore` each record is z-scored per lead (`training.normalize`) as it is read.
 
 Training streams repeat their share as needed and stop after exactly `epoch_batches` batches
 on every rank (default: units in `_info.json` // (world * batch_size)), so ranks stay in step.
@@ -41,6 +42,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 from ecgplat.leads import LEADS, apply_lead_subset, lead_mask, parse_leads
 from ecgplat.store import to_millivolts
 from training.augment import RandomLeadMasking
+from training.normalize import check_mode, normalize_record
 
 INFO_FILE = "_info.json"
 MODES = ("pairs", "segments")
@@ -227,6 +229,7 @@ class StreamSpec:
     leads: tuple[int, ...] = tuple(range(len(LEADS)))
     epoch_batches: int | None = None
     exclude_record_keys: frozenset[str] | None = None
+    normalize: str = "none"  # per-record amplitude normalisation (training.normalize)
 
 
 class ShardStream(torch.utils.data.IterableDataset):
@@ -271,6 +274,8 @@ class ShardStream(torch.utils.data.IterableDataset):
                     continue
                 n += 1
                 if by_shard or (n - 1) % slots == slot:
+                    if self.spec.normalize != "none":  # float32, already in its final unit
+                        segs = normalize_record(to_millivolts(segs), self.spec.normalize)
                     yield from record_units(segs, meta, self.spec.mode)
 
     def _units(self, slot: int, slots: int) -> Iterator[Unit]:
@@ -314,7 +319,7 @@ class ShardStream(torch.utils.data.IterableDataset):
     def assemble(self, units: list[Unit], index: int) -> dict:
         """The batch dict of `units` (batch number `index` of this rank's epoch)."""
         segs = np.concatenate([u.segments for u in units])  # int16 µV
-        x = to_millivolts(segs)
+        x = to_millivolts(segs) if segs.dtype == np.int16 else segs
         per_unit = [u.segments.shape[0] for u in units]
         masks = np.repeat(
             np.array([u.meta["lead_mask"] for u in units], dtype=bool), per_unit, axis=0
@@ -427,5 +432,6 @@ def stream_from_config(
         leads=parse_leads(d.leads),
         epoch_batches=d.epoch_batches,
         exclude_record_keys=exclude_record_keys,
+        normalize=check_mode(getattr(d, "normalize", "none")),
     )
     return BatchStream(spec, rank, world, epoch, int(d.num_workers))
