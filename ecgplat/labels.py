@@ -52,6 +52,9 @@ NST\_, ISC\_…), LPFB, ILBBB, WPW, 2AVB, 3AVB, BIGU, TRIGU, PRC(S), SVTAC, PSVT
 HVOLT, VCLVH. Note on PVC: the challenge's own conversion of PTB-XL put PVC under the unscored
 "ventricular ectopics" (164884008); a ventricular premature complex *is* a PVC, so we map it to
 the scored PVC class. A record whose statements map to no class is valid: all-zero labels.
+
+LUDB mapping (``LUDB_TO_SNOMED``, ``ludb_to_snomed``): LUDB's free-text diagnosis statements,
+mapped the same way; the table, and what stays unmapped and why, are in ``docs/labels.md``.
 """
 
 from __future__ import annotations
@@ -144,3 +147,66 @@ def scp_to_snomed(
     if isinstance(heart_axis, str) and heart_axis.strip() in HEART_AXIS_TO_SNOMED:
         out.add(HEART_AXIS_TO_SNOMED[heart_axis.strip()])
     return sorted(out)
+
+
+# --- LUDB: diagnosis statements -> scored SNOMED codes (table and reasons in docs/labels.md) ---
+# Keys are statements as LUDB writes them, lower case, without the trailing period.
+LUDB_TO_SNOMED: dict[str, str] = {
+    "rhythm: sinus rhythm": "426783006",
+    "rhythm: sinus bradycardia": "426177001",
+    "rhythm: sinus tachycardia": "427084000",
+    "rhythm: sinus arrhythmia": "427393009",
+    "rhythm: irregular sinus rhythm": "427393009",
+    "rhythm: atrial fibrillation": "164889003",
+    "rhythm: atrial flutter, typical": "164890007",
+    "electric axis of the heart: left axis deviation": "39732003",
+    "electric axis of the heart: right axis deviation": "47665007",
+    "i degree av block": "270492004",
+    "incomplete right bundle branch block": "713426002",
+    "complete right bundle branch block": "713427006",
+    "complete left bundle branch block": "733534002",
+    "left anterior hemiblock": "445118002",
+    "non-specific intravintricular conduction delay": "698252002",
+    "unipolar ventricular pacing": "10370003",
+    "bipolar ventricular pacing": "10370003",
+    "biventricular pacing": "10370003",
+    "unipolar atrial pacing": "10370003",
+    "atrial extrasystole: sa-nodal extrasystole": "63593006",
+}
+# every statement starting with one of these is that kind of premature beat, whatever its
+# type, localisation or morphology
+LUDB_PREFIX_TO_SNOMED: dict[str, str] = {
+    "atrial extrasystole": "284470004",
+    "ventricular extrasystole": "427172004",
+}
+
+for _code in (*LUDB_TO_SNOMED.values(), *LUDB_PREFIX_TO_SNOMED.values()):
+    assert _code in _CODE_TO_CLASS, f"mapping target {_code} is not a scored code"
+
+
+def ludb_statement_key(statement: str) -> str:
+    """A LUDB statement as a mapping key: lower case, spaces collapsed, trailing period gone."""
+    return " ".join(str(statement).split()).rstrip(". ").lower()
+
+
+def ludb_to_snomed(statements: Iterable[str]) -> list[str]:
+    """Scored SNOMED codes (sorted, unique) of LUDB diagnosis statements; unmapped ones add
+    nothing."""
+    out = set()
+    for statement in statements:
+        key = ludb_statement_key(statement)
+        code = LUDB_TO_SNOMED.get(key)
+        if code is None:
+            code = next((c for p, c in LUDB_PREFIX_TO_SNOMED.items() if key.startswith(p)), None)
+        if code is not None:
+            out.add(code)
+    return sorted(out)
+
+
+# --- class abbreviations (weights_abbreviations.csv) -> a SNOMED code of that class ---------
+# "CLBBB|LBBB" names one class: both abbreviations give its first code, 733534002.
+ABBREVIATION_TO_SNOMED: dict[str, str] = {
+    abbrev: name.split("|")[0]
+    for names, name in zip(ABBREVIATIONS, CLASS_NAMES, strict=True)
+    for abbrev in names.split("|")
+}

@@ -57,6 +57,12 @@ RECORD_COLUMNS: tuple[tuple[str, str, tuple[int, ...]], ...] = (
     ("seg_start", "int64", ()),
     ("seg_count", "int32", ()),
 )
+# Added to schema 1 after its first release (a store written before has no such column, or
+# empty values for its older rows; both read as "uV"): the unit of each record's int16 values,
+# "uV" = microvolts (voltage data) or "z" = 1/1000 of a per-lead standard deviation (z-scored
+# data, ingested only with `--units z`).
+RECORD_COLUMNS += (("units", "str", ()),)
+UNITS_DEFAULT = "uV"
 REJECT_COLUMNS: tuple[str, ...] = ("source", "path", "reason", "path_hash")
 SPLIT_COLUMNS: tuple[str, ...] = ("split", "ident_split")
 
@@ -189,7 +195,17 @@ class EcgStore:
 
     # ---- record table -------------------------------------------------------------------
     def _column(self, name: str) -> np.ndarray:
+        if name == "units":
+            return self._units_column()
         return self.root[f"records/{name}"][: self.n_records]
+
+    def _units_column(self) -> np.ndarray:
+        out = np.full(self.n_records, UNITS_DEFAULT, dtype=object)
+        if (self.path / "records" / "units" / "zarr.json").is_file():
+            values = as_str_array(self.root["records/units"][: self.n_records])
+            n = len(values)
+            out[:n] = np.where(values == "", UNITS_DEFAULT, values)
+        return out
 
     @property
     def split_generation(self) -> str | None:

@@ -26,6 +26,7 @@ from ecgplat.leads import LEADS, canonical_lead
 from ecgplat.store import DTYPE, SAMPLE_RATE, SEGMENT_SAMPLES, SEGMENT_SECONDS, UV_PER_MV
 from ingestion.limits import ReadOptions, check_length
 from ingestion.record import RawRecord, RecordError
+from ingestion.units import store_unit
 
 MAX_DENOMINATOR = 1000
 _I16 = np.iinfo(DTYPE)
@@ -48,6 +49,7 @@ class ConditionedRecord:
     age: float = float("nan")
     sex: str = ""
     extra: dict = field(default_factory=dict)
+    units: str = "uV"  # the store's records/units value: "uV", or "z" (ingestion.units)
 
     @property
     def record_key(self) -> str:
@@ -146,4 +148,5 @@ def condition(rec: RawRecord, opts: ReadOptions | None = None) -> ConditionedRec
         age=float(rec.age),
         sex=rec.sex,
         extra=dict(rec.extra),
+        units=store_unit(rec.units),
     )

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from types import ModuleType
 
-from ingestion import cinc2021, cpsc2021, ptbxl, wfdb_dir
+from ingestion import cinc2021, code15, cpsc2021, ludb, numpy_arrays, ptbxl, wfdb_dir
 from ingestion.record import RECORD_SUFFIXES, RecordError
 
 CORPORA: dict[str, ModuleType] = {
@@ -14,6 +14,9 @@ CORPORA: dict[str, ModuleType] = {
     "ptbxl": ptbxl,
     "wfdb": wfdb_dir,
     "cpsc2021": cpsc2021,
+    "ludb": ludb,
+    "code15": code15,
+    "numpy": numpy_arrays,
 }
 
 

@@ -1,4 +1,5 @@
-"""What a reader may open and how large a record may be: checked from the header, before any read.
+"""The one set of options an ingest passes to its readers: what a reader may open, how large a
+record may be (checked from the header, before any read) and how to interpret the samples.
 
 ``ReadOptions`` carries the bounds every reader applies:
 
@@ -8,6 +9,12 @@
 - every file a reader opens must lie inside the source directory ``SRC``: absolute names and
   ``..`` escapes are always refused; symbolic links are refused unless ``follow_symlinks``, and
   then must still resolve inside the resolved ``SRC`` unless ``allow_outside``.
+
+and the user's answers a reader cannot find in the files themselves (``READER_FIELDS``; each
+reader names the ones it takes in its ``OPTIONS``, and ``check_reader_options`` refuses the
+others): ``units`` (WFDB: opt into a non-voltage unit such as ``z``; arrays: the unit of their
+values, ``ingestion.units``), and for bring-your-own arrays ``fs``, ``leads`` and ``patients``
+(``ingestion.numpy_arrays``).
 """
 
 from __future__ import annotations
@@ -34,6 +41,10 @@ class ReadOptions:
     max_seconds: float = DEFAULT_MAX_SECONDS
     follow_symlinks: bool = False
     allow_outside: bool = False
+    units: str | None = None  # --units (ingestion.units)
+    fs: float | None = None  # --fs: sampling rate of user arrays, Hz
+    leads: str | None = None  # --leads: comma-separated lead names of user arrays
+    patients: str | None = None  # --patients: CSV of user arrays (record_id, patient_id, labels)
 
     def __post_init__(self):
         if not (0 < self.min_fs <= self.max_fs < math.inf):
@@ -47,6 +58,24 @@ class ReadOptions:
 
 
 DEFAULT_OPTIONS = ReadOptions()
+READER_FIELDS = ("units", "fs", "leads", "patients")  # taken only by readers listing them
+
+
+def check_reader_options(module, opts: ReadOptions | None) -> ReadOptions:
+    """``opts`` (default: the defaults) after checking that every reader field it sets is one
+    the reader ``module`` takes (its ``OPTIONS``) and, where the reader has ``check_options``,
+    that the values are valid. ValueError naming the option otherwise (before anything runs)."""
+    opts = opts or DEFAULT_OPTIONS
+    allowed = set(getattr(module, "OPTIONS", ()))
+    extra = [k for k in READER_FIELDS if getattr(opts, k) is not None and k not in allowed]
+    if extra:
+        name = getattr(module, "SOURCE", module.__name__)
+        flags = ", ".join(f"--{k}" for k in extra)
+        raise ValueError(f"{flags} does not apply to the {name} reader")
+    check = getattr(module, "check_options", None)
+    if check is not None:
+        check(opts)
+    return opts
 
 
 def check_rate(where: str, fs: float, opts: ReadOptions | None = None) -> None:

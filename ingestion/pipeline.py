@@ -19,10 +19,13 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
+
 from ecgplat.progress import ProgressBar
 from ecgplat.store import reason_kind
-from ingestion.limits import ReadOptions
+from ingestion.limits import ReadOptions, check_reader_options
 from ingestion.record import RECORD_SUFFIXES
+from ingestion.units import NOT_VOLTAGE
 from ingestion.writer import (
     RecordBatch,
     StoreWriter,
@@ -188,6 +191,25 @@ def _retry_one_by_one(client, corpus, src, rels, seq, secret, opts) -> RecordBat
     return merge_batches(seq, parts)
 
 
+def unit_rejects(writer: StoreWriter, corpus: str, listing: list[str]) -> set[str]:
+    """Paths of ``listing`` rejected earlier only for their non-voltage unit: an ingest with
+    ``--units`` reads them again (their old reject rows stay, as the history of that run)."""
+    from ecgplat.store import as_str_array
+
+    n = writer.n_rejects
+    if n == 0:
+        return set()
+    root = writer.root
+    reasons = as_str_array(root["rejects/reason"][:n])
+    sources = as_str_array(root["rejects/source"][:n])
+    hashes = as_str_array(root["rejects/path_hash"][:n])
+    marked = (sources == corpus) & np.char.startswith(reasons.astype(str), NOT_VOLTAGE)
+    stored = set(as_str_array(root["records/path_hash"][: writer.n_records]).tolist())
+    wanted = set(hashes[marked].tolist()) - stored
+    secret = writer.secret
+    return {rel for rel in listing if path_hash(corpus, rel, secret) in wanted}
+
+
 def _run_dask(client, corpus, src, batches, secret, sink, max_in_flight: int, opts=None) -> None:
     """Bounded ``client.submit`` + ``as_completed``; results re-ordered by sequence number."""
     from distributed import as_completed
@@ -256,8 +278,10 @@ def ingest(
     synchronously in this process. ``scheduler``: address of an existing cluster
     (``tcp://host:port``), overrides ``workers``. ``limit``: ingest at most this many new records.
     ``commit_interval``: seconds between commits (0 = after every batch); a killed run loses at
-    most the batches since the last commit. ``opts``: rate range, maximum duration and path
-    policy of the readers (``ingestion.limits.ReadOptions``; default: its defaults). A batch
+    most the batches since the last commit. ``opts``: rate range, maximum duration, path
+    policy and reader fields (``units``; ``fs``/``leads``/``patients`` of user arrays) of the
+    readers (``ingestion.limits.ReadOptions``; default: its defaults), checked against the
+    corpus reader's ``OPTIONS`` before anything runs (ValueError). A batch
     whose Dask worker dies is retried record by record; the record that kills its worker is
     rejected as "worker died".
     Returns a summary: records, segments, patients (added by this run), rejected (by reason),
@@ -267,6 +291,7 @@ def ingest(
     from ingestion.corpora import get_corpus
 
     module = get_corpus(corpus)
+    opts = check_reader_options(module, opts)
     src = Path(src)
     if not src.exists():
         raise FileNotFoundError(f"{src}: source directory does not exist")
@@ -276,6 +301,8 @@ def ingest(
     with StoreWriter(store) as writer:
         listing = module.list_records(src)
         done = writer.done_paths(corpus, listing)
+        if opts.units:
+            done -= unit_rejects(writer, corpus, listing)
         todo = [rel for rel in listing if rel not in done]
         skipped = len(listing) - len(todo)
         if limit is not None:

@@ -43,6 +43,7 @@ class RawRecord:
     age: float = float("nan")
     sex: str = ""  # "M" | "F" | ""
     extra: dict = field(default_factory=dict)
+    units: str = "mV"  # of `signal`: "mV", or a non-voltage unit the user opted into ("z")
 
     @property
     def n_samples(self) -> int:

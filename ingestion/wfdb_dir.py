@@ -6,7 +6,10 @@ rejected). The header is parsed strictly by ``ingestion.wfdb_header`` (rate, gai
 sizes, paths inside SRC, all checked before a sample is read); samples are decoded by wfdb's
 format decoders, the ADC baseline removed and divided by the gain, then scaled to millivolts
 from each channel's units (mV, uV, V). Channels whose units are not a voltage (pleth ``NU``, ABP
-``mmHg``, ...) are dropped here (a record with no voltage channel is rejected); channels that are
+``mmHg``, ...) are dropped here; a record with no voltage channel is rejected with a reason
+naming its unit when it is one the user may opt into: with ``--units z`` (``ReadOptions.units``)
+a record whose channels are all in unit ``z`` is read as it is (baseline removed, divided by the
+gain) and marked ``units="z"`` (see ``ingestion.units``). Channels that are
 voltages but not one of the 12 leads (Frank ``vx vy vz``, a bare ``V``) are kept in the
 ``RawRecord`` and dropped by conditioning. Age and sex come from ``key: value`` comments when the
 header has them (PTB Diagnostic style); otherwise NaN / "". Generic WFDB folders have no patient
@@ -28,9 +31,16 @@ from ingestion.record import (
     parse_sex,
     unit_scale_to_mv,
 )
+from ingestion.units import VOLTAGE, accepted_unit, not_voltage_reason
 from ingestion.wfdb_header import DAT_FMTS, check_data_sizes, read_digital, read_header
 
 SOURCE = "wfdb"
+OPTIONS = ("units",)  # the ReadOptions reader fields `ecgplat ingest wfdb` takes
+
+
+def check_options(opts: ReadOptions) -> None:
+    """ValueError for a ``--units`` that is not a non-voltage unit one can opt into."""
+    accepted_unit(opts.units)
 
 
 def list_records(src: Path) -> list[str]:
@@ -65,16 +75,25 @@ def read_wfdb(
     src: Path, rel: str, opts: ReadOptions | None = None
 ) -> tuple[np.ndarray, float, list[str], list[str]]:
     """(signal (n_ch, n) float32 mV, fs, channel names, header comments) of a WFDB record;
-    non-voltage channels dropped. RecordError for every way a record can be unreadable, and
-    before any signal is read for a rate/duration outside ``opts`` or a data file whose size
-    does not match the header."""
+    non-voltage channels dropped. RecordError for every way a record can be unreadable, for a
+    record without any voltage channel, and before any signal is read for a rate/duration
+    outside ``opts`` or a data file whose size does not match the header."""
+    return read_wfdb_units(src, rel, opts)[:4]
+
+
+def read_wfdb_units(
+    src: Path, rel: str, opts: ReadOptions | None = None, accept: str | None = None
+) -> tuple[np.ndarray, float, list[str], list[str], str]:
+    """``read_wfdb`` plus the signal's unit: "mV", or ``accept`` (a non-voltage unit such as
+    "z") for a record with no voltage channel whose channels are in that unit."""
     hea, hdr = read_header(Path(src), rel, opts)
     paths = _signal_paths(Path(src), rel, hdr, opts)
     sig_len = check_data_sizes(hdr, paths, rel)
     check_length(rel, hdr["fs"], sig_len, opts)
-    keep = [i for i, s in enumerate(hdr["signals"]) if unit_scale_to_mv(s["units"]) is not None]
+    units = [s["units"] for s in hdr["signals"]]
+    keep, scale, unit = channel_scales(units, accept)
     if not keep:
-        raise RecordError(rel, "no channel in voltage units (mV, uV or V)")
+        raise RecordError(rel, not_voltage_reason(units))
     if sig_len == 0:
         raise RecordError(rel, "zero-length signal (the header gives 0 samples)")
     try:
@@ -83,15 +102,33 @@ def read_wfdb(
         raise RecordError(rel, "signal file truncated or unreadable") from None
     sigs = [hdr["signals"][i] for i in keep]
     baseline = np.array([s["baseline"] for s in sigs], dtype=np.float64)
-    factor = np.array([unit_scale_to_mv(s["units"]) / s["gain"] for s in sigs])
+    factor = np.array([f / s["gain"] for f, s in zip(scale, sigs, strict=True)])
     signal = ((digital[:, keep] - baseline) * factor).T.astype(np.float32)
     names = [s["name"] for s in sigs]
-    return signal, float(hdr["fs"]), names, list(hdr["comments"])
+    return signal, float(hdr["fs"]), names, list(hdr["comments"]), unit
+
+
+def channel_scales(units: list[str], accept: str | None) -> tuple[list[int], list[float], str]:
+    """(channels kept, factor of each, signal unit): the voltage channels scaled to mV; when
+    there are none and ``accept`` names a non-voltage unit (``--units z``), the channels in that
+    unit as they are."""
+    keep, scale = [], []
+    for i, unit in enumerate(units):
+        factor = unit_scale_to_mv(unit)
+        if factor is not None:
+            keep.append(i)
+            scale.append(factor)
+    if keep or accept is None:
+        return keep, scale, VOLTAGE
+    keep = [i for i, unit in enumerate(units) if str(unit).strip().lower() == accept]
+    return keep, [1.0] * len(keep), accept
 
 
 def read_record(src: Path, rel: str, opts: ReadOptions | None = None) -> RawRecord:
-    """Read one WFDB record (``rel`` relative to ``src``, without extension)."""
-    signal, fs, names, comments = read_wfdb(src, rel, opts)
+    """Read one WFDB record (``rel`` relative to ``src``, without extension); ``opts.units``
+    (``--units``, e.g. "z") opts into records whose channels are in that non-voltage unit."""
+    accept = accepted_unit(opts.units) if opts is not None else None
+    signal, fs, names, comments, unit = read_wfdb_units(src, rel, opts, accept)
     fields = comment_fields(comments)
     return RawRecord(
         source=SOURCE,
@@ -103,4 +140,5 @@ def read_record(src: Path, rel: str, opts: ReadOptions | None = None) -> RawReco
         patient_id=None,
         age=parse_age(fields.get("age")),
         sex=parse_sex(fields.get("sex")),
+        units=unit,
     )

@@ -120,6 +120,7 @@ def pack_batch(
         fold = (rec.extra or {}).get("strat_fold")
         cols["strat_fold"][i] = -1 if fold is None or np.isnan(float(fold)) else int(fold)
         cols["seg_count"][i] = rec.n_segments
+        cols["units"][i] = rec.units
     chunks = [c for r in conditioned for c in encode_segments(r.segments)]
     return RecordBatch(seq, chunks, cols, list(rejects), bytes_read)
 

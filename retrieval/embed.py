@@ -181,6 +181,7 @@ def embed_store(
     from training.models.checkpoint import load_checkpoint, load_encoder
     from training.models.flops import inference_batch_size
     from training.models.identifier import embed_batches, record_means
+    from training.normalize import mode_of, normalize_store_batches
     from training.precision import resolve_precision
 
     store_path = Path(store_path)
@@ -219,6 +220,7 @@ def embed_store(
 
     ckpt = load_checkpoint(checkpoint)
     encoder = load_encoder(checkpoint)
+    normalize = mode_of(ckpt)  # as the encoder was trained
     encoder.to(dev)
     batch_size = batch_size or inference_batch_size(encoder.cfg)
     records = np.arange(store.n_records)
@@ -226,6 +228,7 @@ def embed_store(
         batches = store_batches(
             store, records, parse_leads(leads), batch_size, on_record=bar.advance
         )
+        batches = normalize_store_batches(store, batches, normalize, parse_leads(leads))
         emb, rec, seg = embed_batches(encoder, batches, dev, precision)
     rec_ids, rec_emb = record_means(emb, rec)
     lineage = {
@@ -237,6 +240,7 @@ def embed_store(
         "config": ckpt.get("config") or {},
         "leads": wanted_leads,
         "precision": precision,
+        "normalize": normalize,
         "dim": int(emb.shape[1]),
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "store_uuid": store.attrs.get("store_uuid"),

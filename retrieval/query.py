@@ -97,14 +97,16 @@ def embed_signal(
     from ecgplat.leads import parse_leads
     from training.batch import make_batch
     from training.distributed import pick_device
-    from training.models.checkpoint import load_encoder
+    from training.models.checkpoint import load_checkpoint, load_encoder
     from training.models.identifier import embed_batches, record_means
+    from training.normalize import mode_of, normalize_record
 
     if np.ndim(segments_mv) != 3 or len(segments_mv) == 0:
         raise ValueError(
             f"expected conditioned segments (S, 12, T) in mV, got shape {np.shape(segments_mv)}"
         )
-    batch = make_batch(segments_mv, lead_mask, 0, parse_leads(leads))
+    x = normalize_record(segments_mv, mode_of(load_checkpoint(checkpoint)))  # as trained
+    batch = make_batch(x, lead_mask, 0, parse_leads(leads))
     dev = pick_device(device)
     emb, rec, _ = embed_batches(load_encoder(checkpoint).to(dev), [batch], dev, precision)
     return record_means(emb, rec)[1][0]

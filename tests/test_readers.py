@@ -32,7 +32,7 @@ def _expected_multihot(codes):
 
 
 def test_registry():
-    assert set(CORPORA) == {"cinc2021", "ptbxl", "wfdb", "cpsc2021"}
+    assert set(CORPORA) == {"cinc2021", "ptbxl", "wfdb", "cpsc2021", "ludb", "code15", "numpy"}
     for name, mod in CORPORA.items():
         assert name == mod.SOURCE and callable(mod.list_records) and callable(mod.read_record)
     with pytest.raises(ValueError, match="known"):

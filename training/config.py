@@ -72,6 +72,7 @@ class DataConfig:
     rlm_condition: list[int] = field(default_factory=lambda: [4, 5])  # task.mask_leads_condition
     leads: str = "12"  # task.leads_to_load: preset name or comma list
     epoch_batches: int | None = None  # batches per epoch per rank; None = from _info.json
+    normalize: str = "none"  # per-record amplitude: "none" (paper) | "zscore" (training.normalize)
 
 
 @dataclass
@@ -151,6 +152,7 @@ class RunConfig:
         _choice("model.preset", self.model.preset, ("paper", "small", "tiny"))
         _choice("optim.schedule", self.optim.schedule, ("fixed", "tri_stage", "cosine"))
         _choice("data.rlm_mode", self.data.rlm_mode, ("random", "conditional"))
+        _choice("data.normalize", self.data.normalize, ("none", "zscore"))
         _choice("logging.wandb_mode", self.logging.wandb_mode, ("offline", "online", "disabled"))
         if len(self.optim.betas) != 2:
             raise ConfigError(f"optim.betas: expected 2 values, got {self.optim.betas}")

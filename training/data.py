@@ -10,7 +10,8 @@ same order on every rank) -> split by slot (whole shards when there are at least
 shards as slots, otherwise every slot reads all shards and keeps every slots-th record) ->
 records (those whose key is in `StreamSpec.exclude_record_keys` dropped as they are read,
 before the split by record) -> units (CMSC pairs or single segments) -> seeded shuffle buffer -> batches ->
-int16 µV to float32 mV, lead subset (`data.leads`, zero-filled), random lead masking.
+int16 µV to float32 mV, lead subset (`data.leads`, zero-filled), random lead masking. With
+`data.normalize=zscore` each record is z-scored per lead (`training.normalize`) as it is read.
 
 Training streams repeat their share as needed and stop after exactly `epoch_batches` batches
 on every rank (default: units in `_info.json` // (world * batch_size)), so ranks stay in step.
@@ -50,6 +51,7 @@ from ecgplat.shard_format import (
 from ecgplat.store import to_millivolts
 from training.augment import RandomLeadMasking
 from training.batch import make_batch
+from training.normalize import check_mode, normalize_record
 
 MODES = ("pairs", "segments")
 
@@ -201,6 +203,7 @@ class StreamSpec:
     leads: tuple[int, ...] = tuple(range(len(LEADS)))
     epoch_batches: int | None = None
     exclude_record_keys: frozenset[str] | None = None
+    normalize: str = "none"  # per-record amplitude normalisation (training.normalize)
 
 
 class ShardStream(torch.utils.data.IterableDataset):
@@ -245,6 +248,8 @@ class ShardStream(torch.utils.data.IterableDataset):
                     continue
                 n += 1
                 if by_shard or (n - 1) % slots == slot:
+                    if self.spec.normalize != "none":  # float32, already in its final unit
+                        segs = normalize_record(to_millivolts(segs), self.spec.normalize)
                     yield from record_units(segs, meta, self.spec.mode)
 
     def _units(self, slot: int, slots: int) -> Iterator[Unit]:
@@ -287,6 +292,8 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def assemble(self, units: list[Unit], index: int) -> dict:
         """The batch dict of `units` (batch number `index` of this rank's epoch)."""
+        segs = np.concatenate([u.segments for u in units])  # int16 µV, or normalised float32
+        x = to_millivolts(segs) if segs.dtype == np.int16 else segs
         per_unit = [u.segments.shape[0] for u in units]
         present = np.repeat([u.meta["lead_mask"] for u in units], per_unit, axis=0)
         record_index = np.repeat([int(u.meta["record_index"]) for u in units], per_unit)
@@ -305,7 +312,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         rlm = self.spec.rlm if self.spec.train else None
         rng = np.random.default_rng([self.spec.seed, self.epoch, self.rank, index, 0x5A])
         return make_batch(
-            to_millivolts(np.concatenate([u.segments for u in units])),  # int16 µV -> mV
+            x,
             present,
             record_index,
             self.spec.leads,
@@ -398,5 +405,6 @@ def stream_from_config(
         leads=parse_leads(d.leads),
         epoch_batches=d.epoch_batches,
         exclude_record_keys=exclude_record_keys,
+        normalize=check_mode(getattr(d, "normalize", "none")),
     )
     return BatchStream(spec, rank, world, epoch, int(d.num_workers))

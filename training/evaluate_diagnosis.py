@@ -233,6 +233,7 @@ def evaluate_diagnosis(
     from training.distributed import pick_device
     from training.models.checkpoint import CheckpointError
     from training.models.classifier import load_diagnosis_model
+    from training.normalize import mode_of, normalize_store_batches
     from training.precision import resolve_precision
 
     try:
@@ -269,7 +270,11 @@ def evaluate_diagnosis(
     with ProgressBar(progress, len(records), f"evaluate {split}", transient=True) as bar:
         preds = predict_lead_sets(
             model,
-            store_batches(st, records, batch_size=batch_size, on_record=bar.advance),
+            normalize_store_batches(
+                st,
+                store_batches(st, records, batch_size=batch_size, on_record=bar.advance),
+                mode_of(ckpt),
+            ),
             lead_sets,
             precision,
         )

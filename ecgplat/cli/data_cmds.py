@@ -11,6 +11,13 @@ import typer
 from ecgplat.cli.apps import app, fail
 
 CORPUS_NAMES = ("cinc2021", "ptbxl", "wfdb", "cpsc2021")
+CORPUS_NAMES += ("ludb", "code15", "numpy")  # corpora of issue 12
+UNITS_HELP = (
+    "wfdb: opt into records whose channels are in a non-voltage unit (z = z-scored; stored and "
+    "marked units=z); numpy: unit of the array values, mV (default), uV or z."
+)
+LEADS_HELP = "numpy: lead names of the arrays' rows (or columns), in order, e.g. I,II,III,aVR."
+PATIENTS_HELP = "numpy: CSV with record_id and optionally patient_id, labels (SNOMED/abbrev.)."
 
 
 @app.command("synth")
@@ -91,6 +98,12 @@ def ingest(
             help="With --follow-symlinks: let symbolic links resolve outside SRC.",
         ),
     ] = False,
+    units: Annotated[str | None, typer.Option(help=UNITS_HELP)] = None,
+    fs: Annotated[
+        float | None, typer.Option(help="numpy: sampling rate of the arrays, Hz.")
+    ] = None,
+    leads: Annotated[str | None, typer.Option(help=LEADS_HELP)] = None,
+    patients: Annotated[Path | None, typer.Option(help=PATIENTS_HELP)] = None,
 ) -> None:
     """Read, condition (500 Hz, 5 s int16 segments) and append a corpus to the feature store.
 
@@ -100,7 +113,7 @@ def ingest(
     """
     if corpus not in CORPUS_NAMES:
         fail(f"unknown corpus {corpus!r}; choose one of {', '.join(CORPUS_NAMES)}")
-    if not src.is_dir():
+    if not (src.is_dir() or (corpus == "numpy" and src.is_file())):
         fail(f"{src}: source directory does not exist")
     if allow_outside and not follow_symlinks:
         fail("--allow-outside needs --follow-symlinks")
@@ -109,7 +122,17 @@ def ingest(
     from ingestion.limits import ReadOptions
     from ingestion.pipeline import ingest as run_ingest
 
-    opts = ReadOptions(min_fs, max_fs, max_duration, follow_symlinks, allow_outside)
+    opts = ReadOptions(
+        min_fs,
+        max_fs,
+        max_duration,
+        follow_symlinks,
+        allow_outside,
+        units=units,
+        fs=fs,
+        leads=leads,
+        patients=str(patients.absolute()) if patients is not None else None,
+    )
     try:
         summary = run_ingest(
             corpus,

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+from ecgplat.store import SEGMENT_SAMPLES
 from training.models.config import EncoderConfig
-
-SEGMENT_SAMPLES = 2500  # 5 s at 500 Hz
 
 
 def encoder_forward_flops(cfg: EncoderConfig, n_samples: int = SEGMENT_SAMPLES) -> float:

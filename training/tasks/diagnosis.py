@@ -92,6 +92,7 @@ class DiagnosisTask(FinetuneTask):
     def _valid_batches(self, kind: str, where) -> Iterable[dict]:
         from ecgplat.leads import parse_leads
         from training.batch import store_batches
+        from training.normalize import normalize_store_batches
 
         if kind == "shards":
             from training.data import stream_from_config
@@ -103,9 +104,9 @@ class DiagnosisTask(FinetuneTask):
 
         store = open_store(where)
         records = store.select(split=self.cfg.data.valid_split)
-        return store_batches(
-            store, records, parse_leads(self.cfg.data.leads), self.cfg.data.batch_size
-        )
+        leads = parse_leads(self.cfg.data.leads)
+        batches = store_batches(store, records, leads, self.cfg.data.batch_size)
+        return normalize_store_batches(store, batches, self.cfg.data.normalize, leads)
 
     def validate(self, model: nn.Module, epoch: int) -> dict | None:
         from training.evaluate_diagnosis import flat_metrics, predict, reports

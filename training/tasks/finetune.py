@@ -12,7 +12,8 @@
   encoder runs under no_grad while num_updates < `finetune.freeze_finetune_updates`;
 * `FinetuneTask`: single-segment training batches of `training.data` (lead subset `data.leads`,
   zero-filled), optionally without the records in `exclude_record_keys`, and the checkpoint's
-  `extra` entries `classes`, `leads` and `init`.
+  `extra` entries `classes`, `leads` and `init`;
+* `data.normalize` must be the one `finetune.init` was pretrained with (`training.normalize`).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ def build_finetune_encoder(cfg: RunConfig):
 
     over = finetune_overrides(cfg)
     if has_init(cfg):
+        check_init_normalize(cfg)
         encoder = load_encoder(cfg.finetune.init, **over).train()
     else:
         encoder = build_encoder(cfg.model.preset, **over)
@@ -62,6 +64,20 @@ def build_finetune_encoder(cfg: RunConfig):
         encoder.feature_extractor.requires_grad_(False)
     encoder.mask_emb.requires_grad_(False)  # fine-tuning never masks
     return encoder
+
+
+def check_init_normalize(cfg: RunConfig) -> None:
+    """ValueError when `finetune.init` was pretrained with another `data.normalize` than this
+    run's: the encoder would see amplitudes it was never trained on."""
+    from training.models.checkpoint import load_checkpoint
+    from training.normalize import mode_of
+
+    init_mode = mode_of(load_checkpoint(cfg.finetune.init))
+    if init_mode != cfg.data.normalize:
+        raise ValueError(
+            f"{cfg.finetune.init}: pretrained with data.normalize={init_mode}, this run has "
+            f"data.normalize={cfg.data.normalize}; set data.normalize={init_mode}"
+        )
 
 
 class FinetuneTask(Task):

@@ -172,6 +172,7 @@ class IdentifyTask(FinetuneTask):
         from ecgplat.store import open_store
         from training.batch import store_batches
         from training.models.identifier import embed_batches, record_means
+        from training.normalize import normalize_store_batches
 
         store = open_store(self.cfg.data.store)
         leads = parse_leads(self.cfg.data.leads)
@@ -179,9 +180,9 @@ class IdentifyTask(FinetuneTask):
         sets = {}
         for side in ("gallery", "probe"):
             records = store.select(ident_split=side)
-            emb, rec, _ = embed_batches(
-                unwrap(model), store_batches(store, records, leads, self.cfg.data.batch_size)
-            )
+            batches = store_batches(store, records, leads, self.cfg.data.batch_size)
+            batches = normalize_store_batches(store, batches, self.cfg.data.normalize, leads)
+            emb, rec, _ = embed_batches(unwrap(model), batches)
             rec_ids, rec_emb = record_means(emb, rec)
             sets[side] = (emb, pids[rec], rec_emb, pids[rec_ids])
         if len(sets["probe"][0]) == 0 or len(sets["gallery"][0]) == 0:
