@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from ecgplat.cli.apps import app, fail
+from ecgplat.cli.apps import SplitName, app, check_output_path, fail, require_store
 
 CORPUS_NAMES = ("cinc2021", "ptbxl", "wfdb", "cpsc2021")
 
@@ -30,6 +30,7 @@ def synth(
     """Write a synthetic 12-lead cohort in the CinC 2021 format (WFDB header + MATLAB v4)."""
     from ingestion.synth import summarize, write_cohort
 
+    check_output_path(out, "OUT", directory=True)
     try:
         manifest = write_cohort(out, patients, records_per_patient, seconds=seconds, seed=seed)
     except (FileExistsError, ValueError, OSError) as e:
@@ -72,8 +73,11 @@ def ingest(
     """
     if corpus not in CORPUS_NAMES:
         fail(f"unknown corpus {corpus!r}; choose one of {', '.join(CORPUS_NAMES)}")
-    if not src.is_dir():
+    if not src.exists():
         fail(f"{src}: source directory does not exist")
+    if not src.is_dir():
+        fail(f"{src}: the source is a file, not a directory")
+    check_output_path(store, "--store", directory=True)
     from ingestion.pipeline import ingest as run_ingest
 
     try:
@@ -140,8 +144,10 @@ def split(
         ),
     ] = False,
     ident_within: Annotated[
-        str | None,
-        typer.Option(help="Only records of this split take part in gallery/probe (e.g. test)."),
+        SplitName | None,
+        typer.Option(
+            help="Only records of this split take part in gallery/probe (implies --ident).",
+        ),
     ] = None,
     source: Annotated[
         list[str] | None,
@@ -153,8 +159,7 @@ def split(
     """Assign record-level train/valid/test splits (and gallery/probe) inside the store."""
     from ingestion.splits import split_store
 
-    if not (store / "zarr.json").is_file():
-        fail(f"{store}: no ecgplat store here")
+    require_store(store)
     try:
         summary = split_store(
             store,
@@ -162,7 +167,7 @@ def split(
             valid=valid,
             test=test,
             seed=seed,
-            ident=ident or ident_first_two,
+            ident=ident or ident_first_two or ident_within is not None,
             ident_first_two=ident_first_two,
             sources=source,
             ident_within=ident_within,
@@ -195,8 +200,8 @@ def shards(
     """Export one split of the store as WebDataset tar shards (one sample per record)."""
     from ingestion.shards import write_shards
 
-    if not (store / "zarr.json").is_file():
-        fail(f"{store}: no ecgplat store here")
+    require_store(store)
+    check_output_path(out, "--out", directory=True)
     try:
         entry = write_shards(
             store,

@@ -14,7 +14,17 @@ from typing import Annotated
 
 import typer
 
-from ecgplat.cli.apps import app, evaluate_app, fail, index_app
+from ecgplat.cli.apps import (
+    Device,
+    IdentSide,
+    Level,
+    app,
+    check_device,
+    check_output_path,
+    evaluate_app,
+    fail,
+    index_app,
+)
 
 _ERRORS = (FileNotFoundError, ValueError, KeyError)
 
@@ -55,7 +65,7 @@ def embed(
         ),
     ] = False,
     batch_size: Annotated[int, typer.Option(min=1, help="Segments per forward pass.")] = 64,
-    device: Annotated[str, typer.Option(help="auto (GPU when present), cpu or cuda.")] = "auto",
+    device: Annotated[Device, typer.Option(help="auto (GPU when present), cpu or cuda.")] = "auto",
 ) -> None:
     """Embed every stored ECG (per 5 s segment and per record) with a checkpoint."""
     from retrieval.embed import embed_store
@@ -63,6 +73,7 @@ def embed(
 
     if not checkpoint.is_file():
         fail(f"{checkpoint}: no such checkpoint file")
+    check_device(device)
     try:
         result = embed_store(
             store,
@@ -94,9 +105,9 @@ def index_build(
         ),
     ],
     split: Annotated[
-        str,
+        IdentSide,
         typer.Option(
-            help="Which records to index: gallery, probe or all (the store's ident_split)."
+            help="Which records to index: gallery, probe or all (the store's ident_split).",
         ),
     ] = "gallery",
     kind: Annotated[
@@ -107,7 +118,10 @@ def index_build(
         ),
     ] = "flat",
     level: Annotated[
-        str, typer.Option(help="record (one vector per record) or segment (one per 5 s segment).")
+        Level,
+        typer.Option(
+            help="record (one vector per record) or segment (one per 5 s segment).",
+        ),
     ] = "record",
 ) -> None:
     """Build a FAISS index over the embeddings of a store split."""
@@ -115,10 +129,7 @@ def index_build(
 
     if kind not in INDEX_KINDS:
         fail(f"unknown --kind {kind!r}; choose one of {', '.join(INDEX_KINDS)}")
-    if level not in ("record", "segment"):
-        fail(f"unknown --level {level!r}; choose record or segment")
-    if split not in ("gallery", "probe", "all"):
-        fail(f"unknown --split {split!r}; choose gallery, probe or all")
+    check_output_path(out, "--out", directory=False)
     try:
         index = index_from_features(store, features, split=split, kind=kind, level=level)
         path = index.save(out)
@@ -147,6 +158,8 @@ def evaluate_identify(
     """Patient identification: Rank-1/5/10 and mAP per record and per segment."""
     from retrieval.evaluate import evaluate_identification
 
+    if plot is not None:
+        check_output_path(plot, "--plot", directory=False)
     try:
         result = evaluate_identification(store, features, leads=leads, plot=plot, progress=True)
     except _ERRORS as e:
@@ -217,6 +230,8 @@ def query(
 
     if (record is None) == (file is None):
         fail("give exactly one of --record KEY or --file PATH.hea")
+    if plot is not None:
+        check_output_path(plot, "--plot", directory=False)
     try:
         idx = GalleryIndex.load(index)
         if record is not None:
