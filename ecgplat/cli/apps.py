@@ -3,8 +3,8 @@ messages with a non-zero exit status.
 
 Every command runs inside `GuardedGroup.invoke`. An error the user can fix (a missing or
 unreadable file, an error type of ecgplat's own packages, or a ValueError / LookupError /
-RuntimeError raised by ecgplat's own validation) becomes ``error: <first line of the message>``
-on stderr and exit status 2. Anything else is a bug: it exits with status 1 and a one-line
+RuntimeError that a `raise` statement of ecgplat's own code raised) becomes
+``error: <first line of the message>`` on stderr and exit status 2. Anything else is a bug: it exits with status 1 and a one-line
 ``unexpected <Type> at <file:line>`` that leaves out the exception text (third-party messages
 can quote data values, e.g. a raw patient id) and tells how to get the traceback: rerun with
 ``ECGPLAT_DEBUG=1``, which lets every exception propagate.
@@ -12,6 +12,7 @@ can quote data values, e.g. a raw patient id) and tells how to get the traceback
 
 from __future__ import annotations
 
+import linecache
 import os
 from pathlib import Path
 from typing import Literal
@@ -46,11 +47,16 @@ def _project_frames(exc: BaseException) -> list:
 
 
 def _raised_by_project(exc: BaseException) -> bool:
+    """Whether a `raise` statement of ecgplat's own code raised `exc` (not, say, a `float()` on
+    a data value inside it, whose message would quote the value)."""
     tb = exc.__traceback__
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
-    module = "" if tb is None else str(tb.tb_frame.f_globals.get("__name__", ""))
-    return module.split(".")[0] in PROJECT_PACKAGES
+    if tb is None:
+        return False
+    module = str(tb.tb_frame.f_globals.get("__name__", ""))
+    line = linecache.getline(tb.tb_frame.f_code.co_filename, tb.tb_lineno)
+    return module.split(".")[0] in PROJECT_PACKAGES and line.lstrip().startswith("raise")
 
 
 def describe_error(exc: Exception) -> tuple[str, bool]:

@@ -98,6 +98,8 @@ def ingest(
             "interrupted; everything committed so far is kept: re-run the same command to resume",
             code=130,
         )
+    if summary["records"] + summary["skipped"] + sum(summary["rejected"].values()) == 0:
+        fail(f"{src}: no {corpus} records found here (is it the right corpus and folder?)")
     if as_json:
         typer.echo(json.dumps(summary, indent=1))
         return
