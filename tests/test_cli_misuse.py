@@ -77,6 +77,8 @@ CASES: list[tuple[str, list[str], int]] = [
     ("ingest cinc2021 {cohort} --store {tmp}/s --workers -1", ["--workers"], 2),
     ("ingest cinc2021 {cohort} --store {tmp}/s --batch-size 0", ["--batch-size"], 2),
     ("ingest cinc2021 {cohort} --store {tmp}/s --limit 0", ["--limit"], 2),
+    ("ingest cinc2021 {cohort} --store {tmp}/s --scheduler nohost --no-progress",
+     ["nohost"], 2),
     # --- split -----------------------------------------------------------------------------
     ("split {tmp}/nostore", ["nostore", "no ecgplat store"], 2),
     ("split {afile}", ["afile", "no ecgplat store"], 2),
@@ -139,6 +141,7 @@ CASES: list[tuple[str, list[str], int]] = [
     ("train pretrain --shards {shards} --out {tmp}/r device=tpu", ["device", "tpu"], 2),
     ("train pretrain --shards {shards} --out {tmp}/r logging.wandb_mode=bogus",
      ["logging.wandb_mode", "bogus"], 2),
+    ("train pretrain --shards {shards} --out {tmp}/r device=cuda", [GPU, "device=cuda"], 2),
     ("train pretrain --config nosuchpreset --shards {shards} --out {tmp}/r", ["nosuchpreset"], 2),
     ("train diagnosis --store {tmp}/nostore --shards {shards} --out {tmp}/r",
      ["--store", "nostore", "no ecgplat store"], 2),

@@ -24,7 +24,7 @@ DEFAULT_PRESET = {
 
 def check_run_paths(cfg) -> None:
     """ConfigError for a store, checkpoint or shard directory named in the config that does not
-    exist, before anything is written or trained."""
+    exist, or for device=cuda without a GPU, before anything is written or trained."""
     from ecgplat.config import ConfigError
 
     for option, key, value in (
@@ -36,6 +36,11 @@ def check_run_paths(cfg) -> None:
     init = cfg.finetune.init
     if init and init != "none" and not Path(init).is_file():
         raise ConfigError(f"--init (finetune.init) {init}: no such checkpoint file")
+    if cfg.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("device=cuda: no CUDA device is available here (use auto or cpu)")
     shards = str(cfg.data.shards)
     is_pattern = shards.startswith("pipe:") or "{" in shards or shards.endswith(".tar")
     if shards and not is_pattern and not Path(shards).is_dir():
