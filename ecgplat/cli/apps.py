@@ -4,10 +4,10 @@ messages with a non-zero exit status.
 Every command runs inside `GuardedGroup.invoke`. An error the user can fix (a missing or
 unreadable file, an error type of ecgplat's own packages, or a ValueError / LookupError /
 RuntimeError that a `raise` statement of ecgplat's own code raised) becomes
-``error: <first line of the message>`` on stderr and exit status 2. Anything else is a bug: it exits with status 1 and a one-line
-``unexpected <Type> at <file:line>`` that leaves out the exception text (third-party messages
-can quote data values, e.g. a raw patient id) and tells how to get the traceback: rerun with
-``ECGPLAT_DEBUG=1``, which lets every exception propagate.
+``error: <first line of the message>`` on stderr and exit status 2. Anything else is a bug: it
+exits with status 1 and a one-line ``unexpected <Type> at <file:line>`` that leaves out the
+exception text (third-party messages can quote data values, e.g. a raw patient id) and tells
+how to get the traceback: rerun with ``ECGPLAT_DEBUG=1``, which lets every exception propagate.
 """
 
 from __future__ import annotations
