@@ -492,3 +492,31 @@ def test_debug_env_and_console_script(world, tmp_path):
         check=False,
     )
     assert proc.returncode == 2 and "labels must be numeric" in proc.stderr
+
+
+def test_a_bug_exits_1_with_the_debug_hint():
+    """A command that hits a third-party error (a bug, not a misuse) under the same group class:
+    exit 1, one line without the exception text; ECGPLAT_DEBUG=1 lets it propagate."""
+    import typer
+
+    from ecgplat.cli.apps import GuardedGroup
+
+    buggy = typer.Typer(cls=GuardedGroup, add_completion=False)
+
+    @buggy.command()
+    def reshape(n: int = 3) -> None:
+        np.zeros(n).reshape(2, 2)
+
+    @buggy.command()
+    def other() -> None:  # a second command keeps `reshape` a sub-command
+        pass
+
+    r = runner.invoke(buggy, ["reshape"], env={"ECGPLAT_DEBUG": None})
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit)
+    assert r.stderr.startswith("error: unexpected ValueError") and "ECGPLAT_DEBUG=1" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "size 3" not in r.stderr
+    assert "apps.py" not in r.stderr  # the handler is not where the bug is
+    r = runner.invoke(buggy, ["reshape"], env={"ECGPLAT_DEBUG": "1"})
+    assert isinstance(r.exception, ValueError) and "size 3" in str(r.exception)
+    r = runner.invoke(buggy, ["reshape", "--n", "4"], env={"ECGPLAT_DEBUG": None})
+    assert r.exit_code == 0

@@ -36,11 +36,12 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _project_frames(exc: BaseException) -> list:
-    """The traceback entries of `exc` that run code of ecgplat's own packages."""
+    """The traceback entries of `exc` that run code of ecgplat's own packages (but not this
+    module's handler)."""
     frames, tb = [], exc.__traceback__
     while tb is not None:
         module = str(tb.tb_frame.f_globals.get("__name__", ""))
-        if module.split(".")[0] in PROJECT_PACKAGES:
+        if module.split(".")[0] in PROJECT_PACKAGES and module != __name__:
             frames.append(tb)
         tb = tb.tb_next
     return frames
