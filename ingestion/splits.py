@@ -147,6 +147,11 @@ def split_store(
         split[selected] = strat_fold_split(frame["strat_fold"][selected])
     if ident:
         take = selected & (split == ident_within if ident_within else True)
+        if ident_within and not take.any():
+            raise ValueError(
+                f"{store}: ident_within={ident_within!r}: no selected record is in that split "
+                "(train, valid or test), so there is nothing to assign gallery/probe to"
+            )
         ident_split[selected] = ""
         ident_split[take] = gallery_probe(frame["patient_key"][take], first_two=ident_first_two)
     with StoreWriter(store, create=False) as writer:

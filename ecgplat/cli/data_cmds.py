@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from ecgplat.cli.apps import app, fail
+from ecgplat.cli.apps import SplitName, app, check_output_path, fail, require_store
 
 CORPUS_NAMES = ("cinc2021", "ptbxl", "wfdb", "cpsc2021")
 CORPUS_NAMES += ("ludb", "code15", "numpy")  # corpora of issue 12
@@ -37,6 +37,7 @@ def synth(
     """Write a synthetic 12-lead cohort in the CinC 2021 format (WFDB header + MATLAB v4)."""
     from ingestion.synth import summarize, write_cohort
 
+    check_output_path(out, "OUT", directory=True)
     try:
         manifest = write_cohort(out, patients, records_per_patient, seconds=seconds, seed=seed)
     except (FileExistsError, ValueError, OSError) as e:
@@ -113,8 +114,11 @@ def ingest(
     """
     if corpus not in CORPUS_NAMES:
         fail(f"unknown corpus {corpus!r}; choose one of {', '.join(CORPUS_NAMES)}")
-    if not (src.is_dir() or (corpus == "numpy" and src.is_file())):
+    if not src.exists():
         fail(f"{src}: source directory does not exist")
+    if not (src.is_dir() or (corpus == "numpy" and src.is_file())):
+        fail(f"{src}: the source is a file, not a directory")
+    check_output_path(store, "--store", directory=True)
     if allow_outside and not follow_symlinks:
         fail("--allow-outside needs --follow-symlinks")
     if min_fs > max_fs:
@@ -152,6 +156,8 @@ def ingest(
             "interrupted; everything committed so far is kept: re-run the same command to resume",
             code=130,
         )
+    if summary["records"] + summary["skipped"] + sum(summary["rejected"].values()) == 0:
+        fail(f"{src}: no {corpus} records found here (is it the right corpus and folder?)")
     if as_json:
         typer.echo(json.dumps(summary, indent=1))
         return
@@ -198,8 +204,10 @@ def split(
         ),
     ] = False,
     ident_within: Annotated[
-        str | None,
-        typer.Option(help="Only records of this split take part in gallery/probe (e.g. test)."),
+        SplitName | None,
+        typer.Option(
+            help="Only records of this split take part in gallery/probe (implies --ident).",
+        ),
     ] = None,
     source: Annotated[
         list[str] | None,
@@ -211,8 +219,7 @@ def split(
     """Assign record-level train/valid/test splits (and gallery/probe) inside the store."""
     from ingestion.splits import split_store
 
-    if not (store / "zarr.json").is_file():
-        fail(f"{store}: no ecgplat store here")
+    require_store(store)
     try:
         summary = split_store(
             store,
@@ -220,7 +227,7 @@ def split(
             valid=valid,
             test=test,
             seed=seed,
-            ident=ident or ident_first_two,
+            ident=ident or ident_first_two or ident_within is not None,
             ident_first_two=ident_first_two,
             sources=source,
             ident_within=ident_within,
@@ -254,8 +261,8 @@ def shards(
     from ecgplat.store import StoreBusyError
     from ingestion.shards import write_shards
 
-    if not (store / "zarr.json").is_file():
-        fail(f"{store}: no ecgplat store here")
+    require_store(store)
+    check_output_path(out, "--out", directory=True)
     try:
         entry = write_shards(
             store,

@@ -11,7 +11,18 @@ from typing import Annotated
 
 import typer
 
-from ecgplat.cli.apps import PRECISION_HELP, Precision, app, evaluate_app, fail
+from ecgplat.cli.apps import (
+    PRECISION_HELP,
+    Device,
+    Level,
+    Precision,
+    WandbMode,
+    app,
+    check_device,
+    check_output_path,
+    evaluate_app,
+    fail,
+)
 
 _OVERALL = (
     "challenge_score",
@@ -78,18 +89,34 @@ def _load_predictions(path: Path):
                     f"{path}: missing array(s) {', '.join(missing)} (expected labels, "
                     "probabilities, record_keys)"
                 )
-            labels = data["labels"].astype(bool)
-            probs = data["probabilities"].astype(np.float64)
+            labels, probs = data["labels"], data["probabilities"]
             keys = data["record_keys"] if "record_keys" in data.files else None
-    except (OSError, ValueError) as exc:
-        fail(f"{path}: not a readable .npz predictions file ({exc})")
+    except (OSError, ValueError, EOFError) as exc:
+        fail(f"{path}: not a readable .npz predictions file ({type(exc).__name__})")
+    _check_predictions(path, labels, probs, keys)
+    return labels.astype(bool), probs.astype(np.float64), keys
+
+
+def _check_predictions(path: Path, labels, probs, keys) -> None:
+    """Fail unless labels are 0/1 (N, C), probabilities finite numbers in [0, 1] of the same
+    shape with N >= 1, and record_keys (when present) one per row."""
+    import numpy as np
+
+    for name, array in (("labels", labels), ("probabilities", probs)):
+        if array.dtype.kind not in "biuf":
+            fail(f"{path}: {name} must be numeric, got dtype {array.dtype}")
     if labels.ndim != 2 or labels.shape != probs.shape:
         fail(f"{path}: labels {labels.shape} and probabilities {probs.shape} must both be (N, 26)")
-    if keys is not None and len(keys) != len(labels):
-        fail(f"{path}: record_keys has {len(keys)} entries for {len(labels)} rows")
+    if len(labels) == 0:
+        fail(f"{path}: no rows to score (labels and probabilities are empty)")
+    if not np.isin(labels, (0, 1)).all():
+        fail(f"{path}: labels must be 0/1 (or boolean)")
     if not np.isfinite(probs).all():
         fail(f"{path}: probabilities contain NaN or infinite values")
-    return labels, probs, keys
+    if probs.min() < 0 or probs.max() > 1:
+        fail(f"{path}: probabilities must lie in [0, 1]")
+    if keys is not None and len(keys) != len(labels):
+        fail(f"{path}: record_keys has {len(keys)} entries for {len(labels)} rows")
 
 
 @app.command("score")
@@ -105,7 +132,7 @@ def score(
         bool, typer.Option("--json", help="Print the metrics as one JSON object instead of tables.")
     ] = False,
     level: Annotated[
-        str,
+        Level,
         typer.Option(
             help="record: average the probabilities of rows sharing a record key first; "
             "segment: score every row (the paper's unit)."
@@ -119,8 +146,6 @@ def score(
     """Rescore a predictions file: CinC 2021 challenge score, AUROC/AUPRC, F1, exact-match accuracy."""
     from training.metrics import aggregate_records, classification_report
 
-    if level not in ("record", "segment"):
-        fail(f"--level must be 'record' or 'segment', got {level!r}")
     labels, probs, keys = _load_predictions(predictions)
     if labels.shape[1] != 26:
         fail(f"{predictions}: expected 26 classes, got {labels.shape[1]}")
@@ -162,16 +187,21 @@ def evaluate_diagnosis_cmd(
         bool, typer.Option("--json", help="Print the metrics as one JSON object instead of tables.")
     ] = False,
     batch_size: Annotated[int, typer.Option(min=1, help="Segments per inference batch.")] = 64,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    device: Annotated[Device, typer.Option(help="auto (GPU when present), cpu or cuda.")] = "auto",
     precision: Annotated[Precision, typer.Option(help=PRECISION_HELP)] = Precision.auto,
     wandb_mode: Annotated[
-        str, typer.Option(help="W&B mode for logging the metrics: offline, online or disabled.")
+        WandbMode,
+        typer.Option(
+            help="W&B mode for logging the metrics: offline, online or disabled.",
+        ),
     ] = "disabled",
 ) -> None:
     """Evaluate a diagnosis model on a store split, at segment and record level."""
     from training.evaluate_diagnosis import EvaluationError, evaluate_diagnosis
 
     out_dir = out if out is not None else checkpoint.parent / f"eval-{split}"
+    check_device(device)
+    check_output_path(out_dir, "--out", directory=True)
     try:
         summary = evaluate_diagnosis(
             checkpoint,

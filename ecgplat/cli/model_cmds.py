@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from ecgplat.cli.apps import app, fail, import_app
+from ecgplat.cli.apps import app, check_output_path, fail, import_app
 
 
 @app.command("models")
@@ -58,6 +58,7 @@ def import_fairseq_cmd(
     """Convert a fairseq-signals W2V(+CMSC) checkpoint: encoder, quantizer, project_q and final_proj."""
     if out.exists() and not force:
         fail(f"{out}: already exists (use --force to overwrite)")
+    check_output_path(out, "OUT", directory=False)
     from training.models.checkpoint import load_checkpoint
     from training.models.fairseq_import import import_fairseq_checkpoint
 

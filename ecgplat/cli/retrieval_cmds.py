@@ -14,7 +14,19 @@ from typing import Annotated
 
 import typer
 
-from ecgplat.cli.apps import PRECISION_HELP, Precision, app, evaluate_app, fail, index_app
+from ecgplat.cli.apps import (
+    PRECISION_HELP,
+    Device,
+    IdentSide,
+    Level,
+    Precision,
+    app,
+    check_device,
+    check_output_path,
+    evaluate_app,
+    fail,
+    index_app,
+)
 
 _ERRORS = (FileNotFoundError, ValueError, KeyError)
 
@@ -58,7 +70,7 @@ def embed(
         int | None,
         typer.Option(min=1, help="Segments per forward pass (default: sized to the model)."),
     ] = None,
-    device: Annotated[str, typer.Option(help="auto (GPU when present), cpu or cuda.")] = "auto",
+    device: Annotated[Device, typer.Option(help="auto (GPU when present), cpu or cuda.")] = "auto",
     precision: Annotated[Precision, typer.Option(help=PRECISION_HELP)] = Precision.auto,
 ) -> None:
     """Embed every stored ECG (per 5 s segment and per record) with a checkpoint."""
@@ -68,6 +80,7 @@ def embed(
 
     if not checkpoint.is_file():
         fail(f"{checkpoint}: no such checkpoint file")
+    check_device(device)
     try:
         result = embed_store(
             store,
@@ -101,9 +114,9 @@ def index_build(
         ),
     ],
     split: Annotated[
-        str,
+        IdentSide,
         typer.Option(
-            help="Which records to index: gallery, probe or all (the store's ident_split)."
+            help="Which records to index: gallery, probe or all (the store's ident_split).",
         ),
     ] = "gallery",
     kind: Annotated[
@@ -114,7 +127,10 @@ def index_build(
         ),
     ] = "flat",
     level: Annotated[
-        str, typer.Option(help="record (one vector per record) or segment (one per 5 s segment).")
+        Level,
+        typer.Option(
+            help="record (one vector per record) or segment (one per 5 s segment).",
+        ),
     ] = "record",
 ) -> None:
     """Build a FAISS index over the embeddings of a store split."""
@@ -122,10 +138,7 @@ def index_build(
 
     if kind not in INDEX_KINDS:
         fail(f"unknown --kind {kind!r}; choose one of {', '.join(INDEX_KINDS)}")
-    if level not in ("record", "segment"):
-        fail(f"unknown --level {level!r}; choose record or segment")
-    if split not in ("gallery", "probe", "all"):
-        fail(f"unknown --split {split!r}; choose gallery, probe or all")
+    check_output_path(out, "--out", directory=False)
     try:
         index = index_from_features(store, features, split=split, kind=kind, level=level)
         path = index.save(out)
@@ -158,6 +171,8 @@ def evaluate_identify(
     """Patient identification: Rank-1/5/10 and mAP per record and per segment."""
     from retrieval.evaluate import evaluate_identification
 
+    if plot is not None:
+        check_output_path(plot, "--plot", directory=False)
     try:
         result = evaluate_identification(
             store,
@@ -232,6 +247,8 @@ def query(
 
     if (record is None) == (file is None):
         fail("give exactly one of --record KEY or --file PATH.hea")
+    if plot is not None:
+        check_output_path(plot, "--plot", directory=False)
     try:
         idx = GalleryIndex.load(index)
         if record is not None:

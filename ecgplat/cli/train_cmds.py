@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from ecgplat.cli.apps import app, fail
+from ecgplat.cli.apps import app, check_output_path, fail
 
 TASKS = ("pretrain", "diagnosis", "identify")
 DEFAULT_PRESET = {
@@ -20,6 +20,31 @@ DEFAULT_PRESET = {
     "diagnosis": "diagnosis",
     "identify": "identification",
 }
+
+
+def check_run_paths(cfg) -> None:
+    """ConfigError for a store, checkpoint or shard directory named in the config that does not
+    exist, or for device=cuda without a GPU, before anything is written or trained."""
+    from ecgplat.config import ConfigError
+
+    for option, key, value in (
+        ("--store", "data.store", cfg.data.store),
+        ("--exclude-overlap", "finetune.leakage_exclude_store", cfg.finetune.leakage_exclude_store),
+    ):
+        if value and not (Path(value) / "zarr.json").is_file():
+            raise ConfigError(f"{option} ({key}) {value}: no ecgplat store here")
+    init = cfg.finetune.init
+    if init and init != "none" and not Path(init).is_file():
+        raise ConfigError(f"--init (finetune.init) {init}: no such checkpoint file")
+    if cfg.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("device=cuda: no CUDA device is available here (use auto or cpu)")
+    shards = str(cfg.data.shards)
+    is_pattern = shards.startswith("pipe:") or "{" in shards or shards.endswith(".tar")
+    if shards and not is_pattern and not Path(shards).is_dir():
+        raise ConfigError(f"--shards (data.shards) {shards}: no such shard directory")
 
 
 def resolve_run_config(
@@ -60,6 +85,7 @@ def resolve_run_config(
                     f"holds it); pass key=value overrides instead"
                 )
         cfg.out = str(out)
+        check_run_paths(cfg)
         return cfg
     if (out / "checkpoint_last.pt").exists():
         raise FileExistsError(
@@ -82,6 +108,7 @@ def resolve_run_config(
     cfg.validate()
     if not cfg.data.shards:
         raise ConfigError("no shard directory: pass --shards DIR")
+    check_run_paths(cfg)
     return cfg
 
 
@@ -168,6 +195,7 @@ def train_command(
 
     if task not in TASKS:
         fail(f"unknown task '{task}'; choose one of {', '.join(TASKS)}")
+    check_output_path(out, "--out", directory=True)
     try:
         cfg = resolve_run_config(
             task,

@@ -1,0 +1,522 @@
+"""Every wrong invocation of `ecgplat` ends in a short error, a non-zero exit and no traceback.
+
+CASES below is the table of misuses, one row per wrong invocation: (command line, fragments
+that the output must contain, exit status). Each new command adds its own rows here. A row's
+command line may use these placeholders, all built once per module from the bundled data:
+
+  {store}   a split feature store (copy of the synthetic cohort) with features/emb
+  {cohort}  the synthetic CinC 2021 cohort the store was ingested from
+  {shards}  train/valid shards of the store         {run}    a finished diagnosis run directory
+  {pt}      a pretraining checkpoint                 {dx}     a diagnosis checkpoint
+  {idx}     a FAISS gallery index (prefix)           {fs}     a fairseq-signals checkpoint
+  {afile}   a plain text file (a path under it has a file as parent)
+  {empty}   an empty directory                       {tmp}    a fresh directory for outputs
+  {ptbxl_notroot} {ptbxl_garbage} {ptbxl_columns} {ptbxl_norows}: PTB-XL roots gone wrong
+  {npz_<name>}  a predictions file from NPZ below
+
+Errors raised by ecgplat itself are one `error: ...` line on stderr; usage errors found by the
+argument parser (a bad choice or range) come in typer's usage panel. Either way the output
+names the offending option, argument or file, and never carries a raw patient identifier.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from ecgplat.cli import app
+from ecgplat.cli.apps import describe_error
+
+RAW_ID = "SYN0"  # the synthetic cohort's raw patient ids are SYN00001...
+REPO = Path(__file__).parents[1]
+FAIRSEQ_CKPT = REPO / "tests" / "fixtures" / "fairseq_signals" / "w2v_cmsc_rlm_tiny.pt"
+PRETRAINED = REPO / "tests" / "fixtures" / "pretrained_tiny" / "w2v_cmsc_rlm_tiny_synth.pt"
+GPU = "cuda-present"  # marks a row that only is a misuse on a machine without CUDA
+
+# fmt: off
+CASES: list[tuple[str, list[str], int]] = [
+    # --- top level -------------------------------------------------------------------------
+    ("bogus", ["No such command", "bogus"], 2),
+    ("evaluate bogus", ["No such command", "bogus"], 2),
+    ("index bogus", ["No such command", "bogus"], 2),
+    ("import bogus-format x y", ["No such command", "bogus-format"], 2),
+    # --- synth -----------------------------------------------------------------------------
+    ("synth", ["Missing argument", "OUT"], 2),
+    ("synth {store}", ["not empty"], 2),
+    ("synth {afile}/cohort", ["OUT", "is a file, not a directory"], 2),
+    ("synth {tmp}/c --patients 0", ["--patients"], 2),
+    ("synth {tmp}/c --seconds 0", ["--seconds"], 2),
+    ("synth {tmp}/c --patients many", ["--patients", "valid integer"], 2),
+    # --- ingest ----------------------------------------------------------------------------
+    ("ingest nope {cohort} --store {tmp}/s", ["unknown corpus", "nope"], 2),
+    ("ingest cinc2021 {tmp}/missing --store {tmp}/s", ["missing", "does not exist"], 2),
+    ("ingest cinc2021 {afile} --store {tmp}/s", ["afile", "not a directory"], 2),
+    ("ingest cinc2021 {cohort}", ["Missing option", "--store"], 2),
+    ("ingest cinc2021 {empty} --store {tmp}/s --workers 0 --no-progress",
+     ["empty", "no cinc2021 records"], 2),
+    ("ingest ptbxl {ptbxl_notroot} --store {tmp}/s --workers 0 --no-progress",
+     ["ptbxl_database.csv", "not a PTB-XL root"], 2),
+    ("ingest ptbxl {ptbxl_garbage} --store {tmp}/s --workers 0 --no-progress",
+     ["ptbxl_database.csv", "cannot read"], 2),
+    ("ingest ptbxl {ptbxl_columns} --store {tmp}/s --workers 0 --no-progress",
+     ["ptbxl_database.csv", "missing columns", "filename_hr"], 2),
+    ("ingest ptbxl {ptbxl_norows} --store {tmp}/s --workers 0 --no-progress",
+     ["no ptbxl records"], 2),
+    ("ingest cinc2021 {cohort} --store {afile}/s --workers 0", ["--store", "is a file"], 2),
+    ("ingest cinc2021 {cohort} --store {afile} --workers 0", ["--store", "is a file"], 2),
+    ("ingest cinc2021 {cohort} --store {shards} --workers 0 --no-progress",
+     ["shards", "not an ecgplat store"], 2),
+    ("ingest cinc2021 {cohort} --store {tmp}/s --workers -1", ["--workers"], 2),
+    ("ingest cinc2021 {cohort} --store {tmp}/s --batch-size 0", ["--batch-size"], 2),
+    ("ingest cinc2021 {cohort} --store {tmp}/s --limit 0", ["--limit"], 2),
+    ("ingest cinc2021 {cohort} --store {tmp}/s --scheduler nohost --no-progress",
+     ["nohost"], 2),
+    # --- split -----------------------------------------------------------------------------
+    ("split {tmp}/nostore", ["nostore", "no ecgplat store"], 2),
+    ("split {afile}", ["afile", "no ecgplat store"], 2),
+    ("split {store} --mode bogus", ["unknown split mode", "bogus"], 2),
+    ("split {store} --ident-within bogus", ["--ident-within", "bogus"], 2),
+    ("split {store} --ident-within valid --valid 0", ["ident_within", "valid"], 2),
+    ("split {store} --valid 1.5", ["--valid"], 2),
+    ("split {store} --valid 0.6 --test 0.6", ["valid", "test", "sum to < 1"], 2),
+    ("split {store} --source nosuch", ["nosuch"], 2),
+    # --- shards ----------------------------------------------------------------------------
+    ("shards {tmp}/nostore --split train --out {tmp}/o", ["no ecgplat store"], 2),
+    ("shards {store} --split nosuch --out {tmp}/o --no-progress", ["no records in split"], 2),
+    ("shards {store} --split train --out {afile}/o", ["--out", "is a file, not a directory"], 2),
+    ("shards {store} --split train --out {afile}", ["--out", "is a file, not a directory"], 2),
+    ("shards {store} --split train --out {tmp}/o --max-size lots", ["bad size", "lots"], 2),
+    ("shards {store} --split train --out {tmp}/o --max-count 0", ["--max-count"], 2),
+    ("shards {store} --split train --out {tmp}/o --name a/b --no-progress",
+     ["bad shard name", "a/b"], 2),
+    ("shards {store} --out {tmp}/o", ["Missing option", "--split"], 2),
+    # --- info ------------------------------------------------------------------------------
+    ("info {tmp}/nostore", ["nostore", "no ecgplat store"], 2),
+    ("info {afile}", ["afile", "no ecgplat store"], 2),
+    ("info {empty}", ["no ecgplat store"], 2),
+    ("info", ["Missing argument", "STORE"], 2),
+    # --- score -----------------------------------------------------------------------------
+    ("score {tmp}/nope.npz", ["nope.npz", "no such predictions file"], 2),
+    ("score {empty}", ["no such predictions file"], 2),
+    ("score {npz_strings}", ["strings.npz", "labels", "numeric"], 2),
+    ("score {npz_empty}", ["empty.npz", "no rows"], 2),
+    ("score {npz_nothing}", ["nothing.npz", "missing array"], 2),
+    ("score {afile}", ["afile", "not a readable .npz"], 2),
+    ("score {npz_shapes}", ["shapes.npz", "(N, 26)"], 2),
+    ("score {npz_nan}", ["nan.npz", "NaN"], 2),
+    ("score {npz_twos}", ["twos.npz", "labels must be 0/1"], 2),
+    ("score {npz_range}", ["range.npz", "[0, 1]"], 2),
+    ("score {npz_nokeys}", ["nokeys.npz", "record_keys"], 2),
+    ("score {npz_classes25}", ["classes25.npz", "26 classes"], 2),
+    ("score {npz_keys}", ["keys.npz", "record_keys has 3 entries"], 2),
+    ("score {npz_pickled}", ["pickled.npz", "not a readable .npz"], 2),
+    ("score {npz_ok} --level bogus", ["--level", "bogus"], 2),
+    ("score {npz_ok} --threshold 2", ["--threshold"], 2),
+    # --- models ----------------------------------------------------------------------------
+    ("models extra", ["unexpected extra argument", "extra"], 2),
+    ("models --bogus", ["No such option", "--bogus"], 2),
+    # --- import ----------------------------------------------------------------------------
+    ("import fairseq-signals {tmp}/nope.pt {tmp}/o.pt", ["nope.pt", "no such file"], 2),
+    ("import fairseq-signals {afile} {tmp}/o.pt", ["afile", "not a loadable torch checkpoint"], 2),
+    ("import fairseq-signals {pt} {tmp}/o.pt", ["pretrain.pt", "hydra-era"], 2),
+    ("import fairseq-signals {fs} {pt}", ["pretrain.pt", "already exists"], 2),
+    ("import fairseq-signals {fs} {afile}/o.pt", ["OUT", "is a file, not a directory"], 2),
+    ("import fairseq-signals {fs}", ["Missing argument", "OUT"], 2),
+    # --- train -----------------------------------------------------------------------------
+    ("train bogus --out {tmp}/r", ["unknown task", "bogus"], 2),
+    ("train pretrain --shards {shards}", ["Missing option", "--out"], 2),
+    ("train pretrain --out {tmp}/r", ["no shard directory", "--shards"], 2),
+    ("train pretrain --shards {tmp}/noshards --out {tmp}/r", ["--shards", "noshards"], 2),
+    ("train pretrain --shards {shards} --out {tmp}/r optim.bogus=1", ["optim.bogus"], 2),
+    ("train pretrain --shards {shards} --out {tmp}/r optim.lr=fast", ["optim.lr", "fast"], 2),
+    ("train pretrain --shards {shards} --out {tmp}/r noequals", ["noequals"], 2),
+    ("train pretrain --shards {shards} --out {tmp}/r device=tpu", ["device", "tpu"], 2),
+    ("train pretrain --shards {shards} --out {tmp}/r logging.wandb_mode=bogus",
+     ["logging.wandb_mode", "bogus"], 2),
+    ("train pretrain --shards {shards} --out {tmp}/r device=cuda", [GPU, "device=cuda"], 2),
+    ("train pretrain --config nosuchpreset --shards {shards} --out {tmp}/r", ["nosuchpreset"], 2),
+    ("train diagnosis --store {tmp}/nostore --shards {shards} --out {tmp}/r",
+     ["--store", "nostore", "no ecgplat store"], 2),
+    ("train identify --exclude-overlap {tmp}/nostore --shards {shards} --out {tmp}/r",
+     ["--exclude-overlap", "nostore"], 2),
+    ("train diagnosis --init {tmp}/nope.pt --shards {shards} --out {tmp}/r",
+     ["--init", "nope.pt", "no such checkpoint"], 2),
+    ("train pretrain --shards {shards} --out {afile}/r",
+     ["--out", "is a file, not a directory"], 2),
+    ("train pretrain --shards {shards} --out {afile}", ["--out", "is a file, not a directory"], 2),
+    ("train pretrain --out {tmp}/r --resume", ["no checkpoint_last.pt", "resume"], 2),
+    ("train diagnosis --shards {shards} --out {run}", ["already holds a training run"], 2),
+    ("train diagnosis --out {run} --resume --leads 6", ["--leads cannot change"], 2),
+    ("train pretrain --out {run} --resume", ["'diagnosis' run"], 2),
+    # --- evaluate diagnosis ----------------------------------------------------------------
+    ("evaluate diagnosis --checkpoint {tmp}/nope.pt --store {store}", ["nope.pt"], 2),
+    ("evaluate diagnosis --checkpoint {pt} --store {store}", ["not a diagnosis model"], 2),
+    ("evaluate diagnosis --checkpoint {afile} --store {store}", ["afile"], 2),
+    ("evaluate diagnosis --checkpoint {dx} --store {tmp}/nostore", ["nostore"], 2),
+    ("evaluate diagnosis --checkpoint {dx} --store {store} --split nope",
+     ["nope", "no records"], 2),
+    ("evaluate diagnosis --checkpoint {dx} --store {store} --leads XX", ["--leads", "XX"], 2),
+    ("evaluate diagnosis --checkpoint {dx} --store {store} --device bogus",
+     ["--device", "bogus"], 2),
+    ("evaluate diagnosis --checkpoint {dx} --store {store} --device cuda",
+     [GPU, "--device", "cuda"], 2),
+    ("evaluate diagnosis --checkpoint {dx} --store {store} --wandb-mode bogus",
+     ["--wandb-mode", "bogus"], 2),
+    ("evaluate diagnosis --checkpoint {dx} --store {store} --out {afile}/o",
+     ["--out", "is a file, not a directory"], 2),
+    ("evaluate diagnosis --checkpoint {dx} --store {store} --batch-size 0", ["--batch-size"], 2),
+    ("evaluate diagnosis --checkpoint {dx}", ["Missing option", "--store"], 2),
+    # --- evaluate identify -----------------------------------------------------------------
+    ("evaluate identify --store {tmp}/nostore --features emb", ["nostore"], 2),
+    ("evaluate identify --store {store} --features zzz", ["no feature set 'zzz'"], 2),
+    ("evaluate identify --store {store} --features emb --plot {afile}/cmc.png",
+     ["--plot", "is a file, not a directory"], 2),
+    ("evaluate identify --store {store} --features emb --plot {empty}",
+     ["--plot", "is a directory"], 2),
+    ("evaluate identify --store {store} --features emb --leads XX", ["XX"], 2),
+    # --- embed -----------------------------------------------------------------------------
+    ("embed --checkpoint {tmp}/nope.pt --store {store} --name e2",
+     ["nope.pt", "no such checkpoint"], 2),
+    ("embed --checkpoint {afile} --store {store} --name e2", ["afile", "not a loadable"], 2),
+    ("embed --checkpoint {pt} --store {tmp}/nostore --name e2", ["nostore", "no ecgplat store"], 2),
+    ("embed --checkpoint {pt} --store {store} --name e2 --device cuda",
+     [GPU, "--device", "cuda"], 2),
+    ("embed --checkpoint {pt} --store {store} --name e2 --device tpu", ["--device", "tpu"], 2),
+    ("embed --checkpoint {pt} --store {store} --name e2 --leads XX", ["XX"], 2),
+    ("embed --checkpoint {pt} --store {store} --name a/b", ["bad feature set name", "a/b"], 2),
+    ("embed --checkpoint {pt} --store {store} --name e2 --batch-size 0", ["--batch-size"], 2),
+    ("embed --checkpoint {dx} --store {store} --name emb", ["emb", "--overwrite"], 2),
+    ("embed --checkpoint {pt} --store {store}", ["Missing option", "--name"], 2),
+    # --- index build -----------------------------------------------------------------------
+    ("index build --store {tmp}/nostore --features emb --out {tmp}/i", ["nostore"], 2),
+    ("index build --store {store} --features zzz --out {tmp}/i", ["zzz"], 2),
+    ("index build --store {store} --features emb --out {tmp}/i --kind bogus",
+     ["--kind", "bogus"], 2),
+    ("index build --store {store} --features emb --out {tmp}/i --level bogus",
+     ["--level", "bogus"], 2),
+    ("index build --store {store} --features emb --out {tmp}/i --split bogus",
+     ["--split", "bogus"], 2),
+    ("index build --store {store} --features emb --out {afile}/i",
+     ["--out", "is a file, not a directory"], 2),
+    ("index build --store {store} --features emb --out {empty}", ["--out", "is a directory"], 2),
+    # --- query -----------------------------------------------------------------------------
+    ("query --index {tmp}/nope.faiss --record x", ["nope.faiss"], 2),
+    ("query --index {idx}.faiss", ["exactly one of --record", "--file"], 2),
+    ("query --index {idx}.faiss --record a --file b.hea", ["exactly one of --record"], 2),
+    ("query --index {idx}.faiss --record cinc2021/nosuch", ["no record", "nosuch"], 2),
+    ("query --index {idx}.faiss --file {afile}", ["afile", ".hea"], 2),
+    ("query --index {idx}.faiss --file {tmp}/nope.hea", ["nope.hea", ".hea"], 2),
+    ("query --index {idx}.faiss --record {record} --plot {afile}/q.png",
+     ["--plot", "is a file, not a directory"], 2),
+    ("query --index {idx}.faiss --record {record} --k 0", ["--k"], 2),
+]
+# fmt: on
+
+NPZ = {  # name -> arrays of a predictions file that `score` must refuse (or accept: "ok")
+    "ok": dict(
+        labels=np.eye(4, 26, dtype=bool),
+        probabilities=np.full((4, 26), 0.25),
+        record_keys=np.array(["a", "b", "c", "d"]),
+    ),
+    "strings": dict(
+        labels=np.full((4, 26), "x"),
+        probabilities=np.full((4, 26), 0.25),
+        record_keys=np.array(["a", "b", "c", "d"]),
+    ),
+    "empty": dict(
+        labels=np.zeros((0, 26), bool),
+        probabilities=np.zeros((0, 26)),
+        record_keys=np.zeros(0, str),
+    ),
+    "nothing": {},
+    "shapes": dict(labels=np.zeros((4, 26), bool), probabilities=np.zeros((3, 26))),
+    "nan": dict(labels=np.zeros((2, 26), bool), probabilities=np.full((2, 26), np.nan)),
+    "twos": dict(labels=np.full((2, 26), 2), probabilities=np.zeros((2, 26))),
+    "range": dict(labels=np.zeros((2, 26), bool), probabilities=np.full((2, 26), 3.0)),
+    "nokeys": dict(labels=np.zeros((2, 26), bool), probabilities=np.zeros((2, 26))),
+    "classes25": dict(
+        labels=np.zeros((2, 25), bool),
+        probabilities=np.zeros((2, 25)),
+        record_keys=np.array(["a", "b"]),
+    ),
+    "keys": dict(
+        labels=np.zeros((2, 26), bool),
+        probabilities=np.zeros((2, 26)),
+        record_keys=np.array(["a", "b", "c"]),
+    ),
+    "pickled": dict(labels=np.array([{"x": 1}], dtype=object), probabilities=np.zeros((1, 26))),
+}
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def world(synth_cohort, synth_store, synth_shards, tmp_path_factory) -> dict[str, str]:
+    """The placeholders of CASES (module docstring), built once."""
+    import torch
+
+    from retrieval.embed import embed_store
+    from retrieval.index import index_from_features
+    from training.models.checkpoint import load_encoder, save_checkpoint
+    from training.models.classifier import DiagnosisModel
+
+    base = tmp_path_factory.mktemp("misuse")
+    store = base / "store"
+    shutil.copytree(synth_store, store)  # the session store stays read-only
+    pt = base / "pretrain.pt"
+    shutil.copy(PRETRAINED, pt)
+    embed_store(store, pt, "emb", progress=False)
+    index_from_features(store, "emb", split="gallery").save(base / "gallery")
+    torch.manual_seed(0)
+    model = DiagnosisModel(load_encoder(pt))
+    run = base / "run"
+    dx = save_checkpoint(
+        run / "checkpoint_last.pt",
+        kind="diagnosis",
+        encoder_config=model.encoder.cfg,
+        model=model.state_dict(),
+    )
+    (run / "config.yaml").write_text("task: diagnosis\n")
+    afile, empty = base / "afile", base / "empty"
+    afile.write_text("not what you think\n")
+    empty.mkdir()
+    roots = {}
+    for name, csv in (
+        ("notroot", None),
+        ("garbage", bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8))),
+        ("columns", b"ecg_id,age\n1,50\n"),
+        ("norows", b"ecg_id,patient_id,filename_hr,scp_codes\n"),
+    ):
+        root = base / f"ptbxl_{name}"
+        root.mkdir()
+        if csv is not None:
+            (root / "ptbxl_database.csv").write_bytes(csv)
+        roots[f"ptbxl_{name}"] = str(root)
+    npz = {}
+    for name, arrays in NPZ.items():
+        np.savez(base / f"{name}.npz", **arrays)
+        npz[f"npz_{name}"] = str(base / f"{name}.npz")
+    from ecgplat.store import open_store
+
+    gallery = open_store(store).select(ident_split="gallery")
+    record = str(open_store(store).records["record_key"].iloc[int(gallery[0])])
+    return {
+        "store": str(store),
+        "cohort": str(synth_cohort),
+        "shards": str(synth_shards),
+        "pt": str(pt),
+        "dx": str(dx),
+        "run": str(run),
+        "idx": str(base / "gallery"),
+        "fs": str(FAIRSEQ_CKPT),
+        "afile": str(afile),
+        "empty": str(empty),
+        "record": record,
+        **roots,
+        **npz,
+    }
+
+
+def _flat(text: str) -> str:
+    """Output with typer's panel borders removed and whitespace collapsed (panels wrap)."""
+    return " ".join(re.sub(r"[│╭╮╰╯─]", " ", text).split())
+
+
+@pytest.mark.parametrize("line, fragments, code", CASES, ids=[c[0] for c in CASES])
+def test_misuse(line, fragments, code, world, tmp_path):
+    if GPU in fragments:
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("CUDA is present: --device cuda is not a misuse here")
+        fragments = [f for f in fragments if f != GPU]
+    args = [a.format(tmp=tmp_path, **world) for a in line.split()]
+    r = runner.invoke(app, args, env={"ECGPLAT_DEBUG": None, "COLUMNS": "100"})
+    out = r.stdout + r.stderr
+    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
+    assert "Traceback" not in out, out
+    assert r.exit_code == code, out
+    flat = _flat(out)
+    for fragment in fragments:
+        assert fragment.lower() in flat.lower(), f"{fragment!r} not in {out!r}"
+    if r.stderr.startswith("error: "):  # ecgplat's own message: exactly one line
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert r.stdout == "" or "Usage" not in r.stdout
+    assert RAW_ID not in out
+
+
+def test_table_covers_every_command():
+    """Each command listed by `ecgplat --help` (and each sub-command) has misuse rows."""
+    import typer.main
+
+    group = typer.main.get_command(app)
+    names = []
+    for name, cmd in group.commands.items():
+        subs = getattr(cmd, "commands", None)
+        names += [f"{name} {sub}" for sub in subs] if subs else [name]
+    lines = [c[0] for c in CASES]
+    for name in names:
+        rows = [line for line in lines if line == name or line.startswith(name + " ")]
+        assert len(rows) >= 2, f"no misuse rows for `ecgplat {name}`"
+    assert len(CASES) >= 60
+
+
+def test_split_misuse_leaves_the_assignment_alone(world):
+    """A refused split does not touch the store's current split (the old bug: exit 0 and
+    every gallery/probe assignment wiped)."""
+    from ecgplat.store import open_store
+
+    before = open_store(world["store"]).records[["split", "ident_split"]].copy()
+    for args in (["--ident-within", "bogus"], ["--ident-within", "valid", "--valid", "0"]):
+        r = runner.invoke(app, ["split", world["store"], *args])
+        assert r.exit_code == 2
+    after = open_store(world["store"]).records[["split", "ident_split"]]
+    assert after.equals(before) and (after["ident_split"] == "gallery").any()
+
+
+def test_split_ident_within_implies_ident(world, tmp_path):
+    store = tmp_path / "store"
+    shutil.copytree(world["store"], store)
+    r = runner.invoke(
+        app, ["split", str(store), "--valid", "0.2", "--test", "0.2", "--ident-within", "test"]
+    )
+    assert r.exit_code == 0, r.output
+    from ecgplat.store import open_store
+
+    frame = open_store(store).records
+    sides = frame.loc[frame["ident_split"] != "", "split"]
+    assert len(sides) > 0 and set(sides) == {"test"}
+
+
+def test_train_refuses_missing_store_before_writing(world, tmp_path):
+    out = tmp_path / "run"
+    r = runner.invoke(
+        app,
+        [
+            "train",
+            "diagnosis",
+            "--store",
+            str(tmp_path / "nostore"),
+            "--shards",
+            world["shards"],
+            "--out",
+            str(out),
+        ],
+    )
+    assert r.exit_code == 2 and "no ecgplat store" in r.stderr
+    assert not out.exists()
+
+
+def test_score_accepts_the_valid_file(world):
+    r = runner.invoke(app, ["score", world["npz_ok"], "--json"])
+    assert r.exit_code == 0, r.output
+    assert '"challenge_score"' in r.stdout
+
+
+# ---- the central handler: expected errors vs bugs ----------------------------------------
+
+
+def _caught(fn, *args):
+    try:
+        fn(*args)
+    except Exception as exc:  # noqa: BLE001 - the exception is the test subject
+        return exc
+    raise AssertionError("no exception")
+
+
+def test_describe_error_sorts_expected_errors_from_bugs(tmp_path):
+    from ecgplat.config import ConfigError, load_config
+    from training.distributed import pick_device
+
+    msg, expected = describe_error(_caught(load_config, "nosuchpreset", []))
+    assert expected and "nosuchpreset" in msg and "\n" not in msg
+    assert isinstance(_caught(load_config, "nosuchpreset", []), ConfigError)
+    msg, expected = describe_error(_caught(open, tmp_path / "missing.txt"))
+    assert expected and msg == f"{tmp_path / 'missing.txt'}: No such file or directory"
+    msg, expected = describe_error(_caught(pick_device, "tpu"))  # a `raise` in ecgplat's code
+    assert expected and msg == "unknown device 'tpu'"
+    msg, expected = describe_error(_caught(np.zeros(3).reshape, 2, 2))  # numpy's own ValueError
+    assert not expected and "ValueError" in msg and "ECGPLAT_DEBUG=1" in msg
+    assert "reshape" not in msg and "size 3" not in msg
+
+
+def test_bug_message_hides_data_values():
+    """A third-party conversion error quotes the bad value (here a raw patient id): the handler
+    reports a bug, without the text."""
+    import pandas as pd
+
+    exc = _caught(pd.to_numeric, pd.Series(["HOSP-4242-ZZ"]))
+    assert "HOSP-4242-ZZ" in str(exc)
+    msg, expected = describe_error(exc)
+    assert not expected and "HOSP" not in msg and "4242" not in msg and "\n" not in msg
+
+
+def test_debug_env_and_console_script(world, tmp_path):
+    """Real processes: the console script prints one line and exits 2; with ECGPLAT_DEBUG=1
+    the same error propagates with its traceback."""
+    exe = Path(sys.executable).with_name("ecgplat")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("ECGPLAT_DEBUG", None)
+    cmd = [
+        str(exe),
+        "ingest",
+        "ptbxl",
+        world["ptbxl_notroot"],
+        "--store",
+        str(tmp_path / "s"),
+        "--workers",
+        "0",
+        "--no-progress",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1
+    assert "not a PTB-XL root" in proc.stderr
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, check=False, env=dict(env, ECGPLAT_DEBUG="1")
+    )
+    assert proc.returncode != 0 and "Traceback" in proc.stderr and "RecordError" in proc.stderr
+    proc = subprocess.run(
+        [str(exe), "score", world["npz_strings"]],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert proc.returncode == 2 and "labels must be numeric" in proc.stderr
+
+
+def test_a_bug_exits_1_with_the_debug_hint():
+    """A command that hits a third-party error (a bug, not a misuse) under the same group class:
+    exit 1, one line without the exception text; ECGPLAT_DEBUG=1 lets it propagate."""
+    import typer
+
+    from ecgplat.cli.apps import GuardedGroup
+
+    buggy = typer.Typer(cls=GuardedGroup, add_completion=False)
+
+    @buggy.command()
+    def reshape(n: int = 3) -> None:
+        np.zeros(n).reshape(2, 2)
+
+    @buggy.command()
+    def other() -> None:  # a second command keeps `reshape` a sub-command
+        pass
+
+    r = runner.invoke(buggy, ["reshape"], env={"ECGPLAT_DEBUG": None})
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit)
+    assert r.stderr.startswith("error: unexpected ValueError") and "ECGPLAT_DEBUG=1" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "size 3" not in r.stderr
+    assert "apps.py" not in r.stderr  # the handler is not where the bug is
+    r = runner.invoke(buggy, ["reshape"], env={"ECGPLAT_DEBUG": "1"})
+    assert isinstance(r.exception, ValueError) and "size 3" in str(r.exception)
+    r = runner.invoke(buggy, ["reshape", "--n", "4"], env={"ECGPLAT_DEBUG": None})
+    assert r.exit_code == 0
