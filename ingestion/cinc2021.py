@@ -55,6 +55,8 @@ def read_mat4(data: bytes, name: str, key: str = "val") -> np.ndarray:
     (mrows, ncols) read-only view in the file's own dtype. ValueError (one-line reason naming
     ``name``) on a bad header, a truncated file or a missing ``key``."""
     pos, size = 0, len(data)
+    if size == 0:
+        raise ValueError(f"{name} is empty")
     while pos < size:
         if size - pos < 20:
             raise ValueError(f"{name} is truncated (header cut at byte {pos})")

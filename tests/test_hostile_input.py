@@ -437,6 +437,14 @@ def test_ptbxl_metadata_faults_name_the_column(tmp_path):
     assert "unparsable scp_codes" in _reason(ptbxl, tmp_path, "records500/00000/00003_hr")
 
 
+def test_an_empty_mat_file_is_named_empty(tmp_path):
+    """It said "has no 'val' matrix" (the matrix loop never ran)."""
+    base = write_cinc(tmp_path, "e")
+    base.with_suffix(".mat").write_bytes(b"")
+    reason = _reason(cinc2021, tmp_path, "e")
+    assert reason == "cannot read e.mat (truncated or not MATLAB v4): e.mat is empty"
+
+
 def test_oversized_files_are_refused_before_reading(tmp_path):
     base = write_cinc(tmp_path, "big")
     with open(base.with_suffix(".mat"), "ab") as f:  # 1 MB appended after the 'val' matrix
