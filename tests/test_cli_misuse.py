@@ -433,7 +433,7 @@ def _caught(fn, *args):
 
 
 def test_describe_error_sorts_expected_errors_from_bugs(tmp_path):
-    from ecgplat.config import ConfigError, load_config
+    from training.config import ConfigError, load_config
     from training.distributed import pick_device
 
     msg, expected = describe_error(_caught(load_config, "nosuchpreset", []))

@@ -25,7 +25,7 @@ DEFAULT_PRESET = {
 def check_run_paths(cfg) -> None:
     """ConfigError for a store, checkpoint or shard directory named in the config that does not
     exist, or for device=cuda without a GPU, before anything is written or trained."""
-    from ecgplat.config import ConfigError
+    from training.config import ConfigError
 
     for option, key, value in (
         ("--store", "data.store", cfg.data.store),
