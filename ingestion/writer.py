@@ -436,6 +436,14 @@ class StoreWriter:
         """Make everything appended so far visible, atomically. ``splits`` (a generation name)
         switches the split assignment in the same commit."""
         self._flush()
+        # Fault injection for the crash tests, the only one: ECGPLAT_FAULT_STOP=commit:N SIGKILLs
+        # this process in the first commit that would make >= N records visible, with its rows
+        # written past the commit point but commit.json not yet replaced.
+        stop = os.environ.get("ECGPLAT_FAULT_STOP", "")
+        if stop.startswith("commit:") and self.n_records >= int(stop[len("commit:") :]):
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
         state = {
             "n_records": self.n_records,
             "n_segments": self.n_segments,
