@@ -16,7 +16,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from ecgplat.config import RunConfig, load_config
+from ecgplat.config import RunConfig, load_config, preset_names
 from ecgplat.tracking import read_metrics
 from training.loop import train
 from training.tasks.base import Task
@@ -302,7 +302,10 @@ def test_sigterm_writes_a_checkpoint_that_resumes(synth_shards, tmp_path):
     assert r.exit_code == 2 and "already holds a training run" in r.output
 
 
-@pytest.mark.parametrize("preset", ["w2v_cmsc_rlm", "w2v_cmsc", "w2v", "cmsc"])
+PRETRAIN_PRESETS = [n for n in preset_names() if load_config(n).task == "pretrain"]
+
+
+@pytest.mark.parametrize("preset", PRETRAIN_PRESETS)
 def test_every_pretraining_preset_trains_one_step(preset, tmp_path):
     from training.tasks.pretrain import PretrainTask
 
