@@ -1,4 +1,4 @@
-"""ArcFace head and loss: hand-computed logits, both margin branches, finite gradients at |cos| 1."""
+"""ArcFace head and loss: hand-computed logits, both margin branches, finite gradients at |cos|=1"""
 
 import math
 
