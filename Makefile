@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint venv clean bench
+.PHONY: demo test test-kernels test-all-kernels lint venv clean bench
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,24 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+# Other CPUs pick other float32 kernels (another order for every sum): rerun the numerics-sensitive
+# tests (fairseq parity, model ops, objectives, ArcFace; the fixture-drift guard once) under
+# AVX2 and under ATen's scalar kernels. .ci/kernels says which settings ran on which CPU flags.
+NUMERICS_TESTS := tests/test_fairseq_import.py tests/test_model_ops.py tests/test_objectives.py \
+	tests/test_arcface.py
+FIXTURE_DRIFT := tests/test_pretraining_benefit.py -k "not pretrained_init_beats_random_init"
+ALL_KERNELS := native "ATEN_CPU_CAPABILITY=default" "ATEN_CPU_CAPABILITY=avx2" \
+	"ATEN_CPU_CAPABILITY=avx512" "ONEDNN_MAX_CPU_ISA=AVX2"
+
+test-kernels: $(STAMP)
+	.ci/kernels $(BIN)/python "ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2" -- \
+		$(NUMERICS_TESTS) $(FIXTURE_DRIFT)
+	.ci/kernels $(BIN)/python "ATEN_CPU_CAPABILITY=default" -- $(NUMERICS_TESTS)
+
+# The whole suite under each kernel choice users meet (slow: one full run per setting).
+test-all-kernels: $(STAMP)
+	.ci/kernels $(BIN)/python $(ALL_KERNELS) -- tests
 
 bench: $(STAMP)
 	$(BIN)/python bench/ingest.py

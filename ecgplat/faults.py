@@ -1,8 +1,9 @@
 """Deterministic crash points for fault-injection tests: ``ECGPLAT_FAULT_STOP=<name>``.
 
-A writer calls ``stop_point("index.between")`` at a named step; when the environment variable
-names that step the process kills itself there with SIGKILL (no cleanup, no ``finally``), as
-a crash or an out-of-memory kill would. Unset, the call costs one dictionary lookup.
+A writer calls ``stop_point("index.between")`` at a named step, or ``stop_at_count("commit", n)``
+at a step that repeats (``ECGPLAT_FAULT_STOP=commit:N`` stops at the first call with n >= N); when
+the environment variable names that step the process kills itself there with SIGKILL (no cleanup,
+no ``finally``), as a crash or an out-of-memory kill would. Unset, a call costs one lookup.
 """
 
 from __future__ import annotations
@@ -16,4 +17,11 @@ ENV = "ECGPLAT_FAULT_STOP"
 def stop_point(name: str) -> None:
     """Kill this process with SIGKILL if ``$ECGPLAT_FAULT_STOP`` equals ``name``."""
     if os.environ.get(ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def stop_at_count(name: str, count: int) -> None:
+    """Kill this process with SIGKILL if ``$ECGPLAT_FAULT_STOP`` is ``name:N`` and ``count >= N``."""
+    value = os.environ.get(ENV, "")
+    if value.startswith(name + ":") and count >= int(value[len(name) + 1 :]):
         os.kill(os.getpid(), signal.SIGKILL)

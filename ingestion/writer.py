@@ -32,7 +32,7 @@ from typing import Self
 
 import numpy as np
 
-from ecgplat import atomic
+from ecgplat import atomic, faults
 from ecgplat import store as S
 from ecgplat.leads import LEADS
 from ecgplat.privacy import pseudonymise
@@ -425,6 +425,9 @@ class StoreWriter:
         """Make everything appended so far visible, atomically. ``splits`` (a generation name)
         switches the split assignment in the same commit."""
         self._flush()
+        # crash tests: ECGPLAT_FAULT_STOP=commit:N dies in the first commit that would make >= N
+        # records visible, rows written past the commit point but commit.json not yet replaced
+        faults.stop_at_count("commit", self.n_records)
         state = {
             "n_records": self.n_records,
             "n_segments": self.n_segments,

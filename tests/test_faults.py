@@ -5,11 +5,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import zarr
 from store_compare import assert_same_store
 
 from ecgplat.store import open_store, read_commit
@@ -19,46 +19,40 @@ from ingestion.writer import StoreWriter
 ROOT = Path(__file__).parents[1]
 
 
-def _start_ingest(src, store) -> subprocess.Popen:
+def _ingest_killed_at_commit(src, store, records: int) -> int:
+    """Run an ingest (batches of 2, a commit after each) in a subprocess that SIGKILLs itself in
+    the commit that would make ``records`` records visible, after that batch's rows are written
+    (the writer's ECGPLAT_FAULT_STOP hook); returns the records committed when it died."""
     code = (
         "from ingestion.pipeline import ingest; "
-        f"ingest('cinc2021', {str(src)!r}, {str(store)!r}, workers=0, batch_size=2, progress=False, commit_interval=0)"
+        f"ingest('cinc2021', {str(src)!r}, {str(store)!r}, workers=0, batch_size=2, "
+        "progress=False, commit_interval=0)"
     )
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.Popen(
+    env = dict(os.environ, OMP_NUM_THREADS="1", ECGPLAT_FAULT_STOP=f"commit:{records}")
+    proc = subprocess.run(
         [sys.executable, "-c", code],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
+        timeout=600,
     )
-
-
-def _kill_after(proc, store, min_records: int) -> int:
-    """SIGKILL ``proc`` as soon as the store has committed ``min_records``; returns the count."""
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        n = read_commit(store)["n_records"] if (store / "commit.json").exists() else 0
-        if n >= min_records:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            return n
-        if proc.poll() is not None:
-            pytest.fail(f"ingest ended before it could be killed: {proc.stderr.read().decode()}")
-        time.sleep(0.005)
-    proc.kill()
-    pytest.fail("ingest made no progress")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
+    return read_commit(store)["n_records"] if (store / "commit.json").exists() else 0
 
 
 def test_sigkill_then_rerun_equals_uninterrupted(synth_cohort, synth_store, tmp_path):
     store = tmp_path / "store"
-    first = _kill_after(_start_ingest(synth_cohort, store), store, 1)
-    second = _kill_after(_start_ingest(synth_cohort, store), store, first + 10)
-    assert 0 < first < second < 72
+    first = _ingest_killed_at_commit(synth_cohort, store, 4)
+    # killed in the 2nd commit: the 1st batch visible, the 2nd written past the commit point
+    assert first == 2 and open_store(store).n_records == 2
+    assert zarr.open_array(store / "segments", mode="r").shape[0] > 2 * first
+    second = _ingest_killed_at_commit(synth_cohort, store, 14)  # resumes, dies in its 6th commit
+    assert second == 12
     reader = open_store(store)  # a killed store is readable at its last commit
-    assert reader.n_records == read_commit(store)["n_records"] >= second
+    assert reader.n_records == read_commit(store)["n_records"] == second
     summary = ingest("cinc2021", synth_cohort, store, workers=0, progress=False)
-    assert summary["skipped"] + summary["records"] == 72
+    assert summary["skipped"] + summary["records"] == 72 and summary["skipped"] == second
     assert_same_store(store, synth_store)
     assert not list(store.rglob("*.partial"))
 
@@ -112,7 +106,7 @@ def _faulty_corpus(cohort: Path, out: Path) -> dict:
     faults["g1/X3"] = "header"
     b = clone("X4")  # no ECG lead: every channel renamed to a non-ECG signal
     lines = b.with_suffix(".hea").read_text().splitlines()
-    lines[1:13] = [" ".join(l.split()[:-1] + ["pleth"]) for l in lines[1:13]]
+    lines[1:13] = [" ".join(line.split()[:-1] + ["pleth"]) for line in lines[1:13]]
     b.with_suffix(".hea").write_text("\n".join(lines) + "\n")
     faults["g1/X4"] = "no ECG lead"
     b = clone("X5")  # shorter than 5 s: header and signal cut to 3 s
@@ -171,8 +165,6 @@ def test_refuses_foreign_directory(tmp_path):
 
 
 def test_refuses_foreign_zarr_group(tmp_path):
-    import zarr
-
     zarr.open_group(tmp_path / "z", mode="w").create_array("theirs", shape=(3,), dtype="int8")
     with pytest.raises(ValueError, match="not an ecgplat store"):
         StoreWriter(tmp_path / "z")

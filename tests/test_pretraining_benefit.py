@@ -87,16 +87,25 @@ def test_fixture_matches_its_provenance():
 def test_recipe_still_reproduces_the_fixture_run(tmp_path):
     """The recipe run today logs, over its first 25 updates, the losses the fixture's run logged:
     the committed checkpoint is what this code's pretraining produces (a change to the model,
-    the objectives, RLM or the data stream shows up here)."""
+    the objectives, RLM or the data stream shows up here). As a ratio of errors, not a number
+    tuned to one CPU: today's log must sit 100x closer to the fixture's than the log of the same
+    recipe under another seed (recorded by make.py) does. Measured: relative drift ~1e-8 under
+    AVX512, AVX2 and ATen's default kernels; another seed ~5e-2."""
     spec = importlib.util.spec_from_file_location("make_fixture", FIXTURE / "make.py")
     make = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(make)
-    run = make.pretrain(tmp_path, 25)
-    first = read_metrics(run, "w2v_loss")[0]
-    expected = json.loads((FIXTURE / "provenance.json").read_text())["first_log"]
-    assert first["update"] == expected["update"] == 25
-    for key in ("loss", "w2v_loss", "cmsc_loss", "accuracy"):
-        assert first[key] == pytest.approx(expected[key], rel=1e-3), key
+    record = json.loads((FIXTURE / "provenance.json").read_text())
+    expected = record["first_log"]
+    keys = ("loss", "w2v_loss", "cmsc_loss", "accuracy")
+
+    def error(log: dict) -> float:
+        assert log["update"] == expected["update"] == 25
+        return float(np.linalg.norm([log[k] / expected[k] - 1 for k in keys]))
+
+    today = error(make.first_log(make.pretrain(tmp_path, 25)))
+    other_seed = error(record["other_seed"]["first_log"])
+    print(f"relative error of the logged losses: today {today:.2e}, another seed {other_seed:.2e}")
+    assert today * 100 < other_seed, (today, other_seed)
 
 
 def test_pretrained_init_beats_random_init(cohort, tmp_path):

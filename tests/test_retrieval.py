@@ -36,11 +36,18 @@ def test_rank_k_cmc_and_map_equal_numpy_brute_force():
     gal, g_lab, prb, p_lab = _cohort(rng)
     index = build_index(gal, [str(i) for i in range(len(gal))], kind="flat")
     scores, rows = index.search(prb, len(gal))
-    # brute force: full similarity matrix, sorted
+    # brute force: full similarity matrix in float64
     sim = prb.astype(np.float64) @ gal.T.astype(np.float64)
-    order = np.argsort(-sim, axis=1, kind="stable")
-    assert (rows == order).all()
-    assert np.allclose(scores, np.take_along_axis(sim, order, axis=1), atol=1e-5)
+    # FAISS ranks by fp32 dots of unit 32-vectors, each within 32*eps of the truth (any order of
+    # the sum), and this cohort has near-ties closer than that (9e-7): the ranking must be a
+    # permutation that is descending in float64 up to that error, and is then scored as given
+    tol = 2 * 32 * float(np.finfo(np.float32).eps)
+    assert (np.sort(rows, axis=1) == np.arange(len(gal))).all()
+    ranked = np.take_along_axis(sim, rows, axis=1)
+    assert (np.diff(ranked, axis=1) <= tol).all()
+    assert (rows == np.argsort(-sim, axis=1, kind="stable")).mean() > 0.99
+    assert np.allclose(scores, ranked, atol=tol)
+    order = rows
     hit = g_lab[order] == p_lab[:, None]
     first = hit.argmax(axis=1)
     for k in (1, 5, 10):
@@ -48,7 +55,8 @@ def test_rank_k_cmc_and_map_equal_numpy_brute_force():
     cmc = cmc_curve(rows, g_lab, p_lab)
     assert cmc[0] < 1.0 and cmc[-1] == 1.0 and (np.diff(cmc) >= 0).all()
     assert np.allclose(cmc, [np.mean(first < k) for k in range(1, len(gal) + 1)])
-    ap = [average_precision_score(g_lab == p, s) for p, s in zip(p_lab, sim)]
+    position = np.argsort(rows, axis=1)  # sklearn scores the same ranking: minus the position
+    ap = [average_precision_score(g_lab == p, -r) for p, r in zip(p_lab, position, strict=True)]
     assert mean_average_precision(rows, g_lab, p_lab) == pytest.approx(np.mean(ap), abs=1e-9)
     assert 0.1 < np.mean(ap) < 0.95  # a non-trivial case
 
@@ -280,15 +288,22 @@ def test_evaluate_identification_matches_brute_force(embedded, tmp_path, monkeyp
         pid = frame["patient_key"].to_numpy()[f.record_index]
         g, p = ident == "gallery", ident == "probe"
         sim = f.embeddings[p].astype(np.float64) @ f.embeddings[g].T.astype(np.float64)
-        order = np.argsort(-sim, axis=1)
-        hit = pid[g][order] == pid[p][:, None]
-        first = hit.argmax(1)
+        hits = pid[g][None, :] == pid[p][:, None]
+        # the index ranks by fp32 dots of unit 64-vectors (each within 64*eps): near-ties closer
+        # than that may fall either way on another CPU, so the reference is the pair of rankings
+        # that put hits last / first among them (equal when there are no such near-ties)
+        tol = 2 * 64 * float(np.finfo(np.float32).eps)
+        bounds = []
+        for shift in (-tol, tol):
+            s = sim + shift * hits
+            order = np.argsort(-s, axis=1, kind="stable")
+            first = np.take_along_axis(hits, order, axis=1).argmax(1)
+            ap = np.mean([average_precision_score(h, row) for h, row in zip(hits, s, strict=True)])
+            bounds.append({"rank1": np.mean(first < 1), "rank5": np.mean(first < 5), "mAP": ap})
         r = result[level]
         assert (r["n_gallery"], r["n_probe"]) == (g.sum(), p.sum())
-        assert r["rank1"] == pytest.approx(np.mean(first < 1))
-        assert r["rank5"] == pytest.approx(np.mean(first < 5))
-        ap = [average_precision_score(pid[g] == q, s) for q, s in zip(pid[p], sim)]
-        assert r["mAP"] == pytest.approx(np.mean(ap), abs=1e-6)
+        for key in ("rank1", "rank5", "mAP"):
+            assert bounds[0][key] - 1e-6 <= r[key] <= bounds[1][key] + 1e-6, (key, bounds)
     assert result["record"]["n_gallery"] == len(store.select(ident_split="gallery"))
 
 
