@@ -115,9 +115,10 @@ def test_forget_record_everywhere(store, synth_cohort, tmp_path):
     for j in others:
         np.testing.assert_array_equal(after.record_segments_raw(j), raw_before[j])
     assert _chunks(store, range(start, stop)) == [None, None]
-    assert _chunks(
-        store, [r for r in range(after.n_segments) if not start <= r < stop]
-    ) == other_chunks
+    assert (
+        _chunks(store, [r for r in range(after.n_segments) if not start <= r < stop])
+        == other_chunks
+    )
     blob = b"".join(_files(store).values())
     assert not any(c in blob for c in own_chunks)
     # the record row is a tombstone in the files themselves, not only masked by the reader
@@ -157,3 +158,115 @@ def test_forget_record_everywhere(store, synth_cohort, tmp_path):
     # a re-ingest of the corpus does not bring it back (its path_hash stays in the tombstone)
     summary = ingest("cinc2021", synth_cohort, store, workers=0, progress=False)
     assert summary["records"] == 0 and open_store(store).n_records == 72
+
+
+def test_forget_patient_splits_and_embeds_without_them(store, base):
+    from ingestion.splits import split_store
+    from retrieval.embed import embed_store, load_features
+
+    before = open_store(store)
+    pk = before.records["patient_key"][10]
+    rows = before.select(patient_key=pk).tolist()
+    assert len(rows) == 3
+    out = _forget(str(store), "--patient", pk, "--json")
+    summary = json.loads(out)
+    assert (summary["forgotten"], summary["segments"], summary["generation"]) == (3, 6, 1)
+    assert pk not in out
+    after = open_store(store)
+    assert not set(rows) & set(after.select().tolist())
+    assert after.select(patient_key=pk).size == 0
+    assert (after.records.loc[rows, "split"] == "").all()
+    # a later split leaves them out; a later embed skips them
+    split_store(store, valid=0.2, test=0.2, ident=True)
+    frame = open_store(store).records
+    assert (frame.loc[rows, ["split", "ident_split"]] == "").all().all()
+    assert (frame.drop(index=rows)["split"] != "").all()
+    embed_store(store, base.parent / "pt.pt", "again", batch_size=48)
+    got = load_features(store, "again", "segment")
+    assert len(got.record_index) == 138 and not set(rows) & set(got.record_index.tolist())
+    assert "already forgotten" in _forget(str(store), "--patient", pk)
+
+
+def _run_cli(*args: str, stop: str | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("ECGPLAT_FAULT_STOP", None)
+    if stop:
+        env["ECGPLAT_FAULT_STOP"] = stop
+    return subprocess.run(
+        [sys.executable, "-m", "ecgplat", "forget", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def _state(store: Path) -> dict[str, str]:
+    """sha256 of every store file; forgotten.json without its timestamps."""
+    out = {}
+    for name, data in _files(store).items():
+        if name == "forgotten.json":
+            table = json.loads(data)
+            for op in table["operations"]:
+                op.pop("at")
+            data = json.dumps(table, sort_keys=True).encode()
+        out[name] = hashlib.sha256(data).hexdigest()
+    return out
+
+
+@pytest.mark.parametrize(
+    "stop",
+    [
+        "forget.after_mask",
+        "forget.after_first_shard",
+        "forget.before_records",
+        "forget.before_done",
+    ],
+)
+def test_killed_forget_is_masked_and_a_rerun_completes_it(store, tmp_path, stop):
+    from retrieval.index import GalleryIndex, index_from_features
+
+    reference = tmp_path / "reference"
+    shutil.copytree(store, reference)
+    for where in (store, reference):
+        index_from_features(where, "emb", split="all").save(where.parent / f"{where.name}.idx")
+    pk = open_store(store).records["patient_key"][40]
+    rows = open_store(store).select(patient_key=pk)
+    args = ("--patient", pk, "--index")
+    ok = _run_cli(str(reference), *args, str(reference.parent / "reference.idx.faiss"))
+    assert ok.returncode == 0, ok.stderr
+
+    killed = _run_cli(str(store), *args, str(store.parent / "store.idx.faiss"), stop=stop)
+    assert killed.returncode == -9, killed.stderr
+    mid = open_store(store)
+    assert not set(rows) & set(mid.select().tolist())  # masked from the commit point on
+    assert mid.forget_pending and mid.summary()["forget_pending"]
+    rerun = _run_cli(str(store), *args, str(store.parent / "store.idx.faiss"))
+    assert rerun.returncode == 0, rerun.stderr
+    assert "already forgotten" in rerun.stdout and RAW_ID not in rerun.stdout + rerun.stderr
+    assert not open_store(store).forget_pending
+    assert _state(store) == _state(reference)
+    a = GalleryIndex.load(store.parent / "store.idx")
+    b = GalleryIndex.load(reference.parent / "reference.idx")
+    assert a.ids == b.ids and len(a) == 72 - len(rows)
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
+def test_drop_rows_keeps_the_other_vectors_for_every_kind(kind, tmp_path):
+    from retrieval.index import GalleryIndex, build_index
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    ids = [f"r{i}" for i in range(400)]
+    index = build_index(x, ids, kind=kind, labels=ids, n_sample=0)
+    drop = [0, 7, 399, 150]
+    index.drop_rows(drop)
+    keep = np.setdiff1d(np.arange(400), drop)
+    assert index.ids == [ids[i] for i in keep] and index.labels == index.ids
+    loaded = GalleryIndex.load(index.save(tmp_path / "i"))
+    assert len(loaded) == 396
+    _, rows = loaded.search(x[keep[:50]], 1)
+    assert (rows[:, 0] == np.arange(50)).mean() >= 0.9  # each kept vector finds itself
+    _, rows = loaded.search(x[drop], 5)
+    assert rows.max() < 396
