@@ -269,9 +269,11 @@ def _scrub_features(store: Path, pending: np.ndarray) -> int:
         for level in ("segment", "record"):
             if not (child / level / "record_index" / "zarr.json").is_file():
                 continue
-            group = zarr.open_group(str(child / level), mode="r+")
-            rows = np.flatnonzero(np.isin(np.asarray(group["record_index"][:]), pending))
-            changed |= _set_rows(group["embedding"], rows, 0.0) if len(rows) else False
+            index = zarr.open_array(str(child / level / "record_index"), mode="r")
+            rows = np.flatnonzero(np.isin(np.asarray(index[:]), pending))
+            if len(rows):
+                embedding = zarr.open_array(str(child / level / "embedding"), mode="r+")
+                changed |= _set_rows(embedding, rows, 0.0)
         n += int(changed)
     return n
 
@@ -283,8 +285,10 @@ def _scrub_segments(store: Path, reader, pending: np.ndarray) -> int:
 
     starts = np.asarray(reader.root["records/seg_start"][: reader.n_records])[pending]
     counts = np.asarray(reader.root["records/seg_count"][: reader.n_records])[pending]
-    seg = np.concatenate([np.arange(s, s + c) for s, c in zip(starts, counts, strict=True)] or [[]])
-    seg = seg.astype(np.int64)
+    first = np.cumsum(counts) - counts  # segment rows of the pending records, in order
+    seg = (np.repeat(starts, counts) + np.arange(counts.sum()) - np.repeat(first, counts)).astype(
+        np.int64
+    )
     arr = reader.root["segments"]
     if not direct_layout(arr):  # an older store's layout: through zarr (all-zero chunks dropped)
         for s, c in zip(starts, counts, strict=True):

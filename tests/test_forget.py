@@ -160,7 +160,7 @@ def test_forget_record_everywhere(store, synth_cohort, tmp_path):
     assert summary["records"] == 0 and open_store(store).n_records == 72
 
 
-def test_forget_patient_splits_and_embeds_without_them(store, base):
+def test_forget_patient_splits_and_embeds_without_them(store, base, caplog):
     from ingestion.splits import split_store
     from retrieval.embed import embed_store, load_features
 
@@ -168,7 +168,13 @@ def test_forget_patient_splits_and_embeds_without_them(store, base):
     pk = before.records["patient_key"][10]
     rows = before.select(patient_key=pk).tolist()
     assert len(rows) == 3
-    out = _forget(str(store), "--patient", pk, "--json")
+    with caplog.at_level("INFO", logger="ingestion.forget"):
+        out = _forget(str(store), "--patient", pk, "--json")
+    logged = " ".join(r.getMessage() for r in caplog.records)
+    assert "3 records (6 segments) masked" in logged and "scrubbed" in logged
+    table = (store / "forgotten.json").read_text()
+    keys = before.records["record_key"][rows].tolist()
+    assert not any(k in logged + table for k in [pk, *keys])
     summary = json.loads(out)
     assert (summary["forgotten"], summary["segments"], summary["generation"]) == (3, 6, 1)
     assert pk not in out
