@@ -19,3 +19,11 @@ def pseudonymise(raw_id: str, secret: bytes) -> str:
         raise ValueError("pseudonymise needs a non-empty patient id")
     digest = hmac.new(bytes(secret), str(raw_id).encode("utf-8"), hashlib.sha256).hexdigest()
     return "p-" + digest[:16]
+
+
+def tombstone_hash(kind: str, value: str, secret: bytes) -> str:
+    """Keyed hash (32 hex) under which the tombstone table of `ecgplat forget` remembers a
+    forgotten record key (``kind="record"``) or patient key (``"patient"``): it answers "was
+    this forgotten?" for whoever holds the store's secret, and reveals nothing without it."""
+    message = f"{kind}\0{value}".encode()
+    return hmac.new(bytes(secret), message, hashlib.sha256).hexdigest()[:32]

@@ -99,22 +99,32 @@ def listed_urls(base: str | os.PathLike, name: str) -> list[str]:
 
 def check_current(base: str | os.PathLike, names, allow_stale: bool = False) -> None:
     """Refuse exports in ``base`` whose split generation is not the current one of the store
-    they were written from (StaleShardsError naming the export and both generations).
+    they were written from, or that were written before a later ``ecgplat forget`` (its forget
+    generation moved on: the export may hold withdrawn records); StaleShardsError naming the
+    export and both generations.
 
-    Exports of every record (``split == "all"``) and exports whose store is no longer at the
-    recorded path (shards copied elsewhere) cannot be checked and pass."""
+    Exports of every record (``split == "all"``) are checked for forgets only; exports whose
+    store is no longer at the recorded path (shards copied elsewhere) cannot be checked and
+    pass."""
     if allow_stale or "://" in str(base) or not Path(base).is_dir():
         return
-    from ecgplat.store import read_commit
+    from ecgplat.store import read_commit, read_forgotten
 
     info = read_info(base) or {}
     for name in names:
         entry = info.get(name)
-        if not entry or entry.get("split") == "all":
-            continue
-        src = entry.get("store") or {}
+        src = (entry or {}).get("store") or {}
         store = Path(src.get("path") or "")
-        if not src.get("path") or not (store / "zarr.json").is_file():
+        if not entry or not src.get("path") or not (store / "zarr.json").is_file():
+            continue
+        forgotten, written = read_forgotten(store)["generation"], src.get("forget_generation", 0)
+        if forgotten != written:
+            raise StaleShardsError(
+                f"{Path(base) / INFO_FILE}: export '{name}' was written before `ecgplat forget` "
+                f"withdrew records from {store} (forget generation {written}, store at "
+                f"{forgotten}); re-run `ecgplat shards` (or pass --allow-stale)"
+            )
+        if entry.get("split") == "all":
             continue
         current = read_commit(store).get("splits")
         written = src.get("split_generation", "unrecorded")

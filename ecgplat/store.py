@@ -37,6 +37,8 @@ UNITS = "uV"
 DTYPE = "int16"
 UV_PER_MV = 1000.0
 SPLITS_KEPT = 2  # split generations kept on disk: the current one and the one before it
+FORGOTTEN_FILE = "forgotten.json"  # the tombstone table of `ecgplat forget` (ingestion/forget.py)
+FORGOTTEN_FORMAT = "ecgplat-forgotten/1"
 
 # (name, numpy dtype, trailing shape) of the record-table columns, in storage order.
 RECORD_COLUMNS: tuple[tuple[str, str, tuple[int, ...]], ...] = (
@@ -103,9 +105,35 @@ def read_commit(path: str | os.PathLike) -> dict:
     return state
 
 
+def read_forgotten(path: str | os.PathLike) -> dict:
+    """The tombstone table of a store (``forgotten.json``; an empty one when there is none):
+    ``generation`` (bumped by every forget), ``scrubbed`` (the last generation whose data files
+    were rewritten), ``records`` (record indices, ascending) and per-record keyed hashes.
+    ValueError naming the file when it is corrupt."""
+    file = Path(path) / FORGOTTEN_FILE
+    empty = {"format": FORGOTTEN_FORMAT, "generation": 0, "scrubbed": 0, "records": []}
+    if not file.exists():
+        return dict(empty, key_hash=[], patient_hash=[], record_generation=[], operations=[])
+    try:
+        table = json.loads(file.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+        raise ValueError(f"{file}: corrupt tombstone table ({e})") from None
+    ok = isinstance(table, dict) and table.get("format") == FORGOTTEN_FORMAT
+    columns = ("records", "key_hash", "patient_hash", "record_generation")
+    ok = ok and all(type(table.get(k)) is int for k in ("generation", "scrubbed"))
+    ok = ok and all(isinstance(table.get(k), list) for k in columns)
+    if not ok or len({len(table[k]) for k in columns}) != 1:
+        raise ValueError(f"{file}: corrupt tombstone table (not an {FORGOTTEN_FORMAT} object)")
+    return table
+
+
 def generation_number(generation: str | None) -> int:
     """k of a split generation name ``g<k>`` (0 for none)."""
     return int(generation[1:]) if generation else 0
+
+
+class ForgottenRecordError(LookupError):
+    """A read of a record (or segment) that `ecgplat forget` took out of the store."""
 
 
 class StoreBusyError(RuntimeError):
@@ -189,9 +217,54 @@ class EcgStore:
         self.n_records = int(self._commit["n_records"])
         self.n_segments = int(self._commit["n_segments"])
         self.n_rejects = int(self._commit["n_rejects"])
+        self._forgotten = read_forgotten(self.path)
 
     def __repr__(self) -> str:
         return f"EcgStore({str(self.path)!r}, records={self.n_records}, segments={self.n_segments})"
+
+    # ---- tombstones (ecgplat forget) -------------------------------------------------------
+    @property
+    def forget_generation(self) -> int:
+        """Bumped by every `ecgplat forget`; recorded by shard exports and indexes built from
+        the store, which are stale once it moves on."""
+        return int(self._forgotten["generation"])
+
+    @property
+    def forget_pending(self) -> bool:
+        """True while a forget has masked records but not yet rewritten their data files."""
+        return self._forgotten["scrubbed"] < self._forgotten["generation"]
+
+    @cached_property
+    def forgotten(self) -> np.ndarray:
+        """int64 (F,): record indices taken out by `ecgplat forget`, ascending."""
+        rows = np.unique(np.asarray(self._forgotten["records"], dtype=np.int64))
+        return rows[rows < self.n_records]
+
+    @cached_property
+    def live(self) -> np.ndarray:
+        """bool (R,): records not forgotten."""
+        keep = np.ones(self.n_records, dtype=bool)
+        keep[self.forgotten] = False
+        return keep
+
+    @cached_property
+    def _forgotten_ranges(self) -> tuple[np.ndarray, np.ndarray]:
+        rows = self.forgotten
+        starts = np.asarray(self.root["records/seg_start"][: self.n_records])[rows]
+        counts = np.asarray(self.root["records/seg_count"][: self.n_records])[rows]
+        order = np.argsort(starts)
+        return starts[order].astype(np.int64), (starts + counts)[order].astype(np.int64)
+
+    def _refuse_forgotten_segments(self, idx: np.ndarray) -> None:
+        if not len(self.forgotten) or not idx.size:
+            return
+        starts, stops = self._forgotten_ranges
+        pos = np.searchsorted(starts, idx, side="right") - 1
+        hit = (pos >= 0) & (idx < stops[np.maximum(pos, 0)])
+        if hit.any():
+            raise ForgottenRecordError(
+                f"{self.path}: segment {int(idx[hit][0])} belongs to a forgotten record"
+            )
 
     # ---- record table -------------------------------------------------------------------
     def _column(self, name: str) -> np.ndarray:
@@ -247,6 +320,11 @@ class EcgStore:
             values = self._column(name)
             data[name] = as_str_array(values) if dtype == "str" else np.asarray(values)
         data.update(self._split_columns())
+        gone = self.forgotten
+        for name in ("record_key", "record_id", "path", "patient_key", "raw_codes", "sex"):
+            data[name][gone] = ""  # masked here; the files lose them once the forget is scrubbed
+        for name in SPLIT_COLUMNS:
+            data[name][gone] = ""
         frame = pd.DataFrame(data, index=pd.RangeIndex(self.n_records, name="record_index"))
         for name, dtype, _shape in RECORD_COLUMNS:
             if dtype == "str":
@@ -255,19 +333,23 @@ class EcgStore:
 
     @cached_property
     def labels(self) -> np.ndarray:
-        """bool (R, 26) multi-hot of the 26 scored classes."""
-        return np.asarray(self._column("labels"), dtype=bool)
+        """bool (R, 26) multi-hot of the 26 scored classes (all False for forgotten records)."""
+        out = np.array(self._column("labels"), dtype=bool)
+        out[self.forgotten] = False
+        return out
 
     @cached_property
     def lead_masks(self) -> np.ndarray:
-        """bool (R, 12): leads present in each record's file."""
-        return np.asarray(self._column("lead_mask"), dtype=bool)
+        """bool (R, 12): leads present in each record's file (none for forgotten records)."""
+        out = np.array(self._column("lead_mask"), dtype=bool)
+        out[self.forgotten] = False
+        return out
 
     def select(self, split=None, source=None, patient_key=None, ident_split=None) -> np.ndarray:
         """Record indices (sorted int64) matching every given filter; each filter is a value or a
-        list of values."""
+        list of values. Forgotten records are never selected."""
         frame = self.records
-        keep = np.ones(len(frame), dtype=bool)
+        keep = self.live.copy()
         for column, wanted in (
             ("split", split),
             ("source", source),
@@ -292,9 +374,12 @@ class EcgStore:
         return np.asarray(self.root["segment_number"][: self.n_segments], dtype=np.int32)
 
     def record_segment_range(self, i: int) -> tuple[int, int]:
-        """(start, stop) segment rows of record ``i``."""
+        """(start, stop) segment rows of record ``i``; ForgottenRecordError for a forgotten
+        record."""
         if not 0 <= int(i) < self.n_records:
             raise IndexError(f"{self.path}: record index {i} out of range 0..{self.n_records - 1}")
+        if not self.live[int(i)]:
+            raise ForgottenRecordError(f"{self.path}: record index {i} was forgotten")
         row = self.records.iloc[int(i)]
         start = int(row["seg_start"])
         return start, start + int(row["seg_count"])
@@ -315,6 +400,7 @@ class EcgStore:
             return np.zeros((0, N_LEADS, SEGMENT_SAMPLES), dtype=np.int16)
         if idx.min() < 0 or idx.max() >= self.n_segments:
             raise IndexError(f"{self.path}: segment index out of range 0..{self.n_segments - 1}")
+        self._refuse_forgotten_segments(idx)
         unique, inverse = np.unique(idx, return_inverse=True)
         arr = self.root["segments"]
         if unique[-1] - unique[0] + 1 == unique.size:  # one contiguous run: a plain slice
@@ -338,8 +424,8 @@ class EcgStore:
 
     def summary(self) -> dict:
         """Counts for `ecgplat info`: records, segments, patients, per source/split/ident_split,
-        rejects by reason."""
-        frame = self.records
+        rejects by reason, forgotten records. Forgotten records count only as ``forgotten``."""
+        frame = self.records[self.live]
 
         def counts(series) -> dict:
             return {str(k): int(v) for k, v in series.value_counts().sort_index().items()}
@@ -348,14 +434,17 @@ class EcgStore:
             "path": str(self.path),
             "schema_version": self.attrs.get("schema_version"),
             "store_uuid": self.attrs.get("store_uuid"),
-            "records": self.n_records,
-            "segments": self.n_segments,
+            "records": len(frame),
+            "segments": int(frame["seg_count"].sum()),
             "patients": int(frame["patient_key"].nunique()),
             "per_source": counts(frame["source"]),
             "per_split": counts(frame["split"].replace("", "unassigned")),
             "per_ident_split": counts(frame["ident_split"].replace("", "none")),
             "rejects": self.n_rejects,
             "rejects_by_reason": counts(self.rejects["reason"].map(reason_kind)),
+            "forgotten": len(self.forgotten),
+            "forget_generation": self.forget_generation,
+            "forget_pending": self.forget_pending,
         }
 
 

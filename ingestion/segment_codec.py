@@ -156,6 +156,19 @@ class ShardFiles:
         if self.tail:
             self._write(self.start // self.per, self.tail)
 
+    def clear(self, k: int, positions) -> bool:
+        """Rewrite shard file ``k`` without the chunks at ``positions`` (absent chunks read as
+        the fill value 0; the other chunks keep their bytes); False when none of them was
+        stored (nothing written). Used by ``ingestion.forget``."""
+        chunks = self._read(k)
+        positions = [p for p in positions if p < len(chunks) and chunks[p] is not None]
+        if not positions:
+            return False
+        for p in positions:
+            chunks[p] = None
+        self._write(k, chunks)
+        return True
+
     def drop_beyond(self, n_segments: int) -> None:
         """Delete shard files wholly past ``n_segments`` (left by a killed run)."""
         first_free = -(-n_segments // self.per)

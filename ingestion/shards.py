@@ -227,6 +227,7 @@ def _entry(reader: EcgStore, store, split: str, shards: list, max_size: int, max
             "uuid": reader.attrs.get("store_uuid"),
             "n_records": reader.n_records,
             "split_generation": reader.split_generation,
+            "forget_generation": reader.forget_generation,
         },
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }

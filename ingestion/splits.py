@@ -125,12 +125,12 @@ def split_store(
         raise ValueError(f"unknown split mode {mode!r}; choose one of {', '.join(MODES)}")
     reader = open_store(store)
     frame = reader.records
-    selected = np.ones(len(frame), dtype=bool)
+    selected = reader.live.copy()  # forgotten records keep no split
     if sources:
         unknown = sorted(set(sources) - set(frame["source"]))
         if unknown:
             raise ValueError(f"{store}: no records of source(s) {', '.join(unknown)}")
-        selected = frame["source"].isin(list(sources)).to_numpy()
+        selected &= frame["source"].isin(list(sources)).to_numpy()
     if not selected.any():
         raise ValueError(f"{store}: no records to split")
     split = frame["split"].to_numpy(dtype=object).copy()

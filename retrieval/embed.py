@@ -103,11 +103,15 @@ def load_features(store_path: str | os.PathLike, name: str, level: str = "record
         raise FeatureError(
             f"{store_path}: no feature set {name!r} (have: {have}); run `ecgplat embed` first"
         )
+    from ecgplat.store import read_forgotten
+
     group = zarr.open_group(str(feature_dir(store_path, name) / level), mode="r")
+    record_index = np.asarray(group["record_index"][:], dtype=np.int64)
+    keep = ~np.isin(record_index, read_forgotten(store_path)["records"])  # `ecgplat forget`
     return Features(
-        np.asarray(group["embedding"][:], dtype=np.float32),
-        np.asarray(group["record_index"][:], dtype=np.int64),
-        np.asarray(group["segment_number"][:]) if level == "segment" else None,
+        np.asarray(group["embedding"][:], dtype=np.float32)[keep],
+        record_index[keep],
+        np.asarray(group["segment_number"][:])[keep] if level == "segment" else None,
         lineage,
     )
 
@@ -223,7 +227,7 @@ def embed_store(
     normalize = mode_of(ckpt)  # as the encoder was trained
     encoder.to(dev)
     batch_size = batch_size or inference_batch_size(encoder.cfg)
-    records = np.arange(store.n_records)
+    records = store.select()  # every record but the forgotten ones
     with ProgressBar(progress, len(records), f"embed {name}", transient=True) as bar:
         batches = store_batches(
             store, records, parse_leads(leads), batch_size, on_record=bar.advance

@@ -39,6 +39,28 @@ TRAILER_MAGIC = b"ECGPIDX2"  # last 8 bytes of an index file
 _TRAILER = struct.Struct("<Q8s")  # description length in bytes, magic
 
 
+class StaleIndexError(ValueError):
+    """An index built before `ecgplat forget` withdrew records from its store."""
+
+
+def check_forget_generation(lineage: dict, where) -> None:
+    """Refuse an index whose store has forgotten records since it was built (or last updated
+    by ``ecgplat forget --index``): it may still hold their vectors. An index whose store is
+    not at the recorded path cannot be checked and passes."""
+    store = lineage.get("store")
+    if not store or not (Path(store) / "zarr.json").is_file():
+        return
+    from ecgplat.store import read_forgotten
+
+    now, have = read_forgotten(store)["generation"], int(lineage.get("forget_generation", 0))
+    if have != now:
+        raise StaleIndexError(
+            f"{where}: built before `ecgplat forget` withdrew records from {store} (forget "
+            f"generation {have}, store at {now}); rebuild it with `ecgplat index build` or "
+            "pass it to `ecgplat forget --index`"
+        )
+
+
 class LineageError(ValueError):
     """Query embeddings were produced by a different checkpoint or lead set than the index."""
 
@@ -201,10 +223,33 @@ class GalleryIndex:
             stop_point("index.before_replace")
         return index_path
 
+    def drop_rows(self, rows) -> None:
+        """Remove gallery rows (e.g. of forgotten records) in place: the kept vectors are added,
+        in order, to an emptied clone of the index (trained state and parameters kept), so
+        row numbers stay 0..n-1 for every kind (HNSW has no removal of its own)."""
+        drop = np.zeros(len(self), dtype=bool)
+        drop[np.asarray(list(rows), dtype=np.int64)] = True
+        if not drop.any():
+            return
+        ivf = faiss.extract_index_ivf(self.index) if self.kind == "ivf" else None
+        if ivf is not None:
+            ivf.make_direct_map()
+        vectors = self.index.reconstruct_n(0, len(self))
+        if ivf is not None:
+            ivf.set_direct_map_type(faiss.DirectMap.NoMap)
+        index = faiss.clone_index(self.index)
+        index.reset()
+        index.add(np.ascontiguousarray(vectors[~drop]))
+        keep = np.flatnonzero(~drop)
+        self.index, self._gpu_index = index, None
+        self.ids = [self.ids[i] for i in keep]
+        self.labels = None if self.labels is None else [self.labels[i] for i in keep]
+
     @classmethod
-    def load(cls, path: str | Path) -> GalleryIndex:
+    def load(cls, path: str | Path, check_store: bool = True) -> GalleryIndex:
         """Read an index file; FileNotFoundError / ValueError (one line naming the file) when
-        it is missing or not an ecgplat index."""
+        it is missing or not an ecgplat index, StaleIndexError when its store has forgotten
+        records since (``check_store=False``: for ``ecgplat forget`` itself)."""
         index_path = index_file(path)
         if not index_path.is_file():
             raise FileNotFoundError(f"{index_path}: index file not found")
@@ -217,6 +262,8 @@ class GalleryIndex:
                 f"{index_path}: {index.ntotal} vectors of dim {index.d} do not match "
                 f"its description ({meta['count']} ids, dim {meta['dim']})"
             )
+        if check_store:
+            check_forget_generation(meta.get("lineage") or {}, index_path)
         return cls(
             index=index,
             kind=meta["kind"],
@@ -397,6 +444,7 @@ def index_from_features(
             "level": level,
             "split": split,
             "store": str(Path(store_path).resolve()),
+            "forget_generation": store.forget_generation,
         }
     )
     return build_index(

@@ -9,6 +9,7 @@ command line may use these placeholders, all built once per module from the bund
   {shards}  train/valid shards of the store         {run}    a finished diagnosis run directory
   {pt}      a pretraining checkpoint                 {dx}     a diagnosis checkpoint
   {idx}     a FAISS gallery index (prefix)           {fs}     a fairseq-signals checkpoint
+  {foreign_idx}  an index (prefix) not built from {store}
   {afile}   a plain text file (a path under it has a file as parent)
   {empty}   an empty directory                       {tmp}    a fresh directory for outputs
   {ptbxl_notroot} {ptbxl_garbage} {ptbxl_columns} {ptbxl_norows}: PTB-XL roots gone wrong
@@ -182,6 +183,19 @@ CASES: list[tuple[str, list[str], int]] = [
     ("evaluate identify --store {store} --features emb --plot {empty}",
      ["--plot", "is a directory"], 2),
     ("evaluate identify --store {store} --features emb --leads XX", ["XX"], 2),
+    # --- forget ----------------------------------------------------------------------------
+    ("forget {tmp}/nostore --record x", ["nostore", "no ecgplat store"], 2),
+    ("forget {store}", ["--record", "--patient", "no forget is pending"], 2),
+    ("forget {store} --record {record} --patient p-0123456789abcdef",
+     ["exactly one of --record", "--patient"], 2),
+    ("forget {store} --record cinc2021/nosuch", ["no record with the --record key",
+     "nothing was changed"], 2),
+    ("forget {store} --patient SYN00001", ["--patient", "not a patient pseudonym"], 2),
+    ("forget {store} --patient p-0123456789abcdef", ["no records of the --patient"], 2),
+    ("forget {store} --record {record} --index {tmp}/nope.faiss", ["nope.faiss", "not found"], 2),
+    ("forget {store} --record {record} --index {afile}", ["afile.faiss", "not found"], 2),
+    ("forget {store} --record {record} --index {foreign_idx}.faiss",
+     ["not built from", "store"], 2),
     # --- embed -----------------------------------------------------------------------------
     ("embed --checkpoint {tmp}/nope.pt --store {store} --name e2",
      ["nope.pt", "no such checkpoint"], 2),
@@ -305,7 +319,9 @@ def world(synth_cohort, synth_store, synth_shards, tmp_path_factory) -> dict[str
         np.savez(base / f"{name}.npz", **arrays)
         npz[f"npz_{name}"] = str(base / f"{name}.npz")
     from ecgplat.store import open_store
+    from retrieval.index import build_index
 
+    build_index(np.eye(2, 4, dtype=np.float32), ["a", "b"]).save(base / "foreign")
     gallery = open_store(store).select(ident_split="gallery")
     record = str(open_store(store).records["record_key"].iloc[int(gallery[0])])
     return {
@@ -316,6 +332,7 @@ def world(synth_cohort, synth_store, synth_shards, tmp_path_factory) -> dict[str
         "dx": str(dx),
         "run": str(run),
         "idx": str(base / "gallery"),
+        "foreign_idx": str(base / "foreign"),
         "fs": str(FAIRSEQ_CKPT),
         "afile": str(afile),
         "empty": str(empty),

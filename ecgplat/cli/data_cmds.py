@@ -1,4 +1,5 @@
-"""Data commands: `ecgplat synth | ingest | split | shards | info` (feature store and shards)."""
+"""Data commands: `ecgplat synth | ingest | split | shards | info | forget` (feature store and
+shards)."""
 
 from __future__ import annotations
 
@@ -301,6 +302,9 @@ def info(
         f"  records {summary['records']}, segments {summary['segments']}, "
         f"patients {summary['patients']}, rejects {summary['rejects']}"
     )
+    if summary.get("forgotten"):
+        pending = " (scrub pending: re-run `ecgplat forget`)" if summary["forget_pending"] else ""
+        typer.echo(f"  forgotten {summary['forgotten']}{pending}")
     for title, key in (
         ("per source", "per_source"),
         ("per split", "per_split"),
@@ -309,3 +313,46 @@ def info(
     ):
         if summary[key]:
             typer.echo(f"  {title}: " + ", ".join(f"{k} {v}" for k, v in summary[key].items()))
+
+
+@app.command("forget")
+def forget(
+    store: Annotated[Path, typer.Argument(help="Feature store directory.")],
+    record: Annotated[
+        str | None, typer.Option(help="Record key to forget (the store's record_key).")
+    ] = None,
+    patient: Annotated[
+        str | None,
+        typer.Option(help="Forget every record of this patient pseudonym (patient_key, p-...)."),
+    ] = None,
+    index: Annotated[
+        list[Path] | None,
+        typer.Option(help="FAISS index file built from this store to update (repeatable)."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the counts as JSON.")] = False,
+) -> None:
+    """Withdraw a record, or every record of a patient (consent withdrawn), from the store.
+
+    Reads, later exports and updated indexes never return them again, and the data files that
+    held them are rewritten without them. Other indexes and earlier shard exports are refused
+    as stale. A run that was killed is completed by running forget again.
+    """
+    from ingestion.forget import forget as run_forget
+
+    require_store(store)
+    if record is not None and patient is not None:
+        fail("give exactly one of --record KEY or --patient PSEUDONYM")
+    try:
+        summary = run_forget(store, record=record, patient=patient, indexes=index or ())
+    except (FileNotFoundError, KeyError, ValueError, RuntimeError) as e:
+        fail(str(e.args[0]) if isinstance(e, KeyError) else str(e))
+    if as_json:
+        typer.echo(json.dumps(summary, indent=1))
+        return
+    done = "already forgotten" if summary["already"] else f"forgot {summary['forgotten']} records"
+    typer.echo(
+        f"{done} ({summary['segments']} segments); rewrote {summary['shard_files']} segment "
+        f"files and {summary['feature_sets']} feature sets; {summary['index_rows']} rows "
+        f"removed from {summary['indexes']} indexes; {summary['records_total']} records "
+        f"forgotten in all (forget generation {summary['generation']})"
+    )
