@@ -105,6 +105,15 @@ def ingest(
     ] = None,
     leads: Annotated[str | None, typer.Option(help=LEADS_HELP)] = None,
     patients: Annotated[Path | None, typer.Option(help=PATIENTS_HELP)] = None,
+    send_bytes: Annotated[
+        bool,
+        typer.Option(
+            "--send-bytes",
+            help="Read each record's files here and send them to the workers, which then need "
+            "not see SRC (wfdb, cinc2021, ludb, cpsc2021). Default: workers read SRC "
+            "themselves (a filesystem shared with this machine).",
+        ),
+    ] = False,
 ) -> None:
     """Read, condition (500 Hz, 5 s int16 segments) and append a corpus to the feature store.
 
@@ -148,6 +157,7 @@ def ingest(
             progress=progress,
             limit=limit,
             opts=opts,
+            send_bytes=send_bytes,
         )
     except (FileNotFoundError, ValueError, RuntimeError, OSError) as e:
         fail(str(e))
