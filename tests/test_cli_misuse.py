@@ -79,6 +79,8 @@ CASES: list[tuple[str, list[str], int]] = [
     ("ingest cinc2021 {cohort} --store {tmp}/s --limit 0", ["--limit"], 2),
     ("ingest cinc2021 {cohort} --store {tmp}/s --scheduler nohost --no-progress",
      ["nohost"], 2),
+    ("ingest code15 {cohort} --store {tmp}/s --workers 0 --send-bytes --no-progress",
+     ["--send-bytes", "code15"], 2),
     # --- watch -----------------------------------------------------------------------------
     ("watch {tmp}/missing --store {tmp}/s", ["missing", "does not exist"], 2),
     ("watch {afile} --store {tmp}/s", ["afile", "not a directory"], 2),

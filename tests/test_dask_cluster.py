@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hostile_files import edit_header, write_wfdb
+from store_compare import assert_same_store
 
 from ecgplat.store import open_store
 from ingestion.pipeline import SRC_NOT_VISIBLE, ingest
-from tests.hostile_files import edit_header, write_wfdb
-from tests.store_compare import assert_same_store
 
 REPO = Path(__file__).parents[1]
 DASK = Path(sys.executable).parent / "dask"

@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from hostile_files import write_cinc, write_wfdb
 
 from ecgplat.store import open_store
-from tests.hostile_files import write_cinc, write_wfdb
 
 REPO = Path(__file__).parents[1]
 CKPT = REPO / "tests" / "fixtures" / "pretrained_tiny" / "w2v_cmsc_rlm_tiny_synth.pt"

@@ -293,7 +293,10 @@ def shards(
 
 @app.command("info")
 def info(
-    store: Annotated[Path, typer.Argument(help="Feature store directory.")],
+    store: Annotated[
+        str,
+        typer.Argument(help="Feature store directory, or its URL (http://, s3://: read-only)."),
+    ],
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
 ) -> None:
     """Counts of a store: records, segments, patients, per source/split/ident_split, rejects."""
