@@ -219,7 +219,11 @@ class Watcher:
         """One scan: ingest and publish what is ready; returns the number of records added."""
         from ecgplat.store import StoreBusyError
 
-        ready = self._ready(time.monotonic())
+        try:
+            ready = self._ready(time.monotonic())
+        except OSError as e:  # a folder vanished while it was listed: look again next poll
+            self.echo(f"waiting: cannot list {self.src} ({e.strerror or type(e).__name__})")
+            return 0
         if not ready:
             return 0
         try:

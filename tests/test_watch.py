@@ -181,6 +181,12 @@ def test_watch_ingests_embeds_and_indexes_records_as_they_land(tmp_path):
     for i, row in zip(streamed.record_index, streamed.embeddings, strict=True):
         np.testing.assert_allclose(row, by_key[recs["record_key"][i]], atol=1e-5)
     assert streamed.lineage["n_segments"] == s.n_segments
+    from retrieval.index import GalleryIndex
+
+    gallery = GalleryIndex.load(index)  # queryable: each record's own embedding finds it first
+    _, rows = gallery.search(streamed.embeddings, k=1, lineage=streamed.lineage)
+    keys = recs["record_key"].to_numpy()[streamed.record_index]
+    assert [gallery.ids[r] for r in rows[:, 0]] == list(keys)
 
     # restart on the same folder: nothing new, and a clean exit when its time is up
     again = Watch(*args, "--max-seconds", "2")
