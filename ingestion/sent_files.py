@@ -24,6 +24,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import cast
 
 from ingestion.limits import ReadOptions, inside_src, sibling
 from ingestion.record import RecordError
@@ -57,7 +58,7 @@ def _data_files(text: str, rel: str) -> list[tuple[str, int | None, int | None]]
         hdr = parse_header(text, rel)
     except RecordError:
         return []
-    out = []
+    out: list[tuple[str, int | None, int | None]] = []
     for name, expected in expected_data_sizes(hdr).items():
         if name.lower().endswith(".mat"):  # MATLAB v4: refused unread above this size
             cap = hdr["n_sig"] * (hdr["sig_len"] or 0) * 8 + _MAT_SLACK
@@ -121,11 +122,13 @@ def _materialise(root: Path, payload: dict[str, object]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         if isinstance(entry, bytes):
             path.write_bytes(entry)
-        elif entry[0] == "link":
-            os.symlink(entry[1], path)
+            continue
+        kind, value = cast(tuple[str, object], entry)
+        if kind == "link":
+            os.symlink(str(value), path)
         else:  # ("size", n): a sparse file of the size the reader rejects it for
             with open(path, "wb") as f:
-                f.truncate(int(entry[1]))
+                f.truncate(int(cast(int, value)))
 
 
 def process_sent_batch(corpus, payload, rels, seq, secret, opts=None):
