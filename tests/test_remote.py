@@ -24,12 +24,12 @@ HERE = Path(__file__).parent
 @pytest.fixture(scope="module")
 def served(synth_store, synth_shards, tmp_path_factory):
     """(base URL, local store, local shards): a copy of the store (without secret.key) and of
-    the shards under one folder, served on 127.0.0.1 for at most 120 s."""
+    the shards under one folder, served on 127.0.0.1 for at most 300 s."""
     root = tmp_path_factory.mktemp("served")
     shutil.copytree(synth_store, root / "store", ignore=shutil.ignore_patterns("secret.key"))
     shutil.copytree(synth_shards, root / "shards")
     server = subprocess.Popen(
-        [sys.executable, str(HERE / "range_http.py"), str(root), "120"],
+        [sys.executable, str(HERE / "range_http.py"), str(root), "300"],
         stdout=subprocess.PIPE,
         text=True,
     )
