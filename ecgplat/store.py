@@ -81,14 +81,35 @@ _COUNTS = ("n_records", "n_segments", "n_rejects")
 _GENERATION = re.compile(r"^g[0-9]+$")
 
 
+def is_url(path: str | os.PathLike) -> bool:
+    """A store or shard location given as an fsspec URL (http://, s3://, ...), not a path."""
+    return "://" in str(path) and not str(path).startswith("file://")
+
+
+def store_file(path: str | os.PathLike, name: str) -> bytes | None:
+    """The bytes of file ``name`` of a store at a local path or an fsspec URL (read-only
+    stores on object storage or HTTP); None when it does not exist."""
+    if is_url(path):
+        import fsspec
+
+        try:
+            with fsspec.open(f"{str(path).rstrip('/')}/{name}", "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+    file = Path(path) / name
+    return file.read_bytes() if file.exists() else None
+
+
 def read_commit(path: str | os.PathLike) -> dict:
     """The committed counts of a store (zeros for a store that never committed); ValueError
     naming the file when it is not a valid commit point."""
-    file = Path(path) / COMMIT_FILE
-    if not file.exists():
-        return {"n_records": 0, "n_segments": 0, "n_rejects": 0, "splits": None}
+    file = f"{str(path).rstrip('/')}/{COMMIT_FILE}" if is_url(path) else Path(path) / COMMIT_FILE
     try:
-        state = json.loads(file.read_bytes())
+        raw = store_file(path, COMMIT_FILE)
+        if raw is None:
+            return {"n_records": 0, "n_segments": 0, "n_rejects": 0, "splits": None}
+        state = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{file}: corrupt commit point, not JSON ({e})") from None
     except OSError as e:
@@ -192,14 +213,18 @@ def open_store(path: str | os.PathLike, mode: str = "r") -> EcgStore:
 
 
 class EcgStore:
-    """Read view of a feature store at its last commit (layout: docs/formats.md)."""
+    """Read view of a feature store at its last commit (layout: docs/formats.md). ``path`` may
+    be an fsspec URL (``http://``, ``s3://``, ...): the store is then read through zarr's
+    fsspec support, read-only."""
 
     def __init__(self, path: str | os.PathLike, mode: str = "r"):
         import zarr
 
-        self.path = Path(path)
+        self.path = str(path).rstrip("/") if is_url(path) else Path(path)
         quiet_zarr_warnings()
-        if not (self.path / "zarr.json").is_file():
+        if is_url(path) and mode != "r":
+            raise ValueError(f"{self.path}: a store at a URL opens read-only (mode 'r')")
+        if not self._has_file("zarr.json"):
             raise FileNotFoundError(f"{self.path}: no ecgplat store here (zarr.json missing)")
         try:
             self.root = zarr.open_group(str(self.path), mode=mode)
@@ -218,6 +243,11 @@ class EcgStore:
         self.n_segments = int(self._commit["n_segments"])
         self.n_rejects = int(self._commit["n_rejects"])
         self._forgotten = read_forgotten(self.path)
+
+    def _has_file(self, name: str) -> bool:
+        if isinstance(self.path, Path):
+            return (self.path / name).is_file()
+        return store_file(self.path, name) is not None
 
     def __repr__(self) -> str:
         return f"EcgStore({str(self.path)!r}, records={self.n_records}, segments={self.n_segments})"
@@ -274,7 +304,7 @@ class EcgStore:
 
     def _units_column(self) -> np.ndarray:
         out = np.full(self.n_records, UNITS_DEFAULT, dtype=object)
-        if (self.path / "records" / "units" / "zarr.json").is_file():
+        if self._has_file("records/units/zarr.json"):
             values = as_str_array(self.root["records/units"][: self.n_records])
             n = len(values)
             out[:n] = np.where(values == "", UNITS_DEFAULT, values)

@@ -49,6 +49,7 @@ def _file_bytes(src: Path, rel: str) -> int:
 
 CRASH_HOOK_ENV = "ECGPLAT_TEST_CRASH_ON"  # tests: a Dask worker process exits on this record
 WORKER_DIED = "worker died"
+SRC_NOT_VISIBLE = "source folder not visible on this worker (share it, or ingest with --send-bytes)"
 
 
 def _crash_hook(rel: str) -> None:
@@ -98,6 +99,9 @@ def process_batch(
     module = get_corpus(corpus)
     root = Path(src)
     good, rejects, nbytes = [], [], 0
+    if not root.is_dir():  # a worker without the driver's filesystem
+        rows = [reject_row(module, root, rel, SRC_NOT_VISIBLE, secret, opts) for rel in rels]
+        return pack_batch(seq, [], rows, secret)
     for rel in rels:
         _crash_hook(rel)
         try:
@@ -144,9 +148,20 @@ def _batches(todo: list[str], batch_size: int):
         yield seq, todo[start : start + batch_size]
 
 
+def _task(corpus, src, rels, seq, secret, opts) -> tuple:
+    """(function, arguments) of the task for ``rels``: ``src`` is the path workers read, or a
+    ``SentSource`` whose files the driver reads and ships (``ingestion.sent_files``)."""
+    from ingestion.sent_files import SentSource, process_sent_batch
+
+    if isinstance(src, SentSource):
+        return process_sent_batch, (corpus, src.read(rels, opts), rels, seq, secret, opts)
+    return process_batch, (corpus, src, rels, seq, secret, opts)
+
+
 def _run_local(corpus, src, batches, secret, sink, opts=None) -> None:
     for seq, rels in batches:
-        sink(process_batch(corpus, src, rels, seq, secret, opts))
+        fn, args = _task(corpus, src, rels, seq, secret, opts)
+        sink(fn(*args))
 
 
 def _task_key(corpus: str, seq) -> str:
@@ -154,9 +169,8 @@ def _task_key(corpus: str, seq) -> str:
 
 
 def _single(client, corpus, src, rel, tag, secret, opts):
-    return client.submit(
-        process_batch, corpus, src, [rel], 0, secret, opts, pure=False, key=_task_key(corpus, tag)
-    )
+    fn, args = _task(corpus, src, [rel], 0, secret, opts)
+    return client.submit(fn, *args, pure=False, key=_task_key(corpus, tag))
 
 
 def _retry_one_by_one(client, corpus, src, rels, seq, secret, opts) -> RecordBatch:
@@ -226,17 +240,8 @@ def _run_dask(client, corpus, src, batches, secret, sink, max_in_flight: int, op
         if item is None:
             return False
         seq, rels = item
-        future = client.submit(
-            process_batch,
-            corpus,
-            src,
-            rels,
-            seq,
-            secret,
-            opts,
-            pure=False,
-            key=_task_key(corpus, seq),
-        )
+        fn, args = _task(corpus, src, rels, seq, secret, opts)
+        future = client.submit(fn, *args, pure=False, key=_task_key(corpus, seq))
         submitted[future.key] = (seq, rels)
         pending.add(future)
         return True
@@ -271,6 +276,7 @@ def ingest(
     limit: int | None = None,
     commit_interval: float = 1.0,
     opts: ReadOptions | None = None,
+    send_bytes: bool = False,
 ) -> dict:
     """Ingest the records of ``corpus`` under ``src`` into ``store`` (created if missing).
 
@@ -283,7 +289,9 @@ def ingest(
     readers (``ingestion.limits.ReadOptions``; default: its defaults), checked against the
     corpus reader's ``OPTIONS`` before anything runs (ValueError). A batch
     whose Dask worker dies is retried record by record; the record that kills its worker is
-    rejected as "worker died".
+    rejected as "worker died". ``send_bytes``: the driver reads each record's files and ships
+    them in the task, so workers need not see ``src`` (``ingestion.sent_files``); otherwise
+    workers read ``src`` (its absolute path) themselves: a shared filesystem.
     Returns a summary: records, segments, patients (added by this run), rejected (by reason),
     skipped (already present), seconds, records_per_s, bytes_read, startup_seconds (Dask
     cluster start, included in seconds), and the store totals.
@@ -297,6 +305,13 @@ def ingest(
         raise FileNotFoundError(f"{src}: source directory does not exist")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if send_bytes:
+        from ingestion.sent_files import SEND_BYTES_CORPORA, SentSource
+
+        if corpus not in SEND_BYTES_CORPORA:
+            raise ValueError(
+                f"--send-bytes reads {', '.join(SEND_BYTES_CORPORA)} records, not {corpus!r}"
+            )
     t0 = time.perf_counter()
     with StoreWriter(store) as writer:
         listing = module.list_records(src)
@@ -336,7 +351,8 @@ def ingest(
         batches = _batches(todo, batch_size)
         try:
             if todo and workers == 0 and scheduler is None:
-                _run_local(corpus, str(src), batches, writer.secret, sink, opts)
+                local_src = SentSource(src.resolve()) if send_bytes else str(src)
+                _run_local(corpus, local_src, batches, writer.secret, sink, opts)
             elif todo:
                 t_cluster = time.perf_counter()
                 with _dask_client(workers, scheduler) as client:
@@ -346,7 +362,7 @@ def ingest(
                     _run_dask(
                         client,
                         corpus,
-                        str(src.resolve()),
+                        SentSource(src.resolve()) if send_bytes else str(src.resolve()),
                         batches,
                         writer.secret,
                         sink,

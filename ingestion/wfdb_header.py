@@ -153,6 +153,22 @@ def _data_bytes(fmt: str, n_samples: int) -> int:
     return int(_required_byte_num("read", fmt, n_samples))
 
 
+def expected_data_sizes(hdr: dict) -> dict[str, int | None]:
+    """Signal file name -> the bytes a complete data file holds by the header (None where the
+    header does not tell: compressed or unknown formats, mixed formats, no signal length)."""
+    out: dict[str, int | None] = {}
+    for name, idx in _files(hdr).items():
+        sigs = [hdr["signals"][i] for i in idx]
+        fmt = sigs[0]["fmt"]
+        known = fmt in DAT_FMTS and fmt not in _COMPRESSED and hdr["sig_len"] is not None
+        if not known or any(s["fmt"] != fmt for s in sigs):
+            out[name] = None
+            continue
+        frame = sum(s["spf"] for s in sigs)
+        out[name] = sigs[0]["offset"] + _data_bytes(fmt, hdr["sig_len"] * frame)
+    return out
+
+
 def check_data_sizes(hdr: dict, paths: dict[str, Path], where: str) -> int:
     """Compare each data file's size with what the header implies (samples x signals x bytes per
     sample of the format, plus the byte offset); RecordError on a mismatch. Returns sig_len

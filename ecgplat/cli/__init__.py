@@ -5,7 +5,14 @@ commands on them. Command bodies import the heavy packages (`ingestion`, `traini
 `retrieval`, torch, dask) lazily so that `ecgplat --help` stays fast.
 """
 
-from ecgplat.cli import data_cmds, diagnosis_cmds, model_cmds, retrieval_cmds, train_cmds  # noqa: F401
+from ecgplat.cli import (  # noqa: F401
+    data_cmds,
+    diagnosis_cmds,
+    model_cmds,
+    retrieval_cmds,
+    train_cmds,
+    watch_cmds,
+)
 from ecgplat.cli.apps import app
 
 __all__ = ["app"]

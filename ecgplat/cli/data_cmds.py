@@ -106,6 +106,15 @@ def ingest(
     ] = None,
     leads: Annotated[str | None, typer.Option(help=LEADS_HELP)] = None,
     patients: Annotated[Path | None, typer.Option(help=PATIENTS_HELP)] = None,
+    send_bytes: Annotated[
+        bool,
+        typer.Option(
+            "--send-bytes",
+            help="Read each record's files here and send them to the workers, which then need "
+            "not see SRC (wfdb, cinc2021, ludb, cpsc2021). Default: workers read SRC "
+            "themselves (a filesystem shared with this machine).",
+        ),
+    ] = False,
 ) -> None:
     """Read, condition (500 Hz, 5 s int16 segments) and append a corpus to the feature store.
 
@@ -149,6 +158,7 @@ def ingest(
             progress=progress,
             limit=limit,
             opts=opts,
+            send_bytes=send_bytes,
         )
     except (FileNotFoundError, ValueError, RuntimeError, OSError) as e:
         fail(str(e))
@@ -284,7 +294,10 @@ def shards(
 
 @app.command("info")
 def info(
-    store: Annotated[Path, typer.Argument(help="Feature store directory.")],
+    store: Annotated[
+        str,
+        typer.Argument(help="Feature store directory, or its URL (http://, s3://: read-only)."),
+    ],
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
 ) -> None:
     """Counts of a store: records, segments, patients, per source/split/ident_split, rejects."""
