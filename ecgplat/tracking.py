@@ -79,7 +79,8 @@ class Tracker:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl_path = self.run_dir / METRICS_FILE
-        self._jsonl = open(self.jsonl_path, "a" if resume else "w", encoding="utf-8")
+        # held open for the whole run (one line per log call); close() and truncate_after close it
+        self._jsonl = open(self.jsonl_path, "a" if resume else "w", encoding="utf-8")  # noqa: SIM115
         self.console = console
         self._progress = None
         self._task = None
@@ -164,7 +165,7 @@ class Tracker:
             if rec.get("update", -1) <= step:
                 keep.append(raw)
         atomic.write_text(self.jsonl_path, "".join(line + "\n" for line in keep))
-        self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
+        self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")  # noqa: SIM115 (run-long handle)
 
     # --- progress bar ------------------------------------------------------------------------
     def start_progress(

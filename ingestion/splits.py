@@ -161,7 +161,7 @@ def split_store(
 
     def counts(values) -> dict:
         kinds, n = np.unique(np.asarray(values, dtype=str), return_counts=True)
-        return {str(k) or "none": int(c) for k, c in zip(kinds, n)}
+        return {str(k) or "none": int(c) for k, c in zip(kinds, n, strict=True)}
 
     return {
         "mode": mode,

@@ -361,7 +361,7 @@ class StoreWriter:
         seg_starts = seg_ends - seg_count
         if not keep.all():
             keep_seg = np.repeat(keep, seg_count)
-            segments = [c for c, k in zip(batch.chunks, keep_seg) if k]
+            segments = [c for c, k in zip(batch.chunks, keep_seg, strict=True) if k]
             cols = {k: v[keep] for k, v in cols.items()}
             seg_count = seg_count[keep]
             seg_ends = np.cumsum(seg_count)

@@ -63,7 +63,8 @@ def ingest(
     scheduler: Annotated[
         str | None,
         typer.Option(
-            help="Address of an existing Dask scheduler, e.g. tcp://host:8786 (overrides --workers)."
+            help="Address of an existing Dask scheduler, e.g. tcp://host:8786 "
+            "(overrides --workers)."
         ),
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Records per worker task.")] = 128,

@@ -143,7 +143,7 @@ def score(
         typer.Option(min=0.0, max=1.0, help="Probability threshold for a positive prediction."),
     ] = 0.5,
 ) -> None:
-    """Rescore a predictions file: CinC 2021 challenge score, AUROC/AUPRC, F1, exact-match accuracy."""
+    """Rescore a predictions file: CinC 2021 challenge score, AUROC/AUPRC, F1, exact matches."""
     from training.metrics import aggregate_records, classification_report
 
     labels, probs, keys = _load_predictions(predictions)
@@ -172,8 +172,8 @@ def evaluate_diagnosis_cmd(
     leads: Annotated[
         str,
         typer.Option(
-            help="Lead subset fed to the model, absent leads zero-filled: a preset (12, 6, 4, 3, 2, "
-            "1), a comma list such as I,II,V2, or 'all' for every preset."
+            help="Lead subset fed to the model, absent leads zero-filled: a preset "
+            "(12, 6, 4, 3, 2, 1), a comma list such as I,II,V2, or 'all' for every preset."
         ),
     ] = "12",
     out: Annotated[

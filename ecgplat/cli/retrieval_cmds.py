@@ -41,8 +41,8 @@ def embed(
     checkpoint: Annotated[
         Path,
         typer.Option(
-            help="Checkpoint whose encoder embeds the ECGs (any kind: pretrain, diagnosis, identify, "
-            "imported)."
+            help="Checkpoint whose encoder embeds the ECGs (any kind: pretrain, diagnosis, "
+            "identify, imported)."
         ),
     ],
     store: Annotated[
@@ -146,7 +146,8 @@ def index_build(
         fail(_message(e))
     line = f"{path}: {len(index)} {level} vectors ({kind}, dim {index.dim})"
     if "recall_at_1" in index.info:
-        line += f", recall@1 vs exact {index.info['recall_at_1']:.4f} on {index.info['recall_n']} queries"
+        info = index.info
+        line += f", recall@1 vs exact {info['recall_at_1']:.4f} on {info['recall_n']} queries"
     typer.echo(line)
 
 

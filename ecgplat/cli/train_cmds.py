@@ -234,7 +234,7 @@ def train_command(
         if rank == 0:
             typer.echo(f"{e}; continue with: ecgplat train {task} --out {out} --resume", err=True)
         distributed.teardown()
-        raise typer.Exit(e.exit_code)
+        raise typer.Exit(e.exit_code) from None
     except (FileNotFoundError, ValueError) as e:
         distributed.teardown()
         fail(str(e).splitlines()[0] if str(e) else type(e).__name__, code=1)
