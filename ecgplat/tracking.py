@@ -82,7 +82,7 @@ class Tracker:
         # held open for the whole run (one line per log call); close() and truncate_after close it
         self._jsonl = open(self.jsonl_path, "a" if resume else "w", encoding="utf-8")  # noqa: SIM115
         self.console = console
-        self._progress = None
+        self._progress: ProgressBar | None = None
         self._task = None
         self._tty = sys.stdout.isatty()
         self.wandb_run = None
@@ -120,7 +120,8 @@ class Tracker:
             resume="allow" if run_id else None,
         )
         try:
-            run = wandb.init(mode=mode, **kwargs)
+            # mode is "online" or "offline" here ("disabled" never starts W&B)
+            run = wandb.init(mode="online" if mode == "online" else "offline", **kwargs)
         except Exception as e:
             if mode != "online":
                 raise

@@ -69,7 +69,7 @@ def random_split(
     return out
 
 
-def strat_fold_split(folds: Sequence[int]) -> np.ndarray:
+def strat_fold_split(folds: Sequence[int] | np.ndarray) -> np.ndarray:
     """Per-record split from PTB-XL ``strat_fold`` (1-8 train, 9 valid, 10 test)."""
     folds = np.asarray(folds, dtype=np.int64)
     bad = ~np.isin(folds, np.arange(1, 11))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -56,13 +56,14 @@ def _print_report(title: str, reports: dict[str, dict], per_class_from: str | No
     if per_class_from is None:
         return
     per = Table(title=f"per class ({per_class_from})")
-    for col, justify in (
+    columns: tuple[tuple[str, Literal["left", "right"]], ...] = (
         ("class", "left"),
         ("SNOMED", "left"),
         ("support", "right"),
         ("AUROC", "right"),
         ("F1", "right"),
-    ):
+    )
+    for col, justify in columns:
         per.add_column(col, justify=justify)
     for row in reports[per_class_from]["per_class"]:
         per.add_row(

@@ -149,7 +149,7 @@ def train_command(
     out: Annotated[
         Path,
         typer.Option(help="Run directory: config.yaml, checkpoints, metrics.jsonl, W&B files."),
-    ] = ...,
+    ] = ...,  # type: ignore[assignment]  # typer's required-option marker, not a Path
     init: Annotated[
         str | None, typer.Option(help="Checkpoint to fine-tune from (finetune.init).")
     ] = None,
