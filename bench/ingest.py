@@ -167,7 +167,7 @@ def run_naive(src: Path, out: Path, limit: int) -> dict:
     t0, cpu0, segments, nbytes = time.perf_counter(), time.process_time(), 0, 0
     for hea in heads:
         lines = hea.read_text().splitlines()
-        gains = np.array([float(l.split()[2].split("/")[0].split("(")[0]) for l in lines[1:13]])
+        gains = np.array([float(ln.split()[2].split("/")[0].split("(")[0]) for ln in lines[1:13]])
         mat = hea.with_suffix(".mat")
         nbytes += mat.stat().st_size + hea.stat().st_size
         feats = scipy.io.loadmat(mat)["val"].astype(np.float64) / gains[:, None]

@@ -337,7 +337,7 @@ def main(argv=None) -> dict:
             "top1_equal_torch": bool((f_rows[:, 0] == t_rows[:, 0]).all()),
             "top1_equal_numpy": bool((f_rows[:, 0] == n_rows[:, 0]).all()),
             "topk_sets_equal_torch": float(
-                np.mean([set(a) == set(b) for a, b in zip(f_rows, t_rows)])
+                np.mean([set(a) == set(b) for a, b in zip(f_rows, t_rows, strict=True)])
             ),
             "faiss_not_slower_than_torch": t_faiss <= t_torch * 1.05,
         }

@@ -1,3 +1,3 @@
-"""ecgplat core: configuration, lead sets, label vocabularies, the feature-store schema, tracking and the CLI."""
+"""ecgplat core: configuration, lead sets, label vocabularies, store schema, tracking, the CLI."""
 
 __version__ = "0.1.0"

@@ -167,8 +167,9 @@ def main() -> None:
             + "".join(f"{rec[k]:17.4f}" if rec[k] is not None else f"{'n/a':>17s}" for k in keys)
         )
     print(
-        "(150 pretraining updates leave the InfoNCE term at chance and the test split is small, so\n"
-        " this order is not stable; README 'Does pretraining help?' compares them at 1000 updates)"
+        "(150 pretraining updates leave the InfoNCE term at chance and the test split is small,\n"
+        " so this order is not stable; README 'Does pretraining help?' compares them at 1000"
+        " updates)"
     )
     run(
         "evaluate",

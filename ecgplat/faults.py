@@ -21,7 +21,7 @@ def stop_point(name: str) -> None:
 
 
 def stop_at_count(name: str, count: int) -> None:
-    """Kill this process with SIGKILL if ``$ECGPLAT_FAULT_STOP`` is ``name:N`` and ``count >= N``."""
+    """SIGKILL this process if ``$ECGPLAT_FAULT_STOP`` is ``name:N`` and ``count >= N``."""
     value = os.environ.get(ENV, "")
     if value.startswith(name + ":") and count >= int(value[len(name) + 1 :]):
         os.kill(os.getpid(), signal.SIGKILL)

@@ -13,9 +13,13 @@ import os
 import re
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING, Final, Literal
 
 import numpy as np
 import pandas as pd
+
+if TYPE_CHECKING:
+    import zarr
 
 SCHEMA_VERSION = 1
 SAMPLE_RATE = 500
@@ -25,9 +29,9 @@ N_LEADS = 12
 SEGMENT_CHUNK = 1  # segments per chunk of the `segments` array
 SEGMENT_SHARD = 64  # segments per shard file of the `segments` array
 SEGMENT_DELTA = True  # codecs of `segments`: delta(int16) -> bytes -> Blosc(below)
-SEGMENT_CNAME = "zstd"
+SEGMENT_CNAME: Final = "zstd"
 SEGMENT_CLEVEL = 1
-SEGMENT_SHUFFLE = "bitshuffle"
+SEGMENT_SHUFFLE: Final = "bitshuffle"
 RECORD_CHUNK = 4096  # rows per chunk of record/reject columns
 COMMIT_FILE = "commit.json"
 SECRET_FILE = "secret.key"
@@ -171,7 +175,7 @@ class StoreLock:
         import fcntl
 
         self.path = Path(path)
-        self._fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        self._fd: int | None = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -201,7 +205,17 @@ def as_str_array(values) -> np.ndarray:
     return np.asarray(values).astype(object)
 
 
-def open_store(path: str | os.PathLike, mode: str = "r") -> EcgStore:
+def zarr_array(group: zarr.Group, key: str) -> zarr.Array:
+    """``group[key]`` where the store layout has an array (zarr's lookup may also yield a group)."""
+    import zarr
+
+    node = group[key]
+    if not isinstance(node, zarr.Array):
+        raise ValueError(f"{group.store_path}/{key}: a group where the store layout has an array")
+    return node
+
+
+def open_store(path: str | os.PathLike, mode: Literal["r", "r+"] = "r") -> EcgStore:
     """Open an existing store for reading (``mode="r"``) or for adding groups (``"r+"``).
 
     Raises FileNotFoundError if there is no store at ``path`` and ValueError if it is not an
@@ -217,7 +231,7 @@ class EcgStore:
     be an fsspec URL (``http://``, ``s3://``, ...): the store is then read through zarr's
     fsspec support, read-only."""
 
-    def __init__(self, path: str | os.PathLike, mode: str = "r"):
+    def __init__(self, path: str | os.PathLike, mode: Literal["r", "r+"] = "r"):
         import zarr
 
         self.path = str(path).rstrip("/") if is_url(path) else Path(path)
@@ -300,12 +314,12 @@ class EcgStore:
     def _column(self, name: str) -> np.ndarray:
         if name == "units":
             return self._units_column()
-        return self.root[f"records/{name}"][: self.n_records]
+        return np.asarray(zarr_array(self.root, f"records/{name}")[: self.n_records])
 
     def _units_column(self) -> np.ndarray:
         out = np.full(self.n_records, UNITS_DEFAULT, dtype=object)
         if self._has_file("records/units/zarr.json"):
-            values = as_str_array(self.root["records/units"][: self.n_records])
+            values = as_str_array(zarr_array(self.root, "records/units")[: self.n_records])
             n = len(values)
             out[:n] = np.where(values == "", UNITS_DEFAULT, values)
         return out
@@ -327,7 +341,7 @@ class EcgStore:
                 return out
             try:
                 for name in SPLIT_COLUMNS:
-                    values = as_str_array(self.root[f"splits/{generation}/{name}"][:])
+                    values = as_str_array(zarr_array(self.root, f"splits/{generation}/{name}")[:])
                     n = min(len(values), self.n_records)
                     out[name][:n] = values[:n]
                 complete = True
@@ -396,12 +410,16 @@ class EcgStore:
     @cached_property
     def segment_record_index(self) -> np.ndarray:
         """int64 (N,): record index of each segment."""
-        return np.asarray(self.root["segment_record"][: self.n_segments], dtype=np.int64)
+        return np.asarray(
+            zarr_array(self.root, "segment_record")[: self.n_segments], dtype=np.int64
+        )
 
     @cached_property
     def segment_number(self) -> np.ndarray:
         """int32 (N,): window number of each segment within its record."""
-        return np.asarray(self.root["segment_number"][: self.n_segments], dtype=np.int32)
+        return np.asarray(
+            zarr_array(self.root, "segment_number")[: self.n_segments], dtype=np.int32
+        )
 
     def record_segment_range(self, i: int) -> tuple[int, int]:
         """(start, stop) segment rows of record ``i``; ForgottenRecordError for a forgotten
@@ -417,7 +435,7 @@ class EcgStore:
     def record_segments_raw(self, i: int) -> np.ndarray:
         """int16 (S, 12, 2500) microvolts of record ``i``, as stored."""
         start, stop = self.record_segment_range(i)
-        return np.asarray(self.root["segments"][start:stop])
+        return np.asarray(zarr_array(self.root, "segments")[start:stop])
 
     def record_segments(self, i: int) -> np.ndarray:
         """float32 (S, 12, 2500) millivolts of record ``i``."""
@@ -432,7 +450,7 @@ class EcgStore:
             raise IndexError(f"{self.path}: segment index out of range 0..{self.n_segments - 1}")
         self._refuse_forgotten_segments(idx)
         unique, inverse = np.unique(idx, return_inverse=True)
-        arr = self.root["segments"]
+        arr = zarr_array(self.root, "segments")
         if unique[-1] - unique[0] + 1 == unique.size:  # one contiguous run: a plain slice
             block = np.asarray(arr[int(unique[0]) : int(unique[-1]) + 1])
         else:
@@ -447,7 +465,7 @@ class EcgStore:
     def rejects(self) -> pd.DataFrame:
         """The committed rejects: source, path, reason."""
         data = {
-            name: as_str_array(self.root[f"rejects/{name}"][: self.n_rejects])
+            name: as_str_array(zarr_array(self.root, f"rejects/{name}")[: self.n_rejects])
             for name in REJECT_COLUMNS
         }
         return pd.DataFrame(data)

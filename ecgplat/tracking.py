@@ -79,9 +79,10 @@ class Tracker:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl_path = self.run_dir / METRICS_FILE
-        self._jsonl = open(self.jsonl_path, "a" if resume else "w", encoding="utf-8")
+        # held open for the whole run (one line per log call); close() and truncate_after close it
+        self._jsonl = open(self.jsonl_path, "a" if resume else "w", encoding="utf-8")  # noqa: SIM115
         self.console = console
-        self._progress = None
+        self._progress: ProgressBar | None = None
         self._task = None
         self._tty = sys.stdout.isatty()
         self.wandb_run = None
@@ -119,7 +120,8 @@ class Tracker:
             resume="allow" if run_id else None,
         )
         try:
-            run = wandb.init(mode=mode, **kwargs)
+            # mode is "online" or "offline" here ("disabled" never starts W&B)
+            run = wandb.init(mode="online" if mode == "online" else "offline", **kwargs)
         except Exception as e:
             if mode != "online":
                 raise
@@ -164,7 +166,7 @@ class Tracker:
             if rec.get("update", -1) <= step:
                 keep.append(raw)
         atomic.write_text(self.jsonl_path, "".join(line + "\n" for line in keep))
-        self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
+        self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")  # noqa: SIM115 (run-long handle)
 
     # --- progress bar ------------------------------------------------------------------------
     def start_progress(

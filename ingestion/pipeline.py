@@ -18,6 +18,7 @@ import os
 import time
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -34,6 +35,9 @@ from ingestion.writer import (
     patient_key_for,
     redact,
 )
+
+if TYPE_CHECKING:
+    from distributed import Client, LocalCluster
 
 DEFAULT_BATCH_SIZE = 128
 
@@ -208,17 +212,17 @@ def _retry_one_by_one(client, corpus, src, rels, seq, secret, opts) -> RecordBat
 def unit_rejects(writer: StoreWriter, corpus: str, listing: list[str]) -> set[str]:
     """Paths of ``listing`` rejected earlier only for their non-voltage unit: an ingest with
     ``--units`` reads them again (their old reject rows stay, as the history of that run)."""
-    from ecgplat.store import as_str_array
+    from ecgplat.store import as_str_array, zarr_array
 
     n = writer.n_rejects
     if n == 0:
         return set()
     root = writer.root
-    reasons = as_str_array(root["rejects/reason"][:n])
-    sources = as_str_array(root["rejects/source"][:n])
-    hashes = as_str_array(root["rejects/path_hash"][:n])
+    reasons = as_str_array(zarr_array(root, "rejects/reason")[:n])
+    sources = as_str_array(zarr_array(root, "rejects/source")[:n])
+    hashes = as_str_array(zarr_array(root, "rejects/path_hash")[:n])
     marked = (sources == corpus) & np.char.startswith(reasons.astype(str), NOT_VOLTAGE)
-    stored = set(as_str_array(root["records/path_hash"][: writer.n_records]).tolist())
+    stored = set(as_str_array(zarr_array(root, "records/path_hash")[: writer.n_records]).tolist())
     wanted = set(hashes[marked].tolist()) - stored
     secret = writer.secret
     return {rel for rel in listing if path_hash(corpus, rel, secret) in wanted}
@@ -327,9 +331,9 @@ def ingest(
             "records": 0,
             "segments": 0,
             "bytes_read": 0,
-            "patients": set(),
             "startup_seconds": 0.0,
         }
+        patients: set[str] = set()
         rejected: Counter = Counter()
         bar = ProgressBar(progress, len(todo), f"ingest {corpus}")
 
@@ -344,7 +348,7 @@ def ingest(
             stats["records"] += added["records"]
             stats["segments"] += added["segments"]
             stats["bytes_read"] += batch.bytes_read
-            stats["patients"].update(added["patient_keys"])
+            patients.update(added["patient_keys"])
             rejected.update(reason_kind(r) for r in added["reject_reasons"])
             bar.advance(batch.n_records + len(batch.rejects))
 
@@ -385,7 +389,7 @@ def ingest(
         "skipped": skipped,
         "records": stats["records"],
         "segments": stats["segments"],
-        "patients": len(stats["patients"]),
+        "patients": len(patients),
         "rejected": dict(sorted(rejected.items())),
         "seconds": round(seconds, 3),
         "records_per_s": round(stats["records"] / seconds, 1) if seconds > 0 else 0.0,
@@ -436,7 +440,8 @@ class _dask_client:
 
     def __init__(self, workers: int | None, scheduler: str | None):
         self.workers, self.scheduler = workers, scheduler
-        self.cluster = self.client = None
+        self.cluster: LocalCluster | None = None
+        self.client: Client | None = None
 
     def __enter__(self):
         import dask

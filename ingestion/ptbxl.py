@@ -121,7 +121,8 @@ def read_record(src: Path, rel: str, opts: ReadOptions | None = None) -> RawReco
     age = parse_age(row.get("age"))
     if age >= 300:  # PTB-XL's marker for "older than 89"
         age = 90.0
-    sex = {0: "M", 1: "F"}.get(_int_field(row, "sex", rel), "")
+    sex_code = _int_field(row, "sex", rel)
+    sex = {0: "M", 1: "F"}.get(sex_code, "") if sex_code is not None else ""
     extra = {"ecg_id": ecg_id, "heart_axis": axis}
     fold = _int_field(row, "strat_fold", rel)
     if fold is not None:

@@ -79,7 +79,7 @@ class _ShardSink:
         self.out, self.name, self.max_size, self.max_count = out, name, max_size, max_count
         self.shards: list[dict] = []
         self.temps: list[Path] = []
-        self.tar = None
+        self.tar: tarfile.TarFile | None = None
 
     def _open(self) -> None:
         index = len(self.shards)
@@ -109,6 +109,7 @@ class _ShardSink:
             self._open()
             entry = self.shards[-1]
         mtime = time.time()
+        assert self.tar is not None  # still open, or opened just above
         for suffix, data in payloads.items():
             info = tarfile.TarInfo(f"{key}.{suffix}")
             info.size, info.mtime, info.mode = len(data), mtime, 0o644

@@ -69,7 +69,7 @@ def random_split(
     return out
 
 
-def strat_fold_split(folds: Sequence[int]) -> np.ndarray:
+def strat_fold_split(folds: Sequence[int] | np.ndarray) -> np.ndarray:
     """Per-record split from PTB-XL ``strat_fold`` (1-8 train, 9 valid, 10 test)."""
     folds = np.asarray(folds, dtype=np.int64)
     bad = ~np.isin(folds, np.arange(1, 11))
@@ -161,7 +161,7 @@ def split_store(
 
     def counts(values) -> dict:
         kinds, n = np.unique(np.asarray(values, dtype=str), return_counts=True)
-        return {str(k) or "none": int(c) for k, c in zip(kinds, n)}
+        return {str(k) or "none": int(c) for k, c in zip(kinds, n, strict=True)}
 
     return {
         "mode": mode,

@@ -249,7 +249,7 @@ def write_record(
     name = base.name
     scipy.io.savemat(base.with_suffix(".mat"), {"val": val}, format="4")
     lines = [f"{name} {val.shape[0]} {fs} {val.shape[1]}"]
-    for lead, first, chk in zip(LEADS, val[:, 0], _checksum(val)):
+    for lead, first, chk in zip(LEADS, val[:, 0], _checksum(val), strict=True):
         lines.append(f"{name}.mat 16+24 {GAIN}/mV 16 0 {int(first)} {int(chk)} 0 {lead}")
     lines += [
         f"#Age: {age}",

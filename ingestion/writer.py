@@ -148,7 +148,7 @@ class StoreWriter:
             if self.path.exists() and any(p.name != ".lock" for p in self.path.iterdir()):
                 raise ValueError(f"{self.path}: directory is not empty and is not an ecgplat store")
         self.path.mkdir(parents=True, exist_ok=True)
-        self._lock = S.StoreLock(self.path)
+        self._lock: S.StoreLock | None = S.StoreLock(self.path)
         try:
             self.root = zarr.open_group(str(self.path), mode="a")
             version = self.root.attrs.get("schema_version")
@@ -307,8 +307,8 @@ class StoreWriter:
         for group, n in (("records", self.n_records), ("rejects", self.n_rejects)):
             if n == 0:
                 continue
-            src = S.as_str_array(self.root[f"{group}/source"][:n])
-            hashes = S.as_str_array(self.root[f"{group}/path_hash"][:n])
+            src = S.as_str_array(S.zarr_array(self.root, f"{group}/source")[:n])
+            hashes = S.as_str_array(S.zarr_array(self.root, f"{group}/path_hash")[:n])
             done.update(hashes[src == source].tolist())
         secret = self.secret
         return {rel for rel in listing if path_hash(source, rel, secret) in done}
@@ -316,7 +316,9 @@ class StoreWriter:
     def record_keys(self) -> set[str]:
         if self.n_records == 0:
             return set()
-        return set(S.as_str_array(self.root["records/record_key"][: self.n_records]).tolist())
+        return set(
+            S.as_str_array(S.zarr_array(self.root, "records/record_key")[: self.n_records]).tolist()
+        )
 
     # ---- appending ----------------------------------------------------------------------
     @staticmethod
@@ -361,7 +363,7 @@ class StoreWriter:
         seg_starts = seg_ends - seg_count
         if not keep.all():
             keep_seg = np.repeat(keep, seg_count)
-            segments = [c for c, k in zip(batch.chunks, keep_seg) if k]
+            segments = [c for c, k in zip(batch.chunks, keep_seg, strict=True) if k]
             cols = {k: v[keep] for k, v in cols.items()}
             seg_count = seg_count[keep]
             seg_ends = np.cumsum(seg_count)
@@ -374,7 +376,7 @@ class StoreWriter:
                 f"batch {batch.seq}: {len(segments)} segments but seg_count sums to {n_seg}"
             )
         rec_index = self.n_records + np.arange(n_rec, dtype=np.int64)
-        staged = {
+        staged: dict[str, np.ndarray] = {
             "segment_record": np.repeat(rec_index, seg_count),
             "segment_number": (np.arange(n_seg) - np.repeat(seg_starts, seg_count)).astype(
                 np.int32
@@ -409,7 +411,7 @@ class StoreWriter:
         open shard of ``segments`` and the array's shape (its zarr.json)."""
         if self._shards is not None:
             self._shards.flush()
-        seg = self.root["segments"]
+        seg = S.zarr_array(self.root, "segments")
         if seg.shape[0] != self.n_segments:
             seg.resize((self.n_segments, *seg.shape[1:]))
         for key, parts in self._staged.items():
@@ -473,8 +475,9 @@ class StoreWriter:
         self._drop_generations(keep_below=k + 1)
 
     def close(self) -> None:
-        if getattr(self, "_lock", None) is not None:
-            self._lock.release()
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            lock.release()
             self._lock = None
 
     def __enter__(self) -> Self:

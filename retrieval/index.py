@@ -433,7 +433,7 @@ def index_from_features(
     ids = (
         list(keys)
         if level == "record"
-        else [f"{k}#{int(s)}" for k, s in zip(keys, feats.segment_number[take])]
+        else [f"{k}#{int(s)}" for k, s in zip(keys, feats.segment_number[take], strict=True)]
     )
     labels = list(frame["patient_key"].to_numpy()[feats.record_index[take]])
     probes = feats.embeddings[ident == "probe"] if split != "probe" else None

@@ -1,4 +1,4 @@
-"""Signal conditioning: canonical leads, rejection reasons, 500 Hz resampling, segments, int16 µV."""
+"""Signal conditioning: canonical leads, rejections, 500 Hz resampling, segments, int16 µV."""
 
 import numpy as np
 import pytest

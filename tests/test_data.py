@@ -215,7 +215,7 @@ def test_resume_skips_to_the_same_batches(tmp_path, workers):
     tail = _collect(resumed)
     assert resumed.state_dict()["batches_consumed"] == 12
     assert len(tail) == 7
-    for x, y in zip(all_batches[5:], tail):
+    for x, y in zip(all_batches[5:], tail, strict=True):
         for key in ("source", "lead_mask", "group", "segment"):
             assert torch.equal(x[key], y[key])
 

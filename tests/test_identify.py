@@ -98,7 +98,7 @@ def test_leakage_guard_drops_ptbxl_records_from_training(samples_dir, tmp_path, 
 
 @pytest.fixture(scope="module")
 def cohort50(tmp_path_factory):
-    """50 synthetic patients x 3 records of 10 s: all train, gallery = first record, probes = rest."""
+    """50 synthetic patients x 3 records of 10 s: all train, gallery = first record, probes rest."""
     from ingestion.pipeline import ingest
     from ingestion.shards import write_shards
     from ingestion.splits import split_store

@@ -32,7 +32,7 @@ def multihot(*classes: int, n: int = 26) -> np.ndarray:
 
 
 def reference_challenge_score(labels, outputs) -> float:
-    """The challenge definition written out with python sets and loops, weights read from the csv."""
+    """The challenge definition written with python sets and loops, weights read from the csv."""
     with open(WEIGHTS_CSV, newline="") as fh:
         rows = [r for r in csv.reader(fh) if r]
     header = rows[0][1:]
@@ -41,7 +41,7 @@ def reference_challenge_score(labels, outputs) -> float:
 
     def score(y_rows, o_rows):
         total = 0.0
-        for y_row, o_row in zip(y_rows, o_rows):
+        for y_row, o_row in zip(y_rows, o_rows, strict=True):
             true = {k for k, v in enumerate(y_row) if v}
             pred = {k for k, v in enumerate(o_row) if v}
             norm = max(1, len(true | pred))
@@ -126,7 +126,8 @@ def test_multilabel_case_by_hand():
     y = np.stack([multihot(AF, PVC), multihot(NSR), multihot(STACH)])
     o = np.stack([multihot(AF, PAC), multihot(), multihot(STACH, NSR)])
     # sample 1: union {AF, PAC, PVC} -> 1/3 on (AF,AF) (AF,PAC) (PVC,AF) (PVC,PAC);
-    # sample 2: nothing predicted -> 0; sample 3: union {STach, NSR} -> 1/2 on (STach,STach) (STach,NSR)
+    # sample 2: nothing predicted -> 0;
+    # sample 3: union {STach, NSR} -> 1/2 on (STach,STach) (STach,NSR)
     observed = (1.0 + 0.3375 + 0.375 + 0.4625) / 3 + (1.0 + 0.375) / 2
     correct = (1.0 + 0.375 + 0.375 + 1.0) / 2 + 1.0 + 1.0
     baseline = (0.25 + 0.375) / 3 + 1.0 + 0.375 / 2

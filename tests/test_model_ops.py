@@ -47,7 +47,7 @@ def test_lean_dropout_and_gelu_linear_match_reference():
         torch.testing.assert_close(out, ref)
         g1 = torch.autograd.grad(out.sum(), (h, lin.weight, lin.bias))
         g2 = torch.autograd.grad(ref.sum(), (h, lin.weight, lin.bias))
-        for a, b in zip(g1, g2):
+        for a, b in zip(g1, g2, strict=True):
             torch.testing.assert_close(a, b)
 
 
@@ -65,7 +65,7 @@ def test_lean_layer_norm_matches_torch():
     torch.testing.assert_close(out, ref)
     g1 = torch.autograd.grad((out * ref.detach()).sum(), (x, ln.weight, ln.bias))
     g2 = torch.autograd.grad((ref * ref.detach()).sum(), (x, ln.weight, ln.bias))
-    for a, b in zip(g1, g2):
+    for a, b in zip(g1, g2, strict=True):
         torch.testing.assert_close(a, b)
     with torch.no_grad():
         ln.weight[3] = 0.0  # cannot divide by it: the plain op is used
@@ -91,7 +91,7 @@ def test_dropout_attention_matches_formula_and_gradcheck():
     torch.testing.assert_close(out, ref)
     g1 = torch.autograd.grad(out.square().sum(), (q, k, v))
     g2 = torch.autograd.grad(ref.square().sum(), (q, k, v))
-    for a, b in zip(g1, g2):
+    for a, b in zip(g1, g2, strict=True):
         torch.testing.assert_close(a, b)
     assert torch.autograd.gradcheck(seeded, (q, k, v))
     torch.testing.assert_close(attention(q, k, v, allow, 0.0), probs @ v)
@@ -147,6 +147,7 @@ def test_self_attention_fused_projection_matches_separate():
     for a, b in zip(
         torch.autograd.grad(out.square().sum(), params),
         torch.autograd.grad(ref.square().sum(), params),
+        strict=True,
     ):
         torch.testing.assert_close(a, b)
     assert set(attn.state_dict()) == {
@@ -169,7 +170,9 @@ def test_grouped_conv1d_and_positional_conv_match_torch(kernel, groups):
     torch.testing.assert_close(out, ref)
     gy = torch.randn_like(ref)
     for g1, g2 in zip(
-        torch.autograd.grad(out, (x, w, b), gy), torch.autograd.grad(ref, (x, w, b), gy)
+        torch.autograd.grad(out, (x, w, b), gy),
+        torch.autograd.grad(ref, (x, w, b), gy),
+        strict=True,
     ):
         torch.testing.assert_close(g1, g2)
 
@@ -182,5 +185,6 @@ def test_grouped_conv1d_and_positional_conv_match_torch(kernel, groups):
     torch.testing.assert_close(out, ref)
     params = (h, *pos.parameters())
     gy = torch.randn_like(ref)
-    for g1, g2 in zip(torch.autograd.grad(out, params, gy), torch.autograd.grad(ref, params, gy)):
+    g_out, g_ref = torch.autograd.grad(out, params, gy), torch.autograd.grad(ref, params, gy)
+    for g1, g2 in zip(g_out, g_ref, strict=True):
         torch.testing.assert_close(g1, g2)

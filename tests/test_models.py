@@ -223,7 +223,10 @@ def test_quantizer_eval_matches_numpy_and_train_is_straight_through():
     book = q.vars.detach().numpy().reshape(2, 10, 4)
     expect = np.concatenate([book[0][codes[:, 0]], book[1][codes[:, 1]]], axis=1).reshape(3, 7, 8)
     np.testing.assert_allclose(out["x"].numpy(), expect, rtol=0, atol=1e-6)  # copied codewords
-    ent = lambda p: np.exp(-(p * np.log(p + 1e-7)).sum(-1)).sum()
+
+    def ent(p):
+        return np.exp(-(p * np.log(p + 1e-7)).sum(-1)).sum()
+
     hard = np.stack([np.eye(10)[codes[:, g]] for g in range(2)], 1).mean(0)
     soft = np.exp(logits - logits.max(-1, keepdims=True))
     soft = (soft / soft.sum(-1, keepdims=True)).mean(0)
@@ -274,7 +277,7 @@ def test_checkpoint_roundtrip_load_encoder_and_faults(tmp_path):
     x = _ecg(2)
     with torch.no_grad():
         a, b = model.encoder.eval()(x), enc(x)
-    for t1, t2 in zip(a[:4], b[:4]):
+    for t1, t2 in zip(a[:4], b[:4], strict=True):
         assert torch.equal(t1, t2)
     from training import load_encoder as lazy_load_encoder
 

@@ -277,5 +277,6 @@ def test_contrastive_logits_equal_torch_cosine_similarity_with_gradients():
             logits = torch.cosine_similarity(x.unsqueeze(0), targets, dim=-1) / 0.1
         (logits * torch.linspace(-1, 1, logits.numel()).view_as(logits)).sum().backward()
         results.append((logits.detach(), x.grad, y.grad))
-    for a, b in zip(*results):  # two fp32 formulas of a 16-term cosine over 0.1 (|logit| <= 10)
+    # two fp32 formulas of a 16-term cosine over 0.1 (|logit| <= 10)
+    for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -85,7 +85,10 @@ def test_cinc2021_dialects_and_labels(samples_dir):
     src = samples_dir / "cinc2021"
     js = cinc2021.read_record(src, "chapman_shaoxing/JS00001")  # '16+24 1000/mV', '#Dx:'
     e = cinc2021.read_record(src, "georgia/E07509")  # '16x1+24 1000.0(0)/mV', '# Dx:'
-    names = lambda r: [ABBREVIATIONS[i] for i in np.flatnonzero(r.labels)]
+
+    def names(r):
+        return [ABBREVIATIONS[i] for i in np.flatnonzero(r.labels)]
+
     assert names(js) == ["AF", "CRBBB|RBBB", "TAb"]
     assert names(e) == ["CRBBB|RBBB", "SB"]
 
@@ -131,9 +134,10 @@ def test_ptbxl_matches_csv_and_wfdb(samples_dir):
 
 def test_ptbxl_labels(samples_dir):
     src = samples_dir / "ptbxl"
-    names = lambda rel: [
-        ABBREVIATIONS[i] for i in np.flatnonzero(ptbxl.read_record(src, rel).labels)
-    ]
+
+    def names(rel):
+        return [ABBREVIATIONS[i] for i in np.flatnonzero(ptbxl.read_record(src, rel).labels)]
+
     assert names("records500/00000/00032_hr") == ["NSR", "RAD"]  # LPFB unmapped, axis RAD
     assert names("records500/00000/00330_hr") == ["AF"]  # NORM is not a rhythm
     assert names("records500/00000/00141_hr") == ["IAVB", "NSR", "TAb"]

@@ -27,7 +27,10 @@ def _cohort(rng, patients=30, per_patient=3, probes_per=2, dim=32, noise=1.6):
     p_lab = np.repeat(np.arange(patients), probes_per)
     gal = centres[g_lab] + noise * rng.normal(size=(len(g_lab), dim))
     prb = centres[p_lab] + noise * rng.normal(size=(len(p_lab), dim))
-    unit = lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+    def unit(x):
+        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
     return unit(gal), g_lab, unit(prb), p_lab
 
 

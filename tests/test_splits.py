@@ -1,4 +1,4 @@
-"""Record-level splits: grouped by patient, PTB-XL strat_fold, gallery/probe rules, stored atomically."""
+"""Record-level splits: grouped by patient, PTB-XL strat_fold, gallery/probe rules, atomic."""
 
 import numpy as np
 import pytest
@@ -13,7 +13,7 @@ def test_random_split_groups_patients_and_hits_fractions():
     keys = [f"p{int(k)}" for k in rng.integers(0, 300, 1000)]
     split = random_split(keys, valid=0.1, test=0.2, seed=3)
     by_patient = {}
-    for k, s in zip(keys, split):
+    for k, s in zip(keys, split, strict=True):
         by_patient.setdefault(k, set()).add(s)
     assert all(len(v) == 1 for v in by_patient.values())
     frac = {s: np.mean(split == s) for s in ("train", "valid", "test")}

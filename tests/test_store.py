@@ -1,4 +1,4 @@
-"""The feature store: schema, read API against the source files, privacy, appends of a second corpus."""
+"""The feature store: schema, read API against the source files, privacy, a second corpus."""
 
 import json
 import os
@@ -42,7 +42,7 @@ def test_read_segments_any_order(synth_store):
     store = open_store(synth_store)
     idx = [143, 5, 5, 0, 77]
     got = store.read_segments(idx)
-    for row, j in zip(got, idx):
+    for row, j in zip(got, idx, strict=True):
         rec = store.segment_record_index[j]
         np.testing.assert_array_equal(row, store.record_segments(rec)[store.segment_number[j]])
     assert got.dtype == np.float32

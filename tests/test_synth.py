@@ -1,4 +1,4 @@
-"""Synthetic cohorts: format round trip, lead consistency, identity, and labels that match the signal."""
+"""Synthetic cohorts: format round trip, lead consistency, identity, labels matching the signal."""
 
 import json
 import re
@@ -160,8 +160,11 @@ def test_morphology_labels_match_the_signal(seed, monkeypatch):
         assert shift_corr(normal[:, t_seg], -beat["TInv"][:, t_seg], 10) > 0.5
         # IAVB: the P wave sits clearly further before the QRS
         assert _p_to_qrs(beat["IAVB"], r) > _p_to_qrs(normal, r) + 0.05
+
         # bundle branch blocks: a clearly wider QRS than the patient's normal beat
-        width = lambda t: np.subtract(*_qrs_onset_end(t, r)[::-1]) * 1000 / FS
+        def width(t):
+            return np.subtract(*_qrs_onset_end(t, r)[::-1]) * 1000 / FS
+
         for kind in ("CRBBB", "CLBBB"):
             assert width(beat[kind]) > width(normal) + 20, kind
 

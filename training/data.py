@@ -9,9 +9,10 @@ Pipeline per rank and DataLoader worker ("slot"): shard list (shuffled with seed
 same order on every rank) -> split by slot (whole shards when there are at least as many
 shards as slots, otherwise every slot reads all shards and keeps every slots-th record) ->
 records (those whose key is in `StreamSpec.exclude_record_keys` dropped as they are read,
-before the split by record) -> units (CMSC pairs or single segments) -> seeded shuffle buffer -> batches ->
-int16 µV to float32 mV, lead subset (`data.leads`, zero-filled), random lead masking. With
-`data.normalize=zscore` each record is z-scored per lead (`training.normalize`) as it is read.
+before the split by record) -> units (CMSC pairs or single segments) -> seeded shuffle buffer ->
+batches -> int16 µV to float32 mV, lead subset (`data.leads`, zero-filled), random lead masking.
+With `data.normalize=zscore` each record is z-scored per lead (`training.normalize`) as it is
+read.
 
 Training streams repeat their share as needed and stop after exactly `epoch_batches` batches
 on every rank (default: units in `_info.json` // (world * batch_size)), so ranks stay in step.
@@ -283,7 +284,9 @@ class ShardStream(torch.utils.data.IterableDataset):
         units = self._units(slot, slots)
         index = role
         while self.total is None or index < self.total:
-            chunk = [u for _, u in zip(range(self.spec.batch_size), units)]
+            # units is open-ended: take at most batch_size of it (range is zipped first, so
+            # no unit is drawn and dropped once the batch is full)
+            chunk = [u for _, u in zip(range(self.spec.batch_size), units, strict=False)]
             if not chunk:
                 return
             if index >= self.start_batch:

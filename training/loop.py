@@ -5,8 +5,9 @@ follows fairseq's trainer semantics and hands each concern to one piece:
 
 * `training.step.train_step`: one update = `update_freq` micro-batches, forward/backward in the
   run's precision (`precision=auto|fp32|bf16`, resolved once per run by
-  `training.precision.resolve_precision` and logged as `precision_resolved`), gradients divided by the sample size over micro-batches and
-  ranks, optional clipping, Adam with decoupled weight decay and the `training.optim` schedule;
+  `training.precision.resolve_precision` and logged as `precision_resolved`), gradients divided
+  by the sample size over micro-batches and ranks, optional clipping, Adam with decoupled weight
+  decay and the `training.optim` schedule;
 * `training.checkpointer.Checkpointer`: checkpoints every `save_interval_updates`, at every
   epoch end and at the end; best by `checkpoint.best_metric` and patience; exact resume; on
   SIGTERM / SIGINT it finishes the current update, writes a checkpoint and raises `Interrupted`

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import linecache
 import os
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Literal
 
@@ -138,7 +138,7 @@ def fail(message: str, code: int = USAGE_EXIT) -> None:
     raise typer.Exit(code)
 
 
-class Precision(str, Enum):
+class Precision(StrEnum):
     """--precision of the commands that run a model (resolved by training.precision)."""
 
     auto = "auto"

@@ -11,7 +11,7 @@ import typer
 
 from ecgplat.cli.apps import SplitName, app, check_output_path, fail, require_store
 
-CORPUS_NAMES = ("cinc2021", "ptbxl", "wfdb", "cpsc2021")
+CORPUS_NAMES: tuple[str, ...] = ("cinc2021", "ptbxl", "wfdb", "cpsc2021")
 CORPUS_NAMES += ("ludb", "code15", "numpy")  # corpora of issue 12
 UNITS_HELP = (
     "wfdb: opt into records whose channels are in a non-voltage unit (z = z-scored; stored and "
@@ -64,7 +64,8 @@ def ingest(
     scheduler: Annotated[
         str | None,
         typer.Option(
-            help="Address of an existing Dask scheduler, e.g. tcp://host:8786 (overrides --workers)."
+            help="Address of an existing Dask scheduler, e.g. tcp://host:8786 "
+            "(overrides --workers)."
         ),
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Records per worker task.")] = 128,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -56,13 +56,14 @@ def _print_report(title: str, reports: dict[str, dict], per_class_from: str | No
     if per_class_from is None:
         return
     per = Table(title=f"per class ({per_class_from})")
-    for col, justify in (
+    columns: tuple[tuple[str, Literal["left", "right"]], ...] = (
         ("class", "left"),
         ("SNOMED", "left"),
         ("support", "right"),
         ("AUROC", "right"),
         ("F1", "right"),
-    ):
+    )
+    for col, justify in columns:
         per.add_column(col, justify=justify)
     for row in reports[per_class_from]["per_class"]:
         per.add_row(
@@ -143,7 +144,7 @@ def score(
         typer.Option(min=0.0, max=1.0, help="Probability threshold for a positive prediction."),
     ] = 0.5,
 ) -> None:
-    """Rescore a predictions file: CinC 2021 challenge score, AUROC/AUPRC, F1, exact-match accuracy."""
+    """Rescore a predictions file: CinC 2021 challenge score, AUROC/AUPRC, F1, exact matches."""
     from training.metrics import aggregate_records, classification_report
 
     labels, probs, keys = _load_predictions(predictions)
@@ -172,8 +173,8 @@ def evaluate_diagnosis_cmd(
     leads: Annotated[
         str,
         typer.Option(
-            help="Lead subset fed to the model, absent leads zero-filled: a preset (12, 6, 4, 3, 2, "
-            "1), a comma list such as I,II,V2, or 'all' for every preset."
+            help="Lead subset fed to the model, absent leads zero-filled: a preset "
+            "(12, 6, 4, 3, 2, 1), a comma list such as I,II,V2, or 'all' for every preset."
         ),
     ] = "12",
     out: Annotated[

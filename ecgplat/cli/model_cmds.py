@@ -25,12 +25,15 @@ def models_cmd(
         typer.echo(json.dumps(rows, indent=2))
         return
     typer.echo(
-        f"{'preset':<8} {'encoder':>12} {'pt-heads':>10} {'D':>5} {'layers':>6} {'attn':>5} {'FFN':>5}  description"
+        f"{'preset':<8} {'encoder':>12} {'pt-heads':>10} {'D':>5} {'layers':>6} {'attn':>5} "
+        f"{'FFN':>5}  description"
     )
     for r in rows:
         typer.echo(
-            f"{r['name']:<8} {r['encoder_params'] / 1e6:>10.2f} M {r['pretraining_head_params'] / 1e6:>8.2f} M "
-            f"{r['embed_dim']:>5} {r['layers']:>6} {r['heads']:>5} {r['ffn_dim']:>5}  {r['description']}"
+            f"{r['name']:<8} {r['encoder_params'] / 1e6:>10.2f} M "
+            f"{r['pretraining_head_params'] / 1e6:>8.2f} M "
+            f"{r['embed_dim']:>5} {r['layers']:>6} {r['heads']:>5} {r['ffn_dim']:>5}  "
+            f"{r['description']}"
         )
 
 
@@ -48,14 +51,15 @@ def import_fairseq_cmd(
     layer_norm_eps: Annotated[
         float | None,
         typer.Option(
-            help="Encoder-layer LayerNorm eps; default: 1e-6 for PAPER-ERA (wav2vec2_clocs) checkpoints, else 1e-5."
+            help="Encoder-layer LayerNorm eps; default: 1e-6 for PAPER-ERA (wav2vec2_clocs) "
+            "checkpoints, else 1e-5."
         ),
     ] = None,
     force: Annotated[
         bool, typer.Option("--force", help="Overwrite OUT if it already exists.")
     ] = False,
 ) -> None:
-    """Convert a fairseq-signals W2V(+CMSC) checkpoint: encoder, quantizer, project_q and final_proj."""
+    """Import a fairseq-signals W2V(+CMSC) checkpoint: encoder, quantizer, project_q, final_proj."""
     if out.exists() and not force:
         fail(f"{out}: already exists (use --force to overwrite)")
     check_output_path(out, "OUT", directory=False)

@@ -41,8 +41,8 @@ def embed(
     checkpoint: Annotated[
         Path,
         typer.Option(
-            help="Checkpoint whose encoder embeds the ECGs (any kind: pretrain, diagnosis, identify, "
-            "imported)."
+            help="Checkpoint whose encoder embeds the ECGs (any kind: pretrain, diagnosis, "
+            "identify, imported)."
         ),
     ],
     store: Annotated[
@@ -146,7 +146,8 @@ def index_build(
         fail(_message(e))
     line = f"{path}: {len(index)} {level} vectors ({kind}, dim {index.dim})"
     if "recall_at_1" in index.info:
-        line += f", recall@1 vs exact {index.info['recall_at_1']:.4f} on {index.info['recall_n']} queries"
+        info = index.info
+        line += f", recall@1 vs exact {info['recall_at_1']:.4f} on {info['recall_n']} queries"
     typer.echo(line)
 
 
@@ -253,20 +254,23 @@ def query(
         idx = GalleryIndex.load(index)
         if record is not None:
             matches = query_record(idx, record, k)
-            trace = None
+            trace, title = None, record
         else:
+            assert file is not None  # exactly one of --record / --file (checked above)
             segments, mask = _conditioned_file(file)
             matches = query_signal(
                 idx, segments, mask, k, precision=precision.value if precision else None
             )
-            trace = segments[0]
+            trace, title = segments[0], file.name
         if plot is not None:
             if trace is None:
                 from ecgplat.store import open_store
                 from retrieval.query import record_trace
 
-                trace = record_trace(open_store(idx.lineage["store"]), record)
-            plot_matches(trace, matches, plot, idx.lineage.get("store"), title=record or file.name)
+                trace = record_trace(open_store(idx.lineage["store"]), title)
+            if trace is None:  # the store lost the record since query_record found it
+                raise KeyError(f"{idx.lineage['store']}: no record {title!r}")
+            plot_matches(trace, matches, plot, idx.lineage.get("store"), title=title)
     except (LineageError, CheckpointError, *_ERRORS) as e:
         fail(_message(e))
     if as_json:

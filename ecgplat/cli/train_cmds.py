@@ -149,7 +149,7 @@ def train_command(
     out: Annotated[
         Path,
         typer.Option(help="Run directory: config.yaml, checkpoints, metrics.jsonl, W&B files."),
-    ] = ...,
+    ] = ...,  # type: ignore[assignment]  # typer's required-option marker, not a Path
     init: Annotated[
         str | None, typer.Option(help="Checkpoint to fine-tune from (finetune.init).")
     ] = None,
@@ -234,7 +234,7 @@ def train_command(
         if rank == 0:
             typer.echo(f"{e}; continue with: ecgplat train {task} --out {out} --resume", err=True)
         distributed.teardown()
-        raise typer.Exit(e.exit_code)
+        raise typer.Exit(e.exit_code) from None
     except (FileNotFoundError, ValueError) as e:
         distributed.teardown()
         fail(str(e).splitlines()[0] if str(e) else type(e).__name__, code=1)

@@ -51,7 +51,7 @@ def list_presets() -> list[str]:
 def build_encoder(
     preset_or_config: str | EncoderConfig | dict = "paper", **overrides
 ) -> ECGEncoder:
-    """An ECGEncoder from a preset name / EncoderConfig / dict, with EncoderConfig field overrides."""
+    """An ECGEncoder from a preset name / EncoderConfig / dict, with EncoderConfig overrides."""
     return ECGEncoder(get_config(preset_or_config, **overrides))
 
 

@@ -104,7 +104,7 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
 
 
 def encoder_state_dict(ckpt: dict) -> dict:
-    """The encoder's weights from a checkpoint's model state dict (the "encoder." prefix removed)."""
+    """The encoder's weights from a checkpoint's model state dict ("encoder." prefix removed)."""
     return {
         k[len(ENCODER_PREFIX) :]: v
         for k, v in ckpt["model"].items()

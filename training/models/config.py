@@ -31,11 +31,11 @@ class EncoderConfig:
     in_d: int = 12
     """`in_d`: input channels (leads); absent leads are zero rows, never fewer channels."""
     conv_feature_layers: str = "[(256, 2, 2)] * 4"
-    """`conv_feature_layers`: list of (channels, kernel, stride) conv blocks, as a Python expression."""
+    """`conv_feature_layers`: (channels, kernel, stride) conv blocks as a Python expression."""
     conv_bias: bool = False
     """`conv_bias`: bias in the extractor convolutions."""
     extractor_mode: str = "default"
-    """`extractor_mode`: "default" = GroupNorm(C, C) after the first conv only (the only mode here)."""
+    """`extractor_mode`: "default" = GroupNorm(C, C) after the first conv only (the one mode)."""
     feature_grad_mult: float = 0.1
     """`feature_grad_mult`: gradient scale into the CNN; 0 runs the CNN under no_grad (frozen)."""
 
@@ -119,7 +119,8 @@ class EncoderConfig:
             )
         if self.vq_dim % self.latent_groups:
             raise ValueError(
-                f"quantized dim {self.vq_dim} is not divisible by latent_groups {self.latent_groups}"
+                f"quantized dim {self.vq_dim} is not divisible by latent_groups "
+                f"{self.latent_groups}"
             )
         parse_conv_layers(self.conv_feature_layers)
 
@@ -143,7 +144,7 @@ class EncoderConfig:
 
     @classmethod
     def from_dict(cls, d: dict, **overrides) -> EncoderConfig:
-        """Rebuild from ``to_dict()`` output; unknown keys are an error (a stale or foreign config)."""
+        """Rebuild from ``to_dict()`` output; unknown keys are an error (stale/foreign config)."""
         merged = {**d, **overrides}
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(merged) - names)

@@ -292,7 +292,7 @@ def _gelu_dropout_linear_backward(ctx, grad_out, h, weight, keep):
 def gelu_dropout_linear(
     h: torch.Tensor, linear: nn.Linear, p: float, training: bool
 ) -> torch.Tensor:
-    """linear(dropout(gelu(h), p)) with GELU in fp32 (fairseq's utils.gelu), recomputed in backward."""
+    """linear(dropout(gelu(h), p)) with GELU in fp32 (fairseq's utils.gelu), backward recomputes."""
     p = p if training else 0.0
     if not torch.is_grad_enabled() or not (h.requires_grad or linear.weight.requires_grad):
         a = F.gelu(_at_least_fp32(h)).to(h.dtype)

@@ -5,7 +5,8 @@ The representation is the transformer output of the *masked* forward pass, mean-
 time and L2-normalised with a detached norm; there is no projection head. With A the first
 segments and B the second segments of the P pairs, S = A B^T / temp and
 
-    L = 1/2 * mean_{(i,j) in Pos} -log softmax_row(S)_ij + 1/2 * mean_{(j,i) in Pos^T} -log softmax_row(S^T)_ji
+    L = 1/2 * mean_{(i,j) in Pos} -log softmax_row(S)_ij
+      + 1/2 * mean_{(j,i) in Pos^T} -log softmax_row(S^T)_ji
 
 where Pos_ij = [group(A_i) == group(B_j)]: the diagonal, plus every other pair of the same
 group (multi-positive). Negatives are the other pairs on the same process unless
@@ -104,7 +105,7 @@ class _AllGatherRows(torch.autograd.Function):
         bufs = [torch.empty_like(padded) for _ in sizes]
         dist.all_gather(bufs, padded.contiguous())
         ctx.sizes, ctx.rank = sizes, rank
-        return torch.cat([buf[:n] for buf, n in zip(bufs, sizes)], dim=0)
+        return torch.cat([buf[:n] for buf, n in zip(bufs, sizes, strict=True)], dim=0)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -141,7 +142,7 @@ def _gather_no_grad(t: Tensor) -> Tensor:
     padded[: t.shape[0]] = t
     bufs = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(bufs, padded)
-    return torch.cat([buf[:n] for buf, n in zip(bufs, sizes)])
+    return torch.cat([buf[:n] for buf, n in zip(bufs, sizes, strict=True)])
 
 
 def cmsc_embeddings(net_output: dict, eps: float = 1e-8) -> Tensor:

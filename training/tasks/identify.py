@@ -9,10 +9,10 @@
   fine-tune dropouts of the original's identification.yaml, CNN frozen).
 * data: single-segment batches of `training.data` with lead padding (`data.leads`; absent leads
   are zero rows, the original's `enable_padding_leads: true`).
-* leakage guard (docs/method.md §8 item 4): PhysioNet 2021's ptb-xl subset holds the PTB-XL recordings
-  (`HR%05d` = PTB-XL `ecg_id`). With `finetune.leakage_exclude_store=STORE` every training
-  record present in STORE, by record key or by PTB-XL ecg_id, is dropped from training (the
-  stream's `exclude_record_keys`); the count is printed and saved in
+* leakage guard (docs/method.md §8 item 4): PhysioNet 2021's ptb-xl subset holds the PTB-XL
+  recordings (`HR%05d` = PTB-XL `ecg_id`). With `finetune.leakage_exclude_store=STORE` every
+  training record present in STORE, by record key or by PTB-XL ecg_id, is dropped from training
+  (the stream's `exclude_record_keys`); the count is printed and saved in
   `extra["excluded_records"]`.
 * validation each epoch, when `data.store` is set: Rank-1 on its gallery/probe split
   (`ident_split`) by cosine similarity of unit embeddings: `rank1` per 5 s segment (the
@@ -83,7 +83,7 @@ def training_records(cfg: RunConfig) -> list[tuple[str, str]]:
             ):
                 frame = store.records.loc[store.select(split=split)]
                 if len(frame) == (info[split].get("samples") or len(frame)):
-                    return list(zip(frame["record_key"], frame["patient_key"]))
+                    return list(zip(frame["record_key"], frame["patient_key"], strict=True))
         except (FileNotFoundError, ValueError, KeyError):
             pass  # moved or rebuilt: fall back to the shards
     out = []
