@@ -294,8 +294,8 @@ class EcgStore:
     @cached_property
     def _forgotten_ranges(self) -> tuple[np.ndarray, np.ndarray]:
         rows = self.forgotten
-        starts = np.asarray(self.root["records/seg_start"][: self.n_records])[rows]
-        counts = np.asarray(self.root["records/seg_count"][: self.n_records])[rows]
+        starts = np.asarray(zarr_array(self.root, "records/seg_start")[: self.n_records])[rows]
+        counts = np.asarray(zarr_array(self.root, "records/seg_count")[: self.n_records])[rows]
         order = np.argsort(starts)
         return starts[order].astype(np.int64), (starts + counts)[order].astype(np.int64)
 
