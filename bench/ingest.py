@@ -313,6 +313,8 @@ def replicate_ptbxl(root: Path, out: Path, records: int) -> Path:
     rewritten to name the new files), with ecg_id and patient_id moved by k x 10^6 in the csv."""
     import pandas as pd
 
+    if (out / "ptbxl_database.csv").exists():  # written last: the copy is complete
+        return out
     db = pd.read_csv(root / "ptbxl_database.csv")
     copies = -(-records // len(db))
     out.mkdir(parents=True, exist_ok=True)
