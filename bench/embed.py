@@ -32,9 +32,13 @@ TARGET_EMBED_OVER_BARE = 1.25
 
 
 def synthetic_store(root: Path, records: int) -> Path:
-    from ingestion.synth import prepare_synthetic
+    from ingestion.pipeline import ingest
+    from ingestion.synth import write_cohort
 
-    return prepare_synthetic(root, records, 1, seconds=10, valid=0.0, shard_splits=())["store"]
+    write_cohort(root / "cohort", records, 1, seconds=10, seed=0)
+    store = root / "store"
+    ingest("cinc2021", root / "cohort", store, workers=0, progress=False)
+    return store
 
 
 def fresh_checkpoint(path: Path, preset: str) -> Path:

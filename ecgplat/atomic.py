@@ -76,6 +76,61 @@ def write_bytes(path: str | os.PathLike, data: bytes, mode: int | None = None) -
     return Path(path)
 
 
+def replace_unsynced(path: str | os.PathLike, data: bytes) -> Path:
+    """Replace ``path`` by ``data`` atomically (temporary file + rename) but not yet durably:
+    for a NEW file whose durability a later ``sync_files`` call guarantees before anything
+    refers to it. Never use it to replace a file that readers may already depend on: until
+    the sync, a power loss could leave the rename without its data."""
+    path = Path(path)
+    tmp = temp_name(path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _syncfs(folder: str | os.PathLike) -> bool:
+    """One ``syncfs(2)`` of the file system holding ``folder``: every file's data and every
+    rename on it durable in one call. False where the C library has no syncfs (not Linux)."""
+    import ctypes
+
+    try:
+        syncfs = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return False
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        if syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"syncfs failed: {os.strerror(err)}", str(folder))
+    finally:
+        os.close(fd)
+    return True
+
+
+def sync_files(root: str | os.PathLike, paths: list[Path]) -> None:
+    """Make the files ``paths`` (written by ``replace_unsynced`` somewhere below the folder
+    ``root``), their renames and the folders created for them durable: one ``syncfs`` of the
+    file system (Linux), else an fsync of each file and of each folder from its parent up to
+    ``root``."""
+    if not paths or _syncfs(root):
+        return
+    root = Path(root)
+    folders = set()
+    for path in paths:
+        fsync_file(path)
+        folder = Path(path).parent
+        while folder != root and root in folder.parents:
+            folders.add(folder)
+            folder = folder.parent
+        folders.add(root)
+    for folder in sorted(folders, key=lambda f: -len(f.parts)):
+        fsync_dir(folder)
+
+
 def write_text(path: str | os.PathLike, text: str) -> Path:
     """Replace ``path`` by the UTF-8 ``text`` atomically and durably."""
     return write_bytes(path, text.encode("utf-8"))

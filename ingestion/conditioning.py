@@ -61,12 +61,12 @@ class ConditionedRecord:
 
 
 def canonical_leads(
-    signal: np.ndarray, lead_names: list[str], path: str = "?"
+    signal: np.ndarray, lead_names: list[str], path: str = "?", dtype=np.float64
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(12, T) float array in canonical order and the bool (12,) present mask."""
+    """(12, T) array of ``dtype`` in canonical order and the bool (12,) present mask."""
     if len(lead_names) != signal.shape[0]:
         raise RecordError(path, f"{signal.shape[0]} channels but {len(lead_names)} lead names")
-    out = np.zeros((len(LEADS), signal.shape[1]), dtype=np.float64)
+    out = np.zeros((len(LEADS), signal.shape[1]), dtype=dtype)
     mask = np.zeros(len(LEADS), dtype=bool)
     for row, name in enumerate(lead_names):
         lead = canonical_lead(name)
@@ -81,9 +81,15 @@ def canonical_leads(
     return out, mask
 
 
+def _ratio(fs: float, target: int = SAMPLE_RATE) -> Fraction:
+    if float(fs) == target:  # the common case, without building a Fraction
+        return Fraction(1)
+    return Fraction(target / float(fs)).limit_denominator(MAX_DENOMINATOR)
+
+
 def resample_to(x: np.ndarray, fs: float, target: int = SAMPLE_RATE) -> np.ndarray:
     """Polyphase resampling of ``x (..., T)`` from ``fs`` to ``target`` Hz along the last axis."""
-    ratio = Fraction(target / float(fs)).limit_denominator(MAX_DENOMINATOR)
+    ratio = _ratio(fs, target)
     if ratio == 1:
         return x
     # imported here: scipy.signal pulls in scipy.stats & co. (seconds of import per worker
@@ -100,9 +106,9 @@ def segment(x: np.ndarray, length: int = SEGMENT_SAMPLES) -> np.ndarray:
 
 
 def to_int16_microvolts(x_mv: np.ndarray) -> np.ndarray:
-    y = (
-        np.asarray(x_mv, dtype=np.float64) * UV_PER_MV
-    )  # one temporary, rounded and clipped in place
+    # one float64 temporary (the input's float32 -> float64 cast is exact and fused into the
+    # product), rounded and clipped in place
+    y = np.multiply(x_mv, UV_PER_MV, dtype=np.float64)
     np.rint(y, out=y)
     np.clip(y, _I16.min, _I16.max, out=y)
     return y.astype(DTYPE)
@@ -122,7 +128,12 @@ def condition(rec: RawRecord, opts: ReadOptions | None = None) -> ConditionedRec
     except (TypeError, ValueError):
         raise RecordError(rec.path, "sampling rate is not a finite positive number") from None
     check_length(rec.path, fs, n, opts)
-    x, mask = canonical_leads(sig, list(rec.lead_names), rec.path)
+    # without resampling the mV values go straight to int16 µV: keep the reader's float32 (the
+    # float64 product in to_int16_microvolts is then exactly the same); resampling runs in float64
+    no_resample = _ratio(fs) == 1 and sig.dtype == np.float32
+    x, mask = canonical_leads(
+        sig, list(rec.lead_names), rec.path, np.float32 if no_resample else np.float64
+    )
     if not np.isfinite(sig).all() and not np.isfinite(x[mask]).all():  # cheap test first
         raise RecordError(rec.path, "signal contains NaN or infinite values")
     seconds = n / fs

@@ -103,33 +103,33 @@ def check_length(where: str, fs: float, n_samples: int, opts: ReadOptions | None
         )
 
 
-def _inside(path: Path, root: Path) -> bool:
-    return path == root or root in path.parents
+def _inside(path: str, root: str) -> bool:
+    """``path`` is ``root`` or below it (both absolute and normalised)."""
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
 def inside_src(src: Path, rel: str, where: str, opts: ReadOptions | None = None) -> Path:
     """The path ``SRC/rel`` after checking the policy of the module docstring; RecordError
-    (naming the rule, never the target) otherwise. ``rel`` uses ``/`` separators."""
+    (naming the rule, never the target) otherwise. ``rel`` uses ``/`` separators. String path
+    operations (os.path), not pathlib: this runs for every file of every record."""
     opts = opts or DEFAULT_OPTIONS
-    root = Path(os.path.abspath(src))
+    root = os.path.abspath(src)
     if os.path.isabs(rel) or rel.startswith("~"):
         raise RecordError(where, "refused: absolute file path (files must lie inside SRC)")
-    lexical = Path(os.path.normpath(root / rel))
+    lexical = os.path.normpath(os.path.join(root, rel))
     if not _inside(lexical, root) or lexical == root:
         raise RecordError(where, "refused: file path leads outside SRC ('..')")
     if not opts.follow_symlinks:
         node = root
-        for part in lexical.relative_to(root).parts:
-            node = node / part
-            if node.is_symlink():
+        for part in os.path.relpath(lexical, root).split(os.sep):
+            node = os.path.join(node, part)
+            if os.path.islink(node):
                 raise RecordError(where, "refused: symbolic link (allow with --follow-symlinks)")
-    elif not opts.allow_outside and not _inside(
-        Path(os.path.realpath(lexical)), Path(os.path.realpath(root))
-    ):
+    elif not opts.allow_outside and not _inside(os.path.realpath(lexical), os.path.realpath(root)):
         raise RecordError(
             where, "refused: symbolic link resolves outside SRC (allow with --allow-outside)"
         )
-    return lexical
+    return Path(lexical)
 
 
 def sibling(src: Path, rel: str, name: str, where: str, opts: ReadOptions | None = None) -> Path:

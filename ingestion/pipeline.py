@@ -40,6 +40,10 @@ if TYPE_CHECKING:
     from distributed import Client, LocalCluster
 
 DEFAULT_BATCH_SIZE = 128
+# commits are at least this many times their own duration apart (each writes every small array
+# through zarr and fsyncs): at most ~1/COMMIT_PACE of the run goes to committing, even where a
+# commit is slow (a loaded disk), while a fast commit still happens every ``commit_interval``
+COMMIT_PACE = 10.0
 
 
 def _file_bytes(src: Path, rel: str) -> int:
@@ -287,8 +291,9 @@ def ingest(
     ``workers``: Dask worker processes of a LocalCluster (default: one per CPU core); 0 = run
     synchronously in this process. ``scheduler``: address of an existing cluster
     (``tcp://host:port``), overrides ``workers``. ``limit``: ingest at most this many new records.
-    ``commit_interval``: seconds between commits (0 = after every batch); a killed run loses at
-    most the batches since the last commit. ``opts``: rate range, maximum duration, path
+    ``commit_interval``: seconds between commits (0 = after every batch), stretched to
+    ``COMMIT_PACE`` times the last commit's duration when commits are slow; a killed run loses
+    at most the batches since the last commit. ``opts``: rate range, maximum duration, path
     policy and reader fields (``units``; ``fs``/``leads``/``patients`` of user arrays) of the
     readers (``ingestion.limits.ReadOptions``; default: its defaults), checked against the
     corpus reader's ``OPTIONS`` before anything runs (ValueError). A batch
@@ -337,14 +342,16 @@ def ingest(
         rejected: Counter = Counter()
         bar = ProgressBar(progress, len(todo), f"ingest {corpus}")
 
-        last_commit = [time.monotonic()]
+        last_commit = [time.monotonic(), 0.0]  # when the last commit ended, what it took
 
         def sink(batch: RecordBatch) -> None:
             added = writer.append(batch, known_keys=keys)
-            if time.monotonic() - last_commit[0] >= commit_interval:
+            since = time.monotonic() - last_commit[0]
+            if commit_interval <= 0 or since >= max(commit_interval, COMMIT_PACE * last_commit[1]):
+                t_commit = time.monotonic()
                 writer.commit()
                 _trim_heap()
-                last_commit[0] = time.monotonic()
+                last_commit[:] = [time.monotonic(), time.monotonic() - t_commit]
             stats["records"] += added["records"]
             stats["segments"] += added["segments"]
             stats["bytes_read"] += batch.bytes_read

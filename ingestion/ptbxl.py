@@ -37,7 +37,13 @@ def _database(csv_path: str, mtime_ns: int):
     missing = {"ecg_id", "patient_id", "filename_hr", "scp_codes"} - set(db.columns)
     if missing:
         raise RecordError(csv_path, f"missing columns {sorted(missing)}")
-    return db.set_index("filename_hr", drop=False)
+    db = db.set_index("filename_hr", drop=False)
+    # one dict per listed record (what ``_row`` returns): a pandas ``.loc`` per record costs
+    # more than reading its signal; records listed more than once map to None
+    dup = db.index.duplicated(keep=False)
+    rows = dict(zip(db.index[~dup], db[~dup].to_dict("records"), strict=True))
+    rows.update(dict.fromkeys(db.index[dup]))
+    return db, rows
 
 
 def database(src: Path):
@@ -45,7 +51,14 @@ def database(src: Path):
     path = Path(src) / DATABASE
     if not path.exists():
         raise RecordError(str(path), f"not a PTB-XL root: {DATABASE} not found")
-    return _database(str(path), path.stat().st_mtime_ns)
+    return _database(str(path), path.stat().st_mtime_ns)[0]
+
+
+def _rows(src: Path) -> dict:
+    path = Path(src) / DATABASE
+    if not path.exists():
+        raise RecordError(str(path), f"not a PTB-XL root: {DATABASE} not found")
+    return _database(str(path), path.stat().st_mtime_ns)[1]
 
 
 def list_records(src: Path) -> list[str]:
@@ -88,11 +101,11 @@ def _int_field(row, name: str, rel: str, required: bool = False) -> int | None:
 
 
 def _row(src: Path, rel: str):
-    db = database(src)
-    if rel not in db.index:
+    rows = _rows(src)
+    if rel not in rows:
         raise RecordError(rel, f"not listed in {DATABASE}")
-    row = db.loc[rel]
-    if getattr(row, "ndim", 1) != 1:
+    row = rows[rel]
+    if row is None:
         raise RecordError(rel, f"listed more than once in {DATABASE}")
     return row
 

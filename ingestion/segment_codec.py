@@ -105,12 +105,22 @@ class ShardFiles:
     sharding format: chunk bytes, then the (chunks, 2) uint64 offset/length index and its
     crc32c at the end). Whole shards are written as soon as they are full; the open (last,
     partial) shard is held in memory and written by ``flush()``, i.e. at commit. Every file goes
-    through ``ecgplat.atomic`` (temporary file, fsync, rename): never half-written."""
+    through ``ecgplat.atomic`` (temporary file, rename): never half-written.
+
+    Durability is batched per commit. A NEW shard file holds only chunks past the commit point,
+    so it need not be durable when it is renamed into place, only before ``commit.json`` counts
+    its chunks: it is written without an fsync and ``sync()`` makes all of them durable at
+    once (one ``syncfs`` on Linux, else an fsync per file and folder) before the writer
+    replaces ``commit.json``. A crash before that leaves whole or missing files past the commit
+    point, which the writer's recovery deletes. A file that already EXISTS (the open shard of
+    the last commit, rewritten) may hold committed chunks, so it is still fsynced before its
+    rename: a power loss must never leave a committed chunk's file without its data."""
 
     def __init__(self, path: Path, n_segments: int):
         self.dir = path / "segments"
         self.per = S.SEGMENT_SHARD
         self.start = n_segments - n_segments % self.per
+        self.unsynced: list[Path] = []  # new shard files not yet made durable
         self.tail: list[bytes | None] = self._read(self.start // self.per)[
             : n_segments - self.start
         ]
@@ -140,10 +150,13 @@ class ShardFiles:
         index_bytes = index.tobytes()
         crc = np.uint32(google_crc32c.value(index_bytes)).astype("<u4").tobytes()
         target = self._file(k)
+        data = b"".join([*(c for c in chunks if c is not None), index_bytes, crc])
+        if target.exists():  # it holds chunks the last commit may refer to: durable at once
+            atomic.write_bytes(target, data)
+            return
         target.parent.mkdir(parents=True, exist_ok=True)
-        atomic.write_bytes(
-            target, b"".join([*(c for c in chunks if c is not None), index_bytes, crc])
-        )
+        atomic.replace_unsynced(target, data)  # only chunks past the commit point
+        self.unsynced.append(target)
 
     def extend(self, chunks: list[bytes]) -> None:
         self.tail.extend(chunks)
@@ -153,6 +166,7 @@ class ShardFiles:
             self.start += self.per
 
     def flush(self) -> None:
+        """Write the open shard (new files stay unsynced until ``sync``)."""
         if self.tail:
             self._write(self.start // self.per, self.tail)
 
@@ -168,6 +182,12 @@ class ShardFiles:
             chunks[p] = None
         self._write(k, chunks)
         return True
+
+    def sync(self) -> None:
+        """Make every new shard file durable (see the class docstring): the writer's commit
+        calls it after its last write and before it replaces ``commit.json``."""
+        atomic.sync_files(self.dir, self.unsynced)
+        self.unsynced = []
 
     def drop_beyond(self, n_segments: int) -> None:
         """Delete shard files wholly past ``n_segments`` (left by a killed run)."""

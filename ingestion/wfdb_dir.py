@@ -103,7 +103,12 @@ def read_wfdb_units(
     sigs = [hdr["signals"][i] for i in keep]
     baseline = np.array([s["baseline"] for s in sigs], dtype=np.float64)
     factor = np.array([f / s["gain"] for f, s in zip(scale, sigs, strict=True)])
-    signal = ((digital[:, keep] - baseline) * factor).T.astype(np.float32)
+    # the same float64 operations as ((digital[:, keep] - baseline) * factor), in place on one
+    # array (no temporaries); one float32 conversion at the end
+    signal = digital if keep == list(range(digital.shape[1])) else digital[:, keep]
+    signal -= baseline
+    signal *= factor
+    signal = signal.T.astype(np.float32)
     names = [s["name"] for s in sigs]
     return signal, float(hdr["fs"]), names, list(hdr["comments"]), unit
 

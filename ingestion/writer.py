@@ -422,6 +422,10 @@ class StoreWriter:
             count = {"records": "n_records", "rejects": "n_rejects"}.get(group, "n_segments")
             self._put(self.root[key], int(self.committed[count]), values)
         self._staged = {}
+        if self._shards is not None:
+            # last, so that on Linux its one syncfs also makes the small arrays zarr just
+            # wrote durable before commit.json counts them
+            self._shards.sync()
 
     def commit(self, splits: str | None | bool = False) -> None:
         """Make everything appended so far visible, atomically. ``splits`` (a generation name)

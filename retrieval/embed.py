@@ -42,6 +42,7 @@ class FeatureError(ValueError):
 
 
 def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 hex digest of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -182,7 +183,7 @@ def embed_store(
     from ecgplat.store import open_store
     from training.batch import store_batches
     from training.distributed import pick_device
-    from training.models.checkpoint import load_checkpoint, load_encoder
+    from training.models.checkpoint import CheckpointError, encoder_from, load_checkpoint
     from training.models.flops import inference_batch_size
     from training.models.identifier import embed_batches, record_means
     from training.normalize import mode_of, normalize_store_batches
@@ -193,7 +194,12 @@ def embed_store(
     precision = resolve_precision(precision, dev)
     store = open_store(store_path)
     feature_dir(store_path, name)  # a bad name fails before the slow part
-    sha = file_sha256(checkpoint)
+    # one read of the checkpoint: hashed for the lineage, then loaded from the same bytes
+    try:
+        data = Path(checkpoint).read_bytes()
+    except OSError:
+        raise CheckpointError(Path(checkpoint), "no such checkpoint file") from None
+    sha = hashlib.sha256(data).hexdigest()
     wanted_leads = lead_names(leads)
     old = read_lineage(store_path, name)
     if old is not None:
@@ -222,8 +228,9 @@ def embed_store(
                 "use another --name or --overwrite"
             )
 
-    ckpt = load_checkpoint(checkpoint)
-    encoder = load_encoder(checkpoint)
+    ckpt = load_checkpoint(checkpoint, data=data)
+    del data
+    encoder = encoder_from(ckpt, checkpoint)
     normalize = mode_of(ckpt)  # as the encoder was trained
     encoder.to(dev)
     batch_size = batch_size or inference_batch_size(encoder.cfg)

@@ -14,6 +14,7 @@ folder), so an interrupted save never leaves a truncated checkpoint behind.
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -74,13 +75,16 @@ def save_checkpoint(
     return path
 
 
-def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
-    """Load and validate an ecgplat checkpoint (weights_only=True); CheckpointError if unusable."""
+def load_checkpoint(path: str | os.PathLike, map_location="cpu", data: bytes | None = None) -> dict:
+    """Load and validate an ecgplat checkpoint (weights_only=True); CheckpointError if unusable.
+    ``data``: the file's bytes when the caller already read them (e.g. to hash them), so the
+    file is read once; ``path`` then only names it in errors."""
     path = Path(path)
-    if not path.is_file():
+    if data is None and not path.is_file():
         raise CheckpointError(path, "no such checkpoint file")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        source = path if data is None else io.BytesIO(data)
+        ckpt = torch.load(source, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for corrupt / non-torch files
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(path, f"not a loadable torch checkpoint ({reason})") from None
@@ -119,9 +123,14 @@ def load_encoder(path: str | os.PathLike, **overrides):
     fine-tuning dropouts (dropout=0.0, attention_dropout=0.0, activation_dropout=0.1,
     dropout_input=0.0, dropout_features=0.0, encoder_layerdrop=0.0) or feature_grad_mult=0.0.
     """
+    return encoder_from(load_checkpoint(path), path, **overrides)
+
+
+def encoder_from(ckpt: dict, path: str | os.PathLike, **overrides):
+    """``load_encoder`` for a checkpoint already loaded by ``load_checkpoint`` (``path`` names it
+    in errors): a caller that also needs the checkpoint's other fields loads it once."""
     from training.models.encoder import ECGEncoder
 
-    ckpt = load_checkpoint(path)
     try:
         cfg = EncoderConfig.from_dict(ckpt["encoder_config"], **overrides)
     except (TypeError, ValueError) as e:
