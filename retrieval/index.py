@@ -176,6 +176,17 @@ class GalleryIndex:
         scores, rows = self._searcher().search(q, k)
         return scores, rows.astype(np.int64)
 
+    def add(self, vectors: np.ndarray, ids: list[str], labels: list[str] | None = None) -> None:
+        """Append rows (normalised here) named `ids` to the index, without a rebuild."""
+        x = _unit_float32(vectors)
+        if x.shape[1] != self.dim or len(ids) != len(x):
+            raise ValueError(f"{len(x)} vectors of dim {x.shape[1]} and {len(ids)} ids to add")
+        self.index.add(x)
+        self.ids = list(self.ids) + list(ids)
+        if self.labels is not None:
+            self.labels = list(self.labels) + list(labels or [""] * len(ids))
+        self._gpu_index = None  # a GPU copy would miss the new rows
+
     def save(self, path: str | Path) -> Path:
         """Write the index and its description as one file, replaced atomically (a reader or
         a crash sees the old index or the new one, never a mix); returns its path."""
@@ -446,11 +457,7 @@ def update_from_features(index: GalleryIndex, store_path: str | os.PathLike, fea
         )
     new = np.array([i for i, name in enumerate(ids) if name not in have], dtype=np.int64)
     if len(new):
-        index.index.add(_unit_float32(feats.embeddings[take][new]))
-        index.ids = list(index.ids) + [ids[i] for i in new]
-        if index.labels is not None:
-            index.labels = list(index.labels) + [labels[i] for i in new]
-        index._gpu_index = None  # a GPU copy would miss the new rows
+        index.add(feats.embeddings[take][new], [ids[i] for i in new], [labels[i] for i in new])
     counts = ("n_records", "n_segments", "n_record_rows", "features")
     index.lineage = {**lineage, **{k: feats.lineage[k] for k in counts if k in feats.lineage}}
     index.lineage["features"] = features
