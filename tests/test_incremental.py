@@ -214,3 +214,19 @@ def test_index_update_of_approximate_kinds_finds_the_new_records(grown, tmp_path
     assert added == len(feats.embeddings) - N_A and len(index) == len(feats.embeddings)
     _, rows = index.search(feats.embeddings[N_A:], 1)
     assert (rows[:, 0] == np.arange(N_A, len(feats.embeddings))).mean() > 0.9
+
+
+def test_a_set_written_before_commit_counts_is_appended_to(grown, tmp_path):
+    import zarr
+
+    store = tmp_path / "ab"
+    shutil.copytree(grown["ab"], store)
+    group = zarr.open_group(str(store / "features" / "f"), mode="r+")
+    legacy = {k: v for k, v in group.attrs["lineage"].items() if k != "n_record_rows"}
+    del legacy["batch_size"]  # then: all rows committed, batches of the size given
+    group.attrs["lineage"] = legacy
+    assert len(load_features(store, "f", "record").embeddings) == N_A
+    result = embed_store(store, grown["ckpt"], "f", batch_size=BATCH, precision="fp32")
+    assert result["embedded"] == open_store(store).n_segments - grown["first"]["n_segments"]
+    _fresh(store, grown["ckpt"])
+    _assert_same_features(store, "f", "fresh")
