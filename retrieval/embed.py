@@ -1,20 +1,31 @@
-"""Embeddings of every stored ECG, written back into the feature store with their lineage.
+"""Embeddings of every stored ECG, written into the feature store incrementally with their lineage.
 
 `embed_store(store, checkpoint, name, leads)` runs the checkpoint's encoder (any kind:
-pretrain, diagnosis, identify, imported) over every committed segment of the store and writes
+pretrain, diagnosis, identify, imported) over the committed segments of the store and writes
 the feature set `STORE/features/<name>/` (segment- and record-level embeddings plus their
 lineage; layout in docs/formats.md, "Feature sets").
 
 An embedding is the L2-normalised time-mean of the encoder output (the identification embedding of
 docs/method.md §6.1) computed with the leads outside `leads` zero-filled, under the resolved
-`precision` (fp32 | bf16, recorded in the lineage). The feature set is built under
-`features/.tmp-<name>-<id>` and renamed into place only when complete, so an interrupted run never
-leaves a half-written feature set under its name (the leftover temporary group is removed by the
-next run); the write holds the store's writer lock. Re-running with the same checkpoint (by
-SHA-256), leads and precision on an unchanged store is a no-op; another checkpoint, lead set or
-precision under an existing name needs `overwrite=True`. Store reads run one batch ahead in a
-thread, overlapping the forward passes; the default batch size is sized to the model
-(`training.models.flops.inference_batch_size`).
+`precision` (fp32 | bf16, recorded in the lineage).
+
+The store's segments, in record order, are cut into fixed batches: batch k is always segments
+[k*B, (k+1)*B) (B = the set's `batch_size`, recorded in the lineage). A segment's embedding is
+thus computed in the same batch with the same neighbours however the work is split, so an
+append, a resumed run and a run over several `torchrun` ranks give the same bits as one full
+run (the forward of a batch is deterministic; which batch a segment lands in is what could change
+the floating-point kernels). Work is committed every `commit_segments` segments: the rows are
+written first, then the lineage's counts (`n_segments`, `n_records`, `n_record_rows`) are
+replaced atomically; readers use only the committed rows. When the store has grown, or a run was
+killed, the next run restarts at the batch holding the first uncommitted segment and re-embeds
+only that batch's committed part. A record's row is written once all its segments are.
+
+A new set (or an `overwrite`) is built under `features/.build-<name>` and renamed into place when
+complete, so an interrupted first embed never shows a half set under its name, and an
+interrupted overwrite keeps the old set; the next run with the same lineage resumes it. Growth is
+appended in place. The run holds the store's writer lock. Another checkpoint (by SHA-256), lead
+set, precision or normalisation under an existing name needs `overwrite=True`. Under `torchrun`
+the batches of each commit are dealt round-robin to the ranks; rank 0 gathers and writes.
 """
 
 from __future__ import annotations
@@ -30,11 +41,17 @@ from pathlib import Path
 import numpy as np
 
 from ecgplat.atomic import fsync_dir
+from ecgplat.faults import stop_at_count
 from ecgplat.store import FEATURES_DIR as FEATURES
 from ecgplat.store import StoreLock
 
 SCHEMA = "ecgplat-features/1"
 LEVELS = ("segment", "record")
+BUILD_PREFIX = ".build-"
+CHUNK_ROWS = 4096  # rows per zarr chunk of a feature array
+COMMIT_SEGMENTS = 4096  # segments between two commits (rounded up to whole batches)
+# lineage fields that must agree for rows to be appended to an existing set
+MODEL_KEYS = ("checkpoint_sha256", "leads", "precision", "normalize")
 
 
 class FeatureError(ValueError):
@@ -63,14 +80,18 @@ def feature_dir(store_path: str | os.PathLike, name: str) -> Path:
     return Path(store_path) / FEATURES / name
 
 
-def read_lineage(store_path: str | os.PathLike, name: str) -> dict | None:
-    """The lineage of a complete feature set, or None when there is none under that name."""
+def _dir_lineage(path: Path) -> dict | None:
     import json
 
-    meta = feature_dir(store_path, name) / "zarr.json"
+    meta = path / "zarr.json"
     if not meta.is_file():
         return None
-    lineage = json.loads(meta.read_text()).get("attributes", {}).get("lineage")
+    return json.loads(meta.read_text()).get("attributes", {}).get("lineage")
+
+
+def read_lineage(store_path: str | os.PathLike, name: str) -> dict | None:
+    """The lineage of a complete feature set, or None when there is none under that name."""
+    lineage = _dir_lineage(feature_dir(store_path, name))
     return lineage if lineage and lineage.get("complete") else None
 
 
@@ -94,6 +115,7 @@ class Features:
 
 
 def load_features(store_path: str | os.PathLike, name: str, level: str = "record") -> Features:
+    """The committed rows of a feature set at `level` (segment | record)."""
     import zarr
 
     if level not in LEVELS:
@@ -107,14 +129,114 @@ def load_features(store_path: str | os.PathLike, name: str, level: str = "record
     from ecgplat.store import read_forgotten
 
     group = zarr.open_group(str(feature_dir(store_path, name) / level), mode="r")
-    record_index = np.asarray(group["record_index"][:], dtype=np.int64)
+    n = lineage.get("n_segments" if level == "segment" else "n_record_rows")
+    rows = slice(None) if n is None else slice(0, int(n))  # sets of before appends: all rows
+    record_index = np.asarray(group["record_index"][rows], dtype=np.int64)
     keep = ~np.isin(record_index, read_forgotten(store_path)["records"])  # `ecgplat forget`
     return Features(
-        np.asarray(group["embedding"][:], dtype=np.float32)[keep],
+        np.asarray(group["embedding"][rows], dtype=np.float32)[keep],
         record_index[keep],
-        np.asarray(group["segment_number"][:])[keep] if level == "segment" else None,
+        np.asarray(group["segment_number"][rows])[keep] if level == "segment" else None,
         lineage,
     )
+
+
+# ------------------------------------------------------------------------------ the plan
+
+
+@dataclass
+class _Order:
+    """The store's segments in record order: feature row p is segment `rows[p]` of the store."""
+
+    rows: np.ndarray  # int64 store segment rows
+    record: np.ndarray  # int64 record index of each
+    number: np.ndarray  # int64 segment number inside its record
+    record_end: np.ndarray  # int64 (R,) feature row after each record's last segment
+
+    @classmethod
+    def of(cls, store) -> _Order:
+        frame = store.records
+        starts = frame["seg_start"].to_numpy(dtype=np.int64)
+        counts = frame["seg_count"].to_numpy(dtype=np.int64)
+        ends = np.cumsum(counts)
+        number = np.arange(int(ends[-1]) if len(ends) else 0) - np.repeat(ends - counts, counts)
+        return cls(
+            np.repeat(starts, counts) + number,
+            np.repeat(np.arange(len(counts), dtype=np.int64), counts),
+            number,
+            ends,
+        )
+
+    def records_covered(self, n_segments: int) -> int:
+        """Number of leading records all of whose segments are among the first `n_segments`."""
+        return int(np.searchsorted(self.record_end, n_segments, side="right"))
+
+
+def _same_model(old: dict, want: dict) -> bool:
+    return all(old.get(k, "fp32" if k == "precision" else None) == want[k] for k in MODEL_KEYS[:3])
+
+
+def _plan(store_path: Path, name: str, want: dict, overwrite: bool, batch_size) -> dict:
+    """What to do, decided under the writer lock: {"dir", "lineage" (the committed one, or a
+    fresh one for a new build), "fresh": a new build to rename into place at the end}."""
+    target = feature_dir(store_path, name)
+    build = store_path / FEATURES / f"{BUILD_PREFIX}{name}"
+    old = read_lineage(store_path, name)
+    if old is not None and not overwrite:
+        if (
+            not _same_model(old, want)
+            or old.get("normalize", want["normalize"]) != want["normalize"]
+        ):
+            raise FeatureError(
+                f"{store_path}: feature set {name!r} holds embeddings of checkpoint "
+                f"{old.get('checkpoint_sha256', '?')[:12]} with leads "
+                f"{old.get('leads')} in {old.get('precision', 'fp32')}; "
+                "use another --name or --overwrite"
+            )
+        if (
+            old.get("store_uuid") == want["store_uuid"]
+            and old["n_segments"] <= len(want["order"].rows)
+            and _aligned(store_path, name, old, want["order"])
+        ):
+            _check_batch_size(store_path, name, old, batch_size)
+            if "n_record_rows" not in old:  # a set written before appends: all rows committed
+                ends = want["order"].record_end[: want["order"].records_covered(old["n_segments"])]
+                old = {**old, "n_record_rows": int(np.count_nonzero(np.diff(ends, prepend=0)))}
+            return {"dir": target, "lineage": old, "fresh": False}
+    _remove_leftovers(store_path, name)
+    partial = _dir_lineage(build)
+    if (
+        partial is not None
+        and all(partial.get(k) == want[k] for k in (*MODEL_KEYS, "store_uuid"))
+        and partial.get("batch_size") == (batch_size or partial.get("batch_size"))
+        and partial["n_segments"] <= len(want["order"].rows)
+    ):
+        return {"dir": build, "lineage": partial, "fresh": True}  # resume a killed build
+    shutil.rmtree(build, ignore_errors=True)
+    return {"dir": build, "lineage": None, "fresh": True}
+
+
+def _aligned(store_path: Path, name: str, old: dict, order: _Order) -> bool:
+    """Whether the set's rows are the store's segments in order (row = segment position). Sets
+    written before appends existed may lack the rows of records forgotten before their embed;
+    those are rebuilt rather than appended to."""
+    import zarr
+
+    if "n_record_rows" in old:  # written by the incremental embed: aligned by construction
+        return True
+    n = int(old["n_segments"])
+    group = zarr.open_group(str(feature_dir(store_path, name) / "segment"), mode="r")
+    rows = np.asarray(group["record_index"][:n], dtype=np.int64)
+    return len(rows) == n and np.array_equal(rows, order.record[:n])
+
+
+def _check_batch_size(store_path: Path, name: str, old: dict, batch_size) -> None:
+    if batch_size and old.get("batch_size", batch_size) != batch_size:
+        raise FeatureError(
+            f"{store_path}: feature set {name!r} was embedded in batches of "
+            f"{old['batch_size']}; appending in batches of {batch_size} would not give the same "
+            "embeddings (drop --batch-size or use --overwrite)"
+        )
 
 
 def _remove_leftovers(store_path: Path, name: str) -> None:
@@ -122,42 +244,261 @@ def _remove_leftovers(store_path: Path, name: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _write_group(path: Path, lineage: dict, seg: tuple, rec: tuple) -> None:
+# ------------------------------------------------------------------------------ writing
+
+
+def _create(path: Path, lineage: dict, dim: int) -> None:
+    """An empty feature set (complete=False) at `path`."""
     import zarr
 
     group = zarr.open_group(str(path), mode="w")
-    for level, arrays in (("segment", seg), ("record", rec)):
+    columns = {
+        "segment": (("embedding", np.float32, dim), ("record_index", np.int64, 0)),
+        "record": (("embedding", np.float32, dim), ("record_index", np.int64, 0)),
+    }
+    columns["segment"] += (("segment_number", np.int32, 0),)
+    for level, arrays in columns.items():
         sub = group.create_group(level)
-        for key, value in arrays.items():
-            chunks = (min(max(len(value), 1), 65536),) + value.shape[1:]
-            sub.create_array(key, shape=value.shape, dtype=value.dtype, chunks=chunks)[...] = value
-    group.attrs["lineage"] = lineage  # last: the set is marked complete only once all is written
+        for key, dtype, width in arrays:
+            shape = (0, width) if width else (0,)
+            chunks = (CHUNK_ROWS, width) if width else (CHUNK_ROWS,)
+            sub.create_array(key, shape=shape, dtype=dtype, chunks=chunks)
+    group.attrs["lineage"] = lineage
 
 
-def _publish(store_path: Path, name: str, lineage: dict, seg: dict, rec: dict) -> None:
-    """Write the feature set under a temporary name and rename it into place, holding the
-    store's writer lock (like ingest and split; StoreBusyError while another writer runs)."""
-    with StoreLock(store_path):
-        _publish_locked(store_path, name, lineage, seg, rec)
+def _put_rows(group, start: int, arrays: dict) -> None:
+    for key, value in arrays.items():
+        arr = group[key]
+        end = start + len(value)
+        if arr.shape[0] != end:
+            arr.resize((end, *arr.shape[1:]))
+        if len(value):
+            arr[start:end] = value
 
 
-def _publish_locked(store_path: Path, name: str, lineage: dict, seg: dict, rec: dict) -> None:
-    if not (store_path / FEATURES / "zarr.json").is_file():  # `features` as a zarr group
-        import zarr
+def _commit(path: Path, lineage: dict, seg: tuple | None, rec: tuple | None) -> None:
+    """Write rows past the committed counts, then the lineage that commits them (one atomic
+    replacement of the group's zarr.json)."""
+    import zarr
 
-        zarr.open_group(str(store_path / FEATURES), mode="a")
-    _remove_leftovers(store_path, name)
-    tmp = store_path / FEATURES / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
-    _write_group(tmp, lineage, seg, rec)
+    group = zarr.open_group(str(path), mode="r+")
+    if seg is not None:
+        _put_rows(group["segment"], *seg)
+    if rec is not None:
+        _put_rows(group["record"], *rec)
+    group.attrs["lineage"] = lineage  # last: the commit point
+
+
+def _publish_build(store_path: Path, name: str, build: Path) -> None:
     target = feature_dir(store_path, name)
     if target.exists():  # overwrite: move the old set aside first, then swap in the new one
         trash = store_path / FEATURES / f".tmp-{name}-old-{uuid.uuid4().hex[:8]}"
         os.replace(target, trash)
-        os.replace(tmp, target)
+        os.replace(build, target)
         shutil.rmtree(trash, ignore_errors=True)
     else:
-        os.replace(tmp, target)
+        os.replace(build, target)
     fsync_dir(store_path / FEATURES)
+
+
+# ------------------------------------------------------------------------------ embedding
+
+
+@dataclass
+class _Run:
+    """The moving parts of one embed run."""
+
+    store: object
+    order: _Order
+    encoder: object
+    leads: tuple
+    normalize: str
+    device: object
+    precision: str
+    batch_size: int
+    world: int
+    rank: int
+
+    def batches(self, numbers):
+        """Batches `numbers` of the live segments only (a forgotten record's segments are not
+        readable); `live` marks their rows in the full batch, for `_padded`."""
+        from training.batch import make_batch
+
+        masks, n, b = self.store.lead_masks, len(self.order.rows), self.batch_size
+        for k in numbers:
+            rows = slice(k * b, min((k + 1) * b, n))
+            rec = self.order.record[rows]
+            live = self.store.live[rec]
+            yield make_batch(
+                self.store.read_segments(self.order.rows[rows][live]),
+                masks[rec][live],
+                rec[live],
+                self.leads,
+                segment_index=self.order.number[rows][live],
+                live=live,
+            )
+
+    def embed(self, first: int, last: int) -> np.ndarray | None:
+        """Embeddings of batches [first, last) in order on rank 0 (None elsewhere), zero rows
+        for forgotten records (as `ecgplat forget` leaves them); the batches are dealt
+        round-robin to the ranks."""
+        from training.models.identifier import embed_batches
+        from training.normalize import normalize_store_batches
+
+        mine = list(range(first + self.rank, last, self.world))
+        batches = normalize_store_batches(
+            self.store, self.batches(mine), self.normalize, self.leads
+        )
+        emb = embed_batches(
+            self.encoder, _padded(batches, self.leads), self.device, self.precision
+        )[0]
+        rows = slice(first * self.batch_size, min(last * self.batch_size, len(self.order.rows)))
+        if self.world == 1:
+            emb[~self.store.live[self.order.record[rows]]] = 0.0
+            return emb
+        if self.world == 1:
+            return emb
+        import torch.distributed as dist
+
+        sizes = [min(self.batch_size, len(self.order.rows) - k * self.batch_size) for k in mine]
+        parts = np.split(emb, np.cumsum(sizes)[:-1]) if mine else []
+        gathered = [None] * self.world if self.rank == 0 else None
+        dist.gather_object(parts, gathered, dst=0)
+        if self.rank != 0:
+            return None
+        by_batch = {}
+        for r, got in enumerate(gathered):
+            by_batch.update(zip(range(first + r, last, self.world), got, strict=True))
+        emb = np.concatenate([by_batch[k] for k in range(first, last)])
+        emb[~self.store.live[self.order.record[rows]]] = 0.0
+        return emb
+
+
+def _padded(batches, leads: tuple):
+    """Full batches again from batches of their live rows: a forgotten record's rows become
+    all-zero segments (with the run's leads present), so every batch keeps its fixed size and
+    the live rows' neighbours are as in a run before the forget (same shapes, same kernels)."""
+    import torch
+
+    from ecgplat.leads import lead_mask
+
+    for batch in batches:
+        live = batch.pop("live")
+        if bool(live.all()):
+            yield batch
+            continue
+        out = {}
+        for key, value in batch.items():
+            full = value.new_zeros((len(live), *value.shape[1:]))
+            if key == "lead_mask":
+                full[:] = torch.from_numpy(lead_mask(leads))
+            full[live] = value
+            out[key] = full
+        yield out
+
+
+def _record_rows(path: Path, order: _Order, done: int, new_done: int) -> tuple:
+    """(record index, record embedding) of the records completed between `done` and `new_done`
+    committed segments, from the set's segment rows (written before)."""
+    import zarr
+
+    from training.models.identifier import record_means
+
+    r0, r1 = order.records_covered(done), order.records_covered(new_done)
+    lo = int(order.record_end[r0 - 1]) if r0 else 0
+    hi = int(order.record_end[r1 - 1]) if r1 else 0
+    emb = zarr.open_group(str(path / "segment"), mode="r")["embedding"][lo:hi]
+    return record_means(np.asarray(emb, dtype=np.float32), order.record[lo:hi])
+
+
+def _run_commits(run: _Run, path: Path, lineage: dict, commit_segments: int, bar) -> dict:
+    """Embed from the committed counts of `lineage` to the end of the store, committing every
+    `commit_segments` segments; returns the final lineage (rank 0)."""
+    b, n = run.batch_size, len(run.order.rows)
+    done = int(lineage["n_segments"])
+    step = max(1, -(-commit_segments // b))
+    n_batches = -(-n // b)
+    commits = 0
+    for first in range(done // b, n_batches, step):
+        last = min(first + step, n_batches)
+        emb = run.embed(first, last)
+        if run.rank != 0:
+            continue
+        start, stop = first * b, min(last * b, n)
+        seg = (
+            start,
+            {
+                "embedding": emb,
+                "record_index": run.order.record[start:stop],
+                "segment_number": run.order.number[start:stop].astype(np.int32),
+            },
+        )
+        _commit(path, lineage, seg, None)  # rows only: the counts are unchanged
+        rec_ids, rec_emb = _record_rows(path, run.order, done, stop)
+        rows = int(lineage.get("n_record_rows", 0))
+        lineage = {
+            **lineage,
+            "n_segments": stop,
+            "n_records": run.order.records_covered(stop),
+            "n_record_rows": rows + len(rec_ids),
+        }
+        _commit(path, lineage, None, (rows, {"embedding": rec_emb, "record_index": rec_ids}))
+        bar.advance(stop - max(done, start))
+        done = stop
+        commits += 1
+        stop_at_count("embed.commit", commits)
+    return lineage
+
+
+def _decide(store_path: Path, name: str, want: dict, overwrite: bool) -> dict:
+    """Rank 0's first look, without the lock: is the set already up to date?"""
+    old = read_lineage(store_path, name)
+    order = want["order"]
+    if (
+        old is not None
+        and not overwrite
+        and _same_model(old, want)
+        and old.get("store_uuid") == want["store_uuid"]
+        and old.get("n_segments") == len(order.rows)
+        and old.get("n_records", len(order.record_end)) == len(order.record_end)
+    ):
+        return {"action": "unchanged", "lineage": old}
+    return {"action": "run"}
+
+
+@dataclass
+class LoadedModel:
+    """A checkpoint's encoder with what a feature set's lineage records of it, loaded once."""
+
+    checkpoint: Path
+    sha256: str
+    kind: str
+    config: dict
+    normalize: str  # the data.normalize it was trained with, applied before it
+    encoder: object
+
+    @classmethod
+    def load(cls, checkpoint: str | os.PathLike) -> LoadedModel:
+        """CheckpointError naming the file when it is not a usable checkpoint. The file is
+        read once: hashed for the lineage, then loaded from the same bytes."""
+        from training.models.checkpoint import CheckpointError, encoder_from, load_checkpoint
+        from training.normalize import mode_of
+
+        try:
+            data = Path(checkpoint).read_bytes()
+        except OSError:
+            raise CheckpointError(Path(checkpoint), "no such checkpoint file") from None
+        sha = hashlib.sha256(data).hexdigest()
+        ckpt = load_checkpoint(checkpoint, data=data)
+        del data
+        return cls(
+            Path(checkpoint),
+            sha,
+            ckpt["kind"],
+            ckpt.get("config") or {},
+            mode_of(ckpt),
+            encoder_from(ckpt, checkpoint),
+        )
 
 
 def embed_store(
@@ -170,108 +511,172 @@ def embed_store(
     device: str = "auto",
     progress: bool = False,
     precision: str = "auto",
+    commit_segments: int = COMMIT_SEGMENTS,
+    model: LoadedModel | None = None,
 ) -> dict:
-    """Embed every stored segment with `checkpoint`'s encoder into `features/<name>`.
+    """Embed the stored segments that `features/<name>` lacks with `checkpoint`'s encoder.
 
-    `precision` auto | fp32 | bf16 (training.precision); `batch_size` None = sized to the model.
-    Returns {"status": "written" | "unchanged", "name", "n_segments", "n_records", "lineage"}.
-    Raises FeatureError (existing set of another lineage without `overwrite`), CheckpointError
-    (unusable checkpoint), FileNotFoundError/ValueError (not a store).
+    `model`: that checkpoint already loaded (`LoadedModel.load`), for callers that embed again
+    and again (`ecgplat watch`); otherwise it is loaded when there is work to do.
+    `precision` auto | fp32 | bf16 (training.precision); `batch_size` None = the set's, or sized
+    to the model for a new set. Under `torchrun` (WORLD_SIZE > 1) every rank calls this and the
+    work is split; rank 0 writes. Returns {"status": "written" | "unchanged", "name",
+    "n_segments", "n_records", "lineage", "embedded": segments computed by this run}. Raises
+    FeatureError (existing set of another lineage without `overwrite`, or another batch size),
+    CheckpointError (unusable checkpoint), FileNotFoundError/ValueError (not a store),
+    StoreBusyError (another writer holds the store).
     """
+    import torch.distributed as dist
+
+    from training.distributed import setup, teardown
+
+    owns_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
+    info = setup(device)
+    try:
+        return _embed(
+            Path(store_path), checkpoint, name, leads, overwrite, batch_size, info, progress,
+            precision, commit_segments, model,
+        )  # fmt: skip
+    finally:
+        if owns_group:
+            teardown()
+
+
+def _share(info, make):
+    """`make()` on rank 0, broadcast to the others; an exception on rank 0 is raised there and
+    becomes a FeatureError with its message on the others."""
+    if info.world == 1:
+        return make()
+    import torch.distributed as dist
+
+    box: list = [None]
+    error = None
+    if info.rank == 0:
+        try:
+            box[0] = ("ok", make())
+        except Exception as e:  # noqa: BLE001 - re-raised below, after the others heard of it
+            error = e
+            box[0] = ("error", str(e))
+    dist.broadcast_object_list(box, src=0)
+    if error is not None:
+        raise error
+    if box[0][0] == "error":
+        raise FeatureError(box[0][1])
+    return box[0][1]
+
+
+def _embed(
+    store_path, checkpoint, name, leads, overwrite, batch_size, info, progress, precision, every,
+    model,
+) -> dict:  # fmt: skip
     from ecgplat.leads import parse_leads
     from ecgplat.progress import ProgressBar
     from ecgplat.store import open_store
-    from training.batch import store_batches
-    from training.distributed import pick_device
-    from training.models.checkpoint import CheckpointError, encoder_from, load_checkpoint
     from training.models.flops import inference_batch_size
-    from training.models.identifier import embed_batches, record_means
-    from training.normalize import mode_of, normalize_store_batches
     from training.precision import resolve_precision
 
-    store_path = Path(store_path)
-    dev = pick_device(device)
-    precision = resolve_precision(precision, dev)
+    precision = resolve_precision(precision, info.device)
     store = open_store(store_path)
     feature_dir(store_path, name)  # a bad name fails before the slow part
-    # one read of the checkpoint: hashed for the lineage, then loaded from the same bytes
-    try:
-        data = Path(checkpoint).read_bytes()
-    except OSError:
-        raise CheckpointError(Path(checkpoint), "no such checkpoint file") from None
-    sha = hashlib.sha256(data).hexdigest()
-    wanted_leads = lead_names(leads)
-    old = read_lineage(store_path, name)
-    if old is not None:
-        same_model = (
-            old.get("checkpoint_sha256") == sha
-            and old.get("leads") == wanted_leads
-            and old.get("precision", "fp32") == precision
-        )
-        same_store = (
-            old.get("store_uuid") == store.attrs.get("store_uuid")
-            and old.get("n_segments") == store.n_segments
-        )
-        if same_model and same_store and not overwrite:
-            return {
-                "status": "unchanged",
-                "name": name,
-                "n_segments": old["n_segments"],
-                "n_records": old["n_records"],
-                "lineage": old,
-            }
-        if not same_model and not overwrite:
-            raise FeatureError(
-                f"{store_path}: feature set {name!r} holds embeddings of checkpoint "
-                f"{old.get('checkpoint_sha256', '?')[:12]} with leads "
-                f"{old.get('leads')} in {old.get('precision', 'fp32')}; "
-                "use another --name or --overwrite"
-            )
-
-    ckpt = load_checkpoint(checkpoint, data=data)
-    del data
-    encoder = encoder_from(ckpt, checkpoint)
-    normalize = mode_of(ckpt)  # as the encoder was trained
-    encoder.to(dev)
-    batch_size = batch_size or inference_batch_size(encoder.cfg)
-    records = store.select()  # every record but the forgotten ones
-    with ProgressBar(progress, len(records), f"embed {name}", transient=True) as bar:
-        batches = store_batches(
-            store, records, parse_leads(leads), batch_size, on_record=bar.advance
-        )
-        batches = normalize_store_batches(store, batches, normalize, parse_leads(leads))
-        emb, rec, seg = embed_batches(encoder, batches, dev, precision)
-    rec_ids, rec_emb = record_means(emb, rec)
-    lineage = {
-        "schema": SCHEMA,
-        "name": name,
-        "checkpoint_sha256": sha,
-        "checkpoint_kind": ckpt["kind"],
-        "checkpoint": str(Path(checkpoint).resolve()),
-        "config": ckpt.get("config") or {},
-        "leads": wanted_leads,
+    model = model or LoadedModel.load(checkpoint)
+    want = {
+        "checkpoint_sha256": model.sha256,
+        "leads": lead_names(leads),
         "precision": precision,
-        "normalize": normalize,
-        "dim": int(emb.shape[1]),
-        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "store_uuid": store.attrs.get("store_uuid"),
-        "n_records": int(store.n_records),
-        "n_segments": len(emb),
-        "complete": True,
+        "order": _Order.of(store),
     }
-    del ckpt
+    decision = _share(info, lambda: _decide(store_path, name, want, overwrite))
+    if decision["action"] == "unchanged":
+        old = decision["lineage"]
+        return _result("unchanged", name, old, 0)
 
-    _publish(
-        store_path,
-        name,
-        lineage,
-        {"embedding": emb, "record_index": rec, "segment_number": seg.astype(np.int32)},
-        {"embedding": rec_emb, "record_index": rec_ids},
-    )
+    encoder = model.encoder
+    want["normalize"] = model.normalize  # as the encoder was trained
+    encoder.to(info.device)
+    locks: list[StoreLock] = []
+
+    def locked_plan() -> dict:
+        locks.append(StoreLock(store_path))  # held by rank 0 until the end of the run
+        return _locked_plan(store_path, name, want, overwrite, batch_size)
+
+    try:
+        plan = _share(info, locked_plan)
+        # under rank 0's lock nobody appends: every rank now sees the same committed store
+        store = open_store(store_path)
+        want["order"] = _Order.of(store)
+        size = batch_size or (plan["lineage"] or {}).get("batch_size")
+        size = size or inference_batch_size(encoder.cfg)
+        lineage = plan["lineage"] or {
+            "schema": SCHEMA,
+            "name": name,
+            "checkpoint_sha256": want["checkpoint_sha256"],
+            "checkpoint_kind": model.kind,
+            "checkpoint": str(model.checkpoint.resolve()),
+            "config": model.config,
+            "leads": want["leads"],
+            "precision": precision,
+            "normalize": want["normalize"],
+            "dim": int(encoder.embed_dim),
+            "batch_size": int(size),
+            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            "store_uuid": want["store_uuid"],
+            "n_records": 0,
+            "n_segments": 0,
+            "n_record_rows": 0,
+            "complete": False,
+        }
+        lineage.setdefault("batch_size", int(size))  # a set written before batches were recorded
+        if info.rank == 0 and plan["lineage"] is None:
+            _create(plan["dir"], lineage, int(encoder.embed_dim))
+        run = _Run(
+            store, want["order"], encoder, parse_leads(leads), want["normalize"], info.device,
+            precision, int(size), info.world, info.rank,
+        )  # fmt: skip
+        done = int(lineage["n_segments"])
+        left = len(want["order"].rows) - done
+        with ProgressBar(progress and info.rank == 0, left, f"embed {name}", transient=True) as bar:
+            lineage = _run_commits(run, plan["dir"], lineage, every, bar)
+        if info.rank == 0:
+            lineage = _finish(store_path, name, plan, lineage)
+        lineage = _share(info, lambda: lineage)
+    finally:
+        for lock in locks:
+            lock.release()
+    return _result("written", name, lineage, len(want["order"].rows) - done)
+
+
+def _locked_plan(store_path: Path, name: str, want: dict, overwrite: bool, batch_size) -> dict:
+    from ecgplat.store import open_store
+
+    store = open_store(store_path)  # counts as of the lock: nobody appends from here on
+    if not (store_path / FEATURES / "zarr.json").is_file():  # `features` as a zarr group
+        import zarr
+
+        zarr.open_group(str(store_path / FEATURES), mode="a")
+    return _plan(store_path, name, {**want, "order": _Order.of(store)}, overwrite, batch_size)
+
+
+def _finish(store_path: Path, name: str, plan: dict, lineage: dict) -> dict:
+    """Mark the set complete with the final counts (and move a new build into place)."""
+    import zarr
+
+    lineage = {**lineage, "complete": True}
+    if plan["fresh"]:
+        lineage["created"] = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+    group = zarr.open_group(str(plan["dir"]), mode="r+")
+    group.attrs["lineage"] = lineage
+    if plan["fresh"]:
+        _publish_build(store_path, name, plan["dir"])
+    return lineage
+
+
+def _result(status: str, name: str, lineage: dict, embedded: int) -> dict:
     return {
-        "status": "written",
+        "status": status,
         "name": name,
-        "n_segments": len(emb),
-        "n_records": len(rec_ids),
+        "n_segments": int(lineage["n_segments"]),
+        "n_records": int(lineage.get("n_record_rows", lineage["n_records"])),
         "lineage": lineage,
+        "embedded": int(embedded),
     }

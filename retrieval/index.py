@@ -33,6 +33,8 @@ from ecgplat.faults import stop_point
 INDEX_KINDS = ("flat", "hnsw", "ivf")
 # lineage fields that must agree between an index and the embeddings used to query it
 LINEAGE_MATCH_KEYS = ("checkpoint_sha256", "leads")
+# lineage fields that must agree between an index and the feature set that `update` adds from
+UPDATE_MATCH_KEYS = ("checkpoint_sha256", "leads", "precision", "normalize", "store_uuid", "dim")
 META_FORMAT = "ecgplat-faiss-index/2"
 INDEX_SUFFIX = ".faiss"
 TRAILER_MAGIC = b"ECGPIDX2"  # last 8 bytes of an index file
@@ -195,6 +197,17 @@ class GalleryIndex:
         k = max(1, min(int(k), len(self)))
         scores, rows = self._searcher().search(q, k)
         return scores, rows.astype(np.int64)
+
+    def add(self, vectors: np.ndarray, ids: list[str], labels: list[str] | None = None) -> None:
+        """Append rows (normalised here) named `ids` to the index, without a rebuild."""
+        x = _unit_float32(vectors)
+        if x.shape[1] != self.dim or len(ids) != len(x):
+            raise ValueError(f"{len(x)} vectors of dim {x.shape[1]} and {len(ids)} ids to add")
+        self.index.add(x)
+        self.ids = list(self.ids) + list(ids)
+        if self.labels is not None:
+            self.labels = list(self.labels) + list(labels or [""] * len(ids))
+        self._gpu_index = None  # a GPU copy would miss the new rows
 
     def save(self, path: str | Path) -> Path:
         """Write the index and its description as one file, replaced atomically (a reader or
@@ -402,6 +415,27 @@ def build_index(
     )
 
 
+def _selection(store_path, features: str, split: str, level: str):
+    """(features, rows of them in `split`, ident split of each row, row ids, patient labels,
+    the store's forget generation as read before the rows) of a stored feature set."""
+    from ecgplat.store import open_store
+    from retrieval.embed import load_features
+
+    store = open_store(store_path)
+    feats = load_features(store_path, features, level)
+    frame = store.records
+    ident = frame["ident_split"].to_numpy()[feats.record_index]
+    take = np.ones(len(ident), bool) if split == "all" else ident == split
+    keys = frame["record_key"].to_numpy()[feats.record_index[take]]
+    ids = (
+        list(keys)
+        if level == "record"
+        else [f"{k}#{int(s)}" for k, s in zip(keys, feats.segment_number[take], strict=True)]
+    )
+    labels = list(frame["patient_key"].to_numpy()[feats.record_index[take]])
+    return feats, take, ident, ids, labels, store.forget_generation
+
+
 def index_from_features(
     store_path: str | os.PathLike,
     features: str,
@@ -416,26 +450,12 @@ def index_from_features(
     labelled by pseudonymised patient key. Approximate kinds measure recall@1 on the probe
     embeddings when the store has a probe split.
     """
-    from ecgplat.store import open_store
-    from retrieval.embed import load_features
-
-    store = open_store(store_path)
-    feats = load_features(store_path, features, level)
-    frame = store.records
-    ident = frame["ident_split"].to_numpy()[feats.record_index]
-    take = np.ones(len(ident), bool) if split == "all" else ident == split
+    feats, take, ident, ids, labels, generation = _selection(store_path, features, split, level)
     if not take.any():
         raise ValueError(
             f"{store_path}: no records in ident split {split!r} "
             "(run `ecgplat split --ident`, or use --split all)"
         )
-    keys = frame["record_key"].to_numpy()[feats.record_index[take]]
-    ids = (
-        list(keys)
-        if level == "record"
-        else [f"{k}#{int(s)}" for k, s in zip(keys, feats.segment_number[take], strict=True)]
-    )
-    labels = list(frame["patient_key"].to_numpy()[feats.record_index[take]])
     probes = feats.embeddings[ident == "probe"] if split != "probe" else None
     lineage = {k: v for k, v in feats.lineage.items() if k != "config"}
     lineage.update(
@@ -444,7 +464,7 @@ def index_from_features(
             "level": level,
             "split": split,
             "store": str(Path(store_path).resolve()),
-            "forget_generation": store.forget_generation,
+            "forget_generation": generation,
         }
     )
     return build_index(
@@ -456,3 +476,49 @@ def index_from_features(
         sample_queries=probes,
         params=params,
     )
+
+
+def update_from_features(index: GalleryIndex, store_path: str | os.PathLike, features: str) -> int:
+    """Add to `index` the rows of feature set `features` in the index's split selection that it
+    does not hold yet (records embedded since it was built), in feature order, without a
+    rebuild; returns how many. Ids, labels and lineage are kept (the lineage's counts follow the
+    feature set). StaleIndexError when the store has forgotten records since the index was built
+    or last passed to `ecgplat forget --index`; LineageError when the set's embeddings are of
+    another lineage; ValueError when rows of the index are no longer in the selection
+    (re-split records: rebuild).
+    An `ivf` index assigns the new rows to its existing lists (no retraining); `flat` ends up
+    equal to a build over the same rows.
+    """
+    lineage = index.lineage
+    level, split = lineage.get("level", "record"), lineage.get("split", "gallery")
+    feats, take, _, ids, labels, generation = _selection(store_path, features, split, level)
+    have_generation = int(lineage.get("forget_generation", 0))
+    if have_generation != generation:  # it may still hold rows of forgotten records
+        raise StaleIndexError(
+            f"{store_path}: the index was built before `ecgplat forget` withdrew records (forget "
+            f"generation {have_generation}, store at {generation}); rebuild it with `ecgplat "
+            "index build` or pass it to `ecgplat forget --index` first"
+        )
+    for key in UPDATE_MATCH_KEYS:
+        a, b = lineage.get(key), feats.lineage.get(key)
+        if key in lineage and a != b:
+            raise LineageError(
+                f"{store_path}: feature set {features!r} has {key}={_short(b)} but the index "
+                f"was built with {key}={_short(a)}; rebuild the index"
+            )
+    have = set(index.ids)
+    gone = len(have - set(ids))
+    if gone:
+        raise ValueError(
+            f"{store_path}: {gone} rows of the index are no longer in the {split!r} selection "
+            f"of feature set {features!r}; rebuild the index"
+        )
+    new = np.array([i for i, name in enumerate(ids) if name not in have], dtype=np.int64)
+    if len(new):
+        index.add(feats.embeddings[take][new], [ids[i] for i in new], [labels[i] for i in new])
+    counts = ("n_records", "n_segments", "n_record_rows", "features")
+    index.lineage = {**lineage, **{k: feats.lineage[k] for k in counts if k in feats.lineage}}
+    index.lineage["features"] = features
+    index.lineage["forget_generation"] = generation
+    index.info["updates"] = int(index.info.get("updates", 0)) + 1
+    return len(new)

@@ -240,6 +240,12 @@ CASES: list[tuple[str, list[str], int]] = [
     ("index build --store {store} --features emb --out {afile}/i",
      ["--out", "is a file, not a directory"], 2),
     ("index build --store {store} --features emb --out {empty}", ["--out", "is a directory"], 2),
+    # --- index update ----------------------------------------------------------------------
+    ("index update --index {tmp}/nope.faiss --store {store} --features emb", ["nope.faiss"], 2),
+    ("index update --index {afile} --store {store} --features emb", ["afile"], 2),
+    ("index update --index {idx}.faiss --store {tmp}/nostore --features emb", ["nostore"], 2),
+    ("index update --index {idx}.faiss --store {store} --features zzz", ["zzz"], 2),
+    ("index update --index {idx}.faiss --store {store}", ["Missing option", "--features"], 2),
     # --- query -----------------------------------------------------------------------------
     ("query --index {tmp}/nope.faiss --record x", ["nope.faiss"], 2),
     ("query --index {idx}.faiss", ["exactly one of --record", "--file"], 2),

@@ -294,15 +294,16 @@ def test_readers_never_fail_while_split_runs(synth_store, tmp_path):
 def test_embed_takes_the_store_lock(synth_store, tmp_path):
     from ecgplat.store import StoreBusyError
     from ingestion.writer import StoreWriter
-    from retrieval.embed import _publish
+    from retrieval.embed import embed_store
 
     store = tmp_path / "store"
     shutil.copytree(synth_store, store)
-    seg = {"embedding": np.zeros((1, 2), np.float32), "record_index": np.zeros(1, np.int64)}
+    ckpt = Path(__file__).parent / "fixtures" / "pretrained_tiny" / "w2v_cmsc_rlm_tiny_synth.pt"
     with StoreWriter(store, create=False), pytest.raises(StoreBusyError, match="another process"):
-        _publish(store, "f", {"complete": True}, seg, seg)
+        embed_store(store, ckpt, "f", device="cpu")
     assert not (store / "features" / "f").exists()
-    _publish(store, "f", {"complete": True}, seg, seg)
+    assert not list((store / "features").glob(".build-*"))  # refused before writing anything
+    embed_store(store, ckpt, "f", device="cpu")
     assert (store / "features" / "f" / "zarr.json").is_file()
 
 

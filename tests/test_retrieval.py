@@ -247,26 +247,26 @@ def test_embed_refuses_another_checkpoint_and_survives_interruptions(embedded, m
     with pytest.raises(FeatureError, match="use another --name or --overwrite"):
         embed_store(store, embedded["b"], "a")
 
-    real = embed_mod._write_group
+    real = embed_mod._commit
 
     def crash_after_writing(path, *args):
         real(path, *args)
         raise KeyboardInterrupt  # killed after writing, before the rename
 
     # an interrupted first embed leaves no feature set under its name
-    monkeypatch.setattr(embed_mod, "_write_group", crash_after_writing)
+    monkeypatch.setattr(embed_mod, "_commit", crash_after_writing)
     with pytest.raises(KeyboardInterrupt):
         embed_store(store, embedded["b"], "b")
     with pytest.raises(FeatureError, match="no feature set 'b'"):
         load_features(store, "b", "record")
-    monkeypatch.setattr(embed_mod, "_write_group", real)
+    monkeypatch.setattr(embed_mod, "_commit", real)
     assert embed_store(store, embedded["b"], "b")["status"] == "written"
     assert not list((store / "features").glob(".tmp-b-*"))  # the leftover was cleaned
     old = load_features(store, "b", "record")
     assert old.lineage["checkpoint_sha256"] == file_sha256(embedded["b"])
     assert not np.allclose(old.embeddings, load_features(store, "a", "record").embeddings)
     # an interrupted overwrite keeps the previous set intact
-    monkeypatch.setattr(embed_mod, "_write_group", crash_after_writing)
+    monkeypatch.setattr(embed_mod, "_commit", crash_after_writing)
     with pytest.raises(KeyboardInterrupt):
         embed_store(store, embedded["a"], "b", overwrite=True)
     kept = load_features(store, "b", "record")

@@ -1,7 +1,8 @@
 """CLI for patient identification and similar-ECG retrieval.
 
-`ecgplat embed` (embeddings into the feature store), `ecgplat index build` (FAISS gallery
-index), `ecgplat evaluate identify` (Rank-k / mAP on the gallery/probe split) and
+`ecgplat embed` (embeddings into the feature store; appends what a grown store lacks; splits the
+work across `torchrun` ranks), `ecgplat index build` / `index update` (FAISS gallery index; add
+newly embedded records), `ecgplat evaluate identify` (Rank-k / mAP on the gallery/probe split) and
 `ecgplat query` (nearest gallery ECGs of a stored record or of a new WFDB file).
 Patient keys are never printed.
 """
@@ -9,6 +10,7 @@ Patient keys are never printed.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -73,7 +75,8 @@ def embed(
     device: Annotated[Device, typer.Option(help="auto (GPU when present), cpu or cuda.")] = "auto",
     precision: Annotated[Precision, typer.Option(help=PRECISION_HELP)] = Precision.auto,
 ) -> None:
-    """Embed every stored ECG (per 5 s segment and per record) with a checkpoint."""
+    """Embed every stored ECG (per 5 s segment and per record) with a checkpoint; on a grown
+    store only the new records are embedded and appended; a killed run resumes."""
     from ecgplat.store import StoreBusyError
     from retrieval.embed import embed_store
     from training.models.checkpoint import CheckpointError
@@ -95,6 +98,8 @@ def embed(
         )
     except (CheckpointError, StoreBusyError, *_ERRORS) as e:
         fail(_message(e))
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun rank 0 reports
     verb = "already up to date" if result["status"] == "unchanged" else "written"
     typer.echo(
         f"features/{name}: {result['n_segments']} segments, {result['n_records']} records "
@@ -149,6 +154,24 @@ def index_build(
         info = index.info
         line += f", recall@1 vs exact {info['recall_at_1']:.4f} on {info['recall_n']} queries"
     typer.echo(line)
+
+
+@index_app.command("update")
+def index_update(
+    index: Annotated[Path, typer.Option(help="Index built by `ecgplat index build` (.faiss).")],
+    store: Annotated[Path, typer.Option(help="Feature store holding the embeddings.")],
+    features: Annotated[str, typer.Option(help="Feature set name (see `ecgplat embed`).")],
+) -> None:
+    """Add the records embedded since an index was built to it, without a rebuild."""
+    from retrieval.index import GalleryIndex, LineageError, update_from_features
+
+    try:
+        idx = GalleryIndex.load(index)
+        added = update_from_features(idx, store, features)
+        path = idx.save(index) if added else Path(index)
+    except (LineageError, *_ERRORS) as e:
+        fail(_message(e))
+    typer.echo(f"{path}: added {added} vectors, {len(idx)} in all ({idx.kind}, dim {idx.dim})")
 
 
 @evaluate_app.command("identify")
