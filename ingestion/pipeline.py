@@ -107,7 +107,7 @@ def process_batch(
     module = get_corpus(corpus)
     root = Path(src)
     good, rejects, nbytes = [], [], 0
-    if not root.is_dir():  # a worker without the driver's filesystem
+    if not root.exists():  # a worker without the driver's filesystem (SRC may be one file)
         rows = [reject_row(module, root, rel, SRC_NOT_VISIBLE, secret, opts) for rel in rels]
         return pack_batch(seq, [], rows, secret)
     for rel in rels:
