@@ -317,9 +317,9 @@ class EcgStore:
         """(start, stop) segment rows of record ``i``."""
         if not 0 <= int(i) < self.n_records:
             raise IndexError(f"{self.path}: record index {i} out of range 0..{self.n_records - 1}")
-        if "records" in self.__dict__:
-            row = self.records.iloc[int(i)]
-            start, count = int(row["seg_start"]), int(row["seg_count"])
+        if "records" in self.__dict__ or "seg_start" in self._columns:
+            i = int(i)
+            start, count = int(self.column("seg_start")[i]), int(self.column("seg_count")[i])
         else:  # two elements, not the whole record table
             start = int(self.root["records/seg_start"][int(i)])
             count = int(self.root["records/seg_count"][int(i)])
