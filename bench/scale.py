@@ -510,12 +510,16 @@ def run_million(root: Path, records: int, dim: int, log: Path) -> dict:
         "info_cli", [sys.executable, "-m", "ecgplat", "info", str(path), "--json"], [], log
     )
     res = out["interactive"].get("output", {})
-    out["targets"] = {
-        "open+info<=2s": res.get("open_info_s", 1e9) <= TARGETS["open_info_s"],
-        "select<=1s": res.get("select_cold_s", 1e9) <= TARGETS["select_s"],
-        "one_record<=20ms": res.get("one_record_cold_ms", 1e9) <= TARGETS["one_record_ms"],
-        "first_batch<=5s": res.get("first_store_batch_s", 1e9) <= TARGETS["first_batch_s"],
-    }
+    # wall and CPU verdicts: on a loaded shared machine wall time is mostly waiting for a core
+    for kind, suffix in (("wall", ""), ("cpu", "_cpu")):
+        out[f"targets_{kind}"] = {
+            "open+info<=2s": res.get(f"open_info_s{suffix}", 1e9) <= TARGETS["open_info_s"],
+            "select<=1s": res.get(f"select_cold_s{suffix}", 1e9) <= TARGETS["select_s"],
+            "one_record<=20ms": res.get(f"one_record_cold_ms{suffix}", 1e9)
+            <= TARGETS["one_record_ms"],
+            "first_batch<=5s": res.get(f"first_store_batch_s{suffix}", 1e9)
+            <= TARGETS["first_batch_s"],
+        }
     return out
 
 
