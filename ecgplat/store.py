@@ -257,6 +257,7 @@ class EcgStore:
         self.n_segments = int(self._commit["n_segments"])
         self.n_rejects = int(self._commit["n_rejects"])
         self._forgotten = read_forgotten(self.path)
+        self._columns: dict[str, np.ndarray] = {}
 
     def _has_file(self, name: str) -> bool:
         if isinstance(self.path, Path):
@@ -363,7 +364,7 @@ class EcgStore:
                 continue
             values = self._column(name)
             data[name] = as_str_array(values) if dtype == "str" else np.asarray(values)
-        data.update(self._split_columns())
+        data.update(self._splits)
         gone = self.forgotten
         for name in ("record_key", "record_id", "path", "patient_key", "raw_codes", "sex"):
             data[name][gone] = ""  # masked here; the files lose them once the forget is scrubbed
@@ -392,7 +393,6 @@ class EcgStore:
     def select(self, split=None, source=None, patient_key=None, ident_split=None) -> np.ndarray:
         """Record indices (sorted int64) matching every given filter; each filter is a value or a
         list of values. Forgotten records are never selected."""
-        frame = self.records
         keep = self.live.copy()
         for column, wanted in (
             ("split", split),
@@ -403,8 +403,30 @@ class EcgStore:
             if wanted is None:
                 continue
             values = [wanted] if isinstance(wanted, str) else list(wanted)
-            keep &= frame[column].isin(values).to_numpy()
+            keep &= pd.Series(self.column(column)).isin(values).to_numpy()
         return np.flatnonzero(keep).astype(np.int64)
+
+    @cached_property
+    def _splits(self) -> dict[str, np.ndarray]:
+        return self._split_columns()
+
+    def column(self, name: str) -> np.ndarray:
+        """One scalar record column (or ``split`` / ``ident_split``) as a numpy array, str
+        columns as object arrays. Reads only that column unless ``records`` is already loaded:
+        at a million records the whole table takes seconds, one column a fraction of that."""
+        if "records" in self.__dict__:
+            return self.records[name].to_numpy()
+        if name in SPLIT_COLUMNS:
+            return self._splits[name]
+        kinds = {n: dtype for n, dtype, shape in RECORD_COLUMNS if not shape}
+        if name not in kinds:
+            raise KeyError(f"{self.path}: no record column {name!r}")
+        if name not in self._columns:
+            values = self._column(name)
+            self._columns[name] = (
+                as_str_array(values) if kinds[name] == "str" else np.asarray(values)
+            )
+        return self._columns[name]
 
     # ---- segments -----------------------------------------------------------------------
     @cached_property
@@ -428,9 +450,14 @@ class EcgStore:
             raise IndexError(f"{self.path}: record index {i} out of range 0..{self.n_records - 1}")
         if not self.live[int(i)]:
             raise ForgottenRecordError(f"{self.path}: record index {i} was forgotten")
-        row = self.records.iloc[int(i)]
-        start = int(row["seg_start"])
-        return start, start + int(row["seg_count"])
+        if "records" in self.__dict__ or "seg_start" in self._columns:
+            i = int(i)
+            start, count = int(self.column("seg_start")[i]), int(self.column("seg_count")[i])
+        else:  # two elements, not the whole record table
+            i = int(i)
+            start = int(np.asarray(zarr_array(self.root, "records/seg_start")[i : i + 1])[0])
+            count = int(np.asarray(zarr_array(self.root, "records/seg_count")[i : i + 1])[0])
+        return start, start + count
 
     def record_segments_raw(self, i: int) -> np.ndarray:
         """int16 (S, 12, 2500) microvolts of record ``i``, as stored."""
@@ -473,7 +500,8 @@ class EcgStore:
     def summary(self) -> dict:
         """Counts for `ecgplat info`: records, segments, patients, per source/split/ident_split,
         rejects by reason, forgotten records. Forgotten records count only as ``forgotten``."""
-        frame = self.records[self.live]
+        columns = ("patient_key", "source", "split", "ident_split", "seg_count")
+        frame = pd.DataFrame({c: self.column(c) for c in columns})[self.live]
 
         def counts(series) -> dict:
             return {str(k): int(v) for k, v in series.value_counts().sort_index().items()}

@@ -243,13 +243,23 @@ def _checksum(v: np.ndarray) -> np.ndarray:
 
 
 def write_record(
-    base: Path, val: np.ndarray, fs: int, age, sex: str, codes, patient: str | None
+    base: Path,
+    val: np.ndarray,
+    fs: int,
+    age,
+    sex: str,
+    codes,
+    patient: str | None,
+    leads: tuple[str, ...] = LEADS,
 ) -> None:
-    """Write ``base.hea`` + ``base.mat`` (MATLAB v4, key ``val``, int16), challenge dialect."""
+    """Write ``base.hea`` + ``base.mat`` (MATLAB v4, key ``val``, int16), challenge dialect;
+    row ``k`` of ``val`` is lead ``leads[k]`` (fewer than 12 for a reduced-lead record)."""
+    if len(leads) != val.shape[0]:
+        raise ValueError(f"{base.name}: {val.shape[0]} signal rows but {len(leads)} lead names")
     name = base.name
     scipy.io.savemat(base.with_suffix(".mat"), {"val": val}, format="4")
     lines = [f"{name} {val.shape[0]} {fs} {val.shape[1]}"]
-    for lead, first, chk in zip(LEADS, val[:, 0], _checksum(val), strict=True):
+    for lead, first, chk in zip(leads, val[:, 0], _checksum(val), strict=True):
         lines.append(f"{name}.mat 16+24 {GAIN}/mV 16 0 {int(first)} {int(chk)} 0 {lead}")
     lines += [
         f"#Age: {age}",

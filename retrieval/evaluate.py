@@ -22,7 +22,7 @@ import numpy as np
 from retrieval.embed import FeatureError, embed_store, file_sha256, lead_names, load_features
 from retrieval.figures import pyplot, save_figure
 from retrieval.index import build_index
-from training.ident_metrics import average_precision, cmc_curve, ranks_from_cmc
+from training.ident_metrics import average_precision, chance_rank1, cmc_curve, ranks_from_cmc
 
 FULL_RANKING_MAX = 200_000  # larger galleries rank their first 1000 items (mAP a lower bound)
 PROBE_CHUNK = 1024
@@ -81,7 +81,7 @@ def evaluate_level(store, features, ks=(1, 5, 10)) -> tuple[dict, np.ndarray]:
             "mAP": float(np.nanmean(ap)) if np.isfinite(ap).any() else float("nan"),
             "n_gallery": int(g.sum()),
             "n_probe": int(p.sum()),
-            "chance_rank1": float(np.mean([np.mean(g_labels == x) for x in p_labels])),
+            "chance_rank1": chance_rank1(g_labels, p_labels),
         }
     )
     if depth < len(index):

@@ -13,7 +13,13 @@ import torch
 from sklearn.metrics import average_precision_score
 
 from retrieval.index import _TRAILER, GalleryIndex, LineageError, build_index, index_file
-from training.ident_metrics import cmc_curve, mean_average_precision, nearest, rank_k
+from training.ident_metrics import (
+    chance_rank1,
+    cmc_curve,
+    mean_average_precision,
+    nearest,
+    rank_k,
+)
 
 torch.set_num_threads(1)
 
@@ -424,3 +430,15 @@ def test_cli_query_by_file_finds_the_stored_record(embedded, synth_cohort, tmp_p
         app, ["query", "--index", str(tmp_path / "g.faiss"), "--file", str(bad)]
     )
     assert err.exit_code != 0 and str(bad) in err.output and "Traceback" not in err.output
+
+
+def test_chance_rank1_by_hand_and_against_the_pairwise_definition():
+    gallery = np.array(["a", "a", "b", "c"], dtype=object)
+    probes = np.array(["a", "b", "d"], dtype=object)
+    assert chance_rank1(gallery, probes) == (2 / 4 + 1 / 4 + 0) / 3
+    rng = np.random.default_rng(3)
+    g = np.array([f"p-{k}" for k in rng.integers(0, 40, 300)], dtype=object)
+    q = np.array([f"p-{k}" for k in rng.integers(0, 50, 200)], dtype=object)
+    pairwise = np.mean([np.mean(g == x) for x in q])  # one comparison per (probe, gallery) pair
+    assert chance_rank1(g, q) == pytest.approx(pairwise, rel=1e-12)
+    assert np.isnan(chance_rank1(g, q[:0]))

@@ -65,6 +65,37 @@ def test_select_filters(synth_store):
     )
 
 
+def test_interactive_reads_leave_the_record_table_unloaded(synth_store):
+    """select, record_segments and summary on a fresh view read only the columns they need
+    (a million-record table takes seconds to load) and agree with the full table."""
+    frame = open_store(synth_store).records
+    store = open_store(synth_store)
+    for split in ("train", "valid", "test"):
+        expected = np.flatnonzero(frame["split"].to_numpy() == split)
+        assert store.select(split=split).tolist() == expected.tolist()
+    gallery_valid = store.select(split="valid", ident_split="gallery")
+    assert (
+        gallery_valid.tolist()
+        == np.flatnonzero(
+            (frame["split"] == "valid") & (frame["ident_split"] == "gallery")
+        ).tolist()
+    )
+    for i in (0, 37, len(frame) - 1):
+        start, count = int(frame["seg_start"][i]), int(frame["seg_count"][i])
+        assert store.record_segment_range(i) == (start, start + count)
+        assert store.record_segments(i).shape == (count, 12, 2500)
+    summary = store.summary()
+    assert "records" not in store.__dict__  # the table was never built
+    assert summary["patients"] == len(set(frame["patient_key"]))
+    splits, n = np.unique(frame["split"].to_numpy().astype(str), return_counts=True)
+    assert summary["per_split"] == dict(zip(splits.tolist(), n.tolist(), strict=True))
+    assert sum(summary["per_ident_split"].values()) == len(frame)
+    assert summary == open_store(synth_store).summary()
+    with pytest.raises(KeyError):
+        store.column("labels")  # not a scalar column
+    assert store.records["split"].tolist() == frame["split"].tolist()  # still loads on demand
+
+
 def test_open_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path)):
         open_store(tmp_path)

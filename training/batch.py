@@ -69,9 +69,9 @@ def store_batches(
     Each batch is one bulk read of the store (a slice when its segments are contiguous);
     `on_record()` is called once per record whose last segment has been yielded."""
     records = np.asarray(list(records), dtype=np.int64)
-    frame = store.records
-    starts = frame["seg_start"].to_numpy(dtype=np.int64)[records]
-    counts = frame["seg_count"].to_numpy(dtype=np.int64)[records]
+    # two columns, not the whole record table (seconds at a million records)
+    starts = np.asarray(store.column("seg_start"), dtype=np.int64)[records]
+    counts = np.asarray(store.column("seg_count"), dtype=np.int64)[records]
     seg_record = np.repeat(records, counts)
     seg_number = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
     seg_rows = np.repeat(starts, counts) + seg_number

@@ -95,6 +95,17 @@ def average_precision(
         return np.where(n_relevant > 0, precision_at_hits / n_relevant, np.nan)
 
 
+def chance_rank1(gallery_labels: np.ndarray, probe_labels: np.ndarray) -> float:
+    """Rank-1 accuracy of a random ranking: the mean over probes of the fraction of the gallery
+    that shares the probe's label. Linear in the sizes (one count per gallery label), not one
+    comparison per (probe, gallery) pair."""
+    if len(probe_labels) == 0 or len(gallery_labels) == 0:
+        return float("nan")
+    uniq, counts = np.unique(np.asarray(gallery_labels).astype(str), return_counts=True)
+    share = dict(zip(uniq.tolist(), (counts / len(gallery_labels)).tolist(), strict=True))
+    return float(np.mean([share.get(str(x), 0.0) for x in np.asarray(probe_labels).tolist()]))
+
+
 def mean_average_precision(
     neighbors: np.ndarray, gallery_labels: np.ndarray, probe_labels: np.ndarray
 ) -> float:
