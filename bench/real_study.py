@@ -413,9 +413,10 @@ def table(res: dict) -> str:
     ]
     for label, key, level in rows:
         rnd = mean_sd([r[level][key] for r in ident["random"]])
-        chance = ident["pretrained"][level]["chance_rank1"] if key == "rank1" else math.nan
+        chance = ident["pretrained"][level]["chance_rank1"] if key == "rank1" else None
+        chance = "–" if chance is None else f"{chance:.3f}"
         lines.append(
-            f"| {label} | {ident['pretrained'][level][key]:.3f} | {cell(rnd)} | {chance:.3f} |"
+            f"| {label} | {ident['pretrained'][level][key]:.3f} | {cell(rnd)} | {chance} |"
         )
     lines.append(
         f"| diagnosis fine-tune macro AUROC | {cell(dx['finetune']['pretrained'])} | "
@@ -542,7 +543,7 @@ def main(argv=None) -> None:
     ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     ap.add_argument("--dx-test", type=float, default=0.35, help="diagnosis test fraction")
     ap.add_argument("--seeds", type=int, default=3, help="fine-tune and random-init seeds")
-    ap.add_argument("--ft-updates", type=int, default=200)
+    ap.add_argument("--ft-updates", type=int, default=100)
     ap.add_argument("--ft-lr", type=float, default=1e-3)
     args = ap.parse_args(argv)
     if not args.data.is_dir():
