@@ -251,7 +251,7 @@ def random_checkpoint(path: Path, preset: str, seed: int, precision: str) -> Pat
     return path
 
 
-def plot_loss(run: Path, path: Path, chance_bits: float) -> None:
+def plot_loss(run: Path, path: Path, chance_bits: float, cmsc_chance_bits: float) -> None:
     from ecgplat.tracking import read_metrics
     from retrieval.figures import pyplot, save_figure
 
@@ -263,6 +263,9 @@ def plot_loss(run: Path, path: Path, chance_bits: float) -> None:
     for key, ax in (("w2v_loss", axes[1]), ("cmsc_loss", axes[1])):
         ax.plot(u, [r.get(key, math.nan) for r in logs], label=key)
     axes[1].axhline(chance_bits, color="grey", ls="--", label=f"InfoNCE chance {chance_bits:.2f}")
+    axes[1].axhline(
+        cmsc_chance_bits, color="grey", ls=":", label=f"CMSC chance {cmsc_chance_bits:.2f}"
+    )
     axes[1].set_title("objectives (bits)")
     for ax in axes:
         ax.set_xlabel("update")
@@ -469,7 +472,8 @@ def pretrain(args, out: Path, data: dict) -> tuple[Path, dict]:
     info = run_pretraining(shards, run, preset, args.precision, args)
     ckpt, record = export_pretrained(run, out, {"data": data, "step_seconds": timings, **info})
     chance = math.log2(record["config"]["criterion"]["num_negatives"] + 1)
-    plot_loss(run, out / "pretrain_loss.png", chance)
+    cmsc_chance = math.log2(record["config"]["data"]["batch_size"])  # P x P logits
+    plot_loss(run, out / "pretrain_loss.png", chance, cmsc_chance)
     summary = {
         "preset": preset,
         "precision": precision,
@@ -481,7 +485,7 @@ def pretrain(args, out: Path, data: dict) -> tuple[Path, dict]:
         "first_log": record["first_log"],
         "last_log": record["last_log"],
         "infonce_chance_bits": chance,
-        "cmsc_chance_bits": math.log2(record["config"]["data"]["batch_size"]),  # P x P logits
+        "cmsc_chance_bits": cmsc_chance,
     }
     return ckpt, summary
 
