@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-kernels test-all-kernels lint venv clean bench
+.PHONY: demo test test-kernels test-all-kernels lint venv clean bench study
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -49,5 +49,17 @@ bench: $(STAMP)
 	$(BIN)/python bench/pretrain.py
 	$(BIN)/python bench/retrieval.py
 
+# The real-data pretraining study (bench/real_study.py; README "Pretraining on real ECGs"):
+#   make study DATA=/path/to/corpora [OUT=study_out] [MINUTES=30] [THREADS=1]
+# One thread: the `tiny` model's matrices are too small to gain from intra-op threads, and on
+# shared cores 2 threads ran 10x slower (1.1 vs 11.3 segments/s, README).
+OUT ?= study_out
+MINUTES ?= 30
+THREADS ?= 1
+study: $(STAMP)
+	@test -n "$(DATA)" || { echo "usage: make study DATA=DIR [OUT=study_out] [MINUTES=30]" >&2; exit 2; }
+	OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m bench.real_study --data "$(DATA)" --out "$(OUT)" \
+		--minutes $(MINUTES)
+
 clean:
-	rm -rf $(VENV) demo_out .pytest_cache
+	rm -rf $(VENV) demo_out study_out .pytest_cache
