@@ -28,20 +28,11 @@ from ingestion.record import (
     parse_sex,
     unit_scale_to_mv,
 )
+from ingestion.wfdb_dir import list_records as list_records  # the corpus interface
 from ingestion.wfdb_header import read_header
 
 SOURCE = "cinc2021"
 _SUBSET_SKIP = re.compile(r"^g\d+$")
-
-
-def list_records(src: Path) -> list[str]:
-    """Relative record paths (no extension) of every ``.hea`` under ``src``, sorted."""
-    src = Path(src)
-    return sorted(
-        p.relative_to(src).with_suffix("").as_posix()
-        for p in src.rglob("*.hea")
-        if not p.name.startswith(".")
-    )
 
 
 # MATLAB v4 precision digit P of the type code MOPT -> numpy dtype (without byte order)

@@ -55,3 +55,19 @@ def prepare_synthetic(
     for split in shard_splits:
         write_shards(paths["store"], split, paths["shards"], max_count=max_count)
     return {**paths, "counts": counts}
+
+
+def tiny_checkpoint(path: Path, seed: int = 0) -> Path:
+    """A random-init `tiny` encoder saved as a pretraining checkpoint (seeded)."""
+    import torch
+
+    from training.models import build_encoder, save_checkpoint
+
+    torch.manual_seed(seed)
+    enc = build_encoder("tiny")
+    return save_checkpoint(
+        path,
+        kind="pretrain",
+        encoder_config=enc.cfg,
+        model={f"encoder.{k}": v for k, v in enc.state_dict().items()},
+    )

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import tiny_checkpoint
 from typer.testing import CliRunner
 
 from ecgplat.cli import app
@@ -25,21 +26,6 @@ runner = CliRunner()
 RAW_ID = "SYN0"
 
 
-def _tiny_checkpoint(path: Path) -> Path:
-    import torch
-
-    from training.models import build_encoder, save_checkpoint
-
-    torch.manual_seed(0)
-    enc = build_encoder("tiny")
-    return save_checkpoint(
-        path,
-        kind="pretrain",
-        encoder_config=enc.cfg,
-        model={f"encoder.{k}": v for k, v in enc.state_dict().items()},
-    )
-
-
 @pytest.fixture(scope="module")
 def base(synth_store, tmp_path_factory) -> Path:
     """A copy of the synthetic store (72 records, 2 segments each) with feature set "emb"."""
@@ -48,7 +34,7 @@ def base(synth_store, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("forget")
     store = root / "store"
     shutil.copytree(synth_store, store)
-    embed_store(store, _tiny_checkpoint(root / "pt.pt"), "emb", batch_size=48)
+    embed_store(store, tiny_checkpoint(root / "pt.pt"), "emb", batch_size=48)
     return store
 
 

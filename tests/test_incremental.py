@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_checkpoint
 from typer.testing import CliRunner
 
 from ecgplat.store import open_store
@@ -22,19 +23,6 @@ torch.set_num_threads(1)
 ROOT = Path(__file__).parents[1]
 BATCH, EVERY = 16, 16  # small batches and commits: several of each on the 144-segment store
 N_A = 36  # records (12 whole patients) in the first ingest
-
-
-def _tiny_checkpoint(path, seed):
-    from training.models import build_encoder, save_checkpoint
-
-    torch.manual_seed(seed)
-    enc = build_encoder("tiny")
-    return save_checkpoint(
-        path,
-        kind="pretrain",
-        encoder_config=enc.cfg,
-        model={f"encoder.{k}": v for k, v in enc.state_dict().items()},
-    )
 
 
 def _split(store):
@@ -56,7 +44,7 @@ def grown(synth_cohort, tmp_path_factory):
     store_a = root / "a"
     ingest("cinc2021", part, store_a, workers=0, progress=False)
     _split(store_a)
-    ckpt = _tiny_checkpoint(root / "a.pt", 0)
+    ckpt = tiny_checkpoint(root / "a.pt", 0)
     first = embed_store(
         store_a, ckpt, "f", batch_size=BATCH, commit_segments=EVERY, precision="fp32"
     )
@@ -189,7 +177,7 @@ def test_index_update_equals_a_rebuild_and_refuses_another_lineage(grown, tmp_pa
     assert updated.lineage["n_segments"] == rebuilt.lineage["n_segments"]
     # nothing new: nothing added; another checkpoint's vectors: refused, index untouched
     assert update_from_features(GalleryIndex.load(path), store, "f") == 0
-    other = _tiny_checkpoint(tmp_path / "b.pt", 1)
+    other = tiny_checkpoint(tmp_path / "b.pt", 1)
     embed_store(store, other, "g", precision="fp32")
     with pytest.raises(LineageError, match="checkpoint_sha256"):
         update_from_features(GalleryIndex.load(path), store, "g")

@@ -10,6 +10,7 @@ import faiss
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_checkpoint
 from sklearn.metrics import average_precision_score
 
 from retrieval.index import _TRAILER, GalleryIndex, LineageError, build_index, index_file
@@ -188,19 +189,6 @@ def test_lineage_mismatch_is_refused_with_a_clear_error():
 # ------------------------------------------------------------------ store-backed (real store)
 
 
-def _tiny_checkpoint(path, seed):
-    from training.models import build_encoder, save_checkpoint
-
-    torch.manual_seed(seed)
-    enc = build_encoder("tiny")
-    return save_checkpoint(
-        path,
-        kind="pretrain",
-        encoder_config=enc.cfg,
-        model={f"encoder.{k}": v for k, v in enc.state_dict().items()},
-    )
-
-
 @pytest.fixture(scope="module")
 def embedded(synth_store, tmp_path_factory):
     """A private copy of the synthetic store with feature set "a" of a random tiny encoder."""
@@ -209,8 +197,8 @@ def embedded(synth_store, tmp_path_factory):
     root = tmp_path_factory.mktemp("retrieval")
     store = root / "store"
     shutil.copytree(synth_store, store)
-    ckpt_a = _tiny_checkpoint(root / "a.pt", 0)
-    ckpt_b = _tiny_checkpoint(root / "b.pt", 1)
+    ckpt_a = tiny_checkpoint(root / "a.pt", 0)
+    ckpt_b = tiny_checkpoint(root / "b.pt", 1)
     first = embed_store(store, ckpt_a, "a", batch_size=48)
     return {"store": store, "a": ckpt_a, "b": ckpt_b, "first": first}
 

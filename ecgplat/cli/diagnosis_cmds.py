@@ -24,17 +24,6 @@ from ecgplat.cli.apps import (
     fail,
 )
 
-_OVERALL = (
-    "challenge_score",
-    "auroc_macro",
-    "auroc_micro",
-    "auprc_macro",
-    "auprc_micro",
-    "f1_macro",
-    "f1_micro",
-    "accuracy",
-)
-
 
 def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.4f}"
@@ -45,12 +34,14 @@ def _print_report(title: str, reports: dict[str, dict], per_class_from: str | No
     from rich.console import Console
     from rich.table import Table
 
+    from training.metrics import REPORT_KEYS
+
     console = Console()
     table = Table(title=title)
     table.add_column("metric")
     for name in reports:
         table.add_column(name, justify="right")
-    for key in _OVERALL:
+    for key in (k for k in REPORT_KEYS if k != "per_class"):  # the one-number metrics
         table.add_row(key, *(_fmt(r[key]) for r in reports.values()))
     console.print(table)
     if per_class_from is None:
