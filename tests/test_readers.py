@@ -273,13 +273,10 @@ def test_wfdb_faults(samples_dir, tmp_path):
     assert "unparsable header" in _error(wfdb_dir, tmp_path, "100")
 
 
-def test_cpsc_bad_name_and_nan(samples_dir, tmp_path):
-    assert "data_<patient>_<record>" in _error(cpsc2021, tmp_path, "record_35")
-    # a WFDB record whose samples are the format's invalid value reads back as NaN
-    sig = np.zeros((1200, 2))
-    sig[100, 0] = np.nan
+def _write_cpsc_pair(folder, name: str, sig: np.ndarray) -> None:
+    """A 2-lead (I, II) 200 Hz WFDB record in format 16, the way CPSC 2021 files are laid out."""
     wfdb.wrsamp(
-        "data_7_1",
+        name,
         fs=200,
         units=["mV", "mV"],
         sig_name=["I", "II"],
@@ -287,25 +284,23 @@ def test_cpsc_bad_name_and_nan(samples_dir, tmp_path):
         fmt=["16", "16"],
         adc_gain=[1000.0, 1000.0],
         baseline=[0, 0],
-        write_dir=str(tmp_path),
+        write_dir=str(folder),
     )
+
+
+def test_cpsc_bad_name_and_nan(samples_dir, tmp_path):
+    assert "data_<patient>_<record>" in _error(cpsc2021, tmp_path, "record_35")
+    # a WFDB record whose samples are the format's invalid value reads back as NaN
+    sig = np.zeros((1200, 2))
+    sig[100, 0] = np.nan
+    _write_cpsc_pair(tmp_path, "data_7_1", sig)
     rec = cpsc2021.read_record(tmp_path, "data_7_1")
     assert rec.patient_id == "7" and np.isnan(rec.signal[0, 100])
     with pytest.raises(RecordError, match="NaN"):
         condition(rec)
     # too short: 6 s record cut to 4 s in the header and the data
     sig = np.random.default_rng(0).normal(size=(800, 2))
-    wfdb.wrsamp(
-        "data_7_2",
-        fs=200,
-        units=["mV", "mV"],
-        sig_name=["I", "II"],
-        p_signal=sig,
-        fmt=["16", "16"],
-        adc_gain=[1000.0, 1000.0],
-        baseline=[0, 0],
-        write_dir=str(tmp_path),
-    )
+    _write_cpsc_pair(tmp_path, "data_7_2", sig)
     with pytest.raises(RecordError, match="too short: 4.00 s"):
         condition(cpsc2021.read_record(tmp_path, "data_7_2"))
 
