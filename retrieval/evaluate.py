@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retrieval.embed import FeatureError, embed_store, file_sha256, lead_names, load_features
+from retrieval.embed import FeatureError, LoadedModel, embed_store, lead_names, load_features
 from retrieval.figures import pyplot, save_figure
 from retrieval.index import build_index
 from training.ident_metrics import average_precision, chance_rank1, cmc_curve, ranks_from_cmc
@@ -44,14 +44,23 @@ def subset_features(
             f"{lineage['leads']}; its checkpoint {checkpoint} is needed to embed "
             f"with {wanted} and is missing"
         )
-    if file_sha256(checkpoint) != lineage["checkpoint_sha256"]:
+    model = LoadedModel.load(checkpoint)  # one read: hashed here, then embedded with
+    if model.sha256 != lineage["checkpoint_sha256"]:
         raise FeatureError(
             f"{checkpoint}: changed since feature set {name!r} was embedded "
             f"(SHA-256 differs); re-embed explicitly with `ecgplat embed`"
         )
     sub = f"{name}@{wanted.replace(',', '-')}"
     precision = precision or lineage.get("precision", "fp32")
-    embed_store(store_path, checkpoint, sub, leads=wanted, progress=progress, precision=precision)
+    embed_store(
+        store_path,
+        checkpoint,
+        sub,
+        leads=wanted,
+        progress=progress,
+        precision=precision,
+        model=model,
+    )
     return sub
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retrieval.embed import FeatureError, file_sha256, load_features
+from retrieval.embed import FeatureError, LoadedModel, load_features
 from retrieval.figures import pyplot, save_figure
 from retrieval.index import GalleryIndex, LineageError
 
@@ -85,7 +85,7 @@ def query_record(index: GalleryIndex, record_key: str, k: int = 5) -> list[dict]
 
 
 def embed_signal(
-    checkpoint: str | os.PathLike,
+    checkpoint: str | os.PathLike | LoadedModel,
     segments_mv: np.ndarray,
     lead_mask: np.ndarray,
     leads: str,
@@ -93,22 +93,22 @@ def embed_signal(
     precision: str = "auto",
 ) -> np.ndarray:
     """Record embedding (D,) of conditioned segments with the checkpoint's encoder and `leads`,
-    in `precision` (auto | fp32 | bf16)."""
+    in `precision` (auto | fp32 | bf16); `checkpoint` may be an already loaded model."""
     from ecgplat.leads import parse_leads
     from training.batch import make_batch
     from training.distributed import pick_device
-    from training.models.checkpoint import load_checkpoint, load_encoder
     from training.models.identifier import embed_batches, record_means
-    from training.normalize import mode_of, normalize_record
+    from training.normalize import normalize_record
 
     if np.ndim(segments_mv) != 3 or len(segments_mv) == 0:
         raise ValueError(
             f"expected conditioned segments (S, 12, T) in mV, got shape {np.shape(segments_mv)}"
         )
-    x = normalize_record(segments_mv, mode_of(load_checkpoint(checkpoint)))  # as trained
+    model = checkpoint if isinstance(checkpoint, LoadedModel) else LoadedModel.load(checkpoint)
+    x = normalize_record(segments_mv, model.normalize)  # as trained
     batch = make_batch(x, lead_mask, 0, parse_leads(leads))
     dev = pick_device(device)
-    emb, rec, _ = embed_batches(load_encoder(checkpoint).to(dev), [batch], dev, precision)
+    emb, rec, _ = embed_batches(model.encoder.to(dev), [batch], dev, precision)
     return record_means(emb, rec)[1][0]
 
 
@@ -128,12 +128,14 @@ def query_signal(
             f"the index's checkpoint {checkpoint} is missing: cannot embed a "
             "new ECG the way the gallery was embedded"
         )
-    sha = file_sha256(checkpoint)
+    model = LoadedModel.load(checkpoint)  # one read: hashed and loaded
     precision = precision or lineage.get("precision", "fp32")
     emb = embed_signal(
-        checkpoint, segments_mv, lead_mask, lineage.get("leads", "12"), precision=precision
+        model, segments_mv, lead_mask, lineage.get("leads", "12"), precision=precision
     )
-    return _matches(index, emb, k, {"checkpoint_sha256": sha, "leads": lineage.get("leads")})
+    return _matches(
+        index, emb, k, {"checkpoint_sha256": model.sha256, "leads": lineage.get("leads")}
+    )
 
 
 def record_trace(store, record_key: str) -> np.ndarray | None:
