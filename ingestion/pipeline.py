@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ecgplat import faults
 from ecgplat.progress import ProgressBar
 from ecgplat.store import reason_kind
 from ingestion.limits import ReadOptions, check_reader_options
@@ -55,22 +56,8 @@ def _file_bytes(src: Path, rel: str) -> int:
     return total
 
 
-CRASH_HOOK_ENV = "ECGPLAT_TEST_CRASH_ON"  # tests: a Dask worker process exits on this record
 WORKER_DIED = "worker died"
 SRC_NOT_VISIBLE = "source folder not visible on this worker (share it, or ingest with --send-bytes)"
-
-
-def _crash_hook(rel: str) -> None:
-    """Fault injection for tests: exit the worker process (never the driver) on a named record."""
-    if os.environ.get(CRASH_HOOK_ENV) != rel:
-        return
-    try:
-        from distributed import get_worker
-
-        get_worker()
-    except (ImportError, ValueError):
-        return
-    os._exit(70)
 
 
 def reject_row(module, root: Path, rel: str, reason: str, secret: bytes, opts=None) -> tuple:
@@ -111,7 +98,7 @@ def process_batch(
         rows = [reject_row(module, root, rel, SRC_NOT_VISIBLE, secret, opts) for rel in rels]
         return pack_batch(seq, [], rows, secret)
     for rel in rels:
-        _crash_hook(rel)
+        faults.worker_crash_point(rel)
         try:
             good.append(condition(module.read_record(root, rel, opts), opts))
         except RecordError as e:
