@@ -129,3 +129,13 @@ def test_rank1_band_is_the_95_percent_binomial_half_width():
     assert rank1_band(0.3, 50, 200) == pytest.approx(1.96 * np.sqrt(0.21 / 50 * 150 / 199))
     assert rank1_band(0.4, 80, 80) == 0.0  # every probe evaluated: no sampling error
     assert np.isnan(rank1_band(0.4, 0, 80))
+
+
+def test_cli_default_budget_is_the_library_default():
+    import inspect
+
+    from ecgplat.cli.retrieval_cmds import evaluate_identify
+    from retrieval.evaluate import MAX_PROBES
+
+    params = inspect.signature(evaluate_identify).parameters
+    assert params["max_probes"].default == MAX_PROBES and params["seed"].default == 0
