@@ -3,6 +3,7 @@ the store (idempotent, atomic), identification evaluation, queries and the CLI."
 
 import itertools
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -426,6 +427,15 @@ def test_cli_embed_index_evaluate_query(embedded, tmp_path):
         2,
         2,
     ]
+    table = run(
+        app,
+        ["evaluate", "identify", "--store", store, "--features", "a"]
+        + ["--seed", "1"]
+        + ["--max-probes", "2"],
+    )
+    assert table.exit_code == 0 and "rank1_se" in table.output, table.output
+    row = next(line for line in table.output.splitlines() if "n_probe_evaluated" in line)
+    assert re.findall(r"\b\d+\b", row) == ["2", "2"], row
     missing = run(app, ["evaluate", "identify", "--store", store, "--features", "zzz"])
     assert missing.exit_code != 0 and "no feature set 'zzz'" in missing.output
     q = run(app, ["query", "--index", str(tmp_path / "g.faiss"), "--record", "cinc2021/NOPE"])
