@@ -202,6 +202,8 @@ CASES: list[tuple[str, list[str], int]] = [
     ("evaluate identify --store {store} --features emb --plot {empty}",
      ["--plot", "is a directory"], 2),
     ("evaluate identify --store {store} --features emb --leads XX", ["XX"], 2),
+    ("evaluate identify --store {store} --features emb --max-probes -1",
+     ["--max-probes must be >= 0", "-1"], 2),
     # --- forget ----------------------------------------------------------------------------
     ("forget {tmp}/nostore --record x", ["nostore", "no ecgplat store"], 2),
     ("forget {store}", ["--record", "--patient", "no forget is pending"], 2),

@@ -3,6 +3,7 @@ the store (idempotent, atomic), identification evaluation, queries and the CLI."
 
 import itertools
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -304,6 +305,39 @@ def test_evaluate_identification_matches_brute_force(embedded, tmp_path, monkeyp
     assert result["record"]["n_gallery"] == len(store.select(ident_split="gallery"))
 
 
+def test_evaluate_probe_budget_samples_the_probes_deterministically(embedded):
+    from ecgplat.store import open_store
+    from retrieval.embed import load_features
+    from retrieval.evaluate import evaluate_identification, probe_sample
+    from training.ident_metrics import rank1_band, rank_statistics
+
+    store = embedded["store"]
+    full = evaluate_identification(store, "a", max_probes=0)
+    n_seg = full["segment"]["n_probe"]
+    assert n_seg > full["record"]["n_probe"] > 6
+    assert evaluate_identification(store, "a", max_probes=n_seg) == full  # budget >= n_probe
+    for level in ("record", "segment"):
+        r = full[level]
+        assert r["n_probe_evaluated"] == r["n_probe"] and r["rank1_se"] == 0.0
+    sample = evaluate_identification(store, "a", max_probes=6, seed=3)
+    assert evaluate_identification(store, "a", max_probes=6, seed=3) == sample
+    frame = open_store(store).records
+    for level in ("record", "segment"):
+        r = sample[level]
+        assert (r["n_probe"], r["n_probe_evaluated"]) == (full[level]["n_probe"], 6)
+        assert r["rank1_se"] == pytest.approx(rank1_band(r["rank1"], 6, r["n_probe"]))
+        # the sample's metrics are the full evaluation's per-probe results at the seeded draw
+        f = load_features(store, "a", level)
+        ident = frame["ident_split"].to_numpy()[f.record_index]
+        pid = frame["patient_key"].to_numpy()[f.record_index]
+        g, p = ident == "gallery", ident == "probe"
+        _, ap = rank_statistics(f.embeddings[g], f.embeddings[p], pid[g], pid[p])
+        chosen = probe_sample(int(p.sum()), 6, seed=3)
+        assert r["mAP"] == pytest.approx(np.nanmean(ap[chosen]), abs=1e-12)
+        cmc, _ = rank_statistics(f.embeddings[g], f.embeddings[p][chosen], pid[g], pid[p][chosen])
+        assert r["rank1"] == cmc[0] and r["rank5"] == cmc[min(5, len(cmc)) - 1]
+
+
 def test_lead_subset_evaluation_embeds_with_the_subset(embedded):
     from retrieval.embed import load_features
     from retrieval.evaluate import evaluate_identification
@@ -383,6 +417,25 @@ def test_cli_embed_index_evaluate_query(embedded, tmp_path):
         "n_gallery",
         "n_probe",
     }
+    few = run(
+        app,
+        ["evaluate", "identify", "--store", store, "--features", "a", "--json"]
+        + ["--max-probes", "2", "--seed", "1"],
+    )
+    assert few.exit_code == 0
+    assert [json.loads(few.output)[lv]["n_probe_evaluated"] for lv in ("record", "segment")] == [
+        2,
+        2,
+    ]
+    table = run(
+        app,
+        ["evaluate", "identify", "--store", store, "--features", "a"]
+        + ["--seed", "1"]
+        + ["--max-probes", "2"],
+    )
+    assert table.exit_code == 0 and "rank1_se" in table.output, table.output
+    row = next(line for line in table.output.splitlines() if "n_probe_evaluated" in line)
+    assert re.findall(r"\b\d+\b", row) == ["2", "2"], row
     missing = run(app, ["evaluate", "identify", "--store", store, "--features", "zzz"])
     assert missing.exit_code != 0 and "no feature set 'zzz'" in missing.output
     q = run(app, ["query", "--index", str(tmp_path / "g.faiss"), "--record", "cinc2021/NOPE"])

@@ -191,10 +191,22 @@ def evaluate_identify(
         Precision | None,
         typer.Option(help=PRECISION_HELP + " Used with --leads (default: the feature set's)."),
     ] = None,
+    max_probes: Annotated[
+        int,
+        typer.Option(
+            help="Probes evaluated per level; above it a uniform sample of this many (drawn "
+            "with --seed) is ranked against the whole gallery, so the cost grows linearly with "
+            "the gallery; n_probe_evaluated and rank1_se (95 % band of Rank-1) report it. "
+            "0 = every probe."
+        ),
+    ] = 20_000,
+    seed: Annotated[int, typer.Option(help="Seed of the --max-probes sample.")] = 0,
 ) -> None:
-    """Patient identification: Rank-1/5/10 and mAP per record and per segment."""
+    """Patient identification: Rank-1/5/10 and exact mAP per record and per segment."""
     from retrieval.evaluate import evaluate_identification
 
+    if max_probes < 0:
+        fail(f"--max-probes must be >= 0 (0 = every probe), got {max_probes}")
     if plot is not None:
         check_output_path(plot, "--plot", directory=False)
     try:
@@ -205,6 +217,8 @@ def evaluate_identify(
             plot=plot,
             progress=True,
             precision=precision.value if precision else None,
+            max_probes=max_probes,
+            seed=seed,
         )
     except _ERRORS as e:
         fail(_message(e))
@@ -218,7 +232,8 @@ def evaluate_identify(
     table.add_column("metric")
     table.add_column("record", justify="right")
     table.add_column("segment", justify="right")
-    for key in ("rank1", "rank5", "rank10", "mAP", "chance_rank1", "n_gallery", "n_probe"):
+    keys = ("rank1", "rank1_se", "rank5", "rank10", "mAP", "chance_rank1")
+    for key in (*keys, "n_gallery", "n_probe", "n_probe_evaluated"):
         r, s = result["record"][key], result["segment"][key]
         fmt = (lambda v: str(v)) if key.startswith("n_") else (lambda v: f"{v:.4f}")
         table.add_row(key, fmt(r), fmt(s))
