@@ -103,7 +103,7 @@ def evaluate_level(
             "n_gallery": int(g.sum()),
             "n_probe": int(p.sum()),
             "n_probe_evaluated": len(chosen),
-            "rank1_se": rank1_band(metrics["rank1"], len(chosen), int(p.sum())),
+            "rank1_ci95": rank1_band(metrics["rank1"], len(chosen), int(p.sum())),
             "chance_rank1": chance_rank1(g_labels, p_labels),
         }
     )

@@ -318,14 +318,14 @@ def test_evaluate_probe_budget_samples_the_probes_deterministically(embedded):
     assert evaluate_identification(store, "a", max_probes=n_seg) == full  # budget >= n_probe
     for level in ("record", "segment"):
         r = full[level]
-        assert r["n_probe_evaluated"] == r["n_probe"] and r["rank1_se"] == 0.0
+        assert r["n_probe_evaluated"] == r["n_probe"] and r["rank1_ci95"] == 0.0
     sample = evaluate_identification(store, "a", max_probes=6, seed=3)
     assert evaluate_identification(store, "a", max_probes=6, seed=3) == sample
     frame = open_store(store).records
     for level in ("record", "segment"):
         r = sample[level]
         assert (r["n_probe"], r["n_probe_evaluated"]) == (full[level]["n_probe"], 6)
-        assert r["rank1_se"] == pytest.approx(rank1_band(r["rank1"], 6, r["n_probe"]))
+        assert r["rank1_ci95"] == pytest.approx(rank1_band(r["rank1"], 6, r["n_probe"]))
         # the sample's metrics are the full evaluation's per-probe results at the seeded draw
         f = load_features(store, "a", level)
         ident = frame["ident_split"].to_numpy()[f.record_index]
@@ -433,7 +433,7 @@ def test_cli_embed_index_evaluate_query(embedded, tmp_path):
         + ["--seed", "1"]
         + ["--max-probes", "2"],
     )
-    assert table.exit_code == 0 and "rank1_se" in table.output, table.output
+    assert table.exit_code == 0 and "rank1_ci95" in table.output, table.output
     row = next(line for line in table.output.splitlines() if "n_probe_evaluated" in line)
     assert re.findall(r"\b\d+\b", row) == ["2", "2"], row
     missing = run(app, ["evaluate", "identify", "--store", store, "--features", "zzz"])

@@ -196,7 +196,7 @@ def evaluate_identify(
         typer.Option(
             help="Probes evaluated per level; above it a uniform sample of this many (drawn "
             "with --seed) is ranked against the whole gallery, so the cost grows linearly with "
-            "the gallery; n_probe_evaluated and rank1_se (95 % band of Rank-1) report it. "
+            "the gallery; n_probe_evaluated and rank1_ci95 (95 % band of Rank-1) report it. "
             "0 = every probe."
         ),
     ] = 20_000,
@@ -232,7 +232,7 @@ def evaluate_identify(
     table.add_column("metric")
     table.add_column("record", justify="right")
     table.add_column("segment", justify="right")
-    keys = ("rank1", "rank1_se", "rank5", "rank10", "mAP", "chance_rank1")
+    keys = ("rank1", "rank1_ci95", "rank5", "rank10", "mAP", "chance_rank1")
     for key in (*keys, "n_gallery", "n_probe", "n_probe_evaluated"):
         r, s = result["record"][key], result["segment"][key]
         fmt = (lambda v: str(v)) if key.startswith("n_") else (lambda v: f"{v:.4f}")
