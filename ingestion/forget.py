@@ -109,6 +109,7 @@ def forget(
             )
         stop_point("forget.after_mask")
         done = _scrub(store, reader, table, secret, galleries)
+        writer.recount()  # the counts in commit.json, without the forgotten records
     return {
         "forgotten": len(rows),
         "already": already,
