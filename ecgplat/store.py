@@ -513,11 +513,12 @@ class EcgStore:
         """The counts of ``summary`` tallied from the record columns (every row is read)."""
         live = self.live
         reasons = as_str_array(zarr_array(self.root, "rejects/reason")[: self.n_rejects])
-        return C.tally(
-            *(self.column(name)[live] for name in ("source", "patient_key", "seg_count")),
-            *(self.column(name)[live] for name in SPLIT_COLUMNS),
-            (reason_kind(r) for r in reasons),
+        source, patient_key, seg_count, split, ident_split = (
+            self.column(name)[live]
+            for name in ("source", "patient_key", "seg_count", *SPLIT_COLUMNS)
         )
+        kinds = (reason_kind(r) for r in reasons)
+        return C.tally(source, patient_key, seg_count, split, ident_split, kinds)
 
     def summary(self) -> dict:
         """Counts for `ecgplat info`: records, segments, patients, per source/split/ident_split,
