@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Final, Literal
 import numpy as np
 import pandas as pd
 
+from ecgplat import counts as C
+
 if TYPE_CHECKING:
     import zarr
 
@@ -275,6 +277,11 @@ class EcgStore:
         return int(self._forgotten["generation"])
 
     @property
+    def tombstones(self) -> dict:
+        """The tombstone table this view reads (``forgotten.json``, as ``read_forgotten``)."""
+        return self._forgotten
+
+    @property
     def forget_pending(self) -> bool:
         """True while a forget has masked records but not yet rewritten their data files."""
         return self._forgotten["scrubbed"] < self._forgotten["generation"]
@@ -497,27 +504,35 @@ class EcgStore:
         }
         return pd.DataFrame(data)
 
+    def stored_counts(self) -> dict | None:
+        """The counts kept by the writers in ``commit.json`` when they verify and describe
+        this view's commit and tombstone table (``ecgplat.counts.unseal``); None otherwise."""
+        return C.unseal(self._commit, self._forgotten, store_file(self.path, SECRET_FILE))
+
+    def count(self) -> dict:
+        """The counts of ``summary`` tallied from the record columns (every row is read)."""
+        live = self.live
+        reasons = as_str_array(zarr_array(self.root, "rejects/reason")[: self.n_rejects])
+        source, patient_key, seg_count, split, ident_split = (
+            self.column(name)[live]
+            for name in ("source", "patient_key", "seg_count", *SPLIT_COLUMNS)
+        )
+        kinds = (reason_kind(r) for r in reasons)
+        return C.tally(source, patient_key, seg_count, split, ident_split, kinds)
+
     def summary(self) -> dict:
         """Counts for `ecgplat info`: records, segments, patients, per source/split/ident_split,
-        rejects by reason, forgotten records. Forgotten records count only as ``forgotten``."""
-        columns = ("patient_key", "source", "split", "ident_split", "seg_count")
-        frame = pd.DataFrame({c: self.column(c) for c in columns})[self.live]
-
-        def counts(series) -> dict:
-            return {str(k): int(v) for k, v in series.value_counts().sort_index().items()}
-
+        rejects by reason, forgotten records. Forgotten records count only as ``forgotten``.
+        The counts stored at the commit are used when they verify, else they are tallied."""
+        counts = self.stored_counts() or self.count()
         return {
             "path": str(self.path),
             "schema_version": self.attrs.get("schema_version"),
             "store_uuid": self.attrs.get("store_uuid"),
-            "records": len(frame),
-            "segments": int(frame["seg_count"].sum()),
-            "patients": int(frame["patient_key"].nunique()),
-            "per_source": counts(frame["source"]),
-            "per_split": counts(frame["split"].replace("", "unassigned")),
-            "per_ident_split": counts(frame["ident_split"].replace("", "none")),
+            **{k: counts[k] for k in ("records", "segments", "patients")},
+            **{k: counts[k] for k in ("per_source", "per_split", "per_ident_split")},
             "rejects": self.n_rejects,
-            "rejects_by_reason": counts(self.rejects["reason"].map(reason_kind)),
+            "rejects_by_reason": counts["rejects_by_reason"],
             "forgotten": len(self.forgotten),
             "forget_generation": self.forget_generation,
             "forget_pending": self.forget_pending,

@@ -13,7 +13,8 @@ records"):
    chunks keep their exact bytes), the rejects of the same files their path and reason, and
    the record rows every identifying column (a tombstone row keeps only ``source``,
    ``path_hash``, ``seg_start`` and ``seg_count``, so row numbers stay stable and a re-ingest of
-   the same files skips them). Each step is idempotent; ``scrubbed = generation`` is written last.
+   the same files skips them). Each step is idempotent; ``scrubbed = generation`` is written last,
+   then the counts kept in ``commit.json`` are recounted (``StoreWriter.recount``).
 
 A process killed in phase 1 leaves the store as before; killed in phase 2 it leaves the records
 masked with ``forget_pending`` set (``ecgplat info`` says so), and any rerun of ``ecgplat forget``
@@ -109,6 +110,7 @@ def forget(
             )
         stop_point("forget.after_mask")
         done = _scrub(store, reader, table, secret, galleries)
+        writer.recount()  # the counts in commit.json, without the forgotten records
     return {
         "forgotten": len(rows),
         "already": already,

@@ -33,6 +33,7 @@ from typing import Self
 import numpy as np
 
 from ecgplat import atomic, faults
+from ecgplat import counts as C
 from ecgplat import store as S
 from ecgplat.leads import LEADS
 from ecgplat.privacy import pseudonymise
@@ -165,6 +166,10 @@ class StoreWriter:
             self.close()
             raise
         self._staged: dict[str, list[np.ndarray]] = {}
+        # the counts of the last commit and its live patient keys, loaded when first needed
+        self._counts: dict | None = None
+        self._patients: set[str] | None = None
+        self._forgotten: dict = {}  # the tombstone table the counts were loaded with
         self._shards = (
             ShardFiles(self.path, int(self.committed["n_segments"]))
             if direct_layout(self.root["segments"])
@@ -427,9 +432,11 @@ class StoreWriter:
             # wrote durable before commit.json counts them
             self._shards.sync()
 
-    def commit(self, splits: str | None | bool = False) -> None:
+    def commit(self, splits: str | None | bool = False, split_counts: dict | None = None) -> None:
         """Make everything appended so far visible, atomically. ``splits`` (a generation name)
-        switches the split assignment in the same commit."""
+        switches the split assignment in the same commit; ``split_counts`` are then its
+        per_split and per_ident_split counts."""
+        counts, new_patients = self._next_counts(split_counts)
         self._flush()
         # crash tests: ECGPLAT_FAULT_STOP=commit:N dies in the first commit that would make >= N
         # records visible, rows written past the commit point but commit.json not yet replaced
@@ -440,6 +447,64 @@ class StoreWriter:
             "n_rejects": self.n_rejects,
             "splits": self.committed.get("splits") if splits is False else splits,
         }
+        if counts is not None:
+            state[C.COUNTS_KEY] = C.seal(counts, state, self._forgotten, self.secret)
+        elif C.COUNTS_KEY in self.committed:  # nothing changed: the sealed counts still hold
+            state[C.COUNTS_KEY] = self.committed[C.COUNTS_KEY]
+        atomic.write_json(self.path / S.COMMIT_FILE, state, sort_keys=True)
+        self.committed = state
+        if self._patients is not None:
+            self._patients |= new_patients
+        self._counts = counts if counts is not None else self._counts
+
+    # ---- the counts kept in commit.json (ecgplat.counts) --------------------------------
+    def _load_counts(self) -> dict:
+        """The counts at the last commit: the stored counts when they verify, else tallied
+        from the columns (a store written by code that did not keep them, or left by a forget
+        killed before it recounted)."""
+        view = S.open_store(self.path)
+        self._forgotten = view.tombstones
+        self._counts = view.stored_counts() or view.count()
+        return self._counts
+
+    def _live_patients(self) -> set[str]:
+        view = S.open_store(self.path)
+        return set(view.column("patient_key")[view.live].tolist()) if view.n_records else set()
+
+    def _next_counts(self, split_counts: dict | None) -> tuple[dict | None, set[str]]:
+        """The counts after this commit and the patient keys it adds; (None, ..) when it
+        changes no count (nothing staged, no new split)."""
+        staged = {k: np.concatenate(v) for k, v in self._staged.items() if v}
+        empty = np.zeros(0, dtype=object)
+        records = staged.get("records/source", empty)
+        reasons = staged.get("rejects/reason", empty)
+        if not len(records) and not len(reasons) and split_counts is None:
+            return None, set()
+        counts = self._counts if self._counts is not None else self._load_counts()
+        new_patients: set[str] = set()
+        if len(records):
+            if self._patients is None:
+                self._patients = self._live_patients()
+            new_patients = set(staged["records/patient_key"].tolist()) - self._patients
+        counts = C.add_rows(
+            counts,
+            records,
+            staged.get("records/seg_count", np.zeros(0, dtype=np.int32)),
+            len(new_patients),
+            (S.reason_kind(r) for r in reasons),
+        )
+        return dict(counts, **(split_counts or {})), new_patients
+
+    def recount(self) -> None:
+        """Tally the counts from the columns and commit them, unless the stored ones still
+        verify (a forget changed the tombstone table: the counts it invalidated are redone)."""
+        if self._staged or self.n_records != int(self.committed["n_records"]):
+            raise RuntimeError(f"{self.path}: uncommitted records pending; commit first")
+        if S.open_store(self.path).stored_counts() is not None:
+            return
+        self._patients = None
+        state = dict(self.committed)
+        state[C.COUNTS_KEY] = C.seal(self._load_counts(), state, self._forgotten, self.secret)
         atomic.write_json(self.path / S.COMMIT_FILE, state, sort_keys=True)
         self.committed = state
 
@@ -475,7 +540,14 @@ class StoreWriter:
             )
             if n:
                 arr[:] = _str_array(values)
-        self.commit(splits=generation)
+        live = S.open_store(self.path).live  # forgotten records count nowhere
+        split_counts = {
+            "per_split": C.value_counts(np.asarray(split, dtype=object)[live], C.UNASSIGNED),
+            "per_ident_split": C.value_counts(
+                np.asarray(ident_split, dtype=object)[live], C.NO_IDENT
+            ),
+        }
+        self.commit(splits=generation, split_counts=split_counts)
         self._drop_generations(keep_below=k + 1)
 
     def close(self) -> None:

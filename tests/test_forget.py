@@ -134,6 +134,7 @@ def test_forget_record_everywhere(store, synth_cohort, tmp_path):
     summary = after.summary()
     assert (summary["records"], summary["segments"], summary["forgotten"]) == (71, 142, 1)
     assert not summary["forget_pending"] and pk not in json.dumps(summary)
+    assert after.stored_counts() == after.count()  # info's counts, kept by the forget
     info = runner.invoke(app, ["info", str(store)])
     assert "forgotten 1" in info.output and "records 71" in info.output
 
@@ -233,10 +234,12 @@ def test_killed_forget_is_masked_and_a_rerun_completes_it(store, tmp_path, stop)
     mid = open_store(store)
     assert not set(rows) & set(mid.select().tolist())  # masked from the commit point on
     assert mid.forget_pending and mid.summary()["forget_pending"]
+    assert mid.stored_counts() is None  # counted from the columns while the scrub is pending
     rerun = _run_cli(str(store), *args, str(store.parent / "store.idx.faiss"))
     assert rerun.returncode == 0, rerun.stderr
     assert "already forgotten" in rerun.stdout and RAW_ID not in rerun.stdout + rerun.stderr
-    assert not open_store(store).forget_pending
+    done = open_store(store)
+    assert not done.forget_pending and done.stored_counts() == done.count()
     assert _state(store) == _state(reference)
     a = GalleryIndex.load(store.parent / "store.idx")
     b = GalleryIndex.load(reference.parent / "reference.idx")

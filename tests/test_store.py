@@ -84,8 +84,12 @@ def test_interactive_reads_leave_the_record_table_unloaded(synth_store):
         start, count = int(frame["seg_start"][i]), int(frame["seg_count"][i])
         assert store.record_segment_range(i) == (start, start + count)
         assert store.record_segments(i).shape == (count, 12, 2500)
+    fresh = open_store(synth_store)
+    assert fresh.summary() == store.summary()
+    assert not fresh._columns and "_splits" not in fresh.__dict__  # counts kept at the commit
     summary = store.summary()
     assert "records" not in store.__dict__  # the table was never built
+    assert {k: summary[k] for k in store.count()} == store.count()
     assert summary["patients"] == len(set(frame["patient_key"]))
     splits, n = np.unique(frame["split"].to_numpy().astype(str), return_counts=True)
     assert summary["per_split"] == dict(zip(splits.tolist(), n.tolist(), strict=True))
