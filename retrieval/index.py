@@ -239,7 +239,11 @@ class GalleryIndex:
     def add(self, vectors: np.ndarray, ids: list[str], labels: list[str] | None = None) -> None:
         """Append rows (normalised here) named `ids`, without a rebuild: to the exact delta
         part, written as a delta segment by `save_delta` or folded into the main by `save`."""
-        x = _unit_float32(vectors)
+        self._add_unit(_unit_float32(vectors), ids, labels)
+
+    def _add_unit(self, x: np.ndarray, ids: list[str], labels: list[str] | None) -> None:
+        """`add` of rows already normalised (by an earlier `add`: normalising twice may
+        change their last bits)."""
         if x.shape[1] != self.dim or len(ids) != len(x):
             raise ValueError(f"{len(x)} vectors of dim {x.shape[1]} and {len(ids)} ids to add")
         if self.delta is None:
@@ -859,7 +863,7 @@ def update_index(
     out = {"added": added, "count": len(head), "compacted": False, "path": index_file(path)}
     if added and head.n_delta > compact_fraction * head.n_main:
         full = GalleryIndex.load(path)
-        full.add(
+        full._add_unit(
             head.delta.reconstruct_n(head.saved_delta, added),
             head.ids[-added:],
             None if head.labels is None else head.labels[-added:],
