@@ -185,6 +185,8 @@ class GalleryIndex:
     saved_delta: int = 0  # rows of `delta` already in those segments
     n_main: int = -1  # rows of the main index (also when loaded without its vectors)
     _gpu_index: object = field(default=None, repr=False)
+    _main_stat: tuple | None = field(default=None, repr=False)  # of the file loaded
+    _leftovers: list = field(default_factory=list, repr=False)  # superseded deltas seen there
 
     def __post_init__(self) -> None:
         if self.n_main < 0:
@@ -293,6 +295,7 @@ class GalleryIndex:
         stop_point("index.before_delta_removal")
         for p in _delta_files(index_path):
             p.unlink(missing_ok=True)
+        self._main_stat, self._leftovers = _stat_key(index_path), []
         return index_path
 
     def save_delta(self, path: str | Path) -> Path | None:
@@ -302,12 +305,19 @@ class GalleryIndex:
         new = self.n_delta - self.saved_delta
         if new <= 0:
             return None
-        head = _chain_head(index_path)
-        if head is None or (head[0], head[1]) != (self.uid, self.seq):
+        later = [
+            p
+            for p in _delta_files(index_path)
+            if _seq_of(p) > self.seq and p not in self._leftovers
+        ]
+        if self._main_stat is None or _stat_key(index_path) != self._main_stat or later:
             raise ValueError(
-                f"{index_path}: changed since this index was loaded from it; load it again"
+                f"{index_path}: changed since this index was loaded from it (or it was not "
+                "loaded from it); load it again"
             )
-        _remove_superseded(index_path)
+        for p in self._leftovers:
+            p.unlink(missing_ok=True)
+        self._leftovers = []
         seq, lo = self.seq + 1, self.n_main + self.saved_delta
         part = faiss.IndexFlatIP(self.dim)
         part.add(self.delta.reconstruct_n(self.saved_delta, new))
@@ -365,8 +375,9 @@ class GalleryIndex:
         index_path = index_file(path)
         if not index_path.is_file():
             raise FileNotFoundError(f"{index_path}: index file not found")
+        stat = _stat_key(index_path)
         meta, index = _read_framed(index_path, META_FORMAT, main_vectors)
-        deltas = _read_deltas(index_path, meta)
+        deltas, leftovers = _read_deltas(index_path, meta)
         lineage = (deltas[-1][0] if deltas else meta).get("lineage") or {}
         if check_store:
             check_forget_generation(lineage, index_path)
@@ -379,6 +390,8 @@ class GalleryIndex:
             info=(deltas[-1][0] if deltas else meta).get("info") or {},
             uid=meta["uid"],
             n_main=meta["count"],
+            _main_stat=stat,
+            _leftovers=leftovers,
         )
         if index is None:
             gallery._dim = meta["dim"]
@@ -460,21 +473,24 @@ def _superseded(main_meta: dict, seq: int, path: Path) -> bool:
     return meta.get("main") == old.get("main")
 
 
-def _remove_superseded(index_path: Path) -> None:
-    with open(index_path, "rb") as f:
-        main_meta, _ = _read_description(f, index_path, META_FORMAT)
-    for p in _delta_files(index_path):
-        if _superseded(main_meta, _seq_of(p), p):
-            p.unlink(missing_ok=True)
+def _stat_key(path: Path) -> tuple | None:
+    """What changes when a file is replaced by a rename (a new inode) or rewritten."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
-def _read_deltas(index_path: Path, main_meta: dict) -> list[tuple[dict, faiss.Index]]:
-    """The delta segments of the main file described by `main_meta`, in order; ValueError
+def _read_deltas(index_path: Path, main_meta: dict) -> tuple[list, list[Path]]:
+    """([(description, flat index)] of the delta segments of the main file described by
+    `main_meta`, in order], [superseded delta files left by a killed compaction]); ValueError
     (one line naming the delta) for a delta of another index, a gap, or another lineage."""
-    out, want = [], 1
+    out, want, leftovers = [], 1, []
     for p in _delta_files(index_path):
         seq = _seq_of(p)
         if _superseded(main_meta, seq, p):
+            leftovers.append(p)
             continue
         meta, part = _read_framed(p, DELTA_FORMAT, True)
         if meta.get("main") != main_meta["uid"]:
@@ -492,7 +508,7 @@ def _read_deltas(index_path: Path, main_meta: dict) -> list[tuple[dict, faiss.In
         _check_delta_lineage(p, main_meta.get("lineage") or {}, meta.get("lineage") or {})
         out.append((meta, part))
         want += 1
-    return out
+    return out, leftovers
 
 
 def _check_delta_lineage(where: Path, main: dict, delta: dict) -> None:
@@ -752,17 +768,20 @@ def _tail_selection(store_path, features: str, lineage: dict, n_have: int):
         return None
     start, n = int(start), int(n)
     group = zarr.open_group(str(feature_dir(store_path, features) / level), mode="r")
-    rec = np.asarray(group["record_index"][:n], dtype=np.int64)
-    take = ~np.isin(rec, read_forgotten(store_path)["records"])
+    forgotten = read_forgotten(store_path)["records"]
+    whole = split != "all" or len(forgotten) > 0  # else every row before `start` is selected
+    rec = np.asarray(group["record_index"][0 if whole else start : n], dtype=np.int64)
+    take = ~np.isin(rec, forgotten)
     if split != "all":
         take &= store.column("ident_split")[rec] == split
-    if int(take[:start].sum()) != n_have:
+    if (int(take[:start].sum()) if whole else start) != n_have:
         return None
-    new = np.flatnonzero(take[start:])
+    rec, take = (rec[start:], take[start:]) if whole else (rec, take)
+    new = np.flatnonzero(take)
     if not len(new):
         return np.zeros((0, int(flin.get("dim", 1))), np.float32), [], [], flin, generation
     emb = np.asarray(group["embedding"][start:n], dtype=np.float32)[new]
-    r = rec[start + new]
+    r = rec[new]
     lo, hi = int(r.min()), int(r.max()) + 1
     keys = as_str_array(zarr_array(store.root, "records/record_key")[lo:hi])[r - lo]
     labels = as_str_array(zarr_array(store.root, "records/patient_key")[lo:hi])[r - lo]
