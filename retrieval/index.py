@@ -746,9 +746,10 @@ def index_from_features(
 def _tail_selection(store_path, features: str, lineage: dict, n_have: int):
     """Like `_selection` for `update_from_features`, but reading the embeddings and record
     names of the feature rows appended since the index's lineage counted them only:
-    (new embeddings, their ids, their labels, feature lineage, forget generation), or None when
-    that is not known to be exact (no recorded count or split generation, or rows of the index
-    no longer selected): then the caller compares whole selections."""
+    (new embeddings, their ids, their labels, feature lineage, forget generation, split
+    generation), or None when that is not known to be exact (no recorded count or split
+    generation, or rows of the index no longer selected): then the caller compares whole
+    selections."""
     import zarr
 
     from ecgplat.store import as_str_array, open_store, read_forgotten, zarr_array
@@ -779,7 +780,8 @@ def _tail_selection(store_path, features: str, lineage: dict, n_have: int):
     rec, take = (rec[start:], take[start:]) if whole else (rec, take)
     new = np.flatnonzero(take)
     if not len(new):
-        return np.zeros((0, int(flin.get("dim", 1))), np.float32), [], [], flin, generation
+        empty = np.zeros((0, int(flin.get("dim", 1))), np.float32)
+        return empty, [], [], flin, generation, store.split_generation
     emb = np.asarray(group["embedding"][start:n], dtype=np.float32)[new]
     r = rec[new]
     lo, hi = int(r.min()), int(r.max()) + 1
@@ -790,7 +792,7 @@ def _tail_selection(store_path, features: str, lineage: dict, n_have: int):
     else:
         seg = np.asarray(group["segment_number"][start:n])[new]
         ids = [f"{k}#{int(s)}" for k, s in zip(keys, seg, strict=True)]
-    return emb, ids, list(labels), flin, generation
+    return emb, ids, list(labels), flin, generation, store.split_generation
 
 
 def _check_update(lineage: dict, flin: dict, generation: int, store_path, features: str) -> None:
@@ -811,8 +813,8 @@ def _check_update(lineage: dict, flin: dict, generation: int, store_path, featur
 
 
 def _whole_selection(index: GalleryIndex, store_path, features: str):
-    """(new embeddings, ids, labels, feature lineage, forget generation) from the whole
-    selection, compared with the index's ids."""
+    """(new embeddings, ids, labels, feature lineage, forget generation, split generation) from
+    the whole selection, compared with the index's ids."""
     lineage = index.lineage
     level, split = lineage.get("level", "record"), lineage.get("split", "gallery")
     feats, take, _, ids, labels, generation = _selection(store_path, features, split, level)
@@ -826,7 +828,8 @@ def _whole_selection(index: GalleryIndex, store_path, features: str):
         )
     new = np.array([i for i, name in enumerate(ids) if name not in have], dtype=np.int64)
     emb = feats.embeddings[take][new]
-    return emb, [ids[i] for i in new], [labels[i] for i in new], feats.lineage, generation
+    new_ids, new_labels = [ids[i] for i in new], [labels[i] for i in new]
+    return emb, new_ids, new_labels, feats.lineage, generation, _split_generation(store_path)
 
 
 def update_from_features(index: GalleryIndex, store_path: str | os.PathLike, features: str) -> int:
@@ -846,14 +849,14 @@ def update_from_features(index: GalleryIndex, store_path: str | os.PathLike, fea
         _check_update(lineage, tail[3], tail[4], store_path, features)
     else:
         tail = _whole_selection(index, store_path, features)
-    emb, ids, labels, flin, generation = tail
+    emb, ids, labels, flin, generation, split_generation = tail
     if len(ids):
         index.add(emb, ids, labels)
     counts = ("n_records", "n_segments", "n_record_rows", "features")
     index.lineage = {**lineage, **{k: flin[k] for k in counts if k in flin}}
     index.lineage["features"] = features
     index.lineage["forget_generation"] = generation
-    index.lineage["split_generation"] = _split_generation(store_path)
+    index.lineage["split_generation"] = split_generation
     index.info["updates"] = int(index.info.get("updates", 0)) + 1
     return len(ids)
 
