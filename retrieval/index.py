@@ -272,10 +272,7 @@ class GalleryIndex:
         self.compact()
         index_path = index_file(path)
         index_path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            old = _chain_head(index_path)
-        except (ValueError, OSError):  # an unreadable file (or delta) there is simply replaced
-            old = None
+        old = _replaced(index_path)
         self.uid, self.seq = uuid.uuid4().hex, 0
         meta = {
             "format": META_FORMAT,
@@ -289,7 +286,7 @@ class GalleryIndex:
             "info": self.info,
         }
         if old is not None:  # its deltas, should a kill leave them behind, are ignored
-            meta["supersedes"] = {"main": old[0], "seq": old[1]}
+            meta["supersedes"] = old
         atomic.remove_temps(index_path.parent, index_path.name + "*")  # of killed writers
         _write_framed(index_path, self.index, meta, "index.before_replace")
         stop_point("index.before_delta_removal")
@@ -452,15 +449,16 @@ def _seq_of(path: Path) -> int:
     return int(path.name.rsplit(DELTA_INFIX, 1)[1])
 
 
-def _chain_head(index_path: Path) -> tuple[str, int] | None:
-    """(identity of the main file at `index_path`, its last delta's sequence number), or None
-    when there is no main file."""
-    if not index_path.is_file():
+def _replaced(index_path: Path) -> dict | None:
+    """The ``supersedes`` entry for a write over the main file at `index_path`: its identity
+    and the highest delta sequence number there; None when there is no readable main file
+    (its deltas are then deleted after the write, not superseded)."""
+    try:
+        with open(index_path, "rb") as f:
+            meta, _ = _read_description(f, index_path, META_FORMAT)
+    except (OSError, ValueError):
         return None
-    with open(index_path, "rb") as f:
-        meta, _ = _read_description(f, index_path, META_FORMAT)
-    live = [p for p in _delta_files(index_path) if not _superseded(meta, _seq_of(p), p)]
-    return meta["uid"], max((_seq_of(p) for p in live), default=0)
+    return {"main": meta["uid"], "seq": max(map(_seq_of, _delta_files(index_path)), default=0)}
 
 
 def _superseded(main_meta: dict, seq: int, path: Path) -> bool:

@@ -310,3 +310,27 @@ def test_index_update_writes_a_delta_equal_to_a_rebuild_then_compacts(grown, tmp
     assert np.array_equal(
         compacted.index.reconstruct_n(0, len(rebuilt)), rebuilt.index.reconstruct_n(0, len(rebuilt))
     )
+
+
+def test_forget_removes_records_from_the_main_file_and_its_deltas(grown, tmp_path):
+    from ingestion.forget import forget
+    from retrieval.index import GalleryIndex, delta_file, index_from_features, update_index
+
+    store = tmp_path / "ab"
+    shutil.copytree(grown["ab"], store)
+    old = index_from_features(grown["a"], "f", split="all")
+    old.lineage["store"] = str(store.resolve())
+    path = old.save(tmp_path / "idx")
+    embed_store(store, grown["ckpt"], "f", precision="fp32")
+    assert not update_index(path, store, "f", compact_fraction=5)["compacted"]
+    keys = open_store(store).records["record_key"]
+    gone = [keys[2], keys[N_A + 3]]  # one in the main file, one in the delta
+    assert {GalleryIndex.load(path).ids.index(k) >= N_A for k in gone} == {False, True}
+    for key in gone:
+        forget(store, record=key, indexes=[path])
+    index = GalleryIndex.load(path)
+    assert not set(gone) & set(index.ids) and not delta_file(path, 1).exists()
+    rebuilt = index_from_features(store, "f", split="all")
+    assert index.ids == rebuilt.ids and len(index) == 2 * N_A - 2
+    queries = load_features(store, "f", "record").embeddings
+    assert np.array_equal(index.search(queries, 3)[1], rebuilt.search(queries, 3)[1])

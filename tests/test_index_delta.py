@@ -220,3 +220,18 @@ def test_a_killed_update_or_compaction_leaves_the_index_before_or_after(
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     assert len(list(tmp_path.glob("g.faiss.delta-*"))) == (1 if after else 4)
     assert index_file(tmp_path / "g") == path
+
+
+def test_a_build_over_an_index_with_deltas_replaces_them(tmp_path):
+    path, x = _chained(tmp_path)
+    new = build_index(x[:50], _ids(0, 50), dict(LINEAGE)).save(tmp_path / "g")
+    assert new == path and not list(tmp_path.glob("g.faiss.delta-*"))
+    assert GalleryIndex.load(path).ids == _ids(0, 50)
+    # deltas of a replaced main file that a kill left behind are ignored, not refused
+    chained, _ = _chained(tmp_path / "k")
+    leftovers = {p.name: p.read_bytes() for p in (tmp_path / "k").glob("g.faiss.delta-*")}
+    build_index(x[:50], _ids(0, 50), dict(LINEAGE)).save(chained)
+    for name, data in leftovers.items():
+        (tmp_path / "k" / name).write_bytes(data)
+    g = GalleryIndex.load(chained)
+    assert g.ids == _ids(0, 50) and g.n_delta == 0
