@@ -25,6 +25,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import struct
 import uuid
 from dataclasses import dataclass, field
@@ -187,6 +188,7 @@ class GalleryIndex:
     _gpu_index: object = field(default=None, repr=False)
     _main_stat: tuple | None = field(default=None, repr=False)  # of the file loaded
     _leftovers: list = field(default_factory=list, repr=False)  # superseded deltas seen there
+    _deferred: bool = field(default=False, repr=False)  # main rows' ids/labels not read
 
     def __post_init__(self) -> None:
         if self.n_main < 0:
@@ -280,13 +282,14 @@ class GalleryIndex:
             "kind": self.kind,
             "dim": self.dim,
             "count": len(self),
-            "ids": list(self.ids),
-            "labels": None if self.labels is None else list(self.labels),
+            "labelled": self.labels is not None,
             "lineage": self.lineage,
             "info": self.info,
         }
         if old is not None:  # its deltas, should a kill leave them behind, are ignored
             meta["supersedes"] = old
+        meta["ids"] = list(self.ids)  # row names last: `load(main_ids=False)` stops before them
+        meta["labels"] = None if self.labels is None else list(self.labels)
         atomic.remove_temps(index_path.parent, index_path.name + "*")  # of killed writers
         _write_framed(index_path, self.index, meta, "index.before_replace")
         stop_point("index.before_delta_removal")
@@ -362,18 +365,28 @@ class GalleryIndex:
 
     @classmethod
     def load(
-        cls, path: str | Path, check_store: bool = True, main_vectors: bool = True
+        cls,
+        path: str | Path,
+        check_store: bool = True,
+        main_vectors: bool = True,
+        main_ids: bool = True,
     ) -> GalleryIndex:
         """Read an index file and its delta segments; FileNotFoundError / ValueError (one line
         naming the file) when it is missing, not an ecgplat index, or a delta is not of this
         file or one is missing; StaleIndexError when its store has forgotten records since
         (``check_store=False``: for ``ecgplat forget`` itself). ``main_vectors=False`` reads
-        the main file's description only (for `update_index`: no search, no `save`)."""
+        the main file's description only (for `update_index`: no search, no `save`);
+        with ``main_ids=False`` too, not even its row names: the main rows' `ids` and `labels`
+        are then None placeholders."""
         index_path = index_file(path)
         if not index_path.is_file():
             raise FileNotFoundError(f"{index_path}: index file not found")
         stat = _stat_key(index_path)
-        meta, index = _read_framed(index_path, META_FORMAT, main_vectors)
+        head = not (main_vectors or main_ids)
+        meta, index = _read_framed(index_path, META_FORMAT, main_vectors, head)
+        if meta.get("deferred"):
+            meta["ids"] = [None] * meta["count"]
+            meta["labels"] = meta["ids"] if meta.get("labelled") else None
         deltas, leftovers = _read_deltas(index_path, meta)
         lineage = (deltas[-1][0] if deltas else meta).get("lineage") or {}
         if check_store:
@@ -389,6 +402,7 @@ class GalleryIndex:
             n_main=meta["count"],
             _main_stat=stat,
             _leftovers=leftovers,
+            _deferred=bool(meta.get("deferred")),
         )
         if index is None:
             gallery._dim = meta["dim"]
@@ -531,9 +545,11 @@ def _write_framed(path: Path, index: faiss.Index, meta: dict, fault: str) -> Non
         stop_point(fault)
 
 
-def _read_framed(path: Path, fmt: str, vectors: bool) -> tuple[dict, faiss.Index | None]:
+def _read_framed(
+    path: Path, fmt: str, vectors: bool, head: bool = False
+) -> tuple[dict, faiss.Index | None]:
     with open(path, "rb") as f:  # one open file: one version, even during a rebuild
-        meta, n_index = _read_description(f, path, fmt)
+        meta, n_index = _read_description(f, path, fmt, head)
         if not vectors:
             return meta, None
         f.seek(0)
@@ -546,9 +562,13 @@ def _read_framed(path: Path, fmt: str, vectors: bool) -> tuple[dict, faiss.Index
     return meta, index
 
 
-def _read_description(f, where: Path, fmt: str = META_FORMAT) -> tuple[dict, int]:
+def _read_description(
+    f, where: Path, fmt: str = META_FORMAT, head: bool = False
+) -> tuple[dict, int]:
     """(description, length of the FAISS part) of an open index file; ValueError if it is
-    not an ecgplat index file or its description is malformed."""
+    not an ecgplat index file or its description is malformed. ``head=True`` parses a main
+    file's description only up to its row names (``ids`` and ``labels`` are then None and
+    ``"deferred"`` is True), which a million-row index would spend most of the time on."""
     size = os.fstat(f.fileno()).st_size
     if size < _TRAILER.size:
         raise ValueError(f"{where}: not an ecgplat index file ({size} bytes)")
@@ -561,15 +581,60 @@ def _read_description(f, where: Path, fmt: str = META_FORMAT) -> tuple[dict, int
         )
     n_index = size - _TRAILER.size - n_meta
     f.seek(n_index)
-    raw = f.read(n_meta)
-    try:
-        meta = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{where}: corrupt index description ({e})") from None
+    meta = _read_head(f, n_meta) if head else None
+    if meta is None:  # the whole description (also: a file written before the row names came last)
+        f.seek(n_index)
+        raw = f.read(n_meta)
+        try:
+            meta = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{where}: corrupt index description ({e})") from None
+        if isinstance(meta, dict) and fmt == META_FORMAT and not isinstance(meta.get("uid"), str):
+            meta["uid"] = hashlib.sha256(raw).hexdigest()[:32]  # written before deltas
     _check_description(meta, where, fmt)
-    if fmt == META_FORMAT and not isinstance(meta.get("uid"), str):  # written before deltas
-        meta["uid"] = hashlib.sha256(raw).hexdigest()[:32]
     return meta, n_index
+
+
+_WS = re.compile(r"\s*")
+
+
+def _read_head(f, n_meta: int) -> dict | None:
+    """The keys of the JSON object at `f` that precede ``"ids"`` (read in growing prefixes,
+    each key's value parsed whole), or None when it has no ``"uid"`` before ``"ids"``."""
+    n, decoder = 1 << 16, json.JSONDecoder()
+    start = f.tell()
+    while True:
+        text = f.read(min(n, n_meta)).decode("utf-8", errors="ignore")
+        try:
+            out = _head_keys(text, decoder)
+        except (json.JSONDecodeError, IndexError):
+            out = None  # the prefix ended inside the head, or a corrupt description
+        if out is not None or n >= n_meta:
+            return out if out is not None and isinstance(out.get("uid"), str) else None
+        n *= 4
+        f.seek(start)
+
+
+def _head_keys(text: str, decoder: json.JSONDecoder) -> dict | None:
+    i = _WS.match(text, 0).end()
+    if text[i] != "{":
+        return None
+    out, i = {}, i + 1
+    while True:
+        i = _WS.match(text, i).end()
+        if text[i] == "}":
+            return None  # no row names: parse it whole
+        key, i = decoder.raw_decode(text, i)
+        i = _WS.match(text, i).end()
+        if text[i] != ":":
+            return None
+        if key == "ids":
+            return {**out, "ids": None, "labels": None, "deferred": True}
+        value, i = decoder.raw_decode(text, _WS.match(text, i + 1).end())
+        out[key] = value
+        i = _WS.match(text, i).end()
+        if text[i] == ",":
+            i += 1
 
 
 def _check_description(meta, where: Path, fmt: str = META_FORMAT) -> None:
@@ -584,6 +649,8 @@ def _check_description(meta, where: Path, fmt: str = META_FORMAT) -> None:
         raise ValueError(f"{where}: corrupt index description (kind={meta.get('kind')!r})")
     for key in ("ids", "labels"):
         rows = meta.get(key)
+        if meta.get("deferred"):
+            break
         if (rows is not None or key == "ids") and (
             not isinstance(rows, list) or len(rows) != meta["count"]
         ):
@@ -830,6 +897,10 @@ def _whole_selection(index: GalleryIndex, store_path, features: str):
     return emb, new_ids, new_labels, feats.lineage, generation, _split_generation(store_path)
 
 
+class _NeedsIds(Exception):
+    """An update needs the main rows' ids, which were not read (`load(main_ids=False)`)."""
+
+
 def update_from_features(index: GalleryIndex, store_path: str | os.PathLike, features: str) -> int:
     """Add to `index` the rows of feature set `features` in the index's split selection that it
     does not hold yet (records embedded since it was built), in feature order, without a
@@ -845,6 +916,8 @@ def update_from_features(index: GalleryIndex, store_path: str | os.PathLike, fea
     tail = _tail_selection(store_path, features, lineage, len(index))
     if tail is not None:
         _check_update(lineage, tail[3], tail[4], store_path, features)
+    elif index._deferred:
+        raise _NeedsIds
     else:
         tail = _whole_selection(index, store_path, features)
     emb, ids, labels, flin, generation, split_generation = tail
@@ -878,8 +951,12 @@ def update_index(
     "compacted", "deltas", "path"}; nothing is written when nothing is added."""
     if not compact_fraction >= 0:
         raise ValueError(f"compact fraction must be >= 0, got {compact_fraction}")
-    head = GalleryIndex.load(path, main_vectors=False)
-    added = update_from_features(head, store_path, features)
+    head = GalleryIndex.load(path, main_vectors=False, main_ids=False)
+    try:
+        added = update_from_features(head, store_path, features)
+    except _NeedsIds:  # the whole selection is compared with the index's ids
+        head = GalleryIndex.load(path, main_vectors=False)
+        added = update_from_features(head, store_path, features)
     out = {"added": added, "count": len(head), "compacted": False, "path": index_file(path)}
     if added and head.n_delta > compact_fraction * head.n_main:
         full = GalleryIndex.load(path)

@@ -235,3 +235,63 @@ def test_a_build_over_an_index_with_deltas_replaces_them(tmp_path):
         (tmp_path / "k" / name).write_bytes(data)
     g = GalleryIndex.load(chained)
     assert g.ids == _ids(0, 50) and g.n_delta == 0
+
+
+@pytest.mark.parametrize("big", [False, True])
+def test_an_update_reads_the_main_description_up_to_its_row_names(tmp_path, big):
+    """`load(main_ids=False)` parses the head of the description (growing prefixes of it), the
+    same values as a whole parse, whatever the lineage strings hold."""
+    lineage = dict(
+        LINEAGE, store='/data/"ids": [1, 2],\\n ü ✓}', note="x" * (300_000 if big else 3)
+    )
+    x = _unit(50, 2)
+    path = build_index(x, _ids(0, 50), lineage, labels=[f"p{i}" for i in range(50)]).save(
+        tmp_path / "g"
+    )
+    full = GalleryIndex.load(path, main_vectors=False)
+    head = GalleryIndex.load(path, main_vectors=False, main_ids=False)
+    assert head.lineage == full.lineage == lineage and head.info == full.info
+    assert head.uid == full.uid and len(head) == len(full) == 50 and head.dim == DIM
+    assert head.ids == [None] * 50 and head.labels == [None] * 50 and full.ids == _ids(0, 50)
+    head.add(_unit(2, 3), ["n0", "n1"], ["q0", "q1"])
+    head.save_delta(path)
+    back = GalleryIndex.load(path)
+    assert back.ids == [*_ids(0, 50), "n0", "n1"] and back.labels[-3:] == ["p49", "q0", "q1"]
+
+
+def test_a_description_written_before_deltas_is_read_whole(tmp_path):
+    import json
+    import struct
+
+    import faiss
+
+    from retrieval.index import META_FORMAT, TRAILER_MAGIC
+
+    x = _unit(20, 4)
+    flat = faiss.IndexFlatIP(DIM)
+    flat.add(x)
+    meta = {
+        "format": META_FORMAT,
+        "kind": "flat",
+        "dim": DIM,
+        "count": 20,
+        "ids": _ids(0, 20),
+        "labels": None,
+        "lineage": dict(LINEAGE),
+        "info": {},
+    }  # the old key order, no uid
+    raw = json.dumps(meta).encode()
+    data = (
+        faiss.serialize_index(flat).tobytes() + raw + struct.pack("<Q8s", len(raw), TRAILER_MAGIC)
+    )
+    path = tmp_path / "old.faiss"
+    path.write_bytes(data)
+    head = GalleryIndex.load(path, main_vectors=False, main_ids=False)
+    assert head.ids == _ids(0, 20) and head.lineage == LINEAGE and len(head.uid) == 32
+    head.add(_unit(3, 5), ["a", "b", "c"])
+    head.save_delta(path)  # chained to the old file by the hash of its description
+    back = GalleryIndex.load(path)
+    assert back.ids == [*_ids(0, 20), "a", "b", "c"] and path.read_bytes() == data
+    one = build_index(np.concatenate([x, _unit(3, 5)]), back.ids)
+    q = _unit(10, 6)
+    assert np.array_equal(back.search(q, 5)[1], one.search(q, 5)[1])
