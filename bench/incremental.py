@@ -5,11 +5,15 @@ Embed: a synthetic cohort (`--records` of 10 s, two segments each) is written; t
 its records are ingested and embedded with a fresh `--preset` encoder, then the rest are ingested
 and (a) the incremental `embed_store` (which re-embeds at most `batch_size - 1` committed
 segments: the batch the old set ended in) and (b) a full embed of the grown store into another
-set are timed. Index: `--vectors` synthetic unit vectors of `--dim`; (c) `build_index` + save
-over all of them against (d) load + `GalleryIndex.add` of the last 1 % + save of an index built
-over the first 99 %, per kind. Output: JSON on stdout (and in `--out FILE`).
+set are timed. Index, per `--vectors` N and kind: a store of N records written through the
+store writer (`bench/scale.py`) holds a feature set of N synthetic unit vectors of `--dim`, first
+with 99 % of its rows committed; an index is built over those, the rest are committed, and (c)
+what `ecgplat index build --split all` runs (read the set from the store, build, write) is timed
+against (d) what `ecgplat index update` runs (a delta segment of the new 1 %, read from the
+store's appended rows). Output: JSON on stdout (and in `--out FILE`).
 
-    python bench/incremental.py [--records 1000] [--vectors 100000] [--kinds flat,hnsw,ivf]
+    python bench/incremental.py [--records 1000] [--vectors 100000 1000000] [--kinds flat,hnsw,ivf]
+        [--skip-embed]
 """
 
 from __future__ import annotations
@@ -73,38 +77,103 @@ def bench_embed(root: Path, records: int, preset: str, batch_size: int) -> dict:
     }
 
 
-def bench_index(root: Path, n: int, dim: int, kind: str) -> dict:
+def _feature_set(store: Path, dim: int, committed: int) -> None:
+    """Feature set "f" of the store's records (one segment each): synthetic unit vectors of
+    `dim` at both levels, `committed` rows of them committed (the layout `ecgplat embed`
+    writes, docs/formats.md; the rows past the count are what a later embed commits)."""
     import numpy as np
+    import zarr
 
-    from retrieval.index import GalleryIndex, build_index
+    from ecgplat.store import open_store
+    from retrieval.embed import feature_dir
 
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(n, dim)).astype(np.float32)
+    view = open_store(store)
+    n = view.n_records
+    x = np.random.default_rng(0).normal(size=(n, dim)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    ids = [f"r{i}" for i in range(n)]
-    cut = n - max(1, n // 100)
-    build_index(x[:cut], ids[:cut], kind=kind, n_sample=0).save(root / f"{kind}-old")
+    group = zarr.open_group(str(feature_dir(store, "f")), mode="w")
+    rows = np.arange(n, dtype=np.int64)
+    for level in ("segment", "record"):
+        sub = group.create_group(level)
+        sub.create_array("embedding", shape=(n, dim), dtype=np.float32, chunks=(4096, dim))
+        sub.create_array("record_index", shape=(n,), dtype=np.int64, chunks=(4096,))
+        sub["embedding"][:], sub["record_index"][:] = x, rows
+        if level == "segment":
+            sub.create_array("segment_number", shape=(n,), dtype=np.int32, chunks=(4096,))
+            sub["segment_number"][:] = np.zeros(n, np.int32)
+    _commit_rows(store, dim, committed, view.attrs.get("store_uuid"))
 
-    def rebuild():
-        return build_index(x, ids, kind=kind, n_sample=0).save(root / f"{kind}-full")
 
-    def update():
-        index = GalleryIndex.load(root / f"{kind}-old")
-        index.add(x[cut:], ids[cut:])
-        return index.save(root / f"{kind}-old")
+def _commit_rows(store: Path, dim: int, rows: int, store_uuid) -> None:
+    import zarr
 
-    t_full, _ = _timed(rebuild)
-    t_upd, _ = _timed(update)
-    return {
-        "kind": kind,
-        "vectors": n,
-        "new_vectors": n - cut,
+    from retrieval.embed import feature_dir
+
+    zarr.open_group(str(feature_dir(store, "f")), mode="r+").attrs["lineage"] = {
+        "schema": "ecgplat-features/1",
+        "name": "f",
+        "checkpoint_sha256": "0" * 64,
+        "leads": "I,II,III,aVR,aVL,aVF,V1,V2,V3,V4,V5,V6",
+        "precision": "fp32",
+        "normalize": "none",
         "dim": dim,
-        "update_s": round(t_upd, 3),
-        "rebuild_s": round(t_full, 3),
-        "ratio": round(t_upd / t_full, 4),
-        "target": TARGET_INDEX,
+        "batch_size": 64,
+        "store_uuid": store_uuid,
+        "n_segments": rows,
+        "n_records": rows,
+        "n_record_rows": rows,
+        "complete": True,
     }
+
+
+def bench_index(root: Path, n: int, dim: int, kinds: list[str]) -> list[dict]:
+    """Per kind: `ecgplat index build --split all` from the store's feature set (read from
+    disk, built, written) against `ecgplat index update` of the last 1 % of its rows (a delta
+    segment; compaction past `COMPACT_FRACTION`) of an index built over the first 99 %."""
+    from bench.scale import write_million
+    from ecgplat.store import open_store
+    from retrieval.index import delta_file, index_from_features, update_index
+
+    store = root / f"store{n}"
+    t_store, _ = _timed(lambda: write_million(store, n))
+    cut = n - max(1, n // 100)
+    _feature_set(store, dim, cut)
+    uuid = open_store(store).attrs.get("store_uuid")
+    out = []
+    for kind in kinds:
+        _commit_rows(store, dim, cut, uuid)
+        t_old, _ = _timed(
+            lambda k=kind: index_from_features(store, "f", split="all", kind=k).save(
+                root / f"{k}-old"
+            )
+        )
+        _commit_rows(store, dim, n, uuid)  # the embed of the new records has committed them
+
+        def rebuild(k=kind):
+            return index_from_features(store, "f", split="all", kind=k).save(root / f"{k}-full")
+
+        t_full, _ = _timed(rebuild)
+        t_upd, upd = _timed(lambda k=kind: update_index(root / f"{k}-old", store, "f"))
+        assert upd["added"] == n - cut and not upd["compacted"], upd
+        out.append(
+            {
+                "kind": kind,
+                "vectors": n,
+                "new_vectors": n - cut,
+                "dim": dim,
+                "store_write_s": round(t_store, 1),
+                "build_99pct_s": round(t_old, 3),
+                "update_s": round(t_upd, 3),
+                "rebuild_s": round(t_full, 3),
+                "ratio": round(t_upd / t_full, 4),
+                "delta_bytes": delta_file(root / f"{kind}-old", 1).stat().st_size,
+                "main_bytes": (root / f"{kind}-full.faiss").stat().st_size,
+                "target": TARGET_INDEX,
+            }
+        )
+        print(json.dumps(out[-1]), file=sys.stderr, flush=True)
+    shutil.rmtree(store, ignore_errors=True)
+    return out
 
 
 def main(argv=None) -> dict:
@@ -112,9 +181,10 @@ def main(argv=None) -> dict:
     p.add_argument("--records", type=int, default=1000)
     p.add_argument("--preset", default="tiny")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--vectors", type=int, default=100_000)
-    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--vectors", type=int, nargs="+", default=[100_000])
+    p.add_argument("--dim", type=int, default=64)
     p.add_argument("--kinds", default="flat,hnsw,ivf")
+    p.add_argument("--skip-embed", action="store_true", help="Only the index part.")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     import torch
@@ -122,10 +192,13 @@ def main(argv=None) -> dict:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        result = {
-            "embed": bench_embed(root, args.records, args.preset, args.batch_size),
-            "index": [bench_index(root, args.vectors, args.dim, k) for k in args.kinds.split(",")],
-        }
+        result = (
+            {}
+            if args.skip_embed
+            else {"embed": bench_embed(root, args.records, args.preset, args.batch_size)}
+        )
+        kinds = args.kinds.split(",")
+        result["index"] = [r for n in args.vectors for r in bench_index(root, n, args.dim, kinds)]
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:

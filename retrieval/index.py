@@ -12,15 +12,22 @@ time (`GalleryIndex.info["recall_at_1"]`). Search runs on a GPU copy when FAISS 
 else on the CPU. On disk an index is one file, `NAME.faiss`: FAISS's own serialisation followed
 by its description (row ids, patient keys, lineage, build info) and a trailer, so the vectors and
 their description are replaced together by one atomic rename (layout: docs/formats.md, "FAISS
-index"). Queries whose embeddings come from another lineage are refused.
+index"). `ecgplat index update` does not rewrite that file: it writes the new rows as a small exact
+delta segment `NAME.faiss.delta-NNNNNN` chained to it (`update_index`); `load` reads the main file
+and its deltas, `search` merges their top-k, and once the deltas exceed a fraction of the main a
+compaction folds them into a new main file. Queries whose embeddings come from another lineage are
+refused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import re
 import struct
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +43,11 @@ LINEAGE_MATCH_KEYS = ("checkpoint_sha256", "leads")
 # lineage fields that must agree between an index and the feature set that `update` adds from
 UPDATE_MATCH_KEYS = ("checkpoint_sha256", "leads", "precision", "normalize", "store_uuid", "dim")
 META_FORMAT = "ecgplat-faiss-index/2"
+DELTA_FORMAT = "ecgplat-faiss-delta/1"
 INDEX_SUFFIX = ".faiss"
+DELTA_INFIX = ".delta-"  # NAME.faiss.delta-000001, ...
+# `index update` compacts once the delta rows exceed this fraction of the main file's rows
+COMPACT_FRACTION = 0.1
 TRAILER_MAGIC = b"ECGPIDX2"  # last 8 bytes of an index file
 _TRAILER = struct.Struct("<Q8s")  # description length in bytes, magic
 
@@ -157,22 +168,44 @@ def _make_index(kind: str, dim: int, vectors: np.ndarray, params: dict, seed: in
 
 @dataclass
 class GalleryIndex:
-    """A FAISS index plus what its rows are and where their embeddings came from."""
+    """A FAISS index plus what its rows are and where their embeddings came from.
 
-    index: faiss.Index
+    Rows 0..n_main-1 are the main index's (`index`), the rest those of `delta`: an exact flat
+    index of the rows added since the main file was written (its delta segments on disk, then
+    rows added in memory and not saved yet). Row numbers, `ids` and `labels` span both."""
+
+    index: faiss.Index | None
     kind: str
     ids: list[str]
     labels: list[str] | None = None
     lineage: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)
+    delta: faiss.Index | None = None
+    uid: str | None = None  # identity of the main file this was loaded from
+    seq: int = 0  # delta segments of that file loaded
+    saved_delta: int = 0  # rows of `delta` already in those segments
+    n_main: int = -1  # rows of the main index (also when loaded without its vectors)
     _gpu_index: object = field(default=None, repr=False)
+    _main_stat: tuple | None = field(default=None, repr=False)  # of the file loaded
+    _leftovers: list = field(default_factory=list, repr=False)  # superseded deltas seen there
+    _deferred: bool = field(default=False, repr=False)  # main rows' ids/labels not read
+
+    def __post_init__(self) -> None:
+        if self.n_main < 0:
+            self.n_main = int(self.index.ntotal)
+        part = self.index if self.index is not None else self.delta
+        self._dim = 0 if part is None else int(part.d)
 
     def __len__(self) -> int:
-        return int(self.index.ntotal)
+        return self.n_main + self.n_delta
+
+    @property
+    def n_delta(self) -> int:
+        return 0 if self.delta is None else int(self.delta.ntotal)
 
     @property
     def dim(self) -> int:
-        return int(self.index.d)
+        return self._dim
 
     def _searcher(self) -> faiss.Index:
         if self.kind == "flat" and _gpu_available():
@@ -189,61 +222,133 @@ class GalleryIndex:
     def search(
         self, queries: np.ndarray, k: int, lineage: dict | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(scores (Q, k) float32 cosine, rows (Q, k) int64 gallery rows, -1 = none), best first."""
+        """(scores (Q, k) float32 cosine, rows (Q, k) int64 gallery rows, -1 = none), best first.
+        With delta rows, the main index's top-k and the deltas' exact top-k are merged."""
         check_lineage(self.lineage, lineage)
+        if self.index is None:
+            raise ValueError("index loaded without its vectors (main_vectors=False): no search")
         q = _unit_float32(queries)
         if q.shape[1] != self.dim:
             raise ValueError(f"query embeddings have dim {q.shape[1]}, the index has {self.dim}")
         k = max(1, min(int(k), len(self)))
-        scores, rows = self._searcher().search(q, k)
-        return scores, rows.astype(np.int64)
+        if not self.n_delta:
+            scores, rows = self._searcher().search(q, k)
+            return scores, rows.astype(np.int64)
+        parts = [self.delta.search(q, min(k, self.n_delta))]
+        if self.n_main:
+            parts.insert(0, self._searcher().search(q, min(k, self.n_main)))
+        offsets = [0, self.n_main] if self.n_main else [self.n_main]
+        return _merge_top_k(parts, offsets, k)
 
     def add(self, vectors: np.ndarray, ids: list[str], labels: list[str] | None = None) -> None:
-        """Append rows (normalised here) named `ids` to the index, without a rebuild."""
-        x = _unit_float32(vectors)
+        """Append rows (normalised here) named `ids`, without a rebuild: to the exact delta
+        part, written as a delta segment by `save_delta` or folded into the main by `save`."""
+        self._add_unit(_unit_float32(vectors), ids, labels)
+
+    def _add_unit(self, x: np.ndarray, ids: list[str], labels: list[str] | None) -> None:
+        """`add` of rows already normalised (by an earlier `add`: normalising twice may
+        change their last bits)."""
         if x.shape[1] != self.dim or len(ids) != len(x):
             raise ValueError(f"{len(x)} vectors of dim {x.shape[1]} and {len(ids)} ids to add")
-        self.index.add(x)
+        if self.delta is None:
+            self.delta = faiss.IndexFlatIP(self.dim)
+        self.delta.add(x)
         self.ids = list(self.ids) + list(ids)
         if self.labels is not None:
             self.labels = list(self.labels) + list(labels or [""] * len(ids))
-        self._gpu_index = None  # a GPU copy would miss the new rows
+
+    def compact(self) -> None:
+        """Fold the delta rows into the main index in memory (`add`: a flat main then equals a
+        build over all rows; HNSW inserts them into its graph, IVF into its trained lists)."""
+        if self.index is None:
+            raise ValueError("index loaded without its vectors (main_vectors=False): no compaction")
+        if self.n_delta:
+            self.index.add(self.delta.reconstruct_n(0, self.n_delta))
+        self.n_main, self.delta, self.saved_delta = int(self.index.ntotal), None, 0
+        self._gpu_index = None
 
     def save(self, path: str | Path) -> Path:
-        """Write the index and its description as one file, replaced atomically (a reader or
-        a crash sees the old index or the new one, never a mix); returns its path."""
+        """Write the index (delta rows folded into the main) and its description as one file,
+        replaced atomically (a reader or a crash sees the old index or the new one, never a
+        mix), then remove the delta segments of the file it replaced; returns its path."""
+        self.compact()
         index_path = index_file(path)
         index_path.parent.mkdir(parents=True, exist_ok=True)
+        old = _replaced(index_path)
+        self.uid, self.seq = uuid.uuid4().hex, 0
         meta = {
             "format": META_FORMAT,
+            "uid": self.uid,
             "kind": self.kind,
             "dim": self.dim,
             "count": len(self),
-            "ids": list(self.ids),
-            "labels": None if self.labels is None else list(self.labels),
+            "labelled": self.labels is not None,
             "lineage": self.lineage,
             "info": self.info,
         }
-        description = json.dumps(meta).encode()
-        atomic.remove_temps(index_path.parent, index_path.name)  # of killed builds
-        with atomic.atomic_path(index_path) as tmp, open(tmp, "wb") as f:
-            writer = faiss.PyCallbackIOWriter(f.write)
-            faiss.write_index(self.index, writer)
-            del writer
-            f.write(description)
-            f.write(_TRAILER.pack(len(description), TRAILER_MAGIC))
-            f.flush()
-            stop_point("index.before_replace")
+        if old is not None:  # its deltas, should a kill leave them behind, are ignored
+            meta["supersedes"] = old
+        meta["ids"] = list(self.ids)  # row names last: `load(main_ids=False)` stops before them
+        meta["labels"] = None if self.labels is None else list(self.labels)
+        atomic.remove_temps(index_path.parent, index_path.name + "*")  # of killed writers
+        _write_framed(index_path, self.index, meta, "index.before_replace")
+        stop_point("index.before_delta_removal")
+        for p in _delta_files(index_path):
+            p.unlink(missing_ok=True)
+        self._main_stat, self._leftovers = _stat_key(index_path), []
         return index_path
 
+    def save_delta(self, path: str | Path) -> Path | None:
+        """Write the rows added since the load as the next delta segment of the main file at
+        `path` (which this index was loaded from), atomically; None when there are none."""
+        index_path = index_file(path)
+        new = self.n_delta - self.saved_delta
+        if new <= 0:
+            return None
+        later = [
+            p
+            for p in _delta_files(index_path)
+            if _seq_of(p) > self.seq and p not in self._leftovers
+        ]
+        if self._main_stat is None or _stat_key(index_path) != self._main_stat or later:
+            raise ValueError(
+                f"{index_path}: changed since this index was loaded from it (or it was not "
+                "loaded from it); load it again"
+            )
+        for p in self._leftovers:
+            p.unlink(missing_ok=True)
+        self._leftovers = []
+        seq, lo = self.seq + 1, self.n_main + self.saved_delta
+        part = faiss.IndexFlatIP(self.dim)
+        part.add(self.delta.reconstruct_n(self.saved_delta, new))
+        meta = {
+            "format": DELTA_FORMAT,
+            "main": self.uid,
+            "seq": seq,
+            "kind": "flat",
+            "dim": self.dim,
+            "count": new,
+            "ids": self.ids[lo:],
+            "labels": None if self.labels is None else self.labels[lo:],
+            "lineage": self.lineage,
+            "info": self.info,
+        }
+        atomic.remove_temps(index_path.parent, index_path.name + "*")
+        out = delta_file(index_path, seq)
+        _write_framed(out, part, meta, "index.delta_before_replace")
+        self.seq, self.saved_delta = seq, self.n_delta
+        return out
+
     def drop_rows(self, rows) -> None:
-        """Remove gallery rows (e.g. of forgotten records) in place: the kept vectors are added,
-        in order, to an emptied clone of the index (trained state and parameters kept), so
-        row numbers stay 0..n-1 for every kind (HNSW has no removal of its own)."""
+        """Remove gallery rows (e.g. of forgotten records) in place, delta rows included (they
+        are folded into the main first): the kept vectors are added, in order, to an emptied
+        clone of the index (trained state and parameters kept), so row numbers stay 0..n-1 for
+        every kind (HNSW has no removal of its own)."""
         drop = np.zeros(len(self), dtype=bool)
         drop[np.asarray(list(rows), dtype=np.int64)] = True
         if not drop.any():
             return
+        self.compact()
         ivf = faiss.extract_index_ivf(self.index) if self.kind == "ivf" else None
         if ivf is not None:
             ivf.make_direct_map()
@@ -254,42 +359,216 @@ class GalleryIndex:
         index.reset()
         index.add(np.ascontiguousarray(vectors[~drop]))
         keep = np.flatnonzero(~drop)
-        self.index, self._gpu_index = index, None
+        self.index, self._gpu_index, self.n_main = index, None, len(keep)
         self.ids = [self.ids[i] for i in keep]
         self.labels = None if self.labels is None else [self.labels[i] for i in keep]
 
     @classmethod
-    def load(cls, path: str | Path, check_store: bool = True) -> GalleryIndex:
-        """Read an index file; FileNotFoundError / ValueError (one line naming the file) when
-        it is missing or not an ecgplat index, StaleIndexError when its store has forgotten
-        records since (``check_store=False``: for ``ecgplat forget`` itself)."""
+    def load(
+        cls,
+        path: str | Path,
+        check_store: bool = True,
+        main_vectors: bool = True,
+        main_ids: bool = True,
+    ) -> GalleryIndex:
+        """Read an index file and its delta segments; FileNotFoundError / ValueError (one line
+        naming the file) when it is missing, not an ecgplat index, or a delta is not of this
+        file or one is missing; StaleIndexError when its store has forgotten records since
+        (``check_store=False``: for ``ecgplat forget`` itself). ``main_vectors=False`` reads
+        the main file's description only (for `update_index`: no search, no `save`);
+        with ``main_ids=False`` too, not even its row names: the main rows' `ids` and `labels`
+        are then None placeholders."""
         index_path = index_file(path)
         if not index_path.is_file():
             raise FileNotFoundError(f"{index_path}: index file not found")
-        with open(index_path, "rb") as f:  # one open file: one version, even during a rebuild
-            meta, n_index = _read_description(f, index_path)
-            f.seek(0)
-            index = _read_faiss(f, n_index, index_path)
-        if index.ntotal != meta["count"] or index.d != meta["dim"]:
-            raise ValueError(
-                f"{index_path}: {index.ntotal} vectors of dim {index.d} do not match "
-                f"its description ({meta['count']} ids, dim {meta['dim']})"
-            )
+        stat = _stat_key(index_path)
+        head = not (main_vectors or main_ids)
+        meta, index = _read_framed(index_path, META_FORMAT, main_vectors, head)
+        if meta.get("deferred"):
+            meta["ids"] = [None] * meta["count"]
+            meta["labels"] = meta["ids"] if meta.get("labelled") else None
+        deltas, leftovers = _read_deltas(index_path, meta)
+        lineage = (deltas[-1][0] if deltas else meta).get("lineage") or {}
         if check_store:
-            check_forget_generation(meta.get("lineage") or {}, index_path)
-        return cls(
+            check_forget_generation(lineage, index_path)
+        gallery = cls(
             index=index,
             kind=meta["kind"],
             ids=meta["ids"],
             labels=meta.get("labels"),
-            lineage=meta.get("lineage") or {},
-            info=meta.get("info") or {},
+            lineage=lineage,
+            info=(deltas[-1][0] if deltas else meta).get("info") or {},
+            uid=meta["uid"],
+            n_main=meta["count"],
+            _main_stat=stat,
+            _leftovers=leftovers,
+            _deferred=bool(meta.get("deferred")),
         )
+        if index is None:
+            gallery._dim = meta["dim"]
+        for d_meta, d_index in deltas:
+            gallery._attach(d_meta, d_index)
+        return gallery
+
+    def _attach(self, meta: dict, part: faiss.Index) -> None:
+        """Append a loaded delta segment."""
+        if self.delta is None:
+            self.delta = part
+        else:
+            self.delta.add(part.reconstruct_n(0, part.ntotal))
+        self.ids = list(self.ids) + meta["ids"]
+        if self.labels is not None:
+            self.labels = list(self.labels) + list(meta.get("labels") or [""] * meta["count"])
+        self.seq, self.saved_delta = meta["seq"], self.n_delta
 
 
-def _read_description(f, where: Path) -> tuple[dict, int]:
+def _merge_top_k(parts, offsets, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Merge per-part (scores, rows) into the overall top-k, best first; equal scores in row
+    order, and missing hits (-1) last."""
+    scores = np.concatenate([s for s, _ in parts], axis=1)
+    rows = np.concatenate(
+        [
+            np.where(r < 0, -1, r.astype(np.int64) + off)
+            for (_, r), off in zip(parts, offsets, strict=True)
+        ],
+        axis=1,
+    )
+    missing = rows < 0
+    key_rows = np.where(missing, np.iinfo(np.int64).max, rows)
+    key_scores = np.where(missing, np.inf, -scores.astype(np.float64))
+    order = np.lexsort((key_rows, key_scores), axis=1)[:, :k]
+    out_scores = np.take_along_axis(scores, order, axis=1)
+    out_rows = np.take_along_axis(rows, order, axis=1)
+    return np.ascontiguousarray(out_scores), np.ascontiguousarray(out_rows)
+
+
+def delta_file(path: str | Path, seq: int) -> Path:
+    """The file of delta segment `seq` (1, 2, ...) of the index `path`."""
+    index_path = index_file(path)
+    return index_path.with_name(f"{index_path.name}{DELTA_INFIX}{seq:06d}")
+
+
+def _delta_files(index_path: Path) -> list[Path]:
+    """The delta segment files next to `index_path`, in sequence order."""
+    prefix = index_path.name + DELTA_INFIX
+    found = [
+        p
+        for p in index_path.parent.glob(f"{index_path.name}{DELTA_INFIX}*")
+        if p.name[len(prefix) :].isdigit() and p.is_file()
+    ]
+    return sorted(found, key=lambda p: int(p.name[len(prefix) :]))
+
+
+def _seq_of(path: Path) -> int:
+    return int(path.name.rsplit(DELTA_INFIX, 1)[1])
+
+
+def _replaced(index_path: Path) -> dict | None:
+    """The ``supersedes`` entry for a write over the main file at `index_path`: its identity
+    and the highest delta sequence number there; None when there is no readable main file
+    (its deltas are then deleted after the write, not superseded)."""
+    try:
+        with open(index_path, "rb") as f:
+            meta, _ = _read_description(f, index_path, META_FORMAT)
+    except (OSError, ValueError):
+        return None
+    return {"main": meta["uid"], "seq": max(map(_seq_of, _delta_files(index_path)), default=0)}
+
+
+def _superseded(main_meta: dict, seq: int, path: Path) -> bool:
+    """True for a delta left behind by a kill after the main file replacing it was written."""
+    old = main_meta.get("supersedes") or {}
+    if not old or seq > int(old.get("seq", 0)):
+        return False
+    with open(path, "rb") as f:
+        meta, _ = _read_description(f, path, DELTA_FORMAT)
+    return meta.get("main") == old.get("main")
+
+
+def _stat_key(path: Path) -> tuple | None:
+    """What changes when a file is replaced by a rename (a new inode) or rewritten."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _read_deltas(index_path: Path, main_meta: dict) -> tuple[list, list[Path]]:
+    """([(description, flat index)] of the delta segments of the main file described by
+    `main_meta`, in order], [superseded delta files left by a killed compaction]); ValueError
+    (one line naming the delta) for a delta of another index, a gap, or another lineage."""
+    out, want, leftovers = [], 1, []
+    for p in _delta_files(index_path):
+        seq = _seq_of(p)
+        if _superseded(main_meta, seq, p):
+            leftovers.append(p)
+            continue
+        meta, part = _read_framed(p, DELTA_FORMAT, True)
+        if meta.get("main") != main_meta["uid"]:
+            raise ValueError(
+                f"{p}: a delta segment of another index, not of {index_path.name}; "
+                "remove it or rebuild the index"
+            )
+        if seq != want or meta.get("seq") != seq:
+            raise ValueError(
+                f"{p}: delta segment {want} of {index_path.name} is missing (chain broken); "
+                "rebuild the index"
+            )
+        if meta["dim"] != main_meta["dim"]:
+            raise ValueError(f"{p}: dim {meta['dim']} but {index_path.name} has {main_meta['dim']}")
+        _check_delta_lineage(p, main_meta.get("lineage") or {}, meta.get("lineage") or {})
+        out.append((meta, part))
+        want += 1
+    return out, leftovers
+
+
+def _check_delta_lineage(where: Path, main: dict, delta: dict) -> None:
+    for key in UPDATE_MATCH_KEYS:
+        if key in main and main.get(key) != delta.get(key):
+            raise LineageError(
+                f"{where}: delta segment has {key}={_short(delta.get(key))} but the index was "
+                f"built with {key}={_short(main.get(key))}; remove it or rebuild the index"
+            )
+
+
+def _write_framed(path: Path, index: faiss.Index, meta: dict, fault: str) -> None:
+    """One file: FAISS serialisation, JSON description, trailer; replaced atomically."""
+    description = json.dumps(meta).encode()
+    with atomic.atomic_path(path) as tmp, open(tmp, "wb") as f:
+        writer = faiss.PyCallbackIOWriter(f.write)
+        faiss.write_index(index, writer)
+        del writer
+        f.write(description)
+        f.write(_TRAILER.pack(len(description), TRAILER_MAGIC))
+        f.flush()
+        stop_point(fault)
+
+
+def _read_framed(
+    path: Path, fmt: str, vectors: bool, head: bool = False
+) -> tuple[dict, faiss.Index | None]:
+    with open(path, "rb") as f:  # one open file: one version, even during a rebuild
+        meta, n_index = _read_description(f, path, fmt, head)
+        if not vectors:
+            return meta, None
+        f.seek(0)
+        index = _read_faiss(f, n_index, path)
+    if index.ntotal != meta["count"] or index.d != meta["dim"]:
+        raise ValueError(
+            f"{path}: {index.ntotal} vectors of dim {index.d} do not match "
+            f"its description ({meta['count']} ids, dim {meta['dim']})"
+        )
+    return meta, index
+
+
+def _read_description(
+    f, where: Path, fmt: str = META_FORMAT, head: bool = False
+) -> tuple[dict, int]:
     """(description, length of the FAISS part) of an open index file; ValueError if it is
-    not an ecgplat index file or its description is malformed."""
+    not an ecgplat index file or its description is malformed. ``head=True`` parses a main
+    file's description only up to its row names (``ids`` and ``labels`` are then None and
+    ``"deferred"`` is True), which a million-row index would spend most of the time on."""
     size = os.fstat(f.fileno()).st_size
     if size < _TRAILER.size:
         raise ValueError(f"{where}: not an ecgplat index file ({size} bytes)")
@@ -302,18 +581,66 @@ def _read_description(f, where: Path) -> tuple[dict, int]:
         )
     n_index = size - _TRAILER.size - n_meta
     f.seek(n_index)
-    try:
-        meta = json.loads(f.read(n_meta))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{where}: corrupt index description ({e})") from None
-    _check_description(meta, where)
+    meta = _read_head(f, n_meta) if head else None
+    if meta is None:  # the whole description (also: a file written before the row names came last)
+        f.seek(n_index)
+        raw = f.read(n_meta)
+        try:
+            meta = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{where}: corrupt index description ({e})") from None
+        if isinstance(meta, dict) and fmt == META_FORMAT and not isinstance(meta.get("uid"), str):
+            meta["uid"] = hashlib.sha256(raw).hexdigest()[:32]  # written before deltas
+    _check_description(meta, where, fmt)
     return meta, n_index
 
 
-def _check_description(meta, where: Path) -> None:
+_WS = re.compile(r"\s*")
+
+
+def _read_head(f, n_meta: int) -> dict | None:
+    """The keys of the JSON object at `f` that precede ``"ids"`` (read in growing prefixes,
+    each key's value parsed whole), or None when it has no ``"uid"`` before ``"ids"``."""
+    n, decoder = 1 << 16, json.JSONDecoder()
+    start = f.tell()
+    while True:
+        text = f.read(min(n, n_meta)).decode("utf-8", errors="ignore")
+        try:
+            out = _head_keys(text, decoder)
+        except (json.JSONDecodeError, IndexError):
+            out = None  # the prefix ended inside the head, or a corrupt description
+        if out is not None or n >= n_meta:
+            return out if out is not None and isinstance(out.get("uid"), str) else None
+        n *= 4
+        f.seek(start)
+
+
+def _head_keys(text: str, decoder: json.JSONDecoder) -> dict | None:
+    i = _WS.match(text, 0).end()
+    if text[i] != "{":
+        return None
+    out, i = {}, i + 1
+    while True:
+        i = _WS.match(text, i).end()
+        if text[i] == "}":
+            return None  # no row names: parse it whole
+        key, i = decoder.raw_decode(text, i)
+        i = _WS.match(text, i).end()
+        if text[i] != ":":
+            return None
+        if key == "ids":
+            return {**out, "ids": None, "labels": None, "deferred": True}
+        value, i = decoder.raw_decode(text, _WS.match(text, i + 1).end())
+        out[key] = value
+        i = _WS.match(text, i).end()
+        if text[i] == ",":
+            i += 1
+
+
+def _check_description(meta, where: Path, fmt: str = META_FORMAT) -> None:
     if not isinstance(meta, dict):
         raise ValueError(f"{where}: corrupt index description (not a JSON object)")
-    if meta.get("format") != META_FORMAT:
+    if meta.get("format") != fmt:
         raise ValueError(f"{where}: not an ecgplat index (format {meta.get('format')!r})")
     for key in ("count", "dim"):
         if type(meta.get(key)) is not int or meta[key] < 0:
@@ -322,6 +649,8 @@ def _check_description(meta, where: Path) -> None:
         raise ValueError(f"{where}: corrupt index description (kind={meta.get('kind')!r})")
     for key in ("ids", "labels"):
         rows = meta.get(key)
+        if meta.get("deferred"):
+            break
         if (rows is not None or key == "ids") and (
             not isinstance(rows, list) or len(rows) != meta["count"]
         ):
@@ -465,6 +794,7 @@ def index_from_features(
             "split": split,
             "store": str(Path(store_path).resolve()),
             "forget_generation": generation,
+            "split_generation": _split_generation(store_path),
         }
     )
     return build_index(
@@ -478,20 +808,59 @@ def index_from_features(
     )
 
 
-def update_from_features(index: GalleryIndex, store_path: str | os.PathLike, features: str) -> int:
-    """Add to `index` the rows of feature set `features` in the index's split selection that it
-    does not hold yet (records embedded since it was built), in feature order, without a
-    rebuild; returns how many. Ids, labels and lineage are kept (the lineage's counts follow the
-    feature set). StaleIndexError when the store has forgotten records since the index was built
-    or last passed to `ecgplat forget --index`; LineageError when the set's embeddings are of
-    another lineage; ValueError when rows of the index are no longer in the selection
-    (re-split records: rebuild).
-    An `ivf` index assigns the new rows to its existing lists (no retraining); `flat` ends up
-    equal to a build over the same rows.
-    """
-    lineage = index.lineage
+def _tail_selection(store_path, features: str, lineage: dict, n_have: int):
+    """Like `_selection` for `update_from_features`, but reading the embeddings and record
+    names of the feature rows appended since the index's lineage counted them only:
+    (new embeddings, their ids, their labels, feature lineage, forget generation, split
+    generation), or None when that is not known to be exact (no recorded count or split
+    generation, or rows of the index no longer selected): then the caller compares whole
+    selections."""
+    import zarr
+
+    from ecgplat.store import as_str_array, open_store, read_forgotten, zarr_array
+    from retrieval.embed import feature_dir, load_features, read_lineage
+
     level, split = lineage.get("level", "record"), lineage.get("split", "gallery")
-    feats, take, _, ids, labels, generation = _selection(store_path, features, split, level)
+    key = "n_segments" if level == "segment" else "n_record_rows"
+    flin = read_lineage(store_path, features)
+    if flin is None:
+        load_features(store_path, features, level)  # raises its one-line FeatureError
+    store = open_store(store_path)
+    generation = store.forget_generation
+    start, n = lineage.get(key), flin.get(key)
+    if start is None or n is None or int(n) < int(start):
+        return None
+    if split != "all" and lineage.get("split_generation") != store.split_generation:
+        return None
+    start, n = int(start), int(n)
+    group = zarr.open_group(str(feature_dir(store_path, features) / level), mode="r")
+    forgotten = read_forgotten(store_path)["records"]
+    whole = split != "all" or len(forgotten) > 0  # else every row before `start` is selected
+    rec = np.asarray(group["record_index"][0 if whole else start : n], dtype=np.int64)
+    take = ~np.isin(rec, forgotten)
+    if split != "all":
+        take &= store.column("ident_split")[rec] == split
+    if (int(take[:start].sum()) if whole else start) != n_have:
+        return None
+    rec, take = (rec[start:], take[start:]) if whole else (rec, take)
+    new = np.flatnonzero(take)
+    if not len(new):
+        empty = np.zeros((0, int(flin.get("dim", 1))), np.float32)
+        return empty, [], [], flin, generation, store.split_generation
+    emb = np.asarray(group["embedding"][start:n], dtype=np.float32)[new]
+    r = rec[new]
+    lo, hi = int(r.min()), int(r.max()) + 1
+    keys = as_str_array(zarr_array(store.root, "records/record_key")[lo:hi])[r - lo]
+    labels = as_str_array(zarr_array(store.root, "records/patient_key")[lo:hi])[r - lo]
+    if level == "record":
+        ids = list(keys)
+    else:
+        seg = np.asarray(group["segment_number"][start:n])[new]
+        ids = [f"{k}#{int(s)}" for k, s in zip(keys, seg, strict=True)]
+    return emb, ids, list(labels), flin, generation, store.split_generation
+
+
+def _check_update(lineage: dict, flin: dict, generation: int, store_path, features: str) -> None:
     have_generation = int(lineage.get("forget_generation", 0))
     if have_generation != generation:  # it may still hold rows of forgotten records
         raise StaleIndexError(
@@ -500,12 +869,21 @@ def update_from_features(index: GalleryIndex, store_path: str | os.PathLike, fea
             "index build` or pass it to `ecgplat forget --index` first"
         )
     for key in UPDATE_MATCH_KEYS:
-        a, b = lineage.get(key), feats.lineage.get(key)
+        a, b = lineage.get(key), flin.get(key)
         if key in lineage and a != b:
             raise LineageError(
                 f"{store_path}: feature set {features!r} has {key}={_short(b)} but the index "
                 f"was built with {key}={_short(a)}; rebuild the index"
             )
+
+
+def _whole_selection(index: GalleryIndex, store_path, features: str):
+    """(new embeddings, ids, labels, feature lineage, forget generation, split generation) from
+    the whole selection, compared with the index's ids."""
+    lineage = index.lineage
+    level, split = lineage.get("level", "record"), lineage.get("split", "gallery")
+    feats, take, _, ids, labels, generation = _selection(store_path, features, split, level)
+    _check_update(lineage, feats.lineage, generation, store_path, features)
     have = set(index.ids)
     gone = len(have - set(ids))
     if gone:
@@ -514,11 +892,92 @@ def update_from_features(index: GalleryIndex, store_path: str | os.PathLike, fea
             f"of feature set {features!r}; rebuild the index"
         )
     new = np.array([i for i, name in enumerate(ids) if name not in have], dtype=np.int64)
-    if len(new):
-        index.add(feats.embeddings[take][new], [ids[i] for i in new], [labels[i] for i in new])
+    emb = feats.embeddings[take][new]
+    new_ids, new_labels = [ids[i] for i in new], [labels[i] for i in new]
+    return emb, new_ids, new_labels, feats.lineage, generation, _split_generation(store_path)
+
+
+class _NeedsIds(Exception):
+    """An update needs the main rows' ids, which were not read (`load(main_ids=False)`)."""
+
+
+def update_from_features(index: GalleryIndex, store_path: str | os.PathLike, features: str) -> int:
+    """Add to `index` the rows of feature set `features` in the index's split selection that it
+    does not hold yet (records embedded since it was built), in feature order, without a
+    rebuild (as delta rows: see `GalleryIndex.add`); returns how many. Ids, labels and lineage
+    are kept (the lineage's counts follow the feature set). Only the appended feature rows are
+    read when the lineage's row count and split generation show that the index holds exactly
+    the selected rows before them. StaleIndexError when the store has forgotten records since
+    the index was built or last passed to `ecgplat forget --index`; LineageError when the set's
+    embeddings are of another lineage; ValueError when rows of the index are no longer in the
+    selection (re-split records: rebuild).
+    """
+    lineage = index.lineage
+    tail = _tail_selection(store_path, features, lineage, len(index))
+    if tail is not None:
+        _check_update(lineage, tail[3], tail[4], store_path, features)
+    elif index._deferred:
+        raise _NeedsIds
+    else:
+        tail = _whole_selection(index, store_path, features)
+    emb, ids, labels, flin, generation, split_generation = tail
+    if len(ids):
+        index.add(emb, ids, labels)
     counts = ("n_records", "n_segments", "n_record_rows", "features")
-    index.lineage = {**lineage, **{k: feats.lineage[k] for k in counts if k in feats.lineage}}
+    index.lineage = {**lineage, **{k: flin[k] for k in counts if k in flin}}
     index.lineage["features"] = features
     index.lineage["forget_generation"] = generation
+    index.lineage["split_generation"] = split_generation
     index.info["updates"] = int(index.info.get("updates", 0)) + 1
-    return len(new)
+    return len(ids)
+
+
+def _split_generation(store_path) -> str | None:
+    from ecgplat.store import open_store
+
+    return open_store(store_path).split_generation
+
+
+def update_index(
+    path: str | os.PathLike,
+    store_path: str | os.PathLike,
+    features: str,
+    compact_fraction: float = COMPACT_FRACTION,
+) -> dict:
+    """`ecgplat index update`: add the rows embedded since the index at `path` was built or
+    last updated as a new delta segment, without reading or rewriting the main file; when the
+    delta rows then exceed ``compact_fraction`` of the main file's, compact instead (main and
+    deltas folded into a new main file, deltas removed). Returns {"added", "count",
+    "compacted", "deltas", "path"}; nothing is written when nothing is added."""
+    if not compact_fraction >= 0:
+        raise ValueError(f"compact fraction must be >= 0, got {compact_fraction}")
+    head = GalleryIndex.load(path, main_vectors=False, main_ids=False)
+    try:
+        added = update_from_features(head, store_path, features)
+    except _NeedsIds:  # the whole selection is compared with the index's ids
+        head = GalleryIndex.load(path, main_vectors=False)
+        added = update_from_features(head, store_path, features)
+    out = {"added": added, "count": len(head), "compacted": False, "path": index_file(path)}
+    if added and head.n_delta > compact_fraction * head.n_main:
+        full = GalleryIndex.load(path)
+        full._add_unit(
+            head.delta.reconstruct_n(head.saved_delta, added),
+            head.ids[-added:],
+            None if head.labels is None else head.labels[-added:],
+        )
+        full.lineage, full.info = head.lineage, head.info
+        full.save(path)
+        out["compacted"] = True
+    elif added:
+        head.save_delta(path)
+    out["deltas"] = 0 if out["compacted"] else head.seq
+    return out
+
+
+def compact_index(path: str | os.PathLike) -> dict:
+    """`ecgplat index compact`: fold the delta segments of the index at `path` into a new main
+    file (atomically) and remove them. Returns {"folded", "count", "path"}."""
+    index = GalleryIndex.load(path, check_store=False)
+    folded = index.n_delta
+    written = index.save(path) if folded else index_file(path)
+    return {"folded": folded, "count": len(index), "path": written}

@@ -49,17 +49,14 @@ def index_missing(index_path: str | os.PathLike, store_path: str | os.PathLike, 
     vectors added. LineageError when the index holds another model's vectors, StaleIndexError
     when records were forgotten since it was built, ValueError when it is not a record-level
     index over all records."""
-    from retrieval.index import GalleryIndex, index_file, index_from_features, update_from_features
+    from retrieval.index import GalleryIndex, index_file, index_from_features, update_index
 
     if not index_file(index_path).is_file():
         built = index_from_features(store_path, name, split="all")
         built.save(index_path)
         return len(built)
-    gallery = GalleryIndex.load(index_path)
+    gallery = GalleryIndex.load(index_path, main_vectors=False)
     if gallery.lineage.get("level") != "record" or gallery.lineage.get("split") != "all":
         where = index_file(index_path)
         raise ValueError(f"{where}: watch grows record-level indexes of all records (--split all)")
-    added = update_from_features(gallery, Path(store_path), name)
-    if added:
-        gallery.save(index_path)
-    return added
+    return int(update_index(index_path, Path(store_path), name)["added"])

@@ -248,6 +248,12 @@ CASES: list[tuple[str, list[str], int]] = [
     ("index update --index {idx}.faiss --store {tmp}/nostore --features emb", ["nostore"], 2),
     ("index update --index {idx}.faiss --store {store} --features zzz", ["zzz"], 2),
     ("index update --index {idx}.faiss --store {store}", ["Missing option", "--features"], 2),
+    ("index update --index {idx}.faiss --store {store} --features emb --compact-at -1",
+     ["--compact-at"], 2),
+    # --- index compact ---------------------------------------------------------------------
+    ("index compact --index {tmp}/nope.faiss", ["nope.faiss", "not found"], 2),
+    ("index compact --index {afile}", ["afile", "not found"], 2),
+    ("index compact", ["Missing option", "--index"], 2),
     # --- query -----------------------------------------------------------------------------
     ("query --index {tmp}/nope.faiss --record x", ["nope.faiss"], 2),
     ("query --index {idx}.faiss", ["exactly one of --record", "--file"], 2),

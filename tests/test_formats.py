@@ -95,7 +95,7 @@ def test_fault_point_kills_only_when_named():
         (r'^(COMMIT_FILE|SECRET_FILE|SCHEMA_VERSION)\s*=|"commit\.json"', "ecgplat/store.py"),
         (r'"ecgplat-checkpoint/', "training/models/checkpoint.py"),
         (r'"ecgplat-features/|^FEATURES_DIR\s*=', None),
-        (r'"ecgplat-faiss-index/', "retrieval/index.py"),
+        (r'"ecgplat-faiss-(index|delta)/', "retrieval/index.py"),
         (r"os\.replace\(|os\.fsync\(", None),
     ],
 )

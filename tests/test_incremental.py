@@ -269,3 +269,68 @@ def test_an_append_across_a_forget_equals_a_fresh_embed_and_stale_indexes_are_no
     assert index.lineage["forget_generation"] == 2
     rebuilt = index_from_features(store, "f", split="all")
     assert sorted(index.ids) == sorted(rebuilt.ids) and keys[3] not in index.ids
+
+
+def test_index_update_writes_a_delta_equal_to_a_rebuild_then_compacts(grown, tmp_path, monkeypatch):
+    import retrieval.index as I
+    from ecgplat.cli import app
+
+    store = tmp_path / "ab"
+    shutil.copytree(grown["ab"], store)
+    old = I.index_from_features(grown["a"], "f", split="all")
+    old.lineage["store"] = str(store.resolve())
+    path = old.save(tmp_path / "idx")
+    main_bytes = path.read_bytes()
+    embed_store(store, grown["ckpt"], "f", precision="fp32")
+
+    def whole(*args):  # the index holds exactly the rows before the appended ones
+        raise AssertionError("update read the whole selection")
+
+    monkeypatch.setattr(I, "_whole_selection", whole)
+    runner = CliRunner()
+    args = ["index", "update", "--index", str(path), "--store", str(store), "--features", "f"]
+    out = runner.invoke(app, [*args, "--compact-at", "2"])
+    assert out.exit_code == 0 and "1 delta segments" in out.output, out.output
+    assert path.read_bytes() == main_bytes  # the main file is not rewritten
+    assert I.delta_file(path, 1).is_file()
+    updated, rebuilt = I.GalleryIndex.load(path), I.index_from_features(store, "f", split="all")
+    assert updated.n_delta == len(rebuilt) - N_A and updated.ids == rebuilt.ids
+    assert updated.labels == rebuilt.labels
+    queries = load_features(store, "f", "record").embeddings
+    for a, b in zip(updated.search(queries, 5), rebuilt.search(queries, 5), strict=True):
+        assert np.array_equal(a, b)
+    assert updated.lineage["n_record_rows"] == rebuilt.lineage["n_record_rows"]
+    out = runner.invoke(app, args)  # nothing new: nothing written
+    assert out.exit_code == 0 and "added 0 vectors" in out.output
+    out = runner.invoke(app, ["index", "compact", "--index", str(path)])
+    assert out.exit_code == 0 and f"folded {len(rebuilt) - N_A} delta vectors" in out.output
+    assert not I.delta_file(path, 1).exists()
+    compacted = I.GalleryIndex.load(path)
+    assert compacted.n_delta == 0 and compacted.ids == rebuilt.ids
+    assert np.array_equal(
+        compacted.index.reconstruct_n(0, len(rebuilt)), rebuilt.index.reconstruct_n(0, len(rebuilt))
+    )
+
+
+def test_forget_removes_records_from_the_main_file_and_its_deltas(grown, tmp_path):
+    from ingestion.forget import forget
+    from retrieval.index import GalleryIndex, delta_file, index_from_features, update_index
+
+    store = tmp_path / "ab"
+    shutil.copytree(grown["ab"], store)
+    old = index_from_features(grown["a"], "f", split="all")
+    old.lineage["store"] = str(store.resolve())
+    path = old.save(tmp_path / "idx")
+    embed_store(store, grown["ckpt"], "f", precision="fp32")
+    assert not update_index(path, store, "f", compact_fraction=5)["compacted"]
+    keys = open_store(store).records["record_key"]
+    gone = [keys[2], keys[N_A + 3]]  # one in the main file, one in the delta
+    assert {GalleryIndex.load(path).ids.index(k) >= N_A for k in gone} == {False, True}
+    for key in gone:
+        forget(store, record=key, indexes=[path])
+    index = GalleryIndex.load(path)
+    assert not set(gone) & set(index.ids) and not delta_file(path, 1).exists()
+    rebuilt = index_from_features(store, "f", split="all")
+    assert index.ids == rebuilt.ids and len(index) == 2 * N_A - 2
+    queries = load_features(store, "f", "record").embeddings
+    assert np.array_equal(index.search(queries, 3)[1], rebuilt.search(queries, 3)[1])

@@ -161,17 +161,39 @@ def index_update(
     index: Annotated[Path, typer.Option(help="Index built by `ecgplat index build` (.faiss).")],
     store: Annotated[Path, typer.Option(help="Feature store holding the embeddings.")],
     features: Annotated[str, typer.Option(help="Feature set name (see `ecgplat embed`).")],
+    compact_at: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            help="Compact (fold the delta segments into a new main file) once their rows "
+            "exceed this fraction of the main file's.",
+        ),
+    ] = 0.1,
 ) -> None:
-    """Add the records embedded since an index was built to it, without a rebuild."""
-    from retrieval.index import GalleryIndex, LineageError, update_from_features
+    """Add the records embedded since an index was built to it, without a rebuild: the new
+    vectors go into a small delta segment next to the index file (compacted when large)."""
+    from retrieval.index import LineageError, update_index
 
     try:
-        idx = GalleryIndex.load(index)
-        added = update_from_features(idx, store, features)
-        path = idx.save(index) if added else Path(index)
+        r = update_index(index, store, features, compact_fraction=compact_at)
     except (LineageError, *_ERRORS) as e:
         fail(_message(e))
-    typer.echo(f"{path}: added {added} vectors, {len(idx)} in all ({idx.kind}, dim {idx.dim})")
+    where = "compacted into the main file" if r["compacted"] else f"{r['deltas']} delta segments"
+    typer.echo(f"{r['path']}: added {r['added']} vectors, {r['count']} in all ({where})")
+
+
+@index_app.command("compact")
+def index_compact(
+    index: Annotated[Path, typer.Option(help="Index built by `ecgplat index build` (.faiss).")],
+) -> None:
+    """Fold an index's delta segments (from `index update`) into a new main file."""
+    from retrieval.index import LineageError, compact_index
+
+    try:
+        r = compact_index(index)
+    except (LineageError, *_ERRORS) as e:
+        fail(_message(e))
+    typer.echo(f"{r['path']}: folded {r['folded']} delta vectors, {r['count']} in all")
 
 
 @evaluate_app.command("identify")
