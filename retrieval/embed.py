@@ -43,7 +43,7 @@ import numpy as np
 from ecgplat.atomic import fsync_dir
 from ecgplat.faults import stop_at_count
 from ecgplat.store import FEATURES_DIR as FEATURES
-from ecgplat.store import StoreLock
+from ecgplat.store import N_LEADS, SEGMENT_SAMPLES, StoreLock
 
 SCHEMA = "ecgplat-features/1"
 LEVELS = ("segment", "record")
@@ -155,9 +155,9 @@ class _Order:
 
     @classmethod
     def of(cls, store) -> _Order:
-        frame = store.records
-        starts = frame["seg_start"].to_numpy(dtype=np.int64)
-        counts = frame["seg_count"].to_numpy(dtype=np.int64)
+        # two int columns, not the record table (its string columns cost O(records) Python work)
+        starts = np.asarray(store.column("seg_start"), dtype=np.int64)
+        counts = np.asarray(store.column("seg_count"), dtype=np.int64)
         ends = np.cumsum(counts)
         number = np.arange(int(ends[-1]) if len(ends) else 0) - np.repeat(ends - counts, counts)
         return cls(
@@ -170,6 +170,11 @@ class _Order:
     def records_covered(self, n_segments: int) -> int:
         """Number of leading records all of whose segments are among the first `n_segments`."""
         return int(np.searchsorted(self.record_end, n_segments, side="right"))
+
+    def record_span(self, first: int, last: int) -> tuple[int, int]:
+        """Feature rows [lo, hi) of the whole records holding rows `first` and `last - 1`."""
+        r0, r1 = self.record[first], self.record[last - 1]
+        return (int(self.record_end[r0 - 1]) if r0 else 0), int(self.record_end[r1])
 
 
 def _same_model(old: dict, want: dict) -> bool:
@@ -304,6 +309,47 @@ def _publish_build(store_path: Path, name: str, build: Path) -> None:
 # ------------------------------------------------------------------------------ embedding
 
 
+class _Segments:
+    """The run's segments (float32 mV) by feature row, each read from the store once.
+
+    `rows(start, stop)` returns a batch's rows. With `whole_records` (zscore: a record's
+    statistics need all of its segments) it reads the whole records the batch touches and keeps
+    them: `record_stats(r)` of a record of that batch needs no second read, and the next batch
+    finds the part of a record it shares with this one already read. A forgotten record's rows
+    are zeros (they cannot be read); no batch uses them."""
+
+    def __init__(self, store, order: _Order, whole_records: bool):
+        self.store, self.order, self.whole_records = store, order, whole_records
+        self.lo = self.hi = 0
+        self.block = None
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        lo, hi = self.order.record_span(start, stop) if self.whole_records else (start, stop)
+        if self.block is not None and self.lo <= lo < self.hi <= hi:
+            kept = self.block[lo - self.lo :]
+            self.block = np.concatenate([kept, self._read(self.hi, hi)]) if hi > self.hi else kept
+        else:
+            self.block = self._read(lo, hi)
+        self.lo, self.hi = lo, hi
+        return self.block[start - lo : stop - lo]
+
+    def _read(self, lo: int, hi: int) -> np.ndarray:
+        live = self.store.live[self.order.record[lo:hi]]
+        if live.all():
+            return self.store.read_segments(self.order.rows[lo:hi])
+        out = np.zeros((hi - lo, N_LEADS, SEGMENT_SAMPLES), dtype=np.float32)
+        out[live] = self.store.read_segments(self.order.rows[lo:hi][live])
+        return out
+
+    def record_stats(self, record: int) -> tuple[np.ndarray, np.ndarray]:
+        """`training.normalize.lead_stats` of a record of the last batch, from the rows read."""
+        from training.normalize import lead_stats
+
+        hi = int(self.order.record_end[record])
+        lo = int(self.order.record_end[record - 1]) if record else 0
+        return lead_stats(self.block[lo - self.lo : hi - self.lo])
+
+
 @dataclass
 class _Run:
     """The moving parts of one embed run."""
@@ -319,22 +365,23 @@ class _Run:
     world: int
     rank: int
 
-    def batches(self, numbers):
+    def batches(self, numbers, segments: _Segments):
         """Batches `numbers` of the live segments only (a forgotten record's segments are not
         readable); `live` marks their rows in the full batch, for `_padded`."""
         from training.batch import make_batch
 
         masks, n, b = self.store.lead_masks, len(self.order.rows), self.batch_size
         for k in numbers:
-            rows = slice(k * b, min((k + 1) * b, n))
-            rec = self.order.record[rows]
+            start, stop = k * b, min((k + 1) * b, n)
+            rec = self.order.record[start:stop]
             live = self.store.live[rec]
+            x = segments.rows(start, stop)
             yield make_batch(
-                self.store.read_segments(self.order.rows[rows][live]),
+                x if live.all() else x[live],
                 masks[rec][live],
                 rec[live],
                 self.leads,
-                segment_index=self.order.number[rows][live],
+                segment_index=self.order.number[start:stop][live],
                 live=live,
             )
 
@@ -346,8 +393,13 @@ class _Run:
         from training.normalize import normalize_store_batches
 
         mine = list(range(first + self.rank, last, self.world))
+        segments = _Segments(self.store, self.order, whole_records=self.normalize != "none")
         batches = normalize_store_batches(
-            self.store, self.batches(mine), self.normalize, self.leads
+            self.store,
+            self.batches(mine, segments),
+            self.normalize,
+            self.leads,
+            stats=segments.record_stats,
         )
         emb = embed_batches(
             self.encoder, _padded(batches, self.leads), self.device, self.precision
@@ -355,8 +407,6 @@ class _Run:
         rows = slice(first * self.batch_size, min(last * self.batch_size, len(self.order.rows)))
         if self.world == 1:
             emb[~self.store.live[self.order.record[rows]]] = 0.0
-            return emb
-        if self.world == 1:
             return emb
         import torch.distributed as dist
 
@@ -595,15 +645,18 @@ def _embed(
     want["normalize"] = model.normalize  # as the encoder was trained
     encoder.to(info.device)
     locks: list[StoreLock] = []
+    locked: list = []  # rank 0: the store as of its lock
 
     def locked_plan() -> dict:
         locks.append(StoreLock(store_path))  # held by rank 0 until the end of the run
-        return _locked_plan(store_path, name, want, overwrite, batch_size)
+        locked.append(open_store(store_path))  # counts as of the lock: nobody appends now
+        return _locked_plan(store_path, name, {**want, "order": _Order.of(locked[0])}, overwrite,
+                            batch_size)  # fmt: skip
 
     try:
         plan = _share(info, locked_plan)
         # under rank 0's lock nobody appends: every rank now sees the same committed store
-        store = open_store(store_path)
+        store = locked[0] if locked else open_store(store_path)
         want["order"] = _Order.of(store)
         size = batch_size or (plan["lineage"] or {}).get("batch_size")
         size = size or inference_batch_size(encoder.cfg)
@@ -647,14 +700,11 @@ def _embed(
 
 
 def _locked_plan(store_path: Path, name: str, want: dict, overwrite: bool, batch_size) -> dict:
-    from ecgplat.store import open_store
-
-    store = open_store(store_path)  # counts as of the lock: nobody appends from here on
     if not (store_path / FEATURES / "zarr.json").is_file():  # `features` as a zarr group
         import zarr
 
         zarr.open_group(str(store_path / FEATURES), mode="a")
-    return _plan(store_path, name, {**want, "order": _Order.of(store)}, overwrite, batch_size)
+    return _plan(store_path, name, want, overwrite, batch_size)
 
 
 def _finish(store_path: Path, name: str, plan: dict, lineage: dict) -> dict:
