@@ -365,7 +365,11 @@ class _Run:
     world: int
     rank: int
 
-    def batches(self, numbers, segments: _Segments):
+    def __post_init__(self):
+        # one reader for the whole run: a record cut by a commit is not read twice either
+        self.segments = _Segments(self.store, self.order, whole_records=self.normalize != "none")
+
+    def batches(self, numbers):
         """Batches `numbers` of the live segments only (a forgotten record's segments are not
         readable); `live` marks their rows in the full batch, for `_padded`."""
         from training.batch import make_batch
@@ -375,7 +379,7 @@ class _Run:
             start, stop = k * b, min((k + 1) * b, n)
             rec = self.order.record[start:stop]
             live = self.store.live[rec]
-            x = segments.rows(start, stop)
+            x = self.segments.rows(start, stop)
             yield make_batch(
                 x if live.all() else x[live],
                 masks[rec][live],
@@ -393,14 +397,10 @@ class _Run:
         from training.normalize import normalize_store_batches
 
         mine = list(range(first + self.rank, last, self.world))
-        segments = _Segments(self.store, self.order, whole_records=self.normalize != "none")
         batches = normalize_store_batches(
-            self.store,
-            self.batches(mine, segments),
-            self.normalize,
-            self.leads,
-            stats=segments.record_stats,
-        )
+            self.store, self.batches(mine), self.normalize, self.leads,
+            stats=self.segments.record_stats,
+        )  # fmt: skip
         emb = embed_batches(
             self.encoder, _padded(batches, self.leads), self.device, self.precision
         )[0]
