@@ -281,17 +281,33 @@ def _put_rows(group, start: int, arrays: dict) -> None:
             arr[start:end] = value
 
 
-def _commit(path: Path, lineage: dict, seg: tuple | None, rec: tuple | None) -> None:
-    """Write rows past the committed counts, then the lineage that commits them (one atomic
-    replacement of the group's zarr.json)."""
+def _commit(path: Path, lineage: dict, seg: tuple, order: _Order, done: int) -> dict:
+    """Write segment rows past the committed counts, then the rows of the records they complete
+    (means of the set's segment rows, `done` = the committed segment count before), then the
+    lineage that commits both (one atomic replacement of the group's zarr.json); returns it."""
     import zarr
 
+    from training.models.identifier import record_means
+
     group = zarr.open_group(str(path), mode="r+")
-    if seg is not None:
-        _put_rows(group["segment"], *seg)
-    if rec is not None:
-        _put_rows(group["record"], *rec)
+    start, arrays = seg
+    stop = start + len(arrays["record_index"])
+    _put_rows(group["segment"], start, arrays)
+    r0, r1 = order.records_covered(done), order.records_covered(stop)
+    lo = int(order.record_end[r0 - 1]) if r0 else 0
+    hi = int(order.record_end[r1 - 1]) if r1 else 0
+    emb = np.asarray(group["segment"]["embedding"][lo:hi], dtype=np.float32)
+    rec_ids, rec_emb = record_means(emb, order.record[lo:hi])
+    rows = int(lineage.get("n_record_rows", 0))
+    _put_rows(group["record"], rows, {"embedding": rec_emb, "record_index": rec_ids})
+    lineage = {
+        **lineage,
+        "n_segments": stop,
+        "n_records": r1,
+        "n_record_rows": rows + len(rec_ids),
+    }
     group.attrs["lineage"] = lineage  # last: the commit point
+    return lineage
 
 
 def _publish_build(store_path: Path, name: str, build: Path) -> None:
@@ -447,20 +463,6 @@ def _padded(batches, leads: tuple):
         yield out
 
 
-def _record_rows(path: Path, order: _Order, done: int, new_done: int) -> tuple:
-    """(record index, record embedding) of the records completed between `done` and `new_done`
-    committed segments, from the set's segment rows (written before)."""
-    import zarr
-
-    from training.models.identifier import record_means
-
-    r0, r1 = order.records_covered(done), order.records_covered(new_done)
-    lo = int(order.record_end[r0 - 1]) if r0 else 0
-    hi = int(order.record_end[r1 - 1]) if r1 else 0
-    emb = zarr.open_group(str(path / "segment"), mode="r")["embedding"][lo:hi]
-    return record_means(np.asarray(emb, dtype=np.float32), order.record[lo:hi])
-
-
 def _run_commits(run: _Run, path: Path, lineage: dict, commit_segments: int, bar) -> dict:
     """Embed from the committed counts of `lineage` to the end of the store, committing every
     `commit_segments` segments; returns the final lineage (rank 0)."""
@@ -483,16 +485,7 @@ def _run_commits(run: _Run, path: Path, lineage: dict, commit_segments: int, bar
                 "segment_number": run.order.number[start:stop].astype(np.int32),
             },
         )
-        _commit(path, lineage, seg, None)  # rows only: the counts are unchanged
-        rec_ids, rec_emb = _record_rows(path, run.order, done, stop)
-        rows = int(lineage.get("n_record_rows", 0))
-        lineage = {
-            **lineage,
-            "n_segments": stop,
-            "n_records": run.order.records_covered(stop),
-            "n_record_rows": rows + len(rec_ids),
-        }
-        _commit(path, lineage, None, (rows, {"embedding": rec_emb, "record_index": rec_ids}))
+        lineage = _commit(path, lineage, seg, run.order, done)
         bar.advance(stop - max(done, start))
         done = stop
         commits += 1
