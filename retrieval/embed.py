@@ -18,7 +18,9 @@ the floating-point kernels). Work is committed every `commit_segments` segments:
 written first, then the lineage's counts (`n_segments`, `n_records`, `n_record_rows`) are
 replaced atomically; readers use only the committed rows. When the store has grown, or a run was
 killed, the next run restarts at the batch holding the first uncommitted segment and re-embeds
-only that batch's committed part. A record's row is written once all its segments are.
+only that batch's committed part. A record's row is written once all its segments are. Each
+segment is read from the store once; under `zscore` a batch reads the whole records it touches,
+whose per-record statistics then come from the rows already read.
 
 A new set (or an `overwrite`) is built under `features/.build-<name>` and renamed into place when
 complete, so an interrupted first embed never shows a half set under its name, and an
