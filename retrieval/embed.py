@@ -18,7 +18,9 @@ the floating-point kernels). Work is committed every `commit_segments` segments:
 written first, then the lineage's counts (`n_segments`, `n_records`, `n_record_rows`) are
 replaced atomically; readers use only the committed rows. When the store has grown, or a run was
 killed, the next run restarts at the batch holding the first uncommitted segment and re-embeds
-only that batch's committed part. A record's row is written once all its segments are.
+only that batch's committed part. A record's row is written once all its segments are. Each
+segment is read from the store once; under `zscore` a batch reads the whole records it touches,
+whose per-record statistics then come from the rows already read.
 
 A new set (or an `overwrite`) is built under `features/.build-<name>` and renamed into place when
 complete, so an interrupted first embed never shows a half set under its name, and an
@@ -43,7 +45,7 @@ import numpy as np
 from ecgplat.atomic import fsync_dir
 from ecgplat.faults import stop_at_count
 from ecgplat.store import FEATURES_DIR as FEATURES
-from ecgplat.store import StoreLock
+from ecgplat.store import N_LEADS, SEGMENT_SAMPLES, StoreLock
 
 SCHEMA = "ecgplat-features/1"
 LEVELS = ("segment", "record")
@@ -155,9 +157,9 @@ class _Order:
 
     @classmethod
     def of(cls, store) -> _Order:
-        frame = store.records
-        starts = frame["seg_start"].to_numpy(dtype=np.int64)
-        counts = frame["seg_count"].to_numpy(dtype=np.int64)
+        # two int columns, not the record table (its string columns cost O(records) Python work)
+        starts = np.asarray(store.column("seg_start"), dtype=np.int64)
+        counts = np.asarray(store.column("seg_count"), dtype=np.int64)
         ends = np.cumsum(counts)
         number = np.arange(int(ends[-1]) if len(ends) else 0) - np.repeat(ends - counts, counts)
         return cls(
@@ -170,6 +172,11 @@ class _Order:
     def records_covered(self, n_segments: int) -> int:
         """Number of leading records all of whose segments are among the first `n_segments`."""
         return int(np.searchsorted(self.record_end, n_segments, side="right"))
+
+    def record_span(self, first: int, last: int) -> tuple[int, int]:
+        """Feature rows [lo, hi) of the whole records holding rows `first` and `last - 1`."""
+        r0, r1 = self.record[first], self.record[last - 1]
+        return (int(self.record_end[r0 - 1]) if r0 else 0), int(self.record_end[r1])
 
 
 def _same_model(old: dict, want: dict) -> bool:
@@ -276,17 +283,33 @@ def _put_rows(group, start: int, arrays: dict) -> None:
             arr[start:end] = value
 
 
-def _commit(path: Path, lineage: dict, seg: tuple | None, rec: tuple | None) -> None:
-    """Write rows past the committed counts, then the lineage that commits them (one atomic
-    replacement of the group's zarr.json)."""
+def _commit(path: Path, lineage: dict, seg: tuple, order: _Order, done: int) -> dict:
+    """Write segment rows past the committed counts, then the rows of the records they complete
+    (means of the set's segment rows, `done` = the committed segment count before), then the
+    lineage that commits both (one atomic replacement of the group's zarr.json); returns it."""
     import zarr
 
+    from training.models.identifier import record_means
+
     group = zarr.open_group(str(path), mode="r+")
-    if seg is not None:
-        _put_rows(group["segment"], *seg)
-    if rec is not None:
-        _put_rows(group["record"], *rec)
+    start, arrays = seg
+    stop = start + len(arrays["record_index"])
+    _put_rows(group["segment"], start, arrays)
+    r0, r1 = order.records_covered(done), order.records_covered(stop)
+    lo = int(order.record_end[r0 - 1]) if r0 else 0
+    hi = int(order.record_end[r1 - 1]) if r1 else 0
+    emb = np.asarray(group["segment"]["embedding"][lo:hi], dtype=np.float32)
+    rec_ids, rec_emb = record_means(emb, order.record[lo:hi])
+    rows = int(lineage.get("n_record_rows", 0))
+    _put_rows(group["record"], rows, {"embedding": rec_emb, "record_index": rec_ids})
+    lineage = {
+        **lineage,
+        "n_segments": stop,
+        "n_records": r1,
+        "n_record_rows": rows + len(rec_ids),
+    }
     group.attrs["lineage"] = lineage  # last: the commit point
+    return lineage
 
 
 def _publish_build(store_path: Path, name: str, build: Path) -> None:
@@ -304,6 +327,47 @@ def _publish_build(store_path: Path, name: str, build: Path) -> None:
 # ------------------------------------------------------------------------------ embedding
 
 
+class _Segments:
+    """The run's segments (float32 mV) by feature row, each read from the store once.
+
+    `rows(start, stop)` returns a batch's rows. With `whole_records` (zscore: a record's
+    statistics need all of its segments) it reads the whole records the batch touches and keeps
+    them: `record_stats(r)` of a record of that batch needs no second read, and the next batch
+    finds the part of a record it shares with this one already read. A forgotten record's rows
+    are zeros (they cannot be read); no batch uses them."""
+
+    def __init__(self, store, order: _Order, whole_records: bool):
+        self.store, self.order, self.whole_records = store, order, whole_records
+        self.lo = self.hi = 0
+        self.block = None
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        lo, hi = self.order.record_span(start, stop) if self.whole_records else (start, stop)
+        if self.block is not None and self.lo <= lo < self.hi <= hi:
+            kept = self.block[lo - self.lo :]
+            self.block = np.concatenate([kept, self._read(self.hi, hi)]) if hi > self.hi else kept
+        else:
+            self.block = self._read(lo, hi)
+        self.lo, self.hi = lo, hi
+        return self.block[start - lo : stop - lo]
+
+    def _read(self, lo: int, hi: int) -> np.ndarray:
+        live = self.store.live[self.order.record[lo:hi]]
+        if live.all():
+            return self.store.read_segments(self.order.rows[lo:hi])
+        out = np.zeros((hi - lo, N_LEADS, SEGMENT_SAMPLES), dtype=np.float32)
+        out[live] = self.store.read_segments(self.order.rows[lo:hi][live])
+        return out
+
+    def record_stats(self, record: int) -> tuple[np.ndarray, np.ndarray]:
+        """`training.normalize.lead_stats` of a record of the last batch, from the rows read."""
+        from training.normalize import lead_stats
+
+        hi = int(self.order.record_end[record])
+        lo = int(self.order.record_end[record - 1]) if record else 0
+        return lead_stats(self.block[lo - self.lo : hi - self.lo])
+
+
 @dataclass
 class _Run:
     """The moving parts of one embed run."""
@@ -319,6 +383,10 @@ class _Run:
     world: int
     rank: int
 
+    def __post_init__(self):
+        # one reader for the whole run: a record cut by a commit is not read twice either
+        self.segments = _Segments(self.store, self.order, whole_records=self.normalize != "none")
+
     def batches(self, numbers):
         """Batches `numbers` of the live segments only (a forgotten record's segments are not
         readable); `live` marks their rows in the full batch, for `_padded`."""
@@ -326,15 +394,16 @@ class _Run:
 
         masks, n, b = self.store.lead_masks, len(self.order.rows), self.batch_size
         for k in numbers:
-            rows = slice(k * b, min((k + 1) * b, n))
-            rec = self.order.record[rows]
+            start, stop = k * b, min((k + 1) * b, n)
+            rec = self.order.record[start:stop]
             live = self.store.live[rec]
+            x = self.segments.rows(start, stop)
             yield make_batch(
-                self.store.read_segments(self.order.rows[rows][live]),
+                x if live.all() else x[live],
                 masks[rec][live],
                 rec[live],
                 self.leads,
-                segment_index=self.order.number[rows][live],
+                segment_index=self.order.number[start:stop][live],
                 live=live,
             )
 
@@ -347,16 +416,15 @@ class _Run:
 
         mine = list(range(first + self.rank, last, self.world))
         batches = normalize_store_batches(
-            self.store, self.batches(mine), self.normalize, self.leads
-        )
+            self.store, self.batches(mine), self.normalize, self.leads,
+            stats=self.segments.record_stats,
+        )  # fmt: skip
         emb = embed_batches(
             self.encoder, _padded(batches, self.leads), self.device, self.precision
         )[0]
         rows = slice(first * self.batch_size, min(last * self.batch_size, len(self.order.rows)))
         if self.world == 1:
             emb[~self.store.live[self.order.record[rows]]] = 0.0
-            return emb
-        if self.world == 1:
             return emb
         import torch.distributed as dist
 
@@ -397,20 +465,6 @@ def _padded(batches, leads: tuple):
         yield out
 
 
-def _record_rows(path: Path, order: _Order, done: int, new_done: int) -> tuple:
-    """(record index, record embedding) of the records completed between `done` and `new_done`
-    committed segments, from the set's segment rows (written before)."""
-    import zarr
-
-    from training.models.identifier import record_means
-
-    r0, r1 = order.records_covered(done), order.records_covered(new_done)
-    lo = int(order.record_end[r0 - 1]) if r0 else 0
-    hi = int(order.record_end[r1 - 1]) if r1 else 0
-    emb = zarr.open_group(str(path / "segment"), mode="r")["embedding"][lo:hi]
-    return record_means(np.asarray(emb, dtype=np.float32), order.record[lo:hi])
-
-
 def _run_commits(run: _Run, path: Path, lineage: dict, commit_segments: int, bar) -> dict:
     """Embed from the committed counts of `lineage` to the end of the store, committing every
     `commit_segments` segments; returns the final lineage (rank 0)."""
@@ -433,16 +487,7 @@ def _run_commits(run: _Run, path: Path, lineage: dict, commit_segments: int, bar
                 "segment_number": run.order.number[start:stop].astype(np.int32),
             },
         )
-        _commit(path, lineage, seg, None)  # rows only: the counts are unchanged
-        rec_ids, rec_emb = _record_rows(path, run.order, done, stop)
-        rows = int(lineage.get("n_record_rows", 0))
-        lineage = {
-            **lineage,
-            "n_segments": stop,
-            "n_records": run.order.records_covered(stop),
-            "n_record_rows": rows + len(rec_ids),
-        }
-        _commit(path, lineage, None, (rows, {"embedding": rec_emb, "record_index": rec_ids}))
+        lineage = _commit(path, lineage, seg, run.order, done)
         bar.advance(stop - max(done, start))
         done = stop
         commits += 1
@@ -595,15 +640,18 @@ def _embed(
     want["normalize"] = model.normalize  # as the encoder was trained
     encoder.to(info.device)
     locks: list[StoreLock] = []
+    locked: list = []  # rank 0: the store as of its lock
 
     def locked_plan() -> dict:
         locks.append(StoreLock(store_path))  # held by rank 0 until the end of the run
-        return _locked_plan(store_path, name, want, overwrite, batch_size)
+        locked.append(open_store(store_path))  # counts as of the lock: nobody appends now
+        return _locked_plan(store_path, name, {**want, "order": _Order.of(locked[0])}, overwrite,
+                            batch_size)  # fmt: skip
 
     try:
         plan = _share(info, locked_plan)
         # under rank 0's lock nobody appends: every rank now sees the same committed store
-        store = open_store(store_path)
+        store = locked[0] if locked else open_store(store_path)
         want["order"] = _Order.of(store)
         size = batch_size or (plan["lineage"] or {}).get("batch_size")
         size = size or inference_batch_size(encoder.cfg)
@@ -647,14 +695,11 @@ def _embed(
 
 
 def _locked_plan(store_path: Path, name: str, want: dict, overwrite: bool, batch_size) -> dict:
-    from ecgplat.store import open_store
-
-    store = open_store(store_path)  # counts as of the lock: nobody appends from here on
     if not (store_path / FEATURES / "zarr.json").is_file():  # `features` as a zarr group
         import zarr
 
         zarr.open_group(str(store_path / FEATURES), mode="a")
-    return _plan(store_path, name, {**want, "order": _Order.of(store)}, overwrite, batch_size)
+    return _plan(store_path, name, want, overwrite, batch_size)
 
 
 def _finish(store_path: Path, name: str, plan: dict, lineage: dict) -> dict:

@@ -149,3 +149,63 @@ def test_finetune_refuses_another_mode_than_its_init(zscore_checkpoint):
     with pytest.raises(ValueError, match="data.normalize=zscore"):
         check_init_normalize(cfg)
     check_init_normalize(apply_overrides(cfg, ["data.normalize=zscore"]))  # same: accepted
+
+
+def test_zscore_embed_reads_each_segment_once_and_equals_the_per_record_path(
+    zscore_checkpoint, tmp_path, monkeypatch
+):
+    """Records of 2 and 5 segments cut by batches of 3 and commits of 6: the embed reads every
+    segment once (record statistics from the rows already read), and its embeddings are bit for
+    bit those of batches normalised with each record read again by itself."""
+    from ecgplat.store import EcgStore
+    from ingestion.pipeline import ingest
+    from ingestion.synth import write_cohort
+    from retrieval.embed import LoadedModel, embed_store, load_features
+    from training.batch import make_batch
+    from training.models.identifier import embed_batches
+
+    write_cohort(tmp_path / "cohort" / "a", 7, 1, seconds=10, seed=1)
+    write_cohort(tmp_path / "cohort" / "b", 3, 1, seconds=25, seed=2)
+    for f in (tmp_path / "cohort" / "a").rglob("S00000[123].*"):  # ids taken by the long ones
+        f.unlink()
+    store_dir = tmp_path / "store"
+    ingest("cinc2021", tmp_path / "cohort", store_dir, workers=0, progress=False)
+    store = open_store(store_dir)
+    counts = np.asarray(store.column("seg_count"))
+    assert sorted(set(counts.tolist())) == [2, 5] and store.n_segments == counts.sum() == 23
+
+    read: list[int] = []
+    raw = EcgStore.read_segments_raw
+
+    def counted(self, idx):
+        read.extend(np.asarray(idx).reshape(-1).tolist())
+        return raw(self, idx)
+
+    def refused(self, i):
+        raise AssertionError(f"record {i} read a second time")
+
+    monkeypatch.setattr(EcgStore, "read_segments_raw", counted)
+    monkeypatch.setattr(EcgStore, "record_segments_raw", refused)
+    kw = dict(leads="6", batch_size=3, device="cpu", precision="fp32")
+    embed_store(store_dir, zscore_checkpoint, "z", commit_segments=6, **kw)
+    monkeypatch.undo()
+    assert sorted(read) == list(range(store.n_segments))
+
+    leads = parse_leads("6")
+    rec, num = store.segment_record_index, store.segment_number
+    batches = [
+        make_batch(
+            store.read_segments(np.arange(k, min(k + 3, store.n_segments))),
+            store.lead_masks[rec[k : k + 3]],
+            rec[k : k + 3],
+            leads,
+        )
+        for k in range(0, store.n_segments, 3)
+    ]
+    encoder = LoadedModel.load(zscore_checkpoint).encoder
+    want = embed_batches(
+        encoder, normalize_store_batches(store, batches, "zscore", leads), "cpu", "fp32"
+    )[0]
+    got = load_features(store_dir, "z", "segment")
+    assert np.array_equal(got.record_index, rec) and np.array_equal(got.segment_number, num)
+    assert np.array_equal(got.embeddings, want)

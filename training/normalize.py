@@ -11,7 +11,7 @@ the checkpoint (``mode_of``), and feature sets record it in their lineage.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -53,11 +53,18 @@ def mode_of(checkpoint: dict) -> str:
 
 
 def normalize_store_batches(
-    store, batches: Iterable[dict], mode: str, leads: tuple[int, ...] | None = None
+    store,
+    batches: Iterable[dict],
+    mode: str,
+    leads: tuple[int, ...] | None = None,
+    stats: Callable[[int], tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> Iterator[dict]:
     """Store batches (``training.batch.store_batches``: segments in record order,
     ``record_index`` per row) normalised per record with the statistics of the whole record,
-    exactly as ``normalize_record`` on the record; leads outside ``leads`` stay zero."""
+    exactly as ``normalize_record`` on the record; leads outside ``leads`` stay zero.
+    ``stats(r)``: ``lead_stats`` of record ``r`` from segments the caller has already read
+    (asked while ``r``'s batch is the latest drawn from ``batches``); by default the record is
+    read from the store again."""
     import torch
 
     from ecgplat.leads import lead_mask
@@ -66,6 +73,7 @@ def normalize_store_batches(
         yield from batches
         return
     keep = lead_mask(leads) if leads is not None else np.ones(12, dtype=bool)
+    stats = stats or (lambda r: lead_stats(store.record_segments(r)))
     cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     for batch in batches:
         rec = batch["record_index"].numpy()
@@ -74,7 +82,7 @@ def normalize_store_batches(
         for r in np.unique(rec):
             if int(r) not in cache:
                 cache.clear()  # records arrive in order: one record's stats at a time
-                cache[int(r)] = lead_stats(store.record_segments(int(r)))
+                cache[int(r)] = stats(int(r))
             rows = rec == r
             out[rows] = apply_stats(x[rows], *cache[int(r)])
         out[:, ~keep] = 0.0
