@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from ecgplat import counts as C
+from ecgplat.locks import StoreBusyError, WriterLock  # noqa: F401 - StoreBusyError re-exported
 
 if TYPE_CHECKING:
     import zarr
@@ -163,43 +164,15 @@ class ForgottenRecordError(LookupError):
     """A read of a record (or segment) that `ecgplat forget` took out of the store."""
 
 
-class StoreBusyError(RuntimeError):
-    """Another process holds the store's (or a shard directory's) writer lock."""
-
-
-class StoreLock:
-    """The store's single-writer lock: an exclusive, non-blocking flock on ``STORE/.lock``.
-
-    RuntimeError when another process holds it. Use as a context manager or call
-    ``release()``."""
+class StoreLock(WriterLock):
+    """The store's single-writer lock: an exclusive, non-blocking flock on ``STORE/.lock``;
+    StoreBusyError when another process holds it."""
 
     def __init__(self, path: str | os.PathLike):
-        import fcntl
-
         self.path = Path(path)
-        self._fd: int | None = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._fd)
-            self._fd = None
-            raise StoreBusyError(
-                f"{self.path}: store is being written by another process"
-            ) from None
-
-    def release(self) -> None:
-        import fcntl
-
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
-
-    def __enter__(self) -> StoreLock:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
+        super().__init__(
+            self.path / LOCK_FILE, f"{self.path}: store is being written by another process"
+        )
 
 
 def as_str_array(values) -> np.ndarray:

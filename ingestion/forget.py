@@ -67,14 +67,15 @@ def forget(
     indexes=(),
 ) -> dict:
     """Forget the record with key ``record`` or every record of the patient key ``patient``
-    (or, with neither, only complete a pending forget) and update the FAISS index files
-    ``indexes``. Returns counts: {"forgotten", "already", "segments", "generation",
-    "shard_files", "feature_sets", "indexes", "index_rows", "records_total"}.
+    (or, with neither, only complete a pending forget) and keep the FAISS indexes ``indexes``
+    in step: `retrieval.index.ForgetIndex` objects, passed in by the caller since ingestion does
+    not import retrieval (anything with ``check_store(reader)`` and ``scrub(key_hashes, secret,
+    generation) -> rows removed``). Returns counts: {"forgotten", "already", "segments",
+    "generation", "shard_files", "feature_sets", "indexes", "index_rows", "records_total"}.
 
     ValueError/KeyError (one line, no identifier) for a bad or unknown key, or an index file
     that is not of this store; nothing is changed then."""
     from ingestion.writer import StoreWriter
-    from retrieval.index import GalleryIndex
 
     if record is not None and patient is not None:
         raise ValueError("give one of --record KEY or --patient PSEUDONYM, not both")
@@ -89,12 +90,9 @@ def forget(
         secret = writer.secret
         table = S.read_forgotten(store)
         rows, already = _resolve(reader, table, secret, record, patient)
-        galleries = []
-        for path in indexes:  # every index is checked before anything changes
-            gallery = GalleryIndex.load(path, check_store=False)
-            _check_same_store(gallery, reader, path)
-            galleries.append((path, gallery))
-        if record is None and patient is None and not galleries and not reader.forget_pending:
+        for target in indexes:  # every index is checked before anything changes
+            target.check_store(reader)
+        if record is None and patient is None and not indexes and not reader.forget_pending:
             raise ValueError(
                 f"{store}: give --record KEY or --patient PSEUDONYM (no forget is pending)"
             )
@@ -109,7 +107,7 @@ def forget(
                 n_segments,
             )
         stop_point("forget.after_mask")
-        done = _scrub(store, reader, table, secret, galleries)
+        done = _scrub(store, reader, table, secret, indexes)
         writer.recount()  # the counts in commit.json, without the forgotten records
     return {
         "forgotten": len(rows),
@@ -139,18 +137,6 @@ def _resolve(reader, table: dict, secret: bytes, record, patient) -> tuple[np.nd
     return rows.astype(np.int64), int(len(rows) == 0)
 
 
-def _check_same_store(gallery, reader, path) -> None:
-    lineage = gallery.lineage
-    uuid, where = lineage.get("store_uuid"), lineage.get("store")
-    same = (
-        uuid == reader.attrs.get("store_uuid")
-        if uuid
-        else where and Path(where).resolve() == reader.path.resolve()
-    )
-    if not same:
-        raise ValueError(f"{path}: the index was not built from {reader.path}")
-
-
 def _mask(store: Path, table: dict, reader, rows, secret: bytes, by_patient: bool) -> dict:
     """Phase 1: append ``rows`` to the tombstone table and bump its generation (one atomic
     replacement of forgotten.json: the commit point of the forget)."""
@@ -178,15 +164,15 @@ def _mask(store: Path, table: dict, reader, rows, secret: bytes, by_patient: boo
     return table
 
 
-def _scrub(store: Path, reader, table: dict, secret: bytes, galleries) -> dict:
+def _scrub(store: Path, reader, table: dict, secret: bytes, indexes) -> dict:
     """Phase 2: rewrite every data file holding records of a generation not yet scrubbed, then
     mark the table scrubbed. Each step is idempotent, so a rerun after a kill completes it."""
     done = {"shard_files": 0, "feature_sets": 0, "indexes": 0, "index_rows": 0}
     gen = np.asarray(table["record_generation"], dtype=np.int64)
     pending = np.asarray(table["records"], dtype=np.int64)[gen > table["scrubbed"]]
     keys = set(table["key_hash"])
-    for path, gallery in galleries:
-        done["index_rows"] += _scrub_index(path, gallery, keys, secret, table["generation"])
+    for target in indexes:
+        done["index_rows"] += target.scrub(keys, secret, table["generation"])
         done["indexes"] += 1
         stop_point("forget.after_index")
     if not len(pending) and table["scrubbed"] == table["generation"]:
@@ -211,27 +197,6 @@ def _scrub(store: Path, reader, table: dict, secret: bytes, galleries) -> dict:
         done["feature_sets"],
     )
     return done
-
-
-def _scrub_index(path, gallery, key_hashes: set, secret: bytes, generation: int) -> int:
-    """Drop the rows of forgotten records from an index file (rows are named by record key or
-    ``record_key#segment``) and record the store's forget generation in its lineage."""
-    level = gallery.lineage.get("level", "record")
-
-    def key_of(row_id: str) -> str:
-        return row_id.rsplit("#", 1)[0] if level == "segment" else row_id
-
-    drop = [
-        i
-        for i, row_id in enumerate(gallery.ids)
-        if tombstone_hash("record", key_of(row_id), secret) in key_hashes
-    ]
-    if drop or gallery.lineage.get("forget_generation", 0) != generation:
-        gallery.drop_rows(drop)
-        gallery.lineage = dict(gallery.lineage, forget_generation=generation)
-        gallery.info = {k: v for k, v in gallery.info.items() if not k.startswith("recall")}
-        gallery.save(path)
-    return len(drop)
 
 
 def _same(values: np.ndarray, value) -> bool:

@@ -13,7 +13,6 @@ refuses it), never a manifest listing a mix of old and new shards.
 from __future__ import annotations
 
 import datetime as _dt
-import fcntl
 import io
 import json
 import os
@@ -26,6 +25,7 @@ import numpy as np
 
 from ecgplat import atomic
 from ecgplat.faults import stop_point
+from ecgplat.locks import WriterLock
 from ecgplat.progress import ProgressBar
 from ecgplat.shard_format import (
     FORMAT,
@@ -40,7 +40,7 @@ from ecgplat.shard_format import (
     shard_glob,
     shard_name,
 )
-from ecgplat.store import EcgStore, StoreBusyError, open_store
+from ecgplat.store import EcgStore, open_store
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 _UNITS = {
@@ -252,25 +252,9 @@ def _publish(out: Path, name: str, sink: _ShardSink, entry: dict) -> None:
             old.unlink()
 
 
-class _export_lock:  # noqa: N801 - used as a context manager
-    """An exclusive advisory lock on ``DIR/.lock`` (one exporter per shard directory)."""
-
-    def __init__(self, out: Path):
-        self.file = out / LOCK_FILE
-
-    def __enter__(self):
-        self.fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self.fd)
-            where = self.file.parent
-            raise StoreBusyError(f"{where}: shards are being written by another process") from None
-        return self
-
-    def __exit__(self, *exc) -> None:
-        fcntl.flock(self.fd, fcntl.LOCK_UN)
-        os.close(self.fd)
+def _export_lock(out: Path) -> WriterLock:
+    """The shard directory's single-writer lock (``DIR/.lock``: one exporter at a time)."""
+    return WriterLock(out / LOCK_FILE, f"{out}: shards are being written by another process")
 
 
 def shard_urls(out: str | os.PathLike, name: str) -> list[str]:

@@ -36,8 +36,11 @@ import numpy as np
 
 from ecgplat import atomic
 from ecgplat.faults import stop_point
+from ecgplat.locks import WriterLock
+from ecgplat.privacy import tombstone_hash
 
 INDEX_KINDS = ("flat", "hnsw", "ivf")
+LOCK_SUFFIX = ".lock"  # NAME.faiss.lock: the index's writer lock
 # lineage fields that must agree between an index and the embeddings used to query it
 LINEAGE_MATCH_KEYS = ("checkpoint_sha256", "leads")
 # lineage fields that must agree between an index and the feature set that `update` adds from
@@ -683,6 +686,15 @@ def index_file(path: str | Path) -> Path:
     return p if p.suffix == INDEX_SUFFIX else p.with_name(p.name + INDEX_SUFFIX)
 
 
+def index_lock(path: str | Path) -> WriterLock:
+    """The single-writer lock of the index at `path` (`NAME.faiss.lock` next to it), held by every
+    writer of its main file or delta segments: two updates never take one sequence number, and a
+    writer's clean-up of killed writers' files never meets a live one. StoreBusyError when held."""
+    index_path = index_file(path)
+    busy = f"{index_path}: index is being written by another process"
+    return WriterLock(index_path.with_name(index_path.name + LOCK_SUFFIX), busy)
+
+
 def recall_at_1(approx: faiss.Index, exact: faiss.Index, queries: np.ndarray) -> float:
     """Fraction of queries whose approximate top-1 row equals the exact top-1 row."""
     q = _unit_float32(queries)
@@ -951,6 +963,11 @@ def update_index(
     "compacted", "deltas", "path"}; nothing is written when nothing is added."""
     if not compact_fraction >= 0:
         raise ValueError(f"compact fraction must be >= 0, got {compact_fraction}")
+    with index_lock(path):
+        return _update_locked(path, store_path, features, compact_fraction)
+
+
+def _update_locked(path, store_path, features: str, compact_fraction: float) -> dict:
     head = GalleryIndex.load(path, main_vectors=False, main_ids=False)
     try:
         added = update_from_features(head, store_path, features)
@@ -977,7 +994,46 @@ def update_index(
 def compact_index(path: str | os.PathLike) -> dict:
     """`ecgplat index compact`: fold the delta segments of the index at `path` into a new main
     file (atomically) and remove them. Returns {"folded", "count", "path"}."""
-    index = GalleryIndex.load(path, check_store=False)
-    folded = index.n_delta
-    written = index.save(path) if folded else index_file(path)
+    with index_lock(path):
+        index = GalleryIndex.load(path, check_store=False)
+        folded = index.n_delta
+        written = index.save(path) if folded else index_file(path)
     return {"folded": folded, "count": len(index), "path": written}
+
+
+class ForgetIndex:
+    """An index file kept in step with a store by `ingestion.forget.forget`: checked to be of
+    that store before the forget changes anything, then (under the index's lock, reloaded with
+    its deltas) rewritten without the forgotten records' rows and stamped with the store's
+    forget generation."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = path
+        self.lineage = GalleryIndex.load(path, check_store=False).lineage
+
+    def check_store(self, reader) -> None:
+        """ValueError unless the index was built from the store `reader` has open."""
+        uuid_, where = self.lineage.get("store_uuid"), self.lineage.get("store")
+        same = (
+            uuid_ == reader.attrs.get("store_uuid")
+            if uuid_
+            else where and Path(where).resolve() == reader.path.resolve()
+        )
+        if not same:
+            raise ValueError(f"{self.path}: the index was not built from {reader.path}")
+
+    def scrub(self, key_hashes: set, secret: bytes, generation: int) -> int:
+        """Drop the rows of forgotten records (rows are named by record key or
+        ``record_key#segment``; `key_hashes` are their tombstone hashes); returns how many."""
+        with index_lock(self.path):
+            gallery = GalleryIndex.load(self.path, check_store=False)
+            segment_level = gallery.lineage.get("level", "record") == "segment"
+            keys = (r.rsplit("#", 1)[0] if segment_level else r for r in gallery.ids)
+            hashes = (tombstone_hash("record", key, secret) for key in keys)
+            drop = [i for i, h in enumerate(hashes) if h in key_hashes]
+            if drop or gallery.lineage.get("forget_generation", 0) != generation:
+                gallery.drop_rows(drop)
+                gallery.lineage = dict(gallery.lineage, forget_generation=generation)
+                gallery.info = {k: v for k, v in gallery.info.items() if not k.startswith("recall")}
+                gallery.save(self.path)
+        return len(drop)

@@ -49,11 +49,18 @@ def index_missing(index_path: str | os.PathLike, store_path: str | os.PathLike, 
     vectors added. LineageError when the index holds another model's vectors, StaleIndexError
     when records were forgotten since it was built, ValueError when it is not a record-level
     index over all records."""
-    from retrieval.index import GalleryIndex, index_file, index_from_features, update_index
+    from retrieval.index import (
+        GalleryIndex,
+        index_file,
+        index_from_features,
+        index_lock,
+        update_index,
+    )
 
     if not index_file(index_path).is_file():
         built = index_from_features(store_path, name, split="all")
-        built.save(index_path)
+        with index_lock(index_path):
+            built.save(index_path)
         return len(built)
     gallery = GalleryIndex.load(index_path, main_vectors=False)
     if gallery.lineage.get("level") != "record" or gallery.lineage.get("split") != "all":

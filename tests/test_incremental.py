@@ -234,6 +234,7 @@ def test_an_append_across_a_forget_equals_a_fresh_embed_and_stale_indexes_are_no
 ):
     from ingestion.forget import forget
     from retrieval.index import (
+        ForgetIndex,
         GalleryIndex,
         StaleIndexError,
         index_from_features,
@@ -263,7 +264,7 @@ def test_an_append_across_a_forget_equals_a_fresh_embed_and_stale_indexes_are_no
     stale = GalleryIndex.load(path, check_store=False)
     with pytest.raises(StaleIndexError, match="forget generation 0, store at 2"):
         update_from_features(stale, store, "f")
-    forget(store, indexes=[path])
+    forget(store, indexes=[ForgetIndex(path)])
     index = GalleryIndex.load(path)
     assert update_from_features(index, store, "f") > 0
     assert index.lineage["forget_generation"] == 2
@@ -314,7 +315,13 @@ def test_index_update_writes_a_delta_equal_to_a_rebuild_then_compacts(grown, tmp
 
 def test_forget_removes_records_from_the_main_file_and_its_deltas(grown, tmp_path):
     from ingestion.forget import forget
-    from retrieval.index import GalleryIndex, delta_file, index_from_features, update_index
+    from retrieval.index import (
+        ForgetIndex,
+        GalleryIndex,
+        delta_file,
+        index_from_features,
+        update_index,
+    )
 
     store = tmp_path / "ab"
     shutil.copytree(grown["ab"], store)
@@ -327,7 +334,7 @@ def test_forget_removes_records_from_the_main_file_and_its_deltas(grown, tmp_pat
     gone = [keys[2], keys[N_A + 3]]  # one in the main file, one in the delta
     assert {GalleryIndex.load(path).ids.index(k) >= N_A for k in gone} == {False, True}
     for key in gone:
-        forget(store, record=key, indexes=[path])
+        forget(store, record=key, indexes=[ForgetIndex(path)])
     index = GalleryIndex.load(path)
     assert not set(gone) & set(index.ids) and not delta_file(path, 1).exists()
     rebuilt = index_from_features(store, "f", split="all")

@@ -295,3 +295,25 @@ def test_a_description_written_before_deltas_is_read_whole(tmp_path):
     one = build_index(np.concatenate([x, _unit(3, 5)]), back.ids)
     q = _unit(10, 6)
     assert np.array_equal(back.search(q, 5)[1], one.search(q, 5)[1])
+
+
+def test_a_second_writer_of_an_index_is_refused_while_one_holds_it(tmp_path):
+    """Two writers would both take the next delta number (one rename would silently replace
+    the other's vectors): the second one is refused in one line and nothing changes."""
+    from ecgplat.locks import StoreBusyError
+    from retrieval.index import index_lock
+
+    path, _ = _chained(tmp_path)
+    lock = index_lock(path)  # another writer, mid-update (a separate open file: flock conflicts)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    try:
+        with pytest.raises(StoreBusyError, match="index is being written by another process"):
+            compact_index(path)
+        r = CliRunner().invoke(app, ["index", "compact", "--index", str(path)])
+        assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
+        assert "being written by another process" in r.output
+        assert sorted(p.name for p in tmp_path.iterdir()) == before
+    finally:
+        lock.release()
+    assert compact_index(path)["folded"] == 100  # free again once released
+    assert [p.name for p in tmp_path.iterdir() if "delta" in p.name] == []

@@ -352,12 +352,14 @@ def forget(
     as stale. A run that was killed is completed by running forget again.
     """
     from ingestion.forget import forget as run_forget
+    from retrieval.index import ForgetIndex
 
     require_store(store)
     if record is not None and patient is not None:
         fail("give exactly one of --record KEY or --patient PSEUDONYM")
     try:
-        summary = run_forget(store, record=record, patient=patient, indexes=index or ())
+        targets = [ForgetIndex(path) for path in index or ()]
+        summary = run_forget(store, record=record, patient=patient, indexes=targets)
     except (FileNotFoundError, KeyError, ValueError, RuntimeError) as e:
         fail(str(e.args[0]) if isinstance(e, KeyError) else str(e))
     if as_json:

@@ -29,8 +29,9 @@ from ecgplat.cli.apps import (
     fail,
     index_app,
 )
+from ecgplat.locks import StoreBusyError
 
-_ERRORS = (FileNotFoundError, ValueError, KeyError)
+_ERRORS = (FileNotFoundError, ValueError, KeyError, StoreBusyError)
 
 
 def _message(exc: Exception) -> str:
@@ -139,14 +140,15 @@ def index_build(
     ] = "record",
 ) -> None:
     """Build a FAISS index over the embeddings of a store split."""
-    from retrieval.index import INDEX_KINDS, index_from_features
+    from retrieval.index import INDEX_KINDS, index_from_features, index_lock
 
     if kind not in INDEX_KINDS:
         fail(f"unknown --kind {kind!r}; choose one of {', '.join(INDEX_KINDS)}")
     check_output_path(out, "--out", directory=False)
     try:
         index = index_from_features(store, features, split=split, kind=kind, level=level)
-        path = index.save(out)
+        with index_lock(out):
+            path = index.save(out)
     except _ERRORS as e:
         fail(_message(e))
     line = f"{path}: {len(index)} {level} vectors ({kind}, dim {index.dim})"
