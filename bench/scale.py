@@ -260,11 +260,27 @@ def loader_main(shards: Path, batches: int, batch_size: int) -> None:
     )
 
 
-def run_pipeline(root: Path, records: int, loader_batches: int, log: Path) -> dict:
-    src, corpus = write_corpus(root, records)
+def run_pipeline(
+    root: Path,
+    records: int,
+    loader_batches: int,
+    log: Path,
+    only: tuple[str, ...] | None = None,
+    drop_corpus: bool = False,
+) -> dict:
+    """Every stage (or those in ``only``) on the ``records`` corpus. Stage results are kept in
+    ``run-<records>/stages.json``; a run restricted to later stages reuses the run's store and
+    adds to that file, so a long run can be finished in several invocations."""
     work = root / f"run-{records}"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir()
+    saved = work / "stages.json"
+    if only is None or "ingest" in only:
+        src, corpus = write_corpus(root, records)
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir()
+    elif not saved.exists():
+        raise SystemExit(f"{work}: no earlier run to continue (run the ingest stage first)")
+    else:  # continuing: the corpus may have been dropped after ingest
+        src, corpus = root / f"corpus-{records}", json.loads(saved.read_text())["corpus"]
     store, shards, index = work / "store.zarr", work / "shards", work / "gallery"
     ecg = [sys.executable, "-m", "ecgplat"]
     stages = {
@@ -297,9 +313,18 @@ def run_pipeline(root: Path, records: int, loader_batches: int, log: Path) -> di
         ),
     }
     out = {"records": records, "corpus": corpus, "stages": {}}
+    if saved.exists():
+        out = json.loads(saved.read_text())
     for name, (cmd, disk) in stages.items():
+        if only is not None and name not in only:
+            continue
         print(f"[scale] {records}: {name}", file=sys.stderr, flush=True)
         out["stages"][name] = run_stage(name, cmd, disk, log)
+        out["stages"][name]["load_average_1min"] = round(os.getloadavg()[0], 2)
+        if name == "ingest" and drop_corpus:  # the corpus is only read by ingest
+            shutil.rmtree(src, ignore_errors=True)
+            out["corpus"]["dropped_after_ingest"] = True
+        saved.write_text(json.dumps(out, indent=1))
     from ecgplat.store import open_store
 
     st = open_store(store)
@@ -315,7 +340,9 @@ def growth(runs: list[dict]) -> dict:
     small, large = runs[0], runs[-1]
     out = {"sizes": [small["records"], large["records"]]}
     for name, a in small["stages"].items():
-        b = large["stages"][name]
+        b = large["stages"].get(name)
+        if b is None:
+            continue
         ratio = {
             "wall_per_record": round(b["ms_per_record"] / max(a["ms_per_record"], 1e-9), 3),
             "cpu_per_record": round(b["cpu_ms_per_record"] / max(a["cpu_ms_per_record"], 1e-9), 3),
@@ -538,6 +565,16 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     parser.add_argument("--keep", action="store_true", help="keep the stores of pipeline runs")
+    parser.add_argument(
+        "--stages",
+        default=None,
+        help="comma list of stages to run (default all); without ingest, continues a kept run",
+    )
+    parser.add_argument(
+        "--drop-corpus",
+        action="store_true",
+        help="delete each corpus once ingested (the largest runs need the disk)",
+    )
     args = parser.parse_args()
     tmp = None
     if args.workdir is None:
@@ -554,7 +591,8 @@ def main() -> None:
         else:
             runs = []
             for n in sorted(args.records):
-                runs.append(run_pipeline(root, n, args.loader_batches, log))
+                only = tuple(args.stages.split(",")) if args.stages else None
+                runs.append(run_pipeline(root, n, args.loader_batches, log, only, args.drop_corpus))
                 if not args.keep:
                     shutil.rmtree(root / f"run-{n}", ignore_errors=True)
                 result["runs"] = runs
