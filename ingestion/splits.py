@@ -123,28 +123,30 @@ def split_store(
 
     if mode not in MODES:
         raise ValueError(f"unknown split mode {mode!r}; choose one of {', '.join(MODES)}")
-    reader = open_store(store)
-    frame = reader.records
+    reader = open_store(store)  # only the columns a split needs (not the whole record table)
+    source = reader.column("source")
     selected = reader.live.copy()  # forgotten records keep no split
     if sources:
-        unknown = sorted(set(sources) - set(frame["source"]))
+        unknown = sorted(set(sources) - set(source[selected]))
         if unknown:
             raise ValueError(f"{store}: no records of source(s) {', '.join(unknown)}")
-        selected &= frame["source"].isin(list(sources)).to_numpy()
+        selected &= np.isin(source, list(sources))
     if not selected.any():
         raise ValueError(f"{store}: no records to split")
-    split = frame["split"].to_numpy(dtype=object).copy()
-    ident_split = frame["ident_split"].to_numpy(dtype=object).copy()
+    split = np.array(reader.column("split"), dtype=object)
+    ident_split = np.array(reader.column("ident_split"), dtype=object)
+    split[~reader.live] = ident_split[~reader.live] = ""
+    patient_key = reader.column("patient_key")
     if mode == "random":
         split[selected] = random_split(
-            frame["patient_key"][selected],
+            patient_key[selected],
             valid,
             test,
             seed,
-            order_keys=frame["record_key"][selected],
+            order_keys=reader.column("record_key")[selected],
         )
     else:
-        split[selected] = strat_fold_split(frame["strat_fold"][selected])
+        split[selected] = strat_fold_split(reader.column("strat_fold")[selected])
     if ident:
         take = selected & (split == ident_within if ident_within else True)
         if ident_within and not take.any():
@@ -153,9 +155,9 @@ def split_store(
                 "(train, valid or test), so there is nothing to assign gallery/probe to"
             )
         ident_split[selected] = ""
-        ident_split[take] = gallery_probe(frame["patient_key"][take], first_two=ident_first_two)
+        ident_split[take] = gallery_probe(patient_key[take], first_two=ident_first_two)
     with StoreWriter(store, create=False) as writer:
-        if writer.n_records != len(frame):
+        if writer.n_records != reader.n_records:
             raise RuntimeError(f"{store}: the store changed while splitting; run split again")
         writer.write_splits(split, ident_split)
 
