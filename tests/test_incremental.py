@@ -145,6 +145,20 @@ def test_two_torchrun_ranks_write_the_same_set_as_one_process(grown, tmp_path):
     _assert_same_features(store, "ddp", "fresh")
 
 
+def _index_then_grow(grown, tmp_path, split: str):
+    """(store, index path, index as built): an index of the first cohort's features over
+    `split`, then a copy of the grown store whose feature set is extended to its new records."""
+    from retrieval.index import index_from_features
+
+    store = tmp_path / "ab"
+    shutil.copytree(grown["ab"], store)
+    old = index_from_features(grown["a"], "f", split=split)
+    old.lineage["store"] = str(store.resolve())  # the copy is where it grew
+    path = old.save(tmp_path / "idx")
+    embed_store(store, grown["ckpt"], "f", precision="fp32")
+    return store, path, old
+
+
 def test_index_update_equals_a_rebuild_and_refuses_another_lineage(grown, tmp_path):
     from ecgplat.cli import app
     from retrieval.index import (
@@ -154,12 +168,7 @@ def test_index_update_equals_a_rebuild_and_refuses_another_lineage(grown, tmp_pa
         update_from_features,
     )
 
-    store = tmp_path / "ab"
-    shutil.copytree(grown["ab"], store)
-    old = index_from_features(grown["a"], "f", split="gallery")
-    old.lineage["store"] = str(store.resolve())  # the copy is where it grew
-    path = old.save(tmp_path / "idx")
-    embed_store(store, grown["ckpt"], "f", precision="fp32")
+    store, path, old = _index_then_grow(grown, tmp_path, "gallery")
     runner = CliRunner()
     out = runner.invoke(
         app, ["index", "update", "--index", str(path), "--store", str(store), "--features", "f"]
@@ -323,12 +332,7 @@ def test_forget_removes_records_from_the_main_file_and_its_deltas(grown, tmp_pat
         update_index,
     )
 
-    store = tmp_path / "ab"
-    shutil.copytree(grown["ab"], store)
-    old = index_from_features(grown["a"], "f", split="all")
-    old.lineage["store"] = str(store.resolve())
-    path = old.save(tmp_path / "idx")
-    embed_store(store, grown["ckpt"], "f", precision="fp32")
+    store, path, _ = _index_then_grow(grown, tmp_path, "all")
     assert not update_index(path, store, "f", compact_fraction=5)["compacted"]
     keys = open_store(store).records["record_key"]
     gone = [keys[2], keys[N_A + 3]]  # one in the main file, one in the delta
