@@ -83,7 +83,7 @@ def strat_fold_split(folds: Sequence[int] | np.ndarray) -> np.ndarray:
     ).astype(object)
 
 
-def gallery_probe(patient_keys: Sequence[str], first_two: bool = False) -> np.ndarray:
+def gallery_probe(patient_keys: Sequence[str] | np.ndarray, first_two: bool = False) -> np.ndarray:
     """Per-record "gallery"/"probe"/"" in the given (record) order."""
     keys = [str(k) for k in patient_keys]
     out = np.full(len(keys), "", dtype=object)
