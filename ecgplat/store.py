@@ -408,6 +408,21 @@ class EcgStore:
             )
         return self._columns[name]
 
+    def column_codes(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(int64 codes, sorted distinct values as str) of one str record column (or ``split`` /
+        ``ident_split``): ``values[codes]`` is the column. Nothing is cached and no Python str is
+        kept per record, so a pass over a million records' keys stays small; codes order like
+        the strings (a code's rank is its value's rank)."""
+        if name in SPLIT_COLUMNS:
+            raw = self.column(name) if "_splits" in self.__dict__ else self._split_columns()[name]
+        elif "records" in self.__dict__ or name in self._columns:
+            raw = self.column(name)
+        else:
+            raw = self._column(name)
+        # factorize Python str, sorted: np.unique of numpy's StringDType can crash
+        codes, values = pd.factorize(as_str_array(raw), sort=True)
+        return codes.astype(np.int64, copy=False), np.asarray(values, dtype=object)
+
     # ---- segments -----------------------------------------------------------------------
     @cached_property
     def segment_record_index(self) -> np.ndarray:

@@ -25,10 +25,17 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ecgplat.store import open_store
+from ecgplat.store import SPLIT_COLUMNS, open_store
 
 MODES = ("random", "strat_fold")
 VALID_FOLD, TEST_FOLD = 9, 10
+
+
+def _comparable(keys) -> np.ndarray:
+    """Keys as an array that sorts like them: integer codes as they are (codes from
+    `EcgStore.column_codes` rank like their strings), anything else as str."""
+    arr = np.asarray(keys)
+    return arr if arr.dtype.kind in "iu" else np.asarray(keys, dtype=object).astype(str)
 
 
 def random_split(
@@ -46,14 +53,14 @@ def random_split(
     own pseudonym secret, and ordering by pseudonym would differ between stores)."""
     if valid < 0 or test < 0 or valid + test >= 1:
         raise ValueError(f"valid ({valid}) and test ({test}) must be >= 0 and sum to < 1")
-    keys = np.asarray(patient_keys, dtype=object)
+    keys = _comparable(patient_keys)
     out = np.full(len(keys), "train", dtype=object)
     if len(keys) == 0:
         return out
-    patients, inverse, counts = np.unique(keys.astype(str), return_inverse=True, return_counts=True)
+    patients, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
     stable = np.arange(len(patients))
     if order_keys is not None:
-        ok = np.asarray(order_keys, dtype=str)
+        ok = _comparable(order_keys)
         by_patient = np.lexsort((ok, inverse))  # records by patient, then by order key
         starts = np.r_[0, np.flatnonzero(np.diff(inverse[by_patient])) + 1]
         stable = np.argsort(ok[by_patient][starts], kind="stable")  # patients by smallest key
@@ -84,13 +91,13 @@ def strat_fold_split(folds: Sequence[int] | np.ndarray) -> np.ndarray:
 
 
 def gallery_probe(patient_keys: Sequence[str] | np.ndarray, first_two: bool = False) -> np.ndarray:
-    """Per-record "gallery"/"probe"/"" in the given (record) order."""
-    keys = [str(k) for k in patient_keys]
+    """Per-record "gallery"/"probe"/"" in the given (record) order (keys: str or integer codes)."""
+    keys = np.asarray(patient_keys).tolist()
     out = np.full(len(keys), "", dtype=object)
-    counts: dict[str, int] = {}
+    counts: dict = {}
     for k in keys:
         counts[k] = counts.get(k, 0) + 1
-    seen: dict[str, int] = {}
+    seen: dict = {}
     for i, k in enumerate(keys):
         if counts[k] < 2:
             continue
@@ -123,27 +130,29 @@ def split_store(
 
     if mode not in MODES:
         raise ValueError(f"unknown split mode {mode!r}; choose one of {', '.join(MODES)}")
-    reader = open_store(store)  # only the columns a split needs (not the whole record table)
-    source = reader.column("source")
+    reader = open_store(store)  # the columns a split needs, as integer codes
+    source, source_names = reader.column_codes("source")
     selected = reader.live.copy()  # forgotten records keep no split
     if sources:
-        unknown = sorted(set(sources) - set(source[selected]))
+        unknown = sorted(set(sources) - set(source_names[np.unique(source[selected])]))
         if unknown:
             raise ValueError(f"{store}: no records of source(s) {', '.join(unknown)}")
-        selected &= np.isin(source, list(sources))
+        selected &= np.isin(source_names, list(sources))[source]
     if not selected.any():
         raise ValueError(f"{store}: no records to split")
-    split = np.array(reader.column("split"), dtype=object)
-    ident_split = np.array(reader.column("ident_split"), dtype=object)
+    # object arrays holding one str object per distinct value (not one per record)
+    split, ident_split = (
+        values[codes] for codes, values in map(reader.column_codes, SPLIT_COLUMNS)
+    )
     split[~reader.live] = ident_split[~reader.live] = ""
-    patient_key = reader.column("patient_key")
+    patient_key = reader.column_codes("patient_key")[0]
     if mode == "random":
         split[selected] = random_split(
             patient_key[selected],
             valid,
             test,
             seed,
-            order_keys=reader.column("record_key")[selected],
+            order_keys=reader.column_codes("record_key")[0][selected],
         )
     else:
         split[selected] = strat_fold_split(reader.column("strat_fold")[selected])

@@ -534,12 +534,11 @@ class StoreWriter:
         k = int(old[1:]) + 1 if old else 1
         generation = f"g{k}"
         group = self.root.require_group(f"splits/{generation}")
+        rows = max(1, min(n, 65536))
         for name, values in (("split", split), ("ident_split", ident_split)):
-            arr = group.create_array(
-                name, shape=(n,), chunks=(max(1, min(n, 65536)),), dtype=str, overwrite=True
-            )
-            if n:
-                arr[:] = _str_array(values)
+            arr = group.create_array(name, shape=(n,), chunks=(rows,), dtype=str, overwrite=True)
+            for s in range(0, n, rows):  # chunk by chunk: memory bounded by one chunk's strings
+                arr[s : s + rows] = _str_array(values[s : s + rows])
         live = S.open_store(self.path).live  # forgotten records count nowhere
         split_counts = {
             "per_split": C.value_counts(np.asarray(split, dtype=object)[live], C.UNASSIGNED),

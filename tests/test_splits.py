@@ -107,3 +107,22 @@ def test_random_split_does_not_depend_on_the_pseudonyms():
     for p in np.unique(patients):
         assert len(set(a[patients == p])) == 1
     assert not (random_split(store_b, 0.2, 0.2, seed=5) == a).all()  # the pseudonym order differs
+
+
+def test_integer_codes_split_exactly_like_the_strings(synth_store):
+    """split_store works on `column_codes` (no Python str per record): the codes rebuild each
+    column, rank like its strings, and random_split / gallery_probe give the same result on
+    codes as on the strings themselves."""
+    reader = open_store(synth_store)
+    for name in ("patient_key", "record_key", "source", "split", "ident_split"):
+        codes, values = reader.column_codes(name)
+        assert list(values[codes]) == list(reader.column(name))
+        assert list(values) == sorted(set(values))  # code order = string order
+    keys = reader.column("patient_key")
+    order = reader.column("record_key")
+    pc, rc = reader.column_codes("patient_key")[0], reader.column_codes("record_key")[0]
+    for seed in (0, 1, 2):
+        expect = random_split(keys, 0.2, 0.2, seed, order_keys=order)
+        assert list(random_split(pc, 0.2, 0.2, seed, order_keys=rc)) == list(expect)
+    assert list(gallery_probe(pc)) == list(gallery_probe(keys))
+    assert list(gallery_probe(pc, first_two=True)) == list(gallery_probe(keys, first_two=True))
