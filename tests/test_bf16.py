@@ -50,6 +50,20 @@ def test_resolver_choices(monkeypatch):
     assert resolve_precision("auto", "cpu") == ("bf16" if native else "fp32")
 
 
+@pytest.mark.parametrize(
+    ("amx", "avx512_bf16", "expect"),
+    [(False, False, "fp32"), (True, False, "bf16"), (False, True, "bf16"), (True, True, "bf16")],
+)
+def test_auto_follows_the_cpu_flags(monkeypatch, amx, avx512_bf16, expect):
+    """An AVX2-only CPU (neither AMX nor AVX512_BF16) gets fp32 from `auto`: never slower than
+    before precision existed; either native bf16 unit gets bf16."""
+    monkeypatch.delenv(CPU_BF16_ENV, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    assert cpu_has_native_bf16() == (expect == "bf16")
+    assert resolve_precision("auto", "cpu") == expect
+
+
 def test_autocast_contexts(monkeypatch):
     with autocast("fp32", "cpu"):
         assert not torch.is_autocast_enabled("cpu")
