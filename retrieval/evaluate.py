@@ -19,7 +19,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from retrieval.embed import FeatureError, LoadedModel, embed_store, lead_names, load_features
 from retrieval.figures import pyplot, save_figure
@@ -80,9 +79,9 @@ def evaluate_level(
     store, features, ks=(1, 5, 10), max_probes: int = MAX_PROBES, seed: int = 0
 ) -> tuple[dict, np.ndarray]:
     """Metrics and CMC curve of one feature level; `features` from `load_features`."""
-    frame = store.records
-    ident = frame["ident_split"].to_numpy()[features.record_index]
-    patient = pd.factorize(frame["patient_key"])[0][features.record_index]
+    # two columns, not the whole record table (features hold live records only)
+    ident = store.column("ident_split")[features.record_index]
+    patient = store.column_codes("patient_key")[0][features.record_index]
     g, p = ident == "gallery", ident == "probe"
     if not g.any() or not p.any():
         raise FeatureError(f"{store.path}: no gallery/probe split (run `ecgplat split --ident`)")

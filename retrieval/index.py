@@ -764,16 +764,16 @@ def _selection(store_path, features: str, split: str, level: str):
 
     store = open_store(store_path)
     feats = load_features(store_path, features, level)
-    frame = store.records
-    ident = frame["ident_split"].to_numpy()[feats.record_index]
+    # three columns, not the whole record table (features hold live records only)
+    ident = store.column("ident_split")[feats.record_index]
     take = np.ones(len(ident), bool) if split == "all" else ident == split
-    keys = frame["record_key"].to_numpy()[feats.record_index[take]]
+    keys = store.column("record_key")[feats.record_index[take]]
     ids = (
         list(keys)
         if level == "record"
         else [f"{k}#{int(s)}" for k, s in zip(keys, feats.segment_number[take], strict=True)]
     )
-    labels = list(frame["patient_key"].to_numpy()[feats.record_index[take]])
+    labels = list(store.column("patient_key")[feats.record_index[take]])
     return feats, take, ident, ids, labels, store.forget_generation
 
 

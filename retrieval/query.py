@@ -56,8 +56,7 @@ def query_record(index: GalleryIndex, record_key: str, k: int = 5) -> list[dict]
     if not store_path or not name:
         raise LineageError("the index does not name the store and feature set it was built from")
     store = open_store(store_path)
-    frame = store.records
-    hits = np.flatnonzero(frame["record_key"].to_numpy() == record_key)
+    hits = np.flatnonzero((store.column("record_key") == record_key) & store.live)
     if len(hits) == 0:
         raise KeyError(f"{store_path}: no record {record_key!r}")
     level = lineage.get("level", "record")
@@ -75,7 +74,7 @@ def query_record(index: GalleryIndex, record_key: str, k: int = 5) -> list[dict]
         k,
         feats.lineage,
         skip_id=skip,
-        label=frame["patient_key"].iloc[int(hits[0])],
+        label=store.column("patient_key")[int(hits[0])],
     )
     if level == "segment":  # drop the record's own segments
         matches = [m for m in matches if not m["id"].startswith(record_key + "#")]
@@ -140,7 +139,7 @@ def query_signal(
 
 def record_trace(store, record_key: str) -> np.ndarray | None:
     key, _, seg = record_key.partition("#")
-    hits = np.flatnonzero(store.records["record_key"].to_numpy() == key)
+    hits = np.flatnonzero((store.column("record_key") == key) & store.live)
     if len(hits) == 0:
         return None
     segs = store.record_segments(int(hits[0]))
