@@ -85,14 +85,23 @@ def check_lineage(index_lineage: dict, query_lineage: dict | None) -> None:
     """Raise LineageError naming the first differing field (None = caller vouches for it)."""
     if query_lineage is None:
         return
-    for key in LINEAGE_MATCH_KEYS:
-        a, b = index_lineage.get(key), query_lineage.get(key)
-        if key in index_lineage and a != b:
-            raise LineageError(
-                f"query embeddings have {key}={_short(b)} but the index was built "
-                f"with {key}={_short(a)}; re-embed with the index's checkpoint/leads "
-                f"or rebuild the index"
-            )
+    diff = _first_mismatch(index_lineage, query_lineage, LINEAGE_MATCH_KEYS)
+    if diff:
+        key, theirs, ours = diff
+        raise LineageError(
+            f"query embeddings have {key}={theirs} but the index was built "
+            f"with {key}={ours}; re-embed with the index's checkpoint/leads "
+            f"or rebuild the index"
+        )
+
+
+def _first_mismatch(index_lineage: dict, other: dict, keys) -> tuple[str, str, str] | None:
+    """(key, other's value, the index's value), shortened for a message, of the first of `keys`
+    the index records and `other` has differently; None when they agree."""
+    for key in keys:
+        if key in index_lineage and index_lineage.get(key) != other.get(key):
+            return key, _short(other.get(key)), _short(index_lineage[key])
+    return None
 
 
 def _short(value) -> str:
@@ -527,12 +536,13 @@ def _read_deltas(index_path: Path, main_meta: dict) -> tuple[list, list[Path]]:
 
 
 def _check_delta_lineage(where: Path, main: dict, delta: dict) -> None:
-    for key in UPDATE_MATCH_KEYS:
-        if key in main and main.get(key) != delta.get(key):
-            raise LineageError(
-                f"{where}: delta segment has {key}={_short(delta.get(key))} but the index was "
-                f"built with {key}={_short(main.get(key))}; remove it or rebuild the index"
-            )
+    diff = _first_mismatch(main, delta, UPDATE_MATCH_KEYS)
+    if diff:
+        key, theirs, ours = diff
+        raise LineageError(
+            f"{where}: delta segment has {key}={theirs} but the index was "
+            f"built with {key}={ours}; remove it or rebuild the index"
+        )
 
 
 def _write_framed(path: Path, index: faiss.Index, meta: dict, fault: str) -> None:
@@ -880,13 +890,13 @@ def _check_update(lineage: dict, flin: dict, generation: int, store_path, featur
             f"generation {have_generation}, store at {generation}); rebuild it with `ecgplat "
             "index build` or pass it to `ecgplat forget --index` first"
         )
-    for key in UPDATE_MATCH_KEYS:
-        a, b = lineage.get(key), flin.get(key)
-        if key in lineage and a != b:
-            raise LineageError(
-                f"{store_path}: feature set {features!r} has {key}={_short(b)} but the index "
-                f"was built with {key}={_short(a)}; rebuild the index"
-            )
+    diff = _first_mismatch(lineage, flin, UPDATE_MATCH_KEYS)
+    if diff:
+        key, theirs, ours = diff
+        raise LineageError(
+            f"{store_path}: feature set {features!r} has {key}={theirs} but the index "
+            f"was built with {key}={ours}; rebuild the index"
+        )
 
 
 def _whole_selection(index: GalleryIndex, store_path, features: str):
