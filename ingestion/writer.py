@@ -474,10 +474,12 @@ class StoreWriter:
     def _next_counts(self, split_counts: dict | None) -> tuple[dict | None, set[str]]:
         """The counts after this commit and the patient keys it adds; (None, ..) when it
         changes no count (nothing staged, no new split)."""
-        staged = {k: np.concatenate(v) for k, v in self._staged.items() if v}
-        empty = np.zeros(0, dtype=object)
-        records = staged.get("records/source", empty)
-        reasons = staged.get("rejects/reason", empty)
+
+        def staged(key: str, dtype=object) -> np.ndarray:  # only the columns the counts need
+            parts = self._staged.get(key)
+            return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+
+        records, reasons = staged("records/source"), staged("rejects/reason")
         if not len(records) and not len(reasons) and split_counts is None:
             return None, set()
         counts = self._counts if self._counts is not None else self._load_counts()
@@ -485,11 +487,11 @@ class StoreWriter:
         if len(records):
             if self._patients is None:
                 self._patients = self._live_patients()
-            new_patients = set(staged["records/patient_key"].tolist()) - self._patients
+            new_patients = set(staged("records/patient_key").tolist()) - self._patients
         counts = C.add_rows(
             counts,
             records,
-            staged.get("records/seg_count", np.zeros(0, dtype=np.int32)),
+            staged("records/seg_count", np.int32),
             len(new_patients),
             (S.reason_kind(r) for r in reasons),
         )
