@@ -62,7 +62,7 @@ def index_missing(index_path: str | os.PathLike, store_path: str | os.PathLike, 
         with index_lock(index_path):
             built.save(index_path)
         return len(built)
-    gallery = GalleryIndex.load(index_path, main_vectors=False)
+    gallery = GalleryIndex.load(index_path, main_vectors=False, main_ids=False)  # lineage only
     if gallery.lineage.get("level") != "record" or gallery.lineage.get("split") != "all":
         where = index_file(index_path)
         raise ValueError(f"{where}: watch grows record-level indexes of all records (--split all)")
