@@ -180,6 +180,43 @@ def as_str_array(values) -> np.ndarray:
     return np.asarray(values).astype(object)
 
 
+STR = np.dtypes.StringDType()  # numpy's variable-width str
+
+
+def _str_codes(values) -> tuple[np.ndarray, np.ndarray]:
+    """(int64 codes, sorted distinct values as a numpy StringDType array) of a string array.
+    StringDType is sorted as it is (UTF-8 order = code point order = Python's), so no Python
+    str is made per entry or per distinct value; object arrays go through pandas. (np.unique
+    of a StringDType array can crash, hence the explicit sort.)"""
+    values = np.asarray(values)
+    if values.dtype == object:
+        codes, distinct = pd.factorize(values, sort=True)
+        return codes.astype(np.int64, copy=False), np.asarray(distinct, dtype=STR)
+    order = np.argsort(values, kind="stable")
+    ordered = values[order]
+    first = np.ones(len(ordered), dtype=bool)
+    first[1:] = ordered[1:] != ordered[:-1]
+    codes = np.empty(len(values), dtype=np.int64)
+    codes[order] = np.cumsum(first) - 1
+    return codes, ordered[first].astype(STR)
+
+
+def _read_codes(array, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """`_str_codes` of the first `n` entries of a zarr string column ("" past its end; None: a
+    column of "")."""
+    values = np.asarray(array[:n]) if array is not None else np.zeros(0, dtype=STR)
+    if len(values) < n:
+        values = np.concatenate([values, np.full(n - len(values), "", dtype=values.dtype)])
+    return _str_codes(values)
+
+
+def _read_str(array, n: int) -> np.ndarray:
+    """A zarr string column as an object array of `n` str ("" past its end; None: all ""),
+    through its codes: one str object per distinct value, not one per entry."""
+    codes, values = _read_codes(array, n)
+    return values.astype(object)[codes]
+
+
 def zarr_array(group: zarr.Group, key: str) -> zarr.Array:
     """``group[key]`` where the store layout has an array (zarr's lookup may also yield a group)."""
     import zarr
@@ -310,21 +347,22 @@ class EcgStore:
         """Name of the split generation this view reads (``g<k>``), None before any split."""
         return self._commit.get("splits")
 
-    def _split_columns(self) -> dict[str, np.ndarray]:
-        """The split columns of one generation. A concurrent `split` deletes a generation only
-        once two newer ones are committed; if that happened while this view read it (the read
-        fails or the generation is no longer kept afterwards), the read moves to the current
+    def _split_columns(self, read=None, names: tuple[str, ...] = SPLIT_COLUMNS) -> dict:
+        """The split columns `names` of one generation, each as ``read(zarr array, n_records)``
+        (default: an object array of str). A concurrent `split` deletes a generation only once
+        two newer ones are committed; if that happened while this view read it (the read fails
+        or the generation is no longer kept afterwards), the read moves to the current
         generation and is repeated."""
+        read = read or _read_str
         generation = self._commit.get("splits")
         for _ in range(5):
-            out = {name: np.full(self.n_records, "", dtype=object) for name in SPLIT_COLUMNS}
             if not generation:
-                return out
+                return {name: read(None, self.n_records) for name in names}
             try:
-                for name in SPLIT_COLUMNS:
-                    values = as_str_array(zarr_array(self.root, f"splits/{generation}/{name}")[:])
-                    n = min(len(values), self.n_records)
-                    out[name][:n] = values[:n]
+                out = {
+                    name: read(zarr_array(self.root, f"splits/{generation}/{name}"), self.n_records)
+                    for name in names
+                }
                 complete = True
             except (KeyError, FileNotFoundError):
                 complete = False
@@ -408,20 +446,39 @@ class EcgStore:
             )
         return self._columns[name]
 
+    def column_at(self, name: str, index) -> np.ndarray:
+        """One scalar record column at record indices `index` (any order, repeats allowed), str
+        columns as object arrays. Reads only the chunks holding those records, unless the
+        column is already loaded: a gallery's keys without the whole store's."""
+        index = np.asarray(index, dtype=np.int64)
+        if "records" in self.__dict__ or name in self._columns or name in (*SPLIT_COLUMNS, "units"):
+            return self.column(name)[index]
+        kinds = {n: dtype for n, dtype, shape in RECORD_COLUMNS if not shape}
+        if name not in kinds:
+            raise KeyError(f"{self.path}: no record column {name!r}")
+        distinct, back = np.unique(index, return_inverse=True)
+        if len(distinct) and not (distinct[0] >= 0 and distinct[-1] < self.n_records):
+            raise IndexError(f"{self.path}: record index out of range 0..{self.n_records - 1}")
+        array = zarr_array(self.root, f"records/{name}")
+        values = np.asarray(
+            array.get_orthogonal_selection(distinct) if len(distinct) else array[:0]
+        )
+        return (as_str_array(values) if kinds[name] == "str" else values)[back]
+
     def column_codes(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        """(int64 codes, sorted distinct values as str) of one str record column (or ``split`` /
-        ``ident_split``): ``values[codes]`` is the column. Nothing is cached and no Python str is
-        kept per record, so a pass over a million records' keys stays small; codes order like
-        the strings (a code's rank is its value's rank)."""
+        """(int64 codes, sorted distinct values as a numpy StringDType array) of one str record
+        column (or ``split`` / ``ident_split``): ``values[codes]`` is the column. Nothing is
+        cached and no Python str is made per record, so a pass over a million records' keys
+        stays small; codes order like the strings (a code's rank is its value's rank)."""
+        if "records" in self.__dict__ or name in self._columns:
+            return _str_codes(self.column(name))
         if name in SPLIT_COLUMNS:
-            raw = self.column(name) if "_splits" in self.__dict__ else self._split_columns()[name]
-        elif "records" in self.__dict__ or name in self._columns:
-            raw = self.column(name)
-        else:
-            raw = self._column(name)
-        # factorize Python str, sorted: np.unique of numpy's StringDType can crash
-        codes, values = pd.factorize(as_str_array(raw), sort=True)
-        return codes.astype(np.int64, copy=False), np.asarray(values, dtype=object)
+            if "_splits" in self.__dict__:
+                return _str_codes(self.column(name))
+            return self._split_columns(read=_read_codes, names=(name,))[name]
+        if name == "units":
+            return _str_codes(self._units_column())
+        return _read_codes(zarr_array(self.root, f"records/{name}"), self.n_records)
 
     # ---- segments -----------------------------------------------------------------------
     @cached_property

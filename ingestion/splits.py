@@ -25,10 +25,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ecgplat.counts import value_counts
 from ecgplat.store import SPLIT_COLUMNS, open_store
 
 MODES = ("random", "strat_fold")
 VALID_FOLD, TEST_FOLD = 9, 10
+SPLIT_NAMES = np.array(["train", "valid", "test"], dtype=object)
+IDENT_NAMES = np.array(["", "gallery", "probe"], dtype=object)
 
 
 def _comparable(keys) -> np.ndarray:
@@ -54,9 +57,8 @@ def random_split(
     if valid < 0 or test < 0 or valid + test >= 1:
         raise ValueError(f"valid ({valid}) and test ({test}) must be >= 0 and sum to < 1")
     keys = _comparable(patient_keys)
-    out = np.full(len(keys), "train", dtype=object)
     if len(keys) == 0:
-        return out
+        return np.full(0, "train", dtype=object)
     patients, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
     stable = np.arange(len(patients))
     if order_keys is not None:
@@ -67,13 +69,9 @@ def random_split(
     order = stable[np.random.default_rng(seed).permutation(len(patients))]
     before = np.cumsum(counts[order]) - counts[order]  # records already placed before each patient
     n = len(keys)
-    name = np.where(
-        before < test * n, "test", np.where(before < (test + valid) * n, "valid", "train")
-    )
-    per_patient = np.empty(len(patients), dtype=object)
-    per_patient[order] = name
-    out[:] = per_patient[inverse]
-    return out
+    per_patient = np.empty(len(patients), dtype=np.int8)  # index into SPLIT_NAMES
+    per_patient[order] = np.where(before < test * n, 2, np.where(before < (test + valid) * n, 1, 0))
+    return SPLIT_NAMES[per_patient[inverse]]
 
 
 def strat_fold_split(folds: Sequence[int] | np.ndarray) -> np.ndarray:
@@ -92,22 +90,19 @@ def strat_fold_split(folds: Sequence[int] | np.ndarray) -> np.ndarray:
 
 def gallery_probe(patient_keys: Sequence[str] | np.ndarray, first_two: bool = False) -> np.ndarray:
     """Per-record "gallery"/"probe"/"" in the given (record) order (keys: str or integer codes)."""
-    keys = np.asarray(patient_keys).tolist()
-    out = np.full(len(keys), "", dtype=object)
-    counts: dict = {}
-    for k in keys:
-        counts[k] = counts.get(k, 0) + 1
-    seen: dict = {}
-    for i, k in enumerate(keys):
-        if counts[k] < 2:
-            continue
-        rank = seen.get(k, 0)
-        seen[k] = rank + 1
-        if rank == 0:
-            out[i] = "gallery"
-        elif rank == 1 or not first_two:
-            out[i] = "probe"
-    return out
+    keys = _comparable(patient_keys)
+    if not len(keys):
+        return np.full(0, "", dtype=object)
+    _, patient, count = np.unique(keys, return_inverse=True, return_counts=True)
+    by_patient = np.argsort(patient, kind="stable")  # each patient's records in record order
+    starts = np.cumsum(count) - count
+    rank = np.empty(len(keys), dtype=np.int64)  # 0 for a patient's first record, 1, 2, ...
+    rank[by_patient] = np.arange(len(keys)) - np.repeat(starts, count)
+    role = np.zeros(len(keys), dtype=np.int8)  # index into IDENT_NAMES
+    several = count[patient] >= 2
+    role[several & (rank == 0)] = 1
+    role[several & ((rank == 1) if first_two else (rank >= 1))] = 2
+    return IDENT_NAMES[role]
 
 
 def split_store(
@@ -140,10 +135,13 @@ def split_store(
         selected &= np.isin(source_names, list(sources))[source]
     if not selected.any():
         raise ValueError(f"{store}: no records to split")
-    # object arrays holding one str object per distinct value (not one per record)
-    split, ident_split = (
-        values[codes] for codes, values in map(reader.column_codes, SPLIT_COLUMNS)
-    )
+    if (selected == reader.live).all():  # every assignment is replaced: none is read
+        split, ident_split = (np.full(reader.n_records, "", dtype=object) for _ in SPLIT_COLUMNS)
+    else:  # object arrays holding one str object per distinct value (not one per record)
+        split, ident_split = (
+            values.astype(object)[codes]
+            for codes, values in map(reader.column_codes, SPLIT_COLUMNS)
+        )
     split[~reader.live] = ident_split[~reader.live] = ""
     patient_key = reader.column_codes("patient_key")[0]
     if mode == "random":
@@ -170,13 +168,9 @@ def split_store(
             raise RuntimeError(f"{store}: the store changed while splitting; run split again")
         writer.write_splits(split, ident_split)
 
-    def counts(values) -> dict:
-        kinds, n = np.unique(np.asarray(values, dtype=str), return_counts=True)
-        return {str(k) or "none": int(c) for k, c in zip(kinds, n, strict=True)}
-
     return {
         "mode": mode,
         "records": int(selected.sum()),
-        "split": counts(split[selected]),
-        "ident_split": counts(ident_split[selected]),
+        "split": value_counts(split[selected], empty="none"),
+        "ident_split": value_counts(ident_split[selected], empty="none"),
     }

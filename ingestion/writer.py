@@ -126,6 +126,9 @@ def pack_batch(
     return RecordBatch(seq, chunks, cols, list(rejects), bytes_read)
 
 
+SPLIT_CHUNK = 8192  # records per chunk of a split column
+
+
 def _str_array(values) -> np.ndarray:
     return np.asarray(list(values), dtype=str) if len(values) else np.zeros(0, dtype=str)
 
@@ -536,7 +539,7 @@ class StoreWriter:
         k = int(old[1:]) + 1 if old else 1
         generation = f"g{k}"
         group = self.root.require_group(f"splits/{generation}")
-        rows = max(1, min(n, 65536))
+        rows = max(1, min(n, SPLIT_CHUNK))
         for name, values in (("split", split), ("ident_split", ident_split)):
             arr = group.create_array(name, shape=(n,), chunks=(rows,), dtype=str, overwrite=True)
             for s in range(0, n, rows):  # chunk by chunk: memory bounded by one chunk's strings

@@ -116,8 +116,56 @@ class Features:
     lineage: dict
 
 
-def load_features(store_path: str | os.PathLike, name: str, level: str = "record") -> Features:
-    """The committed rows of a feature set at `level` (segment | record)."""
+class FeatureRows:
+    """Some rows of a stored feature set's embedding array, read from disk only when sliced:
+    `rows[a:b]` or `rows[positions]` is a float32 array, so a caller can walk a set larger than
+    memory part by part."""
+
+    def __init__(self, array, rows: np.ndarray):
+        self._array = array
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.shape = (len(self.rows), int(array.shape[1]))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, key) -> np.ndarray:
+        r = np.atleast_1d(self.rows[key])
+        if len(r) > 1 and (np.diff(r) <= 0).any():  # out of order or repeated: read each once
+            distinct, back = np.unique(r, return_inverse=True)
+            return self._read(distinct)[back]
+        return self._read(r)
+
+    def _read(self, r: np.ndarray) -> np.ndarray:
+        if not len(r):
+            return np.zeros((0, self.shape[1]), dtype=np.float32)
+        if r[-1] - r[0] + 1 == len(r):  # a contiguous run: one slice read
+            part = self._array[int(r[0]) : int(r[-1]) + 1]
+        else:  # zarr reads only the chunks holding these rows
+            part = self._array.get_orthogonal_selection((r, slice(None)))
+        return np.asarray(part, dtype=np.float32)
+
+    def take(self, positions) -> FeatureRows:
+        """The rows at `positions` (ascending) of these, still unread."""
+        return FeatureRows(self._array, self.rows[positions])
+
+
+@dataclass
+class StoredFeatures:
+    rows: FeatureRows  # the embeddings, read on demand
+    record_index: np.ndarray  # int64 (n,)
+    segment_number: np.ndarray | None  # int32 (n,) for segment level
+    lineage: dict
+
+    def load(self) -> Features:
+        return Features(self.rows[:], self.record_index, self.segment_number, self.lineage)
+
+
+def open_features(
+    store_path: str | os.PathLike, name: str, level: str = "record"
+) -> StoredFeatures:
+    """The committed rows of a feature set at `level` (segment | record), less those of
+    forgotten records, with the embeddings left on disk until read."""
     import zarr
 
     if level not in LEVELS:
@@ -132,15 +180,20 @@ def load_features(store_path: str | os.PathLike, name: str, level: str = "record
 
     group = zarr.open_group(str(feature_dir(store_path, name) / level), mode="r")
     n = lineage.get("n_segments" if level == "segment" else "n_record_rows")
-    rows = slice(None) if n is None else slice(0, int(n))  # sets of before appends: all rows
-    record_index = np.asarray(group["record_index"][rows], dtype=np.int64)
-    keep = ~np.isin(record_index, read_forgotten(store_path)["records"])  # `ecgplat forget`
-    return Features(
-        np.asarray(group["embedding"][rows], dtype=np.float32)[keep],
+    n = int(group["record_index"].shape[0]) if n is None else int(n)  # sets of before appends
+    record_index = np.asarray(group["record_index"][:n], dtype=np.int64)
+    keep = np.flatnonzero(~np.isin(record_index, read_forgotten(store_path)["records"]))
+    return StoredFeatures(
+        FeatureRows(group["embedding"], keep),
         record_index[keep],
-        np.asarray(group["segment_number"][rows])[keep] if level == "segment" else None,
+        np.asarray(group["segment_number"][:n])[keep] if level == "segment" else None,
         lineage,
     )
+
+
+def load_features(store_path: str | os.PathLike, name: str, level: str = "record") -> Features:
+    """The committed rows of a feature set at `level` (segment | record), read into memory."""
+    return open_features(store_path, name, level).load()
 
 
 # ------------------------------------------------------------------------------ the plan

@@ -20,7 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
-from retrieval.embed import FeatureError, LoadedModel, embed_store, lead_names, load_features
+from retrieval.embed import (
+    FeatureError,
+    LoadedModel,
+    StoredFeatures,
+    embed_store,
+    lead_names,
+    open_features,
+)
 from retrieval.figures import pyplot, save_figure
 from training.ident_metrics import chance_rank1, rank1_band, rank_statistics, ranks_from_cmc
 
@@ -34,7 +41,7 @@ def subset_features(
 ) -> str:
     """The feature set of `name`'s checkpoint with `leads` (computed once into `name@leads`),
     embedded in `precision` (default: the precision `name` was embedded in)."""
-    lineage = load_features(store_path, name, "record").lineage
+    lineage = open_features(store_path, name, "record").lineage
     wanted = lead_names(leads)
     if lineage["leads"] == wanted:
         return name
@@ -76,20 +83,30 @@ def probe_sample(n_probe: int, max_probes: int, seed: int = 0) -> np.ndarray:
 
 
 def evaluate_level(
-    store, features, ks=(1, 5, 10), max_probes: int = MAX_PROBES, seed: int = 0
+    store,
+    features: StoredFeatures,
+    ks=(1, 5, 10),
+    max_probes: int = MAX_PROBES,
+    seed: int = 0,
+    columns: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[dict, np.ndarray]:
-    """Metrics and CMC curve of one feature level; `features` from `load_features`."""
-    # two columns, not the whole record table (features hold live records only)
-    ident = store.column("ident_split")[features.record_index]
-    patient = store.column_codes("patient_key")[0][features.record_index]
-    g, p = ident == "gallery", ident == "probe"
-    if not g.any() or not p.any():
+    """Metrics and CMC curve of one feature level; `features` from `open_features`, `columns`
+    the store's (ident_split, patient codes) when already read. The gallery embeddings are read
+    from the store part by part (`rank_statistics`), so memory does not grow with the gallery;
+    only the evaluated probes are held."""
+    # two per-record columns, not the whole record table (features hold live records only)
+    ident, patient = columns or (store.column("ident_split"), store.column_codes("patient_key")[0])
+    is_gallery, is_probe = (ident == "gallery"), (ident == "probe")
+    g = np.flatnonzero(is_gallery[features.record_index])
+    p = np.flatnonzero(is_probe[features.record_index])
+    if not len(g) or not len(p):
         raise FeatureError(f"{store.path}: no gallery/probe split (run `ecgplat split --ident`)")
-    g_labels, p_labels = patient[g], patient[p]
-    chosen = probe_sample(len(p_labels), max_probes, seed)
+    g_labels = patient[features.record_index[g]]
+    p_labels = patient[features.record_index[p]]
+    chosen = probe_sample(len(p), max_probes, seed)
     cmc, ap = rank_statistics(
-        features.embeddings[g],
-        features.embeddings[np.flatnonzero(p)[chosen]],
+        features.rows.take(g),
+        features.rows.take(p[chosen])[:],
         g_labels,
         p_labels[chosen],
         depth=max(CMC_DEPTH, *ks),
@@ -99,10 +116,10 @@ def evaluate_level(
     metrics.update(
         {
             "mAP": float(np.nanmean(ap)) if np.isfinite(ap).any() else float("nan"),
-            "n_gallery": int(g.sum()),
-            "n_probe": int(p.sum()),
+            "n_gallery": len(g),
+            "n_probe": len(p),
             "n_probe_evaluated": len(chosen),
-            "rank1_ci95": rank1_band(metrics["rank1"], len(chosen), int(p.sum())),
+            "rank1_ci95": rank1_band(metrics["rank1"], len(chosen), len(p)),
             "chance_rank1": chance_rank1(g_labels, p_labels),
         }
     )
@@ -144,8 +161,9 @@ def evaluate_identification(
     if leads is not None:
         name = subset_features(store_path, name, leads, progress=progress, precision=precision)
     result, curves = {}, {}
+    columns = (store.column("ident_split"), store.column_codes("patient_key")[0])  # both levels
     for level in ("record", "segment"):
-        feats = load_features(store_path, name, level)
+        feats = open_features(store_path, name, level)
         if feats.lineage.get("n_records") != store.n_records:
             raise FeatureError(
                 f"{store_path}: feature set {name!r} covers "
@@ -153,7 +171,7 @@ def evaluate_identification(
                 f"{store.n_records}; re-run `ecgplat embed`"
             )
         result[level], curves[level] = evaluate_level(
-            store, feats, max_probes=max_probes, seed=seed
+            store, feats, max_probes=max_probes, seed=seed, columns=columns
         )
     lineage = feats.lineage
     result.update(

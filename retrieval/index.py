@@ -151,7 +151,39 @@ def default_params(kind: str, n: int) -> dict:
     return {}
 
 
-def _make_index(kind: str, dim: int, vectors: np.ndarray, params: dict, seed: int) -> faiss.Index:
+ADD_ROWS = 2048  # gallery rows normalised and added to FAISS at a time (0.5 MB at dim 64)
+
+
+def _unit_rows(vectors, copy: bool, rows=None) -> np.ndarray:
+    """Rows `rows` (a slice or ascending positions; default all) of `vectors` as unit float32:
+    a normalised working copy, or with ``copy=False`` the rows as given (checked)."""
+    part = vectors[slice(None) if rows is None else rows]
+    return _unit_float32(part) if copy else _checked_unit_float32(part)
+
+
+def _add_in_parts(index: faiss.Index, vectors, copy: bool) -> None:
+    """`index.add` of every row of `vectors`, `ADD_ROWS` at a time: only FAISS's own storage
+    grows with the gallery, not a whole working copy of it. An empty flat index is instead
+    filled in place: its storage (the float32 rows, `get_xb`) is sized once and written part by
+    part, the same bytes as `add` without the copies of a growing buffer."""
+    n = len(vectors)
+    if type(index) is faiss.IndexFlatIP and index.ntotal == 0:
+        index.codes.resize(n * index.code_size)
+        xb = faiss.rev_swig_ptr(index.get_xb(), n * index.d).reshape(n, index.d)
+        for s in range(0, n, ADD_ROWS):
+            rows = slice(s, s + ADD_ROWS)
+            if copy:  # normalised where they are stored: no working copy
+                xb[rows] = vectors[rows]
+                faiss.normalize_L2(xb[rows])
+            else:
+                xb[rows] = _checked_unit_float32(vectors[rows])
+        index.ntotal = n
+        return
+    for s in range(0, n, ADD_ROWS):
+        index.add(_unit_rows(vectors, copy, slice(s, s + ADD_ROWS)))
+
+
+def _make_index(kind: str, dim: int, vectors, params: dict, seed: int, copy: bool) -> faiss.Index:
     if kind == "flat":
         index = faiss.IndexFlatIP(dim)
     elif kind == "hnsw":
@@ -163,18 +195,19 @@ def _make_index(kind: str, dim: int, vectors: np.ndarray, params: dict, seed: in
         index = faiss.IndexIVFFlat(quantizer, dim, int(params["nlist"]), faiss.METRIC_INNER_PRODUCT)
         index.cp.seed = seed
         index.cp.niter = int(params.get("niter", 10))
-        train = vectors
         # FAISS wants >= 39 per list; more only costs time. `max_train` caps the k-means sample
         # (e.g. 50-100k rows for a 1M gallery, where 64 per list would be a slow training run).
         max_train = int(params.get("max_train", 64 * int(params["nlist"])))
-        if len(train) > max_train:
-            rows = np.random.default_rng(seed).choice(len(train), max_train, replace=False)
-            train = vectors[np.sort(rows)]
-        index.train(train)
+        rows = None
+        if len(vectors) > max_train:
+            rows = np.sort(
+                np.random.default_rng(seed).choice(len(vectors), max_train, replace=False)
+            )
+        index.train(_unit_rows(vectors, copy, rows))
         index.nprobe = int(params["nprobe"])
     else:
         raise ValueError(f"unknown index kind {kind!r}; choose one of {', '.join(INDEX_KINDS)}")
-    index.add(vectors)
+    _add_in_parts(index, vectors, copy)
     return index
 
 
@@ -546,14 +579,22 @@ def _check_delta_lineage(where: Path, main: dict, delta: dict) -> None:
 
 
 def _write_framed(path: Path, index: faiss.Index, meta: dict, fault: str) -> None:
-    """One file: FAISS serialisation, JSON description, trailer; replaced atomically."""
-    description = json.dumps(meta).encode()
+    """One file: FAISS serialisation, JSON description, trailer; replaced atomically. The
+    description (the same bytes as `json.dumps(meta)`) is written as it is encoded, so a large
+    gallery's row names are never held as one more string."""
     with atomic.atomic_path(path) as tmp, open(tmp, "wb") as f:
         writer = faiss.PyCallbackIOWriter(f.write)
         faiss.write_index(index, writer)
         del writer
-        f.write(description)
-        f.write(_TRAILER.pack(len(description), TRAILER_MAGIC))
+        n_description, pending, size = 0, [], 0
+        for piece in json.JSONEncoder().iterencode(meta):
+            pending.append(piece)
+            size += len(piece)
+            if size >= 1 << 16:  # pieces are small str objects: flush often
+                n_description += f.write("".join(pending).encode())
+                pending, size = [], 0
+        n_description += f.write("".join(pending).encode())
+        f.write(_TRAILER.pack(n_description, TRAILER_MAGIC))
         f.flush()
         stop_point(fault)
 
@@ -714,7 +755,7 @@ def recall_at_1(approx: faiss.Index, exact: faiss.Index, queries: np.ndarray) ->
 
 
 def build_index(
-    vectors: np.ndarray,
+    vectors,
     ids: list[str],
     lineage: dict | None = None,
     kind: str = "flat",
@@ -727,38 +768,44 @@ def build_index(
 ) -> GalleryIndex:
     """Index `vectors` (n, dim) whose rows are named by `ids`.
 
-    For approximate kinds, recall@1 against exact search is measured on up to `n_sample` rows of
-    `sample_queries` (e.g. probe embeddings); without them, on noisy copies of gallery rows.
-    `n_sample=0` skips that measurement (and the exact index it needs: one more gallery-size
-    buffer). `copy=False` indexes `vectors` as given, without the normalised float32 working
-    copy; they must then already be a C-contiguous float32 matrix of unit rows (checked), as for
-    a very large gallery whose extra copies would not fit in memory.
+    `vectors` is an array, or rows read on demand (`retrieval.embed.FeatureRows`): either way
+    they are normalised and added `ADD_ROWS` at a time, so besides FAISS's own storage only one
+    part is held. For approximate kinds, recall@1 against exact search is measured on up to
+    `n_sample` rows of `sample_queries` (e.g. probe embeddings); without them, on noisy copies of
+    gallery rows. `n_sample=0` skips that measurement (and the exact index it needs: one more
+    gallery-size buffer). `copy=False` indexes the rows as given, without normalised float32
+    working copies; they must then already be float32 unit rows (checked).
     """
     if kind not in INDEX_KINDS:
         raise ValueError(f"unknown index kind {kind!r}; choose one of {', '.join(INDEX_KINDS)}")
-    x = _unit_float32(vectors) if copy else _checked_unit_float32(vectors)
-    if len(x) == 0:
+    if not hasattr(vectors, "shape") or not hasattr(vectors, "__getitem__"):
+        vectors = np.asarray(vectors, dtype=np.float32)
+    if len(vectors.shape) != 2:
+        raise ValueError(f"expected a (n, dim) matrix of embeddings, got shape {vectors.shape}")
+    n, dim = len(vectors), int(vectors.shape[1])
+    if n == 0:
         raise ValueError("cannot build an index over an empty gallery")
-    if len(ids) != len(x) or (labels is not None and len(labels) != len(x)):
+    if len(ids) != n or (labels is not None and len(labels) != n):
         raise ValueError(
-            f"{len(x)} vectors but {len(ids)} ids"
+            f"{n} vectors but {len(ids)} ids"
             + ("" if labels is None else f" and {len(labels)} labels")
         )
-    p = {**default_params(kind, len(x)), **(params or {})}
-    index = _make_index(kind, x.shape[1], x, p, seed)
+    p = {**default_params(kind, n), **(params or {})}
+    index = _make_index(kind, dim, vectors, p, seed, copy)
     info: dict = {"params": p}
     if kind != "flat" and n_sample > 0:
         rng = np.random.default_rng(seed)
         if sample_queries is None or len(sample_queries) == 0:
-            rows = rng.choice(len(x), min(n_sample, len(x)), replace=False)
-            sample = x[rows] + rng.normal(0, 0.5 / math.sqrt(x.shape[1]), (len(rows), x.shape[1]))
+            rows = rng.choice(n, min(n_sample, n), replace=False)
+            sample = _unit_rows(vectors, copy, np.sort(rows))[np.argsort(np.argsort(rows))]
+            sample = sample + rng.normal(0, 0.5 / math.sqrt(dim), (len(rows), dim))
             info["recall_sample"] = "noisy gallery rows"
         else:
             sq = np.asarray(sample_queries, dtype=np.float32)
             sample = sq[rng.choice(len(sq), min(n_sample, len(sq)), replace=False)]
             info["recall_sample"] = "given queries"
-        exact = faiss.IndexFlatIP(x.shape[1])
-        exact.add(x)
+        exact = faiss.IndexFlatIP(dim)
+        _add_in_parts(exact, vectors, copy)
         info["recall_at_1"] = recall_at_1(index, exact, sample)
         info["recall_n"] = len(sample)
     return GalleryIndex(
@@ -766,25 +813,35 @@ def build_index(
     )
 
 
+def _is(column_codes: tuple[np.ndarray, np.ndarray], value: str) -> np.ndarray:
+    """Per record, whether a column given as `EcgStore.column_codes` holds `value`."""
+    codes, values = column_codes
+    at = int(np.searchsorted(values, value))
+    return codes == at if at < len(values) and values[at] == value else np.zeros(len(codes), bool)
+
+
 def _selection(store_path, features: str, split: str, level: str):
-    """(features, rows of them in `split`, ident split of each row, row ids, patient labels,
-    the store's forget generation as read before the rows) of a stored feature set."""
+    """(the feature set, its embeddings still on disk; which of its rows are in `split`; which
+    are probes; row ids; patient labels; the store's forget generation as read before the rows)
+    of a stored feature set."""
     from ecgplat.store import open_store
-    from retrieval.embed import load_features
+    from retrieval.embed import open_features
 
     store = open_store(store_path)
-    feats = load_features(store_path, features, level)
-    # three columns, not the whole record table (features hold live records only)
-    ident = store.column("ident_split")[feats.record_index]
-    take = np.ones(len(ident), bool) if split == "all" else ident == split
-    keys = store.column("record_key")[feats.record_index[take]]
+    feats = open_features(store_path, features, level)
+    # three per-record columns, not the whole record table (features hold live records only)
+    role = store.column_codes("ident_split")
+    probe = _is(role, "probe")[feats.record_index]
+    take = np.ones(len(probe), bool) if split == "all" else _is(role, split)[feats.record_index]
+    # the keys of the selected records only
+    keys = store.column_at("record_key", feats.record_index[take])
     ids = (
         list(keys)
         if level == "record"
         else [f"{k}#{int(s)}" for k, s in zip(keys, feats.segment_number[take], strict=True)]
     )
-    labels = list(store.column("patient_key")[feats.record_index[take]])
-    return feats, take, ident, ids, labels, store.forget_generation
+    labels = list(store.column_at("patient_key", feats.record_index[take]))
+    return feats, take, probe, ids, labels, store.forget_generation
 
 
 def index_from_features(
@@ -801,13 +858,16 @@ def index_from_features(
     labelled by pseudonymised patient key. Approximate kinds measure recall@1 on the probe
     embeddings when the store has a probe split.
     """
-    feats, take, ident, ids, labels, generation = _selection(store_path, features, split, level)
+    feats, take, probe, ids, labels, generation = _selection(store_path, features, split, level)
     if not take.any():
         raise ValueError(
             f"{store_path}: no records in ident split {split!r} "
             "(run `ecgplat split --ident`, or use --split all)"
         )
-    probes = feats.embeddings[ident == "probe"] if split != "probe" else None
+    # the probes measure an approximate index's recall; only the selected rows are read
+    probes = (
+        feats.rows.take(np.flatnonzero(probe))[:] if split != "probe" and kind != "flat" else None
+    )
     lineage = {k: v for k, v in feats.lineage.items() if k != "config"}
     lineage.update(
         {
@@ -820,7 +880,7 @@ def index_from_features(
         }
     )
     return build_index(
-        feats.embeddings[take],
+        feats.rows.take(np.flatnonzero(take)),  # read part by part while added
         ids,
         lineage=lineage,
         kind=kind,
@@ -839,7 +899,7 @@ def _tail_selection(store_path, features: str, lineage: dict, n_have: int):
     selections."""
     import zarr
 
-    from ecgplat.store import as_str_array, open_store, read_forgotten, zarr_array
+    from ecgplat.store import open_store, read_forgotten
     from retrieval.embed import feature_dir, load_features, read_lineage
 
     level, split = lineage.get("level", "record"), lineage.get("split", "gallery")
@@ -871,9 +931,7 @@ def _tail_selection(store_path, features: str, lineage: dict, n_have: int):
         return empty, [], [], flin, generation, store.split_generation
     emb = np.asarray(group["embedding"][start:n], dtype=np.float32)[new]
     r = rec[new]
-    lo, hi = int(r.min()), int(r.max()) + 1
-    keys = as_str_array(zarr_array(store.root, "records/record_key")[lo:hi])[r - lo]
-    labels = as_str_array(zarr_array(store.root, "records/patient_key")[lo:hi])[r - lo]
+    keys, labels = store.column_at("record_key", r), store.column_at("patient_key", r)
     if level == "record":
         ids = list(keys)
     else:
@@ -914,7 +972,7 @@ def _whole_selection(index: GalleryIndex, store_path, features: str):
             f"of feature set {features!r}; rebuild the index"
         )
     new = np.array([i for i, name in enumerate(ids) if name not in have], dtype=np.int64)
-    emb = feats.embeddings[take][new]
+    emb = feats.rows.take(np.flatnonzero(take)[new])[:]
     new_ids, new_labels = [ids[i] for i in new], [labels[i] for i in new]
     return emb, new_ids, new_labels, feats.lineage, generation, _split_generation(store_path)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retrieval.embed import FeatureError, LoadedModel, load_features
+from retrieval.embed import FeatureError, LoadedModel, open_features
 from retrieval.figures import pyplot, save_figure
 from retrieval.index import GalleryIndex, LineageError
 
@@ -60,7 +60,7 @@ def query_record(index: GalleryIndex, record_key: str, k: int = 5) -> list[dict]
     if len(hits) == 0:
         raise KeyError(f"{store_path}: no record {record_key!r}")
     level = lineage.get("level", "record")
-    feats = load_features(store_path, name, "record")
+    feats = open_features(store_path, name, "record")  # one row is read, not the set
     rows = np.flatnonzero(feats.record_index == hits[0])
     if len(rows) == 0:
         raise FeatureError(
@@ -70,11 +70,11 @@ def query_record(index: GalleryIndex, record_key: str, k: int = 5) -> list[dict]
     skip = record_key if level == "record" else None
     matches = _matches(
         index,
-        feats.embeddings[rows[0]],
+        feats.rows[rows[:1]][0],
         k,
         feats.lineage,
         skip_id=skip,
-        label=store.column("patient_key")[int(hits[0])],
+        label=store.column_at("patient_key", hits[:1])[0],
     )
     if level == "segment":  # drop the record's own segments
         matches = [m for m in matches if not m["id"].startswith(record_key + "#")]

@@ -68,6 +68,41 @@ def test_rank_statistics_equal_a_full_stable_sort_with_exact_ties(seed, monkeypa
     assert np.nanmax(np.abs(ap - ap_ref)) <= 1e-12
 
 
+class _RowsOnDemand:
+    """A gallery read like a stored feature set: row slices only, each read's size recorded."""
+
+    def __init__(self, x):
+        self.x, self.shape, self.reads = x, x.shape, []
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, key):
+        assert isinstance(key, slice) and key.step is None
+        part = self.x[key].copy()
+        self.reads.append(len(part))
+        return part
+
+
+@pytest.mark.parametrize("part", [1, 7, 16])
+def test_rank_statistics_stream_the_gallery_in_bounded_parts(part, monkeypatch):
+    rng = np.random.default_rng(20 + part)
+    gal, g_lab, prb, p_lab = _quantized_cohort(rng, patients=15, per_patient=4, probes=30)
+    cmc_ref, ap_ref = _brute_force(gal, g_lab, prb, p_lab)
+    monkeypatch.setattr(im, "GALLERY_CHUNK", part)
+    rows = _RowsOnDemand(gal)
+    cmc, ap = rank_statistics(rows, prb, g_lab, p_lab, chunk=4)
+    assert np.abs(cmc - cmc_ref).max() <= 1e-12
+    assert (np.isnan(ap) == np.isnan(ap_ref)).all()
+    assert np.nanmax(np.abs(ap - ap_ref)) <= 1e-12
+    # each row read once per pass, never more than one part at a time
+    assert max(rows.reads) == part and sum(rows.reads) == 2 * len(gal)
+    bad = gal.copy()
+    bad[-1, 0] = np.nan  # in the last part only
+    with pytest.raises(ValueError, match="NaN"):
+        rank_statistics(_RowsOnDemand(bad), prb, g_lab, p_lab)
+
+
 def test_rank_statistics_equal_the_neighbour_matrix_metrics():
     rng = np.random.default_rng(11)
     gal, g_lab, prb, p_lab = _quantized_cohort(rng, patients=20, per_patient=3, probes=50)

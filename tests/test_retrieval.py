@@ -305,6 +305,81 @@ def test_evaluate_identification_matches_brute_force(embedded, tmp_path, monkeyp
     assert result["record"]["n_gallery"] == len(store.select(ident_split="gallery"))
 
 
+def test_evaluate_reads_the_gallery_in_bounded_parts_with_the_same_result(embedded, monkeypatch):
+    """The gallery is read from the store part by part (never whole); with parts of 5 rows the
+    metrics are those of the in-memory ranking, exactly."""
+    import training.ident_metrics as im
+    from retrieval.embed import FeatureRows
+    from retrieval.evaluate import evaluate_identification
+
+    whole = evaluate_identification(embedded["store"], "a")
+    reads = []
+    read = FeatureRows.__getitem__
+
+    def spy(self, key):
+        out = read(self, key)
+        reads.append(len(out))
+        return out
+
+    monkeypatch.setattr(FeatureRows, "__getitem__", spy)
+    monkeypatch.setattr(im, "GALLERY_CHUNK", 5)
+    parts = evaluate_identification(embedded["store"], "a")
+    assert parts == whole
+    probes = {whole[level]["n_probe_evaluated"] for level in ("record", "segment")}
+    assert all(n <= 5 or n in probes for n in reads)  # gallery parts, or the probes once
+    gallery = sum(whole[level]["n_gallery"] for level in ("record", "segment"))
+    assert sum(n for n in reads if n not in probes) >= 2 * gallery - 10  # two passes
+
+
+def test_feature_rows_read_any_positions_like_the_loaded_set(embedded):
+    from retrieval.embed import open_features
+
+    stored = open_features(embedded["store"], "a", "segment")
+    whole = stored.load().embeddings
+    assert len(stored.rows) == len(whole) and stored.rows.shape == whole.shape
+    at = np.array([7, 2, 2, len(whole) - 1, 0])
+    assert np.array_equal(stored.rows[at], whole[at])
+    assert np.array_equal(stored.rows[3:17], whole[3:17])
+    some = stored.rows.take(np.array([1, 4, 9, 10]))
+    assert np.array_equal(some[:], whole[[1, 4, 9, 10]]) and np.array_equal(
+        some[1:3], whole[[4, 9]]
+    )
+    assert some[np.zeros(0, dtype=np.int64)].shape == (0, whole.shape[1])
+
+
+def test_index_built_from_stored_rows_equals_the_in_memory_build(embedded, monkeypatch):
+    """`index build` adds the gallery part by part from the store: the same vectors, ids and
+    labels as one build over the loaded array, for every kind."""
+    import retrieval.index as index_mod
+    from ecgplat.store import open_store
+    from retrieval.embed import load_features
+    from retrieval.index import index_from_features
+
+    f = load_features(embedded["store"], "a", "segment")
+    store = open_store(embedded["store"])
+    take = store.column("ident_split")[f.record_index] == "gallery"
+    for kind in ("flat", "ivf"):
+        params = {"nlist": 4} if kind == "ivf" else None
+        ref = build_index(
+            f.embeddings[take], [str(i) for i in range(take.sum())], kind=kind, params=params
+        )
+        monkeypatch.setattr(index_mod, "ADD_ROWS", 7)  # added in parts of 7 rows
+        got = index_from_features(embedded["store"], "a", level="segment", kind=kind, params=params)
+        monkeypatch.undo()
+        assert got.ids == [
+            f"{k}#{s}"
+            for k, s in zip(
+                store.column("record_key")[f.record_index[take]],
+                f.segment_number[take],
+                strict=True,
+            )
+        ]
+        assert got.labels == list(store.column("patient_key")[f.record_index[take]])
+        q = f.embeddings[~take][:20]
+        a, b = ref.search(q, 5), got.search(q, 5)
+        assert (a[1] == b[1]).all() and np.array_equal(a[0], b[0])
+
+
 def test_evaluate_probe_budget_samples_the_probes_deterministically(embedded):
     from ecgplat.store import open_store
     from retrieval.embed import load_features

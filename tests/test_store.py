@@ -228,3 +228,22 @@ def test_store_with_an_older_segment_layout_is_appended_through_zarr(tmp_path, m
     np.testing.assert_array_equal(
         reader.read_segments_raw(np.arange(9)), np.concatenate([first, second])
     )
+
+
+def test_column_at_reads_the_asked_records_only(synth_store):
+    """`column_at` (a gallery's keys) equals the whole column indexed, in any order and with
+    repeats, caches nothing, and refuses an index outside the store."""
+    frame = open_store(synth_store).records
+    at = np.array([5, 0, 5, len(frame) - 1, 17])
+    for name in ("record_key", "patient_key", "source", "fs_original", "seg_count"):
+        fresh = open_store(synth_store)
+        got = fresh.column_at(name, at)
+        assert got.tolist() == frame[name].to_numpy()[at].tolist()
+        assert not fresh._columns and "records" not in fresh.__dict__
+        assert fresh.column_at(name, np.zeros(0, dtype=np.int64)).shape == (0,)
+    codes, values = open_store(synth_store).column_codes("patient_key")
+    assert values[codes].tolist() == frame["patient_key"].tolist()
+    with pytest.raises(IndexError, match="out of range"):
+        open_store(synth_store).column_at("record_key", [len(frame)])
+    with pytest.raises(KeyError):
+        open_store(synth_store).column_at("labels", [0])

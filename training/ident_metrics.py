@@ -138,40 +138,52 @@ def mean_average_precision(
 
 # ------------------------------------------------------------------ rankings without sorting
 
-BLOCK_ELEMENTS = 1 << 24  # similarities held at once (64 MB of float32), whatever the gallery
+BLOCK_ELEMENTS = 1 << 22  # similarities held at once (16 MB of float32), whatever the gallery
+GALLERY_CHUNK = 1 << 16  # gallery rows held at once (16 MB at dim 64), whatever the gallery
 
 
-def _order_keys(score: np.ndarray, row: np.ndarray, col: np.ndarray, col_bits: int) -> np.ndarray:
-    """int64 keys, one per (probe row in block, gallery column, float32 score), ordered as the
-    ranking is: by row, then score (higher first), then column (lower first). Distinct for
-    distinct (row, col), so the tie rule is exact integer order."""
-    bits = (np.asarray(score, dtype=np.float32) + np.float32(0)).view(np.int32)  # -0 -> +0
-    mono = np.where(bits < 0, bits ^ np.int32(0x7FFFFFFF), bits).astype(np.int64) + (1 << 31)
-    col_mask = (1 << col_bits) - 1
-    return (row.astype(np.int64) << (32 + col_bits)) | (mono << col_bits) | (col_mask - col)
+def _order_keys(
+    score: np.ndarray, row: np.ndarray, col: np.ndarray, col_bits: int, col_offset: int = 0
+) -> np.ndarray:
+    """int64 keys, one per (probe row in block, gallery column col + col_offset, float32 score),
+    ordered as the ranking is: by row, then score (higher first), then column (lower first).
+    Distinct for distinct (row, col), so the tie rule is exact integer order. Built in place:
+    the candidates of a block can number BLOCK_ELEMENTS."""
+    bits = np.add(score, np.float32(0), dtype=np.float32).view(np.int32)  # -0 -> +0
+    np.bitwise_xor(bits, np.int32(0x7FFFFFFF), out=bits, where=bits < 0)  # monotone in score
+    key = bits.astype(np.int64)
+    del bits
+    key += 1 << 31
+    key <<= col_bits
+    key |= np.left_shift(row, 32 + col_bits, dtype=np.int64)
+    key |= ((1 << col_bits) - 1 - col_offset) - np.asarray(col, dtype=np.int64)
+    return key
 
 
-def _relevant_ranks(sim: np.ndarray, owner: np.ndarray, col: np.ndarray) -> np.ndarray:
-    """1-based rank of gallery column col[m] in the ranking of block row owner[m] (one row of
-    `sim` per probe): 1 + the gallery items scoring higher, or equal at a lower column. Only
-    items scoring at least the row's lowest relevant score can rank above one; they are counted
-    against the sorted relevant keys, so no row is ever sorted."""
-    col_bits = max(1, (sim.shape[1] - 1).bit_length())
-    if len(sim) > 1 << (31 - col_bits):
-        raise ValueError(f"{len(sim)} probe rows x {sim.shape[1]} gallery items exceed int64 keys")
-    score = sim[owner, col]
-    floor = np.full(len(sim), np.inf, dtype=np.float32)
-    np.minimum.at(floor, owner, score)
+def _items_ranked_above(
+    sim: np.ndarray,
+    lo: int,
+    owner: np.ndarray,
+    score: np.ndarray,
+    col: np.ndarray,
+    floor: np.ndarray,
+    col_bits: int,
+) -> np.ndarray:
+    """For each relevant pair m (block row owner[m], gallery column col[m], its score), the
+    number of gallery columns lo + j of this part (`sim` row = the block's probe) that rank
+    above it: a higher score, or an equal one at a lower column. Only items scoring at least
+    the row's lowest relevant score (`floor`) can; they are counted against the sorted relevant
+    keys, so no row is ever sorted."""
     cand_row, cand_col = np.nonzero(sim >= floor[:, None])
-    keys = _order_keys(sim[cand_row, cand_col], cand_row, cand_col, col_bits)
+    keys = _order_keys(sim[cand_row, cand_col], cand_row, cand_col, col_bits, lo)
     relevant = _order_keys(score, owner, col, col_bits)
     by_key = np.argsort(relevant)
     below = np.searchsorted(relevant[by_key], keys, side="left")  # relevant keys < each key
     above = np.cumsum(np.bincount(below, minlength=len(relevant) + 1)[::-1])[::-1]
     later_rows = len(keys) - np.cumsum(np.bincount(cand_row, minlength=len(sim)))
-    rank = np.empty(len(relevant), dtype=np.int64)
-    rank[by_key] = 1 + above[1:] - later_rows[owner[by_key]]
-    return rank
+    out = np.empty(len(relevant), dtype=np.int64)
+    out[by_key] = above[1:] - later_rows[owner[by_key]]
+    return out
 
 
 def _label_codes(gallery_labels, probe_labels) -> tuple[np.ndarray, np.ndarray]:
@@ -181,20 +193,29 @@ def _label_codes(gallery_labels, probe_labels) -> tuple[np.ndarray, np.ndarray]:
     return codes[: len(g)], codes[len(g) :]
 
 
-def _check_inputs(gallery, probe, gallery_labels, probe_labels) -> tuple[np.ndarray, np.ndarray]:
-    gallery = np.ascontiguousarray(gallery, dtype=np.float32)
+def _check_inputs(gallery, probe, gallery_labels, probe_labels) -> tuple[object, np.ndarray]:
+    if not hasattr(gallery, "shape"):
+        gallery = np.asarray(gallery, dtype=np.float32)
     probe = np.ascontiguousarray(probe, dtype=np.float32)
-    if gallery.ndim != 2 or probe.ndim != 2 or gallery.shape[1] != probe.shape[1]:
-        raise ValueError(f"gallery {gallery.shape} and probe {probe.shape} must be (n, dim)")
-    if (len(gallery_labels), len(probe_labels)) != (len(gallery), len(probe)):
+    shape = tuple(gallery.shape)
+    if len(shape) != 2 or probe.ndim != 2 or shape[1] != probe.shape[1]:
+        raise ValueError(f"gallery {shape} and probe {probe.shape} must be (n, dim)")
+    if (len(gallery_labels), len(probe_labels)) != (shape[0], len(probe)):
         raise ValueError("one label per gallery row and per probe row is needed")
-    if not (np.isfinite(gallery).all() and np.isfinite(probe).all()):
+    if not np.isfinite(probe).all():
         raise ValueError("embeddings hold NaN or infinite values")
     return gallery, probe
 
 
+def _gallery_part(gallery, lo: int, hi: int) -> np.ndarray:
+    part = np.ascontiguousarray(gallery[lo:hi], dtype=np.float32)
+    if not np.isfinite(part).all():
+        raise ValueError("embeddings hold NaN or infinite values")
+    return part
+
+
 def rank_statistics(
-    gallery: np.ndarray,
+    gallery,
     probe: np.ndarray,
     gallery_labels: np.ndarray,
     probe_labels: np.ndarray,
@@ -203,34 +224,61 @@ def rank_statistics(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(CMC to `depth` (default: the whole gallery), AP per probe) of ranking the gallery by
     inner product (= cosine for unit rows) with each probe, exactly as a full stable sort would
-    (equal scores: lower gallery row first), but in O(gallery) per probe: the probe's
-    similarities come from one matrix product per block of probes (`chunk` rows at most, and at
-    most BLOCK_ELEMENTS similarities), and only its relevant items (its patient's) are ranked.
-    AP is over all of the patient's gallery items (NaN when it has none)."""
+    (equal scores: lower gallery row first), but in O(gallery) per probe and in memory bounded
+    whatever the gallery's size.
+
+    `gallery` is an (n, dim) array or anything with `shape`, `len()` and row slicing that
+    returns arrays (a stored feature set read on demand): it is read `GALLERY_CHUNK` rows at a
+    time, twice. Similarities come from one matrix product per block of probes (`chunk` rows at
+    most, and at most BLOCK_ELEMENTS similarities) and gallery part; the first pass keeps the
+    score of each relevant item (one of the probe's patient), the second counts, part by part,
+    the items ranked above each relevant item. Both passes make the same products, so a
+    relevant item's score is bit-identical in both. AP is over all of the patient's gallery
+    items (NaN when it has none)."""
     gallery, probe = _check_inputs(gallery, probe, gallery_labels, probe_labels)
     g_code, p_code = _label_codes(gallery_labels, probe_labels)
-    n_gallery = len(gallery)
+    n_gallery = len(g_code)
     depth = n_gallery if depth is None else min(depth, n_gallery)
     by_patient = np.argsort(g_code, kind="stable")
     count = np.bincount(g_code, minlength=int(p_code.max(initial=-1)) + 1)
     start = np.cumsum(count) - count
     n_relevant = count[p_code]
-    rows = max(1, min(chunk, BLOCK_ELEMENTS // max(n_gallery, 1)))
+    # every (probe, relevant gallery row) pair, probe-major
+    owner = np.repeat(np.arange(len(probe)), n_relevant)
+    offset = np.arange(len(owner)) - np.repeat(np.cumsum(n_relevant) - n_relevant, n_relevant)
+    col = by_patient[start[p_code][owner] + offset]
+    width = max(1, min(n_gallery, GALLERY_CHUNK))
+    col_bits = max(1, (n_gallery - 1).bit_length())
+    rows = max(1, min(chunk, BLOCK_ELEMENTS // width, 1 << max(0, 31 - col_bits)))
+    firsts = np.arange(0, len(probe), rows)
+    bounds = np.searchsorted(owner, np.r_[firsts, len(probe)])  # pairs of each block
+    score = np.empty(len(owner), dtype=np.float32)
+    above = np.zeros(len(owner), dtype=np.int64)
+    floor = np.full(len(probe), np.inf, dtype=np.float32)
+    for counting in (False, True):
+        if counting:
+            np.minimum.at(floor, owner, score)
+        for lo in range(0, n_gallery, width):
+            part = _gallery_part(gallery, lo, min(n_gallery, lo + width))
+            for b, s in enumerate(firsts):
+                a, z = bounds[b], bounds[b + 1]
+                if a == z:  # no probe of the block has gallery items
+                    continue
+                sim = probe[s : s + rows] @ part.T
+                if counting:
+                    above[a:z] += _items_ranked_above(
+                        sim, lo, owner[a:z] - s, score[a:z], col[a:z], floor[s : s + rows], col_bits
+                    )
+                else:
+                    m = a + np.flatnonzero((col[a:z] >= lo) & (col[a:z] < lo + len(part)))
+                    score[m] = sim[owner[m] - s, col[m] - lo]
+    rank = 1 + above
+    order = np.lexsort((rank, owner))
+    owner, rank = owner[order], rank[order]
+    heads = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]]) if len(owner) else owner
     first = np.zeros(len(probe), dtype=np.int64)
-    ap = np.empty(len(probe))
-    for s in range(0, len(probe), rows):
-        block = slice(s, s + rows)
-        n = n_relevant[block]
-        owner = np.repeat(np.arange(len(n)), n)
-        offset = np.arange(len(owner)) - np.repeat(np.cumsum(n) - n, n)
-        col = by_patient[start[p_code[block]][owner] + offset]
-        rank = _relevant_ranks(probe[block] @ gallery.T, owner, col)
-        order = np.lexsort((rank, owner))
-        owner, rank = owner[order], rank[order]
-        heads = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]]) if len(owner) else owner
-        first[s + owner[heads]] = rank[heads]
-        ap[block] = _ap_from_hit_ranks(owner, rank, n)
-    return _cmc_from_first_hits(first, depth), ap
+    first[owner[heads]] = rank[heads]
+    return _cmc_from_first_hits(first, depth), _ap_from_hit_ranks(owner, rank, n_relevant)
 
 
 def rank1_band(rank1: float, n_evaluated: int, n_total: int) -> float:

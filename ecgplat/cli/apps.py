@@ -21,6 +21,8 @@ from typing import Literal
 import typer
 from typer.core import TyperGroup
 
+from ecgplat.allocator import limit_arenas
+
 DEBUG_ENV = "ECGPLAT_DEBUG"
 PROJECT_PACKAGES = ("ecgplat", "ingestion", "training", "retrieval")
 USAGE_EXIT, BUG_EXIT = 2, 1
@@ -87,6 +89,7 @@ class GuardedGroup(TyperGroup):
     """The command group whose `invoke` reports a failed command on one line (module docstring)."""
 
     def invoke(self, ctx):
+        limit_arenas()  # before any command starts a thread (ecgplat/allocator.py)
         try:
             return super().invoke(ctx)
         except Exception as exc:
