@@ -95,7 +95,7 @@ def test_fault_point_kills_only_when_named():
         (r'^(COMMIT_FILE|SECRET_FILE|SCHEMA_VERSION)\s*=|"commit\.json"', "ecgplat/store.py"),
         (r'"ecgplat-checkpoint/', "training/models/checkpoint.py"),
         (r'"ecgplat-features/|^FEATURES_DIR\s*=', None),
-        (r'"ecgplat-faiss-(index|delta)/', "retrieval/index.py"),
+        (r'"ecgplat-faiss-(index|delta)/', "retrieval/index_file.py"),
         (r"os\.replace\(|os\.fsync\(", None),
     ],
 )
@@ -177,7 +177,7 @@ def _index_bytes(tmp_path) -> bytes:
 
 
 def _with_description(good: bytes, description) -> bytes:
-    from retrieval.index import _TRAILER
+    from retrieval.index_file import _TRAILER
 
     n_meta, magic = _TRAILER.unpack(good[-_TRAILER.size :])
     faiss_part = good[: len(good) - _TRAILER.size - n_meta]
@@ -186,7 +186,7 @@ def _with_description(good: bytes, description) -> bytes:
 
 
 def _good_description(good: bytes) -> dict:
-    from retrieval.index import _TRAILER
+    from retrieval.index_file import _TRAILER
 
     n_meta, _ = _TRAILER.unpack(good[-_TRAILER.size :])
     end = len(good) - _TRAILER.size

@@ -14,7 +14,8 @@ import torch
 from helpers import tiny_checkpoint
 from sklearn.metrics import average_precision_score
 
-from retrieval.index import _TRAILER, GalleryIndex, LineageError, build_index, index_file
+from retrieval.index import GalleryIndex, LineageError, build_index
+from retrieval.index_file import _TRAILER, index_file
 from training.ident_metrics import (
     chance_rank1,
     cmc_curve,
