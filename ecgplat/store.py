@@ -192,6 +192,9 @@ def _str_codes(values) -> tuple[np.ndarray, np.ndarray]:
     if values.dtype == object:
         codes, distinct = pd.factorize(values, sort=True)
         return codes.astype(np.int64, copy=False), np.asarray(distinct, dtype=STR)
+    few = _few_codes(values)
+    if few is not None:
+        return few
     order = np.argsort(values, kind="stable")
     ordered = values[order]
     first = np.ones(len(ordered), dtype=bool)
@@ -199,6 +202,32 @@ def _str_codes(values) -> tuple[np.ndarray, np.ndarray]:
     codes = np.empty(len(values), dtype=np.int64)
     codes[order] = np.cumsum(first) - 1
     return codes, ordered[first].astype(STR)
+
+
+FEW_VALUES = 8  # up to this many distinct values, one comparison pass each beats a sort
+
+
+def _few_codes(values: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """`_str_codes` of a column of at most FEW_VALUES distinct strings (a split column, a
+    source) by one vectorised comparison per value, or None for a column of more."""
+    if len(set(values[:4096].tolist())) > FEW_VALUES:
+        return None
+    codes = np.empty(len(values), dtype=np.int64)
+    found: list[str] = []
+    left = np.ones(len(values), dtype=bool)
+    while left.any():
+        if len(found) == FEW_VALUES:
+            return None
+        first = values[int(np.argmax(left))]
+        same = values == first
+        codes[same] = len(found)
+        found.append(str(first))
+        left &= ~same
+    distinct = np.array(found, dtype=STR)
+    order = np.argsort(distinct, kind="stable")
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    return rank[codes], distinct[order]
 
 
 def _read_codes(array, n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -6,6 +6,7 @@ import stat
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.io
 
@@ -247,3 +248,21 @@ def test_column_at_reads_the_asked_records_only(synth_store):
         open_store(synth_store).column_at("record_key", [len(frame)])
     with pytest.raises(KeyError):
         open_store(synth_store).column_at("labels", [0])
+
+
+@pytest.mark.parametrize("distinct", [1, 3, 8, 9, 50])
+def test_column_codes_of_few_and_many_values_equal_pandas(distinct):
+    """Both ways to code a string column (a comparison per value for a few values, a sort for
+    many; also when more values appear after the first 4,096 entries) give pandas' sorted
+    factorisation."""
+    from ecgplat.store import STR, _str_codes
+
+    rng = np.random.default_rng(distinct)
+    names = np.array([f"v{i:03d}" for i in range(distinct)] + ["", "é"], dtype=object)
+    column = names[rng.integers(0, 3, 20_000)]  # few values first
+    column[5000:] = names[rng.integers(0, len(names), 15_000)]
+    for values in (column.astype(STR), column):
+        codes, distinct_values = _str_codes(values)
+        want_codes, want_values = pd.factorize(column, sort=True)
+        assert codes.tolist() == want_codes.tolist()
+        assert list(distinct_values) == list(want_values)
