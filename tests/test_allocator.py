@@ -1,6 +1,7 @@
-"""The command line's malloc-arena cap (`ecgplat.allocator`): memory freed by one worker thread
-is reused by the next instead of being kept in an arena per thread; a user's own
-MALLOC_ARENA_MAX wins; every command applies it."""
+"""The allocator settings of `ecgplat.allocator`: the command line's malloc-arena cap (memory
+freed by one worker thread is reused by the next instead of being kept in an arena per thread;
+a user's own MALLOC_ARENA_MAX wins; every command applies it) and `release_free_memory` (freed
+heap pages below a live block go back to the system)."""
 
 import os
 import platform
@@ -79,3 +80,35 @@ def test_every_command_applies_the_cap(monkeypatch, tmp_path):
     monkeypatch.setattr(apps, "limit_arenas", lambda: calls.append(1) or True)
     result = CliRunner().invoke(app, ["info", str(tmp_path / "missing")])
     assert result.exit_code != 0 and calls == [1]
+
+
+_TRIM = textwrap.dedent(
+    """
+    import numpy as np
+    from ecgplat.allocator import release_free_memory
+    def rss_mb():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096 / 2**20
+    big = np.ones((8 << 20) // 8)  # mmapped; freeing it raises glibc's mmap threshold to 8 MB
+    del big
+    blocks = [np.ones((1 << 20) // 8) for _ in range(64)]  # 1 MB each, now from the heap
+    last = blocks.pop()  # kept: the freed blocks below it cannot be trimmed from the top
+    del blocks
+    before = rss_mb()
+    if sys.argv[1] == "trim":
+        release_free_memory()
+    print(before - rss_mb())
+    """
+)
+
+
+@glibc
+def test_release_free_memory_returns_freed_heap_pages():
+    freed = {}
+    for mode in ("trim", "keep"):
+        out = subprocess.run(
+            [sys.executable, "-c", "import sys\n" + _TRIM, mode], capture_output=True, text=True
+        )
+        assert out.returncode == 0, out.stderr
+        freed[mode] = float(out.stdout)
+    assert freed["keep"] < 8 and freed["trim"] >= 48  # of the 63 MB freed below the live block

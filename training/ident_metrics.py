@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ecgplat.allocator import release_free_memory
+
 
 def nearest(gallery: np.ndarray, probe: np.ndarray, k: int = 1, chunk: int = 1024) -> np.ndarray:
     """(Q, min(k, G)) gallery rows of highest inner product (= cosine for unit rows) per probe,
@@ -138,8 +140,8 @@ def mean_average_precision(
 
 # ------------------------------------------------------------------ rankings without sorting
 
-BLOCK_ELEMENTS = 1 << 22  # similarities held at once (16 MB of float32), whatever the gallery
-GALLERY_CHUNK = 1 << 16  # gallery rows held at once (16 MB at dim 64), whatever the gallery
+BLOCK_ELEMENTS = 1 << 20  # similarities held at once (4 MB of float32), whatever the gallery
+GALLERY_CHUNK = 1 << 14  # gallery rows held at once (4 MB at dim 64), whatever the gallery
 
 
 def _order_keys(
@@ -187,8 +189,15 @@ def _items_ranked_above(
 
 
 def _label_codes(gallery_labels, probe_labels) -> tuple[np.ndarray, np.ndarray]:
+    """Equal labels -> equal small non-negative ints. Labels that already are such codes (e.g.
+    `EcgStore.column_codes`) are kept: no sort of every label."""
     g = np.asarray(gallery_labels)
     p = np.asarray(probe_labels)
+    if g.dtype.kind in "iu" and p.dtype.kind in "iu":
+        low = min(g.min(initial=0), p.min(initial=0))
+        high = max(g.max(initial=0), p.max(initial=0))
+        if low >= 0 and high <= 4 * (len(g) + len(p)):
+            return g.astype(np.int64, copy=False), p.astype(np.int64, copy=False)
     _, codes = np.unique(np.concatenate([g, p]), return_inverse=True)
     return codes[: len(g)], codes[len(g) :]
 
@@ -269,6 +278,7 @@ def rank_statistics(
                     above[a:z] += _items_ranked_above(
                         sim, lo, owner[a:z] - s, score[a:z], col[a:z], floor[s : s + rows], col_bits
                     )
+                    release_free_memory()  # the block's temporaries, not their sum over blocks
                 else:
                     m = a + np.flatnonzero((col[a:z] >= lo) & (col[a:z] < lo + len(part)))
                     score[m] = sim[owner[m] - s, col[m] - lo]
