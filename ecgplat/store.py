@@ -196,12 +196,13 @@ def _str_codes(values) -> tuple[np.ndarray, np.ndarray]:
     if few is not None:
         return few
     order = np.argsort(values, kind="stable")
-    ordered = values[order]
-    first = np.ones(len(ordered), dtype=bool)
-    first[1:] = ordered[1:] != ordered[:-1]
+    first = np.ones(len(values), dtype=bool)  # where a new value starts in sorted order
+    for s in range(0, len(order) - 1, 65536):  # no sorted copy of the whole column
+        run = values[order[s : s + 65537]]
+        first[s + 1 : s + len(run)] = run[1:] != run[:-1]
     codes = np.empty(len(values), dtype=np.int64)
     codes[order] = np.cumsum(first) - 1
-    return codes, ordered[first].astype(STR)
+    return codes, values[order[first]].astype(STR, copy=False)
 
 
 FEW_VALUES = 8  # up to this many distinct values, one comparison pass each beats a sort

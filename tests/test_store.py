@@ -259,8 +259,8 @@ def test_column_codes_of_few_and_many_values_equal_pandas(distinct):
 
     rng = np.random.default_rng(distinct)
     names = np.array([f"v{i:03d}" for i in range(distinct)] + ["", "é"], dtype=object)
-    column = names[rng.integers(0, 3, 20_000)]  # few values first
-    column[5000:] = names[rng.integers(0, len(names), 15_000)]
+    column = names[rng.integers(0, 3, 140_000)]  # few values first; sorted in several windows
+    column[5000:] = names[rng.integers(0, len(names), 135_000)]
     for values in (column.astype(STR), column):
         codes, distinct_values = _str_codes(values)
         want_codes, want_values = pd.factorize(column, sort=True)
