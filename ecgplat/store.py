@@ -486,14 +486,17 @@ class EcgStore:
         kinds = {n: dtype for n, dtype, shape in RECORD_COLUMNS if not shape}
         if name not in kinds:
             raise KeyError(f"{self.path}: no record column {name!r}")
-        distinct, back = np.unique(index, return_inverse=True)
+        ascending = len(index) < 2 or bool((index[1:] > index[:-1]).all())
+        distinct, back = (index, None) if ascending else np.unique(index, return_inverse=True)
         if len(distinct) and not (distinct[0] >= 0 and distinct[-1] < self.n_records):
             raise IndexError(f"{self.path}: record index out of range 0..{self.n_records - 1}")
         array = zarr_array(self.root, f"records/{name}")
-        values = np.asarray(
-            array.get_orthogonal_selection(distinct) if len(distinct) else array[:0]
-        )
-        return (as_str_array(values) if kinds[name] == "str" else values)[back]
+        values = np.asarray(array[:0])
+        values = np.empty(len(distinct), dtype=object if kinds[name] == "str" else values.dtype)
+        for s in range(0, len(distinct), 8192):  # a part at a time: no whole numpy-str copy
+            part = np.asarray(array.get_orthogonal_selection(distinct[s : s + 8192]))
+            values[s : s + len(part)] = as_str_array(part) if kinds[name] == "str" else part
+        return values if back is None else values[back]
 
     def column_codes(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """(int64 codes, sorted distinct values as a numpy StringDType array) of one str record

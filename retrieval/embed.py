@@ -38,6 +38,7 @@ import os
 import shutil
 import uuid
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -119,18 +120,29 @@ class Features:
 class FeatureRows:
     """Some rows of a stored feature set's embedding array, read from disk only when sliced:
     `rows[a:b]` or `rows[positions]` is a float32 array, so a caller can walk a set larger than
-    memory part by part."""
+    memory part by part. `rows=None` stands for the first `n` rows, without a position array."""
 
-    def __init__(self, array, rows: np.ndarray):
+    def __init__(self, array, rows: np.ndarray | None, n: int | None = None):
         self._array = array
-        self.rows = np.asarray(rows, dtype=np.int64)
-        self.shape = (len(self.rows), int(array.shape[1]))
+        self.rows = None if rows is None else np.asarray(rows)
+        n = len(self.rows) if self.rows is not None else int(n if n is not None else len(array))
+        self.shape = (n, int(array.shape[1]))
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return self.shape[0]
+
+    def _positions(self, key) -> np.ndarray:
+        if self.rows is not None:
+            return np.atleast_1d(self.rows[key])
+        if isinstance(key, slice):
+            return np.arange(*key.indices(self.shape[0]))
+        return np.atleast_1d(np.arange(self.shape[0])[key])
 
     def __getitem__(self, key) -> np.ndarray:
-        r = np.atleast_1d(self.rows[key])
+        if self.rows is None and isinstance(key, slice) and key.step in (None, 1):
+            lo, hi, _ = key.indices(self.shape[0])  # a run of the first rows: one slice read
+            return np.asarray(self._array[lo : max(lo, hi)], dtype=np.float32)
+        r = self._positions(key)
         if len(r) > 1 and (np.diff(r) <= 0).any():  # out of order or repeated: read each once
             distinct, back = np.unique(r, return_inverse=True)
             return self._read(distinct)[back]
@@ -147,15 +159,27 @@ class FeatureRows:
 
     def take(self, positions) -> FeatureRows:
         """The rows at `positions` (ascending) of these, still unread."""
-        return FeatureRows(self._array, self.rows[positions])
+        rows = np.asarray(positions) if self.rows is None else self.rows[positions]
+        return FeatureRows(self._array, rows)
 
 
-@dataclass
 class StoredFeatures:
-    rows: FeatureRows  # the embeddings, read on demand
-    record_index: np.ndarray  # int64 (n,)
-    segment_number: np.ndarray | None  # int32 (n,) for segment level
-    lineage: dict
+    """A feature set opened for reading, less the rows of forgotten records: its lineage, the
+    record of each row, and its embeddings (`rows`) and segment numbers, read when asked."""
+
+    def __init__(self, group, n: int, keep: np.ndarray | None, record_index, lineage, level):
+        self._group, self._n, self._keep, self.level = group, n, keep, level
+        self.rows = FeatureRows(group["embedding"], keep, n)
+        self.record_index = record_index  # int64 (rows,)
+        self.lineage = lineage
+
+    @cached_property
+    def segment_number(self) -> np.ndarray | None:
+        """int32 (rows,) window number of each row in its record (segment level only)."""
+        if self.level != "segment":
+            return None
+        values = np.asarray(self._group["segment_number"][: self._n])
+        return values if self._keep is None else values[self._keep]
 
     def load(self) -> Features:
         return Features(self.rows[:], self.record_index, self.segment_number, self.lineage)
@@ -182,13 +206,12 @@ def open_features(
     n = lineage.get("n_segments" if level == "segment" else "n_record_rows")
     n = int(group["record_index"].shape[0]) if n is None else int(n)  # sets of before appends
     record_index = np.asarray(group["record_index"][:n], dtype=np.int64)
-    keep = np.flatnonzero(~np.isin(record_index, read_forgotten(store_path)["records"]))
-    return StoredFeatures(
-        FeatureRows(group["embedding"], keep),
-        record_index[keep],
-        np.asarray(group["segment_number"][:n])[keep] if level == "segment" else None,
-        lineage,
-    )
+    forgotten = read_forgotten(store_path)["records"]
+    live = ~np.isin(record_index, forgotten) if len(forgotten) else None
+    keep = None if live is None or live.all() else np.flatnonzero(live)  # None: every row
+    if keep is not None:
+        record_index = record_index[keep]
+    return StoredFeatures(group, n, keep, record_index, lineage, level)
 
 
 def load_features(store_path: str | os.PathLike, name: str, level: str = "record") -> Features:
