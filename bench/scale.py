@@ -105,24 +105,36 @@ class TreeSampler:
 
 
 def run_stage(name: str, cmd: list[str], disk: list[Path], log: Path) -> dict:
-    """Run one stage as a subprocess; wall and CPU seconds, peak RSS of its tree, disk added."""
+    """Run one stage as a subprocess; wall and CPU seconds, peak RSS, disk added.
+
+    The peak RSS is the larger of the process tree's sampled peak (50 ms samples: a worker
+    tree's sum) and the stage process's own exact high-water mark (`wait4`'s ru_maxrss), which
+    a sample can miss in a short stage."""
     before = sum(dir_bytes(p) for p in disk)
     env = dict(os.environ, PYTHONPATH=str(REPO), ECGPLAT_DEBUG="1")
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    sampler = TreeSampler(proc.pid)
-    out, err = proc.communicate()
-    seconds = time.perf_counter() - t0
-    sampler.stop()
+    with tempfile.TemporaryFile("w+") as out_f, tempfile.TemporaryFile("w+") as err_f:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out_f, stderr=err_f, text=True, env=env)
+        sampler = TreeSampler(proc.pid)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - t0
+        sampler.stop()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out_f.seek(0)
+        err_f.seek(0)
+        out, err = out_f.read(), err_f.read()
     with log.open("a") as f:
         f.write(f"== {name}: {' '.join(cmd)}\n{out[-4000:]}\n{err[-4000:]}\n")
     if proc.returncode != 0:
         last = (err.strip().splitlines() or ["(no stderr)"])[-1]
         raise RuntimeError(f"stage {name} exited {proc.returncode}: {last}")
+    own_peak = usage.ru_maxrss * 1024  # KiB on Linux
     result = {
         "seconds": round(seconds, 2),
         "cpu_seconds": round(sum(sampler.cpu.values()), 2),
-        "peak_rss_mb": round(sampler.peak / 2**20, 1),
+        "peak_rss_mb": round(max(sampler.peak, own_peak) / 2**20, 1),
+        "sampled_tree_peak_rss_mb": round(sampler.peak / 2**20, 1),
+        "process_peak_rss_mb": round(own_peak / 2**20, 1),
         "disk_mb": round((sum(dir_bytes(p) for p in disk) - before) / 1e6, 1),
     }
     with contextlib.suppress(ValueError):  # no JSON printed, or not JSON

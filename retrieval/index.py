@@ -604,8 +604,8 @@ def _is(column_codes: tuple[np.ndarray, np.ndarray], value: str) -> np.ndarray:
 
 def _selection(store_path, features: str, split: str, level: str):
     """(the feature set, its embeddings still on disk; which of its rows are in `split`; which
-    are probes; row ids; patient labels; the store's forget generation as read before the rows)
-    of a stored feature set."""
+    are probes; a function reading the selected rows' ids and patient labels; the store's
+    forget generation as read before the rows) of a stored feature set."""
     from ecgplat.store import open_store
     from retrieval.embed import open_features
 
@@ -615,15 +615,17 @@ def _selection(store_path, features: str, split: str, level: str):
     role = store.column_codes("ident_split")
     probe = _is(role, "probe")[feats.record_index]
     take = np.ones(len(probe), bool) if split == "all" else _is(role, split)[feats.record_index]
-    # the keys of the selected records only
-    keys = store.column_at("record_key", feats.record_index[take])
-    ids = (
-        list(keys)
-        if level == "record"
-        else [f"{k}#{int(s)}" for k, s in zip(keys, feats.segment_number[take], strict=True)]
-    )
-    labels = list(store.column_at("patient_key", feats.record_index[take]))
-    return feats, take, probe, ids, labels, store.forget_generation
+
+    def names() -> tuple[list[str], list[str]]:  # the keys of the selected records only
+        keys = store.column_at("record_key", feats.record_index[take])
+        ids = (
+            list(keys)
+            if level == "record"
+            else [f"{k}#{int(s)}" for k, s in zip(keys, feats.segment_number[take], strict=True)]
+        )
+        return ids, list(store.column_at("patient_key", feats.record_index[take]))
+
+    return feats, take, probe, names, store.forget_generation
 
 
 def index_from_features(
@@ -640,7 +642,7 @@ def index_from_features(
     labelled by pseudonymised patient key. Approximate kinds measure recall@1 on the probe
     embeddings when the store has a probe split.
     """
-    feats, take, probe, ids, labels, generation = _selection(store_path, features, split, level)
+    feats, take, probe, names, generation = _selection(store_path, features, split, level)
     if not take.any():
         raise ValueError(
             f"{store_path}: no records in ident split {split!r} "
@@ -661,15 +663,20 @@ def index_from_features(
             "split_generation": _split_generation(store_path),
         }
     )
-    return build_index(
+    n = int(take.sum())
+    index = build_index(
         feats.rows.take(np.flatnonzero(take)),  # read part by part while added
-        ids,
+        [""] * n,  # named below
         lineage=lineage,
         kind=kind,
-        labels=labels,
+        labels=[""] * n,
         sample_queries=probes,
         params=params,
     )
+    # the row names are read once the vectors are in FAISS, so that the add's read buffers and
+    # the names (two Python str per row) are never held at the same time
+    index.ids, index.labels = names()
+    return index
 
 
 def _tail_selection(store_path, features: str, lineage: dict, n_have: int):
@@ -744,7 +751,8 @@ def _whole_selection(index: GalleryIndex, store_path, features: str):
     the whole selection, compared with the index's ids."""
     lineage = index.lineage
     level, split = lineage.get("level", "record"), lineage.get("split", "gallery")
-    feats, take, _, ids, labels, generation = _selection(store_path, features, split, level)
+    feats, take, _, names, generation = _selection(store_path, features, split, level)
+    ids, labels = names()
     _check_update(lineage, feats.lineage, generation, store_path, features)
     have = set(index.ids)
     gone = len(have - set(ids))

@@ -61,7 +61,7 @@ def _replaced(index_path: Path) -> dict | None:
     (its deltas are then deleted after the write, not superseded)."""
     try:
         with open(index_path, "rb") as f:
-            meta, _ = _read_description(f, index_path, META_FORMAT)
+            meta, _ = _read_description(f, index_path, META_FORMAT, head=True)  # its uid only
     except (OSError, ValueError):
         return None
     return {"main": meta["uid"], "seq": max(map(_seq_of, _delta_files(index_path)), default=0)}
