@@ -75,12 +75,15 @@ def dir_bytes(path: Path) -> int:
 
 
 class TreeSampler:
-    """Peak summed RSS and CPU seconds of process ``pid`` and its descendants (50 ms samples)."""
+    """Peak summed RSS and CPU seconds of process ``pid`` and its descendants (50 ms samples),
+    and the process's own exact RSS high-water mark (``VmHWM``, read at each sample: it holds
+    the peak between samples too; unlike ``wait4``'s ru_maxrss it does not include the RSS of
+    the parent that forked the process)."""
 
     def __init__(self, pid: int, interval: float = 0.05):
         import psutil
 
-        self.proc, self.interval, self.peak = psutil.Process(pid), interval, 0
+        self.proc, self.interval, self.peak, self.hwm = psutil.Process(pid), interval, 0, 0
         self.cpu: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -97,6 +100,10 @@ class TreeSampler:
                         total += p.memory_info().rss
                         self.cpu[p.pid] = sum(p.cpu_times()[:2])
             self.peak = max(self.peak, total)
+            with contextlib.suppress(OSError, ValueError, StopIteration):
+                status = Path(f"/proc/{self.proc.pid}/status").read_text()
+                line = next(x for x in status.splitlines() if x.startswith("VmHWM:"))
+                self.hwm = max(self.hwm, int(line.split()[1]) * 1024)
             time.sleep(self.interval)
 
     def stop(self) -> None:
@@ -108,27 +115,22 @@ def run_stage(name: str, cmd: list[str], disk: list[Path], log: Path) -> dict:
     """Run one stage as a subprocess; wall and CPU seconds, peak RSS, disk added.
 
     The peak RSS is the larger of the process tree's sampled peak (50 ms samples: a worker
-    tree's sum) and the stage process's own exact high-water mark (`wait4`'s ru_maxrss), which
-    a sample can miss in a short stage."""
+    tree's sum) and the stage process's own high-water mark (`VmHWM`, which holds a peak
+    between samples; its last 50 ms can still escape it)."""
     before = sum(dir_bytes(p) for p in disk)
     env = dict(os.environ, PYTHONPATH=str(REPO), ECGPLAT_DEBUG="1")
-    with tempfile.TemporaryFile("w+") as out_f, tempfile.TemporaryFile("w+") as err_f:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out_f, stderr=err_f, text=True, env=env)
-        sampler = TreeSampler(proc.pid)
-        _, status, usage = os.wait4(proc.pid, 0)
-        seconds = time.perf_counter() - t0
-        sampler.stop()
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out_f.seek(0)
-        err_f.seek(0)
-        out, err = out_f.read(), err_f.read()
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    sampler = TreeSampler(proc.pid)
+    out, err = proc.communicate()
+    seconds = time.perf_counter() - t0
+    sampler.stop()
     with log.open("a") as f:
         f.write(f"== {name}: {' '.join(cmd)}\n{out[-4000:]}\n{err[-4000:]}\n")
     if proc.returncode != 0:
         last = (err.strip().splitlines() or ["(no stderr)"])[-1]
         raise RuntimeError(f"stage {name} exited {proc.returncode}: {last}")
-    own_peak = usage.ru_maxrss * 1024  # KiB on Linux
+    own_peak = sampler.hwm
     result = {
         "seconds": round(seconds, 2),
         "cpu_seconds": round(sum(sampler.cpu.values()), 2),
