@@ -87,23 +87,25 @@ def check_lineage(index_lineage: dict, query_lineage: dict | None) -> None:
     """Raise LineageError naming the first differing field (None = caller vouches for it)."""
     if query_lineage is None:
         return
-    diff = _first_mismatch(index_lineage, query_lineage, LINEAGE_MATCH_KEYS)
-    if diff:
-        key, theirs, ours = diff
-        raise LineageError(
-            f"query embeddings have {key}={theirs} but the index was built "
-            f"with {key}={ours}; re-embed with the index's checkpoint/leads "
-            f"or rebuild the index"
-        )
+    _require_same(
+        index_lineage,
+        query_lineage,
+        LINEAGE_MATCH_KEYS,
+        "query embeddings have",
+        "re-embed with the index's checkpoint/leads or rebuild the index",
+    )
 
 
-def _first_mismatch(index_lineage: dict, other: dict, keys) -> tuple[str, str, str] | None:
-    """(key, other's value, the index's value), shortened for a message, of the first of `keys`
-    the index records and `other` has differently; None when they agree."""
+def _require_same(index_lineage: dict, other: dict, keys, subject: str, advice: str) -> None:
+    """LineageError "`subject` KEY=theirs but the index was built with KEY=ours; `advice`"
+    (values shortened) for the first of `keys` the index records and `other` has
+    differently."""
     for key in keys:
         if key in index_lineage and index_lineage.get(key) != other.get(key):
-            return key, _short(other.get(key)), _short(index_lineage[key])
-    return None
+            theirs, ours = _short(other.get(key)), _short(index_lineage[key])
+            raise LineageError(
+                f"{subject} {key}={theirs} but the index was built with {key}={ours}; {advice}"
+            )
 
 
 def _short(value) -> str:
@@ -300,6 +302,9 @@ class GalleryIndex:
         if self.delta is None:
             self.delta = faiss.IndexFlatIP(self.dim)
         self.delta.add(x)
+        self._append_names(ids, labels)
+
+    def _append_names(self, ids: list[str], labels: list[str] | None) -> None:
         self.ids = list(self.ids) + list(ids)
         if self.labels is not None:
             self.labels = list(self.labels) + list(labels or [""] * len(ids))
@@ -435,7 +440,8 @@ class GalleryIndex:
             meta["ids"] = [None] * meta["count"]
             meta["labels"] = meta["ids"] if meta.get("labelled") else None
         deltas, leftovers = _read_deltas(index_path, meta)
-        lineage = (deltas[-1][0] if deltas else meta).get("lineage") or {}
+        last = deltas[-1][0] if deltas else meta  # the newest lineage and info
+        lineage = last.get("lineage") or {}
         if check_store:
             check_forget_generation(lineage, index_path)
         gallery = cls(
@@ -444,7 +450,7 @@ class GalleryIndex:
             ids=meta["ids"],
             labels=meta.get("labels"),
             lineage=lineage,
-            info=(deltas[-1][0] if deltas else meta).get("info") or {},
+            info=last.get("info") or {},
             uid=meta["uid"],
             n_main=meta["count"],
             _main_stat=stat,
@@ -463,9 +469,7 @@ class GalleryIndex:
             self.delta = part
         else:
             self.delta.add(part.reconstruct_n(0, part.ntotal))
-        self.ids = list(self.ids) + meta["ids"]
-        if self.labels is not None:
-            self.labels = list(self.labels) + list(meta.get("labels") or [""] * meta["count"])
+        self._append_names(meta["ids"], meta.get("labels"))
         self.seq, self.saved_delta = meta["seq"], self.n_delta
 
 
@@ -512,20 +516,16 @@ def _read_deltas(index_path: Path, main_meta: dict) -> tuple[list, list[Path]]:
             )
         if meta["dim"] != main_meta["dim"]:
             raise ValueError(f"{p}: dim {meta['dim']} but {index_path.name} has {main_meta['dim']}")
-        _check_delta_lineage(p, main_meta.get("lineage") or {}, meta.get("lineage") or {})
+        _require_same(
+            main_meta.get("lineage") or {},
+            meta.get("lineage") or {},
+            UPDATE_MATCH_KEYS,
+            f"{p}: delta segment has",
+            "remove it or rebuild the index",
+        )
         out.append((meta, part))
         want += 1
     return out, leftovers
-
-
-def _check_delta_lineage(where: Path, main: dict, delta: dict) -> None:
-    diff = _first_mismatch(main, delta, UPDATE_MATCH_KEYS)
-    if diff:
-        key, theirs, ours = diff
-        raise LineageError(
-            f"{where}: delta segment has {key}={theirs} but the index was "
-            f"built with {key}={ours}; remove it or rebuild the index"
-        )
 
 
 def recall_at_1(approx: faiss.Index, exact: faiss.Index, queries: np.ndarray) -> float:
@@ -737,13 +737,13 @@ def _check_update(lineage: dict, flin: dict, generation: int, store_path, featur
             f"generation {have_generation}, store at {generation}); rebuild it with `ecgplat "
             "index build` or pass it to `ecgplat forget --index` first"
         )
-    diff = _first_mismatch(lineage, flin, UPDATE_MATCH_KEYS)
-    if diff:
-        key, theirs, ours = diff
-        raise LineageError(
-            f"{store_path}: feature set {features!r} has {key}={theirs} but the index "
-            f"was built with {key}={ours}; rebuild the index"
-        )
+    _require_same(
+        lineage,
+        flin,
+        UPDATE_MATCH_KEYS,
+        f"{store_path}: feature set {features!r} has",
+        "rebuild the index",
+    )
 
 
 def _whole_selection(index: GalleryIndex, store_path, features: str):
