@@ -602,10 +602,18 @@ def _is(column_codes: tuple[np.ndarray, np.ndarray], value: str) -> np.ndarray:
     return codes == at if at < len(values) and values[at] == value else np.zeros(len(codes), bool)
 
 
+def _row_names(keys, segment_number) -> list[str]:
+    """Index row names: the record keys, or `record_key#segment` at segment level."""
+    if segment_number is None:
+        return list(keys)
+    return [f"{k}#{int(s)}" for k, s in zip(keys, segment_number, strict=True)]
+
+
 def _selection(store_path, features: str, split: str, level: str):
     """(the feature set, its embeddings still on disk; which of its rows are in `split`; which
-    are probes; a function reading the selected rows' ids and patient labels; the store's
-    forget generation as read before the rows) of a stored feature set."""
+    are probes; a function reading the selected rows' ids and patient labels; the store view,
+    opened before the rows were read: its forget and split generations) of a stored feature
+    set."""
     from ecgplat.store import open_store
     from retrieval.embed import open_features
 
@@ -618,14 +626,12 @@ def _selection(store_path, features: str, split: str, level: str):
 
     def names() -> tuple[list[str], list[str]]:  # the keys of the selected records only
         keys = store.column_at("record_key", feats.record_index[take])
-        ids = (
-            list(keys)
-            if level == "record"
-            else [f"{k}#{int(s)}" for k, s in zip(keys, feats.segment_number[take], strict=True)]
+        segments = feats.segment_number[take] if level == "segment" else None
+        return _row_names(keys, segments), list(
+            store.column_at("patient_key", feats.record_index[take])
         )
-        return ids, list(store.column_at("patient_key", feats.record_index[take]))
 
-    return feats, take, probe, names, store.forget_generation
+    return feats, take, probe, names, store
 
 
 def index_from_features(
@@ -642,7 +648,7 @@ def index_from_features(
     labelled by pseudonymised patient key. Approximate kinds measure recall@1 on the probe
     embeddings when the store has a probe split.
     """
-    feats, take, probe, names, generation = _selection(store_path, features, split, level)
+    feats, take, probe, names, store = _selection(store_path, features, split, level)
     if not take.any():
         raise ValueError(
             f"{store_path}: no records in ident split {split!r} "
@@ -659,8 +665,8 @@ def index_from_features(
             "level": level,
             "split": split,
             "store": str(Path(store_path).resolve()),
-            "forget_generation": generation,
-            "split_generation": _split_generation(store_path),
+            "forget_generation": store.forget_generation,
+            "split_generation": store.split_generation,
         }
     )
     n = int(take.sum())
@@ -688,14 +694,14 @@ def _tail_selection(store_path, features: str, lineage: dict, n_have: int):
     selections."""
     import zarr
 
-    from ecgplat.store import open_store, read_forgotten
-    from retrieval.embed import feature_dir, load_features, read_lineage
+    from ecgplat.store import open_store
+    from retrieval.embed import feature_dir, open_features, read_lineage
 
     level, split = lineage.get("level", "record"), lineage.get("split", "gallery")
     key = "n_segments" if level == "segment" else "n_record_rows"
     flin = read_lineage(store_path, features)
     if flin is None:
-        load_features(store_path, features, level)  # raises its one-line FeatureError
+        open_features(store_path, features, level)  # raises its one-line FeatureError
     store = open_store(store_path)
     generation = store.forget_generation
     start, n = lineage.get(key), flin.get(key)
@@ -705,12 +711,12 @@ def _tail_selection(store_path, features: str, lineage: dict, n_have: int):
         return None
     start, n = int(start), int(n)
     group = zarr.open_group(str(feature_dir(store_path, features) / level), mode="r")
-    forgotten = read_forgotten(store_path)["records"]
+    forgotten = store.tombstones["records"]  # as of `generation`
     whole = split != "all" or len(forgotten) > 0  # else every row before `start` is selected
     rec = np.asarray(group["record_index"][0 if whole else start : n], dtype=np.int64)
     take = ~np.isin(rec, forgotten)
     if split != "all":
-        take &= store.column("ident_split")[rec] == split
+        take &= _is(store.column_codes("ident_split"), split)[rec]
     if (int(take[:start].sum()) if whole else start) != n_have:
         return None
     rec, take = (rec[start:], take[start:]) if whole else (rec, take)
@@ -720,13 +726,10 @@ def _tail_selection(store_path, features: str, lineage: dict, n_have: int):
         return empty, [], [], flin, generation, store.split_generation
     emb = np.asarray(group["embedding"][start:n], dtype=np.float32)[new]
     r = rec[new]
-    keys, labels = store.column_at("record_key", r), store.column_at("patient_key", r)
-    if level == "record":
-        ids = list(keys)
-    else:
-        seg = np.asarray(group["segment_number"][start:n])[new]
-        ids = [f"{k}#{int(s)}" for k, s in zip(keys, seg, strict=True)]
-    return emb, ids, list(labels), flin, generation, store.split_generation
+    segments = np.asarray(group["segment_number"][start:n])[new] if level == "segment" else None
+    ids = _row_names(store.column_at("record_key", r), segments)
+    labels = list(store.column_at("patient_key", r))
+    return emb, ids, labels, flin, generation, store.split_generation
 
 
 def _check_update(lineage: dict, flin: dict, generation: int, store_path, features: str) -> None:
@@ -751,9 +754,9 @@ def _whole_selection(index: GalleryIndex, store_path, features: str):
     the whole selection, compared with the index's ids."""
     lineage = index.lineage
     level, split = lineage.get("level", "record"), lineage.get("split", "gallery")
-    feats, take, _, names, generation = _selection(store_path, features, split, level)
+    feats, take, _, names, store = _selection(store_path, features, split, level)
     ids, labels = names()
-    _check_update(lineage, feats.lineage, generation, store_path, features)
+    _check_update(lineage, feats.lineage, store.forget_generation, store_path, features)
     have = set(index.ids)
     gone = len(have - set(ids))
     if gone:
@@ -764,7 +767,8 @@ def _whole_selection(index: GalleryIndex, store_path, features: str):
     new = np.array([i for i, name in enumerate(ids) if name not in have], dtype=np.int64)
     emb = feats.rows.take(np.flatnonzero(take)[new])[:]
     new_ids, new_labels = [ids[i] for i in new], [labels[i] for i in new]
-    return emb, new_ids, new_labels, feats.lineage, generation, _split_generation(store_path)
+    generations = store.forget_generation, store.split_generation
+    return emb, new_ids, new_labels, feats.lineage, *generations
 
 
 class _NeedsIds(Exception):
@@ -793,19 +797,13 @@ def update_from_features(index: GalleryIndex, store_path: str | os.PathLike, fea
     emb, ids, labels, flin, generation, split_generation = tail
     if len(ids):
         index.add(emb, ids, labels)
-    counts = ("n_records", "n_segments", "n_record_rows", "features")
+    counts = ("n_records", "n_segments", "n_record_rows")
     index.lineage = {**lineage, **{k: flin[k] for k in counts if k in flin}}
     index.lineage["features"] = features
     index.lineage["forget_generation"] = generation
     index.lineage["split_generation"] = split_generation
     index.info["updates"] = int(index.info.get("updates", 0)) + 1
     return len(ids)
-
-
-def _split_generation(store_path) -> str | None:
-    from ecgplat.store import open_store
-
-    return open_store(store_path).split_generation
 
 
 def update_index(
