@@ -491,11 +491,11 @@ class EcgStore:
         if len(distinct) and not (distinct[0] >= 0 and distinct[-1] < self.n_records):
             raise IndexError(f"{self.path}: record index out of range 0..{self.n_records - 1}")
         array = zarr_array(self.root, f"records/{name}")
-        values = np.asarray(array[:0])
-        values = np.empty(len(distinct), dtype=object if kinds[name] == "str" else values.dtype)
+        text = kinds[name] == "str"
+        values = np.empty(len(distinct), dtype=object if text else np.asarray(array[:0]).dtype)
         for s in range(0, len(distinct), 8192):  # a part at a time: no whole numpy-str copy
             part = np.asarray(array.get_orthogonal_selection(distinct[s : s + 8192]))
-            values[s : s + len(part)] = as_str_array(part) if kinds[name] == "str" else part
+            values[s : s + len(part)] = as_str_array(part) if text else part
         return values if back is None else values[back]
 
     def column_codes(self, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -607,8 +607,7 @@ class EcgStore:
             "path": str(self.path),
             "schema_version": self.attrs.get("schema_version"),
             "store_uuid": self.attrs.get("store_uuid"),
-            **{k: counts[k] for k in ("records", "segments", "patients")},
-            **{k: counts[k] for k in ("per_source", "per_split", "per_ident_split")},
+            **{k: counts[k] for k in C.FIELDS if k != "rejects_by_reason"},
             "rejects": self.n_rejects,
             "rejects_by_reason": counts["rejects_by_reason"],
             "forgotten": len(self.forgotten),

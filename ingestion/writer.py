@@ -465,11 +465,11 @@ class StoreWriter:
         self._counts = counts if counts is not None else self._counts
 
     # ---- the counts kept in commit.json (ecgplat.counts) --------------------------------
-    def _load_counts(self) -> dict:
+    def _load_counts(self, view=None) -> dict:
         """The counts at the last commit: the stored counts when they verify, else tallied
         from the columns (a store written by code that did not keep them, or left by a forget
         killed before it recounted)."""
-        view = S.open_store(self.path)
+        view = view or S.open_store(self.path)
         self._forgotten = view.tombstones
         self._counts = view.stored_counts() or view.count()
         return self._counts
@@ -509,11 +509,12 @@ class StoreWriter:
         verify (a forget changed the tombstone table: the counts it invalidated are redone)."""
         if self._staged or self.n_records != int(self.committed["n_records"]):
             raise RuntimeError(f"{self.path}: uncommitted records pending; commit first")
-        if S.open_store(self.path).stored_counts() is not None:
+        view = S.open_store(self.path)
+        if view.stored_counts() is not None:
             return
         self._patients = None
         state = dict(self.committed)
-        state[C.COUNTS_KEY] = C.seal(self._load_counts(), state, self._forgotten, self.secret)
+        state[C.COUNTS_KEY] = C.seal(self._load_counts(view), state, self._forgotten, self.secret)
         atomic.write_json(self.path / S.COMMIT_FILE, state, sort_keys=True)
         self.committed = state
 

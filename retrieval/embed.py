@@ -249,10 +249,15 @@ class _Order:
         """Number of leading records all of whose segments are among the first `n_segments`."""
         return int(np.searchsorted(self.record_end, n_segments, side="right"))
 
+    def rows_of(self, r0: int, r1: int) -> tuple[int, int]:
+        """Feature rows [lo, hi) of records r0 .. r1 - 1."""
+        return (int(self.record_end[r0 - 1]) if r0 else 0), (
+            int(self.record_end[r1 - 1]) if r1 else 0
+        )
+
     def record_span(self, first: int, last: int) -> tuple[int, int]:
         """Feature rows [lo, hi) of the whole records holding rows `first` and `last - 1`."""
-        r0, r1 = self.record[first], self.record[last - 1]
-        return (int(self.record_end[r0 - 1]) if r0 else 0), int(self.record_end[r1])
+        return self.rows_of(int(self.record[first]), int(self.record[last - 1]) + 1)
 
 
 def _same_model(old: dict, want: dict) -> bool:
@@ -372,8 +377,7 @@ def _commit(path: Path, lineage: dict, seg: tuple, order: _Order, done: int) -> 
     stop = start + len(arrays["record_index"])
     _put_rows(group["segment"], start, arrays)
     r0, r1 = order.records_covered(done), order.records_covered(stop)
-    lo = int(order.record_end[r0 - 1]) if r0 else 0
-    hi = int(order.record_end[r1 - 1]) if r1 else 0
+    lo, hi = order.rows_of(r0, r1)
     emb = np.asarray(group["segment"]["embedding"][lo:hi], dtype=np.float32)
     rec_ids, rec_emb = record_means(emb, order.record[lo:hi])
     rows = int(lineage.get("n_record_rows", 0))
@@ -439,8 +443,7 @@ class _Segments:
         """`training.normalize.lead_stats` of a record of the last batch, from the rows read."""
         from training.normalize import lead_stats
 
-        hi = int(self.order.record_end[record])
-        lo = int(self.order.record_end[record - 1]) if record else 0
+        lo, hi = self.order.rows_of(record, record + 1)
         return lead_stats(self.block[lo - self.lo : hi - self.lo])
 
 
