@@ -44,9 +44,9 @@ def synthetic_store(root: Path, records: int) -> Path:
 def fresh_checkpoint(path: Path, preset: str) -> Path:
     import torch
 
-    from training.models.checkpoint import save_checkpoint
-    from training.models.config import get_config
+    from training.models.checkpoint_file import save_checkpoint
     from training.models.encoder import ECGEncoder
+    from training.models.encoder_config import get_config
 
     torch.manual_seed(0)
     cfg = get_config(preset)
@@ -77,10 +77,10 @@ def bare_forward(encoder, store, batch_size: int, precision: str, device) -> flo
 def measure(store_path: Path, checkpoint: Path, precisions: list[str], batch_size, device) -> dict:
     import torch
 
+    from bench.hardware import gemm_tflops
     from ecgplat.store import open_store
     from retrieval.embed import embed_store
-    from training.hardware import gemm_tflops
-    from training.models.checkpoint import load_encoder
+    from training.models.checkpoint_file import load_encoder
     from training.models.flops import encoder_forward_flops, inference_batch_size
 
     store = open_store(store_path)
@@ -137,8 +137,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default=None, help="also write the JSON to this file")
     args = p.parse_args(argv)
 
+    from bench.hardware import cpu_info
     from training.distributed import pick_device
-    from training.hardware import cpu_info
 
     device = pick_device(args.device)
     with tempfile.TemporaryDirectory(prefix="ecgplat-bench-embed-") as tmp:

@@ -414,7 +414,7 @@ def _store_blobs(store: Path) -> dict[str, bytes]:
 def check_store(store: Path, corpora: list[Corpus]) -> dict:
     """Bad rejected / good kept by keyed path hash, and the reasons per fault kind."""
     from ecgplat.store import SECRET_FILE, open_store, reason_kind
-    from ingestion.writer import path_hash
+    from ecgplat.store.writer import path_hash
 
     secret = (store / SECRET_FILE).read_bytes()
     s = open_store(store)

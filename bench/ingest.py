@@ -257,8 +257,8 @@ def bare_loop(src: Path, rels: list[str]) -> dict:
 
 def ingest_rate(corpus: str, src: Path, store: Path, workers: int, opts: dict, batch: int):
     """records/s of one ingest into a fresh store (the cluster start excluded)."""
-    from ingestion.limits import ReadOptions
     from ingestion.pipeline import ingest
+    from ingestion.readers.options import ReadOptions
 
     shutil.rmtree(store, ignore_errors=True)
     summary = ingest(
@@ -291,7 +291,7 @@ def copy_corpus(src: Path, dst: Path) -> Path:
 
 def real_corpus(name: str, corpus: str, root: Path, work: Path, opts: dict, batch: int):
     """Bare loop and in-process ingest of one copied real corpus, in the same run."""
-    from ingestion.corpora import get_corpus
+    from ingestion.readers.registry import get_corpus
 
     src = copy_corpus(root, work / f"src-{name}")
     rels = get_corpus(corpus).list_records(src)
@@ -343,7 +343,7 @@ def replicate_ptbxl(root: Path, out: Path, records: int) -> Path:
 
 def scale_run(root: Path, work: Path, records: int, batch: int) -> dict:
     """Replicated PTB-XL: bare loop, in process, 1 and 2 Dask workers, same run."""
-    from ingestion.ptbxl import list_records
+    from ingestion.readers.ptbxl import list_records
 
     src = replicate_ptbxl(root, work / f"ptbxl-x{records}", records)
     rels = list_records(src)

@@ -67,7 +67,7 @@ def peak_rss_gib() -> float:
 
 
 def _config(shards: Path, preset: str, pairs: int, workers: int):
-    from training.config import load_config
+    from training.run_config import load_config
 
     return load_config(
         "w2v_cmsc_rlm",
@@ -100,7 +100,7 @@ def measure(
     from training.distributed import limit_heap_growth, pick_device
 
     limit_heap_growth()  # what training.loop.train does on the CPU
-    from training.hardware import gemm_tflops
+    from bench.hardware import gemm_tflops
     from training.models.flops import pretrain_forward_flops
     from training.optim import LRSchedule, build_optimizer
     from training.precision import autocast as precision_autocast
@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "bf16_over_fp32": speedups(results),
                 "cpu_targets": CPU_TARGETS,
             }
-    from training.hardware import cpu_info
+    from bench.hardware import cpu_info
 
     report.update(
         cpu=cpu_info(),

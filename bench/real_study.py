@@ -71,8 +71,8 @@ def log(msg: str) -> None:
 
 def ingest_all(data: Path, store: Path, corpora) -> dict:
     """Ingest every corpus folder present under `data` in-process; {folder: summary counts}."""
-    from ingestion.limits import ReadOptions
     from ingestion.pipeline import ingest
+    from ingestion.readers.options import ReadOptions
 
     counts = {}
     for folder, reader, units in corpora:
@@ -96,8 +96,8 @@ def pool_split(pool: Path, dx: Path) -> dict:
     """Hold out the evaluation records of the pool store (split `test`), the rest is `train`;
     gallery/probe over the identification records with single-record patients gallery-only."""
     from ecgplat.store import open_store
+    from ecgplat.store.writer import StoreWriter
     from ingestion.splits import gallery_probe
-    from ingestion.writer import StoreWriter
 
     frame = open_store(pool).records
     dxf = open_store(dx).records
@@ -141,8 +141,8 @@ def pretrain_overrides(shards: Path, run: Path, preset: str, precision: str, upd
 def measure_step(shards: Path, preset: str, precision: str, steps: int = 3) -> float:
     """Seconds per update of `preset` (after one warm-up update), in-process."""
     from ecgplat.tracking import read_metrics
-    from training.config import load_config
     from training.loop import train
+    from training.run_config import load_config
     from training.tasks.pretrain import PretrainTask
 
     with tempfile.TemporaryDirectory(prefix="study-measure-") as tmp:
@@ -228,9 +228,9 @@ def export_pretrained(run: Path, out: Path, extra: dict) -> tuple[Path, dict]:
 def random_checkpoint(path: Path, preset: str, seed: int, precision: str) -> Path:
     """A random-init pretraining checkpoint of `preset` (the weights `train` starts from with
     this seed), with the same run config as the pretrained one (so `data.normalize=zscore`)."""
-    from training.config import load_config
     from training.loop import seed_everything
     from training.models import save_checkpoint
+    from training.run_config import load_config
     from training.tasks.pretrain import PretrainTask
 
     cfg = load_config(
@@ -316,8 +316,8 @@ def macro_auroc(y: np.ndarray, p: np.ndarray, classes: np.ndarray) -> float:
 
 
 def finetune(dx: Path, shards: Path, run: Path, init: str, preset: str, seed: int, args) -> Path:
-    from training.config import load_config
     from training.loop import train
+    from training.run_config import load_config
     from training.tasks.diagnosis import DiagnosisTask
 
     cfg = load_config(
@@ -347,8 +347,8 @@ def test_auroc(dx: Path, ckpt: Path, classes: np.ndarray, precision: str) -> flo
     """Record-level macro AUROC of a diagnosis checkpoint on the dx store's test split."""
     from ecgplat.store import open_store
     from training.batch import store_batches
+    from training.cinc_metrics import aggregate_records
     from training.evaluate_diagnosis import predict
-    from training.metrics import aggregate_records
     from training.models.classifier import load_diagnosis_model
     from training.normalize import mode_of, normalize_store_batches
 
@@ -555,7 +555,7 @@ def main(argv=None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     if any(args.out.iterdir()):
         raise SystemExit(f"error: --out {args.out}: not empty")
-    from training.hardware import cpu_info
+    from bench.hardware import cpu_info
 
     t0 = time.time()
     data = prepare(args, args.out)

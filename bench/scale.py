@@ -374,7 +374,7 @@ def _segment_pool(n: int = 8) -> list[bytes]:
     share them; white noise would make each 29 KB, 29 GB for a million)."""
     import numpy as np
 
-    from ingestion.segment_codec import encode_segments
+    from ecgplat.store.segment_codec import encode_segments
     from ingestion.synth import GAIN, make_patient, synth_record
 
     chunks = []
@@ -392,7 +392,7 @@ def _synthetic_batch(seq: int, lo: int, hi: int, pool: list[bytes], secret: byte
 
     from ecgplat import store as S
     from ecgplat.privacy import pseudonymise
-    from ingestion.writer import RecordBatch, path_hash
+    from ecgplat.store.writer import RecordBatch, path_hash
 
     idx = np.arange(lo, hi)
     n = len(idx)
@@ -426,7 +426,7 @@ def write_million(path: Path, records: int, batch: int = 20_000) -> dict:
     """An N-record store written through StoreWriter, with a split and an ident split."""
     import numpy as np
 
-    from ingestion.writer import StoreWriter
+    from ecgplat.store.writer import StoreWriter
 
     shutil.rmtree(path, ignore_errors=True)
     pool = _segment_pool()

@@ -5,6 +5,6 @@ Readers (``cinc2021``, ``ptbxl``, ``wfdb_dir``, ``cpsc2021``; registry in ``corp
 segments; ``synth`` writes synthetic cohorts in the CinC 2021 format.
 """
 
-from ingestion.record import RawRecord, RecordError
+from ingestion.readers.record import RawRecord, RecordError
 
 __all__ = ["RawRecord", "RecordError"]

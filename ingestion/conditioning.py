@@ -6,7 +6,7 @@
    dropped, absent leads stay zero and are False in ``lead_mask`` (never derived or invented);
    the first channel wins if a lead appears twice;
 2. rejected with ``RecordError``: zero-length signal, a sampling rate outside the supported
-   range or a duration above the maximum (``ingestion.limits.ReadOptions``), no ECG lead,
+   range or a duration above the maximum (``ingestion.readers.options.ReadOptions``), no ECG lead,
    NaN/inf in an ECG lead, shorter than 5 s;
 3. resampled to 500 Hz with ``scipy.signal.resample_poly`` (anti-aliased polyphase filter; the
    up/down ratio is ``Fraction(500 / fs)`` limited to denominators <= 1000);
@@ -24,9 +24,9 @@ import numpy as np
 
 from ecgplat.leads import LEADS, canonical_lead
 from ecgplat.store import DTYPE, SAMPLE_RATE, SEGMENT_SAMPLES, SEGMENT_SECONDS, UV_PER_MV
-from ingestion.limits import ReadOptions, check_length
-from ingestion.record import RawRecord, RecordError
-from ingestion.units import store_unit
+from ingestion.readers.options import ReadOptions, check_length
+from ingestion.readers.record import RawRecord, RecordError
+from ingestion.readers.units import store_unit
 
 MAX_DENOMINATOR = 1000
 _I16 = np.iinfo(DTYPE)
@@ -49,7 +49,7 @@ class ConditionedRecord:
     age: float = float("nan")
     sex: str = ""
     extra: dict = field(default_factory=dict)
-    units: str = "uV"  # the store's records/units value: "uV", or "z" (ingestion.units)
+    units: str = "uV"  # the store's records/units value: "uV", or "z" (ingestion.readers.units)
 
     @property
     def record_key(self) -> str:

@@ -25,10 +25,7 @@ import numpy as np
 from ecgplat import faults
 from ecgplat.progress import ProgressBar
 from ecgplat.store import reason_kind
-from ingestion.limits import ReadOptions, check_reader_options
-from ingestion.record import RECORD_SUFFIXES
-from ingestion.units import NOT_VOLTAGE
-from ingestion.writer import (
+from ecgplat.store.writer import (
     RecordBatch,
     StoreWriter,
     pack_batch,
@@ -36,6 +33,9 @@ from ingestion.writer import (
     patient_key_for,
     redact,
 )
+from ingestion.readers.options import ReadOptions, check_reader_options
+from ingestion.readers.record import RECORD_SUFFIXES
+from ingestion.readers.units import NOT_VOLTAGE
 
 if TYPE_CHECKING:
     from distributed import Client, LocalCluster
@@ -88,8 +88,8 @@ def process_batch(
     Reasons are the readers' fixed templates; an unexpected exception contributes its type only
     (its text may quote field values such as patient ids)."""
     from ingestion.conditioning import condition
-    from ingestion.corpora import get_corpus
-    from ingestion.record import RecordError
+    from ingestion.readers.record import RecordError
+    from ingestion.readers.registry import get_corpus
 
     module = get_corpus(corpus)
     root = Path(src)
@@ -176,7 +176,7 @@ def _retry_one_by_one(client, corpus, src, rels, seq, secret, opts) -> RecordBat
     futures = [
         _single(client, corpus, src, rel, f"{seq}-{i}", secret, opts) for i, rel in enumerate(rels)
     ]
-    from ingestion.corpora import get_corpus
+    from ingestion.readers.registry import get_corpus
 
     module, parts = get_corpus(corpus), []
     for i, (rel, future) in enumerate(zip(rels, futures, strict=True)):
@@ -282,7 +282,7 @@ def ingest(
     ``COMMIT_PACE`` times the last commit's duration when commits are slow; a killed run loses
     at most the batches since the last commit. ``opts``: rate range, maximum duration, path
     policy and reader fields (``units``; ``fs``/``leads``/``patients`` of user arrays) of the
-    readers (``ingestion.limits.ReadOptions``; default: its defaults), checked against the
+    readers (``ingestion.readers.options.ReadOptions``; default: its defaults), checked against the
     corpus reader's ``OPTIONS`` before anything runs (ValueError). A batch
     whose Dask worker dies is retried record by record; the record that kills its worker is
     rejected as "worker died". ``send_bytes``: the driver reads each record's files and ships
@@ -292,7 +292,7 @@ def ingest(
     skipped (already present), seconds, records_per_s, bytes_read, startup_seconds (Dask
     cluster start, included in seconds), and the store totals.
     """
-    from ingestion.corpora import get_corpus
+    from ingestion.readers.registry import get_corpus
 
     module = get_corpus(corpus)
     opts = check_reader_options(module, opts)
@@ -423,8 +423,8 @@ def _warm_up() -> None:
     import numcodecs  # noqa: F401
 
     import ingestion.conditioning  # noqa: F401
-    from ingestion.corpora import CORPORA  # noqa: F401
-    from ingestion.segment_codec import segment_codecs
+    from ecgplat.store.segment_codec import segment_codecs
+    from ingestion.readers.registry import CORPORA  # noqa: F401
 
     segment_codecs()
 

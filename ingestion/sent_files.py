@@ -2,10 +2,10 @@
 and ships them in the task, so workers never need to see SRC.
 
 A record's files are its header ``rel.hea`` and the data files the header names, resolved by the
-readers' own path policy (``ingestion.limits``). On the worker, ``process_sent_batch`` lays them
-out in a private temporary folder exactly as under SRC and runs the unchanged reader there, so
-a record gives the same segments, the same rejects and the same reasons as when the worker
-reads SRC itself. What the driver does not read:
+readers' own path policy (``ingestion.readers.options``). On the worker,
+``process_sent_batch`` lays them out in a private temporary folder exactly as under SRC and
+runs the unchanged reader there, so a record gives the same segments, the same rejects and
+the same reasons as when the worker reads SRC itself. What the driver does not read:
 
 * a file the path policy refuses: a refused symbolic link is sent as a link (the worker's check
   then refuses it with the same reason); a refused path is not sent (refused there too);
@@ -26,9 +26,9 @@ import tempfile
 from pathlib import Path
 from typing import cast
 
-from ingestion.limits import ReadOptions, inside_src, sibling
-from ingestion.record import RecordError
-from ingestion.wfdb_header import MAX_HEADER_BYTES, expected_data_sizes, parse_header
+from ingestion.readers.options import ReadOptions, inside_src, sibling
+from ingestion.readers.record import RecordError
+from ingestion.readers.wfdb_header import MAX_HEADER_BYTES, expected_data_sizes, parse_header
 
 SEND_BYTES_CORPORA = ("wfdb", "cinc2021", "ludb", "cpsc2021")  # record = .hea + named files
 _MAT_SLACK = 4096  # cinc2021: a .mat larger than n_sig x sig_len x 8 + this is refused unread

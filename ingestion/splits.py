@@ -25,8 +25,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ecgplat.counts import value_counts
 from ecgplat.store import SPLIT_COLUMNS, open_store
+from ecgplat.store.sealed_counts import value_counts
 
 MODES = ("random", "strat_fold")
 VALID_FOLD, TEST_FOLD = 9, 10
@@ -121,7 +121,7 @@ def split_store(
 
     ``ident_within``: only records of that split take part in gallery/probe.
     """
-    from ingestion.writer import StoreWriter
+    from ecgplat.store.writer import StoreWriter
 
     if mode not in MODES:
         raise ValueError(f"unknown split mode {mode!r}; choose one of {', '.join(MODES)}")

@@ -3,7 +3,7 @@
 A record (``NAME.hea`` plus the data files its header names) is ready when
 
 * every data file holds exactly the bytes the header implies (``.dat`` formats by
-  ``ingestion.wfdb_header.expected_data_sizes``; a CinC 2021 ``.mat`` as a MATLAB v4 int16
+  ``ingestion.readers.wfdb_header.expected_data_sizes``; a CinC 2021 ``.mat`` as a MATLAB v4 int16
   ``val`` matrix): it is ingested at the next poll;
 * or, when the header cannot tell (unparsable header, compressed format, a file larger than
   implied), its files' sizes and modification times are unchanged across two polls;
@@ -33,8 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ingestion.limits import ReadOptions, check_reader_options
-from ingestion.wfdb_header import MAX_HEADER_BYTES, expected_data_sizes, parse_header
+from ingestion.readers.options import ReadOptions, check_reader_options
+from ingestion.readers.wfdb_header import MAX_HEADER_BYTES, expected_data_sizes, parse_header
 
 WATCH_CORPORA = ("wfdb", "cinc2021")  # one record = NAME.hea + the data files it names
 DEFAULT_POLL = 1.0  # seconds between scans of SRC
@@ -72,7 +72,7 @@ class WatchReport:
 
 def _expected_sizes(text: str, rel: str) -> dict[str, int | None] | None:
     """Data file name -> expected bytes (None: unknown) of a header text; None if unparsable."""
-    from ingestion.record import RecordError
+    from ingestion.readers.record import RecordError
 
     try:
         hdr = parse_header(text, rel)
@@ -135,7 +135,7 @@ class Watcher:
         opts: ReadOptions | None = None,
         echo: Callable[[str], None] = print,
     ):
-        from ingestion.corpora import get_corpus
+        from ingestion.readers.registry import get_corpus
 
         if corpus not in WATCH_CORPORA:
             raise ValueError(f"watch follows {', '.join(WATCH_CORPORA)} folders, not {corpus!r}")
@@ -177,8 +177,8 @@ class Watcher:
     def _ingest(self, ready: list[tuple[str, float]], stop: threading.Event) -> dict[str, float]:
         """Read, append and commit ``ready`` (one at a time, stopping early when ``stop`` is
         set); returns store key -> landing of the records added."""
+        from ecgplat.store.writer import StoreWriter
         from ingestion.pipeline import process_batch
-        from ingestion.writer import StoreWriter
 
         added: dict[str, float] = {}
         with StoreWriter(self.store) as writer:
@@ -207,7 +207,7 @@ class Watcher:
 
     def catch_up(self) -> None:
         """Create the store if needed, learn what it holds and publish what is not yet."""
-        from ingestion.writer import StoreWriter
+        from ecgplat.store.writer import StoreWriter
 
         with StoreWriter(self.store) as writer:
             self._done = writer.done_paths(self.corpus, self.module.list_records(self.src))

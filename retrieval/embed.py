@@ -605,7 +605,7 @@ class LoadedModel:
     def load(cls, checkpoint: str | os.PathLike) -> LoadedModel:
         """CheckpointError naming the file when it is not a usable checkpoint. The file is
         read once: hashed for the lineage, then loaded from the same bytes."""
-        from training.models.checkpoint import CheckpointError, encoder_from, load_checkpoint
+        from training.models.checkpoint_file import CheckpointError, encoder_from, load_checkpoint
         from training.normalize import mode_of
 
         try:

@@ -858,7 +858,7 @@ def compact_index(path: str | os.PathLike) -> dict:
 
 
 class ForgetIndex:
-    """An index file kept in step with a store by `ingestion.forget.forget`: checked to be of
+    """An index file kept in step with a store by `ecgplat.store.forget.forget`: checked to be of
     that store before the forget changes anything, then (under the index's lock, reloaded with
     its deltas) rewritten without the forgotten records' rows and stamped with the store's
     forget generation."""

@@ -7,9 +7,10 @@ SHA-256), the lead set, the feature set, its level (record or segment) and the s
 * a new ECG given as conditioned segments (`query_signal`): float32 (S, 12, 2500) mV at 500 Hz in
   canonical lead order plus its lead mask. Reading and conditioning a file is ingestion's job; this
   package may not import `ingestion` (docs/ARCHITECTURE.md), so the caller (the CLI, through
-  `ingestion.corpora.read_one`) conditions the file and passes the segments here. They are embedded
-  on the fly with the index's checkpoint and leads (the record embedding: mean of the segment
-  embeddings, re-normalised), after checking the checkpoint file still has the index's SHA-256.
+  `ingestion.readers.registry.read_one`) conditions the file and passes the segments here.
+  They are embedded on the fly with the index's checkpoint and leads (the record embedding: mean
+  of the segment embeddings, re-normalised), after checking the checkpoint file still has the
+  index's SHA-256.
 
 Results are rows {rank, id, score (cosine), same_patient (store queries only)}; patient keys
 are never returned or printed.

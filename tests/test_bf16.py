@@ -77,7 +77,7 @@ def test_autocast_contexts(monkeypatch):
 
 
 def test_run_config_precision_is_validated():
-    from training.config import ConfigError, RunConfig
+    from training.run_config import ConfigError, RunConfig
 
     assert RunConfig().precision == "auto"
     assert RunConfig.from_dict({"precision": "bf16"}).precision == "bf16"
@@ -193,7 +193,7 @@ def test_tiny_preset_trains_the_same_in_bf16(tmp_path):
     bf16 gradients); the mean over the run within u (a systematic bias would show there)."""
     from helpers import prepare_synthetic
 
-    from training.config import load_config
+    from training.run_config import load_config
     from training.tasks.pretrain import PretrainTask
 
     shards = prepare_synthetic(

@@ -312,7 +312,7 @@ def world(synth_cohort, synth_store, synth_shards, tmp_path_factory) -> dict[str
 
     from retrieval.embed import embed_store
     from retrieval.index import index_from_features
-    from training.models.checkpoint import load_encoder, save_checkpoint
+    from training.models.checkpoint_file import load_encoder, save_checkpoint
     from training.models.classifier import DiagnosisModel
 
     base = tmp_path_factory.mktemp("misuse")
@@ -483,8 +483,8 @@ def _caught(fn, *args):
 
 
 def test_describe_error_sorts_expected_errors_from_bugs(tmp_path):
-    from training.config import ConfigError, load_config
     from training.distributed import pick_device
+    from training.run_config import ConfigError, load_config
 
     msg, expected = describe_error(_caught(load_config, "nosuchpreset", []))
     assert expected and "nosuchpreset" in msg and "\n" not in msg

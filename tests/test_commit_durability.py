@@ -9,7 +9,7 @@ import pytest
 
 from ecgplat import atomic
 from ecgplat import store as S
-from ingestion.segment_codec import ShardFiles
+from ecgplat.store.segment_codec import ShardFiles
 
 
 @pytest.fixture

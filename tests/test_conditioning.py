@@ -5,7 +5,7 @@ import pytest
 
 from ecgplat.leads import LEADS
 from ingestion.conditioning import SEGMENT_SAMPLES, condition
-from ingestion.record import RawRecord, RecordError
+from ingestion.readers.record import RawRecord, RecordError
 
 
 def _rec(signal, fs=500.0, names=None, **kw):

@@ -4,7 +4,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from training.config import ConfigError, RunConfig, load_config, preset_names, valid_keys
+from training.run_config import ConfigError, RunConfig, load_config, preset_names, valid_keys
 
 
 def test_pretraining_presets_mirror_the_original():

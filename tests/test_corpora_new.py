@@ -12,10 +12,10 @@ from typer.testing import CliRunner
 from ecgplat.cli import app
 from ecgplat.labels import ABBREVIATIONS, codes_to_multihot
 from ecgplat.store import open_store
-from ingestion import code15, ludb, numpy_arrays, wfdb_dir
 from ingestion.conditioning import condition
 from ingestion.pipeline import ingest
-from ingestion.record import RecordError
+from ingestion.readers import code15, ludb, numpy_arrays, wfdb_dir
+from ingestion.readers.record import RecordError
 
 runner = CliRunner()
 LEADS12 = "I,II,III,aVR,aVL,aVF,V1,V2,V3,V4,V5,V6"
@@ -353,11 +353,11 @@ def test_numpy_reader_orientation_square_is_leads_first():
     assert numpy_arrays.orient(sq, 4, "r") is sq
 
 
-# --- one options object (ingestion.limits.ReadOptions) for every reader ---------------------------
+# --- one options object (ingestion.readers.options.ReadOptions) for every reader ---
 
 
 def test_reader_fields_refused_where_they_do_not_apply(samples_dir, tmp_path):
-    from ingestion.limits import ReadOptions
+    from ingestion.readers.options import ReadOptions
 
     def run(corpus, src, **fields):
         opts = ReadOptions(**fields)
@@ -375,7 +375,7 @@ def test_reader_fields_refused_where_they_do_not_apply(samples_dir, tmp_path):
 
 
 def test_array_files_obey_the_bounds_and_path_policy(tmp_path):
-    from ingestion.limits import ReadOptions
+    from ingestion.readers.options import ReadOptions
 
     d = tmp_path / "arrays"
     d.mkdir()
@@ -398,7 +398,7 @@ def test_array_files_obey_the_bounds_and_path_policy(tmp_path):
 
 
 def test_units_reach_dask_workers(samples_dir, tmp_path):
-    from ingestion.limits import ReadOptions
+    from ingestion.readers.options import ReadOptions
 
     src = samples_dir / "ptbxl_preprocessed"
     summary = ingest(

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 import zarr
 
-from ecgplat.counts import COUNTS_KEY
 from ecgplat.store import open_store, reason_kind
+from ecgplat.store.sealed_counts import COUNTS_KEY
 
 PER = ("per_source", "per_split", "per_ident_split", "rejects_by_reason")
 
@@ -97,7 +97,7 @@ def cohort(synth_cohort, tmp_path) -> Path:
 
 
 def test_counts_follow_ingest_split_forget(cohort, samples_dir, tmp_path):
-    from ingestion.forget import forget
+    from ecgplat.store.forget import forget
     from ingestion.pipeline import ingest
     from ingestion.splits import split_store
 
@@ -158,7 +158,7 @@ def test_counts_follow_ingest_split_forget(cohort, samples_dir, tmp_path):
 def test_store_without_counts_reads_as_before_and_heals(cohort, samples_dir, tmp_path):
     """A store written before the counts were kept (commit.json without them) gives the same
     info, tallied; the next write stores them again."""
-    from ingestion.forget import forget
+    from ecgplat.store.forget import forget
     from ingestion.pipeline import ingest
     from ingestion.splits import split_store
 

@@ -13,7 +13,6 @@ import torch
 import webdataset as wds
 
 from training.augment import RandomLeadMasking
-from training.config import load_config
 from training.data import (
     BatchStream,
     ShardError,
@@ -24,6 +23,7 @@ from training.data import (
     shard_urls,
     stream_from_config,
 )
+from training.run_config import load_config
 
 torch.set_num_threads(1)
 T = 2500

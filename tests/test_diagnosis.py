@@ -16,10 +16,10 @@ from typer.testing import CliRunner
 
 from ecgplat.leads import apply_lead_subset, parse_leads
 from ecgplat.tracking import read_metrics
-from training.config import load_config
-from training.metrics import auroc
+from training.cinc_metrics import auroc
 from training.models import CheckpointError, build_encoder, build_pretraining_model, save_checkpoint
 from training.models.classifier import DiagnosisModel, load_diagnosis_model
+from training.run_config import load_config
 from training.tasks.diagnosis import DiagnosisTask
 from training.tasks.finetune import FINETUNE_DEFAULTS
 

@@ -196,7 +196,7 @@ def test_imported_checkpoint_loads_for_encoder_and_heads(tmp_path, reference):
         res = enc(x)
     assert_fp32_close(res.frames.numpy(), reference["encoder_out"], "encoder_out")
     assert_fp32_close(res.pooled.numpy(), reference["pooled"], "pooled")
-    from training.models.config import EncoderConfig
+    from training.models.encoder_config import EncoderConfig
 
     full = W2VCMSCModel(EncoderConfig.from_dict(ckpt["encoder_config"]))
     full.load_state_dict(ckpt["model"], strict=True)

@@ -13,8 +13,8 @@ import zarr
 from store_compare import assert_same_store
 
 from ecgplat.store import open_store, read_commit
+from ecgplat.store.writer import StoreWriter
 from ingestion.pipeline import ingest, process_batch
-from ingestion.writer import StoreWriter
 
 ROOT = Path(__file__).parents[1]
 
@@ -60,7 +60,7 @@ def test_sigkill_then_rerun_equals_uninterrupted(synth_cohort, synth_store, tmp_
 def test_uncommitted_tail_is_dropped(synth_cohort, synth_store, tmp_path):
     store = tmp_path / "store"
     ingest("cinc2021", synth_cohort, store, workers=0, limit=10, progress=False)
-    from ingestion.corpora import get_corpus
+    from ingestion.readers.registry import get_corpus
 
     rels = get_corpus("cinc2021").list_records(synth_cohort)[10:14]
     with StoreWriter(store) as w:  # a crash between append and commit, plus a zarr temp file

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from ecgplat.cli import app
 from ecgplat.shard_format import StaleShardsError, check_current
 from ecgplat.store import ForgottenRecordError, open_store
-from ingestion.segment_codec import ShardFiles
+from ecgplat.store.segment_codec import ShardFiles
 
 runner = CliRunner()
 RAW_ID = "SYN0"
@@ -155,7 +155,7 @@ def test_forget_patient_splits_and_embeds_without_them(store, base, caplog):
     pk = before.records["patient_key"][10]
     rows = before.select(patient_key=pk).tolist()
     assert len(rows) == 3
-    with caplog.at_level("INFO", logger="ingestion.forget"):
+    with caplog.at_level("INFO", logger="ecgplat.store.forget"):
         out = _forget(str(store), "--patient", pk, "--json")
     logged = " ".join(r.getMessage() for r in caplog.records)
     assert "3 records (6 segments) masked" in logged and "scrubbed" in logged

@@ -90,10 +90,13 @@ def test_fault_point_kills_only_when_named():
         ),
         (
             r"^(SAMPLE_RATE|SEGMENT_SECONDS|SEGMENT_SAMPLES|N_LEADS|UV_PER_MV)\s*=",
-            "ecgplat/store.py",
+            "ecgplat/store/__init__.py",
         ),
-        (r'^(COMMIT_FILE|SECRET_FILE|SCHEMA_VERSION)\s*=|"commit\.json"', "ecgplat/store.py"),
-        (r'"ecgplat-checkpoint/', "training/models/checkpoint.py"),
+        (
+            r'^(COMMIT_FILE|SECRET_FILE|SCHEMA_VERSION)\s*=|"commit\.json"',
+            "ecgplat/store/__init__.py",
+        ),
+        (r'"ecgplat-checkpoint/', "training/models/checkpoint_file.py"),
         (r'"ecgplat-features/|^FEATURES_DIR\s*=', None),
         (r'"ecgplat-faiss-(index|delta)/', "retrieval/index_file.py"),
         (r"os\.replace\(|os\.fsync\(", None),
@@ -111,7 +114,7 @@ def test_each_format_is_defined_in_one_module(pattern, home):
     if home is not None:
         assert files == [home]
     elif "features" in pattern:
-        assert len(files) <= 2 and set(files) <= {"ecgplat/store.py", "retrieval/embed.py"}
+        assert len(files) <= 2 and set(files) <= {"ecgplat/store/__init__.py", "retrieval/embed.py"}
     else:  # renames of whole folders (feature sets, shard directories) besides the one helper
         assert "ecgplat/atomic.py" in files
         assert set(files) <= {"ecgplat/atomic.py", "ingestion/shards.py", "retrieval/embed.py"}
@@ -293,7 +296,7 @@ def test_readers_never_fail_while_split_runs(synth_store, tmp_path):
 
 def test_embed_takes_the_store_lock(synth_store, tmp_path):
     from ecgplat.store import StoreBusyError
-    from ingestion.writer import StoreWriter
+    from ecgplat.store.writer import StoreWriter
     from retrieval.embed import embed_store
 
     store = tmp_path / "store"

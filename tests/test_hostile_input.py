@@ -14,11 +14,11 @@ import wfdb
 from hostile_files import LEADS12, edit_header, write_cinc, write_ptbxl, write_wfdb
 
 from ecgplat.store import open_store
-from ingestion import cinc2021, cpsc2021, ptbxl, wfdb_dir
 from ingestion.conditioning import condition
-from ingestion.limits import ReadOptions
 from ingestion.pipeline import ingest, process_batch
-from ingestion.record import RecordError
+from ingestion.readers import cinc2021, cpsc2021, ptbxl, wfdb_dir
+from ingestion.readers.options import ReadOptions
+from ingestion.readers.record import RecordError
 
 ROOT = Path(__file__).parents[1]
 ECGPLAT = [sys.executable, "-m", "ecgplat"]
@@ -414,7 +414,7 @@ def test_lost_secret_key_refuses_to_write(tmp_path):
 
 
 def test_condition_bounds_a_raw_record_from_any_reader():
-    from ingestion.record import RawRecord
+    from ingestion.readers.record import RawRecord
 
     rec = RawRecord("x", "r", "r", np.zeros((12, 600), np.float32), 0.05, LEADS12)
     with pytest.raises(RecordError, match="outside the supported range"):

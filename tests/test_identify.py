@@ -13,7 +13,7 @@ torch.set_num_threads(1)
 
 
 def _identify_config(shards, store, out, *extra):
-    from training.config import load_config
+    from training.run_config import load_config
 
     return load_config(
         "identification",
@@ -109,7 +109,7 @@ def cohort50(tmp_path_factory):
     # a fixed pseudonym key: the ArcFace class order follows the pseudonyms, and with a fresh
     # random key per run the 40-update result below moved between 0.22 and 0.38
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("ingestion.writer.secrets.token_bytes", lambda n: bytes([1]) * n)
+        mp.setattr("ecgplat.store.writer.secrets.token_bytes", lambda n: bytes([1]) * n)
         ingest("cinc2021", root / "cohort", root / "store", workers=0, progress=False)
     split_store(root / "store", mode="random", valid=0.0, test=0.0, ident=True)
     write_shards(root / "store", "train", root / "shards", max_count=50)
@@ -119,7 +119,7 @@ def cohort50(tmp_path_factory):
 def test_arcface_finetuning_beats_random_init(cohort50):
     from training.loop import seed_everything, train
     from training.models import load_encoder
-    from training.models.checkpoint import load_checkpoint
+    from training.models.checkpoint_file import load_checkpoint
     from training.models.identifier import load_identification_model
     from training.tasks.identify import IdentifyTask
 

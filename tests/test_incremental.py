@@ -241,7 +241,7 @@ def _raw_rows(store, name, level):
 def test_an_append_across_a_forget_equals_a_fresh_embed_and_stale_indexes_are_not_updated(
     grown, tmp_path
 ):
-    from ingestion.forget import forget
+    from ecgplat.store.forget import forget
     from retrieval.index import (
         ForgetIndex,
         GalleryIndex,
@@ -323,7 +323,7 @@ def test_index_update_writes_a_delta_equal_to_a_rebuild_then_compacts(grown, tmp
 
 
 def test_forget_removes_records_from_the_main_file_and_its_deltas(grown, tmp_path):
-    from ingestion.forget import forget
+    from ecgplat.store.forget import forget
     from retrieval.index import (
         ForgetIndex,
         GalleryIndex,

@@ -17,8 +17,8 @@ import torch
 from typer.testing import CliRunner
 
 from ecgplat.tracking import read_metrics
-from training.config import RunConfig, load_config, preset_names
 from training.loop import train
+from training.run_config import RunConfig, load_config, preset_names
 from training.tasks.base import Task
 
 torch.set_num_threads(1)

@@ -15,7 +15,7 @@ from sklearn.metrics import roc_curve as sk_roc_curve
 from typer.testing import CliRunner
 
 from ecgplat.labels import NORMAL_INDEX, WEIGHTS, codes_to_multihot
-from training import metrics
+from training import cinc_metrics as metrics
 
 FIXTURE = Path(__file__).parent / "fixtures" / "predictions_small.npz"
 WEIGHTS_CSV = Path(__file__).resolve().parents[1] / "ecgplat" / "data" / "scoring" / "weights.csv"

@@ -10,9 +10,9 @@ import torch
 from ecgplat.leads import parse_leads
 from ecgplat.store import open_store
 from training.batch import store_batches
-from training.config import ConfigError, RunConfig, apply_overrides
 from training.data import ShardStream, StreamSpec, shard_set
 from training.normalize import mode_of, normalize_record, normalize_store_batches
+from training.run_config import ConfigError, RunConfig, apply_overrides
 
 FIXTURE = Path(__file__).parent / "fixtures" / "pretrained_tiny" / "w2v_cmsc_rlm_tiny_synth.pt"
 

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from training.config import OptimConfig
 from training.optim import LRSchedule, build_optimizer
+from training.run_config import OptimConfig
 
 torch.set_num_threads(1)
 

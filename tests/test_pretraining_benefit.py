@@ -25,9 +25,9 @@ import torch
 
 from ecgplat.tracking import read_metrics
 from retrieval.embed import file_sha256
-from training.config import load_config
 from training.loop import train
 from training.models import load_encoder
+from training.run_config import load_config
 from training.tasks.diagnosis import DiagnosisTask
 
 FIXTURE = Path(__file__).parent / "fixtures" / "pretrained_tiny"

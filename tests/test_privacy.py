@@ -10,9 +10,9 @@ import pytest
 from hostile_files import edit_header, write_cinc, write_ptbxl, write_wfdb
 
 from ecgplat.store import open_store
-from ingestion import ptbxl
 from ingestion.pipeline import process_batch
-from ingestion.record import RecordError
+from ingestion.readers import ptbxl
+from ingestion.readers.record import RecordError
 
 ROOT = Path(__file__).parents[1]
 RAW = [

@@ -10,10 +10,10 @@ import scipy.io
 import wfdb
 
 from ecgplat.labels import ABBREVIATIONS, CLASS_NAMES
-from ingestion import cinc2021, cpsc2021, ptbxl, wfdb_dir
 from ingestion.conditioning import condition
-from ingestion.corpora import CORPORA, get_corpus
-from ingestion.record import RecordError
+from ingestion.readers import cinc2021, cpsc2021, ptbxl, wfdb_dir
+from ingestion.readers.record import RecordError
+from ingestion.readers.registry import CORPORA, get_corpus
 
 CINC = [
     "chapman_shaoxing/JS00001",
@@ -354,7 +354,7 @@ def test_read_mat4_dtypes_byte_orders_and_several_matrices(tmp_path, dtype):
 
 
 def test_read_one_picks_the_reader_by_format(samples_dir):
-    from ingestion.corpora import read_one
+    from ingestion.readers.registry import read_one
 
     cinc = samples_dir / "cinc2021" / "georgia" / "E07500"
     want = condition(cinc2021.read_record(cinc.parent, "E07500"))
@@ -371,7 +371,7 @@ def test_read_one_picks_the_reader_by_format(samples_dir):
 
 
 def test_read_one_errors_name_the_file(cinc_copy):
-    from ingestion.corpora import read_one
+    from ingestion.readers.registry import read_one
 
     with pytest.raises(RecordError, match=r"nothere\.hea: no WFDB header"):
         read_one(cinc_copy / "nothere.hea")

@@ -148,8 +148,8 @@ def test_file_names_with_patient_ids_are_redacted(samples_dir, tmp_path):
 
 def _fake_batch(seq, counts, rng, prefix="r"):
     """A RecordBatch of len(counts) records with counts[i] random segments each."""
+    from ecgplat.store.writer import pack_batch
     from ingestion.conditioning import ConditionedRecord
-    from ingestion.writer import pack_batch
 
     recs = [
         ConditionedRecord(
@@ -168,7 +168,7 @@ def _fake_batch(seq, counts, rng, prefix="r"):
 
 
 def test_direct_shard_writes_read_back_across_commits_and_reopens(tmp_path):
-    from ingestion.writer import StoreWriter
+    from ecgplat.store.writer import StoreWriter
 
     rng = np.random.default_rng(1)
     store, expected = tmp_path / "s", []
@@ -210,7 +210,7 @@ def test_direct_shard_writes_read_back_across_commits_and_reopens(tmp_path):
 
 def test_store_with_an_older_segment_layout_is_appended_through_zarr(tmp_path, monkeypatch):
     import ecgplat.store as S
-    from ingestion.writer import StoreWriter
+    from ecgplat.store.writer import StoreWriter
 
     rng = np.random.default_rng(2)
     monkeypatch.setattr(S, "SEGMENT_CHUNK", 8)

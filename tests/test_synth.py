@@ -10,7 +10,8 @@ import wfdb
 from scipy.signal import butter, find_peaks, sosfiltfilt
 
 from ecgplat.labels import ABBREVIATIONS
-from ingestion import cinc2021, synth
+from ingestion import synth
+from ingestion.readers import cinc2021
 from ingestion.synth import make_patient, synth_record, write_cohort
 
 FS = 500

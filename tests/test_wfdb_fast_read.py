@@ -1,5 +1,5 @@
-"""The format-16 fast path of ``ingestion.wfdb_header.read_digital`` gives exactly what wfdb's
-general decoder gives (real samples, a byte offset, WFDB's invalid-sample value)."""
+"""The format-16 fast path of ``ingestion.readers.wfdb_header.read_digital`` gives exactly what
+wfdb's general decoder gives (real samples, a byte offset, WFDB's invalid-sample value)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import ingestion.wfdb_header as W
+import ingestion.readers.wfdb_header as W
 
 SAMPLES = Path(__file__).resolve().parents[1] / "data" / "samples"
 

@@ -5,7 +5,7 @@ importing anything until the name is used.
 """
 
 _LAZY = {
-    "load_encoder": ("training.models.checkpoint", "load_encoder"),
+    "load_encoder": ("training.models.checkpoint_file", "load_encoder"),
 }
 
 

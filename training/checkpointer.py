@@ -7,7 +7,7 @@ the resolved config and the task's extra state. Every value is a tensor or a pla
 container, so `torch.load(path, weights_only=True)` reads it.
 
 Files in the run directory: `checkpoint_last.pt` (written every save by the atomic
-`training.models.checkpoint.save_checkpoint`), numbered `checkpoint_<updates>.pt` (hard links
+`training.models.checkpoint_file.save_checkpoint`), numbered `checkpoint_<updates>.pt` (hard links
 to the same bytes, the newest `keep_last` kept) and `checkpoint_best.pt`; links are made
 under a temporary name and `os.replace`d, so no file is ever seen half-written.
 
@@ -37,11 +37,11 @@ import torch
 
 from ecgplat.atomic import link_or_copy
 from training import distributed as dist_utils
-from training.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from training.models.checkpoint_file import CheckpointError, load_checkpoint, save_checkpoint
 
 if TYPE_CHECKING:  # pragma: no cover
-    from training.config import RunConfig
     from training.optim import LRSchedule
+    from training.run_config import RunConfig
     from training.tasks.base import Task
 
 LAST = "checkpoint_last.pt"
@@ -96,7 +96,7 @@ def restore_rng(state: dict[str, Any]) -> None:
 def save_run_checkpoint(
     run_dir: str | Path, *, keep_last: int = 1, is_best: bool = False, **fields: Any
 ) -> Path:
-    """Write `checkpoint_last.pt` (atomic, via `training.models.checkpoint.save_checkpoint`
+    """Write `checkpoint_last.pt` (atomic, via `training.models.checkpoint_file.save_checkpoint`
     whose keyword fields this takes), its numbered hard link and optionally `checkpoint_best.pt`;
     prune numbered checkpoints beyond the newest `keep_last`."""
     run_dir = Path(run_dir)

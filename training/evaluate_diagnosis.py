@@ -4,7 +4,7 @@
 every segment of a store split, once per lead set (a preset, a comma list, or "all" = each of
 12/6/4/3/2/1; absent leads zero-filled in their canonical slots), and writes to `out`:
 
-* `metrics.json`: for each lead set the classification report (`training.metrics`) at segment
+* `metrics.json`: for each lead set the classification report (`training.cinc_metrics`) at segment
   level (the paper's unit) and record level (segment probabilities averaged per record);
 * `predictions.npz` (one lead set) or `predictions_<leads>.npz` (several): one row per segment,
   `labels` (N, 26) bool, `probabilities` (N, 26) float32, `record_keys` (N,) str,
@@ -31,7 +31,7 @@ from ecgplat.atomic import atomic_path
 from ecgplat.leads import LEAD_PRESETS, LEADS, apply_lead_subset, lead_mask, parse_leads
 from ecgplat.progress import ProgressBar
 from training.batch import store_batches
-from training.metrics import REPORT_KEYS, aggregate_records, classification_report, roc_curve
+from training.cinc_metrics import REPORT_KEYS, aggregate_records, classification_report, roc_curve
 
 
 class EvaluationError(Exception):
@@ -231,7 +231,7 @@ def evaluate_diagnosis(
     summary that is also written to `out/metrics.json`. Raises EvaluationError."""
     from ecgplat.store import open_store
     from training.distributed import pick_device
-    from training.models.checkpoint import CheckpointError
+    from training.models.checkpoint_file import CheckpointError
     from training.models.classifier import load_diagnosis_model
     from training.normalize import mode_of, normalize_store_batches
     from training.precision import resolve_precision

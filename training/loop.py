@@ -32,10 +32,10 @@ import torch
 
 from training import distributed as dist_utils
 from training.checkpointer import Checkpointer, Interrupted, TrainState
-from training.config import RunConfig
 from training.metrics_window import MetricsWindow
 from training.optim import LRSchedule, build_optimizer
 from training.precision import resolve_precision
+from training.run_config import RunConfig
 from training.step import train_step
 from training.tasks.base import Task, unwrap
 from training.validate import Validator

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 
 import torch
 
-from training.config import OptimConfig
+from training.run_config import OptimConfig
 
 
 def build_optimizer(

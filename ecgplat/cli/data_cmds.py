@@ -134,8 +134,8 @@ def ingest(
         fail("--allow-outside needs --follow-symlinks")
     if min_fs > max_fs:
         fail(f"--min-fs ({min_fs:g}) is above --max-fs ({max_fs:g})")
-    from ingestion.limits import ReadOptions
     from ingestion.pipeline import ingest as run_ingest
+    from ingestion.readers.options import ReadOptions
 
     opts = ReadOptions(
         min_fs,
@@ -351,7 +351,7 @@ def forget(
     held them are rewritten without them. Other indexes and earlier shard exports are refused
     as stale. A run that was killed is completed by running forget again.
     """
-    from ingestion.forget import forget as run_forget
+    from ecgplat.store.forget import forget as run_forget
     from retrieval.index import ForgetIndex
 
     require_store(store)

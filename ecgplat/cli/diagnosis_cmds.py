@@ -34,7 +34,7 @@ def _print_report(title: str, reports: dict[str, dict], per_class_from: str | No
     from rich.console import Console
     from rich.table import Table
 
-    from training.metrics import REPORT_KEYS
+    from training.cinc_metrics import REPORT_KEYS
 
     console = Console()
     table = Table(title=title)
@@ -136,7 +136,7 @@ def score(
     ] = 0.5,
 ) -> None:
     """Rescore a predictions file: CinC 2021 challenge score, AUROC/AUPRC, F1, exact matches."""
-    from training.metrics import aggregate_records, classification_report
+    from training.cinc_metrics import aggregate_records, classification_report
 
     labels, probs, keys = _load_predictions(predictions)
     if labels.shape[1] != 26:

@@ -63,7 +63,7 @@ def import_fairseq_cmd(
     if out.exists() and not force:
         fail(f"{out}: already exists (use --force to overwrite)")
     check_output_path(out, "OUT", directory=False)
-    from training.models.checkpoint import load_checkpoint
+    from training.models.checkpoint_file import load_checkpoint
     from training.models.fairseq_import import import_fairseq_checkpoint
 
     try:

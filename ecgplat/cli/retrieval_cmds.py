@@ -80,7 +80,7 @@ def embed(
     store only the new records are embedded and appended; a killed run resumes."""
     from ecgplat.store import StoreBusyError
     from retrieval.embed import embed_store
-    from training.models.checkpoint import CheckpointError
+    from training.models.checkpoint_file import CheckpointError
 
     if not checkpoint.is_file():
         fail(f"{checkpoint}: no such checkpoint file")
@@ -269,8 +269,8 @@ def evaluate_identify(
 def _conditioned_file(path: Path):
     """(float32 (S, 12, 2500) mV, lead mask) of a record file, read by `ingestion`."""
     from ecgplat.store import to_millivolts
-    from ingestion.corpora import read_one
-    from ingestion.record import RecordError
+    from ingestion.readers.record import RecordError
+    from ingestion.readers.registry import read_one
 
     try:
         rec = read_one(path)
@@ -306,7 +306,7 @@ def query(
     """Nearest gallery ECGs (cosine similarity) of a stored record or a new file."""
     from retrieval.index import GalleryIndex, LineageError
     from retrieval.query import plot_matches, query_record, query_signal
-    from training.models.checkpoint import CheckpointError
+    from training.models.checkpoint_file import CheckpointError
 
     if (record is None) == (file is None):
         fail("give exactly one of --record KEY or --file PATH.hea")

@@ -25,7 +25,7 @@ DEFAULT_PRESET = {
 def check_run_paths(cfg) -> None:
     """ConfigError for a store, checkpoint or shard directory named in the config that does not
     exist, or for device=cuda without a GPU, before anything is written or trained."""
-    from training.config import ConfigError
+    from training.run_config import ConfigError
 
     for option, key, value in (
         ("--store", "data.store", cfg.data.store),
@@ -62,7 +62,7 @@ def resolve_run_config(
 ):
     """The RunConfig of a new run (preset + options + overrides) or of a resumed one (the run
     directory's `config.yaml` + overrides). Raises ConfigError / FileExistsError."""
-    from training.config import ConfigError, apply_overrides, load_config
+    from training.run_config import ConfigError, apply_overrides, load_config
 
     if resume:
         saved = out / "config.yaml"
@@ -191,7 +191,7 @@ def train_command(
     ] = False,
 ) -> None:
     """Train a model; Ctrl-C / SIGTERM writes a checkpoint that --resume continues from."""
-    from training.config import ConfigError
+    from training.run_config import ConfigError
 
     if task not in TASKS:
         fail(f"unknown task '{task}'; choose one of {', '.join(TASKS)}")

@@ -105,7 +105,7 @@ def watch(
     from ingestion.watch import Watcher
     from retrieval.embed import FeatureError
     from retrieval.index import LineageError
-    from training.models.checkpoint import CheckpointError
+    from training.models.checkpoint_file import CheckpointError
 
     stop, got = threading.Event(), []
 

@@ -6,22 +6,22 @@ Builders in the style of torchaudio's wav2vec2 factories::
     build_pretraining_model("tiny")              # W2VCMSCModel (encoder + quantizer + projections)
     list_presets()                               # ["paper", "small", "tiny"]
 
-Presets and options are documented in ``training.models.config``.
+Presets and options are documented in ``training.models.encoder_config``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from training.models.checkpoint import (
+from training.models.checkpoint_file import (
     CheckpointError,
     encoder_state_dict,
     load_checkpoint,
     load_encoder,
     save_checkpoint,
 )
-from training.models.config import PRESET_HELP, PRESETS, EncoderConfig, get_config
 from training.models.encoder import ECGEncoder, EncoderOutput
+from training.models.encoder_config import PRESET_HELP, PRESETS, EncoderConfig, get_config
 from training.models.pretraining import W2VCMSCModel
 
 __all__ = [

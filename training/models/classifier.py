@@ -60,7 +60,7 @@ class DiagnosisModel(nn.Module):
 def load_diagnosis_model(path, map_location="cpu") -> tuple[DiagnosisModel, dict]:
     """Rebuild a DiagnosisModel from a "diagnosis" checkpoint (strict load), in eval mode.
     Returns ``(model, checkpoint)``; raises CheckpointError naming the file and the reason."""
-    from training.models.checkpoint import load_finetuned
+    from training.models.checkpoint_file import load_finetuned
 
     return load_finetuned(
         path,

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from training.models.config import EncoderConfig
+from training.models.encoder_config import EncoderConfig
 from training.models.feature_extractor import ConvFeatureExtractor, GradMultiply
 from training.models.lean_ops import Dropout
 from training.models.masking import compute_mask_indices

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from training.models.checkpoint import save_checkpoint
-from training.models.config import EncoderConfig
+from training.models.checkpoint_file import save_checkpoint
+from training.models.encoder_config import EncoderConfig
 
 PAPER_ERA_NAMES = {"wav2vec2_clocs"}
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ecgplat.store import SEGMENT_SAMPLES
-from training.models.config import EncoderConfig
+from training.models.encoder_config import EncoderConfig
 
 
 def encoder_forward_flops(cfg: EncoderConfig, n_samples: int = SEGMENT_SAMPLES) -> float:

@@ -146,7 +146,7 @@ def record_means(embeddings: np.ndarray, record_index: np.ndarray) -> tuple[np.n
 def load_identification_model(path, map_location="cpu") -> tuple[IdentificationModel, dict]:
     """Rebuild an IdentificationModel from an "identify" checkpoint (strict load), in eval mode.
     Returns ``(model, checkpoint)``; raises CheckpointError naming the file and the reason."""
-    from training.models.checkpoint import load_finetuned
+    from training.models.checkpoint_file import load_finetuned
 
     def build(encoder: ECGEncoder, num_classes: int, ckpt: dict) -> IdentificationModel:
         crit = (ckpt.get("config") or {}).get("criterion", {})

@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from training.models.config import EncoderConfig
 from training.models.encoder import ECGEncoder
+from training.models.encoder_config import EncoderConfig
 from training.models.quantizer import GumbelVectorQuantizer
 
 

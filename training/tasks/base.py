@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:  # pragma: no cover
-    from training.config import RunConfig
+    from training.run_config import RunConfig
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

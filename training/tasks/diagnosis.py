@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.config import RunConfig
+from training.run_config import RunConfig
 from training.tasks.base import unwrap
 from training.tasks.finetune import FinetuneTask, build_finetune_encoder
 

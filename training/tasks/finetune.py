@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from training.config import RunConfig
+from training.run_config import RunConfig
 from training.tasks.base import Task
 from training.tasks.pretrain import MODEL_OVERRIDES
 
@@ -69,7 +69,7 @@ def build_finetune_encoder(cfg: RunConfig):
 def check_init_normalize(cfg: RunConfig) -> None:
     """ValueError when `finetune.init` was pretrained with another `data.normalize` than this
     run's: the encoder would see amplitudes it was never trained on."""
-    from training.models.checkpoint import load_checkpoint
+    from training.models.checkpoint_file import load_checkpoint
     from training.normalize import mode_of
 
     init_mode = mode_of(load_checkpoint(cfg.finetune.init))

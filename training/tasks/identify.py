@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from training.config import RunConfig
 from training.ident_metrics import nearest, rank_k
+from training.run_config import RunConfig
 from training.tasks.base import unwrap
 from training.tasks.finetune import FinetuneTask, build_finetune_encoder
 

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from training.config import RunConfig
+from training.run_config import RunConfig
 from training.tasks.base import Task, unwrap
 
 MODEL_OVERRIDES = (

@@ -17,9 +17,9 @@ from functools import lru_cache
 from pathlib import Path
 
 from ecgplat.labels import codes_to_multihot, scp_to_snomed
-from ingestion.limits import ReadOptions
-from ingestion.record import RawRecord, RecordError, parse_age
-from ingestion.wfdb_dir import read_wfdb
+from ingestion.readers.options import ReadOptions
+from ingestion.readers.record import RawRecord, RecordError, parse_age
+from ingestion.readers.wfdb_dir import read_wfdb
 
 SOURCE = "ptbxl"
 DATABASE = "ptbxl_database.csv"

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ingestion.record import RecordError
+from ingestion.readers.record import RecordError
 
 try:  # the sample formats wfdb can decode (a private table; fall back to wfdb 4.x's list)
     from wfdb.io._signal import DAT_FMTS as DAT_FMTS
@@ -124,8 +124,9 @@ MAX_HEADER_BYTES = 1 << 20  # real headers are a few KB; a larger one is not rea
 
 def read_header(src: Path, rel: str, opts=None) -> tuple[Path, dict]:
     """(path of ``SRC/rel.hea``, its parsed header); the path is checked by
-    ``ingestion.limits.inside_src`` and the text decoded as UTF-8 (file names may be non-ASCII)."""
-    from ingestion.limits import inside_src
+    ``ingestion.readers.options.inside_src`` and the text decoded as UTF-8 (file names may be
+    non-ASCII)."""
+    from ingestion.readers.options import inside_src
 
     hea = inside_src(src, f"{rel}.hea", rel, opts)
     try:

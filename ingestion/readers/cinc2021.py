@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from ecgplat.labels import codes_to_multihot
-from ingestion.limits import ReadOptions, check_length, inside_src, sibling
-from ingestion.record import (
+from ingestion.readers.options import ReadOptions, check_length, inside_src, sibling
+from ingestion.readers.record import (
     RawRecord,
     RecordError,
     comment_fields,
@@ -28,8 +28,8 @@ from ingestion.record import (
     parse_sex,
     unit_scale_to_mv,
 )
-from ingestion.wfdb_dir import list_records as list_records  # the corpus interface
-from ingestion.wfdb_header import read_header
+from ingestion.readers.wfdb_dir import list_records as list_records  # the corpus interface
+from ingestion.readers.wfdb_header import read_header
 
 SOURCE = "cinc2021"
 _SUBSET_SKIP = re.compile(r"^g\d+$")

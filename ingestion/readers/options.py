@@ -13,8 +13,8 @@ record may be (checked from the header, before any read) and how to interpret th
 and the user's answers a reader cannot find in the files themselves (``READER_FIELDS``; each
 reader names the ones it takes in its ``OPTIONS``, and ``check_reader_options`` refuses the
 others): ``units`` (WFDB: opt into a non-voltage unit such as ``z``; arrays: the unit of their
-values, ``ingestion.units``), and for bring-your-own arrays ``fs``, ``leads`` and ``patients``
-(``ingestion.numpy_arrays``).
+values, ``ingestion.readers.units``), and for bring-your-own arrays ``fs``, ``leads`` and
+``patients`` (``ingestion.readers.numpy_arrays``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ingestion.record import RecordError
+from ingestion.readers.record import RecordError
 
 DEFAULT_MIN_FS = 50.0
 DEFAULT_MAX_FS = 10_000.0
@@ -41,7 +41,7 @@ class ReadOptions:
     max_seconds: float = DEFAULT_MAX_SECONDS
     follow_symlinks: bool = False
     allow_outside: bool = False
-    units: str | None = None  # --units (ingestion.units)
+    units: str | None = None  # --units (ingestion.readers.units)
     fs: float | None = None  # --fs: sampling rate of user arrays, Hz
     leads: str | None = None  # --leads: comma-separated lead names of user arrays
     patients: str | None = None  # --patients: CSV of user arrays (record_id, patient_id, labels)

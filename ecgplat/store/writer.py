@@ -33,11 +33,11 @@ from typing import Self
 import numpy as np
 
 from ecgplat import atomic, faults
-from ecgplat import counts as C
 from ecgplat import store as S
 from ecgplat.leads import LEADS
 from ecgplat.privacy import pseudonymise
-from ingestion.segment_codec import (
+from ecgplat.store import sealed_counts as C
+from ecgplat.store.segment_codec import (
     ShardFiles,
     codecs,
     decode_segments,
@@ -464,7 +464,7 @@ class StoreWriter:
             self._patients |= new_patients
         self._counts = counts if counts is not None else self._counts
 
-    # ---- the counts kept in commit.json (ecgplat.counts) --------------------------------
+    # ---- the counts kept in commit.json (ecgplat.store.sealed_counts) ------------------------
     def _load_counts(self, view=None) -> dict:
         """The counts at the last commit: the stored counts when they verify, else tallied
         from the columns (a store written by code that did not keep them, or left by a forget

@@ -2,14 +2,14 @@
 ``read_wfdb`` helper the PTB-XL and CPSC 2021 readers build on.
 
 Every ``*.hea`` under the source root is one record (single-segment; multi-segment records are
-rejected). The header is parsed strictly by ``ingestion.wfdb_header`` (rate, gains, data-file
-sizes, paths inside SRC, all checked before a sample is read); samples are decoded by wfdb's
-format decoders, the ADC baseline removed and divided by the gain, then scaled to millivolts
+rejected). The header is parsed strictly by ``ingestion.readers.wfdb_header`` (rate, gains,
+data-file sizes, paths inside SRC, all checked before a sample is read); samples are decoded by
+wfdb's format decoders, the ADC baseline removed and divided by the gain, then scaled to millivolts
 from each channel's units (mV, uV, V). Channels whose units are not a voltage (pleth ``NU``, ABP
 ``mmHg``, ...) are dropped here; a record with no voltage channel is rejected with a reason
 naming its unit when it is one the user may opt into: with ``--units z`` (``ReadOptions.units``)
 a record whose channels are all in unit ``z`` is read as it is (baseline removed, divided by the
-gain) and marked ``units="z"`` (see ``ingestion.units``). Channels that are
+gain) and marked ``units="z"`` (see ``ingestion.readers.units``). Channels that are
 voltages but not one of the 12 leads (Frank ``vx vy vz``, a bare ``V``) are kept in the
 ``RawRecord`` and dropped by conditioning. Age and sex come from ``key: value`` comments when the
 header has them (PTB Diagnostic style); otherwise NaN / "". Generic WFDB folders have no patient
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ingestion.limits import ReadOptions, check_length, sibling
-from ingestion.record import (
+from ingestion.readers.options import ReadOptions, check_length, sibling
+from ingestion.readers.record import (
     RawRecord,
     RecordError,
     comment_fields,
@@ -31,8 +31,8 @@ from ingestion.record import (
     parse_sex,
     unit_scale_to_mv,
 )
-from ingestion.units import VOLTAGE, accepted_unit, not_voltage_reason
-from ingestion.wfdb_header import DAT_FMTS, check_data_sizes, read_digital, read_header
+from ingestion.readers.units import VOLTAGE, accepted_unit, not_voltage_reason
+from ingestion.readers.wfdb_header import DAT_FMTS, check_data_sizes, read_digital, read_header
 
 SOURCE = "wfdb"
 OPTIONS = ("units",)  # the ReadOptions reader fields `ecgplat ingest wfdb` takes

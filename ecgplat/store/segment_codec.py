@@ -173,7 +173,7 @@ class ShardFiles:
     def clear(self, k: int, positions) -> bool:
         """Rewrite shard file ``k`` without the chunks at ``positions`` (absent chunks read as
         the fill value 0; the other chunks keep their bytes); False when none of them was
-        stored (nothing written). Used by ``ingestion.forget``."""
+        stored (nothing written). Used by ``ecgplat.store.forget``."""
         chunks = self._read(k)
         positions = [p for p in positions if p < len(chunks) and chunks[p] is not None]
         if not positions:

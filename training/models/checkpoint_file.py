@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ecgplat.atomic import atomic_path
-from training.models.config import EncoderConfig
+from training.models.encoder_config import EncoderConfig
 
 FORMAT = "ecgplat-checkpoint/1"
 KINDS = ("pretrain", "diagnosis", "identify", "imported")

@@ -6,7 +6,7 @@ an ``.npy``, or an ``.npz`` with a single array or one named ``signal``. Its lay
 length of the ``--leads`` list and is transposed (a square array is taken as (leads, samples)).
 The sampling rate (``fs``), the lead names (``leads``, in the array's order, any case) and the
 unit of the values (``units``: mV, the default; uV; or z for z-scored data) hold for every file;
-they come with the ingest's ``ingestion.limits.ReadOptions``, like its rate range, maximum
+they come with the ingest's ``ingestion.readers.options.ReadOptions``, like its rate range, maximum
 duration and path policy (every file must lie inside ``PATH``, or be ``PATH`` itself).
 The record id is the file's path below ``PATH`` without the extension (``sub/rec1``).
 
@@ -30,9 +30,9 @@ import numpy as np
 
 from ecgplat.labels import ABBREVIATION_TO_SNOMED, codes_to_multihot
 from ecgplat.leads import canonical_lead
-from ingestion.limits import ReadOptions, check_length, inside_src
-from ingestion.record import RawRecord, RecordError
-from ingestion.units import array_unit
+from ingestion.readers.options import ReadOptions, check_length, inside_src
+from ingestion.readers.record import RawRecord, RecordError
+from ingestion.readers.units import array_unit
 
 SOURCE = "numpy"
 OPTIONS = ("fs", "leads", "units", "patients")  # the ReadOptions reader fields it takes

@@ -15,9 +15,9 @@ import re
 from pathlib import Path
 
 from ecgplat.labels import codes_to_multihot
-from ingestion.limits import ReadOptions
-from ingestion.record import RawRecord, RecordError
-from ingestion.wfdb_dir import read_wfdb
+from ingestion.readers.options import ReadOptions
+from ingestion.readers.record import RawRecord, RecordError
+from ingestion.readers.wfdb_dir import read_wfdb
 
 SOURCE = "cpsc2021"
 NAME_RE = re.compile(r"^data_(?P<patient>\d+)_(?P<record>\d+)$")

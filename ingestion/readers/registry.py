@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from types import ModuleType
 
-from ingestion import cinc2021, code15, cpsc2021, ludb, numpy_arrays, ptbxl, wfdb_dir
-from ingestion.record import RECORD_SUFFIXES, RecordError
+from ingestion.readers import cinc2021, code15, cpsc2021, ludb, numpy_arrays, ptbxl, wfdb_dir
+from ingestion.readers.record import RECORD_SUFFIXES, RecordError
 
 CORPORA: dict[str, ModuleType] = {
     "cinc2021": cinc2021,

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Final, Literal
 import numpy as np
 import pandas as pd
 
-from ecgplat import counts as C
 from ecgplat.locks import StoreBusyError, WriterLock  # noqa: F401 - StoreBusyError re-exported
+from ecgplat.store import sealed_counts as C
 
 if TYPE_CHECKING:
     import zarr
@@ -44,7 +44,7 @@ UNITS = "uV"
 DTYPE = "int16"
 UV_PER_MV = 1000.0
 SPLITS_KEPT = 2  # split generations kept on disk: the current one and the one before it
-FORGOTTEN_FILE = "forgotten.json"  # the tombstone table of `ecgplat forget` (ingestion/forget.py)
+FORGOTTEN_FILE = "forgotten.json"  # the tombstone table of `ecgplat forget` (store/forget.py)
 FORGOTTEN_FORMAT = "ecgplat-forgotten/1"
 
 # (name, numpy dtype, trailing shape) of the record-table columns, in storage order.
@@ -584,7 +584,7 @@ class EcgStore:
 
     def stored_counts(self) -> dict | None:
         """The counts kept by the writers in ``commit.json`` when they verify and describe
-        this view's commit and tombstone table (``ecgplat.counts.unseal``); None otherwise."""
+        this view's commit and tombstone table (``sealed_counts.unseal``); None otherwise."""
         return C.unseal(self._commit, self._forgotten, store_file(self.path, SECRET_FILE))
 
     def count(self) -> dict:

@@ -16,10 +16,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from ecgplat.labels import codes_to_multihot, ludb_to_snomed
-from ingestion.limits import ReadOptions
-from ingestion.record import RawRecord, comment_fields, parse_age, parse_sex
-from ingestion.wfdb_dir import list_records as _all_headers
-from ingestion.wfdb_dir import read_wfdb
+from ingestion.readers.options import ReadOptions
+from ingestion.readers.record import RawRecord, comment_fields, parse_age, parse_sex
+from ingestion.readers.wfdb_dir import list_records as _all_headers
+from ingestion.readers.wfdb_dir import read_wfdb
 
 SOURCE = "ludb"
 _DIAGNOSES = "<diagnoses>"

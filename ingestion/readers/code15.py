@@ -26,10 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ingestion.limits import ReadOptions
-from ingestion.record import RawRecord, RecordError, comment_fields, parse_age, parse_sex
-from ingestion.wfdb_dir import list_records as _all_headers
-from ingestion.wfdb_dir import read_wfdb
+from ingestion.readers.options import ReadOptions
+from ingestion.readers.record import RawRecord, RecordError, comment_fields, parse_age, parse_sex
+from ingestion.readers.wfdb_dir import list_records as _all_headers
+from ingestion.readers.wfdb_dir import read_wfdb
 
 SOURCE = "code15"
 

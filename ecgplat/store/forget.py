@@ -75,7 +75,7 @@ def forget(
 
     ValueError/KeyError (one line, no identifier) for a bad or unknown key, or an index file
     that is not of this store; nothing is changed then."""
-    from ingestion.writer import StoreWriter
+    from ecgplat.store.writer import StoreWriter
 
     if record is not None and patient is not None:
         raise ValueError("give one of --record KEY or --patient PSEUDONYM, not both")
@@ -248,7 +248,7 @@ def _scrub_features(store: Path, pending: np.ndarray) -> int:
 def _scrub_segments(store: Path, reader, pending: np.ndarray) -> int:
     """Remove the segment chunks of ``pending`` records from the shard files of ``segments``
     (absent chunks read as 0); returns how many files were rewritten."""
-    from ingestion.segment_codec import ShardFiles, direct_layout
+    from ecgplat.store.segment_codec import ShardFiles, direct_layout
 
     starts = np.asarray(reader.root["records/seg_start"][: reader.n_records])[pending]
     counts = np.asarray(reader.root["records/seg_count"][: reader.n_records])[pending]
