@@ -49,10 +49,10 @@ bench: $(STAMP)
 	$(BIN)/python bench/pretrain.py
 	$(BIN)/python bench/retrieval.py
 
-# The real-data pretraining study (bench/real_study.py; README "Pretraining on real ECGs"):
+# The real-data pretraining study (bench/real_study.py; docs/results.md "Pretraining on real ECGs"):
 #   make study DATA=/path/to/corpora [OUT=study_out] [MINUTES=30] [THREADS=1]
 # One thread: the `tiny` model's matrices are too small to gain from intra-op threads, and on
-# shared cores 2 threads ran 10x slower (1.1 vs 11.3 segments/s, README).
+# shared cores 2 threads ran about 10x slower (docs/results.md, "What it took").
 OUT ?= study_out
 MINUTES ?= 30
 THREADS ?= 1

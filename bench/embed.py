@@ -19,14 +19,14 @@ weights) unless `--checkpoint` is given. Output: JSON on stdout (and in `--out F
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 # the repository root first: bench/retrieval.py would otherwise shadow the retrieval package
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import machine, workdir, write_report  # noqa: E402
 
 TARGET_EMBED_OVER_BARE = 1.25
 
@@ -137,13 +137,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default=None, help="also write the JSON to this file")
     args = p.parse_args(argv)
 
-    from bench.hardware import cpu_info
     from training.distributed import pick_device
 
     device = pick_device(args.device)
-    with tempfile.TemporaryDirectory(prefix="ecgplat-bench-embed-") as tmp:
-        store = args.store or synthetic_store(Path(tmp), args.records)
-        ckpt = args.checkpoint or fresh_checkpoint(Path(tmp) / "encoder.pt", args.preset)
+    with workdir(None, "ecgplat-bench-embed-") as tmp:
+        store = args.store or synthetic_store(tmp, args.records)
+        ckpt = args.checkpoint or fresh_checkpoint(tmp / "encoder.pt", args.preset)
         report = measure(
             Path(store), Path(ckpt), args.precisions.split(","), args.batch_size, device
         )
@@ -151,14 +150,10 @@ def main(argv: list[str] | None = None) -> dict:
         preset=None if args.checkpoint else args.preset,
         device=str(device),
         target_bare_over_embed=1 / TARGET_EMBED_OVER_BARE,
-        cpu=cpu_info(),
         gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        when=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **machine(),
     )
-    text = json.dumps(report, indent=2)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    print(text)
+    write_report(report, args.out)
     return report
 
 

@@ -26,22 +26,21 @@ children (scheduler, nannies, workers). Prints one JSON object and exits non-zer
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # the hostile-file writers are shared with the tests
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the hostile-file writers are shared with tests
 
 from hostile_files import edit_header, write_cinc, write_ptbxl, write_wfdb  # noqa: E402
+
+from bench.common import TreeSampler, workdir, write_report  # noqa: E402
 
 CORPORA = ("cinc2021", "wfdb", "cpsc2021", "ptbxl")
 SHARE = {"cinc2021": 0.35, "wfdb": 0.25, "cpsc2021": 0.2, "ptbxl": 0.2}
@@ -333,49 +332,14 @@ def build_corpus(root: Path, n_records: int, bad_fraction: float = 0.05) -> list
 # ---- running and checking -----------------------------------------------------------------------
 
 
-class PeakRSS:
-    """Samples the RSS of a process and its descendants every ``interval`` seconds."""
-
-    def __init__(self, pid: int, interval: float = 0.05):
-        import psutil
-
-        self.proc, self.interval = psutil.Process(pid), interval
-        self.peak_total = self.peak_process = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _sample(self) -> None:
-        import psutil
-
-        total = 0
-        with contextlib.suppress(psutil.Error):
-            for p in [self.proc, *self.proc.children(recursive=True)]:
-                with contextlib.suppress(psutil.Error):  # a child that just exited
-                    rss = p.memory_info().rss
-                    total += rss
-                    self.peak_process = max(self.peak_process, rss)
-        self.peak_total = max(self.peak_total, total)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self._sample()
-            time.sleep(self.interval)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-
 def _env() -> dict:
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     return dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1")
 
 
-def run_cli(args: list[str], timeout: float = 1800) -> tuple[subprocess.CompletedProcess, PeakRSS]:
+def run_cli(
+    args: list[str], timeout: float = 1800
+) -> tuple[subprocess.CompletedProcess, TreeSampler]:
     """``python -m ecgplat *args`` with its process tree's RSS sampled."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "ecgplat", *args],
@@ -385,7 +349,7 @@ def run_cli(args: list[str], timeout: float = 1800) -> tuple[subprocess.Complete
         stderr=subprocess.PIPE,
         text=True,
     )
-    with PeakRSS(proc.pid) as rss:
+    with TreeSampler(proc.pid) as rss:
         out, err = proc.communicate(timeout=timeout)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), rss
 
@@ -470,10 +434,7 @@ def run_bench(workdir: Path, n_records: int, workers: int | None, max_rss_mb: fl
             raise RuntimeError(f"ingest {c.name} failed ({proc.returncode}): {proc.stderr[-400:]}")
         outputs[f"<stdout {c.name}>"] = proc.stdout.encode()
         outputs[f"<stderr {c.name}>"] = proc.stderr.encode()
-        peak_total, peak_process = (
-            max(peak_total, rss.peak_total),
-            max(peak_process, rss.peak_process),
-        )
+        peak_total, peak_process = max(peak_total, rss.peak), max(peak_process, rss.peak_process)
         summary = json.loads(proc.stdout)
         summaries[c.name] = {k: summary[k] for k in ("listed", "records", "seconds", "rejected")}
     info, _ = run_cli(["info", str(store)])
@@ -522,17 +483,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.records < 4 * N_KINDS:
         parser.error(f"--records must be at least {4 * N_KINDS}")
-    with contextlib.ExitStack() as stack:
-        if args.workdir is None:
-            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="faults-")))
-        else:
-            workdir = args.workdir
-            workdir.mkdir(parents=True, exist_ok=True)
-        result = run_bench(workdir, args.records, args.workers, args.max_rss_mb)
-    text = json.dumps(result, indent=2, ensure_ascii=False)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n", encoding="utf-8")
+    with workdir(args.workdir, "faults-") as root:
+        result = run_bench(root, args.records, args.workers, args.max_rss_mb)
+    write_report(result, args.out, ensure_ascii=False)
     return 0 if all(result["checks"].values()) else 1
 
 

@@ -53,7 +53,7 @@ echo "== 3. search =="
 $PY - "$OUT/data/store" <<'PYEOF'
 import sys, time
 import numpy as np, torch
-from retrieval.embed import load_features
+from retrieval.features import load_features
 emb = load_features(sys.argv[1], "bench-bf16", "segment").embeddings
 try:
     import faiss

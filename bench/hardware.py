@@ -1,5 +1,5 @@
-"""The machine the benchmarks measure the model against: its CPU flags and the GEMM rate of a
-plain torch.mm per dtype (used by bench/pretrain.py, bench/embed.py and bench/gpu_check.sh)."""
+"""The machine the benchmarks measure the model against: its CPU flags (`lscpu`) and the GEMM
+rate of a plain torch.mm per dtype (used through bench/common.py by the benchmark reports)."""
 
 from __future__ import annotations
 
@@ -10,24 +10,33 @@ import time
 FLAG_PREFIXES = ("avx", "amx", "fma", "f16c", "sse4")
 
 
+def lscpu() -> dict[str, str]:
+    """The `lscpu` fields by name (empty where lscpu is missing or fails)."""
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        text = ""
+    return dict(
+        (k.strip(), v.strip()) for k, _, v in (line.partition(":") for line in text.splitlines())
+    )
+
+
+def simd_flags(fields: dict[str, str]) -> list[str]:
+    """The SIMD/matrix flags (avx*, amx*, fma, f16c, sse4*) of `lscpu` fields, sorted."""
+    return sorted(f for f in fields.get("Flags", "").split() if f.startswith(FLAG_PREFIXES))
+
+
 def cpu_info() -> dict:
     """Model name, thread count and the SIMD/matrix flags from `lscpu` (empty off Linux), and
     what torch reports about native bf16."""
     import torch
 
     info = {"machine": platform.machine(), "torch": torch.__version__}
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        text = ""
-    fields = dict(
-        (k.strip(), v.strip()) for k, _, v in (line.partition(":") for line in text.splitlines())
-    )
-    flags = fields.get("Flags", "").split()
+    fields = lscpu()
     info.update(
         model=fields.get("Model name"),
         cpus=fields.get("CPU(s)"),
-        flags=sorted(f for f in flags if f.startswith(FLAG_PREFIXES)),
+        flags=simd_flags(fields),
         amx=torch.cpu._is_amx_tile_supported(),
         avx512_bf16=torch.cpu._is_avx512_bf16_supported(),
     )

@@ -30,12 +30,13 @@ import os
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 # the repository root first: bench/retrieval.py would otherwise shadow the retrieval package
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import workdir, write_report  # noqa: E402
 
 TARGET_EMBED = 0.03
 TARGET_INDEX = 0.05
@@ -122,13 +123,13 @@ def _feature_set(store: Path, dim: int, committed: int) -> None:
     import zarr
 
     from ecgplat.store import open_store
-    from retrieval.embed import feature_dir
+    from retrieval.features import FeatureSet
 
     view = open_store(store)
     n = view.n_records
     x = np.random.default_rng(0).normal(size=(n, dim)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    group = zarr.open_group(str(feature_dir(store, "f")), mode="w")
+    group = zarr.open_group(str(FeatureSet(store, "f").path), mode="w")
     rows = np.arange(n, dtype=np.int64)
     for level in ("segment", "record"):
         sub = group.create_group(level)
@@ -144,9 +145,9 @@ def _feature_set(store: Path, dim: int, committed: int) -> None:
 def _commit_rows(store: Path, dim: int, rows: int, store_uuid) -> None:
     import zarr
 
-    from retrieval.embed import feature_dir
+    from retrieval.features import FeatureSet
 
-    zarr.open_group(str(feature_dir(store, "f")), mode="r+").attrs["lineage"] = {
+    zarr.open_group(str(FeatureSet(store, "f").path), mode="r+").attrs["lineage"] = {
         "schema": "ecgplat-features/1",
         "name": "f",
         "checkpoint_sha256": "0" * 64,
@@ -228,8 +229,7 @@ def main(argv=None) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
+    with workdir(None, "ecgplat-bench-incremental-") as root:
         parts, result = args.parts.split(","), {}
         if "embed" in parts:
             result["embed"] = bench_embed(
@@ -240,10 +240,7 @@ def main(argv=None) -> dict:
             result["index"] = [
                 r for n in args.vectors for r in bench_index(root, n, args.dim, kinds)
             ]
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    write_report(result, args.out, indent=1)
     return result
 
 

@@ -23,68 +23,18 @@ and 10x as many synthetic records (2 workers).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import os
 import shutil
-import tempfile
-import threading
+import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# the repository root first: bench/retrieval.py would otherwise shadow the retrieval package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-class PeakRSS:
-    """Peak summed RSS of this process and all its descendants, sampled in a thread."""
-
-    def __init__(self, interval: float = 0.05):
-        import psutil
-
-        self.proc, self.interval, self.peak, self.peak_driver = psutil.Process(), interval, 0, 0
-        self.cpu: dict[int, float] = {}  # last seen user+sys CPU seconds per process
-        self.cpu_start = sum(self.proc.cpu_times()[:2])
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _sample(self) -> int:
-        import psutil
-
-        total = 0
-        for p in [self.proc, *self.proc.children(recursive=True)]:
-            with contextlib.suppress(psutil.Error):  # a child that just exited
-                total += p.memory_info().rss
-                self.cpu[p.pid] = sum(p.cpu_times()[:2])
-        return total
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._sample())
-            self.peak_driver = max(self.peak_driver, self.proc.memory_info().rss)
-            time.sleep(self.interval)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.cpu[self.proc.pid] = sum(self.proc.cpu_times()[:2])
-
-    @property
-    def cpu_seconds_driver(self) -> float:
-        return self.cpu.get(self.proc.pid, 0.0) - self.cpu_start
-
-    @property
-    def cpu_seconds(self) -> float:
-        """CPU seconds used by this process and its children while sampling (contention-free
-        cost, unlike wall time on a shared machine)."""
-        return sum(self.cpu.values()) - self.cpu_start
-
-
-def dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+from bench.common import REPO, TreeSampler, dir_bytes, workdir, write_report  # noqa: E402
+from bench.hardware import lscpu, simd_flags  # noqa: E402
 
 
 def make_cohort(root: Path, records: int) -> Path:
@@ -102,7 +52,7 @@ def run_pipeline(src: Path, store: Path, workers: int, batch_size: int) -> dict:
     from ingestion.pipeline import ingest
 
     shutil.rmtree(store, ignore_errors=True)
-    with PeakRSS() as rss:
+    with TreeSampler() as rss:
         summary = ingest(
             "cinc2021", src, store, workers=workers, batch_size=batch_size, progress=False
         )
@@ -121,10 +71,10 @@ def run_pipeline(src: Path, store: Path, workers: int, batch_size: int) -> dict:
         "store_bytes_per_segment": round(dir_bytes(store) / max(1, summary["segments"])),
         "cpu_ms_per_record": round(rss.cpu_seconds * 1e3 / max(1, summary["records"]), 2),
         "cpu_ms_per_record_driver": round(
-            rss.cpu_seconds_driver * 1e3 / max(1, summary["records"]), 2
+            rss.cpu_seconds_root * 1e3 / max(1, summary["records"]), 2
         ),
         "peak_rss_mb": round(rss.peak / 2**20, 1),
-        "peak_rss_driver_mb": round(rss.peak_driver / 2**20, 1),
+        "peak_rss_driver_mb": round(rss.peak_root / 2**20, 1),
     }
 
 
@@ -132,7 +82,7 @@ def make_real_cohort(root: Path, copies: int) -> Path:
     """The bundled real CinC 2021 samples (data/samples/cinc2021), each copied ``copies`` times
     under new record names: real ECG content for a bytes-per-segment measurement (the synthetic
     cohort's per-sample white noise is incompressible)."""
-    samples = Path(__file__).resolve().parents[1] / "data" / "samples" / "cinc2021"
+    samples = REPO / "data" / "samples" / "cinc2021"
     out = root / f"real-{copies}"
     if (out / "done").exists():
         return out
@@ -199,7 +149,6 @@ def run_naive(src: Path, out: Path, limit: int) -> dict:
     }
 
 
-REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "data" / "samples"
 # (name, corpus reader, folder under the samples or --data root, ingest options)
 REAL = [
@@ -215,18 +164,14 @@ BUNDLED = ("ptbxl", "cinc2021", "wfdb_misc")
 
 def cpu_flags() -> dict:
     """Model name and the vector/matrix flags of ``lscpu`` (empty where lscpu is missing)."""
-    import subprocess
-
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
+    fields = lscpu()
+    if not fields:
         return {}
-    fields = dict(
-        (k.strip(), v.strip()) for k, _, v in (ln.partition(":") for ln in text.splitlines())
-    )
-    flags = fields.get("Flags", "").split()
-    wanted = [f for f in flags if f.startswith(("avx", "amx", "sse4", "fma", "f16c"))]
-    return {"model": fields.get("Model name", "?"), "cpus": os.cpu_count(), "flags": wanted}
+    return {
+        "model": fields.get("Model name", "?"),
+        "cpus": os.cpu_count(),
+        "flags": simd_flags(fields),
+    }
 
 
 def bare_loop(src: Path, rels: list[str]) -> dict:
@@ -291,10 +236,10 @@ def copy_corpus(src: Path, dst: Path) -> Path:
 
 def real_corpus(name: str, corpus: str, root: Path, work: Path, opts: dict, batch: int):
     """Bare loop and in-process ingest of one copied real corpus, in the same run."""
-    from ingestion.readers.registry import get_corpus
+    from ingestion.readers.registry import get_reader
 
     src = copy_corpus(root, work / f"src-{name}")
-    rels = get_corpus(corpus).list_records(src)
+    rels = get_reader(corpus).list_records(src)
     bare = bare_loop(src, rels)
     inproc = ingest_rate(corpus, src, work / f"store-{name}", 0, opts, batch)
     return {
@@ -459,22 +404,12 @@ def main() -> None:
         help="compare peak RSS for --records and 10x --records (synthetic, 2 workers)",
     )
     args = parser.parse_args()
-    tmp = None
-    if args.workdir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="ecgplat-bench-")
-        root = Path(tmp.name)
-    else:
-        root = args.workdir
-        root.mkdir(parents=True, exist_ok=True)
-    try:
+    with workdir(args.workdir, "ecgplat-bench-") as root:
         if args.synthetic or args.rss_check:
             result = synthetic_main(args, root)
         else:
             result = real_main(args, root)
-        print(json.dumps(result, indent=1))
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
+        write_report(result, indent=1)
 
 
 if __name__ == "__main__":

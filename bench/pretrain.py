@@ -29,16 +29,17 @@ Without `--shards` a synthetic cohort is generated and ingested through the real
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
-import resource
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-GIB = 2**30
+# the repository root first: bench/retrieval.py would otherwise shadow the retrieval package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import GIB, machine, max_rss_gib, workdir, write_report  # noqa: E402
+
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
 CPU_TARGETS = {
     "paper_steps_segments_per_s": 1.5,
@@ -60,10 +61,6 @@ def build_shards(root: Path, records: int = 64) -> Path:
     split_store(root / "store", mode="random", valid=0.0, test=0.0, seed=0)
     write_shards(root / "store", "train", root / "shards", max_count=16)
     return root / "shards"
-
-
-def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB  # KiB on Linux
 
 
 def _config(shards: Path, preset: str, pairs: int, workers: int):
@@ -178,7 +175,7 @@ def measure(
         step_s=per_step,
         steps_timed=len(timed),
         steps_segments_per_s=2 * pairs / per_step,
-        peak_rss_gib=peak_rss_gib(),
+        peak_rss_gib=max_rss_gib(),
     )
     flops = 3 * pretrain_forward_flops(model.encoder.cfg) * 2 * pairs
     gemm = gemm_tflops(result["precision"], str(device)) * 1e12
@@ -308,8 +305,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default=None, help="also write the JSON to this file")
     args = p.parse_args(argv)
 
-    with tempfile.TemporaryDirectory(prefix="ecgplat-bench-") as tmp:
-        shards = args.shards or str(build_shards(Path(tmp)))
+    with workdir(None, "ecgplat-bench-") as tmp:
+        shards = args.shards or str(build_shards(tmp))
         common = dict(shards=shards, workers=args.workers)
         if args.fit_check:
             common["loader_batches"] = 0
@@ -333,18 +330,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "bf16_over_fp32": speedups(results),
                 "cpu_targets": CPU_TARGETS,
             }
-    from bench.hardware import cpu_info
-
-    report.update(
-        cpu=cpu_info(),
-        python=sys.version.split()[0],
-        cpu_count=os.cpu_count(),
-        when=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    )
-    text = json.dumps(report, indent=2)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    print(text)
+    report.update(**machine(), python=sys.version.split()[0], cpu_count=os.cpu_count())
+    write_report(report, args.out)
     return report
 
 

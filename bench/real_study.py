@@ -37,6 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.common import write_json
+from bench.hardware import cpu_info
+
 # (folder under --data, reader, --units)
 CORPORA = (
     ("ptbxl_preprocessed", "wfdb", "z"),
@@ -190,21 +193,38 @@ def run_pretraining(shards: Path, run: Path, preset: str, precision: str, args) 
     return {"seconds": seconds, "hours": seconds / 3600, "returncode": proc.returncode}
 
 
-def export_pretrained(run: Path, out: Path, extra: dict) -> tuple[Path, dict]:
-    """Model-only copy of the run's last checkpoint and its provenance record."""
+def relative_paths(obj, roots: tuple[Path, ...]):
+    """``obj`` with every string naming a path under one of ``roots`` (the output folder, the
+    data root) written relative to that root: the results hold no path of this machine."""
+    if isinstance(obj, dict):
+        return {k: relative_paths(v, roots) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(relative_paths(v, roots) for v in obj)
+    if isinstance(obj, str):
+        for root in roots:
+            for base in dict.fromkeys((str(root), os.path.abspath(root))):
+                if obj == base or obj.startswith(base.rstrip("/") + "/"):
+                    return os.path.relpath(obj, base)
+    return obj
+
+
+def export_pretrained(run: Path, out: Path, data: Path, extra: dict) -> tuple[Path, dict]:
+    """Model-only copy of the run's last checkpoint and its provenance record (paths in its
+    config relative to the output folder or the data root)."""
     from ecgplat.tracking import read_metrics
-    from retrieval.embed import file_sha256
+    from retrieval.features import file_sha256
     from training.models import load_checkpoint, save_checkpoint
 
     ckpt = load_checkpoint(run / "checkpoint_last.pt")
-    preset = ckpt["config"]["model"]["preset"]
+    config = relative_paths(ckpt["config"], (out, data))
+    preset = config["model"]["preset"]
     path = out / f"pretrained_{preset}.pt"
     save_checkpoint(
         path,
         kind="pretrain",
         encoder_config=ckpt["encoder_config"],
         model=ckpt["model"],
-        config=ckpt["config"],
+        config=config,
         num_updates=ckpt["num_updates"],
         extra={"recipe": "python -m bench.real_study"},
     )
@@ -216,12 +236,12 @@ def export_pretrained(run: Path, out: Path, extra: dict) -> tuple[Path, dict]:
         "bytes": path.stat().st_size,
         "num_updates": int(ckpt["num_updates"]),
         "preset": preset,
-        "config": ckpt["config"],
+        "config": config,
         "first_log": {k: logs[0].get(k) for k in keys} if logs else None,
         "last_log": {k: logs[-1].get(k) for k in keys} if logs else None,
         **extra,
     }
-    (out / "provenance.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    write_json(out / "provenance.json", record, default=str)
     return path, record
 
 
@@ -281,8 +301,9 @@ def identification(pool: Path, ckpt: Path, name: str, precision: str) -> dict:
     """The library's embed + identification evaluation, plus the mean pairwise cosine of the
     held-out pooled embeddings (1.0 = collapsed)."""
     from ecgplat.store import open_store
-    from retrieval.embed import embed_store, load_features
+    from retrieval.embed import embed_store
     from retrieval.evaluate import evaluate_identification
+    from retrieval.features import load_features
 
     embed_store(pool, ckpt, name, precision=precision, overwrite=True)
     result = evaluate_identification(pool, name)
@@ -366,7 +387,8 @@ def linear_probe(dx: Path, ckpt: Path, name: str, classes: np.ndarray, precision
     from sklearn.linear_model import LogisticRegression
 
     from ecgplat.store import open_store
-    from retrieval.embed import embed_store, load_features
+    from retrieval.embed import embed_store
+    from retrieval.features import load_features
 
     embed_store(dx, ckpt, name, precision=precision, overwrite=True)
     feats = load_features(dx, name, "record")
@@ -470,7 +492,8 @@ def pretrain(args, out: Path, data: dict) -> tuple[Path, dict]:
     log(f"pretraining {preset} ({precision}) for {args.updates or f'{args.minutes} min'}")
     run = out / "pretrain_run"
     info = run_pretraining(shards, run, preset, args.precision, args)
-    ckpt, record = export_pretrained(run, out, {"data": data, "step_seconds": timings, **info})
+    extra = {"data": data, "step_seconds": timings, **info}
+    ckpt, record = export_pretrained(run, out, args.data, extra)
     chance = math.log2(record["config"]["criterion"]["num_negatives"] + 1)
     cmsc_chance = math.log2(record["config"]["data"]["batch_size"])  # P x P logits
     plot_loss(run, out / "pretrain_loss.png", chance, cmsc_chance)
@@ -555,8 +578,6 @@ def main(argv=None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     if any(args.out.iterdir()):
         raise SystemExit(f"error: --out {args.out}: not empty")
-    from bench.hardware import cpu_info
-
     t0 = time.time()
     data = prepare(args, args.out)
     ckpt, pt = pretrain(args, args.out, data)
@@ -570,7 +591,7 @@ def main(argv=None) -> None:
         "threads": os.environ.get("OMP_NUM_THREADS"),
         "total_hours": (time.time() - t0) / 3600,
     }
-    (args.out / "results.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
+    write_json(args.out / "results.json", relative_paths(res, (args.out, args.data)), default=str)
     (args.out / "table.md").write_text(table(res))
     print(table(res))
 

@@ -39,7 +39,7 @@ stderr) and, when `--out FILE` is given, writes it there too (nothing is written
 Threads are fixed with `--threads` for torch, numpy's BLAS (via OMP_NUM_THREADS, set before the
 imports) and FAISS. Device: CPU.
 
-    python bench/retrieval.py [--out /tmp/retrieval.json] [--threads 2] [--quick]
+    python bench/retrieval.py [--out retrieval.json] [--threads 2] [--quick]
 """
 
 from __future__ import annotations
@@ -50,6 +50,11 @@ import os
 import sys
 import time
 from pathlib import Path
+
+# the repository root first: this file would otherwise shadow the retrieval package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import max_rss_gib, write_report  # noqa: E402
 
 
 def unit_rows(rng, n, dim, chunk=100_000):
@@ -101,15 +106,6 @@ def best_time(fn, repeats):
 
 def log(*a):
     print(*a, file=sys.stderr, flush=True)
-
-
-def rss_gib() -> float:
-    try:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
-    except (ImportError, AttributeError, OSError):  # pragma: no cover
-        return float("nan")
 
 
 def mem_available_gib() -> float:
@@ -271,21 +267,63 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    os.environ["OMP_NUM_THREADS"] = str(args.threads)
-    import faiss
-    import numpy as np
-    import torch
+def sweep_result(qps_exact, rows, eligible=True) -> dict:
+    """The tail of an approximate-index row: exact rate, the sweep, its best setting at recall@1
+    >= 0.99 and whether that meets the >= 50x target (only where the row is `eligible`)."""
+    best = best_row(rows)
+    return {
+        "qps_exact": qps_exact,
+        "sweep": rows,
+        "best_at_recall_0.99": best,
+        "meets_target": bool(best and best["speedup"] >= 50 and eligible),
+    }
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+def ivf_sweep(gallery, ids, nlist, probes, truth, exact_fn, n_exact, exact_top1, args, label):
+    """An IVF index of `nlist` lists over `gallery`, its build timed, swept over the `nprobe`
+    values of `--ivf-nprobe` up to `nlist`: (build params, build seconds, exact q/s, sweep)."""
     from retrieval.index import build_index
 
-    t_start = time.perf_counter()
-    torch.set_num_threads(args.threads)
-    faiss.omp_set_num_threads(args.threads)
-    rng = np.random.default_rng(0)
-    result = {
+    t0 = time.perf_counter()
+    ivf = build_index(
+        gallery,
+        ids,
+        kind="ivf",
+        copy=False,
+        n_sample=0,
+        params={"nlist": nlist, "max_train": args.ivf_train},
+    )
+    t_build = time.perf_counter() - t0
+    log(f"{label}IVF nlist={nlist} built in {t_build:.1f}s, rss {max_rss_gib():.2f} GiB")
+    nprobes = [int(v) for v in args.ivf_nprobe.split(",") if v]
+    qps_exact, rows = interleaved_sweep(
+        ivf.index,
+        "nprobe",
+        [v for v in nprobes if v <= nlist],
+        probes,
+        truth,
+        exact_fn,
+        n_exact,
+        exact_top1,
+        args.repeats,
+    )
+    return ivf.info["params"], t_build, qps_exact, rows
+
+
+def set_threads(threads: int) -> None:
+    """Fix the threads of numpy's BLAS (before its first import), torch and FAISS."""
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    import faiss
+    import torch
+
+    torch.set_num_threads(threads)
+    faiss.omp_set_num_threads(threads)
+
+
+def header(args) -> dict:
+    import faiss
+
+    return {
         "dim": args.dim,
         "queries": args.queries,
         "k": args.k,
@@ -301,6 +339,15 @@ def main(argv=None) -> dict:
         "approximate": [],
     }
 
+
+def exact_comparison(args, rng) -> list[dict]:
+    """Exact FAISS against torch and numpy brute force at each of `--sizes`: rates and equality
+    of the neighbours."""
+    import numpy as np
+    import torch
+
+    from retrieval.index import build_index
+
     def torch_topk(g, q, k):
         sim = torch.from_numpy(q) @ torch.from_numpy(g).T
         return sim.topk(k, dim=1).indices.numpy()
@@ -311,6 +358,7 @@ def main(argv=None) -> dict:
         order = np.take_along_axis(sim, part, axis=1).argsort(axis=1)[:, ::-1]
         return np.take_along_axis(part, order, axis=1)
 
+    out = []
     for n in [int(s) for s in args.sizes.split(",") if s]:
         gallery = unit_rows(rng, n, args.dim)
         probes = noisy_probes(rng, gallery, args.queries)
@@ -342,311 +390,276 @@ def main(argv=None) -> dict:
             "faiss_not_slower_than_torch": t_faiss <= t_torch * 1.05,
         }
         log(json.dumps(row))
-        result["exact"].append(row)
+        out.append(row)
         del gallery, flat
+    return out
 
-    kinds = [k for k in args.kinds.split(",") if k]
-    nprobes = [int(v) for v in args.ivf_nprobe.split(",") if v]
-    efs = [int(v) for v in args.hnsw_ef.split(",") if v]
 
-    # --- (1) worst case: random gallery, random probes (no true match) -------------------
-    if "ivf" in kinds and args.worst_size:
-        n = args.worst_size
-        gallery = unit_rows(rng, n, args.dim)
-        probes = unit_rows(rng, args.queries, args.dim)
-        ids = [str(i) for i in range(n)]
-        exact = build_index(gallery, ids, kind="flat", copy=False).index
-        _, e_rows = exact.search(probes, 1)
-        nlist = round(float(np.sqrt(n)) * 4)
-        t0 = time.perf_counter()
-        ivf = build_index(
-            gallery,
-            ids,
-            kind="ivf",
-            copy=False,
-            n_sample=0,
-            params={"nlist": nlist, "max_train": args.ivf_train},
+def worst_case(args, rng) -> list[dict]:
+    """(1) IVF on a random gallery with random probes (no true match)."""
+    import numpy as np
+
+    from retrieval.index import build_index
+
+    n = args.worst_size
+    gallery = unit_rows(rng, n, args.dim)
+    probes = unit_rows(rng, args.queries, args.dim)
+    ids = [str(i) for i in range(n)]
+    exact = build_index(gallery, ids, kind="flat", copy=False).index
+    _, e_rows = exact.search(probes, 1)
+    nlist = round(float(np.sqrt(n)) * 4)
+    params, t_build, qps_exact, rows = ivf_sweep(
+        gallery,
+        ids,
+        nlist,
+        probes,
+        None,
+        lambda e=exact, q=probes: e.search(q, 1),
+        len(probes),
+        e_rows[:, 0],
+        args,
+        "worst case: ",
+    )
+    row = {
+        "workload": "random_probes",
+        "kind": "ivf",
+        "gallery": n,
+        "data": "random",
+        "probe_model": "random unit vectors (no true match)",
+        "params": params,
+        "build_s": t_build,
+        **sweep_result(qps_exact, rows),
+    }
+    log(json.dumps(row))
+    return [row]
+
+
+def identification(args, rng, data: str, kinds: list[str]) -> tuple[dict, list[dict]]:
+    """(2) One identification gallery model: probes are noisy copies of patients' gallery rows;
+    exact search, then IVF and/or HNSW. Returns the gallery's description and the index rows."""
+    import faiss
+    import numpy as np
+
+    from retrieval.index import build_index
+
+    d = args.dim
+    row_bytes = d * 4
+    # exact index + one approximate index (its own copy of the vectors) + ~1.5 GiB overhead
+    fit = int((min(args.mem_gib, mem_available_gib() - 1.0) - 1.5) * 2**30 / (2 * row_bytes + 300))
+    n = max(1000, min(args.ident_size, fit))
+    ident = {
+        "data": data,
+        "requested_gallery": args.ident_size,
+        "gallery": n,
+        "size_note": (
+            "as requested"
+            if n == args.ident_size
+            else f"largest that fits {args.mem_gib} GiB with the exact index"
+        ),
+        "gallery_model": (
+            "random unit vectors"
+            if data == "random"
+            else "unit vectors near a 32-d subspace (random projection to 768-d + noise)"
         )
+        + ", one per patient; probes = a patient's row + isotropic noise, renormalised",
+    }
+    # the target is stated for 1M, or the largest gallery that fits (then n < requested)
+    at_target_size = n >= 1_000_000 or n < args.ident_size
+    ident["at_target_size"] = at_target_size
+    gallery = unit_rows(rng, n, d) if data == "random" else lowrank_rows(rng, n, d)
+    ids = [str(i) for i in range(n)]
+    exact = build_index(gallery, ids, kind="flat", copy=False)
+    # the exact index holds the rows: view them instead of keeping a second copy
+    gallery = faiss.rev_swig_ptr(exact.index.get_xb(), n * d).reshape(n, d)
+    probes, truth, cos = ident_probes(rng, gallery, args.queries, args.ident_cos)
+    nx = min(args.ident_exact_queries, len(probes))
+    t0 = time.perf_counter()
+    _, e_rows = exact.index.search(probes[:nx], 1)
+    ident.update(
+        {
+            "probe_match_cosine": cos,
+            "target_cosine": args.ident_cos,
+            "exact_timed_probes": nx,
+            "exact_recall_at_1": float((e_rows[:, 0] == truth[:nx]).mean()),
+            "qps_exact_first_pass": nx / (time.perf_counter() - t0),
+        }
+    )
+    log(
+        f"identification ({data}): gallery {n}, exact recall@1 {ident['exact_recall_at_1']}, "
+        f"cos {cos}, {ident['qps_exact_first_pass']:.1f} q/s, rss {max_rss_gib():.2f} GiB"
+    )
+
+    def exact_fn(e=exact, q=probes[:nx]):
+        return e.index.search(q, 1)
+
+    rows = []
+    if "ivf" in kinds:
+        for mult in [float(m) for m in args.ivf_nlist_mult.split(",") if m]:
+            nlist = round(mult * float(np.sqrt(n)))
+            params, t_build, qps_exact, sweep = ivf_sweep(
+                gallery, ids, nlist, probes, truth, exact_fn, nx, e_rows[:, 0], args, "  "
+            )
+            row = {
+                "workload": "identification",
+                "data": data,
+                "kind": "ivf",
+                "gallery": n,
+                "params": {**params, "nlist_per_sqrt_n": mult},
+                "build_s": t_build,
+                **sweep_result(qps_exact, sweep, at_target_size),
+            }
+            log(json.dumps(row))
+            rows.append(row)
+    if "hnsw" in kinds:
+        exact_case = (exact, probes, truth, cos, e_rows, exact_fn)
+        rows.append(identification_hnsw(args, rng, data, gallery, ids, exact_case, at_target_size))
+    del exact, gallery
+    return ident, rows
+
+
+def identification_hnsw(args, rng, data, gallery, ids, exact_case, at_target_size) -> dict:
+    """The HNSW part of (2): the graph grown chunk by chunk while its build stays under
+    `--hnsw-build-limit`, then swept over `--hnsw-ef` against exact search over the rows it
+    covers (`exact_case`: the exact index, probes, truth, cosines, top-1 rows and search of the
+    full gallery)."""
+    import faiss
+    import numpy as np
+
+    from retrieval.index import build_index
+
+    n, d = gallery.shape
+    nx = min(args.ident_exact_queries, args.queries)
+    index = faiss.IndexHNSWFlat(d, args.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = args.hnsw_efc
+    t0, added, steps = time.perf_counter(), 0, []
+    while added < n:
+        m = min(args.hnsw_chunk, n - added)
+        elapsed = time.perf_counter() - t0
+        per_row = elapsed / added if added else 0.0
+        if added and elapsed + per_row * m * 1.1 > args.hnsw_build_limit:
+            break
+        index.add(gallery[added : added + m])
+        added += m
+        steps.append([added, round(time.perf_counter() - t0, 2)])
+    t_build = time.perf_counter() - t0
+    nh = added
+    # hnsw build cost per row grows ~log(N): project the full build from the last rate
+    projected = t_build if nh == n else t_build + (n - nh) * (t_build / nh) * np.log(n) / np.log(nh)
+    log(
+        f"  HNSW M={args.hnsw_m} efC={args.hnsw_efc}: {nh} rows in {t_build:.1f}s "
+        f"(full {n}: ~{projected:.0f}s), rss {max_rss_gib():.2f} GiB"
+    )
+    if nh == n:
+        _, h_probes, h_truth, h_cos, h_erows, h_exact_fn = exact_case
+    else:
+        # measure on the prefix the graph covers, against exact search over that prefix
+        h_exact = build_index(gallery[:nh], ids[:nh], kind="flat", copy=False)
+        h_probes, h_truth, h_cos = ident_probes(rng, gallery[:nh], args.queries, args.ident_cos)
+        _, h_erows = h_exact.index.search(h_probes[:nx], 1)
+
+        def h_exact_fn(e=h_exact, q=h_probes[:nx]):
+            return e.index.search(q, 1)
+
+    qps_exact, rows = interleaved_sweep(
+        index,
+        "efSearch",
+        [int(v) for v in args.hnsw_ef.split(",") if v],
+        h_probes,
+        h_truth,
+        h_exact_fn,
+        nx,
+        h_erows[:, 0],
+        args.repeats,
+    )
+    row = {
+        "workload": "identification",
+        "data": data,
+        "kind": "hnsw",
+        "gallery": nh,
+        "params": {"M": args.hnsw_m, "ef_construction": args.hnsw_efc},
+        "build_s": t_build,
+        "build_limit_s": args.hnsw_build_limit,
+        "build_progress": steps,
+        "projected_build_s_full_gallery": projected,
+        "full_gallery": n,
+        "exact_recall_at_1": float((h_erows[:, 0] == h_truth[:nx]).mean()),
+        "probe_match_cosine": h_cos,
+        **sweep_result(qps_exact, rows, nh == n and at_target_size),
+    }
+    if nh < n:
+        row["note"] = (
+            f"build stopped at {nh} of {n} rows to stay under "
+            f"{args.hnsw_build_limit:.0f}s; measured on that prefix "
+            f"(exact search over the same prefix)"
+        )
+    log(json.dumps(row))
+    return row
+
+
+def structured(args, rng, kinds: list[str]) -> list[dict]:
+    """(3) The older low-rank "embedding-like" workload: HNSW at `--hnsw-size`, IVF at
+    `--large`, against exact search over the same gallery."""
+    import numpy as np
+
+    from retrieval.index import build_index
+
+    def sweep(gallery, probes, kind, params, knob, values):
+        ids = [str(i) for i in range(len(gallery))]
+        exact = build_index(gallery, ids, kind="flat").index
+        _, e_rows = exact.search(probes, 1)
+        t0 = time.perf_counter()
+        approx = build_index(gallery, ids, kind=kind, params=params, n_sample=0)
         t_build = time.perf_counter() - t0
-        log(f"worst case: IVF nlist={nlist} built in {t_build:.1f}s")
         qps_exact, rows = interleaved_sweep(
-            ivf.index,
-            "nprobe",
-            [v for v in nprobes if v <= nlist],
+            approx.index,
+            knob,
+            values,
             probes,
             None,
-            lambda e=exact, q=probes: e.search(q, 1),
+            lambda: exact.search(probes, 1),
             len(probes),
             e_rows[:, 0],
             args.repeats,
         )
-        best = best_row(rows)
         row = {
-            "workload": "random_probes",
-            "kind": "ivf",
-            "gallery": n,
-            "data": "random",
-            "probe_model": "random unit vectors (no true match)",
-            "params": ivf.info["params"],
+            "workload": "structured_lowrank32",
+            "kind": kind,
+            "gallery": len(gallery),
+            "params": approx.info["params"],
             "build_s": t_build,
-            "qps_exact": qps_exact,
-            "sweep": rows,
-            "best_at_recall_0.99": best,
-            "meets_target": bool(best and best["speedup"] >= 50),
+            **sweep_result(qps_exact, rows),
         }
         log(json.dumps(row))
-        result["approximate"].append(row)
-        del gallery, exact, ivf
+        return row
 
-    # --- (2) identification: probes = noisy copies of patients' gallery rows ---------------
-    result["identification"] = []
-    for data in [v for v in args.ident_data.split(",") if v] if kinds and args.ident_size else []:
-        d = args.dim
-        row_bytes = d * 4
-        # exact index + one approximate index (its own copy of the vectors) + ~1.5 GiB overhead
-        fit = int(
-            (min(args.mem_gib, mem_available_gib() - 1.0) - 1.5) * 2**30 / (2 * row_bytes + 300)
-        )
-        n = max(1000, min(args.ident_size, fit))
-        ident = {
-            "data": data,
-            "requested_gallery": args.ident_size,
-            "gallery": n,
-            "size_note": (
-                "as requested"
-                if n == args.ident_size
-                else f"largest that fits {args.mem_gib} GiB with the exact index"
-            ),
-            "gallery_model": (
-                "random unit vectors"
-                if data == "random"
-                else "unit vectors near a 32-d subspace (random projection to 768-d + noise)"
-            )
-            + ", one per patient; probes = a patient's row + isotropic noise, renormalised",
-        }
-        # the target is stated for 1M, or the largest gallery that fits (then n < requested)
-        at_target_size = n >= 1_000_000 or n < args.ident_size
-        ident["at_target_size"] = at_target_size
-        gallery = unit_rows(rng, n, d) if data == "random" else lowrank_rows(rng, n, d)
-        ids = [str(i) for i in range(n)]
-        exact = build_index(gallery, ids, kind="flat", copy=False)
-        # the exact index holds the rows: view them instead of keeping a second copy
-        gallery = faiss.rev_swig_ptr(exact.index.get_xb(), n * d).reshape(n, d)
-        probes, truth, cos = ident_probes(rng, gallery, args.queries, args.ident_cos)
-        nx = min(args.ident_exact_queries, len(probes))
-        t0 = time.perf_counter()
-        _, e_rows = exact.index.search(probes[:nx], 1)
-        ident.update(
-            {
-                "probe_match_cosine": cos,
-                "target_cosine": args.ident_cos,
-                "exact_timed_probes": nx,
-                "exact_recall_at_1": float((e_rows[:, 0] == truth[:nx]).mean()),
-                "qps_exact_first_pass": nx / (time.perf_counter() - t0),
-            }
-        )
-        log(
-            f"identification ({data}): gallery {n}, exact recall@1 {ident['exact_recall_at_1']}, "
-            f"cos {cos}, {ident['qps_exact_first_pass']:.1f} q/s, rss {rss_gib():.2f} GiB"
-        )
-        result["identification"].append(ident)
+    out = []
+    if "hnsw" in kinds:
+        gallery = lowrank_rows(rng, args.hnsw_size, args.dim)
+        probes = noisy_probes(rng, gallery, args.queries, noise=0.3)
+        efs = [int(v) for v in args.hnsw_ef.split(",") if v]
+        params = {"M": 16, "ef_construction": 40, "ef_search": 16}
+        out.append(sweep(gallery, probes, "hnsw", params, "efSearch", efs))
+        del gallery
+    if "ivf" in kinds:
+        gallery = lowrank_rows(rng, args.large, args.dim)
+        probes = noisy_probes(rng, gallery, args.queries, noise=0.3)
+        nprobes = [int(v) for v in args.ivf_nprobe.split(",") if v]
+        params = {"nlist": int(4 * np.sqrt(args.large))}
+        out.append(sweep(gallery, probes, "ivf", params, "nprobe", nprobes))
+        del gallery
+    return out
 
-        def exact_fn(e=exact, q=probes[:nx]):
-            return e.index.search(q, 1)
 
-        if "ivf" in kinds:
-            for mult in [float(m) for m in args.ivf_nlist_mult.split(",") if m]:
-                nlist = round(mult * float(np.sqrt(n)))
-                t0 = time.perf_counter()
-                ivf = build_index(
-                    gallery,
-                    ids,
-                    kind="ivf",
-                    copy=False,
-                    n_sample=0,
-                    params={"nlist": nlist, "max_train": args.ivf_train},
-                )
-                t_build = time.perf_counter() - t0
-                log(f"  IVF nlist={nlist} built in {t_build:.1f}s, rss {rss_gib():.2f} GiB")
-                qps_exact, rows = interleaved_sweep(
-                    ivf.index,
-                    "nprobe",
-                    [v for v in nprobes if v <= nlist],
-                    probes,
-                    truth,
-                    exact_fn,
-                    nx,
-                    e_rows[:, 0],
-                    args.repeats,
-                )
-                best = best_row(rows)
-                row = {
-                    "workload": "identification",
-                    "data": data,
-                    "kind": "ivf",
-                    "gallery": n,
-                    "params": {**ivf.info["params"], "nlist_per_sqrt_n": mult},
-                    "build_s": t_build,
-                    "qps_exact": qps_exact,
-                    "sweep": rows,
-                    "best_at_recall_0.99": best,
-                    "meets_target": bool(best and best["speedup"] >= 50 and at_target_size),
-                }
-                log(json.dumps(row))
-                result["approximate"].append(row)
-                del ivf
-
-        if "hnsw" in kinds:
-            # grow the graph chunk by chunk while the build stays under its time limit
-            index = faiss.IndexHNSWFlat(d, args.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-            index.hnsw.efConstruction = args.hnsw_efc
-            t0, added, steps = time.perf_counter(), 0, []
-            while added < n:
-                m = min(args.hnsw_chunk, n - added)
-                elapsed = time.perf_counter() - t0
-                per_row = elapsed / added if added else 0.0
-                if added and elapsed + per_row * m * 1.1 > args.hnsw_build_limit:
-                    break
-                index.add(gallery[added : added + m])
-                added += m
-                steps.append([added, round(time.perf_counter() - t0, 2)])
-            t_build = time.perf_counter() - t0
-            nh = added
-            # hnsw build cost per row grows ~log(N): project the full build from the last rate
-            projected = (
-                t_build if nh == n else t_build + (n - nh) * (t_build / nh) * np.log(n) / np.log(nh)
-            )
-            log(
-                f"  HNSW M={args.hnsw_m} efC={args.hnsw_efc}: {nh} rows in {t_build:.1f}s "
-                f"(full {n}: ~{projected:.0f}s), rss {rss_gib():.2f} GiB"
-            )
-            if nh == n:
-                h_exact, h_probes, h_truth, h_cos, h_erows = exact, probes, truth, cos, e_rows
-                h_exact_fn = exact_fn
-            else:
-                # measure on the prefix the graph covers, against exact search over that prefix
-                h_exact = build_index(gallery[:nh], ids[:nh], kind="flat", copy=False)
-                h_probes, h_truth, h_cos = ident_probes(
-                    rng, gallery[:nh], args.queries, args.ident_cos
-                )
-                _, h_erows = h_exact.index.search(h_probes[:nx], 1)
-
-                def h_exact_fn(e=h_exact, q=h_probes[:nx]):
-                    return e.index.search(q, 1)
-
-            qps_exact, rows = interleaved_sweep(
-                index,
-                "efSearch",
-                efs,
-                h_probes,
-                h_truth,
-                h_exact_fn,
-                nx,
-                h_erows[:, 0],
-                args.repeats,
-            )
-            best = best_row(rows)
-            row = {
-                "workload": "identification",
-                "data": data,
-                "kind": "hnsw",
-                "gallery": nh,
-                "params": {"M": args.hnsw_m, "ef_construction": args.hnsw_efc},
-                "build_s": t_build,
-                "build_limit_s": args.hnsw_build_limit,
-                "build_progress": steps,
-                "projected_build_s_full_gallery": projected,
-                "full_gallery": n,
-                "exact_recall_at_1": float((h_erows[:, 0] == h_truth[:nx]).mean()),
-                "probe_match_cosine": h_cos,
-                "qps_exact": qps_exact,
-                "sweep": rows,
-                "best_at_recall_0.99": best,
-                "meets_target": bool(best and best["speedup"] >= 50 and nh == n and at_target_size),
-            }
-            if nh < n:
-                row["note"] = (
-                    f"build stopped at {nh} of {n} rows to stay under "
-                    f"{args.hnsw_build_limit:.0f}s; measured on that prefix "
-                    f"(exact search over the same prefix)"
-                )
-            log(json.dumps(row))
-            result["approximate"].append(row)
-            del index
-            if nh != n:
-                del h_exact
-        del exact, gallery
-
-    # --- (3) optional: the older low-rank "embedding-like" workload -------------------------
-    if args.structured and kinds:
-
-        def sweep(gallery, probes, kind, params, knob, values, label):
-            ids = [str(i) for i in range(len(gallery))]
-            exact = build_index(gallery, ids, kind="flat").index
-            _, e_rows = exact.search(probes, 1)
-            t0 = time.perf_counter()
-            approx = build_index(gallery, ids, kind=kind, params=params, n_sample=0)
-            t_build = time.perf_counter() - t0
-            qps_exact, rows = interleaved_sweep(
-                approx.index,
-                knob,
-                values,
-                probes,
-                None,
-                lambda: exact.search(probes, 1),
-                len(probes),
-                e_rows[:, 0],
-                args.repeats,
-            )
-            best = best_row(rows)
-            row = {
-                "workload": "structured_lowrank32",
-                "kind": kind,
-                "gallery": len(gallery),
-                "params": approx.info["params"],
-                "build_s": t_build,
-                "qps_exact": qps_exact,
-                "sweep": rows,
-                "best_at_recall_0.99": best,
-                "meets_target": bool(best and best["speedup"] >= 50),
-            }
-            log(json.dumps(row))
-            result["approximate"].append(row)
-
-        if "hnsw" in kinds:
-            gallery = lowrank_rows(rng, args.hnsw_size, args.dim)
-            probes = noisy_probes(rng, gallery, args.queries, noise=0.3)
-            sweep(
-                gallery,
-                probes,
-                "hnsw",
-                {"M": 16, "ef_construction": 40, "ef_search": 16},
-                "efSearch",
-                efs,
-                "lowrank32",
-            )
-            del gallery
-        if "ivf" in kinds:
-            gallery = lowrank_rows(rng, args.large, args.dim)
-            probes = noisy_probes(rng, gallery, args.queries, noise=0.3)
-            sweep(
-                gallery,
-                probes,
-                "ivf",
-                {"nlist": int(4 * np.sqrt(args.large))},
-                "nprobe",
-                nprobes,
-                "lowrank32",
-            )
-            del gallery
-
+def summary(result: dict, t_start: float) -> dict:
+    """Verdicts over the rows: exact FAISS equal to and not slower than brute force, the best
+    identification speed-up at recall@1 >= 0.99 and whether any row meets the target."""
     ident_rows = [r for r in result["approximate"] if r["workload"] == "identification"]
     bests = [
         (r["best_at_recall_0.99"]["speedup"], r["kind"], r["data"], r["gallery"])
         for r in ident_rows
         if r["best_at_recall_0.99"]
     ]
-    result["summary"] = {
+    return {
         "exact_faiss_equals_bruteforce": all(
             r["top1_equal_torch"] and r["topk_sets_equal_torch"] == 1.0 for r in result["exact"]
         ),
@@ -662,15 +675,34 @@ def main(argv=None) -> dict:
             else None
         ),
         "target_met": any(r["meets_target"] for r in ident_rows),
-        "max_rss_gib": rss_gib(),
+        "max_rss_gib": max_rss_gib(),
         "wall_s": time.perf_counter() - t_start,
     }
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    set_threads(args.threads)
+    import numpy as np
+
+    t_start = time.perf_counter()
+    rng = np.random.default_rng(0)
+    kinds = [k for k in args.kinds.split(",") if k]
+    result = header(args)
+    result["exact"] = exact_comparison(args, rng)
+    if "ivf" in kinds and args.worst_size:
+        result["approximate"] += worst_case(args, rng)
+    result["identification"] = []
+    for data in [v for v in args.ident_data.split(",") if v] if kinds and args.ident_size else []:
+        ident, rows = identification(args, rng, data, kinds)
+        result["identification"].append(ident)
+        result["approximate"] += rows
+    if args.structured and kinds:
+        result["approximate"] += structured(args, rng, kinds)
+    result["summary"] = summary(result, t_start)
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2))
-        log(f"wrote {out}")
-    print(json.dumps(result, indent=2))
+        log(f"writing {args.out}")
+    write_report(result, args.out)
     return result
 
 

@@ -24,8 +24,8 @@ times the writer on 100,000 records (the extrapolation point).
 Everything is written under ``--workdir`` (default: a temporary directory) and the JSON goes to
 stdout and ``--out``.
 
-    python bench/scale.py --records 2000 10000 --workdir /tmp/scale --out scale.json
-    python bench/scale.py --million 1000000 --workdir /tmp/scale --out million.json
+    python bench/scale.py --records 2000 10000 --workdir scale-work --out scale.json
+    python bench/scale.py --million 1000000 --workdir scale-work --out million.json
 """
 
 from __future__ import annotations
@@ -37,14 +37,15 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # bench/retrieval.py would otherwise shadow the package
+# the repository root first: bench/retrieval.py would otherwise shadow the retrieval package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from bench.common import REPO, TreeSampler, dir_bytes, workdir, write_json, write_report  # noqa: E402
+from bench.hardware import lscpu  # noqa: E402
 
 CHECKPOINT = REPO / "tests" / "fixtures" / "pretrained_tiny" / "w2v_cmsc_rlm_tiny_synth.pt"
 RATES, RATE_WEIGHTS = (257, 500, 1000), (0.2, 0.6, 0.2)
@@ -67,50 +68,6 @@ TARGETS = {
 
 
 # ---- measurement -----------------------------------------------------------------------------
-def dir_bytes(path: Path) -> int:
-    path = Path(path)
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
-
-
-class TreeSampler:
-    """Peak summed RSS and CPU seconds of process ``pid`` and its descendants (50 ms samples),
-    and the process's own exact RSS high-water mark (``VmHWM``, read at each sample: it holds
-    the peak between samples too; unlike ``wait4``'s ru_maxrss it does not include the RSS of
-    the parent that forked the process)."""
-
-    def __init__(self, pid: int, interval: float = 0.05):
-        import psutil
-
-        self.proc, self.interval, self.peak, self.hwm = psutil.Process(pid), interval, 0, 0
-        self.cpu: dict[int, float] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        import psutil
-
-        while not self._stop.is_set():
-            total = 0
-            with contextlib.suppress(psutil.Error):
-                for p in [self.proc, *self.proc.children(recursive=True)]:
-                    with contextlib.suppress(psutil.Error):  # a child that just exited
-                        total += p.memory_info().rss
-                        self.cpu[p.pid] = sum(p.cpu_times()[:2])
-            self.peak = max(self.peak, total)
-            with contextlib.suppress(OSError, ValueError, StopIteration):
-                status = Path(f"/proc/{self.proc.pid}/status").read_text()
-                line = next(x for x in status.splitlines() if x.startswith("VmHWM:"))
-                self.hwm = max(self.hwm, int(line.split()[1]) * 1024)
-            time.sleep(self.interval)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 def run_stage(name: str, cmd: list[str], disk: list[Path], log: Path) -> dict:
     """Run one stage as a subprocess; wall and CPU seconds, peak RSS, disk added.
 
@@ -121,10 +78,9 @@ def run_stage(name: str, cmd: list[str], disk: list[Path], log: Path) -> dict:
     env = dict(os.environ, PYTHONPATH=str(REPO), ECGPLAT_DEBUG="1")
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    sampler = TreeSampler(proc.pid)
-    out, err = proc.communicate()
-    seconds = time.perf_counter() - t0
-    sampler.stop()
+    with TreeSampler(proc.pid) as sampler:
+        out, err = proc.communicate()
+        seconds = time.perf_counter() - t0
     with log.open("a") as f:
         f.write(f"== {name}: {' '.join(cmd)}\n{out[-4000:]}\n{err[-4000:]}\n")
     if proc.returncode != 0:
@@ -133,7 +89,7 @@ def run_stage(name: str, cmd: list[str], disk: list[Path], log: Path) -> dict:
     own_peak = sampler.hwm
     result = {
         "seconds": round(seconds, 2),
-        "cpu_seconds": round(sum(sampler.cpu.values()), 2),
+        "cpu_seconds": round(sampler.cpu_seconds, 2),
         "peak_rss_mb": round(max(sampler.peak, own_peak) / 2**20, 1),
         "sampled_tree_peak_rss_mb": round(sampler.peak / 2**20, 1),
         "process_peak_rss_mb": round(own_peak / 2**20, 1),
@@ -147,12 +103,9 @@ def run_stage(name: str, cmd: list[str], disk: list[Path], log: Path) -> dict:
 
 def cpu_flags() -> dict:
     """lscpu's model name, core count and flags (the machine the numbers come from)."""
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
+    fields = lscpu()
+    if not fields:
         return {"lscpu": "unavailable"}
-    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
     return {
         "model_name": fields.get("Model name"),
         "cpus": fields.get("CPU(s)"),
@@ -550,6 +503,9 @@ def run_million(root: Path, records: int, dim: int, log: Path) -> dict:
     out["info_cli"] = run_stage(
         "info_cli", [sys.executable, "-m", "ecgplat", "info", str(path), "--json"], [], log
     )
+    info = out["info_cli"].get("output", {})
+    if "path" in info:  # the store by its name under the work directory, not this machine's path
+        info["path"] = path.name
     res = out["interactive"].get("output", {})
     # wall and CPU verdicts: on a loaded shared machine wall time is mostly waiting for a core
     for kind, suffix in (("wall", ""), ("cpu", "_cpu")):
@@ -590,16 +546,9 @@ def main() -> None:
         help="delete each corpus once ingested (the largest runs need the disk)",
     )
     args = parser.parse_args()
-    tmp = None
-    if args.workdir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="ecgplat-scale-")
-        root = Path(tmp.name)
-    else:
-        root = args.workdir
-        root.mkdir(parents=True, exist_ok=True)
-    log = root / "stages.log"
-    result = {"cpu": cpu_flags(), "cpu_count": os.cpu_count(), "targets": TARGETS}
-    try:
+    with workdir(args.workdir, "ecgplat-scale-") as root:
+        log = root / "stages.log"
+        result = {"cpu": cpu_flags(), "cpu_count": os.cpu_count(), "targets": TARGETS}
         if args.million is not None:
             result["million"] = run_million(root, args.million, args.dim, log)
         else:
@@ -610,18 +559,12 @@ def main() -> None:
                 if not args.keep:
                     shutil.rmtree(root / f"run-{n}", ignore_errors=True)
                 result["runs"] = runs
-                if args.out:
-                    args.out.write_text(json.dumps(result, indent=1))
+                if args.out:  # what is done so far, should a later size fail
+                    write_json(args.out, result, indent=1)
             if len(runs) > 1:
                 result["growth"] = growth(runs)
         result["load_average_1min"] = round(os.getloadavg()[0], 2)
-        text = json.dumps(result, indent=1)
-        print(text)
-        if args.out:
-            args.out.write_text(text)
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
+        write_report(result, args.out, indent=1)
 
 
 if __name__ == "__main__":

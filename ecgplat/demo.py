@@ -168,7 +168,8 @@ def main() -> None:
         )
     print(
         "(150 pretraining updates leave the InfoNCE term at chance and the test split is small,\n"
-        " so this order is not stable; README 'Does pretraining help?' compares them at 1000"
+        " so this order is not stable; docs/results.md 'Does pretraining help?' compares them at"
+        " 1000"
         " updates)"
     )
     run(

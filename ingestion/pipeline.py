@@ -8,12 +8,12 @@ killed and re-run produces the same store as one uninterrupted run; records alre
 rejected for the source are skipped, so re-running a finished ingest adds nothing.
 
 ``workers=0`` runs everything synchronously in-process (no cluster): used by test fixtures and
-for debugging.
+for debugging. What a task runs on its worker is ``ingestion.worker.process_batch`` (or, with
+``--send-bytes``, ``ingestion.sent_files.process_sent_batch``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from collections import Counter
@@ -22,20 +22,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ecgplat import faults
 from ecgplat.progress import ProgressBar
 from ecgplat.store import reason_kind
-from ecgplat.store.writer import (
-    RecordBatch,
-    StoreWriter,
-    pack_batch,
-    path_hash,
-    patient_key_for,
-    redact,
-)
-from ingestion.readers.options import ReadOptions, check_reader_options
-from ingestion.readers.record import RECORD_SUFFIXES
+from ecgplat.store.writer import RecordBatch, StoreWriter, pack_batch, path_hash
+from ingestion.readers.options import ReadOptions
+from ingestion.readers.protocol import check_reader_options
+from ingestion.readers.registry import get_reader
 from ingestion.readers.units import NOT_VOLTAGE
+from ingestion.sent_files import SEND_BYTES_CORPORA, SentSource, process_sent_batch
+from ingestion.worker import process_batch, reject_row, warm_up
 
 if TYPE_CHECKING:
     from distributed import Client, LocalCluster
@@ -47,76 +42,11 @@ DEFAULT_BATCH_SIZE = 128
 COMMIT_PACE = 10.0
 
 
-def _file_bytes(src: Path, rel: str) -> int:
-    """Bytes of a record's header and signal files (for throughput reports)."""
-    total = 0
-    for suffix in RECORD_SUFFIXES:
-        with contextlib.suppress(OSError):
-            total += os.stat(f"{src / rel}{suffix}").st_size
-    return total
-
-
 WORKER_DIED = "worker died"
-SRC_NOT_VISIBLE = "source folder not visible on this worker (share it, or ingest with --send-bytes)"
-
-
-def reject_row(module, root: Path, rel: str, reason: str, secret: bytes, opts=None) -> tuple:
-    """(source, path, reason, path_hash) of a rejected record. Path and reason get the same
-    redaction as a stored record_id: the raw patient id (when the reader can tell it without
-    reading the signal) is replaced by its pseudonym; the hash is of the raw listed path."""
-    source = module.SOURCE
-    hint = getattr(module, "patient_hint", None)
-    raw = None
-    if hint is not None:
-        try:
-            raw = hint(root, rel, opts)
-        except Exception:  # noqa: BLE001 - a hint only
-            raw = None
-    key = patient_key_for(raw, f"{source}/{rel}", secret)
-    return (source, redact(rel, raw, key), redact(reason, raw, key), path_hash(source, rel, secret))
-
-
-def process_batch(
-    corpus: str,
-    src: str,
-    rels: list[str],
-    seq: int,
-    secret: bytes,
-    opts: ReadOptions | None = None,
-) -> RecordBatch:
-    """Read and condition ``rels`` (worker side); every failure becomes a reject, never raises.
-    Reasons are the readers' fixed templates; an unexpected exception contributes its type only
-    (its text may quote field values such as patient ids)."""
-    from ingestion.conditioning import condition
-    from ingestion.readers.record import RecordError
-    from ingestion.readers.registry import get_corpus
-
-    module = get_corpus(corpus)
-    root = Path(src)
-    good, rejects, nbytes = [], [], 0
-    if not root.exists():  # a worker without the driver's filesystem (SRC may be one file)
-        rows = [reject_row(module, root, rel, SRC_NOT_VISIBLE, secret, opts) for rel in rels]
-        return pack_batch(seq, [], rows, secret)
-    for rel in rels:
-        faults.worker_crash_point(rel)
-        try:
-            good.append(condition(module.read_record(root, rel, opts), opts))
-        except RecordError as e:
-            rejects.append(reject_row(module, root, rel, e.reason, secret, opts))
-        except MemoryError:
-            reason = "out of memory reading the record"
-            rejects.append(reject_row(module, root, rel, reason, secret, opts))
-        except Exception as e:  # noqa: BLE001 - a reader bug must not stop the job either
-            reason = f"unexpected {type(e).__name__} while reading the record"
-            rejects.append(reject_row(module, root, rel, reason, secret, opts))
-        nbytes += _file_bytes(root, rel)
-    return pack_batch(seq, good, rejects, secret, nbytes)
 
 
 def merge_batches(seq: int, batches: list[RecordBatch]) -> RecordBatch:
     """One batch (numbered ``seq``) holding the records and rejects of ``batches`` in order."""
-    import numpy as np
-
     cols = {k: np.concatenate([b.columns[k] for b in batches]) for k in batches[0].columns}
     return RecordBatch(
         seq,
@@ -146,8 +76,6 @@ def _batches(todo: list[str], batch_size: int):
 def _task(corpus, src, rels, seq, secret, opts) -> tuple:
     """(function, arguments) of the task for ``rels``: ``src`` is the path workers read, or a
     ``SentSource`` whose files the driver reads and ships (``ingestion.sent_files``)."""
-    from ingestion.sent_files import SentSource, process_sent_batch
-
     if isinstance(src, SentSource):
         return process_sent_batch, (corpus, src.read(rels, opts), rels, seq, secret, opts)
     return process_batch, (corpus, src, rels, seq, secret, opts)
@@ -176,9 +104,7 @@ def _retry_one_by_one(client, corpus, src, rels, seq, secret, opts) -> RecordBat
     futures = [
         _single(client, corpus, src, rel, f"{seq}-{i}", secret, opts) for i, rel in enumerate(rels)
     ]
-    from ingestion.readers.registry import get_corpus
-
-    module, parts = get_corpus(corpus), []
+    reader, parts = get_reader(corpus), []
     for i, (rel, future) in enumerate(zip(rels, futures, strict=True)):
         for attempt in (1, 2):
             try:
@@ -194,7 +120,7 @@ def _retry_one_by_one(client, corpus, src, rels, seq, secret, opts) -> RecordBat
                     if type(e).__name__ == "KilledWorker"
                     else f"unexpected {type(e).__name__} while processing the record"
                 )
-                row = reject_row(module, Path(src), rel, reason, secret, opts)
+                row = reject_row(reader, Path(src), rel, reason, secret, opts)
                 parts.append(pack_batch(seq, [], [row], secret))
         future.release()
     return merge_batches(seq, parts)
@@ -292,25 +218,20 @@ def ingest(
     skipped (already present), seconds, records_per_s, bytes_read, startup_seconds (Dask
     cluster start, included in seconds), and the store totals.
     """
-    from ingestion.readers.registry import get_corpus
-
-    module = get_corpus(corpus)
-    opts = check_reader_options(module, opts)
+    reader = get_reader(corpus)
+    opts = check_reader_options(reader, opts)
     src = Path(src)
     if not src.exists():
         raise FileNotFoundError(f"{src}: source directory does not exist")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if send_bytes:
-        from ingestion.sent_files import SEND_BYTES_CORPORA, SentSource
-
-        if corpus not in SEND_BYTES_CORPORA:
-            raise ValueError(
-                f"--send-bytes reads {', '.join(SEND_BYTES_CORPORA)} records, not {corpus!r}"
-            )
+    if send_bytes and corpus not in SEND_BYTES_CORPORA:
+        raise ValueError(
+            f"--send-bytes reads {', '.join(SEND_BYTES_CORPORA)} records, not {corpus!r}"
+        )
     t0 = time.perf_counter()
     with StoreWriter(store) as writer:
-        listing = module.list_records(src)
+        listing = reader.list_records(src)
         done = writer.done_paths(corpus, listing)
         if opts.units:
             done -= unit_rejects(writer, corpus, listing)
@@ -419,16 +340,6 @@ _WORKER_CONFIG = {
 }
 
 
-def _warm_up() -> None:
-    import numcodecs  # noqa: F401
-
-    import ingestion.conditioning  # noqa: F401
-    from ecgplat.store.segment_codec import segment_codecs
-    from ingestion.readers.registry import CORPORA  # noqa: F401
-
-    segment_codecs()
-
-
 class _dask_client:
     """Context manager: a Client on ``scheduler`` or on a fresh LocalCluster of ``workers``."""
 
@@ -456,9 +367,7 @@ class _dask_client:
                     env=dict(_WORKER_ENV),
                 )
             self.client = Client(self.cluster)
-        # import the reader, conditioning and codec code on every worker now (part of the
-        # cluster start) rather than inside the first task
-        self.client.run(_warm_up)
+        self.client.run(warm_up)
         return self.client
 
     def __exit__(self, *exc):

@@ -29,6 +29,7 @@ from typing import cast
 from ingestion.readers.options import ReadOptions, inside_src, sibling
 from ingestion.readers.record import RecordError
 from ingestion.readers.wfdb_header import MAX_HEADER_BYTES, expected_data_sizes, parse_header
+from ingestion.worker import process_batch
 
 SEND_BYTES_CORPORA = ("wfdb", "cinc2021", "ludb", "cpsc2021")  # record = .hea + named files
 _MAT_SLACK = 4096  # cinc2021: a .mat larger than n_sig x sig_len x 8 + this is refused unread
@@ -132,9 +133,7 @@ def _materialise(root: Path, payload: dict[str, object]) -> None:
 
 
 def process_sent_batch(corpus, payload, rels, seq, secret, opts=None):
-    """``ingestion.pipeline.process_batch`` over the files of ``payload`` (worker side)."""
-    from ingestion.pipeline import process_batch
-
+    """``ingestion.worker.process_batch`` over the files of ``payload`` (worker side)."""
     tmp = Path(tempfile.mkdtemp(prefix="ecgplat-sent-"))
     try:
         _materialise(tmp, payload)

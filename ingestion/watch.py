@@ -33,8 +33,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ingestion.readers.options import ReadOptions, check_reader_options
+from ecgplat.store import StoreBusyError
+from ecgplat.store.writer import StoreWriter
+from ingestion.readers.options import ReadOptions
+from ingestion.readers.protocol import check_reader_options
+from ingestion.readers.record import RecordError
+from ingestion.readers.registry import get_reader
 from ingestion.readers.wfdb_header import MAX_HEADER_BYTES, expected_data_sizes, parse_header
+from ingestion.worker import process_batch
 
 WATCH_CORPORA = ("wfdb", "cinc2021")  # one record = NAME.hea + the data files it names
 DEFAULT_POLL = 1.0  # seconds between scans of SRC
@@ -72,8 +78,6 @@ class WatchReport:
 
 def _expected_sizes(text: str, rel: str) -> dict[str, int | None] | None:
     """Data file name -> expected bytes (None: unknown) of a header text; None if unparsable."""
-    from ingestion.readers.record import RecordError
-
     try:
         hdr = parse_header(text, rel)
     except RecordError:
@@ -135,11 +139,9 @@ class Watcher:
         opts: ReadOptions | None = None,
         echo: Callable[[str], None] = print,
     ):
-        from ingestion.readers.registry import get_corpus
-
         if corpus not in WATCH_CORPORA:
             raise ValueError(f"watch follows {', '.join(WATCH_CORPORA)} folders, not {corpus!r}")
-        self.corpus, self.module = corpus, get_corpus(corpus)
+        self.corpus, self.module = corpus, get_reader(corpus)
         self.opts = check_reader_options(self.module, opts)
         self.src, self.store = Path(src), Path(store)
         if not self.src.is_dir():
@@ -177,9 +179,6 @@ class Watcher:
     def _ingest(self, ready: list[tuple[str, float]], stop: threading.Event) -> dict[str, float]:
         """Read, append and commit ``ready`` (one at a time, stopping early when ``stop`` is
         set); returns store key -> landing of the records added."""
-        from ecgplat.store.writer import StoreWriter
-        from ingestion.pipeline import process_batch
-
         added: dict[str, float] = {}
         with StoreWriter(self.store) as writer:
             done = writer.done_paths(self.corpus, [rel for rel, _ in ready])
@@ -207,8 +206,6 @@ class Watcher:
 
     def catch_up(self) -> None:
         """Create the store if needed, learn what it holds and publish what is not yet."""
-        from ecgplat.store.writer import StoreWriter
-
         with StoreWriter(self.store) as writer:
             self._done = writer.done_paths(self.corpus, self.module.list_records(self.src))
             has_records = writer.n_records > 0
@@ -217,8 +214,6 @@ class Watcher:
 
     def step(self, stop: threading.Event) -> int:
         """One scan: ingest and publish what is ready; returns the number of records added."""
-        from ecgplat.store import StoreBusyError
-
         try:
             ready = self._ready(time.monotonic())
         except OSError as e:  # a folder vanished while it was listed: look again next poll

@@ -20,15 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from retrieval.embed import (
-    FeatureError,
-    LoadedModel,
-    StoredFeatures,
-    embed_store,
-    lead_names,
-    open_features,
-)
+from ecgplat.store import open_store
+from retrieval.embed import embed_store
+from retrieval.features import FeatureError, StoredFeatures, lead_names, open_features
 from retrieval.figures import pyplot, save_figure
+from retrieval.model import LoadedModel
 from training.ident_metrics import chance_rank1, rank1_band, rank_statistics, ranks_from_cmc
 
 PROBE_CHUNK = 1024
@@ -154,8 +150,6 @@ def evaluate_identification(
     `name` (or its `leads` variant, embedded in `precision`, default `name`'s) on the store's
     gallery/probe split; each level evaluates at most `max_probes` probes (0: all), a uniform
     sample drawn with `seed`."""
-    from ecgplat.store import open_store
-
     probe_sample(0, max_probes)  # a bad budget fails before anything is embedded
     store = open_store(store_path)
     if leads is not None:

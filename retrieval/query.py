@@ -7,7 +7,7 @@ SHA-256), the lead set, the feature set, its level (record or segment) and the s
 * a new ECG given as conditioned segments (`query_signal`): float32 (S, 12, 2500) mV at 500 Hz in
   canonical lead order plus its lead mask. Reading and conditioning a file is ingestion's job; this
   package may not import `ingestion` (docs/ARCHITECTURE.md), so the caller (the CLI, through
-  `ingestion.readers.registry.read_one`) conditions the file and passes the segments here.
+  `ingestion.one_file.read_one`) conditions the file and passes the segments here.
   They are embedded on the fly with the index's checkpoint and leads (the record embedding: mean
   of the segment embeddings, re-normalised), after checking the checkpoint file still has the
   index's SHA-256.
@@ -23,9 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
-from retrieval.embed import FeatureError, LoadedModel, open_features
+from ecgplat.leads import LEADS, parse_leads
+from ecgplat.store import open_store
+from retrieval.features import FeatureError, open_features
 from retrieval.figures import pyplot, save_figure
 from retrieval.index import GalleryIndex, LineageError
+from retrieval.model import LoadedModel
+from training.normalize import normalize_record
 
 
 def _matches(
@@ -50,8 +54,6 @@ def _matches(
 
 def query_record(index: GalleryIndex, record_key: str, k: int = 5) -> list[dict]:
     """Nearest gallery items of a record of the index's store (the record itself excluded)."""
-    from ecgplat.store import open_store
-
     lineage = index.lineage
     store_path, name = lineage.get("store"), lineage.get("features")
     if not store_path or not name:
@@ -94,11 +96,9 @@ def embed_signal(
 ) -> np.ndarray:
     """Record embedding (D,) of conditioned segments with the checkpoint's encoder and `leads`,
     in `precision` (auto | fp32 | bf16); `checkpoint` may be an already loaded model."""
-    from ecgplat.leads import parse_leads
     from training.batch import make_batch
     from training.distributed import pick_device
     from training.models.identifier import embed_batches, record_means
-    from training.normalize import normalize_record
 
     if np.ndim(segments_mv) != 3 or len(segments_mv) == 0:
         raise ValueError(
@@ -155,12 +155,8 @@ def plot_matches(
     title: str = "query",
 ) -> Path:
     """12-lead traces (first 5 s segment) of the query and its matches side by side."""
-    from ecgplat.leads import LEADS
-
     panels = [(title, np.asarray(query))]
     if store_path:
-        from ecgplat.store import open_store
-
         store = open_store(store_path)
         for m in matches:
             trace = record_trace(store, m["id"])

@@ -13,13 +13,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from retrieval.embed import embed_store
+from retrieval.index import GalleryIndex, index_file, index_from_features, index_lock, update_index
+from retrieval.model import LoadedModel
+
 
 class Embedder:
     """A checkpoint's encoder loaded once, with the leads, device and precision to embed with."""
 
     def __init__(self, checkpoint, leads="12", device: str = "auto", precision: str = "auto"):
-        from retrieval.embed import LoadedModel
-
         self.model = LoadedModel.load(checkpoint)
         self.leads, self.device, self.precision = leads, device, precision
 
@@ -29,8 +31,6 @@ def embed_missing(store_path: str | os.PathLike, name: str, embedder: Embedder) 
     created when missing); returns how many segments were embedded. FeatureError when the set
     holds another checkpoint's, lead set's, precision's or normalisation's embeddings;
     StoreBusyError when another writer holds the store."""
-    from retrieval.embed import embed_store
-
     result = embed_store(
         store_path,
         embedder.model.checkpoint,
@@ -49,14 +49,6 @@ def index_missing(index_path: str | os.PathLike, store_path: str | os.PathLike, 
     vectors added. LineageError when the index holds another model's vectors, StaleIndexError
     when records were forgotten since it was built, ValueError when it is not a record-level
     index over all records."""
-    from retrieval.index import (
-        GalleryIndex,
-        index_file,
-        index_from_features,
-        index_lock,
-        update_index,
-    )
-
     if not index_file(index_path).is_file():
         built = index_from_features(store_path, name, split="all")
         with index_lock(index_path):

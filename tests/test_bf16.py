@@ -269,7 +269,8 @@ def test_embed_records_precision_in_lineage(tmp_path):
     without --overwrite (the set would silently mix precisions otherwise)."""
     from helpers import prepare_synthetic
 
-    from retrieval.embed import FeatureError, embed_store, load_features
+    from retrieval.embed import embed_store
+    from retrieval.features import FeatureError, load_features
     from training.models.fairseq_import import import_fairseq_checkpoint
 
     store = prepare_synthetic(tmp_path, 4, 1, seconds=10, valid=0.0, shard_splits=())["store"]

@@ -125,3 +125,27 @@ def test_train_cli_rejects_misuse(tmp_path):
     r = runner.invoke(app, ["train", "pretrain", "--out", str(tmp_path / "run2"), "--resume"])
     assert r.exit_code == 2 and "nothing" not in r.output and "to resume from" in r.output
     assert not (tmp_path / "run").exists()  # nothing written for a rejected command
+
+
+def test_every_task_has_a_builder_and_a_default_preset():
+    from training.tasks import DEFAULT_PRESET, TASKS
+
+    assert list(TASKS) == list(DEFAULT_PRESET) == ["pretrain", "diagnosis", "identify"]
+    for name in ("pretrain", "diagnosis"):  # identify reads its shards on construction
+        cfg = load_config(DEFAULT_PRESET[name])
+        assert TASKS[name](cfg).name == name
+
+
+def test_resolve_run_config_builds_a_new_run_and_refuses_bad_resumes(tmp_path):
+    from training.launch import resolve_run_config
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    paths = dict(shards=str(shards), init=None, leads="6", store=None)
+    cfg = resolve_run_config(
+        "diagnosis", None, ["optim.lr=1e-4"], out=tmp_path / "run", resume=False, **paths
+    )
+    assert (cfg.task, cfg.data.leads, cfg.optim.lr) == ("diagnosis", "6", 1e-4)
+    assert cfg.out == str(tmp_path / "run") and cfg.data.shards == str(shards)
+    with pytest.raises(ConfigError, match="to resume from"):
+        resolve_run_config("diagnosis", None, [], out=tmp_path / "run", resume=True, **paths)

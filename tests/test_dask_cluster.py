@@ -20,7 +20,8 @@ from hostile_files import edit_header, write_wfdb
 from store_compare import assert_same_store
 
 from ecgplat.store import open_store
-from ingestion.pipeline import SRC_NOT_VISIBLE, ingest
+from ingestion.pipeline import ingest
+from ingestion.worker import SRC_NOT_VISIBLE
 
 REPO = Path(__file__).parents[1]
 DASK = Path(sys.executable).parent / "dask"

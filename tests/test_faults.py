@@ -60,9 +60,9 @@ def test_sigkill_then_rerun_equals_uninterrupted(synth_cohort, synth_store, tmp_
 def test_uncommitted_tail_is_dropped(synth_cohort, synth_store, tmp_path):
     store = tmp_path / "store"
     ingest("cinc2021", synth_cohort, store, workers=0, limit=10, progress=False)
-    from ingestion.readers.registry import get_corpus
+    from ingestion.readers.registry import get_reader
 
-    rels = get_corpus("cinc2021").list_records(synth_cohort)[10:14]
+    rels = get_reader("cinc2021").list_records(synth_cohort)[10:14]
     with StoreWriter(store) as w:  # a crash between append and commit, plus a zarr temp file
         w.append(process_batch("cinc2021", str(synth_cohort), rels, 0, w.secret))
         assert w.n_records == 14

@@ -69,7 +69,7 @@ def _forget(*args: str) -> str:
 def test_forget_record_everywhere(store, synth_cohort, tmp_path):
     from ingestion.pipeline import ingest
     from ingestion.shards import write_shards
-    from retrieval.embed import load_features
+    from retrieval.features import load_features
     from retrieval.index import GalleryIndex, StaleIndexError, index_from_features
 
     before = open_store(store)
@@ -149,7 +149,8 @@ def test_forget_record_everywhere(store, synth_cohort, tmp_path):
 
 def test_forget_patient_splits_and_embeds_without_them(store, base, caplog):
     from ingestion.splits import split_store
-    from retrieval.embed import embed_store, load_features
+    from retrieval.embed import embed_store
+    from retrieval.features import load_features
 
     before = open_store(store)
     pk = before.records["patient_key"][10]

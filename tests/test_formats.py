@@ -90,15 +90,15 @@ def test_fault_point_kills_only_when_named():
         ),
         (
             r"^(SAMPLE_RATE|SEGMENT_SECONDS|SEGMENT_SAMPLES|N_LEADS|UV_PER_MV)\s*=",
-            "ecgplat/store/__init__.py",
+            "ecgplat/store/schema.py",
         ),
         (
             r'^(COMMIT_FILE|SECRET_FILE|SCHEMA_VERSION)\s*=|"commit\.json"',
-            "ecgplat/store/__init__.py",
+            "ecgplat/store/schema.py",
         ),
         (r'"ecgplat-checkpoint/', "training/models/checkpoint_file.py"),
         (r'"ecgplat-features/|^FEATURES_DIR\s*=', None),
-        (r'"ecgplat-faiss-(index|delta)/', "retrieval/index_file.py"),
+        (r'"ecgplat-faiss-(index|delta)/', "retrieval/index/file.py"),
         (r"os\.replace\(|os\.fsync\(", None),
     ],
 )
@@ -114,10 +114,15 @@ def test_each_format_is_defined_in_one_module(pattern, home):
     if home is not None:
         assert files == [home]
     elif "features" in pattern:
-        assert len(files) <= 2 and set(files) <= {"ecgplat/store/__init__.py", "retrieval/embed.py"}
+        homes = {"ecgplat/store/schema.py", "retrieval/features.py"}
+        assert len(files) <= 2 and set(files) <= homes
     else:  # renames of whole folders (feature sets, shard directories) besides the one helper
         assert "ecgplat/atomic.py" in files
-        assert set(files) <= {"ecgplat/atomic.py", "ingestion/shards.py", "retrieval/embed.py"}
+        assert set(files) <= {
+            "ecgplat/atomic.py",
+            "ingestion/shards.py",
+            "retrieval/feature_build.py",
+        }
 
 
 # ------------------------------------------------------------------ the FAISS index as one unit
@@ -180,7 +185,7 @@ def _index_bytes(tmp_path) -> bytes:
 
 
 def _with_description(good: bytes, description) -> bytes:
-    from retrieval.index_file import _TRAILER
+    from retrieval.index.file import _TRAILER
 
     n_meta, magic = _TRAILER.unpack(good[-_TRAILER.size :])
     faiss_part = good[: len(good) - _TRAILER.size - n_meta]
@@ -189,7 +194,7 @@ def _with_description(good: bytes, description) -> bytes:
 
 
 def _good_description(good: bytes) -> dict:
-    from retrieval.index_file import _TRAILER
+    from retrieval.index.file import _TRAILER
 
     n_meta, _ = _TRAILER.unpack(good[-_TRAILER.size :])
     end = len(good) - _TRAILER.size

@@ -15,10 +15,11 @@ from hostile_files import LEADS12, edit_header, write_cinc, write_ptbxl, write_w
 
 from ecgplat.store import open_store
 from ingestion.conditioning import condition
-from ingestion.pipeline import ingest, process_batch
+from ingestion.pipeline import ingest
 from ingestion.readers import cinc2021, cpsc2021, ptbxl, wfdb_dir
 from ingestion.readers.options import ReadOptions
 from ingestion.readers.record import RecordError
+from ingestion.worker import process_batch
 
 ROOT = Path(__file__).parents[1]
 ECGPLAT = [sys.executable, "-m", "ecgplat"]
@@ -183,7 +184,7 @@ def test_low_rate_header_is_rejected_before_allocating(tmp_path):
     edit_header(base, lambda ls: [ls[0].replace(" 500 ", " 0.25 ", 1), *ls[1:]])
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the pre-exec (forked pytest) image
     code = (
-        "from ingestion.pipeline import process_batch; "
+        "from ingestion.worker import process_batch; "
         f"b = process_batch('cinc2021', {str(tmp_path)!r}, ['slow'], 0, b'k' * 32); "
         "print(b.rejects[0][2]); "
         "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0]; "

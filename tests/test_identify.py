@@ -109,7 +109,7 @@ def cohort50(tmp_path_factory):
     # a fixed pseudonym key: the ArcFace class order follows the pseudonyms, and with a fresh
     # random key per run the 40-update result below moved between 0.22 and 0.38
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("ecgplat.store.writer.secrets.token_bytes", lambda n: bytes([1]) * n)
+        mp.setattr("ecgplat.store.create.secrets.token_bytes", lambda n: bytes([1]) * n)
         ingest("cinc2021", root / "cohort", root / "store", workers=0, progress=False)
     split_store(root / "store", mode="random", valid=0.0, test=0.0, ident=True)
     write_shards(root / "store", "train", root / "shards", max_count=50)

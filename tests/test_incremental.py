@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 from ecgplat.store import open_store
 from ingestion.pipeline import ingest
 from ingestion.splits import split_store
-from retrieval.embed import FeatureError, embed_store, load_features
+from retrieval.embed import embed_store
+from retrieval.features import FeatureError, load_features
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).parents[1]
@@ -283,6 +284,7 @@ def test_an_append_across_a_forget_equals_a_fresh_embed_and_stale_indexes_are_no
 
 def test_index_update_writes_a_delta_equal_to_a_rebuild_then_compacts(grown, tmp_path, monkeypatch):
     import retrieval.index as I
+    import retrieval.index.deltas as deltas
     from ecgplat.cli import app
 
     store = tmp_path / "ab"
@@ -296,7 +298,7 @@ def test_index_update_writes_a_delta_equal_to_a_rebuild_then_compacts(grown, tmp
     def whole(*args):  # the index holds exactly the rows before the appended ones
         raise AssertionError("update read the whole selection")
 
-    monkeypatch.setattr(I, "_whole_selection", whole)
+    monkeypatch.setattr(deltas, "_whole_selection", whole)
     runner = CliRunner()
     args = ["index", "update", "--index", str(path), "--store", str(store), "--features", "f"]
     out = runner.invoke(app, [*args, "--compact-at", "2"])

@@ -265,7 +265,7 @@ def test_a_description_written_before_deltas_is_read_whole(tmp_path):
 
     import faiss
 
-    from retrieval.index_file import META_FORMAT, TRAILER_MAGIC
+    from retrieval.index.file import META_FORMAT, TRAILER_MAGIC
 
     x = _unit(20, 4)
     flat = faiss.IndexFlatIP(DIM)

@@ -119,7 +119,8 @@ def test_embed_lineage_and_query_apply_the_checkpoint_mode(
 ):
     import shutil
 
-    from retrieval.embed import embed_store, load_features
+    from retrieval.embed import embed_store
+    from retrieval.features import load_features
     from retrieval.query import embed_signal
 
     store_dir = tmp_path / "store"
@@ -160,7 +161,9 @@ def test_zscore_embed_reads_each_segment_once_and_equals_the_per_record_path(
     from ecgplat.store import EcgStore
     from ingestion.pipeline import ingest
     from ingestion.synth import write_cohort
-    from retrieval.embed import LoadedModel, embed_store, load_features
+    from retrieval.embed import embed_store
+    from retrieval.features import load_features
+    from retrieval.model import LoadedModel
     from training.batch import make_batch
     from training.models.identifier import embed_batches
 

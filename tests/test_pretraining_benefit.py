@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from ecgplat.tracking import read_metrics
-from retrieval.embed import file_sha256
+from retrieval.features import file_sha256
 from training.loop import train
 from training.models import load_encoder
 from training.run_config import load_config

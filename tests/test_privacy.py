@@ -10,9 +10,9 @@ import pytest
 from hostile_files import edit_header, write_cinc, write_ptbxl, write_wfdb
 
 from ecgplat.store import open_store
-from ingestion.pipeline import process_batch
 from ingestion.readers import ptbxl
 from ingestion.readers.record import RecordError
+from ingestion.worker import process_batch
 
 ROOT = Path(__file__).parents[1]
 RAW = [

@@ -13,7 +13,7 @@ from ecgplat.labels import ABBREVIATIONS, CLASS_NAMES
 from ingestion.conditioning import condition
 from ingestion.readers import cinc2021, cpsc2021, ptbxl, wfdb_dir
 from ingestion.readers.record import RecordError
-from ingestion.readers.registry import CORPORA, get_corpus
+from ingestion.readers.registry import READERS, get_reader
 
 CINC = [
     "chapman_shaoxing/JS00001",
@@ -32,11 +32,11 @@ def _expected_multihot(codes):
 
 
 def test_registry():
-    assert set(CORPORA) == {"cinc2021", "ptbxl", "wfdb", "cpsc2021", "ludb", "code15", "numpy"}
-    for name, mod in CORPORA.items():
+    assert set(READERS) == {"cinc2021", "ptbxl", "wfdb", "cpsc2021", "ludb", "code15", "numpy"}
+    for name, mod in READERS.items():
         assert name == mod.SOURCE and callable(mod.list_records) and callable(mod.read_record)
     with pytest.raises(ValueError, match="known"):
-        get_corpus("mitdb")
+        get_reader("mitdb")
 
 
 # --- CinC 2021 --------------------------------------------------------------------------------
@@ -354,7 +354,7 @@ def test_read_mat4_dtypes_byte_orders_and_several_matrices(tmp_path, dtype):
 
 
 def test_read_one_picks_the_reader_by_format(samples_dir):
-    from ingestion.readers.registry import read_one
+    from ingestion.one_file import read_one
 
     cinc = samples_dir / "cinc2021" / "georgia" / "E07500"
     want = condition(cinc2021.read_record(cinc.parent, "E07500"))
@@ -371,7 +371,7 @@ def test_read_one_picks_the_reader_by_format(samples_dir):
 
 
 def test_read_one_errors_name_the_file(cinc_copy):
-    from ingestion.readers.registry import read_one
+    from ingestion.one_file import read_one
 
     with pytest.raises(RecordError, match=r"nothere\.hea: no WFDB header"):
         read_one(cinc_copy / "nothere.hea")

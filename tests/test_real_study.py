@@ -13,7 +13,7 @@ import pytest
 
 from bench import real_study
 from ecgplat.store import open_store
-from retrieval.embed import file_sha256
+from retrieval.features import file_sha256
 from training.models import load_checkpoint
 
 SAMPLES = Path(__file__).resolve().parents[1] / "data" / "samples"
@@ -71,6 +71,9 @@ def test_checkpoint_provenance_and_results(study):
     loaded = load_checkpoint(ckpt)
     assert loaded["num_updates"] == prov["num_updates"] == UPDATES
     assert loaded["config"]["data"]["normalize"] == "zscore"
+    # no path of this machine: the run's folders are named relative to the output folder
+    for config in (prov["config"], loaded["config"]):
+        assert (config["out"], config["data"]["shards"]) == ("pretrain_run", "pool_shards")
     assert prov["data"]["split"]["pool_records"] > 0
     res = json.loads((study / "results.json").read_text())
     assert res["pretraining"]["infonce_chance_bits"] == pytest.approx(math.log2(101))

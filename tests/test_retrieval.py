@@ -15,7 +15,7 @@ from helpers import tiny_checkpoint
 from sklearn.metrics import average_precision_score
 
 from retrieval.index import GalleryIndex, LineageError, build_index
-from retrieval.index_file import _TRAILER, index_file
+from retrieval.index.file import _TRAILER, index_file
 from training.ident_metrics import (
     chance_rank1,
     cmc_curve,
@@ -207,7 +207,8 @@ def embedded(synth_store, tmp_path_factory):
 
 def test_embed_writes_unit_embeddings_with_lineage_and_is_idempotent(embedded):
     from ecgplat.store import open_store
-    from retrieval.embed import embed_store, file_sha256, load_features
+    from retrieval.embed import embed_store
+    from retrieval.features import file_sha256, load_features
 
     store = open_store(embedded["store"])
     assert embedded["first"]["status"] == "written"
@@ -237,32 +238,33 @@ def test_embed_writes_unit_embeddings_with_lineage_and_is_idempotent(embedded):
 
 def test_embed_refuses_another_checkpoint_and_survives_interruptions(embedded, monkeypatch):
     import retrieval.embed as embed_mod
-    from retrieval.embed import FeatureError, embed_store, file_sha256, load_features
+    from retrieval.embed import embed_store
+    from retrieval.features import FeatureError, file_sha256, load_features
 
     store = embedded["store"]
     with pytest.raises(FeatureError, match="use another --name or --overwrite"):
         embed_store(store, embedded["b"], "a")
 
-    real = embed_mod._commit
+    real = embed_mod.commit_rows
 
-    def crash_after_writing(path, *args):
-        real(path, *args)
+    def crash_after_writing(*args):
+        real(*args)
         raise KeyboardInterrupt  # killed after writing, before the rename
 
     # an interrupted first embed leaves no feature set under its name
-    monkeypatch.setattr(embed_mod, "_commit", crash_after_writing)
+    monkeypatch.setattr(embed_mod, "commit_rows", crash_after_writing)
     with pytest.raises(KeyboardInterrupt):
         embed_store(store, embedded["b"], "b")
     with pytest.raises(FeatureError, match="no feature set 'b'"):
         load_features(store, "b", "record")
-    monkeypatch.setattr(embed_mod, "_commit", real)
+    monkeypatch.setattr(embed_mod, "commit_rows", real)
     assert embed_store(store, embedded["b"], "b")["status"] == "written"
     assert not list((store / "features").glob(".tmp-b-*"))  # the leftover was cleaned
     old = load_features(store, "b", "record")
     assert old.lineage["checkpoint_sha256"] == file_sha256(embedded["b"])
     assert not np.allclose(old.embeddings, load_features(store, "a", "record").embeddings)
     # an interrupted overwrite keeps the previous set intact
-    monkeypatch.setattr(embed_mod, "_commit", crash_after_writing)
+    monkeypatch.setattr(embed_mod, "commit_rows", crash_after_writing)
     with pytest.raises(KeyboardInterrupt):
         embed_store(store, embedded["a"], "b", overwrite=True)
     kept = load_features(store, "b", "record")
@@ -272,8 +274,8 @@ def test_embed_refuses_another_checkpoint_and_survives_interruptions(embedded, m
 def test_evaluate_identification_matches_brute_force(embedded, tmp_path, monkeypatch):
     import retrieval.evaluate as evaluate_mod
     from ecgplat.store import open_store
-    from retrieval.embed import load_features
     from retrieval.evaluate import evaluate_identification
+    from retrieval.features import load_features
 
     monkeypatch.setattr(evaluate_mod, "PROBE_CHUNK", 7)  # probes ranked in several chunks
 
@@ -310,8 +312,8 @@ def test_evaluate_reads_the_gallery_in_bounded_parts_with_the_same_result(embedd
     """The gallery is read from the store part by part (never whole); with parts of 5 rows the
     metrics are those of the in-memory ranking, exactly."""
     import training.ident_metrics as im
-    from retrieval.embed import FeatureRows
     from retrieval.evaluate import evaluate_identification
+    from retrieval.features import FeatureRows
 
     whole = evaluate_identification(embedded["store"], "a")
     reads = []
@@ -333,7 +335,7 @@ def test_evaluate_reads_the_gallery_in_bounded_parts_with_the_same_result(embedd
 
 
 def test_feature_rows_read_any_positions_like_the_loaded_set(embedded):
-    from retrieval.embed import open_features
+    from retrieval.features import open_features
 
     stored = open_features(embedded["store"], "a", "segment")
     whole = stored.load().embeddings
@@ -351,9 +353,9 @@ def test_feature_rows_read_any_positions_like_the_loaded_set(embedded):
 def test_index_built_from_stored_rows_equals_the_in_memory_build(embedded, monkeypatch):
     """`index build` adds the gallery part by part from the store: the same vectors, ids and
     labels as one build over the loaded array, for every kind."""
-    import retrieval.index as index_mod
+    import retrieval.index.build as index_mod
     from ecgplat.store import open_store
-    from retrieval.embed import load_features
+    from retrieval.features import load_features
     from retrieval.index import index_from_features
 
     f = load_features(embedded["store"], "a", "segment")
@@ -383,8 +385,8 @@ def test_index_built_from_stored_rows_equals_the_in_memory_build(embedded, monke
 
 def test_evaluate_probe_budget_samples_the_probes_deterministically(embedded):
     from ecgplat.store import open_store
-    from retrieval.embed import load_features
     from retrieval.evaluate import evaluate_identification, probe_sample
+    from retrieval.features import load_features
     from training.ident_metrics import rank1_band, rank_statistics
 
     store = embedded["store"]
@@ -415,8 +417,8 @@ def test_evaluate_probe_budget_samples_the_probes_deterministically(embedded):
 
 
 def test_lead_subset_evaluation_embeds_with_the_subset(embedded):
-    from retrieval.embed import load_features
     from retrieval.evaluate import evaluate_identification
+    from retrieval.features import load_features
 
     result = evaluate_identification(embedded["store"], "a", leads="2")
     assert result["features"] == "a@I-II" and result["leads"] == "I,II"

@@ -209,7 +209,7 @@ def test_direct_shard_writes_read_back_across_commits_and_reopens(tmp_path):
 
 
 def test_store_with_an_older_segment_layout_is_appended_through_zarr(tmp_path, monkeypatch):
-    import ecgplat.store as S
+    import ecgplat.store.schema as S
     from ecgplat.store.writer import StoreWriter
 
     rng = np.random.default_rng(2)
@@ -255,7 +255,7 @@ def test_column_codes_of_few_and_many_values_equal_pandas(distinct):
     """Both ways to code a string column (a comparison per value for a few values, a sort for
     many; also when more values appear after the first 4,096 entries) give pandas' sorted
     factorisation."""
-    from ecgplat.store import STR, _str_codes
+    from ecgplat.store.read import STR, _str_codes
 
     rng = np.random.default_rng(distinct)
     names = np.array([f"v{i:03d}" for i in range(distinct)] + ["", "é"], dtype=object)

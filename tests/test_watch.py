@@ -171,7 +171,8 @@ def test_watch_ingests_embeds_and_indexes_records_as_they_land(tmp_path):
         )
 
     # the features: every record, equal (to float rounding of other batch sizes) to a full embed
-    from retrieval.embed import embed_store, load_features
+    from retrieval.embed import embed_store
+    from retrieval.features import load_features
 
     embed_store(tmp_path / "batch", CKPT, "emb", device="cpu")
     streamed = load_features(store, "emb", "record")

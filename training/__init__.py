@@ -1,21 +1,24 @@
-"""Training: the encoder model, objectives, tasks and the training loop.
+"""Training: the ECG encoder and its objectives, the tasks, their typed run configuration and the
+generic training loop, and the metrics and evaluation of the trained models.
+
+`run_config` (RunConfig, YAML presets in `configs/`, `key=value` overrides) -> `launch` (a
+run's config from the command line's options) -> `tasks.TASKS[name](cfg)` -> `loop.train`, with
+`models`, `objectives` and `data` underneath; `cinc_metrics`, `ident_metrics` and
+`evaluate_diagnosis` score the results.
 
 Heavy modules (torch) are imported lazily: ``from training import load_encoder`` works without
 importing anything until the name is used.
 """
 
-_LAZY = {
-    "load_encoder": ("training.models.checkpoint_file", "load_encoder"),
-}
+from typing import Any
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
+def __getattr__(name: str) -> Any:
+    if name == "load_encoder":
+        from training.models.checkpoint_file import load_encoder
 
-        module, attr = _LAZY[name]
-        return getattr(importlib.import_module(module), attr)
+        return load_encoder
     raise AttributeError(f"module 'training' has no attribute {name!r}")
 
 
-__all__ = list(_LAZY)
+__all__ = ["load_encoder"]

@@ -1,8 +1,9 @@
 """The `ecgplat` command line: a thin typer layer over the library.
 
-The app and its sub-apps live in `ecgplat.cli.apps`; each `*_cmds` module registers its
-commands on them. Command bodies import the heavy packages (`ingestion`, `training`,
-`retrieval`, torch, dask) lazily so that `ecgplat --help` stays fast.
+The app and its sub-apps live in `ecgplat.cli.apps`, the options that several commands share
+in `ecgplat.cli.options`; each `*_cmds` module registers its commands on the apps. Command
+bodies import the heavy packages (`ingestion`, `training`, `retrieval`, torch, dask) lazily so
+that `ecgplat --help` stays fast.
 """
 
 from ecgplat.cli import (  # noqa: F401

@@ -1,5 +1,5 @@
-"""The typer app, its sub-command groups, and the one place that turns errors into one-line
-messages with a non-zero exit status.
+"""The typer app, its sub-command groups, the one place that turns errors into one-line
+messages with a non-zero exit status, and the argument checks that commands share.
 
 Every command runs inside `GuardedGroup.invoke`. An error the user can fix (a missing or
 unreadable file, an error type of ecgplat's own packages, or a ValueError / LookupError /
@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import linecache
 import os
-from enum import StrEnum
 from pathlib import Path
-from typing import Literal
 
 import typer
 from typer.core import TyperGroup
@@ -127,32 +125,11 @@ app.add_typer(evaluate_app, name="evaluate")
 app.add_typer(import_app, name="import")
 app.add_typer(index_app, name="index")
 
-# option value sets, checked by typer at parse time (a usage error names the option)
-Device = Literal["auto", "cpu", "cuda"]
-WandbMode = Literal["offline", "online", "disabled"]
-SplitName = Literal["train", "valid", "test"]
-IdentSide = Literal["gallery", "probe", "all"]
-Level = Literal["record", "segment"]
-
 
 def fail(message: str, code: int = USAGE_EXIT) -> None:
     """Print a one-line error to stderr and exit non-zero."""
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
-
-
-class Precision(StrEnum):
-    """--precision of the commands that run a model (resolved by training.precision)."""
-
-    auto = "auto"
-    fp32 = "fp32"
-    bf16 = "bf16"
-
-
-PRECISION_HELP = (
-    "Numeric precision of the forward passes: auto (bf16 on CUDA and on CPUs with AMX or "
-    "AVX-512-BF16, else fp32), fp32 or bf16."
-)
 
 
 def check_output_path(path: Path, option: str, *, directory: bool) -> None:

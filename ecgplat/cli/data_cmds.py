@@ -9,7 +9,14 @@ from typing import Annotated
 
 import typer
 
-from ecgplat.cli.apps import SplitName, app, check_output_path, fail, require_store
+from ecgplat.cli.apps import app, check_output_path, fail, require_store
+from ecgplat.cli.options import (
+    NewStoreOption,
+    ProgressOption,
+    SplitName,
+    StoreArgument,
+    json_option,
+)
 
 CORPUS_NAMES: tuple[str, ...] = ("cinc2021", "ptbxl", "wfdb", "cpsc2021")
 CORPUS_NAMES += ("ludb", "code15", "numpy")  # corpora of issue 12
@@ -50,9 +57,7 @@ def synth(
 def ingest(
     corpus: Annotated[str, typer.Argument(help=f"Corpus reader: {', '.join(CORPUS_NAMES)}.")],
     src: Annotated[Path, typer.Argument(help="Root directory of the corpus.")],
-    store: Annotated[
-        Path, typer.Option("--store", help="Feature store directory (created if missing).")
-    ],
+    store: NewStoreOption,
     workers: Annotated[
         int | None,
         typer.Option(
@@ -72,8 +77,8 @@ def ingest(
     limit: Annotated[
         int | None, typer.Option(min=1, help="Ingest at most this many new records.")
     ] = None,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    progress: ProgressOption = True,
+    as_json: Annotated[bool, json_option("Print the summary as JSON.")] = False,
     min_fs: Annotated[
         float, typer.Option(min=0.001, help="Lowest sampling rate accepted, Hz.")
     ] = 50.0,
@@ -185,7 +190,7 @@ def ingest(
 
 @app.command("split")
 def split(
-    store: Annotated[Path, typer.Argument(help="Feature store directory.")],
+    store: StoreArgument,
     mode: Annotated[
         str,
         typer.Option(
@@ -251,7 +256,7 @@ def split(
 
 @app.command("shards")
 def shards(
-    store: Annotated[Path, typer.Argument(help="Feature store directory.")],
+    store: StoreArgument,
     split_name: Annotated[
         str, typer.Option("--split", help="Split to export (train, valid, test or all).")
     ],
@@ -267,7 +272,7 @@ def shards(
     name: Annotated[
         str | None, typer.Option(help="Shard name prefix (default: the split name).")
     ] = None,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    progress: ProgressOption = True,
 ) -> None:
     """Export one split of the store as WebDataset tar shards (one sample per record)."""
     from ecgplat.store import StoreBusyError
@@ -299,7 +304,7 @@ def info(
         str,
         typer.Argument(help="Feature store directory, or its URL (http://, s3://: read-only)."),
     ],
-    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
+    as_json: Annotated[bool, json_option("Print machine-readable JSON.")] = False,
 ) -> None:
     """Counts of a store: records, segments, patients, per source/split/ident_split, rejects."""
     from ecgplat.store import open_store
@@ -331,7 +336,7 @@ def info(
 
 @app.command("forget")
 def forget(
-    store: Annotated[Path, typer.Argument(help="Feature store directory.")],
+    store: StoreArgument,
     record: Annotated[
         str | None, typer.Option(help="Record key to forget (the store's record_key).")
     ] = None,
@@ -343,7 +348,7 @@ def forget(
         list[Path] | None,
         typer.Option(help="FAISS index file built from this store to update (repeatable)."),
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the counts as JSON.")] = False,
+    as_json: Annotated[bool, json_option("Print the counts as JSON.")] = False,
 ) -> None:
     """Withdraw a record, or every record of a patient (consent withdrawn), from the store.
 

@@ -11,17 +11,15 @@ from typing import Annotated, Literal
 
 import typer
 
-from ecgplat.cli.apps import (
-    PRECISION_HELP,
-    Device,
+from ecgplat.cli.apps import app, check_device, check_output_path, evaluate_app, fail
+from ecgplat.cli.options import (
+    DeviceOption,
     Level,
     Precision,
+    PrecisionOption,
     WandbMode,
-    app,
-    check_device,
-    check_output_path,
-    evaluate_app,
-    fail,
+    json_option,
+    store_option,
 )
 
 
@@ -121,7 +119,7 @@ def score(
         ),
     ],
     as_json: Annotated[
-        bool, typer.Option("--json", help="Print the metrics as one JSON object instead of tables.")
+        bool, json_option("Print the metrics as one JSON object instead of tables.")
     ] = False,
     level: Annotated[
         Level,
@@ -157,7 +155,7 @@ def evaluate_diagnosis_cmd(
     checkpoint: Annotated[
         Path, typer.Option(help="Diagnosis checkpoint (from `ecgplat train diagnosis`).")
     ],
-    store: Annotated[Path, typer.Option(help="Feature store (Zarr) holding the evaluation split.")],
+    store: Annotated[Path, store_option("Feature store (Zarr) holding the evaluation split.")],
     split: Annotated[
         str, typer.Option(help="Store split to evaluate (train/valid/test).")
     ] = "test",
@@ -176,11 +174,11 @@ def evaluate_diagnosis_cmd(
         ),
     ] = None,
     as_json: Annotated[
-        bool, typer.Option("--json", help="Print the metrics as one JSON object instead of tables.")
+        bool, json_option("Print the metrics as one JSON object instead of tables.")
     ] = False,
     batch_size: Annotated[int, typer.Option(min=1, help="Segments per inference batch.")] = 64,
-    device: Annotated[Device, typer.Option(help="auto (GPU when present), cpu or cuda.")] = "auto",
-    precision: Annotated[Precision, typer.Option(help=PRECISION_HELP)] = Precision.auto,
+    device: DeviceOption = "auto",
+    precision: PrecisionOption = Precision.auto,
     wandb_mode: Annotated[
         WandbMode,
         typer.Option(

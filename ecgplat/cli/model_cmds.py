@@ -9,13 +9,12 @@ from typing import Annotated
 import typer
 
 from ecgplat.cli.apps import app, check_output_path, fail, import_app
+from ecgplat.cli.options import json_option
 
 
 @app.command("models")
 def models_cmd(
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print a JSON list instead of a table.")
-    ] = False,
+    as_json: Annotated[bool, json_option("Print a JSON list instead of a table.")] = False,
 ) -> None:
     """List the encoder presets with their encoder and pretraining-head parameter counts."""
     from training.models import list_presets, preset_summary

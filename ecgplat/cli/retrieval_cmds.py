@@ -16,18 +16,19 @@ from typing import Annotated
 
 import typer
 
-from ecgplat.cli.apps import (
-    PRECISION_HELP,
-    Device,
+from ecgplat.cli.apps import app, check_device, check_output_path, evaluate_app, fail, index_app
+from ecgplat.cli.options import (
+    DeviceOption,
+    EmbeddingsStoreOption,
+    FeaturesOption,
     IdentSide,
+    IndexOption,
     Level,
     Precision,
-    app,
-    check_device,
-    check_output_path,
-    evaluate_app,
-    fail,
-    index_app,
+    PrecisionOption,
+    json_option,
+    precision_option,
+    store_option,
 )
 from ecgplat.locks import StoreBusyError
 
@@ -50,9 +51,8 @@ def embed(
     ],
     store: Annotated[
         Path,
-        typer.Option(
-            help="Feature store to read the ECGs from and write "
-            "the embeddings into (features/NAME)."
+        store_option(
+            "Feature store to read the ECGs from and write the embeddings into (features/NAME)."
         ),
     ],
     name: Annotated[str, typer.Option(help="Name of the feature set inside the store.")],
@@ -73,8 +73,8 @@ def embed(
         int | None,
         typer.Option(min=1, help="Segments per forward pass (default: sized to the model)."),
     ] = None,
-    device: Annotated[Device, typer.Option(help="auto (GPU when present), cpu or cuda.")] = "auto",
-    precision: Annotated[Precision, typer.Option(help=PRECISION_HELP)] = Precision.auto,
+    device: DeviceOption = "auto",
+    precision: PrecisionOption = Precision.auto,
 ) -> None:
     """Embed every stored ECG (per 5 s segment and per record) with a checkpoint; on a grown
     store only the new records are embedded and appended; a killed run resumes."""
@@ -110,8 +110,8 @@ def embed(
 
 @index_app.command("build")
 def index_build(
-    store: Annotated[Path, typer.Option(help="Feature store holding the embeddings.")],
-    features: Annotated[str, typer.Option(help="Feature set name (see `ecgplat embed`).")],
+    store: EmbeddingsStoreOption,
+    features: FeaturesOption,
     out: Annotated[
         Path,
         typer.Option(
@@ -160,9 +160,9 @@ def index_build(
 
 @index_app.command("update")
 def index_update(
-    index: Annotated[Path, typer.Option(help="Index built by `ecgplat index build` (.faiss).")],
-    store: Annotated[Path, typer.Option(help="Feature store holding the embeddings.")],
-    features: Annotated[str, typer.Option(help="Feature set name (see `ecgplat embed`).")],
+    index: IndexOption,
+    store: EmbeddingsStoreOption,
+    features: FeaturesOption,
     compact_at: Annotated[
         float,
         typer.Option(
@@ -186,7 +186,7 @@ def index_update(
 
 @index_app.command("compact")
 def index_compact(
-    index: Annotated[Path, typer.Option(help="Index built by `ecgplat index build` (.faiss).")],
+    index: IndexOption,
 ) -> None:
     """Fold an index's delta segments (from `index update`) into a new main file."""
     from retrieval.index import LineageError, compact_index
@@ -200,8 +200,8 @@ def index_compact(
 
 @evaluate_app.command("identify")
 def evaluate_identify(
-    store: Annotated[Path, typer.Option(help="Feature store with a gallery/probe split.")],
-    features: Annotated[str, typer.Option(help="Feature set name (see `ecgplat embed`).")],
+    store: Annotated[Path, store_option("Feature store with a gallery/probe split.")],
+    features: FeaturesOption,
     leads: Annotated[
         str | None,
         typer.Option(
@@ -210,10 +210,9 @@ def evaluate_identify(
         ),
     ] = None,
     plot: Annotated[Path | None, typer.Option(help="Write the CMC curves to this PNG.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
+    as_json: Annotated[bool, json_option("Print the metrics as JSON.")] = False,
     precision: Annotated[
-        Precision | None,
-        typer.Option(help=PRECISION_HELP + " Used with --leads (default: the feature set's)."),
+        Precision | None, precision_option("Used with --leads (default: the feature set's).")
     ] = None,
     max_probes: Annotated[
         int,
@@ -269,8 +268,8 @@ def evaluate_identify(
 def _conditioned_file(path: Path):
     """(float32 (S, 12, 2500) mV, lead mask) of a record file, read by `ingestion`."""
     from ecgplat.store import to_millivolts
+    from ingestion.one_file import read_one
     from ingestion.readers.record import RecordError
-    from ingestion.readers.registry import read_one
 
     try:
         rec = read_one(path)
@@ -281,7 +280,7 @@ def _conditioned_file(path: Path):
 
 @app.command("query")
 def query(
-    index: Annotated[Path, typer.Option(help="Index built by `ecgplat index build` (.faiss).")],
+    index: IndexOption,
     record: Annotated[
         str | None, typer.Option(help="Record key of the index's store, e.g. ptbxl/00013.")
     ] = None,
@@ -297,10 +296,9 @@ def query(
         Path | None,
         typer.Option(help="Write the 12-lead traces of the query and its matches to this PNG."),
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the matches as JSON.")] = False,
+    as_json: Annotated[bool, json_option("Print the matches as JSON.")] = False,
     precision: Annotated[
-        Precision | None,
-        typer.Option(help=PRECISION_HELP + " Used with --file (default: the gallery's)."),
+        Precision | None, precision_option("Used with --file (default: the gallery's).")
     ] = None,
 ) -> None:
     """Nearest gallery ECGs (cosine similarity) of a stored record or a new file."""

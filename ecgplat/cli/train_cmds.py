@@ -13,103 +13,7 @@ from typing import Annotated
 import typer
 
 from ecgplat.cli.apps import app, check_output_path, fail
-
-TASKS = ("pretrain", "diagnosis", "identify")
-DEFAULT_PRESET = {
-    "pretrain": "w2v_cmsc_rlm",
-    "diagnosis": "diagnosis",
-    "identify": "identification",
-}
-
-
-def check_run_paths(cfg) -> None:
-    """ConfigError for a store, checkpoint or shard directory named in the config that does not
-    exist, or for device=cuda without a GPU, before anything is written or trained."""
-    from training.run_config import ConfigError
-
-    for option, key, value in (
-        ("--store", "data.store", cfg.data.store),
-        ("--exclude-overlap", "finetune.leakage_exclude_store", cfg.finetune.leakage_exclude_store),
-    ):
-        if value and not (Path(value) / "zarr.json").is_file():
-            raise ConfigError(f"{option} ({key}) {value}: no ecgplat store here")
-    init = cfg.finetune.init
-    if init and init != "none" and not Path(init).is_file():
-        raise ConfigError(f"--init (finetune.init) {init}: no such checkpoint file")
-    if cfg.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError("device=cuda: no CUDA device is available here (use auto or cpu)")
-    shards = str(cfg.data.shards)
-    is_pattern = shards.startswith("pipe:") or "{" in shards or shards.endswith(".tar")
-    if shards and not is_pattern and not Path(shards).is_dir():
-        raise ConfigError(f"--shards (data.shards) {shards}: no such shard directory")
-
-
-def resolve_run_config(
-    task: str,
-    config: str | None,
-    overrides: list[str],
-    *,
-    shards: str | None,
-    out: Path,
-    init: str | None,
-    leads: str | None,
-    store: str | None,
-    resume: bool,
-    exclude_overlap: str | None = None,
-):
-    """The RunConfig of a new run (preset + options + overrides) or of a resumed one (the run
-    directory's `config.yaml` + overrides). Raises ConfigError / FileExistsError."""
-    from training.run_config import ConfigError, apply_overrides, load_config
-
-    if resume:
-        saved = out / "config.yaml"
-        if not (out / "checkpoint_last.pt").is_file() or not saved.is_file():
-            raise ConfigError(f"{out}: no checkpoint_last.pt and config.yaml to resume from")
-        cfg = load_config(saved, overrides)
-        if cfg.task != task:
-            raise ConfigError(f"{out}: the run is a '{cfg.task}' run, not '{task}'")
-        for name, given in (
-            ("--config", config),
-            ("--shards", shards),
-            ("--init", init),
-            ("--leads", leads),
-            ("--store", store),
-            ("--exclude-overlap", exclude_overlap),
-        ):
-            if given is not None:
-                raise ConfigError(
-                    f"{name} cannot change on --resume (the run's config.yaml "
-                    f"holds it); pass key=value overrides instead"
-                )
-        cfg.out = str(out)
-        check_run_paths(cfg)
-        return cfg
-    if (out / "checkpoint_last.pt").exists():
-        raise FileExistsError(
-            f"{out}: already holds a training run; use --resume to continue "
-            f"it or choose another --out"
-        )
-    cfg = load_config(config or DEFAULT_PRESET[task], [])
-    cfg.task = task
-    cfg.out = str(out)
-    for value, key in (
-        (shards, "data.shards"),
-        (init, "finetune.init"),
-        (leads, "data.leads"),
-        (store, "data.store"),
-        (exclude_overlap, "finetune.leakage_exclude_store"),
-    ):
-        if value is not None:
-            apply_overrides(cfg, [f"{key}={value}"])
-    apply_overrides(cfg, overrides)
-    cfg.validate()
-    if not cfg.data.shards:
-        raise ConfigError("no shard directory: pass --shards DIR")
-    check_run_paths(cfg)
-    return cfg
+from ecgplat.cli.options import store_option
 
 
 @app.command("train")
@@ -161,7 +65,7 @@ def train_command(
         ),
     ] = None,
     store: Annotated[
-        str | None, typer.Option(help="Feature store used for validation (data.store).")
+        str | None, store_option("Feature store used for validation (data.store).")
     ] = None,
     exclude_overlap: Annotated[
         str | None,
@@ -191,7 +95,9 @@ def train_command(
     ] = False,
 ) -> None:
     """Train a model; Ctrl-C / SIGTERM writes a checkpoint that --resume continues from."""
+    from training.launch import resolve_run_config, write_run_config
     from training.run_config import ConfigError
+    from training.tasks import TASKS
 
     if task not in TASKS:
         fail(f"unknown task '{task}'; choose one of {', '.join(TASKS)}")
@@ -218,18 +124,13 @@ def train_command(
     except ValueError as e:
         fail(str(e))
 
-    import importlib
-
     from training import distributed
     from training.loop import Interrupted, train
 
     rank = int(os.environ.get("RANK", "0"))
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        cfg.save_yaml(out / "config.yaml")  # on --resume: the saved config + overrides
-    task_module = importlib.import_module(f"training.tasks.{task}")
+    write_run_config(cfg)  # rank 0; on --resume: the saved config + overrides
     try:
-        summary = train(cfg, task_module.TASK_CLASS(cfg), resume=resume)
+        summary = train(cfg, TASKS[task](cfg), resume=resume)
     except Interrupted as e:
         if rank == 0:
             typer.echo(f"{e}; continue with: ecgplat train {task} --out {out} --resume", err=True)

@@ -10,14 +10,13 @@ from typing import Annotated
 
 import typer
 
-from ecgplat.cli.apps import (
-    PRECISION_HELP,
-    Device,
+from ecgplat.cli.apps import app, check_device, check_output_path, fail
+from ecgplat.cli.options import (
+    DeviceOption,
+    NewStoreOption,
     Precision,
-    app,
-    check_device,
-    check_output_path,
-    fail,
+    PrecisionOption,
+    json_option,
 )
 
 WATCH_CORPORA = ("wfdb", "cinc2021")  # ingestion.watch.WATCH_CORPORA (not imported: fast --help)
@@ -59,9 +58,7 @@ def _publisher(store: Path, embed, checkpoint, index, leads, device, precision):
 @app.command("watch")
 def watch(
     src: Annotated[Path, typer.Argument(help="Folder to follow (records may land in subfolders).")],
-    store: Annotated[
-        Path, typer.Option("--store", help="Feature store directory (created if missing).")
-    ],
+    store: NewStoreOption,
     corpus: Annotated[
         str, typer.Option(help=f"Reader of the records: {', '.join(WATCH_CORPORA)}.")
     ] = "wfdb",
@@ -88,9 +85,9 @@ def watch(
     max_seconds: Annotated[
         float | None, typer.Option(min=0.0, help="Stop after this many seconds (default: never).")
     ] = None,
-    device: Annotated[Device, typer.Option(help="auto (GPU when present), cpu or cuda.")] = "auto",
-    precision: Annotated[Precision, typer.Option(help=PRECISION_HELP)] = Precision.auto,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    device: DeviceOption = "auto",
+    precision: PrecisionOption = Precision.auto,
+    as_json: Annotated[bool, json_option("Print the summary as JSON.")] = False,
 ) -> None:
     """Follow SRC and ingest each record once its files are complete; with --embed, embed it
     (and with --index, add it to the index) so that it is queryable.
@@ -103,7 +100,7 @@ def watch(
     check_device(device)
     from ecgplat.store import StoreBusyError
     from ingestion.watch import Watcher
-    from retrieval.embed import FeatureError
+    from retrieval.features import FeatureError
     from retrieval.index import LineageError
     from training.models.checkpoint_file import CheckpointError
 

@@ -33,9 +33,12 @@ from pathlib import Path
 import numpy as np
 
 from ecgplat import atomic
-from ecgplat import store as S
 from ecgplat.faults import stop_point
 from ecgplat.privacy import tombstone_hash
+from ecgplat.store import schema as S
+from ecgplat.store.read import open_store, read_forgotten
+from ecgplat.store.segment_codec import ShardFiles, direct_layout
+from ecgplat.store.writer import StoreWriter
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +78,6 @@ def forget(
 
     ValueError/KeyError (one line, no identifier) for a bad or unknown key, or an index file
     that is not of this store; nothing is changed then."""
-    from ecgplat.store.writer import StoreWriter
-
     if record is not None and patient is not None:
         raise ValueError("give one of --record KEY or --patient PSEUDONYM, not both")
     if patient is not None and not PATIENT_KEY.fullmatch(patient):
@@ -86,9 +87,9 @@ def forget(
         )
     store = Path(store)
     with StoreWriter(store, create=False) as writer:  # the lock, and the store at its commit
-        reader = S.open_store(store, mode="r+")
+        reader = open_store(store, mode="r+")
         secret = writer.secret
-        table = S.read_forgotten(store)
+        table = read_forgotten(store)
         rows, already = _resolve(reader, table, secret, record, patient)
         for target in indexes:  # every index is checked before anything changes
             target.check_store(reader)
@@ -248,8 +249,6 @@ def _scrub_features(store: Path, pending: np.ndarray) -> int:
 def _scrub_segments(store: Path, reader, pending: np.ndarray) -> int:
     """Remove the segment chunks of ``pending`` records from the shard files of ``segments``
     (absent chunks read as 0); returns how many files were rewritten."""
-    from ecgplat.store.segment_codec import ShardFiles, direct_layout
-
     starts = np.asarray(reader.root["records/seg_start"][: reader.n_records])[pending]
     counts = np.asarray(reader.root["records/seg_count"][: reader.n_records])[pending]
     first = np.cumsum(counts) - counts  # segment rows of the pending records, in order

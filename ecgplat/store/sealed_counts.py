@@ -1,6 +1,7 @@
 """The counts `ecgplat info` shows: tallied from the record columns, or kept by the writers in
 ``commit.json`` (sealed with the store's key and bound to the commit and forget state they
-describe, so that a stale or edited copy is never used). Layout: docs/formats.md.
+describe, so that a stale or edited copy is never used). Rejects count by the kind of their
+reason (``reason_kind``). Layout: docs/formats.md.
 """
 
 from __future__ import annotations
@@ -142,3 +143,14 @@ def _adds_up(counts: dict, commit: dict, n_forgotten: int) -> bool:
         and (counts["patients"] >= 1 if records else counts["patients"] == 0)
         and counts["patients"] <= records
     )
+
+
+def reason_kind(reason: str) -> str:
+    """A reject reason reduced to its kind, for counting: at most 5 words before the first
+    ':', '(', ',' or quote, with file names and numbers replaced by '*' ("missing signal file
+    E1.mat" -> "missing signal file *")."""
+    text = str(reason)
+    for sep in (":", "(", ",", "'", '"'):
+        text = text.split(sep, 1)[0]
+    words = ["*" if any(ch.isdigit() or ch in "./\\" for ch in w) else w for w in text.split()]
+    return " ".join(words[:5]) or "unknown"

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ecgplat import atomic
-from ecgplat import store as S
+from ecgplat.store import schema as S
 
 _SEG_SHAPE = (S.N_LEADS, S.SEGMENT_SAMPLES)
 
@@ -38,8 +38,8 @@ def codecs():
 
 
 def segment_codecs():
-    """(delta filter or None, Blosc) for the current codec constants of ``ecgplat.store``; built
-    once per process and configuration (the ingest workers build them at start-up)."""
+    """(delta filter or None, Blosc) for the current codec constants of ``ecgplat.store.schema``;
+    built once per process and configuration (the ingest workers build them at start-up)."""
     return _build_codecs(S.SEGMENT_DELTA, S.SEGMENT_CNAME, S.SEGMENT_CLEVEL, S.SEGMENT_SHUFFLE)
 
 

@@ -1,14 +1,12 @@
-"""Creating a feature store and appending to it crash-safely (the single-writer commit protocol).
+"""Appending to a feature store and committing, crash-safely (the single-writer commit protocol).
 
 Protocol: everything appended goes *past* the committed counts of ``commit.json``. ``append()``
 writes a batch's segments at once and stages its small rows (segment index, record and reject
 columns) in memory; ``commit()`` writes the staged rows, then replaces ``commit.json`` through
 ``ecgplat.atomic``. Readers use only the committed counts, so a writer killed at any moment
-leaves a store whose visible content is its last commit. When a writer next opens the store it
-truncates every array back to the committed counts and removes leftover temporary files (zarr
-3.1's LocalStore writes each chunk/shard and each ``zarr.json`` through a ``*.partial`` file +
-rename, ecgplat's own files go through ``.*.tmp`` files, so no file is ever half-written; a
-killed run can only leave whole files past the commit point). Layout: docs/formats.md.
+leaves a store whose visible content is its last commit; the next ``StoreWriter`` creates or
+recovers the store to that commit point first (``ecgplat.store.create``). Layout:
+docs/formats.md.
 
 Batches (``RecordBatch``) are built on the workers by ``pack_batch``: it pseudonymises the raw
 patient ids there (and redacts them from file-name-derived ids), so raw ids never reach the
@@ -18,14 +16,10 @@ One writer at a time holds an advisory lock on ``STORE/.lock``.
 
 from __future__ import annotations
 
-import datetime as _dt
 import hashlib
 import hmac
 import os
 import re
-import secrets
-import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
@@ -33,19 +27,12 @@ from typing import Self
 import numpy as np
 
 from ecgplat import atomic, faults
-from ecgplat import store as S
-from ecgplat.leads import LEADS
 from ecgplat.privacy import pseudonymise
+from ecgplat.store import schema as S
 from ecgplat.store import sealed_counts as C
-from ecgplat.store.segment_codec import (
-    ShardFiles,
-    codecs,
-    decode_segments,
-    direct_layout,
-    encode_segments,
-)
-
-_SEG_SHAPE = (S.N_LEADS, S.SEGMENT_SAMPLES)
+from ecgplat.store.create import drop_generations, open_at_commit
+from ecgplat.store.read import open_store
+from ecgplat.store.segment_codec import ShardFiles, decode_segments, direct_layout, encode_segments
 
 
 @dataclass
@@ -134,40 +121,16 @@ def _str_array(values) -> np.ndarray:
 
 
 class StoreWriter:
-    """The single writer of a store: creates it if needed, appends batches, commits, splits.
+    """The single writer of a store: opens it (created or recovered to its commit point by
+    ``ecgplat.store.create``), appends batches, commits, splits.
 
     Use as a context manager; it holds ``STORE/.lock`` until closed.
     """
 
     def __init__(self, path: str | os.PathLike, create: bool = True):
-        import zarr
-
         self.path = Path(path)
-        if self.path.exists() and not self.path.is_dir():
-            raise ValueError(f"{self.path}: exists and is not a directory")
-        is_store = (self.path / "zarr.json").is_file()
-        if not is_store:
-            if not create:
-                raise FileNotFoundError(f"{self.path}: no ecgplat store here")
-            if self.path.exists() and any(p.name != ".lock" for p in self.path.iterdir()):
-                raise ValueError(f"{self.path}: directory is not empty and is not an ecgplat store")
-        self.path.mkdir(parents=True, exist_ok=True)
-        self._lock: S.StoreLock | None = S.StoreLock(self.path)
-        try:
-            self.root = zarr.open_group(str(self.path), mode="a")
-            version = self.root.attrs.get("schema_version")
-            if is_store and version is None and not self._only_own_entries():
-                raise ValueError(f"{self.path}: a zarr group that is not an ecgplat store")
-            if is_store and version not in (None, S.SCHEMA_VERSION):
-                raise ValueError(
-                    f"{self.path}: schema_version {version!r} is not {S.SCHEMA_VERSION}"
-                )
-            self._create_missing()
-            self.committed = S.read_commit(self.path)
-            self._recover()
-        except BaseException:
-            self.close()
-            raise
+        self._lock: S.StoreLock | None
+        self._lock, self.root, self.committed = open_at_commit(self.path, create)
         self._staged: dict[str, list[np.ndarray]] = {}
         # the counts of the last commit and its live patient keys, loaded when first needed
         self._counts: dict | None = None
@@ -181,132 +144,6 @@ class StoreWriter:
         self.n_records = int(self.committed["n_records"])
         self.n_segments = int(self.committed["n_segments"])
         self.n_rejects = int(self.committed["n_rejects"])
-
-    # ---- creation and recovery ----------------------------------------------------------
-    _OWN_ENTRIES = frozenset(
-        {
-            "zarr.json",
-            ".lock",
-            S.SECRET_FILE,
-            f".{S.SECRET_FILE}.tmp",
-            S.COMMIT_FILE,
-            "segments",
-            "segment_record",
-            "segment_number",
-            "records",
-            "rejects",
-            "splits",
-        }
-    )
-
-    def _only_own_entries(self) -> bool:
-        """True for a store whose creation was interrupted (nothing but our own entries)."""
-        return all(
-            p.name in self._OWN_ENTRIES or p.name.endswith((".tmp", ".partial"))
-            for p in self.path.iterdir()
-        )
-
-    def _refuse_new_key_for_old_records(self) -> None:
-        """A store that already holds records or rejects must never get a fresh key: every
-        patient would get a new pseudonym and every record would be ingested again."""
-        try:
-            state = S.read_commit(self.path)
-            held = state["n_records"] + state["n_rejects"]
-        except ValueError:
-            held = 1  # unreadable commit point: assume the store is not empty
-        if held:
-            raise ValueError(
-                f"{self.path / S.SECRET_FILE}: the pseudonymisation key is missing but the store "
-                "already holds records; restore secret.key from your backup of this store "
-                "(a new key would give every patient a new pseudonym and duplicate every record)"
-            )
-
-    def _create_missing(self) -> None:
-        """Create whatever a (possibly half-created) store lacks; never touches existing data."""
-        secret_file = self.path / S.SECRET_FILE
-        if not secret_file.exists():
-            self._refuse_new_key_for_old_records()
-            atomic.write_bytes(secret_file, secrets.token_bytes(32), mode=0o600)
-        filters, compressors = codecs()
-
-        def exists(key: str) -> bool:  # not group listing: it warns about our non-zarr files
-            return (self.path / key / "zarr.json").is_file()
-
-        if not exists("segments"):
-            self.root.create_array(
-                "segments",
-                shape=(0, *_SEG_SHAPE),
-                dtype=S.DTYPE,
-                chunks=(S.SEGMENT_CHUNK, *_SEG_SHAPE),
-                shards=(S.SEGMENT_SHARD, *_SEG_SHAPE),
-                filters=filters,
-                compressors=compressors,
-                fill_value=0,
-            )
-        for name, dtype in (("segment_record", "int64"), ("segment_number", "int32")):
-            if not exists(name):
-                self.root.create_array(name, shape=(0,), dtype=dtype, chunks=(65536,))
-        records = self.root.require_group("records")
-        for name, dtype, shape in S.RECORD_COLUMNS:
-            if not exists(f"records/{name}"):
-                records.create_array(
-                    name,
-                    shape=(0, *shape),
-                    chunks=(S.RECORD_CHUNK, *shape),
-                    dtype=str if dtype == "str" else dtype,
-                )
-        rejects = self.root.require_group("rejects")
-        for name in S.REJECT_COLUMNS:
-            if not exists(f"rejects/{name}"):
-                rejects.create_array(name, shape=(0,), chunks=(S.RECORD_CHUNK,), dtype=str)
-        self.root.require_group("splits")
-        if "schema_version" not in self.root.attrs:
-            self.root.attrs.update(
-                {
-                    "schema_version": S.SCHEMA_VERSION,
-                    "sample_rate": S.SAMPLE_RATE,
-                    "segment_samples": S.SEGMENT_SAMPLES,
-                    "segment_seconds": S.SEGMENT_SECONDS,
-                    "leads": list(LEADS),
-                    "units": S.UNITS,
-                    "dtype": S.DTYPE,
-                    "store_uuid": uuid.uuid4().hex,
-                    "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-                }
-            )
-        if not (self.path / S.COMMIT_FILE).exists():
-            atomic.write_json(
-                self.path / S.COMMIT_FILE,
-                {"n_records": 0, "n_segments": 0, "n_rejects": 0, "splits": None},
-                sort_keys=True,
-            )
-
-    def _appendables(self):
-        c = self.committed
-        yield self.root["segments"], c["n_segments"]
-        yield self.root["segment_record"], c["n_segments"]
-        yield self.root["segment_number"], c["n_segments"]
-        for name, _, _ in S.RECORD_COLUMNS:
-            yield self.root[f"records/{name}"], c["n_records"]
-        for name in S.REJECT_COLUMNS:
-            yield self.root[f"rejects/{name}"], c["n_rejects"]
-
-    def _recover(self) -> None:
-        """Drop everything past the commit point: truncate arrays, delete split generations
-        that are neither kept nor committed, and zarr temp files."""
-        for arr, n in self._appendables():
-            if arr.shape[0] != n:
-                arr.resize((n, *arr.shape[1:]))
-        self._drop_generations(keep_below=S.generation_number(self.committed.get("splits")) + 1)
-        if direct_layout(self.root["segments"]):
-            ShardFiles(self.path, 0).drop_beyond(int(self.committed["n_segments"]))
-        # zarr's *.partial and ecgplat.atomic's .*.tmp files; os.walk, not Path.rglob, which
-        # keeps every path it yielded (10 MB at 500,000 segments)
-        for folder, _, names in os.walk(self.path):
-            for name in names:
-                tmp = Path(folder, name)
-                if name.endswith(".partial") or atomic.is_temp(tmp):
-                    tmp.unlink(missing_ok=True)
 
     # ---- queries ------------------------------------------------------------------------
     @property
@@ -469,13 +306,13 @@ class StoreWriter:
         """The counts at the last commit: the stored counts when they verify, else tallied
         from the columns (a store written by code that did not keep them, or left by a forget
         killed before it recounted)."""
-        view = view or S.open_store(self.path)
+        view = view or open_store(self.path)
         self._forgotten = view.tombstones
         self._counts = view.stored_counts() or view.count()
         return self._counts
 
     def _live_patients(self) -> set[str]:
-        view = S.open_store(self.path)
+        view = open_store(self.path)
         return set(view.column("patient_key")[view.live].tolist()) if view.n_records else set()
 
     def _next_counts(self, split_counts: dict | None) -> tuple[dict | None, set[str]]:
@@ -500,7 +337,7 @@ class StoreWriter:
             records,
             staged("records/seg_count", np.int32),
             len(new_patients),
-            (S.reason_kind(r) for r in reasons),
+            (C.reason_kind(r) for r in reasons),
         )
         return dict(counts, **(split_counts or {})), new_patients
 
@@ -509,7 +346,7 @@ class StoreWriter:
         verify (a forget changed the tombstone table: the counts it invalidated are redone)."""
         if self._staged or self.n_records != int(self.committed["n_records"]):
             raise RuntimeError(f"{self.path}: uncommitted records pending; commit first")
-        view = S.open_store(self.path)
+        view = open_store(self.path)
         if view.stored_counts() is not None:
             return
         self._patients = None
@@ -517,19 +354,6 @@ class StoreWriter:
         state[C.COUNTS_KEY] = C.seal(self._load_counts(view), state, self._forgotten, self.secret)
         atomic.write_json(self.path / S.COMMIT_FILE, state, sort_keys=True)
         self.committed = state
-
-    def _drop_generations(self, keep_below: int) -> None:
-        """Delete split generations numbered ``>= keep_below`` (never committed) or older than
-        the last ``S.SPLITS_KEPT`` below it (no reader can still be reading those)."""
-        splits_dir = self.path / "splits"
-        for child in splits_dir.iterdir() if splits_dir.is_dir() else ():
-            k = S.generation_number(child.name) if re.fullmatch(r"g[0-9]+", child.name) else None
-            if (
-                child.is_dir()
-                and k is not None
-                and not keep_below - S.SPLITS_KEPT <= k < keep_below
-            ):
-                shutil.rmtree(child, ignore_errors=True)
 
     def write_splits(self, split, ident_split) -> None:
         """Replace the split assignment of all committed records atomically (a new generation
@@ -549,7 +373,7 @@ class StoreWriter:
             arr = group.create_array(name, shape=(n,), chunks=(rows,), dtype=str, overwrite=True)
             for s in range(0, n, rows):  # chunk by chunk: memory bounded by one chunk's strings
                 arr[s : s + rows] = _str_array(values[s : s + rows])
-        live = S.open_store(self.path).live  # forgotten records count nowhere
+        live = open_store(self.path).live  # forgotten records count nowhere
         split_counts = {
             "per_split": C.value_counts(np.asarray(split, dtype=object)[live], C.UNASSIGNED),
             "per_ident_split": C.value_counts(
@@ -557,7 +381,7 @@ class StoreWriter:
             ),
         }
         self.commit(splits=generation, split_counts=split_counts)
-        self._drop_generations(keep_below=k + 1)
+        drop_generations(self.path, keep_below=k + 1)
 
     def close(self) -> None:
         lock = getattr(self, "_lock", None)

@@ -11,10 +11,11 @@ record may be (checked from the header, before any read) and how to interpret th
   then must still resolve inside the resolved ``SRC`` unless ``allow_outside``.
 
 and the user's answers a reader cannot find in the files themselves (``READER_FIELDS``; each
-reader names the ones it takes in its ``OPTIONS``, and ``check_reader_options`` refuses the
-others): ``units`` (WFDB: opt into a non-voltage unit such as ``z``; arrays: the unit of their
-values, ``ingestion.readers.units``), and for bring-your-own arrays ``fs``, ``leads`` and
-``patients`` (``ingestion.readers.numpy_arrays``).
+reader names the ones it takes in its ``OPTIONS``, and
+``ingestion.readers.protocol.check_reader_options`` refuses the others): ``units`` (WFDB: opt
+into a non-voltage unit such as ``z``; arrays: the unit of their values,
+``ingestion.readers.units``), and for bring-your-own arrays ``fs``, ``leads`` and ``patients``
+(``ingestion.readers.numpy_arrays``).
 """
 
 from __future__ import annotations
@@ -59,23 +60,6 @@ class ReadOptions:
 
 DEFAULT_OPTIONS = ReadOptions()
 READER_FIELDS = ("units", "fs", "leads", "patients")  # taken only by readers listing them
-
-
-def check_reader_options(module, opts: ReadOptions | None) -> ReadOptions:
-    """``opts`` (default: the defaults) after checking that every reader field it sets is one
-    the reader ``module`` takes (its ``OPTIONS``) and, where the reader has ``check_options``,
-    that the values are valid. ValueError naming the option otherwise (before anything runs)."""
-    opts = opts or DEFAULT_OPTIONS
-    allowed = set(getattr(module, "OPTIONS", ()))
-    extra = [k for k in READER_FIELDS if getattr(opts, k) is not None and k not in allowed]
-    if extra:
-        name = getattr(module, "SOURCE", module.__name__)
-        flags = ", ".join(f"--{k}" for k in extra)
-        raise ValueError(f"{flags} does not apply to the {name} reader")
-    check = getattr(module, "check_options", None)
-    if check is not None:
-        check(opts)
-    return opts
 
 
 def check_rate(where: str, fs: float, opts: ReadOptions | None = None) -> None:

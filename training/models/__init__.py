@@ -1,4 +1,5 @@
-"""The wav2vec 2.0 + CMSC ECG model: configs/presets, encoder, pretraining heads, checkpoints.
+"""The wav2vec 2.0 + CMSC ECG model: encoder configs and presets, the encoder, its pretraining
+and fine-tuning heads, checkpoint files and the fairseq-signals import.
 
 Builders in the style of torchaudio's wav2vec2 factories::
 

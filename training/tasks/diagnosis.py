@@ -128,6 +128,3 @@ class DiagnosisTask(FinetuneTask):
             )
             return None
         return flat_metrics(reports(pred))
-
-
-TASK_CLASS = DiagnosisTask

@@ -210,6 +210,3 @@ def _is_main() -> bool:
     import os
 
     return int(os.environ.get("RANK", "0")) == 0
-
-
-TASK_CLASS = IdentifyTask

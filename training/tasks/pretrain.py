@@ -98,6 +98,3 @@ class PretrainTask(Task):
 
     def on_update(self, model: nn.Module, num_updates: int) -> None:
         unwrap(model).set_num_updates(num_updates)
-
-
-TASK_CLASS = PretrainTask

@@ -40,7 +40,7 @@ def delta_file(path: str | Path, seq: int) -> Path:
     return index_path.with_name(f"{index_path.name}{DELTA_INFIX}{seq:06d}")
 
 
-def _delta_files(index_path: Path) -> list[Path]:
+def delta_files(index_path: Path) -> list[Path]:
     """The delta segment files next to `index_path`, in sequence order."""
     prefix = index_path.name + DELTA_INFIX
     found = [
@@ -51,11 +51,11 @@ def _delta_files(index_path: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(prefix) :]))
 
 
-def _seq_of(path: Path) -> int:
+def seq_of(path: Path) -> int:
     return int(path.name.rsplit(DELTA_INFIX, 1)[1])
 
 
-def _replaced(index_path: Path) -> dict | None:
+def supersedes_entry(index_path: Path) -> dict | None:
     """The ``supersedes`` entry for a write over the main file at `index_path`: its identity
     and the highest delta sequence number there; None when there is no readable main file
     (its deltas are then deleted after the write, not superseded)."""
@@ -64,10 +64,10 @@ def _replaced(index_path: Path) -> dict | None:
             meta, _ = _read_description(f, index_path, META_FORMAT, head=True)  # its uid only
     except (OSError, ValueError):
         return None
-    return {"main": meta["uid"], "seq": max(map(_seq_of, _delta_files(index_path)), default=0)}
+    return {"main": meta["uid"], "seq": max(map(seq_of, delta_files(index_path)), default=0)}
 
 
-def _superseded(main_meta: dict, seq: int, path: Path) -> bool:
+def superseded(main_meta: dict, seq: int, path: Path) -> bool:
     """True for a delta left behind by a kill after the main file replacing it was written."""
     old = main_meta.get("supersedes") or {}
     if not old or seq > int(old.get("seq", 0)):
@@ -77,7 +77,7 @@ def _superseded(main_meta: dict, seq: int, path: Path) -> bool:
     return meta.get("main") == old.get("main")
 
 
-def _stat_key(path: Path) -> tuple | None:
+def stat_key(path: Path) -> tuple | None:
     """What changes when a file is replaced by a rename (a new inode) or rewritten."""
     try:
         st = os.stat(path)
@@ -86,7 +86,7 @@ def _stat_key(path: Path) -> tuple | None:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
-def _write_framed(path: Path, index: faiss.Index, meta: dict, fault: str) -> None:
+def write_framed(path: Path, index: faiss.Index, meta: dict, fault: str) -> None:
     """One file: FAISS serialisation, JSON description, trailer; replaced atomically. The
     description (the same bytes as `json.dumps(meta)`) is written as it is encoded, so a large
     gallery's row names are never held as one more string."""
@@ -107,7 +107,7 @@ def _write_framed(path: Path, index: faiss.Index, meta: dict, fault: str) -> Non
         stop_point(fault)
 
 
-def _read_framed(
+def read_framed(
     path: Path, fmt: str, vectors: bool, head: bool = False
 ) -> tuple[dict, faiss.Index | None]:
     with open(path, "rb") as f:  # one open file: one version, even during a rebuild
