@@ -8,7 +8,13 @@ records are broken, each kind of fault at least once: a header declaring fewer s
 ``.dat`` interleaves, negative / NaN / infinite / zero rates, ``fs=0.25`` (the resampling memory
 bomb), an unreadable gain on one lead and on all, mmHg-only channels, ``z`` units, a multi-segment
 header, truncated ``.mat``/``.dat``, signal files named ``../..`` or by absolute path, symbolic
-links out of SRC, PTB-XL rows pointing outside, and raw ids in csv fields that must be integers.
+links out of SRC, PTB-XL rows pointing outside, raw ids in csv fields that must be integers, and
+headers declaring 100,000,000 samples over a sparse ``.dat``/``.mat`` of the matching size.
+A fifth folder, ingested with ``ingest auto``, holds the bundled hospital-format samples (their
+identifying values count as raw ids) and one hostile vendor file of each kind
+(``tests/hostile_files.py``: XML billion laughs, XML external entity, oversized base64, a DICOM
+declaring a huge waveform, an SCP-ECG section past EOF, an EDF whose record count disagrees
+with its size).
 
 Each corpus is ingested by ``ecgplat ingest`` (its default LocalCluster, one worker per core,
 unless ``--workers``) into one store, while psutil samples the RSS of the CLI process and all its
@@ -38,7 +44,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the hostile-file writers are shared with tests
 
-from hostile_files import edit_header, write_cinc, write_ptbxl, write_wfdb  # noqa: E402
+from hostile_files import (  # noqa: E402
+    declare_samples,
+    edit_header,
+    write_cinc,
+    write_ptbxl,
+    write_wfdb,
+)
 
 from bench.common import TreeSampler, workdir, write_report  # noqa: E402
 
@@ -57,6 +69,7 @@ class Corpus:
     good: list[str] = field(default_factory=list)
     bad: dict[str, str] = field(default_factory=dict)
     raw_ids: set[str] = field(default_factory=set)
+    sources: dict[str, str] = field(default_factory=dict)  # an auto ingest: each file's reader
 
 
 # ---- faults: (corpus, kind) -> writer; the first occurrence of each kind is listed first ------
@@ -201,8 +214,25 @@ FAULTS = [
     ("cpsc2021", "negative sampling rate", _rate(-200)),
     ("ptbxl", "non-integer ecg_id holding a raw id", "ecg_id"),
     ("ptbxl", "signal count below the .dat interleave", _declare_fewer_signals),
+    ("wfdb", "100,000,000 samples declared, sparse .dat", lambda b: declare_samples(b, 10**8)),
+    ("cinc2021", "100,000,000 samples declared, sparse .mat", lambda b: declare_samples(b, 10**8)),
 ]
-N_KINDS = len({kind for _, kind, _ in FAULTS})
+# hostile vendor files, ingested with `ingest auto` next to good vendor samples (the "hospital"
+# corpus): (file name, the reader its content claims, kind, writer from tests/hostile_files.py)
+VENDOR_FAULTS = [
+    ("laughs.xml", "muse", "XML billion laughs", "write_billion_laughs"),
+    ("xxe.xml", "philips", "XML external entity", "write_xxe"),
+    ("big.xml", "muse", "oversized base64 (> 64 MB XML)", "write_oversized_base64"),
+    ("huge.dcm", "dicom", "DICOM declaring a huge waveform", "write_dicom_huge_waveform"),
+    ("eof.scp", "scp", "SCP-ECG section length past EOF", "write_scp_section_past_eof"),
+    (
+        "count.edf",
+        "edf",
+        "EDF record count disagreeing with its size",
+        "write_edf_wrong_record_count",
+    ),
+]
+N_KINDS = len({kind for _, kind, _ in FAULTS}) + len(VENDOR_FAULTS)
 
 
 def plan_faults(n_records: int, bad_fraction: float) -> list[tuple[str, str, object]]:
@@ -312,6 +342,30 @@ def _ptbxl(root: Path, n_good: int, faults) -> Corpus:
     return c
 
 
+def _hospital(root: Path) -> Corpus:
+    """The bundled vendor samples that read (good; their identifying values are the raw ids)
+    and one hostile vendor file of each kind (bad), in one folder for `ingest auto`."""
+    import shutil
+
+    import hostile_files
+    from hospital_samples import identifying_values, sample_files
+
+    c = Corpus("auto", root / "hospital" / "src")
+    c.src.mkdir(parents=True)
+    samples = [(r, p) for r, p in sample_files(restricted=False) if p.stat().st_size > 4096]
+    for reader, path in samples:  # (the minimal 13-sample aECG is too short: left out)
+        shutil.copyfile(path, c.src / path.name)
+        c.good.append(path.name)
+        c.sources[path.name] = reader
+        c.raw_ids |= identifying_values(path)
+    bundled = {r: p for r, p in samples}
+    for name, reader, kind, writer in VENDOR_FAULTS:
+        args = (bundled[reader],) if reader in ("dicom", "scp") else ()
+        getattr(hostile_files, writer)(c.src / name, *args)
+        c.bad[name], c.sources[name] = kind, reader
+    return c
+
+
 def build_corpus(root: Path, n_records: int, bad_fraction: float = 0.05) -> list[Corpus]:
     """Write the four corpora under ``root`` (about ``n_records`` in all) and the files outside
     them that the hostile headers, rows and links point at."""
@@ -322,7 +376,7 @@ def build_corpus(root: Path, n_records: int, bad_fraction: float = 0.05) -> list
     faults = plan_faults(n_records, bad_fraction)
     n_good = n_records - len(faults)
     writers = {"cinc2021": _cinc, "wfdb": _wfdb, "cpsc2021": _cpsc, "ptbxl": _ptbxl}
-    corpora = []
+    corpora = [_hospital(root)]
     for name in CORPORA:
         mine = [(kind, fault) for corpus, kind, fault in faults if corpus == name]
         corpora.append(writers[name](root, max(3, round(SHARE[name] * n_good)), mine))
@@ -389,14 +443,14 @@ def check_store(store: Path, corpora: list[Corpus]) -> dict:
     by_kind: dict[str, Counter] = {}
     for c in corpora:
         for rel in c.good:
-            h = path_hash(c.name, rel, secret)
+            h = path_hash(c.sources.get(rel, c.name), rel, secret)
             n_good += 1
             ok = stored[h] == 1 and h not in rejected
             good_kept += ok
             if not ok:
                 wrong.append(f"good {c.name} record {len(wrong)}: " + rejected.get(h, "missing"))
         for rel, kind in c.bad.items():
-            h = path_hash(c.name, rel, secret)
+            h = path_hash(c.sources.get(rel, c.name), rel, secret)
             n_bad += 1
             ok = h in rejected and stored[h] == 0
             bad_rejected += ok

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ingestion.conditioning import ConditionedRecord, condition
+from ingestion.readers.protocol import open_record
 from ingestion.readers.record import RECORD_SUFFIXES, RecordError
 from ingestion.readers.registry import reader_for_header
 
@@ -25,6 +26,6 @@ def read_one(path: str | Path) -> ConditionedRecord:
     except OSError as e:
         raise RecordError(str(hea), f"cannot read the header: {e.strerror or e}") from None
     try:
-        return condition(reader_for_header(text).read_record(hea.parent, base.name))
+        return condition(open_record(reader_for_header(text), hea.parent, base.name, None))
     except RecordError as e:
         raise RecordError(str(hea), e.reason) from None

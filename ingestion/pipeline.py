@@ -26,10 +26,10 @@ from ecgplat.progress import ProgressBar
 from ecgplat.store import reason_kind
 from ecgplat.store.writer import RecordBatch, StoreWriter, pack_batch, path_hash
 from ingestion.readers.options import ReadOptions
-from ingestion.readers.protocol import check_reader_options
+from ingestion.readers.protocol import check_corpus, check_reader_options
 from ingestion.readers.registry import get_reader
 from ingestion.readers.units import NOT_VOLTAGE
-from ingestion.sent_files import SEND_BYTES_CORPORA, SentSource, process_sent_batch
+from ingestion.sent_files import SEND_BYTES_CORPORA, SentSource, process_sent_batch, sweep_all
 from ingestion.worker import process_batch, reject_row, warm_up
 
 if TYPE_CHECKING:
@@ -198,6 +198,7 @@ def ingest(
     commit_interval: float = 1.0,
     opts: ReadOptions | None = None,
     send_bytes: bool = False,
+    listing: list[str] | None = None,
 ) -> dict:
     """Ingest the records of ``corpus`` under ``src`` into ``store`` (created if missing).
 
@@ -214,6 +215,8 @@ def ingest(
     rejected as "worker died". ``send_bytes``: the driver reads each record's files and ships
     them in the task, so workers need not see ``src`` (``ingestion.sent_files``); otherwise
     workers read ``src`` (its absolute path) themselves: a shared filesystem.
+    ``listing``: the record paths to ingest instead of the reader's ``list_records(src)`` (the
+    auto ingest's files of one detected format, ``ingestion.auto``).
     Returns a summary: records, segments, patients (added by this run), rejected (by reason),
     skipped (already present), seconds, records_per_s, bytes_read, startup_seconds (Dask
     cluster start, included in seconds), and the store totals.
@@ -229,9 +232,11 @@ def ingest(
         raise ValueError(
             f"--send-bytes reads {', '.join(SEND_BYTES_CORPORA)} records, not {corpus!r}"
         )
+    if listing is None:  # the reader's own listing: its folder must be its corpus
+        listing = reader.list_records(src)
+        check_corpus(reader, src, listing)  # before anything is stored
     t0 = time.perf_counter()
     with StoreWriter(store) as writer:
-        listing = reader.list_records(src)
         done = writer.done_paths(corpus, listing)
         if opts.units:
             done -= unit_rejects(writer, corpus, listing)
@@ -278,17 +283,23 @@ def ingest(
                     stats["startup_seconds"] = time.perf_counter() - t_cluster
                     n_workers = max(1, len(client.scheduler_info()["workers"]))
                     limit_in_flight = max_in_flight or 2 * n_workers + 1
-                    _run_dask(
-                        client,
-                        corpus,
-                        SentSource(src.resolve()) if send_bytes else str(src.resolve()),
-                        batches,
-                        writer.secret,
-                        sink,
-                        limit_in_flight,
-                        opts,
-                    )
+                    try:
+                        _run_dask(
+                            client,
+                            corpus,
+                            SentSource(src.resolve()) if send_bytes else str(src.resolve()),
+                            batches,
+                            writer.secret,
+                            sink,
+                            limit_in_flight,
+                            opts,
+                        )
+                    finally:
+                        if send_bytes:  # the files of workers killed mid-task, on every worker
+                            sweep_all(client)
         finally:
+            if send_bytes:
+                sweep_all(None)
             bar.close()
             writer.commit()  # whatever was appended is complete: make it visible
         totals = {

@@ -11,7 +11,18 @@ the same reasons as when the worker reads SRC itself. What the driver does not r
   then refuses it with the same reason); a refused path is not sent (refused there too);
 * a data file whose size differs from what its header implies (the reader rejects it on its
   size alone): only the size is sent and the worker creates a sparse file of that size;
+* every data file of a header that fails the readers' own checks made before a sample is read
+  (rate and duration by ``check_length``; a header without a signal length gets the length its
+  data files' sizes give, by ``check_data_sizes``): sizes only, as above. So a header declaring
+  hours of samples costs the driver a ``stat``, not the data file;
 * a missing file: nothing is sent (the reader reports it missing).
+
+Where shipped files exist: on the worker, while its task runs, in a folder
+``sent-<pid>-<random>/`` below ``sent_parent()`` (``ecgplat-sent-<uid>`` in the temporary
+folder, ``TMPDIR``; private to the user), removed when the task ends. A worker killed
+mid-task cannot remove it: such orphans (their lock is free: the owner is gone) are removed by
+``sweep_orphans`` at the start of the next send-bytes task on that machine and, on every worker
+and the driver, at the end of the ingest.
 
 Workers must import ``ingestion`` (the package on their ``PYTHONPATH``); nothing else of the
 driver's machine is needed. The task then carries the batch's bytes (``batch_size`` records):
@@ -20,15 +31,24 @@ the driver holds at most ``max_in_flight`` batches of them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import stat
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import cast
 
-from ingestion.readers.options import ReadOptions, inside_src, sibling
+from ecgplat.locks import StoreBusyError, WriterLock
+from ingestion.readers.options import ReadOptions, check_length, inside_src, sibling
 from ingestion.readers.record import RecordError
-from ingestion.readers.wfdb_header import MAX_HEADER_BYTES, expected_data_sizes, parse_header
+from ingestion.readers.wfdb_header import (
+    MAX_HEADER_BYTES,
+    check_data_sizes,
+    expected_data_sizes,
+    parse_header,
+)
 from ingestion.worker import process_batch
 
 SEND_BYTES_CORPORA = ("wfdb", "cinc2021", "ludb", "cpsc2021")  # record = .hea + named files
@@ -53,12 +73,26 @@ class SentSource:
         return payload
 
 
-def _data_files(text: str, rel: str) -> list[tuple[str, int | None, int | None]]:
-    """(name, expected size, largest size read) of the data files a header names."""
+def _within_bounds(root: Path, rel: str, hdr: dict, opts: ReadOptions | None) -> bool:
+    """Whether the header passes the readers' checks made before a sample is read: the rate and
+    the duration (``check_length``), from the header's signal length or, where it gives none,
+    from the data files' sizes (``check_data_sizes``). A header that fails them is refused by
+    the reader from the header and the files' sizes alone: its data files need not be read."""
     try:
-        hdr = parse_header(text, rel)
-    except RecordError:
-        return []
+        sig_len = hdr["sig_len"]
+        if sig_len is None:
+            names = {s["file"] for s in hdr["signals"]}
+            sig_len = check_data_sizes(
+                hdr, {n: sibling(root, rel, n, rel, opts) for n in names}, rel
+            )
+        check_length(rel, hdr["fs"], sig_len, opts)
+    except (RecordError, OSError):
+        return False
+    return True
+
+
+def _data_files(hdr: dict) -> list[tuple[str, int | None, int | None]]:
+    """(name, expected size, largest size read) of the data files a header names."""
     out: list[tuple[str, int | None, int | None]] = []
     for name, expected in expected_data_sizes(hdr).items():
         if name.lower().endswith(".mat"):  # MATLAB v4: refused unread above this size
@@ -69,8 +103,9 @@ def _data_files(text: str, rel: str) -> list[tuple[str, int | None, int | None]]
     return out
 
 
-def _entry(root: Path, rel_file: str, path_of, expected: int | None, cap: int | None):
-    """(relative path, payload entry) of one file, or None when nothing is to be sent."""
+def _entry(root: Path, rel_file: str, path_of, expected: int | None, cap: int | None, sized=False):
+    """(relative path, payload entry) of one file, or None when nothing is to be sent; only its
+    size when ``sized``, or when the size is not the ``expected`` one or above ``cap``."""
     try:
         path = path_of()
     except RecordError:
@@ -82,7 +117,7 @@ def _entry(root: Path, rel_file: str, path_of, expected: int | None, cap: int | 
         size = path.stat().st_size
     except OSError:
         return None
-    if (expected is not None and size != expected) or (cap is not None and size > cap):
+    if sized or (expected is not None and size != expected) or (cap is not None and size > cap):
         return rel_file, ("size", size)
     try:
         return rel_file, path.read_bytes()
@@ -104,14 +139,20 @@ def _record_payload(root: Path, rel: str, opts: ReadOptions | None) -> dict[str,
     out[hea[0]] = hea[1]
     if not isinstance(hea[1], bytes):
         return out
+    try:
+        hdr = parse_header(hea[1].decode("utf-8", errors="replace"), rel)
+    except RecordError:
+        return out  # the reader refuses the header alone
+    sized = not _within_bounds(root, rel, hdr, opts)
     folder = os.path.dirname(rel)
-    for name, expected, cap in _data_files(hea[1].decode("utf-8", errors="replace"), rel):
+    for name, expected, cap in _data_files(hdr):
         if os.path.isabs(name) or name.startswith("~"):
             continue
         rel_file = os.path.normpath(f"{folder}/{name}" if folder else name)
         if rel_file.startswith(".."):
             continue
-        got = _entry(root, rel_file, lambda n=name: sibling(root, rel, n, rel, opts), expected, cap)
+        path_of = lambda n=name: sibling(root, rel, n, rel, opts)  # noqa: E731
+        got = _entry(root, rel_file, path_of, expected, cap, sized)
         if got is not None:
             out[got[0]] = got[1]
     return out
@@ -132,11 +173,85 @@ def _materialise(root: Path, payload: dict[str, object]) -> None:
                 f.truncate(int(cast(int, value)))
 
 
-def process_sent_batch(corpus, payload, rels, seq, secret, opts=None):
-    """``ingestion.worker.process_batch`` over the files of ``payload`` (worker side)."""
-    tmp = Path(tempfile.mkdtemp(prefix="ecgplat-sent-"))
+FOLDER_PREFIX = "sent-"  # sent-<pid>-<random>: one task's shipped files
+_LOCK = "lock"  # beside the laid-out files (in src/), held while the task runs
+
+
+def sent_parent() -> Path:
+    """The folder of this user's shipped-record folders: ``ecgplat-sent-<uid>`` in the
+    temporary folder, created private (0700); RuntimeError if it is not a folder of this user."""
+    parent = Path(tempfile.gettempdir()) / f"ecgplat-sent-{os.getuid()}"
+    parent.mkdir(mode=0o700, exist_ok=True)
+    st = parent.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        raise RuntimeError(f"{parent}: not a folder of this user (remove it)")
+    return parent
+
+
+@contextlib.contextmanager
+def record_folder() -> Iterator[Path]:
+    """A fresh folder for one task's files (``src/`` of ``sent-<pid>-<random>`` under
+    ``sent_parent()``), locked while in use and removed after."""
+    folder = Path(tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{os.getpid()}-", dir=sent_parent()))
+    lock = WriterLock(folder / _LOCK, "in use")
     try:
+        (folder / "src").mkdir()
+        yield folder / "src"
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        lock.release()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _orphaned(folder: Path) -> bool:
+    """Whether ``folder``'s owner is gone: its lock is free, or (before the owner took it) the
+    pid in its name is not running."""
+    if not (folder / _LOCK).exists():
+        try:
+            return not _alive(int(folder.name.split("-")[1]))
+        except (IndexError, ValueError):
+            return False  # not one of ours
+    try:
+        WriterLock(folder / _LOCK, "in use").release()
+    except (StoreBusyError, OSError):
+        return False
+    return True
+
+
+def sweep_orphans() -> int:
+    """Remove the shipped-record folders of processes that died holding them (a worker killed
+    mid-task); returns how many. Folders of running tasks are left alone."""
+    removed = 0
+    for folder in sent_parent().glob(f"{FOLDER_PREFIX}*"):
+        if folder.is_dir() and not folder.is_symlink() and _orphaned(folder):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed += 1
+    return removed
+
+
+def sweep_all(client) -> None:
+    """``sweep_orphans`` on every worker of the Dask ``client`` (when not None) and here: the
+    end of a send-bytes ingest. Never raises: a failed sweep is repeated by the next one."""
+    if client is not None:
+        with contextlib.suppress(Exception):
+            client.run(sweep_orphans)
+    with contextlib.suppress(OSError, RuntimeError):
+        sweep_orphans()
+
+
+def process_sent_batch(corpus, payload, rels, seq, secret, opts=None):
+    """``ingestion.worker.process_batch`` over the files of ``payload`` (worker side), laid out
+    in a ``record_folder``; orphans of killed tasks are swept first."""
+    sweep_orphans()
+    with record_folder() as tmp:
         _materialise(tmp, payload)
         return process_batch(corpus, str(tmp), rels, seq, secret, opts)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

@@ -19,7 +19,10 @@ current record is finished, committed and published before ``run`` returns.
 
 Latency of a record: from its landing (the newest modification time among its files when it
 was found ready) to the end of ``publish()``. Records are named by their store key, whose
-patient part is pseudonymised like every stored record (never the raw file name).
+patient part is pseudonymised like every stored record (never the raw file name); a rejected
+one as the store's rejects table names it (``<source>/<path>``, redacted the same way). Every
+event line goes to ``echo`` with its control characters escaped (``ecgplat.printable``): a file
+name holding a newline cannot split or forge an event.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ecgplat.printable import one_line
 from ecgplat.store import StoreBusyError
 from ecgplat.store.writer import StoreWriter
 from ingestion.readers.options import ReadOptions
@@ -141,13 +145,16 @@ class Watcher:
     ):
         if corpus not in WATCH_CORPORA:
             raise ValueError(f"watch follows {', '.join(WATCH_CORPORA)} folders, not {corpus!r}")
+        if not poll > 0 or not settle >= 0:
+            raise ValueError(f"poll must be > 0 and settle >= 0 seconds, got {poll}, {settle}")
         self.corpus, self.module = corpus, get_reader(corpus)
         self.opts = check_reader_options(self.module, opts)
         self.src, self.store = Path(src), Path(store)
         if not self.src.is_dir():
             raise FileNotFoundError(f"{self.src}: source directory does not exist")
         self.publish = publish or (lambda: None)
-        self.poll, self.settle, self.echo = poll, settle, echo
+        self.poll, self.settle = poll, settle
+        self.echo = lambda line: echo(one_line(line))  # a file name may hold a newline
         self.report = WatchReport()
         self._seen: dict[str, _Seen] = {}
         self._done: set[str] = set()
@@ -196,9 +203,9 @@ class Watcher:
                 self._seen.pop(rel, None)
                 for key in batch.columns["record_key"]:
                     added[str(key)] = landing
-                for _, path, reason, _ in batch.rejects:
+                for source, path, reason, _ in batch.rejects:
                     self.report.rejects.append((path, reason))
-                    self.echo(f"rejected {path}: {reason}")
+                    self.echo(f"rejected {source}/{path}: {reason}")
                 if stop.is_set():
                     break
             writer.commit()

@@ -16,7 +16,7 @@ from ecgplat import faults
 from ecgplat.store.writer import RecordBatch, pack_batch, path_hash, patient_key_for, redact
 from ingestion.conditioning import condition
 from ingestion.readers.options import ReadOptions
-from ingestion.readers.protocol import Reader, patient_hint
+from ingestion.readers.protocol import Reader, open_record, patient_hint
 from ingestion.readers.record import RECORD_SUFFIXES, RecordError
 from ingestion.readers.registry import get_reader
 
@@ -72,7 +72,7 @@ def process_batch(
     for rel in rels:
         faults.worker_crash_point(rel)
         try:
-            good.append(condition(reader.read_record(root, rel, opts), opts))
+            good.append(condition(open_record(reader, root, rel, opts), opts))
         except RecordError as e:
             rejects.append(reject_row(reader, root, rel, e.reason, secret, opts))
         except MemoryError:

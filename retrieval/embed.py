@@ -50,6 +50,7 @@ from retrieval.feature_build import (
     finish,
     new_lineage,
     plan_build,
+    record_filters,
     unchanged_lineage,
 )
 from retrieval.features import FeatureError, FeatureSet, lead_names
@@ -347,7 +348,9 @@ def _embed(req: EmbedRequest, info) -> dict:
         order = SegmentOrder.of(store)
         size = req.batch_size or (plan.lineage or {}).get("batch_size")
         size = size or inference_batch_size(encoder.cfg)
-        lineage = plan.lineage or new_lineage(fs, want, model, encoder.embed_dim, size)
+        filters = record_filters(store)
+        lineage = plan.lineage or new_lineage(fs, want, model, encoder.embed_dim, size, filters)
+        lineage["filters"] = sorted(set(lineage.get("filters", ())) | set(filters))
         lineage.setdefault("batch_size", int(size))  # a set written before batches were recorded
         if info.rank == 0 and plan.lineage is None:
             create(plan.dir, lineage, int(encoder.embed_dim))

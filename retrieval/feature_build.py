@@ -6,6 +6,8 @@ first, then the lineage's counts (`n_segments`, `n_records`, `n_record_rows`) ar
 atomically: the commit point; readers use only the committed rows. A new set (or an overwrite) is
 written under `features/.build-<name>` and renamed into place when complete, so an interrupted
 first embed never shows a half set under its name and an interrupted overwrite keeps the old set.
+An overwrite moves the old set aside, then the new one into place: readers find the complete
+build while neither is there (`FeatureSet.published`), and the next run finishes the move.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ecgplat.atomic import fsync_dir
+from ecgplat.faults import stop_point
 from retrieval.features import SCHEMA, FeatureError, FeatureSet, dir_lineage
 from retrieval.lineage import Lineage
 
@@ -103,6 +106,7 @@ def unchanged_lineage(
     if (
         old is not None
         and not overwrite
+        and fs.path.exists()  # else the move of a killed overwrite, finished under the lock
         and Lineage(old).same_model(want)
         and old.get("store_uuid") == want["store_uuid"]
         and old.get("n_segments") == len(order.rows)
@@ -122,6 +126,7 @@ def plan_build(
         import zarr
 
         zarr.open_group(str(fs.root), mode="a")
+    _finish_publish(fs)
     old = fs.lineage()
     if old is not None and not overwrite:
         if not Lineage(old).same_model(want) or not Lineage(old).same_normalize(want):
@@ -179,8 +184,26 @@ def _remove_leftovers(fs: FeatureSet) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def new_lineage(fs: FeatureSet, want: Lineage, model, dim: int, batch_size: int) -> dict:
-    """The lineage of a new, empty set (complete=False) of `model` (a `LoadedModel`)."""
+def _finish_publish(fs: FeatureSet) -> None:
+    """Under the writer lock: move into place the complete build of an overwrite killed between
+    its two renames (readers already see it), and delete the old set it moved aside."""
+    if not fs.path.exists() and (dir_lineage(fs.build_path) or {}).get("complete"):
+        os.replace(fs.build_path, fs.path)
+        fsync_dir(fs.root)
+        _remove_leftovers(fs)
+
+
+def record_filters(store) -> list[str]:
+    """The `--filter` specs the store's records were ingested with ("" = none), sorted: the
+    `filters` of the lineage of the sets embedded from them."""
+    return sorted(str(v) for v in store.column_codes("filter")[1])
+
+
+def new_lineage(
+    fs: FeatureSet, want: Lineage, model, dim: int, batch_size: int, filters=()
+) -> dict:
+    """The lineage of a new, empty set (complete=False) of `model` (a `LoadedModel`); `filters`:
+    the `--filter` specs of the records it embeds (`record_filters`)."""
     return {
         "schema": SCHEMA,
         "name": fs.name,
@@ -191,6 +214,7 @@ def new_lineage(fs: FeatureSet, want: Lineage, model, dim: int, batch_size: int)
         "leads": want["leads"],
         "precision": want["precision"],
         "normalize": want["normalize"],
+        "filters": sorted(filters),
         "dim": int(dim),
         "batch_size": int(batch_size),
         "created": _now(),
@@ -282,6 +306,7 @@ def _publish(fs: FeatureSet, build: Path) -> None:
     if target.exists():  # overwrite: move the old set aside first, then swap in the new one
         trash = fs.root / f".tmp-{fs.name}-old-{uuid.uuid4().hex[:8]}"
         os.replace(target, trash)
+        stop_point("embed.between_renames")  # readers see the complete build (`published`)
         os.replace(build, target)
         shutil.rmtree(trash, ignore_errors=True)
     else:

@@ -48,9 +48,11 @@ def lead_names(leads) -> str:
 def dir_lineage(path: Path) -> dict | None:
     """The lineage in the attributes of the feature-set directory `path` (complete or not)."""
     meta = path / "zarr.json"
-    if not meta.is_file():
+    try:
+        text = meta.read_text() if meta.is_file() else None
+    except FileNotFoundError:  # renamed away since it was looked at (a publish)
         return None
-    return json.loads(meta.read_text()).get("attributes", {}).get("lineage")
+    return None if text is None else json.loads(text).get("attributes", {}).get("lineage")
 
 
 @dataclass(frozen=True)
@@ -81,29 +83,45 @@ class FeatureSet:
         """`features/.build-<name>`: a new set (or an overwrite) while it is written."""
         return self.root / f"{BUILD_PREFIX}{self.name}"
 
+    def published(self) -> tuple[Path, dict] | None:
+        """(folder, lineage) of the complete set: `features/<name>`, else the complete build of
+        an overwrite caught between its two renames (the old set moved aside, the new one not
+        yet in place: killed there, the next embed finishes the move), else None. The name is
+        looked at again last, for a move that ended while the build was being looked at."""
+        for path in (self.path, self.build_path, self.path):
+            lineage = dir_lineage(path)
+            if lineage and lineage.get("complete"):
+                return path, lineage
+        return None
+
     def lineage(self) -> dict | None:
         """The lineage of the complete set, or None when there is none under this name."""
-        lineage = dir_lineage(self.path)
-        return lineage if lineage and lineage.get("complete") else None
+        found = self.published()
+        return found[1] if found else None
 
-    def group(self, level: str):
-        """The zarr group of one level (segment | record) of the published set, read-only."""
+    def group(self, level: str, folder: Path | None = None):
+        """The zarr group of one level (segment | record) of the published set (or of the set
+        in `folder`), read-only."""
         import zarr
 
-        return zarr.open_group(str(self.path / level), mode="r")
+        if folder is None:
+            found = self.published()
+            folder = found[0] if found else self.path
+        return zarr.open_group(str(folder / level), mode="r")
 
     def open(self, level: str = "record") -> StoredFeatures:
         """The committed rows at `level` (segment | record), less those of forgotten records,
         with the embeddings left on disk until read."""
         _check_level(level)
-        lineage = self.lineage()
-        if lineage is None:
+        found = self.published()
+        if found is None:
             have = ", ".join(list_features(self.store_path)) or "none"
             raise FeatureError(
                 f"{self.store_path}: no feature set {self.name!r} (have: {have}); "
                 "run `ecgplat embed` first"
             )
-        group = self.group(level)
+        folder, lineage = found
+        group = self.group(level, folder)
         n = lineage.get("n_segments" if level == "segment" else "n_record_rows")
         n = int(group["record_index"].shape[0]) if n is None else int(n)  # sets of before appends
         record_index = np.asarray(group["record_index"][:n], dtype=np.int64)
@@ -125,10 +143,13 @@ def list_features(store_path: str | os.PathLike) -> list[str]:
     root = Path(store_path) / FEATURES
     if not root.is_dir():
         return []
+    # a `.build-<name>` folder may hold the set while an overwrite moves it (`published`)
+    names = {p.name.removeprefix(BUILD_PREFIX) for p in root.iterdir()}
     return sorted(
-        p.name
-        for p in root.iterdir()
-        if not p.name.startswith(".") and FeatureSet(store_path, p.name).lineage()
+        name
+        for name in names
+        if name and not name.startswith(".") and name not in LEVELS
+        if FeatureSet(store_path, name).lineage()
     )
 
 

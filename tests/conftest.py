@@ -57,3 +57,19 @@ def synth_shards(synth_store, tmp_path_factory) -> Path:
     write_shards(synth_store, "train", out, max_count=16)
     write_shards(synth_store, "valid", out, max_count=16)
     return out
+
+
+# ---- object storage --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A real S3 API server (moto's, in its own process) on 127.0.0.1 for the whole session; this
+    process's AWS variables point at it while it runs (``tests/s3_server.py``). Tests take a fresh
+    bucket each with ``s3.new_bucket()`` and are marked ``remote``."""
+    pytest.importorskip("s3fs", reason="s3fs is a dev dependency: pip install -e '.[dev]'")
+    pytest.importorskip("moto", reason="moto[server] is a dev dependency")
+    from s3_server import s3_server
+
+    with s3_server() as server:
+        yield server

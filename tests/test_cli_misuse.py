@@ -14,6 +14,10 @@ command line may use these placeholders, all built once per module from the bund
   {empty}   an empty directory                       {tmp}    a fresh directory for outputs
   {ptbxl_notroot} {ptbxl_garbage} {ptbxl_columns} {ptbxl_norows}: PTB-XL roots gone wrong
   {npz_<name>}  a predictions file from NPZ below
+  {phantom} a copy of {store} whose commit.json counts 5 records more than its arrays hold
+  {samples} the bundled sample corpora (data/samples)   {unsplit} a store never split
+  {latin1}  a patients CSV in latin-1, not UTF-8
+  {junk}    a folder of files of no ECG format (a .xml and a .dat)
 
 Errors raised by ecgplat itself are one `error: ...` line on stderr; usage errors found by the
 argument parser (a bad choice or range) come in typer's usage panel. Either way the output
@@ -22,6 +26,7 @@ names the offending option, argument or file, and never carries a raw patient id
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -56,6 +61,7 @@ CASES: list[tuple[str, list[str], int]] = [
     ("synth {tmp}/c --patients 0", ["--patients"], 2),
     ("synth {tmp}/c --seconds 0", ["--seconds"], 2),
     ("synth {tmp}/c --patients many", ["--patients", "valid integer"], 2),
+    ("synth {tmp}/c --seed -1", ["--seed"], 2),
     # --- ingest ----------------------------------------------------------------------------
     ("ingest nope {cohort} --store {tmp}/s", ["unknown corpus", "nope"], 2),
     ("ingest cinc2021 {tmp}/missing --store {tmp}/s", ["missing", "does not exist"], 2),
@@ -82,6 +88,29 @@ CASES: list[tuple[str, list[str], int]] = [
      ["nohost"], 2),
     ("ingest code15 {cohort} --store {tmp}/s --workers 0 --send-bytes --no-progress",
      ["--send-bytes", "code15"], 2),
+    ("ingest ludb {samples}/cinc2021 --store {tmp}/s --workers 0 --no-progress",
+     ["not a LUDB folder", "a CinC 2021 folder", "ingest cinc2021"], 2),
+    ("ingest code15 {samples}/cinc2021 --store {tmp}/s --workers 0 --no-progress",
+     ["not a CODE-15% folder", "a CinC 2021 folder"], 2),
+    ("ingest cinc2021 {samples}/ludb --store {tmp}/s --workers 0 --no-progress",
+     ["not a CinC 2021 folder", "a LUDB folder"], 2),
+    ("ingest numpy {empty} --store {tmp}/s --fs 500 --leads I --patients {latin1}",
+     ["latin1.csv", "not UTF-8"], 2),
+    # --- ingest auto and --filter ----------------------------------------------------------
+    ("ingest auto {empty} --store {tmp}/s --workers 0 --no-progress",
+     ["empty", "no file of a known ECG format"], 2),
+    ("ingest auto {junk} --store {tmp}/s --workers 0 --no-progress",
+     ["junk", "no file of a known ECG format", "2 files of unrecognised format"], 2),
+    ("ingest auto {samples}/wfdb_misc --store {tmp}/s --workers 0 --fs 500",
+     ["--fs", "does not apply to the readers of the files found", "wfdb"], 2),
+    ("ingest cinc2021 {cohort} --store {tmp}/s --filter lowpass=40",
+     ["--filter", "lowpass=40", "bandpass=LO-HI or notch=HZ"], 2),
+    ("ingest cinc2021 {cohort} --store {tmp}/s --filter notch=300", ["--filter", "0-250"], 2),
+    ("ingest cinc2021 {cohort} --store {tmp}/s --filter bandpass=40-0.5",
+     ["--filter", "low edge must be below"], 2),
+    ("ingest auto {samples}/wfdb_misc --store {tmp}/s --filter notch=x",
+     ["--filter", "not a number"], 2),
+    ("ingest cinc2021 {cohort} --store {tmp}/s --filter ,", ["--filter", "empty spec"], 2),
     # --- watch -----------------------------------------------------------------------------
     ("watch {tmp}/missing --store {tmp}/s", ["missing", "does not exist"], 2),
     ("watch {afile} --store {tmp}/s", ["afile", "not a directory"], 2),
@@ -99,6 +128,11 @@ CASES: list[tuple[str, list[str], int]] = [
      ["--index", "is a directory"], 2),
     ("watch {empty} --store {tmp}/s --poll 0", ["--poll"], 2),
     ("watch {empty} --store {tmp}/s --settle -1", ["--settle"], 2),
+    ("watch {empty} --store {tmp}/s --leads I,XX --max-seconds 1", ["--leads", "XX"], 2),
+    ("watch {empty} --store {tmp}/s --embed a/b --checkpoint {pt} --max-seconds 1 --device cpu",
+     ["bad feature set name", "a/b"], 2),
+    ("watch {empty} --store {tmp}/s --embed e --checkpoint {pt} --index {foreign_idx} "
+     "--max-seconds 1 --device cpu", ["--split all"], 2),
     # --- split -----------------------------------------------------------------------------
     ("split {tmp}/nostore", ["nostore", "no ecgplat store"], 2),
     ("split {afile}", ["afile", "no ecgplat store"], 2),
@@ -108,6 +142,8 @@ CASES: list[tuple[str, list[str], int]] = [
     ("split {store} --valid 1.5", ["--valid"], 2),
     ("split {store} --valid 0.6 --test 0.6", ["valid", "test", "sum to < 1"], 2),
     ("split {store} --source nosuch", ["nosuch"], 2),
+    ("split {phantom}", ["commit.json", "n_records=77", "records/record_key holds 72"], 2),
+    ("split {store} --seed -1", ["--seed"], 2),
     # --- shards ----------------------------------------------------------------------------
     ("shards {tmp}/nostore --split train --out {tmp}/o", ["no ecgplat store"], 2),
     ("shards {store} --split nosuch --out {tmp}/o --no-progress", ["no records in split"], 2),
@@ -118,11 +154,14 @@ CASES: list[tuple[str, list[str], int]] = [
     ("shards {store} --split train --out {tmp}/o --name a/b --no-progress",
      ["bad shard name", "a/b"], 2),
     ("shards {store} --out {tmp}/o", ["Missing option", "--split"], 2),
+    ("shards {phantom} --split train --out {tmp}/o --no-progress",
+     ["commit.json", "n_records=77"], 2),
     # --- info ------------------------------------------------------------------------------
     ("info {tmp}/nostore", ["nostore", "no ecgplat store"], 2),
     ("info {afile}", ["afile", "no ecgplat store"], 2),
     ("info {empty}", ["no ecgplat store"], 2),
     ("info", ["Missing argument", "STORE"], 2),
+    ("info {phantom}", ["commit.json", "corrupt commit point", "n_records=77"], 2),
     # --- score -----------------------------------------------------------------------------
     ("score {tmp}/nope.npz", ["nope.npz", "no such predictions file"], 2),
     ("score {empty}", ["no such predictions file"], 2),
@@ -174,8 +213,14 @@ CASES: list[tuple[str, list[str], int]] = [
     ("train pretrain --shards {shards} --out {afile}", ["--out", "is a file, not a directory"], 2),
     ("train pretrain --out {tmp}/r --resume", ["no checkpoint_last.pt", "resume"], 2),
     ("train diagnosis --shards {shards} --out {run}", ["already holds a training run"], 2),
+    ("train diagnosis --store {unsplit} --shards {shards} --out {tmp}/r",
+     ["unsplit", "never split", "ecgplat split"], 2),
     ("train diagnosis --out {run} --resume --leads 6", ["--leads cannot change"], 2),
     ("train pretrain --out {run} --resume", ["'diagnosis' run"], 2),
+    ("train diagnosis --shards {shards} --out {tmp}/r --init {afile}",
+     ["afile", "not a loadable torch checkpoint", "weights-only unpickler"], 2),
+    ("train pretrain --shards {shards} --out {tmp}/r data.train_split=nosuch",
+     ["no split 'nosuch'"], 2),
     # --- evaluate diagnosis ----------------------------------------------------------------
     ("evaluate diagnosis --checkpoint {tmp}/nope.pt --store {store}", ["nope.pt"], 2),
     ("evaluate diagnosis --checkpoint {pt} --store {store}", ["not a diagnosis model"], 2),
@@ -202,6 +247,7 @@ CASES: list[tuple[str, list[str], int]] = [
     ("evaluate identify --store {store} --features emb --plot {empty}",
      ["--plot", "is a directory"], 2),
     ("evaluate identify --store {store} --features emb --leads XX", ["XX"], 2),
+    ("evaluate identify --store {store} --features emb --seed -1", ["--seed"], 2),
     ("evaluate identify --store {store} --features emb --max-probes -1",
      ["--max-probes must be >= 0", "-1"], 2),
     # --- forget ----------------------------------------------------------------------------
@@ -355,7 +401,19 @@ def world(synth_cohort, synth_store, synth_shards, tmp_path_factory) -> dict[str
     from retrieval.index import build_index
 
     build_index(np.eye(2, 4, dtype=np.float32), ["a", "b"]).save(base / "foreign")
+    phantom = base / "phantom"  # a copy taken mid-write: commit.json ahead of the arrays
+    shutil.copytree(synth_store, phantom)
+    state = json.loads((phantom / "commit.json").read_text())
+    (phantom / "commit.json").write_text(json.dumps({**state, "n_records": 77}))
     gallery = open_store(store).select(ident_split="gallery")
+    from ingestion.pipeline import ingest
+
+    samples = REPO / "data" / "samples"
+    ingest("cinc2021", samples / "cinc2021", base / "unsplit", workers=0, progress=False)
+    (base / "latin1.csv").write_bytes("record_id,patient_id\nrec,Müller\n".encode("latin-1"))
+    (base / "junk").mkdir()
+    (base / "junk" / "notes.xml").write_text("not an ECG\n")
+    (base / "junk" / "scan.dat").write_bytes(bytes(range(256)))
     record = str(open_store(store).records["record_key"].iloc[int(gallery[0])])
     return {
         "store": str(store),
@@ -366,10 +424,15 @@ def world(synth_cohort, synth_store, synth_shards, tmp_path_factory) -> dict[str
         "run": str(run),
         "idx": str(base / "gallery"),
         "foreign_idx": str(base / "foreign"),
+        "samples": str(REPO / "data" / "samples"),
+        "unsplit": str(base / "unsplit"),
+        "latin1": str(base / "latin1.csv"),
+        "junk": str(base / "junk"),
         "fs": str(FAIRSEQ_CKPT),
         "afile": str(afile),
         "empty": str(empty),
         "record": record,
+        "phantom": str(phantom),
         **roots,
         **npz,
     }
@@ -463,6 +526,34 @@ def test_train_refuses_missing_store_before_writing(world, tmp_path):
     )
     assert r.exit_code == 2 and "no ecgplat store" in r.stderr
     assert not out.exists()
+
+
+def test_outputs_create_their_missing_folders(world, tmp_path):
+    """The rule of every --out and --plot: missing folders are created (the old bug: `index
+    build` failed on its lock file's folder); a refused command creates none."""
+    out = tmp_path / "new" / "dir" / "X"
+    args = ["index", "build", "--store", world["store"], "--features", "emb", "--out", str(out)]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert out.with_name("X.faiss").is_file()
+    plot = tmp_path / "plots" / "sub" / "q.png"
+    query = ["query", "--index", world["idx"] + ".faiss", "--plot", str(plot), "--record"]
+    r = runner.invoke(app, [*query, "cinc2021/nosuch"])
+    assert r.exit_code == 2 and not (tmp_path / "plots").exists()
+    r = runner.invoke(app, [*query, world["record"]])
+    assert r.exit_code == 0 and plot.stat().st_size > 1000, r.output
+
+
+def test_checkpoint_errors_never_advise_weights_only_false(world, tmp_path):
+    """PyTorch's "re-run with weights_only=False" would run code from the file: the reason is
+    kept, the advice is not."""
+    for args in (
+        ["embed", "--checkpoint", world["afile"], "--store", world["store"], "--name", "e3"],
+        ["import", "fairseq-signals", world["afile"], str(tmp_path / "o.pt")],
+    ):
+        r = runner.invoke(app, args)
+        assert r.exit_code == 2 and "weights-only unpickler: Unsupported" in r.stderr, r.output
+        assert "weights_only" not in r.output and "trusted source" not in r.output
 
 
 def test_score_accepts_the_valid_file(world):

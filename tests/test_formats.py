@@ -265,6 +265,30 @@ def test_corrupt_commit_point_is_named(synth_store, tmp_path, content, reason):
     _one_line_error(result, str(store / COMMIT_FILE))
 
 
+@pytest.mark.parametrize("count, extra", [("n_records", 5), ("n_segments", 3), ("n_rejects", 2)])
+def test_commit_point_counting_rows_the_arrays_lack_is_refused(synth_store, tmp_path, count, extra):
+    """A commit.json that counts more rows than the arrays hold (a copy taken mid-write) is
+    refused by readers and writers alike: no phantom records read, split, sealed or exported,
+    and nothing in the store changes (the old bug: info crashed, split grew the arrays)."""
+    store = tmp_path / "store"
+    shutil.copytree(synth_store, store)
+    state = json.loads((store / COMMIT_FILE).read_bytes())
+    state[count] += extra
+    (store / COMMIT_FILE).write_text(json.dumps(state))
+    before = {p: p.read_bytes() for p in store.rglob("zarr.json")}
+    commit = (store / COMMIT_FILE).read_bytes()
+    with pytest.raises(ValueError, match=re.escape(f"{store / COMMIT_FILE}: corrupt commit")):
+        open_store(store)
+    runner = CliRunner()
+    out = tmp_path / "out"
+    for args in (["info"], ["split"], ["shards", "--split", "train", "--out", str(out)]):
+        result = runner.invoke(app, [args[0], str(store), *args[1:]])
+        assert result.exit_code == 2, result.output
+        _one_line_error(result, str(store / COMMIT_FILE), f"{count}={state[count]}")
+    assert (store / COMMIT_FILE).read_bytes() == commit and not out.exists()
+    assert {p: p.read_bytes() for p in store.rglob("zarr.json")} == before
+
+
 def test_readers_never_fail_while_split_runs(synth_store, tmp_path):
     """Readers that opened the store before a split keep reading their generation: a split
     deletes only generations older than the one it replaces. 0 errors over concurrent reads."""

@@ -36,9 +36,10 @@ def _ids(lo, hi):
     return [f"r{i}" for i in range(lo, hi)]
 
 
-def _chained(tmp_path, kind="flat", cuts=(300, 340, 370), n=400, params=None):
-    """(path, all vectors): main over [0, cuts[0]), one delta per following cut and the end."""
-    x = _unit(n, 0)
+def _chained(tmp_path, kind="flat", cuts=(300, 340, 370), n=400, params=None, x=None):
+    """(path, all vectors `x`, default random): main over [0, cuts[0]), one delta per following
+    cut and the end."""
+    x = _unit(n, 0) if x is None else x
     labels = [f"p{i // 3}" for i in range(n)]
     main = build_index(
         x[: cuts[0]],
@@ -81,6 +82,24 @@ def test_flat_main_plus_deltas_searches_exactly_like_one_flat_index(tmp_path):
     # k beyond the gallery: every row once, none missing
     _, rows = g.search(queries[:2], 1000)
     assert rows.shape == (2, 400) and sorted(rows[0].tolist()) == list(range(400))
+
+
+def test_exact_ties_rank_in_row_order_with_or_without_deltas(tmp_path):
+    """Rows that tie exactly (copies of three directions): main + deltas and one flat index
+    return the same rows in the same order, equal scores by lower row as `nearest` ranks them
+    (the old bug: one FAISS index returned a tie in its own order, the merge in row order)."""
+    from training.ident_metrics import nearest
+
+    basis = _unit(3, 5)
+    x = basis[np.random.default_rng(1).integers(0, 3, 400)]
+    path, _ = _chained(tmp_path, x=x)
+    g, one = GalleryIndex.load(path), build_index(x, _ids(0, 400), dict(LINEAGE))
+    queries = np.concatenate([basis, _unit(30, 9)])  # 1 query and more than 20 (FAISS's BLAS)
+    for q in (queries[:1], queries):
+        for k in (1, 5, 150, 400):
+            (s1, r1), (s2, r2) = g.search(q, k), one.search(q, k)
+            assert np.array_equal(r1, r2) and np.array_equal(s1, s2), k
+            assert np.array_equal(r1, nearest(x, q, k)), k
 
 
 @pytest.mark.parametrize("kind", ["hnsw", "ivf"])

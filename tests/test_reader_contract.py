@@ -13,10 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from edf_files import Channel, write_edf
 from hostile_files import ecg
+from muse_xml import muse_samples, write_muse
 
 from ecgplat.leads import LEADS, canonical_lead
-from ecgplat.store import open_store
+from ecgplat.store import SEGMENT_SECONDS, open_store
 from ingestion.conditioning import condition, to_int16_microvolts
 from ingestion.pipeline import ingest
 from ingestion.readers.options import READER_FIELDS, ReadOptions
@@ -25,7 +27,7 @@ from ingestion.readers.record import RecordError
 from ingestion.readers.registry import READERS
 
 SAMPLES = Path(__file__).parents[1] / "data" / "samples"
-# reader -> its bundled sample folder (None: arrays written by `numpy_corpus`)
+# reader -> its bundled sample folder (None: files written by its `WRITTEN` function)
 SAMPLE_FOLDERS = {
     "cinc2021": "cinc2021",
     "ptbxl": "ptbxl",
@@ -34,7 +36,15 @@ SAMPLE_FOLDERS = {
     "ludb": "ludb",
     "code15": "code15",
     "numpy": None,
+    "hl7_aecg": "hospital/hl7_aecg",
+    "dicom": "hospital/dicom_ecg",
+    "philips": "hospital/philips_xml",
+    "muse": None,  # GPL/unlicensed samples: synthetic files (tests/muse_xml.py)
+    "scp": "hospital/scp_ecg",
+    "edf": None,  # GPL samples: EDF+ files written by `edf_corpus` (tests/edf_files.py)
 }
+# readers whose record is one file, named with its extension (rel = the file's path)
+ONE_FILE = {"numpy", "hl7_aecg", "dicom", "philips", "muse", "scp", "edf"}
 NAMES = sorted(READERS)
 NPY_LEADS = ("V6", "V5", "V4", "V3", "V2", "V1", "II", "I")  # 8 of 12, reversed: mapping shows
 NPY_PATIENTS = {"rec_a": "NPY-PATIENT-0417", "sub/rec_b": "NPY-PATIENT-0923"}
@@ -47,13 +57,20 @@ FIRST_LEADS = {
     "cpsc2021": ("I", "II"),
     "wfdb": ("II", "V5"),  # MIT-BIH 100: MLII and V5
     "numpy": tuple(reversed(NPY_LEADS)),
+    "hl7_aecg": LEADS,
+    "dicom": LEADS,
+    "philips": LEADS,
+    "muse": LEADS,  # I, II, V1-V6 stored, III, aVR, aVL, aVF derived
+    "scp": LEADS,
+    "edf": ("I", "II", "V2"),
 }
 NO_PATIENT_IDS = ("wfdb", "ludb")  # formats without patient ids: every record is its own patient
 UNICODE_DIR = "ünïcødé ✓ 心电"
 UNICODE_NAME = "ÉCG_心电_ñ"  # WFDB headers split on whitespace: no space in a record name
 # what the reason says of a data file cut in half, where not "truncated" (the .npy loader
 # cannot tell why it fails)
-TRUNCATED = {"numpy": "not a readable .npy/.npz array"}
+TRUNCATED = {"hl7_aecg": "not well-formed XML"}  # numpy: "... header implies ...: truncated"
+TRUNCATED |= {"philips": "not well-formed XML", "muse": "not well-formed XML"}
 PSEUDONYM = re.compile(r"p-[0-9a-f]{16}")
 
 
@@ -71,10 +88,38 @@ def numpy_corpus(root: Path) -> tuple[Path, ReadOptions]:
     return src, ReadOptions(fs=500, leads=",".join(NPY_LEADS), units="uV", patients=str(csv))
 
 
+def muse_corpus(root: Path) -> tuple[Path, ReadOptions]:
+    """Three synthetic MUSE files under ``root/muse``: two with made-up patients, one without
+    demographics."""
+    src = root / "muse"
+    write_muse(src / "a.xml", patient="MUSE-PATIENT-0417")
+    write_muse(src / "sub" / "b.xml", leads=muse_samples(seed=1), patient="MUSE-PATIENT-0923")
+    write_muse(src / "c.xml", leads=muse_samples(seed=2))
+    return src, ReadOptions()
+
+
+def edf_corpus(root: Path) -> tuple[Path, ReadOptions]:
+    """Two EDF+ records under ``root/edf`` (ECG I, II, V2 in µV and a respiration channel, 12 s
+    at 500 Hz), their patient codes in the EDF+ patient identification."""
+    src = root / "edf"
+    for i, (rec, pid) in enumerate(NPY_PATIENTS.items()):
+        x = np.round(ecg(3, 6000, seed=i).T * 1000.0).astype(np.int16)  # µV at unit gain
+        labels = ("ECG I", "ECG II", "ECG V2")
+        channels = [Channel(label, row, 500) for label, row in zip(labels, x, strict=True)]
+        channels.append(Channel("Resp", x[0], 500, "mV", (-10, 10)))
+        path = src / f"{rec}.edf"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_edf(path, channels, patient=f"{pid.replace('NPY', 'EDF')} F X X")
+    return src, ReadOptions()
+
+
+WRITTEN = {"numpy": numpy_corpus, "muse": muse_corpus, "edf": edf_corpus}  # samples written here
+
+
 def corpus(name: str, tmp_path: Path) -> tuple[Path, ReadOptions]:
     """A private copy of reader ``name``'s samples under ``tmp_path`` and its read options."""
     if SAMPLE_FOLDERS[name] is None:
-        return numpy_corpus(tmp_path)
+        return WRITTEN[name](tmp_path)
     src = tmp_path / "src"
     shutil.copytree(SAMPLES / SAMPLE_FOLDERS[name], src)
     return src, ReadOptions()
@@ -83,25 +128,28 @@ def corpus(name: str, tmp_path: Path) -> tuple[Path, ReadOptions]:
 def sample_source(name: str, tmp_path: Path) -> tuple[Path, ReadOptions]:
     """Reader ``name``'s bundled samples, read in place (numpy: arrays written to ``tmp_path``)."""
     if SAMPLE_FOLDERS[name] is None:
-        return numpy_corpus(tmp_path)
+        return WRITTEN[name](tmp_path)
     return SAMPLES / SAMPLE_FOLDERS[name], ReadOptions()
 
 
 def readable(name: str, src: Path, opts: ReadOptions) -> dict:
-    """rel -> RawRecord of every listed record the reader reads (at least one)."""
+    """rel -> RawRecord of every listed record the reader reads (at least one), but for those too
+    short for conditioning to keep (the minimal aECG of 13 samples)."""
     reader, out = READERS[name], {}
     for rel in reader.list_records(src):
         try:
-            out[rel] = reader.read_record(src, rel, opts)
+            rec = reader.read_record(src, rel, opts)
         except RecordError:
             continue
+        if rec.n_samples >= rec.fs * SEGMENT_SECONDS:
+            out[rel] = rec
     assert out, f"no readable {name} sample"
     return out
 
 
 def data_file(name: str, src: Path, rel: str) -> Path:
     """The signal file of record ``rel``."""
-    if name == "numpy":
+    if name in ONE_FILE:
         return src / rel
     return next(src / f"{rel}{s}" for s in (".dat", ".mat") if (src / f"{rel}{s}").is_file())
 
@@ -109,9 +157,11 @@ def data_file(name: str, src: Path, rel: str) -> Path:
 def move_record(name: str, src: Path, rel: str, new_rel: str, opts: ReadOptions) -> None:
     """Move record ``rel`` to ``new_rel``, renaming it in its header (WFDB), in
     ``ptbxl_database.csv`` (PTB-XL) or in the patients CSV (numpy)."""
-    if name == "numpy":
+    if name in ONE_FILE:
         (src / new_rel).parent.mkdir(parents=True, exist_ok=True)
         (src / rel).rename(src / new_rel)
+        if name != "numpy":
+            return
         csv = Path(str(opts.patients))
         old_id, new_id = rel.removesuffix(".npy"), new_rel.removesuffix(".npy")
         csv.write_text(csv.read_text(encoding="utf-8").replace(old_id, new_id), encoding="utf-8")
@@ -223,8 +273,8 @@ def test_unicode_file_names_read_like_ascii_ones(name, tmp_path):
     rel = next(iter(records))
     if name == "cpsc2021":  # the name holds the patient: only the folder can change
         new_rel = f"{UNICODE_DIR}/{Path(rel).name}"
-    elif name == "numpy":
-        new_rel = f"{UNICODE_DIR}/{UNICODE_NAME}.npy"
+    elif name in ONE_FILE:
+        new_rel = f"{UNICODE_DIR}/{UNICODE_NAME}{Path(rel).suffix}"
     else:
         new_rel = (Path(rel).parent / UNICODE_DIR / UNICODE_NAME).as_posix()
     move_record(name, src, rel, new_rel, opts)

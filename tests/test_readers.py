@@ -32,7 +32,9 @@ def _expected_multihot(codes):
 
 
 def test_registry():
-    assert set(READERS) == {"cinc2021", "ptbxl", "wfdb", "cpsc2021", "ludb", "code15", "numpy"}
+    corpora = {"cinc2021", "ptbxl", "wfdb", "cpsc2021", "ludb", "code15", "numpy"}
+    vendor = {"muse", "philips", "hl7_aecg", "dicom", "scp", "edf"}  # hospital exports
+    assert set(READERS) == corpora | vendor
     for name, mod in READERS.items():
         assert name == mod.SOURCE and callable(mod.list_records) and callable(mod.read_record)
     with pytest.raises(ValueError, match="known"):

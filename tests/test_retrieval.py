@@ -271,6 +271,41 @@ def test_embed_refuses_another_checkpoint_and_survives_interruptions(embedded, m
     assert kept.lineage == old.lineage and np.array_equal(kept.embeddings, old.embeddings)
 
 
+def test_overwrite_killed_between_its_renames_shows_the_new_set(embedded, tmp_path):
+    """An `embed --overwrite` SIGKILLed after moving the old set aside and before moving the
+    new one in: readers see the new set (the old bug: no set until the next embed recomputed
+    it), and the next embed only finishes the move."""
+    import os
+    import subprocess
+    import sys
+
+    from retrieval.embed import embed_store
+    from retrieval.features import file_sha256, list_features, load_features
+
+    store = tmp_path / "store"
+    shutil.copytree(embedded["store"], store)
+    code = "import sys; from retrieval.embed import embed_store as e; e(*sys.argv[1:3], 'a', "
+    code += "overwrite=True, batch_size=48)"
+    env = dict(os.environ, OMP_NUM_THREADS="1", ECGPLAT_FAULT_STOP="embed.between_renames")
+    argv = [sys.executable, "-c", code, str(store), str(embedded["b"])]
+    proc = subprocess.run(argv, env=env, capture_output=True, timeout=600)
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]  # SIGKILL
+    assert not (store / "features" / "a").exists()  # killed where the old code lost the set
+    new = load_features(store, "a", "record")
+    assert new.lineage["checkpoint_sha256"] == file_sha256(embedded["b"])
+    assert "a" in list_features(store)
+    # the next embed finishes the move (nothing to embed) and deletes the old set moved aside
+    assert embed_store(store, embedded["b"], "a", batch_size=48)["embedded"] == 0
+    names = {p.name for p in (store / "features").iterdir()}
+    assert "a" in names and ".build-a" not in names
+    assert not [n for n in names if n.startswith(".tmp-a-")]
+    assert load_features(store, "a", "record").lineage == new.lineage
+    embed_store(store, embedded["b"], "z", batch_size=48)
+    for level in ("segment", "record"):
+        moved, fresh = load_features(store, "a", level), load_features(store, "z", level)
+        assert np.array_equal(moved.embeddings, fresh.embeddings)
+
+
 def test_evaluate_identification_matches_brute_force(embedded, tmp_path, monkeypatch):
     import retrieval.evaluate as evaluate_mod
     from ecgplat.store import open_store

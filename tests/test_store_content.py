@@ -6,6 +6,10 @@ it guards refactors against silently changing what lands in a store. Patient key
 hashes depend on the store's random secret, so they enter as a partition (which records share a
 key), not as values. A deliberate format change re-records the hash with
 ``python tests/test_store_content.py --record``.
+
+Re-recorded for issue 21: the record table gained the ``filter`` column ("" for every record:
+no ``--filter``) and the hash now also covers ``derived_masks`` (all False: no vendor record);
+with the ``filter`` column left out, the store hashed to the previous value unchanged.
 """
 
 import hashlib
@@ -51,7 +55,7 @@ def content_hash(path: Path) -> dict:
     s = open_store(path)
     h = hashlib.sha256()
     _feed(h, "segments", s.read_segments_raw(np.arange(s.n_segments)))
-    for name in ("segment_record_index", "segment_number", "labels", "lead_masks"):
+    for name in ("segment_record_index", "segment_number", "labels", "lead_masks", "derived_masks"):
         _feed(h, name, np.asarray(getattr(s, name)))
     records = s.records
     codes, keys = pd.factorize(records["patient_key"])

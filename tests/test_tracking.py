@@ -17,13 +17,25 @@ def _wandb_env(monkeypatch, tmp_path):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    # A W&B service left running by an earlier in-process run (a CLI test) keeps that run's
+    # environment and log folder: start these tests with a service of their own.
+    import wandb
+
+    wandb.teardown()
+    yield
+    wandb.teardown()
 
 
 def _all_bytes(root):
+    """Every regular file under ``root`` with its bytes. W&B's ``debug*.log`` links point at the
+    run's own log files (walked anyway) and may dangle while its service shuts down."""
     for dirpath, _, files in os.walk(root):
         for f in files:
-            with open(os.path.join(dirpath, f), "rb") as fh:
-                yield os.path.join(dirpath, f), fh.read()
+            path = os.path.join(dirpath, f)
+            if os.path.islink(path):
+                continue
+            with open(path, "rb") as fh:
+                yield path, fh.read()
 
 
 def test_sanitize_drops_and_redacts_patient_keys():

@@ -24,6 +24,8 @@ def check_run_paths(cfg: RunConfig) -> None:
     ):
         if value and not (Path(value) / "zarr.json").is_file():
             raise ConfigError(f"{option} ({key}) {value}: no ecgplat store here")
+    if cfg.task == "diagnosis" and cfg.data.store:
+        check_store_split(cfg.data.store)
     init = cfg.finetune.init
     if init and init != "none" and not Path(init).is_file():
         raise ConfigError(f"--init (finetune.init) {init}: no such checkpoint file")
@@ -36,6 +38,18 @@ def check_run_paths(cfg: RunConfig) -> None:
     is_pattern = shards.startswith("pipe:") or "{" in shards or shards.endswith(".tar")
     if shards and not is_pattern and not Path(shards).is_dir():
         raise ConfigError(f"--shards (data.shards) {shards}: no such shard directory")
+
+
+def check_store_split(store_path: str) -> None:
+    """ConfigError for a `--store` that was never split: diagnosis validates on its valid split
+    (when the shards carry none), and a store without one would be passed over without a word."""
+    from ecgplat.store import open_store
+
+    if not (open_store(store_path).column("split") != "").any():
+        raise ConfigError(
+            f"--store (data.store) {store_path}: the store was never split; "
+            f"run `ecgplat split {store_path}` first, or leave --store out"
+        )
 
 
 def resolve_run_config(

@@ -134,7 +134,9 @@ def fail(message: str, code: int = USAGE_EXIT) -> None:
 
 def check_output_path(path: Path, option: str, *, directory: bool) -> None:
     """Fail unless `path` can be created as a directory (`directory`) or written as a file:
-    no existing ancestor may be a file, and the path itself must be of the right kind."""
+    no existing ancestor may be a file, and the path itself must be of the right kind. The rule
+    of every output option (--out, --plot): its missing folders are created, like `mkdir -p`,
+    when the command writes it; this check refuses beforehand what could not be created."""
     path = Path(path)
     if path.exists():
         if directory and not path.is_dir():

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -20,6 +20,11 @@ from ecgplat.cli.options import (
 
 CORPUS_NAMES: tuple[str, ...] = ("cinc2021", "ptbxl", "wfdb", "cpsc2021")
 CORPUS_NAMES += ("ludb", "code15", "numpy")  # corpora of issue 12
+AUTO = "auto"  # every file by the reader its content needs (ingestion/auto.py)
+FILTER_HELP = (
+    "Zero-phase filters at 500 Hz, e.g. bandpass=0.5-40,notch=50 (or notch=60); "
+    "default: none, as in the paper."
+)
 UNITS_HELP = (
     "wfdb: opt into records whose channels are in a non-voltage unit (z = z-scored; stored and "
     "marked units=z); numpy: unit of the array values, mV (default), uV or z."
@@ -39,7 +44,7 @@ def synth(
         float, typer.Option(min=0.1, help="Length of each record in seconds.")
     ] = 10.0,
     seed: Annotated[
-        int, typer.Option(help="Random seed; the same seed gives the same cohort.")
+        int, typer.Option(min=0, help="Random seed; the same seed gives the same cohort.")
     ] = 0,
 ) -> None:
     """Write a synthetic 12-lead cohort in the CinC 2021 format (WFDB header + MATLAB v4)."""
@@ -55,7 +60,13 @@ def synth(
 
 @app.command("ingest")
 def ingest(
-    corpus: Annotated[str, typer.Argument(help=f"Corpus reader: {', '.join(CORPUS_NAMES)}.")],
+    corpus: Annotated[
+        str,
+        typer.Argument(
+            help=f"Corpus reader: {', '.join(CORPUS_NAMES)}; or auto: each file's format "
+            "told from its content (a mixed folder)."
+        ),
+    ],
     src: Annotated[Path, typer.Argument(help="Root directory of the corpus.")],
     store: NewStoreOption,
     workers: Annotated[
@@ -112,6 +123,7 @@ def ingest(
     ] = None,
     leads: Annotated[str | None, typer.Option(help=LEADS_HELP)] = None,
     patients: Annotated[Path | None, typer.Option(help=PATIENTS_HELP)] = None,
+    signal_filter: Annotated[str | None, typer.Option("--filter", help=FILTER_HELP)] = None,
     send_bytes: Annotated[
         bool,
         typer.Option(
@@ -128,8 +140,8 @@ def ingest(
     records are listed in the store's rejects table with a one-line reason. Every file read
     must lie inside SRC (no absolute or '..' paths; no symbolic links unless --follow-symlinks).
     """
-    if corpus not in CORPUS_NAMES:
-        fail(f"unknown corpus {corpus!r}; choose one of {', '.join(CORPUS_NAMES)}")
+    if corpus not in (*CORPUS_NAMES, AUTO):
+        fail(f"unknown corpus {corpus!r}; choose one of {', '.join(CORPUS_NAMES)} or {AUTO}")
     if not src.exists():
         fail(f"{src}: source directory does not exist")
     if not (src.is_dir() or (corpus == "numpy" and src.is_file())):
@@ -139,33 +151,39 @@ def ingest(
         fail("--allow-outside needs --follow-symlinks")
     if min_fs > max_fs:
         fail(f"--min-fs ({min_fs:g}) is above --max-fs ({max_fs:g})")
+    from ingestion.auto import ingest_auto
     from ingestion.pipeline import ingest as run_ingest
     from ingestion.readers.options import ReadOptions
 
-    opts = ReadOptions(
-        min_fs,
-        max_fs,
-        max_duration,
-        follow_symlinks,
-        allow_outside,
-        units=units,
-        fs=fs,
-        leads=leads,
-        patients=str(patients.absolute()) if patients is not None else None,
-    )
     try:
-        summary = run_ingest(
-            corpus,
-            src,
-            store,
-            workers=workers,
-            scheduler=scheduler,
-            batch_size=batch_size,
-            progress=progress,
-            limit=limit,
-            opts=opts,
-            send_bytes=send_bytes,
+        opts = ReadOptions(
+            min_fs,
+            max_fs,
+            max_duration,
+            follow_symlinks,
+            allow_outside,
+            units=units,
+            fs=fs,
+            leads=leads,
+            patients=str(patients.absolute()) if patients is not None else None,
+            signal_filter=signal_filter,
         )
+    except ValueError as e:
+        fail(str(e))
+    run: dict[str, Any] = {
+        "workers": workers,
+        "scheduler": scheduler,
+        "batch_size": batch_size,
+        "progress": progress,
+        "limit": limit,
+        "opts": opts,
+        "send_bytes": send_bytes,
+    }
+    try:
+        if corpus == AUTO:
+            summary = ingest_auto(src, store, **run)
+        else:
+            summary = run_ingest(corpus, src, store, **run)
     except (FileNotFoundError, ValueError, RuntimeError, OSError) as e:
         fail(str(e))
     except KeyboardInterrupt:
@@ -186,6 +204,8 @@ def ingest(
         f"already present; rejected: {rejected}; store now holds "
         f"{summary['store_records']} records"
     )
+    for name, part in summary.get("formats", {}).items():
+        typer.echo(f"  {name}: {part['records']} records of {part['listed']} listed")
 
 
 @app.command("split")
@@ -203,7 +223,9 @@ def split(
     test: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="Fraction of records for test (random mode).")
     ] = 0.1,
-    seed: Annotated[int, typer.Option(help="Seed of the patient shuffle (random mode).")] = 0,
+    seed: Annotated[
+        int, typer.Option(min=0, help="Seed of the patient shuffle (random mode).")
+    ] = 0,
     ident: Annotated[
         bool,
         typer.Option(

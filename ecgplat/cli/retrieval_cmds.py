@@ -116,7 +116,7 @@ def index_build(
         Path,
         typer.Option(
             help="Index path: writes OUT.faiss, one file holding the vectors, their ids, "
-            "patient pseudonyms and lineage."
+            "patient pseudonyms and lineage (missing folders are created, as for every output)."
         ),
     ],
     split: Annotated[
@@ -140,13 +140,14 @@ def index_build(
     ] = "record",
 ) -> None:
     """Build a FAISS index over the embeddings of a store split."""
-    from retrieval.index import INDEX_KINDS, index_from_features, index_lock
+    from retrieval.index import INDEX_KINDS, index_file, index_from_features, index_lock
 
     if kind not in INDEX_KINDS:
         fail(f"unknown --kind {kind!r}; choose one of {', '.join(INDEX_KINDS)}")
     check_output_path(out, "--out", directory=False)
     try:
         index = index_from_features(store, features, split=split, kind=kind, level=level)
+        index_file(out).parent.mkdir(parents=True, exist_ok=True)  # its lock file goes there
         with index_lock(out):
             path = index.save(out)
     except _ERRORS as e:
@@ -209,7 +210,10 @@ def evaluate_identify(
             "with the subset by the feature set's checkpoint."
         ),
     ] = None,
-    plot: Annotated[Path | None, typer.Option(help="Write the CMC curves to this PNG.")] = None,
+    plot: Annotated[
+        Path | None,
+        typer.Option(help="Write the CMC curves to this PNG (missing folders are created)."),
+    ] = None,
     as_json: Annotated[bool, json_option("Print the metrics as JSON.")] = False,
     precision: Annotated[
         Precision | None, precision_option("Used with --leads (default: the feature set's).")
@@ -223,7 +227,7 @@ def evaluate_identify(
             "0 = every probe."
         ),
     ] = 20_000,
-    seed: Annotated[int, typer.Option(help="Seed of the --max-probes sample.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the --max-probes sample.")] = 0,
 ) -> None:
     """Patient identification: Rank-1/5/10 and exact mAP per record and per segment."""
     from retrieval.evaluate import evaluate_identification
@@ -294,7 +298,10 @@ def query(
     k: Annotated[int, typer.Option(min=1, help="Number of matches.")] = 5,
     plot: Annotated[
         Path | None,
-        typer.Option(help="Write the 12-lead traces of the query and its matches to this PNG."),
+        typer.Option(
+            help="Write the 12-lead traces of the query and its matches to this PNG (missing "
+            "folders are created, as for every output)."
+        ),
     ] = None,
     as_json: Annotated[bool, json_option("Print the matches as JSON.")] = False,
     precision: Annotated[

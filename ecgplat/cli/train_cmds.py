@@ -129,17 +129,14 @@ def train_command(
 
     rank = int(os.environ.get("RANK", "0"))
     write_run_config(cfg)  # rank 0; on --resume: the saved config + overrides
-    try:
+    try:  # other errors go to the app's handler: bad input exits 2, a bug 1 (ecgplat/cli/apps.py)
         summary = train(cfg, TASKS[task](cfg), resume=resume)
     except Interrupted as e:
         if rank == 0:
             typer.echo(f"{e}; continue with: ecgplat train {task} --out {out} --resume", err=True)
-        distributed.teardown()
         raise typer.Exit(e.exit_code) from None
-    except (FileNotFoundError, ValueError) as e:
+    finally:
         distributed.teardown()
-        fail(str(e).splitlines()[0] if str(e) else type(e).__name__, code=1)
-    distributed.teardown()
     if rank == 0:
         best = (
             f", best {summary['best_metric']} {summary['best']:.4g}"

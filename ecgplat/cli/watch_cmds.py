@@ -22,7 +22,13 @@ from ecgplat.cli.options import (
 WATCH_CORPORA = ("wfdb", "cinc2021")  # ingestion.watch.WATCH_CORPORA (not imported: fast --help)
 
 
-def _check_args(corpus, src, embed, checkpoint, index) -> None:
+def _check_args(corpus, src, embed, checkpoint, index, leads) -> None:
+    from ecgplat.leads import parse_leads
+
+    try:
+        parse_leads(leads)
+    except ValueError as e:
+        fail(f"--leads {leads}: {e}")
     if corpus not in WATCH_CORPORA:
         fail(f"--corpus {corpus}: watch follows {', '.join(WATCH_CORPORA)} folders")
     if not src.exists():
@@ -43,9 +49,10 @@ def _publisher(store: Path, embed, checkpoint, index, leads, device, precision):
     """The call that makes committed records queryable (None when only ingesting)."""
     if embed is None:
         return None
-    from retrieval.stream import Embedder, embed_missing, index_missing
+    from retrieval.stream import Embedder, check_targets, embed_missing, index_missing
 
     embedder = Embedder(checkpoint, leads=leads, device=device, precision=precision)
+    check_targets(store, embed, embedder, index)  # before any record is read
 
     def publish() -> None:
         embed_missing(store, embed, embedder)
@@ -95,7 +102,7 @@ def watch(
     Restarts skip what the store already holds. Ctrl-C / SIGTERM finish the current record,
     commit and exit (130 / 143). Prints each record's latency from landing to queryable (by its
     pseudonymised store key) and a summary with the median and 95th percentile."""
-    _check_args(corpus, src, embed, checkpoint, index)
+    _check_args(corpus, src, embed, checkpoint, index, leads)
     check_output_path(store, "--store", directory=True)
     check_device(device)
     from ecgplat.store import StoreBusyError
@@ -126,7 +133,9 @@ def watch(
 
 
 def _echo(line: str) -> None:
-    typer.echo(line)
+    from ecgplat.printable import one_line
+
+    typer.echo(one_line(line))  # SRC or --store may hold a newline
     import sys
 
     sys.stdout.flush()

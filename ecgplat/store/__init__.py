@@ -31,6 +31,7 @@ from ecgplat.store.read import (
     to_millivolts,
 )
 from ecgplat.store.schema import (
+    ADDED_COLUMNS,
     COMMIT_FILE,
     DTYPE,
     FEATURES_DIR,
@@ -69,6 +70,7 @@ from ecgplat.store.sealed_counts import reason_kind
 
 __all__ = [
     # schema
+    "ADDED_COLUMNS",
     "COMMIT_FILE",
     "DTYPE",
     "FEATURES_DIR",

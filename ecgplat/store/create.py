@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from ecgplat import atomic
 from ecgplat.leads import LEADS
 from ecgplat.store import schema as S
-from ecgplat.store.read import read_commit
+from ecgplat.store.read import appended_arrays, check_lengths, commit_file, read_commit
 from ecgplat.store.segment_codec import ShardFiles, codecs, direct_layout
 
 if TYPE_CHECKING:
@@ -130,11 +130,14 @@ def _create_missing(path: Path, root: zarr.Group) -> None:
         if not exists(name):
             root.create_array(name, shape=(0,), dtype=dtype, chunks=(65536,))
     records = root.require_group("records")
+    held = read_commit(path)["n_records"]  # zeros without a commit point
     for name, dtype, shape in S.RECORD_COLUMNS:
         if not exists(f"records/{name}"):
+            # a column added after the store was written covers its rows: they read as the
+            # column's default (S.ADDED_COLUMNS), not as missing rows
             records.create_array(
                 name,
-                shape=(0, *shape),
+                shape=(held if name in S.ADDED_COLUMNS else 0, *shape),
                 chunks=(S.RECORD_CHUNK, *shape),
                 dtype=str if dtype == "str" else dtype,
             )
@@ -165,22 +168,13 @@ def _create_missing(path: Path, root: zarr.Group) -> None:
         )
 
 
-def _appendables(root: zarr.Group, committed: dict):
-    """(array, committed length) of every array a writer appends to."""
-    c = committed
-    yield root["segments"], c["n_segments"]
-    yield root["segment_record"], c["n_segments"]
-    yield root["segment_number"], c["n_segments"]
-    for name, _, _ in S.RECORD_COLUMNS:
-        yield root[f"records/{name}"], c["n_records"]
-    for name in S.REJECT_COLUMNS:
-        yield root[f"rejects/{name}"], c["n_rejects"]
-
-
 def _recover(path: Path, root: zarr.Group, committed: dict) -> None:
     """Drop everything past the commit point: truncate arrays, delete split generations
-    that are neither kept nor committed, and zarr temp files."""
-    for arr, n in _appendables(root, committed):
+    that are neither kept nor committed, and zarr temp files. ValueError, with nothing changed,
+    when the commit point counts rows that an array does not hold (never grown to fit)."""
+    check_lengths(root, committed, commit_file(path))
+    for key, _, n in appended_arrays(committed):
+        arr = S.zarr_array(root, key)
         if arr.shape[0] != n:
             arr.resize((n, *arr.shape[1:]))
     drop_generations(path, keep_below=S.generation_number(committed.get("splits")) + 1)

@@ -60,6 +60,8 @@ TOMBSTONE = {
     "lead_mask": False,
     "strat_fold": -1,
     "units": "",
+    "filter": "",
+    "derived_mask": False,
 }
 
 

@@ -20,6 +20,7 @@ import pandas as pd
 
 from ecgplat.store import sealed_counts as C
 from ecgplat.store.schema import (
+    ADDED_COLUMNS,
     COMMIT_FILE,
     FORGOTTEN_FILE,
     FORGOTTEN_FORMAT,
@@ -31,7 +32,6 @@ from ecgplat.store.schema import (
     SEGMENT_SAMPLES,
     SPLIT_COLUMNS,
     SPLITS_KEPT,
-    UNITS_DEFAULT,
     UV_PER_MV,
     as_str_array,
     generation_number,
@@ -42,13 +42,19 @@ from ecgplat.store.schema import (
 )
 
 _COUNTS = ("n_records", "n_segments", "n_rejects")
+_SEGMENT_ARRAYS = ("segments", "segment_record", "segment_number")
 _GENERATION = re.compile(r"^g[0-9]+$")
+
+
+def commit_file(path: str | os.PathLike) -> str | Path:
+    """Where the commit point of the store at ``path`` (a folder or an fsspec URL) lies."""
+    return f"{str(path).rstrip('/')}/{COMMIT_FILE}" if is_url(path) else Path(path) / COMMIT_FILE
 
 
 def read_commit(path: str | os.PathLike) -> dict:
     """The committed counts of a store (zeros for a store that never committed); ValueError
     naming the file when it is not a valid commit point."""
-    file = f"{str(path).rstrip('/')}/{COMMIT_FILE}" if is_url(path) else Path(path) / COMMIT_FILE
+    file = commit_file(path)
     try:
         raw = store_file(path, COMMIT_FILE)
         if raw is None:
@@ -68,6 +74,37 @@ def read_commit(path: str | os.PathLike) -> dict:
     if splits is not None and not (isinstance(splits, str) and _GENERATION.match(splits)):
         raise ValueError(f"{file}: corrupt commit point (splits={splits!r})")
     return state
+
+
+def appended_arrays(committed: dict) -> list[tuple[str, str, int]]:
+    """(array key, count name, committed length) of every array a writer appends to."""
+    return [
+        *((key, "n_segments", committed["n_segments"]) for key in _SEGMENT_ARRAYS),
+        *(
+            (f"records/{name}", "n_records", committed["n_records"])
+            for name, _, _ in RECORD_COLUMNS
+        ),
+        *((f"rejects/{name}", "n_rejects", committed["n_rejects"]) for name in REJECT_COLUMNS),
+    ]
+
+
+def check_lengths(root, committed: dict, file) -> None:
+    """ValueError naming the commit point ``file`` when it counts more rows than an array
+    holds (a copy of a store taken while it was being written): the rows past an array's end
+    were never written, and reading, splitting or sealing them would make up records. The
+    columns added since schema 1's first release may be shorter: their missing rows read as
+    their defaults (``ADDED_COLUMNS``)."""
+    for key, count, n in appended_arrays(committed):
+        if key.removeprefix("records/") in ADDED_COLUMNS:
+            continue
+        try:
+            have = int(zarr_array(root, key).shape[0])
+        except KeyError:
+            continue  # refused with its own message when read
+        if have < n:
+            raise ValueError(
+                f"{file}: corrupt commit point ({count}={n} but {key} holds {have} rows)"
+            )
 
 
 def read_forgotten(path: str | os.PathLike) -> dict:
@@ -201,6 +238,7 @@ class EcgStore:
             )
         self.attrs = attrs
         self._commit = read_commit(self.path)
+        check_lengths(self.root, self._commit, commit_file(self.path))
         self.n_records = int(self._commit["n_records"])
         self.n_segments = int(self._commit["n_segments"])
         self.n_rejects = int(self._commit["n_rejects"])
@@ -266,16 +304,26 @@ class EcgStore:
 
     # ---- record table -------------------------------------------------------------------
     def _column(self, name: str) -> np.ndarray:
-        if name == "units":
-            return self._units_column()
+        if name in ADDED_COLUMNS:
+            return self._added_column(name)
         return np.asarray(zarr_array(self.root, f"records/{name}")[: self.n_records])
 
-    def _units_column(self) -> np.ndarray:
-        out = np.full(self.n_records, UNITS_DEFAULT, dtype=object)
-        if self._has_file("records/units/zarr.json"):
-            values = as_str_array(zarr_array(self.root, "records/units")[: self.n_records])
+    def _added_column(self, name: str) -> np.ndarray:
+        """A column added after schema 1's first release (units, filter, derived_mask): the
+        rows a store lacks (no such array, or one shorter than the records) and empty strings
+        read as its default (``ADDED_COLUMNS``); str columns as object arrays."""
+        default = ADDED_COLUMNS[name]
+        text = isinstance(default, str)
+        shape = next(s for n, _, s in RECORD_COLUMNS if n == name)
+        out = np.full((self.n_records, *shape), default, dtype=object if text else None)
+        if self._has_file(f"records/{name}/zarr.json"):
+            values = np.asarray(zarr_array(self.root, f"records/{name}")[: self.n_records])
             n = len(values)
-            out[:n] = np.where(values == "", UNITS_DEFAULT, values)
+            if text:
+                values = as_str_array(values)
+                out[:n] = np.where(values == "", str(default), values)
+            else:
+                out[:n] = values
         return out
 
     @property
@@ -344,6 +392,15 @@ class EcgStore:
         out[self.forgotten] = False
         return out
 
+    @cached_property
+    def derived_masks(self) -> np.ndarray:
+        """bool (R, 12): leads a vendor file held only as computed from others (GE MUSE's III,
+        aVR, aVL, aVF), a subset of ``lead_masks``; all False in stores written before the
+        column existed, and for forgotten records."""
+        out = np.array(self._column("derived_mask"), dtype=bool)
+        out[self.forgotten] = False
+        return out
+
     def select(self, split=None, source=None, patient_key=None, ident_split=None) -> np.ndarray:
         """Record indices (sorted int64) matching every given filter; each filter is a value or a
         list of values. Forgotten records are never selected."""
@@ -387,7 +444,9 @@ class EcgStore:
         columns as object arrays. Reads only the chunks holding those records, unless the
         column is already loaded: a gallery's keys without the whole store's."""
         index = np.asarray(index, dtype=np.int64)
-        if "records" in self.__dict__ or name in self._columns or name in (*SPLIT_COLUMNS, "units"):
+        if "records" in self.__dict__ or name in self._columns:
+            return self.column(name)[index]
+        if name in SPLIT_COLUMNS or name in ADDED_COLUMNS:  # read whole (may be absent)
             return self.column(name)[index]
         kinds = {n: dtype for n, dtype, shape in RECORD_COLUMNS if not shape}
         if name not in kinds:
@@ -415,8 +474,8 @@ class EcgStore:
             if "_splits" in self.__dict__:
                 return _str_codes(self.column(name))
             return self._split_columns(read=_read_codes, names=(name,))[name]
-        if name == "units":
-            return _str_codes(self._units_column())
+        if name in ADDED_COLUMNS:
+            return _str_codes(self._added_column(name))
         return _read_codes(zarr_array(self.root, f"records/{name}"), self.n_records)
 
     # ---- segments -----------------------------------------------------------------------

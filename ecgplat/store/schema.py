@@ -66,6 +66,13 @@ RECORD_COLUMNS: tuple[tuple[str, str, tuple[int, ...]], ...] = (
 # data, ingested only with `--units z`).
 RECORD_COLUMNS += (("units", "str", ()),)
 UNITS_DEFAULT = "uV"
+# Added to schema 1 by issue 21 (a store written before has no such column, read as the default
+# below): "filter", the canonical `--filter` spec the record was conditioned with ("" = none,
+# ingestion/filters.py); "derived_mask", the leads a vendor file held only as computed from
+# other leads (e.g. GE MUSE's III, aVR, aVL, aVF; a subset of lead_mask).
+RECORD_COLUMNS += (("filter", "str", ()), ("derived_mask", "bool", (N_LEADS,)))
+# every column added after schema 1's first release, and the value its rows read as when absent
+ADDED_COLUMNS: dict[str, object] = {"units": UNITS_DEFAULT, "filter": "", "derived_mask": False}
 REJECT_COLUMNS: tuple[str, ...] = ("source", "path", "reason", "path_hash")
 SPLIT_COLUMNS: tuple[str, ...] = ("split", "ident_split")
 
@@ -83,6 +90,19 @@ def is_url(path: str | os.PathLike) -> bool:
     return "://" in str(path) and not str(path).startswith("file://")
 
 
+# the package fsspec needs for a URL scheme (what its ImportError asks for)
+_PROTOCOL_PACKAGES = {
+    "s3": "s3fs",
+    "s3a": "s3fs",
+    "gs": "gcsfs",
+    "gcs": "gcsfs",
+    "az": "adlfs",
+    "abfs": "adlfs",
+    "http": "aiohttp",
+    "https": "aiohttp",
+}
+
+
 def store_file(path: str | os.PathLike, name: str) -> bytes | None:
     """The bytes of file ``name`` of a store at a local path or an fsspec URL (read-only
     stores on object storage or HTTP); None when it does not exist."""
@@ -94,6 +114,10 @@ def store_file(path: str | os.PathLike, name: str) -> bytes | None:
                 return f.read()
         except FileNotFoundError:
             return None
+        except ImportError:  # fsspec's protocol packages are optional
+            scheme = str(path).split("://", 1)[0]
+            package = _PROTOCOL_PACKAGES.get(scheme, f"the fsspec package for {scheme}://")
+            raise ValueError(f"{path}: install {package} to read {scheme}:// stores") from None
     file = Path(path) / name
     return file.read_bytes() if file.exists() else None
 

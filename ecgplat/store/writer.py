@@ -27,6 +27,7 @@ from typing import Self
 import numpy as np
 
 from ecgplat import atomic, faults
+from ecgplat.leads import LEADS, canonical_lead
 from ecgplat.privacy import pseudonymise
 from ecgplat.store import schema as S
 from ecgplat.store import sealed_counts as C
@@ -75,6 +76,14 @@ def patient_key_for(patient_id: str | None, record_key: str, secret: bytes) -> s
     return pseudonymise(str(patient_id), secret)
 
 
+def derived_mask(extra: dict | None, lead_mask) -> np.ndarray:
+    """bool (12,): the present leads a reader computed from others, from the canonical names
+    it put in ``extra["derived_leads"]`` (GE MUSE files hold III, aVR, aVL and aVF only that
+    way)."""
+    names = {canonical_lead(str(n)) for n in (extra or {}).get("derived_leads") or ()}
+    return np.array([lead in names for lead in LEADS]) & np.asarray(lead_mask, dtype=bool)
+
+
 def pack_batch(
     seq: int,
     conditioned: list,
@@ -109,6 +118,8 @@ def pack_batch(
         cols["strat_fold"][i] = -1 if fold is None or np.isnan(float(fold)) else int(fold)
         cols["seg_count"][i] = rec.n_segments
         cols["units"][i] = rec.units
+        cols["filter"][i] = getattr(rec, "filter", "")
+        cols["derived_mask"][i] = derived_mask(rec.extra, rec.lead_mask)
     chunks = [c for r in conditioned for c in encode_segments(r.segments)]
     return RecordBatch(seq, chunks, cols, list(rejects), bytes_read)
 

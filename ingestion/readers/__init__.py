@@ -8,7 +8,9 @@ Readers (``registry.READERS``: source name -> module; ``registry.get_reader(name
 - ``cpsc2021`` (``cpsc2021``): CPSC 2021 paroxysmal AF challenge, ``data_<patient>_<record>``;
 - ``ludb`` (``ludb``): Lobachevsky University ECG database 1.0.1;
 - ``code15`` (``code15``): CODE-15%, PhysioNet Challenge 2025 header dialect;
-- ``numpy`` (``numpy_arrays``): bring-your-own ``.npy`` / ``.npz`` arrays.
+- ``numpy`` (``numpy_arrays``): bring-your-own ``.npy`` / ``.npz`` arrays;
+- ``muse`` (``muse``): GE MUSE RestingECG XML (limb leads III, aVR, aVL, aVF derived);
+- ``philips`` (``philips``): Philips SierraECG / PhilipsECG XML (XLI through ``sierraecg``).
 
 Shared by them: ``protocol`` (the ``Reader`` contract each module meets and the check of its
 options), ``record`` (``RawRecord``, ``RecordError``), ``options`` (``ReadOptions``: bounds and

@@ -20,6 +20,7 @@ import numpy as np
 
 from ecgplat.labels import codes_to_multihot
 from ingestion.readers.options import ReadOptions, check_length, inside_src, sibling
+from ingestion.readers.recognise import refuse_other_corpus
 from ingestion.readers.record import (
     RawRecord,
     RecordError,
@@ -33,6 +34,11 @@ from ingestion.readers.wfdb_header import read_header
 
 SOURCE = "cinc2021"
 _SUBSET_SKIP = re.compile(r"^g\d+$")
+
+
+def check_corpus(src: Path, listing: list[str]) -> None:
+    """ValueError when ``src`` holds another corpus (``ingestion.readers.recognise``)."""
+    refuse_other_corpus(SOURCE, src, listing, ("cinc2021", "mat"), require_own=True)
 
 
 # MATLAB v4 precision digit P of the type code MOPT -> numpy dtype (without byte order)

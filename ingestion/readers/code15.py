@@ -27,11 +27,17 @@ from pathlib import Path
 import numpy as np
 
 from ingestion.readers.options import ReadOptions
+from ingestion.readers.recognise import refuse_other_corpus
 from ingestion.readers.record import RawRecord, RecordError, comment_fields, parse_age, parse_sex
 from ingestion.readers.wfdb_dir import list_records as _all_headers
 from ingestion.readers.wfdb_dir import read_wfdb
 
 SOURCE = "code15"
+
+
+def check_corpus(src: Path, listing: list[str]) -> None:
+    """ValueError when ``src`` holds another corpus (``ingestion.readers.recognise``)."""
+    refuse_other_corpus(SOURCE, src, listing, ("code15",), require_own=True)
 
 
 def list_records(src: Path) -> list[str]:

@@ -16,12 +16,18 @@ from pathlib import Path
 
 from ecgplat.labels import codes_to_multihot
 from ingestion.readers.options import ReadOptions
+from ingestion.readers.recognise import refuse_other_corpus
 from ingestion.readers.record import RawRecord, RecordError
 from ingestion.readers.wfdb_dir import read_wfdb
 
 SOURCE = "cpsc2021"
 NAME_RE = re.compile(r"^data_(?P<patient>\d+)_(?P<record>\d+)$")
 _AF = "164889003"
+
+
+def check_corpus(src: Path, listing: list[str]) -> None:
+    """ValueError when ``src`` holds another corpus (``ingestion.readers.recognise``)."""
+    refuse_other_corpus(SOURCE, src, listing, ("cpsc2021",), require_own=True)
 
 
 def list_records(src: Path) -> list[str]:

@@ -17,12 +17,20 @@ identifiers and are only pseudonymised by the store writer.
 
 Each bad file is rejected with a one-line reason: unreadable or not an array, not 2-D, not
 numeric, no axis matching the lead count, NaN or infinite values, an unknown label in the CSV.
+The size checks come before any sample is read, like a WFDB header's: an ``.npz`` member's
+uncompressed size in the zip directory, then the ``.npy`` header (shape and dtype: numeric,
+2-D, the duration within ``--max-duration`` and exactly the bytes the file or member holds), so
+a sparse file or a zip bomb declaring hours of samples costs no more memory than a good record.
 """
 
 from __future__ import annotations
 
 import csv
+import math
+import os
 import re
+import zipfile
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -31,6 +39,7 @@ import numpy as np
 from ecgplat.labels import ABBREVIATION_TO_SNOMED, codes_to_multihot
 from ecgplat.leads import canonical_lead
 from ingestion.readers.options import ReadOptions, check_length, inside_src
+from ingestion.readers.recognise import refuse_other_corpus
 from ingestion.readers.record import RawRecord, RecordError
 from ingestion.readers.units import array_unit
 
@@ -42,6 +51,11 @@ SUFFIXES = (".npy", ".npz")
 def _root(src: Path) -> Path:
     src = Path(src)
     return src if src.is_dir() else src.parent
+
+
+def check_corpus(src: Path, listing: list[str]) -> None:
+    """ValueError when ``src`` holds another corpus (``ingestion.readers.recognise``)."""
+    refuse_other_corpus(SOURCE, src, listing, ("numpy",), require_own=True)
 
 
 def list_records(src: Path) -> list[str]:
@@ -101,7 +115,8 @@ _ABBREV = {k.upper(): v for k, v in ABBREVIATION_TO_SNOMED.items()}
 
 @lru_cache(maxsize=4)
 def _patients(path: str, mtime_ns: int) -> dict[str, tuple[str | None, str]]:
-    with open(path, newline="", encoding="utf-8") as f:
+    # utf-8-sig: a byte-order mark (an Excel export) is not part of the first column's name
+    with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         columns = [c.strip() for c in reader.fieldnames or []]
         if "record_id" not in columns:
@@ -120,11 +135,14 @@ def _patients(path: str, mtime_ns: int) -> dict[str, tuple[str | None, str]]:
 
 def read_patients(path: str | Path) -> dict[str, tuple[str | None, str]]:
     """record_id -> (raw patient id or None, labels cell) of the CSV (cached per file version);
-    ValueError for a missing file or a missing record_id column."""
+    ValueError for a missing file, one that is not UTF-8 or lacks a record_id column."""
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"{p}: patients file not found")
-    return _patients(str(p.resolve()), p.stat().st_mtime_ns)
+    try:
+        return _patients(str(p.resolve()), p.stat().st_mtime_ns)
+    except UnicodeDecodeError:  # its text would quote the bytes (a patient id, maybe)
+        raise ValueError(f"{p}: patients file is not UTF-8 text (save it as UTF-8)") from None
 
 
 def check_options(opts: ReadOptions) -> None:
@@ -139,38 +157,132 @@ def check_options(opts: ReadOptions) -> None:
         read_patients(opts.patients)
 
 
-def load_array(file: Path, rel: str) -> np.ndarray:
-    """The file's one array (an ``.npz``'s only array or its ``signal``); RecordError otherwise."""
-    try:
-        data = np.load(file, allow_pickle=False)
-        if not isinstance(data, np.lib.npyio.NpzFile):
-            return np.asarray(data)
-        with data:
-            keys = list(data.keys())
-            if "signal" not in keys and len(keys) != 1:
-                raise RecordError(
-                    rel, f"npz holds {len(keys)} arrays: keep one, or name it 'signal'"
-                )
-            return data["signal" if "signal" in keys else keys[0]]
-    except RecordError:
-        raise
-    except Exception as e:  # noqa: BLE001 - numpy/zipfile raise many types on damaged files
-        raise RecordError(rel, f"not a readable .npy/.npz array ({type(e).__name__})") from None
+_NPY_MAGIC = b"\x93NUMPY"
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+_MAX_NPY_HEADER = 1 << 16  # numpy writes a few hundred bytes; read_array_header's own cap is 10 k
+_MAX_ITEMSIZE = 16  # the widest numeric dtype (long double)
+_CHUNK = 1 << 20
+
+
+def lead_axis(shape: tuple[int, ...], n_leads: int, rel: str) -> int:
+    """The axis of a 2-D ``shape`` holding the leads (0 when both do); RecordError otherwise."""
+    if len(shape) != 2:
+        raise RecordError(
+            rel, f"bad shape {shape}: expected 2-D (leads, samples) or (samples, leads)"
+        )
+    if n_leads in shape:
+        return shape.index(n_leads)
+    raise RecordError(
+        rel, f"wrong lead count: shape {shape} has no axis of {n_leads} (the --leads list)"
+    )
 
 
 def orient(arr: np.ndarray, n_leads: int, rel: str) -> np.ndarray:
     """(leads, samples) view of a 2-D array, by which axis has the lead count."""
-    if arr.ndim != 2:
+    return arr.T if lead_axis(arr.shape, n_leads, rel) else arr
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a record may hold: its lead count, its rate and the ingest's bounds."""
+
+    n_leads: int
+    rate: float
+    opts: ReadOptions
+
+    def max_bytes(self) -> int:
+        """The most bytes an array within the bounds takes (at the widest numeric dtype)."""
+        samples = math.floor(self.opts.max_seconds * self.rate)
+        return _MAX_NPY_HEADER + self.n_leads * samples * _MAX_ITEMSIZE
+
+
+def _npy_header(fp) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, Fortran order, dtype) from the header of the .npy stream ``fp``; ValueError when
+    it is not one."""
+    version = np.lib.format.read_magic(fp)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(fp)
+    if version == (2, 0):
+        return np.lib.format.read_array_header_2_0(fp)
+    raise ValueError(f"unsupported .npy version {version}")
+
+
+def _check_header(rel: str, header, data_bytes: int, limits: Limits) -> None:
+    """The checks of an array's header, before any sample is read: numeric, 2-D, an axis of
+    the lead count, the duration within bounds, and exactly the bytes its shape needs."""
+    shape, _, dtype = header
+    if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
+        raise RecordError(rel, f"not a numeric array (dtype {dtype})")
+    n_samples = shape[1 - lead_axis(shape, limits.n_leads, rel)]
+    check_length(rel, limits.rate, n_samples, limits.opts)
+    expected = math.prod(shape) * dtype.itemsize
+    if data_bytes != expected:
         raise RecordError(
-            rel, f"bad shape {arr.shape}: expected 2-D (leads, samples) or (samples, leads)"
+            rel,
+            f"array data holds {data_bytes} bytes but its header implies {expected} "
+            f"(shape {shape}, dtype {dtype}): truncated or extra data",
         )
-    if arr.shape[0] == n_leads:
-        return arr
-    if arr.shape[1] == n_leads:
-        return arr.T
-    raise RecordError(
-        rel, f"wrong lead count: shape {arr.shape} has no axis of {n_leads} (the --leads list)"
-    )
+
+
+def _read_values(fp, header) -> np.ndarray:
+    """The array of ``header`` from the stream ``fp`` (positioned after the header)."""
+    shape, fortran, dtype = header
+    arr = np.empty(math.prod(shape), dtype=dtype)
+    buf = arr.view(np.uint8).data  # the array's bytes, filled in place
+    pos = 0
+    while pos < len(buf):
+        n = fp.readinto(buf[pos : pos + _CHUNK])
+        if not n:
+            raise EOFError("array data ends early")
+        pos += n
+    return arr.reshape(shape, order="F" if fortran else "C")
+
+
+def _npz_member(zf: zipfile.ZipFile, rel: str, limits: Limits) -> zipfile.ZipInfo:
+    """The member holding the record (``signal``, or the only one), checked by its size in the
+    zip directory before it is opened."""
+    members = {i.filename.removesuffix(".npy"): i for i in zf.infolist()}
+    if "signal" not in members and len(members) != 1:
+        raise RecordError(rel, f"npz holds {len(members)} arrays: keep one, or name it 'signal'")
+    info = members["signal"] if "signal" in members else next(iter(members.values()))
+    if info.file_size > limits.max_bytes():
+        raise RecordError(
+            rel,
+            f"npz member holds {info.file_size} bytes uncompressed, more than "
+            f"{limits.opts.max_seconds:g} s of {limits.n_leads} leads at {limits.rate:g} Hz "
+            "can take (--max-duration)",
+        )
+    return info
+
+
+def _load_checked(file: Path, rel: str, limits: Limits) -> np.ndarray:
+    with open(file, "rb") as f:
+        magic = f.read(len(_NPY_MAGIC))
+        f.seek(0)
+        if magic == _NPY_MAGIC:
+            header = _npy_header(f)
+            _check_header(rel, header, os.fstat(f.fileno()).st_size - f.tell(), limits)
+            return _read_values(f, header)
+        if not magic.startswith(_ZIP_MAGIC):
+            raise ValueError("neither .npy nor .npz")
+        with zipfile.ZipFile(f) as zf:
+            info = _npz_member(zf, rel, limits)
+            with zf.open(info) as member:
+                header = _npy_header(member)
+                _check_header(rel, header, info.file_size - member.tell(), limits)
+                return _read_values(member, header)
+
+
+def load_array(file: Path, rel: str, limits: Limits) -> np.ndarray:
+    """The file's one array (an ``.npy``, or an ``.npz``'s only array or its ``signal``),
+    checked against ``limits`` from the zip directory and the .npy header before any sample is
+    read; RecordError otherwise."""
+    try:
+        return _load_checked(file, rel, limits)
+    except RecordError:
+        raise
+    except Exception as e:  # noqa: BLE001 - numpy/zipfile raise many types on damaged files
+        raise RecordError(rel, f"not a readable .npy/.npz array ({type(e).__name__})") from None
 
 
 def read_record(src: Path, rel: str, opts: ReadOptions | None = None) -> RawRecord:
@@ -188,11 +300,7 @@ def read_record(src: Path, rel: str, opts: ReadOptions | None = None) -> RawReco
     file = inside_src(_root(src), rel, rel, opts)
     if not file.is_file():
         raise RecordError(rel, "file not found")
-    arr = load_array(file, rel)
-    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
-        raise RecordError(rel, f"not a numeric array (dtype {arr.dtype})")
-    x = orient(arr, len(names), rel)
-    check_length(rel, rate, x.shape[1], opts)
+    x = orient(load_array(file, rel, Limits(len(names), rate, opts)), len(names), rel)
     if not np.isfinite(x).all():
         raise RecordError(rel, "signal contains NaN or infinite values")
     record_id = rel.rsplit(".", 1)[0]

@@ -4,8 +4,8 @@ record may be (checked from the header, before any read) and how to interpret th
 ``ReadOptions`` carries the bounds every reader applies:
 
 - the sampling rate must be a finite number in ``[min_fs, max_fs]`` Hz and the duration at most
-  ``max_seconds``: together they bound the memory a record needs (samples read, and samples
-  after resampling to 500 Hz) before anything is allocated;
+  ``max_seconds``: together they bound the samples a record has before anything is allocated
+  (a ``wfdb`` record is then conditioned in blocks, its memory not growing with its duration);
 - every file a reader opens must lie inside the source directory ``SRC``: absolute names and
   ``..`` escapes are always refused; symbolic links are refused unless ``follow_symlinks``, and
   then must still resolve inside the resolved ``SRC`` unless ``allow_outside``.
@@ -29,7 +29,8 @@ from ingestion.readers.record import RecordError
 
 DEFAULT_MIN_FS = 50.0
 DEFAULT_MAX_FS = 10_000.0
-# PhysioNet/CinC 2021 records reach 1,800 s; at 500 Hz and 12 leads one hour is ~170 MB of float64
+# PhysioNet/CinC 2021 records reach 1,800 s; one hour of 12 leads at 10 kHz (an 864 MB file)
+# ingests in about 221 MiB (docs/operations.md, "Memory per record")
 DEFAULT_MAX_SECONDS = 3600.0
 
 
@@ -46,6 +47,8 @@ class ReadOptions:
     fs: float | None = None  # --fs: sampling rate of user arrays, Hz
     leads: str | None = None  # --leads: comma-separated lead names of user arrays
     patients: str | None = None  # --patients: CSV of user arrays (record_id, patient_id, labels)
+    # --filter: zero-phase filters applied in conditioning (ingestion.filters), None = off
+    signal_filter: str | None = None
 
     def __post_init__(self):
         if not (0 < self.min_fs <= self.max_fs < math.inf):
@@ -56,6 +59,10 @@ class ReadOptions:
             raise ValueError(f"max duration must be a positive number, got {self.max_seconds}")
         if self.allow_outside and not self.follow_symlinks:
             raise ValueError("--allow-outside only makes sense with --follow-symlinks")
+        if self.signal_filter is not None:
+            from ingestion.filters import parse_filter
+
+            parse_filter(self.signal_filter)  # ValueError naming --filter
 
 
 DEFAULT_OPTIONS = ReadOptions()

@@ -16,7 +16,13 @@ and may have
   ``patients``); an ingest that sets any other is refused (``check_reader_options``);
 - ``check_options(opts)``: ValueError for invalid values of those fields, before anything runs;
 - ``patient_hint(src, rel, opts=None) -> str | None``: the raw patient id when the file name or
-  metadata tells it without reading the signal (used only to redact a reject's path and reason).
+  metadata tells it without reading the signal (used only to redact a reject's path and reason);
+- ``open_record(src, rel, opts=None) -> RawRecord``: ``read_record`` with the signal left in the
+  files as a ``record.BlockSignal``, read block by block while it is conditioned (the ingest
+  uses it, through ``open_record`` here, so that a long record's memory does not grow with it);
+- ``check_corpus(src, listing)``: ValueError when the folder ``src`` (whose records are
+  ``listing``) holds another corpus (cheap: the listing and one or two headers, see
+  ``ingestion.readers.recognise``); the pipeline runs it before anything is stored.
 """
 
 from __future__ import annotations
@@ -48,6 +54,21 @@ def patient_hint(reader: Reader, src: Path, rel: str, opts: ReadOptions | None) 
     reader has no such hint (exceptions of the hint itself propagate)."""
     hint = getattr(reader, "patient_hint", None)
     return None if hint is None else hint(src, rel, opts)
+
+
+def open_record(reader: Reader, src: Path, rel: str, opts: ReadOptions | None) -> RawRecord:
+    """Record ``rel`` by ``reader.open_record`` (signal read in blocks while conditioned) where
+    the reader has one, else by ``reader.read_record``."""
+    opener = getattr(reader, "open_record", None)
+    return (opener or reader.read_record)(src, rel, opts)
+
+
+def check_corpus(reader: Reader, src: Path, listing: list[str]) -> None:
+    """``reader.check_corpus(src, listing)`` where the reader has one: ValueError naming the
+    folder when it holds another corpus than ``reader`` reads."""
+    check = getattr(reader, "check_corpus", None)
+    if check is not None:
+        check(Path(src), listing)
 
 
 def check_reader_options(reader: Reader, opts: ReadOptions | None) -> ReadOptions:

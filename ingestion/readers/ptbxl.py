@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ecgplat.labels import codes_to_multihot, scp_to_snomed
 from ingestion.readers.options import ReadOptions
+from ingestion.readers.recognise import refuse_other_corpus
 from ingestion.readers.record import RawRecord, RecordError, parse_age
 from ingestion.readers.wfdb_dir import read_wfdb
 
@@ -59,6 +60,11 @@ def _rows(src: Path) -> dict:
     if not path.exists():
         raise RecordError(str(path), f"not a PTB-XL root: {DATABASE} not found")
     return _database(str(path), path.stat().st_mtime_ns)[1]
+
+
+def check_corpus(src: Path, listing: list[str]) -> None:
+    """ValueError when ``src`` holds another corpus (``ingestion.readers.recognise``)."""
+    refuse_other_corpus(SOURCE, src, listing, ("ptbxl",), require_own=True)
 
 
 def list_records(src: Path) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -23,6 +24,27 @@ class RecordError(Exception):
         return (type(self), (self.path, self.reason))
 
 
+class BlockSignal(Protocol):
+    """A signal read from its files block by block, on demand, rather than at once (a reader's
+    ``open_record``): conditioning never holds more than a block of it. ``block(start, stop)``
+    gives samples ``start:stop`` of every channel, exactly the values of a whole read."""
+
+    @property
+    def shape(self) -> tuple[int, int]: ...
+
+    @property
+    def dtype(self) -> np.dtype: ...
+
+    def block(self, start: int, stop: int) -> np.ndarray: ...
+
+
+def signal_block(signal: np.ndarray | BlockSignal, start: int, stop: int) -> np.ndarray:
+    """Samples ``start:stop`` of every channel of a ``RawRecord.signal`` (array or blocks)."""
+    if isinstance(signal, np.ndarray):
+        return signal[:, start:stop]
+    return signal.block(start, stop)
+
+
 @dataclass
 class RawRecord:
     """One recording as read from its corpus: physical units, nothing resampled or reordered.
@@ -34,7 +56,8 @@ class RawRecord:
     source: str  # "cinc2021" | "ptbxl" | "wfdb" | "cpsc2021"
     record_id: str  # unique within the source, e.g. "E07500", "00013"
     path: str  # record path relative to the source root, without extension
-    signal: np.ndarray  # (n_leads, n_samples) float32, millivolts, baseline removed
+    signal: np.ndarray | BlockSignal  # (n_leads, n_samples) float32, millivolts, baseline
+    # removed; a BlockSignal only from a reader's open_record (read_record gives the array)
     fs: float  # original sampling rate, Hz
     lead_names: list[str]  # as in the file
     patient_id: str | None = field(default=None, repr=False)

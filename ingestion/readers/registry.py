@@ -3,7 +3,21 @@ the reader a lone WFDB header needs (``reader_for_header``)."""
 
 from __future__ import annotations
 
-from ingestion.readers import cinc2021, code15, cpsc2021, ludb, numpy_arrays, ptbxl, wfdb_dir
+from ingestion.readers import (
+    cinc2021,
+    code15,
+    cpsc2021,
+    dicom_ecg,
+    edf,
+    hl7_aecg,
+    ludb,
+    muse,
+    numpy_arrays,
+    philips,
+    ptbxl,
+    scp_ecg,
+    wfdb_dir,
+)
 from ingestion.readers.protocol import Reader
 
 READERS: dict[str, Reader] = {
@@ -13,7 +27,13 @@ READERS: dict[str, Reader] = {
     "cpsc2021": cpsc2021,
     "ludb": ludb,
     "code15": code15,
+    "scp": scp_ecg,
+    "edf": edf,
+    "hl7_aecg": hl7_aecg,
+    "dicom": dicom_ecg,
     "numpy": numpy_arrays,
+    "muse": muse,
+    "philips": philips,
 }
 
 

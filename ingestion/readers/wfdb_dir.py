@@ -13,7 +13,8 @@ gain) and marked ``units="z"`` (see ``ingestion.readers.units``). Channels that 
 voltages but not one of the 12 leads (Frank ``vx vy vz``, a bare ``V``) are kept in the
 ``RawRecord`` and dropped by conditioning. Age and sex come from ``key: value`` comments when the
 header has them (PTB Diagnostic style); otherwise NaN / "". Generic WFDB folders have no patient
-field: ``patient_id`` is None.
+field: ``patient_id`` is None. ``open_record`` is ``read_record`` with the samples left in the
+files (a ``WfdbSignal``, decoded block by block while the ingest conditions it).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ingestion.readers.options import ReadOptions, check_length, sibling
+from ingestion.readers.recognise import WFDB_KINDS, refuse_other_corpus
 from ingestion.readers.record import (
     RawRecord,
     RecordError,
@@ -32,7 +34,13 @@ from ingestion.readers.record import (
     unit_scale_to_mv,
 )
 from ingestion.readers.units import VOLTAGE, accepted_unit, not_voltage_reason
-from ingestion.readers.wfdb_header import DAT_FMTS, check_data_sizes, read_digital, read_header
+from ingestion.readers.wfdb_header import (
+    DAT_FMTS,
+    check_data_sizes,
+    read_digital,
+    read_header,
+    reads_in_blocks,
+)
 
 SOURCE = "wfdb"
 OPTIONS = ("units",)  # the ReadOptions reader fields `ecgplat ingest wfdb` takes
@@ -41,6 +49,12 @@ OPTIONS = ("units",)  # the ReadOptions reader fields `ecgplat ingest wfdb` take
 def check_options(opts: ReadOptions) -> None:
     """ValueError for a ``--units`` that is not a non-voltage unit one can opt into."""
     accepted_unit(opts.units)
+
+
+def check_corpus(src: Path, listing: list[str]) -> None:
+    """ValueError when ``src`` holds arrays and no WFDB header (any WFDB folder is read, a
+    corpus's own included)."""
+    refuse_other_corpus(SOURCE, src, listing, WFDB_KINDS, require_own=False)
 
 
 def list_records(src: Path) -> list[str]:
@@ -81,11 +95,52 @@ def read_wfdb(
     return read_wfdb_units(src, rel, opts)[:4]
 
 
+class WfdbSignal:
+    """The kept channels of a WFDB record in their unit, read from the data files block by block
+    (``ingestion.readers.record.BlockSignal``): ``block(start, stop)`` decodes only those
+    samples and gives exactly the values of the whole read, (channels, stop - start) float32."""
+
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, rel: str, hdr: dict, folder: Path, sig_len: int, keep, scale):
+        sigs = [hdr["signals"][i] for i in keep]
+        self.shape = (len(keep), sig_len)
+        self.in_blocks = reads_in_blocks(hdr)  # False: a block decodes the whole (FLAC) file
+        self._rel, self._hdr, self._folder = rel, hdr, folder
+        self._keep = None if keep == list(range(hdr["n_sig"])) else keep
+        self._baseline = np.array([s["baseline"] for s in sigs], dtype=np.float64)
+        self._factor = np.array([f / s["gain"] for f, s in zip(scale, sigs, strict=True)])
+
+    def block(self, start: int, stop: int) -> np.ndarray:
+        try:
+            digital = read_digital(self._hdr, self._folder, self.shape[1], start, stop)
+        except Exception:  # noqa: BLE001 - wfdb raises many types on short/damaged files
+            raise RecordError(self._rel, "signal file truncated or unreadable") from None
+        # the same float64 operations as ((digital[:, keep] - baseline) * factor), in place on
+        # one array (no temporaries); one float32 conversion at the end
+        signal = digital if self._keep is None else digital[:, self._keep]
+        signal -= self._baseline
+        signal *= self._factor
+        return signal.T.astype(np.float32)
+
+    def whole(self) -> np.ndarray:
+        return self.block(0, self.shape[1])
+
+
 def read_wfdb_units(
     src: Path, rel: str, opts: ReadOptions | None = None, accept: str | None = None
 ) -> tuple[np.ndarray, float, list[str], list[str], str]:
     """``read_wfdb`` plus the signal's unit: "mV", or ``accept`` (a non-voltage unit such as
     "z") for a record with no voltage channel whose channels are in that unit."""
+    lazy, fs, names, comments, unit = open_wfdb_units(src, rel, opts, accept)
+    return lazy.whole(), fs, names, comments, unit
+
+
+def open_wfdb_units(
+    src: Path, rel: str, opts: ReadOptions | None = None, accept: str | None = None
+) -> tuple[WfdbSignal, float, list[str], list[str], str]:
+    """``read_wfdb_units`` with every check done but no sample read: the signal is a
+    ``WfdbSignal``."""
     hea, hdr = read_header(Path(src), rel, opts)
     paths = _signal_paths(Path(src), rel, hdr, opts)
     sig_len = check_data_sizes(hdr, paths, rel)
@@ -96,21 +151,9 @@ def read_wfdb_units(
         raise RecordError(rel, not_voltage_reason(units))
     if sig_len == 0:
         raise RecordError(rel, "zero-length signal (the header gives 0 samples)")
-    try:
-        digital = read_digital(hdr, hea.parent, sig_len)
-    except Exception:  # noqa: BLE001 - wfdb raises many types on short/damaged files
-        raise RecordError(rel, "signal file truncated or unreadable") from None
-    sigs = [hdr["signals"][i] for i in keep]
-    baseline = np.array([s["baseline"] for s in sigs], dtype=np.float64)
-    factor = np.array([f / s["gain"] for f, s in zip(scale, sigs, strict=True)])
-    # the same float64 operations as ((digital[:, keep] - baseline) * factor), in place on one
-    # array (no temporaries); one float32 conversion at the end
-    signal = digital if keep == list(range(digital.shape[1])) else digital[:, keep]
-    signal -= baseline
-    signal *= factor
-    signal = signal.T.astype(np.float32)
-    names = [s["name"] for s in sigs]
-    return signal, float(hdr["fs"]), names, list(hdr["comments"]), unit
+    lazy = WfdbSignal(rel, hdr, hea.parent, sig_len, keep, scale)
+    names = [hdr["signals"][i]["name"] for i in keep]
+    return lazy, float(hdr["fs"]), names, list(hdr["comments"]), unit
 
 
 def channel_scales(units: list[str], accept: str | None) -> tuple[list[int], list[float], str]:
@@ -132,8 +175,20 @@ def channel_scales(units: list[str], accept: str | None) -> tuple[list[int], lis
 def read_record(src: Path, rel: str, opts: ReadOptions | None = None) -> RawRecord:
     """Read one WFDB record (``rel`` relative to ``src``, without extension); ``opts.units``
     (``--units``, e.g. "z") opts into records whose channels are in that non-voltage unit."""
+    return _record(src, rel, opts, blocks=False)
+
+
+def open_record(src: Path, rel: str, opts: ReadOptions | None = None) -> RawRecord:
+    """``read_record`` after every check, with the samples left in the files: the signal is a
+    ``WfdbSignal`` that conditioning reads block by block (the ingest's path: memory does not
+    grow with a record's duration)."""
+    return _record(src, rel, opts, blocks=True)
+
+
+def _record(src: Path, rel: str, opts: ReadOptions | None, blocks: bool) -> RawRecord:
     accept = accepted_unit(opts.units) if opts is not None else None
-    signal, fs, names, comments, unit = read_wfdb_units(src, rel, opts, accept)
+    lazy, fs, names, comments, unit = open_wfdb_units(src, rel, opts, accept)
+    signal: np.ndarray | WfdbSignal = lazy if blocks and lazy.in_blocks else lazy.whole()
     fields = comment_fields(comments)
     return RawRecord(
         source=SOURCE,

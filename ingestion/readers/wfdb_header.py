@@ -205,10 +205,18 @@ def check_data_sizes(hdr: dict, paths: dict[str, Path], where: str) -> int:
     return int(sig_len or 0)
 
 
+def reads_in_blocks(hdr: dict) -> bool:
+    """Whether ``read_digital`` of a block reads only that block: False when a data file is
+    FLAC-compressed (wfdb decodes the whole file for any block of it)."""
+    return not any(s["fmt"] in _COMPRESSED for s in hdr["signals"])
+
+
 _FMT16_NAN = -32768  # WFDB's "invalid sample" value of format 16
 
 
-def _read_format16(hdr: dict, folder: Path, sig_len: int) -> np.ndarray | None:
+def _read_format16(
+    hdr: dict, folder: Path, sig_len: int, start: int = 0, stop: int | None = None
+) -> np.ndarray | None:
     """``read_digital`` for the commonest layout (PTB-XL, LUDB, CODE-15%): every signal in one
     format-16 file, one sample per frame, no skew: one ``np.fromfile`` of interleaved int16
     instead of wfdb's general decoder (same values: int16 -> float64 is exact). None for any
@@ -217,26 +225,31 @@ def _read_format16(hdr: dict, folder: Path, sig_len: int) -> np.ndarray | None:
     if any(x["fmt"] != "16" or x["spf"] != 1 or x["skew"] or x["file"] != s[0]["file"] for x in s):
         return None
     n_sig = hdr["n_sig"]
-    raw = np.fromfile(
-        folder / s[0]["file"], dtype="<i2", count=sig_len * n_sig, offset=s[0]["offset"]
-    )
-    if raw.size != sig_len * n_sig:
+    n = (sig_len if stop is None else stop) - start
+    offset = s[0]["offset"] + 2 * n_sig * start
+    raw = np.fromfile(folder / s[0]["file"], dtype="<i2", count=n * n_sig, offset=offset)
+    if raw.size != n * n_sig:
         raise ValueError("short read")
-    raw = raw.reshape(sig_len, n_sig)
+    raw = raw.reshape(n, n_sig)
     out = raw.astype(np.float64)
     out[raw == _FMT16_NAN] = np.nan
     return out
 
 
-def read_digital(hdr: dict, folder: Path, sig_len: int) -> np.ndarray:
-    """(sig_len, n_sig) float64 ADC values of every signal (frames smoothed like wfdb's
-    ``smooth_frames=True``: the mean of a frame's samples)."""
+def read_digital(
+    hdr: dict, folder: Path, sig_len: int, start: int = 0, stop: int | None = None
+) -> np.ndarray:
+    """(stop - start, n_sig) float64 ADC values of every signal from sample ``start`` to
+    ``stop`` (default: all ``sig_len``), frames smoothed like wfdb's ``smooth_frames=True``
+    (the mean of a frame's samples). A block holds exactly the rows of the whole read."""
     from wfdb.io._signal import _digi_nan, _rd_segment
 
     s = hdr["signals"]
-    fast = _read_format16(hdr, folder, sig_len)
+    stop = sig_len if stop is None else stop
+    fast = _read_format16(hdr, folder, sig_len, start, stop)
     if fast is not None:
         return fast
+    n = stop - start
     per_sig = _rd_segment(
         file_name=[x["file"] for x in s],
         dir_name=str(folder),
@@ -248,19 +261,19 @@ def read_digital(hdr: dict, folder: Path, sig_len: int) -> np.ndarray:
         samps_per_frame=[x["spf"] for x in s],
         skew=[x["skew"] for x in s],
         init_value=[x["init"] for x in s],
-        sampfrom=0,
-        sampto=sig_len,
+        sampfrom=start,
+        sampto=stop,
         channels=list(range(hdr["n_sig"])),
         ignore_skew=False,
         return_res=64,
     )
-    out = np.empty((sig_len, hdr["n_sig"]), dtype=np.float64)
+    out = np.empty((n, hdr["n_sig"]), dtype=np.float64)
     for i, (x, sig) in enumerate(zip(s, per_sig, strict=True)):
         v = np.asarray(sig, dtype=np.float64)
         v[np.asarray(sig) == _digi_nan(x["fmt"])] = np.nan  # WFDB's "invalid sample" value
         if x["spf"] > 1:
-            v = v[: sig_len * x["spf"]].reshape(sig_len, x["spf"]).mean(axis=1)
-        if v.shape[0] != sig_len:
+            v = v[: n * x["spf"]].reshape(n, x["spf"]).mean(axis=1)
+        if v.shape[0] != n:
             raise ValueError("short read")
         out[:, i] = v
     return out

@@ -33,6 +33,8 @@ from retrieval.index.file import (
 )
 from retrieval.lineage import Lineage
 
+GPU_MAX_K = 2048  # the largest k that FAISS's GPU k-selection takes
+
 
 class StaleIndexError(ValueError):
     """An index built before `ecgplat forget` withdrew records from its store."""
@@ -152,8 +154,10 @@ class GalleryIndex:
     def search(
         self, queries: np.ndarray, k: int, lineage: dict | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(scores (Q, k) float32 cosine, rows (Q, k) int64 gallery rows, -1 = none), best first.
-        With delta rows, the main index's top-k and the deltas' exact top-k are merged."""
+        """(scores (Q, k) float32 cosine, rows (Q, k) int64 gallery rows, -1 = none), best first,
+        equal scores in row order (the tie rule of `training.ident_metrics`), which FAISS alone
+        does not keep. With delta rows, the main index's top-k and the deltas' exact top-k are
+        merged, so a flat main plus deltas answers as one flat index over all rows."""
         check_lineage(self.lineage, lineage)
         if self.index is None:
             raise ValueError("index loaded without its vectors (main_vectors=False): no search")
@@ -161,14 +165,21 @@ class GalleryIndex:
         if q.shape[1] != self.dim:
             raise ValueError(f"query embeddings have dim {q.shape[1]}, the index has {self.dim}")
         k = max(1, min(int(k), len(self)))
-        if not self.n_delta:
-            scores, rows = self._searcher().search(q, k)
-            return scores, rows.astype(np.int64)
-        parts = [self.delta.search(q, min(k, self.n_delta))]
-        if self.n_main:
-            parts.insert(0, self._searcher().search(q, min(k, self.n_main)))
-        offsets = [0, self.n_main] if self.n_main else [self.n_main]
-        return _merge_top_k(parts, offsets, k)
+        main_k = min(k, self.n_main) if self.n_delta else k
+        parts, offsets = [], []
+        if main_k and self.kind != "flat":  # approximate: its top-k as FAISS finds it
+            parts.append(self._searcher().search(q, main_k))
+        elif main_k:
+            parts.append(_whole_ties(self._exact_search, q, main_k, max(self.n_main, 1)))
+        offsets += [0] * len(parts)
+        if self.n_delta:
+            parts.append(_whole_ties(self.delta.search, q, min(k, self.n_delta), self.n_delta))
+            offsets.append(self.n_main)
+        return _merge_top_k(parts, offsets, k)  # a lone part too: FAISS orders ties its own way
+
+    def _exact_search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The flat main index's top-k (on the GPU up to the k that FAISS selects there)."""
+        return (self._searcher() if k <= GPU_MAX_K else self.index).search(q, k)
 
     def add(self, vectors: np.ndarray, ids: list[str], labels: list[str] | None = None) -> None:
         """Append rows (normalised here) named `ids`, without a rebuild: to the exact delta
@@ -350,6 +361,18 @@ class GalleryIndex:
             self.delta.add(part.reconstruct_n(0, part.ntotal))
         self._append_names(meta["ids"], meta.get("labels"))
         self.seq, self.saved_delta = meta["seq"], self.n_delta
+
+
+def _whole_ties(search, q: np.ndarray, k: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """`search(q, k')`, an exact top-k' over `n` rows, for k' from k + 1 up (doubling) until
+    it holds every row tied with each query's k-th score: FAISS keeps an arbitrary part of a
+    tie that crosses its k-th place, and `_merge_top_k` can only order the rows it is given."""
+    want, k = k, min(k + 1, n)
+    while True:
+        scores, rows = search(q, k)
+        if k >= n or ((rows[:, -1] < 0) | (scores[:, -1] < scores[:, want - 1])).all():
+            return scores, rows
+        k = min(2 * k, n)
 
 
 def _merge_top_k(parts, offsets, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -86,8 +86,9 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu", data: bytes | N
         source = path if data is None else io.BytesIO(data)
         ckpt = torch.load(source, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for corrupt / non-torch files
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(path, f"not a loadable torch checkpoint ({reason})") from None
+        raise CheckpointError(
+            path, f"not a loadable torch checkpoint ({load_failure(e)})"
+        ) from None
     if not isinstance(ckpt, dict) or "format" not in ckpt:
         hint = (
             " (a fairseq-signals checkpoint? use `ecgplat import fairseq-signals`)"
@@ -105,6 +106,20 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu", data: bytes | N
     if ckpt["kind"] not in KINDS:
         raise CheckpointError(path, f"unknown checkpoint kind {ckpt['kind']!r}")
     return ckpt
+
+
+def load_failure(e: Exception) -> str:
+    """The reason in an error of `torch.load(weights_only=True)`, without torch's advice to
+    load with weights_only=False or to allow more globals: that would run code from the file."""
+    text = str(e).strip()
+    if _UNPICKLER in text:  # "Weights only load failed. <advice> WeightsUnpickler error: <why>"
+        why = text.split(_UNPICKLER, 1)[1].strip().split("\n\n")[0].split(". Please")[0]
+        return f"refused by the weights-only unpickler: {' '.join(why.split()).rstrip('.')}"
+    first = text.splitlines()[0] if text else type(e).__name__
+    return "refused by the weights-only unpickler" if "weights_only" in first else first
+
+
+_UNPICKLER = "WeightsUnpickler error:"
 
 
 def encoder_state_dict(ckpt: dict) -> dict:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from training.models.checkpoint_file import save_checkpoint
+from training.models.checkpoint_file import load_failure, save_checkpoint
 from training.models.encoder_config import EncoderConfig
 
 PAPER_ERA_NAMES = {"wav2vec2_clocs"}
@@ -164,8 +164,7 @@ def import_fairseq_checkpoint(
     try:
         ckpt = torch.load(src, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch.load raises many types for non-checkpoint files
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ValueError(f"{src}: not a loadable torch checkpoint ({first})") from None
+        raise ValueError(f"{src}: not a loadable torch checkpoint ({load_failure(e)})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise ValueError(f"{src}: not a fairseq checkpoint (no 'model' state dict)")
     cfg_all = ckpt.get("cfg")
