@@ -103,24 +103,26 @@ def check_current(base: str | os.PathLike, names, allow_stale: bool = False) -> 
     generation moved on: the export may hold withdrawn records); StaleShardsError naming the
     export and both generations.
 
-    Exports of every record (``split == "all"``) are checked for forgets only; exports whose
-    store is no longer at the recorded path (shards copied elsewhere) cannot be checked and
-    pass."""
-    if allow_stale or "://" in str(base) or not Path(base).is_dir():
-        return
-    from ecgplat.store import read_commit, read_forgotten
+    ``base`` may be a shard folder's URL (an export to object storage) and the recorded store a
+    store's URL. Exports of every record (``split == "all"``) are checked for forgets only;
+    exports whose store is no longer at the recorded path (shards copied elsewhere) cannot be
+    checked and pass."""
+    from ecgplat.store import is_url, read_commit, read_forgotten, store_file
 
+    if allow_stale or not (is_url(base) or Path(base).is_dir()):
+        return
     info = read_info(base) or {}
+    manifest = f"{str(base).rstrip('/')}/{INFO_FILE}"
     for name in names:
         entry = info.get(name)
         src = (entry or {}).get("store") or {}
-        store = Path(src.get("path") or "")
-        if not entry or not src.get("path") or not (store / "zarr.json").is_file():
+        store = src.get("path") or ""
+        if not entry or not store or store_file(store, "zarr.json") is None:
             continue
         forgotten, written = read_forgotten(store)["generation"], src.get("forget_generation", 0)
         if forgotten != written:
             raise StaleShardsError(
-                f"{Path(base) / INFO_FILE}: export '{name}' was written before `ecgplat forget` "
+                f"{manifest}: export '{name}' was written before `ecgplat forget` "
                 f"withdrew records from {store} (forget generation {written}, store at "
                 f"{forgotten}); re-run `ecgplat shards` (or pass --allow-stale)"
             )
@@ -130,7 +132,7 @@ def check_current(base: str | os.PathLike, names, allow_stale: bool = False) -> 
         written = src.get("split_generation", "unrecorded")
         if written != current:
             raise StaleShardsError(
-                f"{Path(base) / INFO_FILE}: export '{name}' was written under split generation "
+                f"{manifest}: export '{name}' was written under split generation "
                 f"{written} but {store} is now at {current}; re-run `ecgplat shards` "
                 "(or pass --allow-stale)"
             )

@@ -9,7 +9,8 @@ rejected for the source are skipped, so re-running a finished ingest adds nothin
 
 ``workers=0`` runs everything synchronously in-process (no cluster): used by test fixtures and
 for debugging. What a task runs on its worker is ``ingestion.worker.process_batch`` (or, with
-``--send-bytes``, ``ingestion.sent_files.process_sent_batch``).
+``--send-bytes``, ``ingestion.sent_files.process_sent_batch``; for a bucket URL as SRC,
+``ingestion.bucket_files.process_bucket_batch``).
 """
 
 from __future__ import annotations
@@ -23,13 +24,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ecgplat.progress import ProgressBar
-from ecgplat.store import reason_kind
+from ecgplat.store import is_url, reason_kind
 from ecgplat.store.writer import RecordBatch, StoreWriter, pack_batch, path_hash
+from ingestion.bucket_files import BucketSource
 from ingestion.readers.options import ReadOptions
-from ingestion.readers.protocol import check_corpus, check_reader_options
+from ingestion.readers.protocol import Reader, check_corpus, check_reader_options
 from ingestion.readers.registry import get_reader
 from ingestion.readers.units import NOT_VOLTAGE
-from ingestion.sent_files import SEND_BYTES_CORPORA, SentSource, process_sent_batch, sweep_all
+from ingestion.sent_files import SEND_BYTES_CORPORA, SentSource, sweep_all
 from ingestion.worker import process_batch, reject_row, warm_up
 
 if TYPE_CHECKING:
@@ -74,11 +76,43 @@ def _batches(todo: list[str], batch_size: int):
 
 
 def _task(corpus, src, rels, seq, secret, opts) -> tuple:
-    """(function, arguments) of the task for ``rels``: ``src`` is the path workers read, or a
-    ``SentSource`` whose files the driver reads and ships (``ingestion.sent_files``)."""
-    if isinstance(src, SentSource):
-        return process_sent_batch, (corpus, src.read(rels, opts), rels, seq, secret, opts)
+    """(function, arguments) of the task for ``rels``: ``src`` is the path workers read, a
+    ``SentSource`` whose files the driver reads and ships (``ingestion.sent_files``) or a
+    ``BucketSource`` workers fetch from (``ingestion.bucket_files``)."""
+    if isinstance(src, SentSource | BucketSource):
+        return src.task(corpus, rels, seq, secret, opts)
     return process_batch, (corpus, src, rels, seq, secret, opts)
+
+
+def _driver_reject(reader: Reader, src, rel: str, reason: str, secret: bytes, opts) -> tuple:
+    """The reject row of ``rel`` made here, redacted as a worker would (``reject_row``)."""
+    if isinstance(src, BucketSource):
+        return src.reject_row(reader, rel, reason, secret, opts)
+    return reject_row(reader, Path(src), rel, reason, secret, opts)
+
+
+def _task_source(bucket: BucketSource | None, root: Path, send_bytes: bool, on_cluster: bool):
+    """What tasks read records from: the bucket, the driver's files (send-bytes) or SRC's path
+    (absolute on a cluster)."""
+    if bucket is not None:
+        return bucket
+    if send_bytes:
+        return SentSource(root.resolve())
+    return str(root.resolve()) if on_cluster else str(root)
+
+
+def _local_listing(reader: Reader, corpus: str, src: Path, send_bytes: bool, listing):
+    """``listing``, or the reader's listing of the local folder ``src`` after its checks."""
+    if not src.exists():
+        raise FileNotFoundError(f"{src}: source directory does not exist")
+    if send_bytes and corpus not in SEND_BYTES_CORPORA:
+        raise ValueError(
+            f"--send-bytes reads {', '.join(SEND_BYTES_CORPORA)} records, not {corpus!r}"
+        )
+    if listing is None:  # the reader's own listing: its folder must be its corpus
+        listing = reader.list_records(src)
+        check_corpus(reader, src, listing)  # before anything is stored
+    return listing
 
 
 def _run_local(corpus, src, batches, secret, sink, opts=None) -> None:
@@ -120,7 +154,7 @@ def _retry_one_by_one(client, corpus, src, rels, seq, secret, opts) -> RecordBat
                     if type(e).__name__ == "KilledWorker"
                     else f"unexpected {type(e).__name__} while processing the record"
                 )
-                row = reject_row(reader, Path(src), rel, reason, secret, opts)
+                row = _driver_reject(reader, src, rel, reason, secret, opts)
                 parts.append(pack_batch(seq, [], [row], secret))
         future.release()
     return merge_batches(seq, parts)
@@ -214,7 +248,9 @@ def ingest(
     whose Dask worker dies is retried record by record; the record that kills its worker is
     rejected as "worker died". ``send_bytes``: the driver reads each record's files and ships
     them in the task, so workers need not see ``src`` (``ingestion.sent_files``); otherwise
-    workers read ``src`` (its absolute path) themselves: a shared filesystem.
+    workers read ``src`` (its absolute path) themselves: a shared filesystem. ``src`` may be an
+    fsspec URL (``s3://bucket/prefix/``, corpora ``bucket_files.BUCKET_CORPORA``; not with
+    ``send_bytes``): every worker then fetches its records with its own credentials.
     ``listing``: the record paths to ingest instead of the reader's ``list_records(src)`` (the
     auto ingest's files of one detected format, ``ingestion.auto``).
     Returns a summary: records, segments, patients (added by this run), rejected (by reason),
@@ -223,18 +259,15 @@ def ingest(
     """
     reader = get_reader(corpus)
     opts = check_reader_options(reader, opts)
-    src = Path(src)
-    if not src.exists():
-        raise FileNotFoundError(f"{src}: source directory does not exist")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if send_bytes and corpus not in SEND_BYTES_CORPORA:
-        raise ValueError(
-            f"--send-bytes reads {', '.join(SEND_BYTES_CORPORA)} records, not {corpus!r}"
-        )
-    if listing is None:  # the reader's own listing: its folder must be its corpus
-        listing = reader.list_records(src)
-        check_corpus(reader, src, listing)  # before anything is stored
+    bucket, root = None, Path(src)
+    if is_url(src):  # object storage: every worker fetches its records (ingestion.bucket_files)
+        bucket = BucketSource(corpus, os.fspath(src), send_bytes)
+        listing = bucket.listing(reader) if listing is None else listing
+    else:
+        listing = _local_listing(reader, corpus, root, send_bytes, listing)
+    sweep = send_bytes or bucket is not None  # workers lay out record files: sweep at the end
     t0 = time.perf_counter()
     with StoreWriter(store) as writer:
         done = writer.done_paths(corpus, listing)
@@ -275,7 +308,7 @@ def ingest(
         batches = _batches(todo, batch_size)
         try:
             if todo and workers == 0 and scheduler is None:
-                local_src = SentSource(src.resolve()) if send_bytes else str(src)
+                local_src = _task_source(bucket, root, send_bytes, on_cluster=False)
                 _run_local(corpus, local_src, batches, writer.secret, sink, opts)
             elif todo:
                 t_cluster = time.perf_counter()
@@ -287,7 +320,7 @@ def ingest(
                         _run_dask(
                             client,
                             corpus,
-                            SentSource(src.resolve()) if send_bytes else str(src.resolve()),
+                            _task_source(bucket, root, send_bytes, on_cluster=True),
                             batches,
                             writer.secret,
                             sink,
@@ -295,10 +328,10 @@ def ingest(
                             opts,
                         )
                     finally:
-                        if send_bytes:  # the files of workers killed mid-task, on every worker
+                        if sweep:  # the files of workers killed mid-task, on every worker
                             sweep_all(client)
         finally:
-            if send_bytes:
+            if sweep:
                 sweep_all(None)
             bar.close()
             writer.commit()  # whatever was appended is complete: make it visible

@@ -24,6 +24,10 @@ mid-task cannot remove it: such orphans (their lock is free: the owner is gone) 
 ``sweep_orphans`` at the start of the next send-bytes task on that machine and, on every worker
 and the driver, at the end of the ingest.
 
+``record_payload`` reads a record's files from a ``FileTree``: ``LocalTree`` here, a bucket's
+objects in ``ingestion.bucket_files`` (whose workers fetch records themselves and lay them out
+with ``process_laid_out``, in the same folders and sweep).
+
 Workers must import ``ingestion`` (the package on their ``PYTHONPATH``); nothing else of the
 driver's machine is needed. The task then carries the batch's bytes (``batch_size`` records):
 the driver holds at most ``max_in_flight`` batches of them.
@@ -36,9 +40,9 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import cast
+from typing import Protocol, cast
 
 from ecgplat.locks import StoreBusyError, WriterLock
 from ingestion.readers.options import ReadOptions, check_length, inside_src, sibling
@@ -68,12 +72,55 @@ class SentSource:
     def read(self, rels: list[str], opts: ReadOptions | None = None) -> dict[str, object]:
         """Relative file path -> bytes | ("size", n) | ("link", target) for ``rels``."""
         payload: dict[str, object] = {}
+        tree = LocalTree(self.root)
         for rel in rels:
-            payload.update(_record_payload(self.root, rel, opts))
+            payload.update(record_payload(tree, rel, opts))
         return payload
 
+    def task(self, corpus: str, rels: list[str], seq: int, secret: bytes, opts) -> tuple:
+        """(function, arguments) of the Dask task of ``rels``: the files go with it."""
+        return process_sent_batch, (corpus, self.read(rels, opts), rels, seq, secret, opts)
 
-def _within_bounds(root: Path, rel: str, hdr: dict, opts: ReadOptions | None) -> bool:
+
+class RecordFile(Protocol):
+    """A file ``record_payload`` may send: a local ``Path``, or an object in a bucket
+    (``ingestion.bucket_files``); ``read_bytes`` reads at most the size ``stat`` gave."""
+
+    def stat(self) -> os.stat_result: ...
+
+    def read_bytes(self) -> bytes: ...
+
+
+class FileTree(Protocol):
+    """Where ``record_payload`` finds a record's files, under the readers' path policy:
+    ``header`` and ``data`` raise ``RecordError`` for a refused file, whose payload entry (or
+    None: nothing is sent) ``refused`` gives."""
+
+    def header(self, rel: str, opts: ReadOptions | None) -> RecordFile: ...
+
+    def data(self, rel: str, name: str, opts: ReadOptions | None) -> RecordFile: ...
+
+    def refused(self, rel_file: str) -> tuple[str, str] | None: ...
+
+
+class LocalTree:
+    """The files of a local SRC (``FileTree``): a refused symbolic link is sent as a link."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def header(self, rel: str, opts: ReadOptions | None) -> Path:
+        return inside_src(self.root, f"{rel}.hea", rel, opts)
+
+    def data(self, rel: str, name: str, opts: ReadOptions | None) -> Path:
+        return sibling(self.root, rel, name, rel, opts)
+
+    def refused(self, rel_file: str) -> tuple[str, str] | None:
+        node = self.root / rel_file
+        return ("link", os.readlink(node)) if node.is_symlink() else None
+
+
+def _within_bounds(tree: FileTree, rel: str, hdr: dict, opts: ReadOptions | None) -> bool:
     """Whether the header passes the readers' checks made before a sample is read: the rate and
     the duration (``check_length``), from the header's signal length or, where it gives none,
     from the data files' sizes (``check_data_sizes``). A header that fails them is refused by
@@ -82,9 +129,8 @@ def _within_bounds(root: Path, rel: str, hdr: dict, opts: ReadOptions | None) ->
         sig_len = hdr["sig_len"]
         if sig_len is None:
             names = {s["file"] for s in hdr["signals"]}
-            sig_len = check_data_sizes(
-                hdr, {n: sibling(root, rel, n, rel, opts) for n in names}, rel
-            )
+            files = {n: tree.data(rel, n, opts) for n in names}
+            sig_len = check_data_sizes(hdr, cast(dict[str, Path], files), rel)  # only .stat()
         check_length(rel, hdr["fs"], sig_len, opts)
     except (RecordError, OSError):
         return False
@@ -103,16 +149,16 @@ def _data_files(hdr: dict) -> list[tuple[str, int | None, int | None]]:
     return out
 
 
-def _entry(root: Path, rel_file: str, path_of, expected: int | None, cap: int | None, sized=False):
+def _entry(
+    tree: FileTree, rel_file: str, path_of, expected: int | None, cap: int | None, sized=False
+):
     """(relative path, payload entry) of one file, or None when nothing is to be sent; only its
     size when ``sized``, or when the size is not the ``expected`` one or above ``cap``."""
     try:
         path = path_of()
     except RecordError:
-        node = root / rel_file
-        if node.is_symlink():
-            return rel_file, ("link", os.readlink(node))
-        return None
+        link = tree.refused(rel_file)
+        return None if link is None else (rel_file, link)
     try:
         size = path.stat().st_size
     except OSError:
@@ -125,15 +171,11 @@ def _entry(root: Path, rel_file: str, path_of, expected: int | None, cap: int | 
         return None
 
 
-def _record_payload(root: Path, rel: str, opts: ReadOptions | None) -> dict[str, object]:
+def record_payload(tree: FileTree, rel: str, opts: ReadOptions | None) -> dict[str, object]:
+    """Relative file path -> payload entry of record ``rel``'s files in ``tree``: the header
+    first, then (as the module docstring says) the data files it names, or only their sizes."""
     out: dict[str, object] = {}
-    hea = _entry(
-        root,
-        f"{rel}.hea",
-        lambda: inside_src(root, f"{rel}.hea", rel, opts),
-        None,
-        MAX_HEADER_BYTES,
-    )
+    hea = _entry(tree, f"{rel}.hea", lambda: tree.header(rel, opts), None, MAX_HEADER_BYTES)
     if hea is None:
         return out
     out[hea[0]] = hea[1]
@@ -143,7 +185,7 @@ def _record_payload(root: Path, rel: str, opts: ReadOptions | None) -> dict[str,
         hdr = parse_header(hea[1].decode("utf-8", errors="replace"), rel)
     except RecordError:
         return out  # the reader refuses the header alone
-    sized = not _within_bounds(root, rel, hdr, opts)
+    sized = not _within_bounds(tree, rel, hdr, opts)
     folder = os.path.dirname(rel)
     for name, expected, cap in _data_files(hdr):
         if os.path.isabs(name) or name.startswith("~"):
@@ -151,14 +193,15 @@ def _record_payload(root: Path, rel: str, opts: ReadOptions | None) -> dict[str,
         rel_file = os.path.normpath(f"{folder}/{name}" if folder else name)
         if rel_file.startswith(".."):
             continue
-        path_of = lambda n=name: sibling(root, rel, n, rel, opts)  # noqa: E731
-        got = _entry(root, rel_file, path_of, expected, cap, sized)
+        path_of = lambda n=name: tree.data(rel, n, opts)  # noqa: E731
+        got = _entry(tree, rel_file, path_of, expected, cap, sized)
         if got is not None:
             out[got[0]] = got[1]
     return out
 
 
-def _materialise(root: Path, payload: dict[str, object]) -> None:
+def materialise(root: Path, payload: dict[str, object]) -> None:
+    """Lay out ``payload`` (``record_payload``) below ``root``: bytes, links, sparse sizes."""
     for rel_file, entry in payload.items():
         path = root / rel_file
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -248,10 +291,15 @@ def sweep_all(client) -> None:
         sweep_orphans()
 
 
-def process_sent_batch(corpus, payload, rels, seq, secret, opts=None):
-    """``ingestion.worker.process_batch`` over the files of ``payload`` (worker side), laid out
-    in a ``record_folder``; orphans of killed tasks are swept first."""
+def process_laid_out(corpus, lay_out: Callable[[Path], None], rels, seq, secret, opts=None):
+    """``ingestion.worker.process_batch`` over the files ``lay_out(folder)`` writes into a
+    ``record_folder`` (worker side); orphans of killed tasks are swept first."""
     sweep_orphans()
     with record_folder() as tmp:
-        _materialise(tmp, payload)
+        lay_out(tmp)
         return process_batch(corpus, str(tmp), rels, seq, secret, opts)
+
+
+def process_sent_batch(corpus, payload, rels, seq, secret, opts=None):
+    """``process_laid_out`` of the files of ``payload``, shipped in the task."""
+    return process_laid_out(corpus, lambda tmp: materialise(tmp, payload), rels, seq, secret, opts)

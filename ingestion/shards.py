@@ -8,6 +8,14 @@ of killed runs, writes every shard under a temporary name, withdraws the export'
 entry, renames the shards into place and then writes the new entry (the manifest, last). A run
 killed at any point leaves either the old export, or none under that name (training then
 refuses it), never a manifest listing a mix of old and new shards.
+
+An export to object storage (``--out s3://bucket/prefix``) writes the same tar bytes (members
+carry the store's creation time, so an export depends only on the store and its parameters).
+Objects cannot be renamed, so it holds the lock object ``PREFIX/.lock``
+(`ecgplat.locks.ObjectLock`), withdraws the export's old manifest entry first, builds each shard
+in a local temporary file and uploads it to its final object when it is closed (each upload
+appears whole or not at all), and writes ``_info.json`` last: a killed run leaves no export under
+that name, never a mix.
 """
 
 from __future__ import annotations
@@ -18,14 +26,13 @@ import json
 import os
 import re
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 from ecgplat import atomic
 from ecgplat.faults import stop_point
-from ecgplat.locks import WriterLock
+from ecgplat.locks import ObjectLock, WriterLock
 from ecgplat.progress import ProgressBar
 from ecgplat.shard_format import (
     FORMAT,
@@ -40,7 +47,7 @@ from ecgplat.shard_format import (
     shard_glob,
     shard_name,
 )
-from ecgplat.store import EcgStore, open_store
+from ecgplat.store import EcgStore, is_url, open_store
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 _UNITS = {
@@ -75,8 +82,9 @@ def sample_bytes(segments: np.ndarray, meta: dict) -> tuple[bytes, bytes]:
 class _ShardSink:
     """Writes tar shards ``name-%06d.tar`` with rotation, each via a temp file."""
 
-    def __init__(self, out: Path, name: str, max_size: int, max_count: int):
+    def __init__(self, out: Path, name: str, max_size: int, max_count: int, mtime: int = 0):
         self.out, self.name, self.max_size, self.max_count = out, name, max_size, max_count
+        self.mtime = mtime  # of every member: the store's creation time (reproducible bytes)
         self.shards: list[dict] = []
         self.temps: list[Path] = []
         self.tar: tarfile.TarFile | None = None
@@ -108,11 +116,10 @@ class _ShardSink:
         if entry is None:
             self._open()
             entry = self.shards[-1]
-        mtime = time.time()
         assert self.tar is not None  # still open, or opened just above
         for suffix, data in payloads.items():
             info = tarfile.TarInfo(f"{key}.{suffix}")
-            info.size, info.mtime, info.mode = len(data), mtime, 0o644
+            info.size, info.mtime, info.mode = len(data), self.mtime, 0o644
             self.tar.addfile(info, io.BytesIO(data))
         entry["samples"] += 1
         entry["segments"] += n_segments
@@ -140,6 +147,27 @@ class _ShardSink:
             self.tar = None
         for tmp in self.temps:
             tmp.unlink(missing_ok=True)
+
+
+class _UploadSink(_ShardSink):
+    """Shards built one at a time in the local folder ``staging`` and uploaded to their final
+    objects under ``base`` of the file system ``fs`` as each is closed (then deleted here)."""
+
+    def __init__(self, fs, base: str, staging: Path, name: str, max_size, max_count, mtime):
+        super().__init__(staging, name, max_size, max_count, mtime)
+        self.fs, self.base = fs, base
+
+    def _close(self) -> None:
+        if self.tar is None:
+            return
+        super()._close()
+        tmp = self.temps.pop()
+        self.fs.put_file(str(tmp), f"{self.base}/{self.shards[-1]['file']}")
+        tmp.unlink()
+
+    def finish(self) -> list[dict]:
+        self._close()
+        return self.shards
 
 
 def _iter_samples(store: EcgStore, indices: np.ndarray, block: int = 256):
@@ -189,29 +217,82 @@ def write_shards(
     indices = reader.select() if split == "all" else reader.select(split=split)
     if len(indices) == 0:
         raise ValueError(f"{store}: no records in split {split!r} (run `ecgplat split` first?)")
+    params = (name, max_size, max_count, _member_mtime(reader))
+    if is_url(out):
+        return _write_remote(reader, store, split, indices, str(out), params, progress)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with _export_lock(out):
         # temporary files of killed runs (nobody else can be writing here now)
         atomic.remove_temps(out, "*.tar")
         atomic.remove_temps(out, INFO_FILE)
-        sink = _ShardSink(out, name, max_size, max_count)
-        bar = ProgressBar(progress, len(indices), f"shards {name}")
-        try:
-            for i, segs, meta in _iter_samples(reader, indices):
-                seg_bytes, meta_bytes = sample_bytes(segs, meta)
-                payloads = {SEG_MEMBER: seg_bytes, META_MEMBER: meta_bytes}
-                sink.add(sample_key(i), payloads, len(segs))
-                bar.advance()
-            shards = sink.finish()
-        except BaseException:
-            sink.abort()
-            raise
-        finally:
-            bar.close()
+        sink = _ShardSink(out, *params)
+        shards = _fill(sink, reader, indices, progress)
         entry = _entry(reader, store, split, shards, max_size, max_count)
         _publish(out, name, sink, entry)
     return entry
+
+
+def _member_mtime(reader: EcgStore) -> int:
+    """The store's creation time (epoch seconds; 0 when unrecorded): every member's mtime."""
+    try:
+        return max(0, int(_dt.datetime.fromisoformat(str(reader.attrs["created"])).timestamp()))
+    except (KeyError, TypeError, ValueError):
+        return 0
+
+
+def _fill(sink: _ShardSink, reader: EcgStore, indices: np.ndarray, progress: bool) -> list:
+    """Write the samples of ``indices`` into ``sink``; its finished shard entries."""
+    bar = ProgressBar(progress, len(indices), f"shards {sink.name}")
+    try:
+        for i, segs, meta in _iter_samples(reader, indices):
+            seg_bytes, meta_bytes = sample_bytes(segs, meta)
+            payloads = {SEG_MEMBER: seg_bytes, META_MEMBER: meta_bytes}
+            sink.add(sample_key(i), payloads, len(segs))
+            bar.advance()
+        return sink.finish()
+    except BaseException:
+        sink.abort()
+        raise
+    finally:
+        bar.close()
+
+
+def _write_remote(reader, store, split, indices, url: str, params: tuple, progress) -> dict:
+    """The export to object storage (module docstring): lock object, old entry withdrawn,
+    shards uploaded as they are closed, manifest last, old shards not reused deleted."""
+    import tempfile
+
+    import fsspec
+
+    name, max_size, max_count, _ = params
+    url = url.rstrip("/")
+    fs, base = fsspec.core.url_to_fs(url)
+    bucket = base.split("/", 1)[0]
+    if not fs.exists(bucket):
+        raise FileNotFoundError(f"{url}: bucket {bucket!r} does not exist (create it first)")
+    with ObjectLock(url, f"{url}: shards are being written by another process"):
+        info = read_info(url) or {}
+        if name in info:  # its objects are about to be replaced: withdraw it first
+            del info[name]
+            _put_manifest(fs, base, info)
+        with tempfile.TemporaryDirectory(prefix="ecgplat-shards-") as staging:
+            sink = _UploadSink(fs, base, Path(staging), *params)
+            shards = _fill(sink, reader, indices, progress)
+        entry = _entry(reader, store, split, shards, max_size, max_count)
+        stop_point("shards.before_manifest")
+        info[name] = entry
+        _put_manifest(fs, base, info)
+        keep = {s["file"] for s in entry["shards"]}
+        for old in fs.glob(f"{base}/{shard_glob(name)}"):
+            if old.rsplit("/", 1)[-1] not in keep:
+                fs.rm_file(old)
+    return entry
+
+
+def _put_manifest(fs, base: str, info: dict) -> None:
+    """``_info.json`` on object storage: one PUT, which appears whole or not at all."""
+    fs.pipe_file(f"{base}/{INFO_FILE}", json.dumps(info, indent=1, sort_keys=True).encode())
 
 
 def _entry(reader: EcgStore, store, split: str, shards: list, max_size: int, max_count: int):
@@ -224,7 +305,7 @@ def _entry(reader: EcgStore, store, split: str, shards: list, max_size: int, max
         "sample_schema": SAMPLE_SCHEMA,
         "params": {"max_size": max_size, "max_count": max_count},
         "store": {
-            "path": str(Path(store).resolve()),
+            "path": str(store).rstrip("/") if is_url(store) else str(Path(store).resolve()),
             "uuid": reader.attrs.get("store_uuid"),
             "n_records": reader.n_records,
             "split_generation": reader.split_generation,

@@ -27,6 +27,10 @@ with the same lineage resumes an interrupted one. Growth is appended in place. T
 store's writer lock. Another checkpoint (by SHA-256), lead set, precision or normalisation under an
 existing name needs `overwrite=True`. Under `torchrun` the batches of each commit are dealt
 round-robin to the ranks; rank 0 gathers and writes.
+
+A store at a URL (a published, read-only store) is read where it lies and the set written to a
+local features folder (`features_out`; named `DIR/NAME` by its readers, `retrieval.features`),
+under that folder's writer lock; into the URL itself nothing is written.
 """
 
 from __future__ import annotations
@@ -39,8 +43,9 @@ import numpy as np
 
 from ecgplat.faults import stop_at_count
 from ecgplat.leads import lead_mask, parse_leads
+from ecgplat.locks import WriterLock
 from ecgplat.progress import ProgressBar
-from ecgplat.store import N_LEADS, SEGMENT_SAMPLES, StoreLock, open_store
+from ecgplat.store import N_LEADS, SEGMENT_SAMPLES, StoreLock, is_url, open_store
 from retrieval.feature_build import (
     BuildPlan,
     SegmentOrder,
@@ -225,9 +230,10 @@ def _run_commits(run: _Run, path: Path, lineage: dict, commit_segments: int, bar
 class EmbedRequest:
     """What `embed_store` was asked to do (its parameters, less the device)."""
 
-    store_path: Path
+    store_path: str | Path  # a URL as given, else a Path
     checkpoint: str | os.PathLike
     name: str
+    features_out: str | os.PathLike | None = None  # a features folder outside the store
     leads: object = "12"
     overwrite: bool = False
     batch_size: int | None = None
@@ -249,8 +255,12 @@ def embed_store(
     precision: str = "auto",
     commit_segments: int = COMMIT_SEGMENTS,
     model: LoadedModel | None = None,
+    features_out: str | os.PathLike | None = None,
 ) -> dict:
     """Embed the stored segments that `features/<name>` lacks with `checkpoint`'s encoder.
+
+    `features_out`: write the set to `features_out/<name>` instead, outside the store (needed
+    for a store at a URL, which is read-only; readers name it `features_out/<name>`).
 
     `model`: that checkpoint already loaded (`LoadedModel.load`), for callers that embed again
     and again (`ecgplat watch`); otherwise it is loaded when there is work to do.
@@ -267,9 +277,10 @@ def embed_store(
     from training.distributed import setup, teardown
 
     request = EmbedRequest(
-        store_path=Path(store_path),
+        store_path=str(store_path) if is_url(store_path) else Path(store_path),
         checkpoint=checkpoint,
         name=name,
+        features_out=features_out,
         leads=leads,
         overwrite=overwrite,
         batch_size=batch_size,
@@ -315,8 +326,13 @@ def _embed(req: EmbedRequest, info) -> dict:
     from training.precision import resolve_precision
 
     precision = resolve_precision(req.precision, info.device)
+    fs = FeatureSet(req.store_path, req.name, req.features_out)  # a bad name fails first
+    if is_url(req.store_path) and fs.folder is None:
+        raise FeatureError(
+            f"{req.store_path}: a store at a URL is read-only; write the feature set to a local "
+            "folder with --features-out DIR"
+        )
     store = open_store(req.store_path)
-    fs = FeatureSet(req.store_path, req.name)  # a bad name fails before the slow part
     model = req.model or LoadedModel.load(req.checkpoint)
     want = Lineage(
         {
@@ -333,11 +349,11 @@ def _embed(req: EmbedRequest, info) -> dict:
 
     encoder = model.encoder
     encoder.to(info.device)
-    locks: list[StoreLock] = []
+    locks: list[WriterLock] = []
     locked: list = []  # rank 0: the store as of its lock
 
     def locked_plan() -> BuildPlan:
-        locks.append(StoreLock(req.store_path))  # held by rank 0 until the end of the run
+        locks.extend(_writer_locks(req.store_path, fs))  # held by rank 0 until the end
         locked.append(open_store(req.store_path))  # counts as of the lock: nobody appends now
         return plan_build(fs, want, SegmentOrder.of(locked[0]), req.overwrite, req.batch_size)
 
@@ -378,6 +394,24 @@ def _embed(req: EmbedRequest, info) -> dict:
         for lock in locks:
             lock.release()
     return _result("written", req.name, lineage, len(order.rows) - done)
+
+
+def _writer_locks(store_path, fs: FeatureSet) -> list[WriterLock]:
+    """The locks of a run: the store's (a local store), and the features folder's when the set
+    lies outside the store (a store at a URL is read-only: nobody writes it from here)."""
+    locks: list[WriterLock] = []
+    try:
+        if not is_url(store_path):
+            locks.append(StoreLock(store_path))
+        if fs.folder is not None:
+            fs.root.mkdir(parents=True, exist_ok=True)
+            busy = f"{fs.root}: feature sets are being written by another process"
+            locks.append(WriterLock(fs.root / ".lock", busy))
+    except BaseException:
+        for lock in locks:
+            lock.release()
+        raise
+    return locks
 
 
 def _result(status: str, name: str, lineage: dict, embedded: int) -> dict:

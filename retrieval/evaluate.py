@@ -22,7 +22,13 @@ import numpy as np
 
 from ecgplat.store import open_store
 from retrieval.embed import embed_store
-from retrieval.features import FeatureError, StoredFeatures, lead_names, open_features
+from retrieval.features import (
+    FeatureError,
+    FeatureSet,
+    StoredFeatures,
+    lead_names,
+    open_features,
+)
 from retrieval.figures import pyplot, save_figure
 from retrieval.model import LoadedModel
 from training.ident_metrics import chance_rank1, rank1_band, rank_statistics, ranks_from_cmc
@@ -54,7 +60,8 @@ def subset_features(
             f"{checkpoint}: changed since feature set {name!r} was embedded "
             f"(SHA-256 differs); re-embed explicitly with `ecgplat embed`"
         )
-    sub = f"{name}@{wanted.replace(',', '-')}"
+    fs = FeatureSet.named(store_path, name)  # DIR/NAME: the variant is written beside it
+    sub = f"{fs.name}@{wanted.replace(',', '-')}"
     precision = precision or lineage.get("precision", "fp32")
     embed_store(
         store_path,
@@ -64,8 +71,9 @@ def subset_features(
         progress=progress,
         precision=precision,
         model=model,
+        features_out=fs.folder,
     )
-    return sub
+    return sub if fs.folder is None else f"{fs.folder}/{sub}"
 
 
 def probe_sample(n_probe: int, max_probes: int, seed: int = 0) -> np.ndarray:

@@ -5,6 +5,10 @@ A set holds segment- and record-level embeddings (`segment/`, `record/`: `embedd
 `record_index`, and at segment level `segment_number`) and its lineage in the group's attributes;
 the lineage's counts (`n_segments`, `n_record_rows`) say how many rows are committed. Readers see
 only complete sets, their committed rows, and never the rows of forgotten records.
+
+A set may also lie outside its store, in a local features folder of its own (`ecgplat embed
+--features-out DIR`, for a read-only store at a URL): it is named `DIR/NAME` wherever a set's
+name is taken, and is bound to its store by the lineage's `store_uuid` (checked when it is read).
 """
 
 from __future__ import annotations
@@ -15,12 +19,13 @@ import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
 from ecgplat.leads import LEADS, parse_leads
 from ecgplat.store import FEATURES_DIR as FEATURES
-from ecgplat.store import read_forgotten
+from ecgplat.store import is_url, read_forgotten, store_file
 
 SCHEMA = "ecgplat-features/1"
 LEVELS = ("segment", "record")
@@ -45,6 +50,39 @@ def lead_names(leads) -> str:
     return ",".join(LEADS[i] for i in parse_leads(leads))
 
 
+class UrlFolder(str):
+    """A folder of a store read by URL (a published store, `ecgplat publish`): the read-only
+    part of `Path` that finding and opening a feature set uses, through fsspec."""
+
+    def __truediv__(self, part: str) -> UrlFolder:
+        return UrlFolder(f"{self.rstrip('/')}/{part}")
+
+    @property
+    def name(self) -> str:
+        return self.rstrip("/").rsplit("/", 1)[-1]
+
+    def _fs(self):
+        import fsspec
+
+        return fsspec.core.url_to_fs(str(self))
+
+    def is_file(self) -> bool:
+        fs, key = self._fs()
+        return bool(fs.isfile(key))
+
+    def is_dir(self) -> bool:
+        fs, key = self._fs()
+        return bool(fs.isdir(key))
+
+    def iterdir(self) -> list[UrlFolder]:
+        fs, key = self._fs()
+        return [self / entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(key, detail=False)]
+
+    def read_text(self) -> str:
+        fs, key = self._fs()
+        return fs.cat_file(key).decode()
+
+
 def dir_lineage(path: Path) -> dict | None:
     """The lineage in the attributes of the feature-set directory `path` (complete or not)."""
     meta = path / "zarr.json"
@@ -58,19 +96,34 @@ def dir_lineage(path: Path) -> dict | None:
 @dataclass(frozen=True)
 class FeatureSet:
     """The feature set `name` of the store at `store_path`: where it lies (and is built), its
-    lineage and its rows. FeatureError for a name that cannot be a set's."""
+    lineage and its rows. `folder`: the features folder holding it when it lies outside the
+    store (`embed --features-out`); readers name such a set `DIR/NAME` (`named`). FeatureError
+    for a name that cannot be a set's."""
 
     store_path: str | os.PathLike  # as given: messages name it so
     name: str
+    folder: str | os.PathLike | None = None
 
     def __post_init__(self) -> None:
         name = self.name
         if not name or name.startswith(".") or "/" in name or name in LEVELS:
             raise FeatureError(f"{self.store_path}: bad feature set name {name!r}")
 
+    @classmethod
+    def named(cls, store_path: str | os.PathLike, spec: str) -> FeatureSet:
+        """The set a reader names `spec`: `NAME` (in the store) or `DIR/NAME` (outside it)."""
+        if "/" not in str(spec):
+            return cls(store_path, spec)
+        parent, _, name = str(spec).rstrip("/").rpartition("/")
+        return cls(store_path, name, parent or "/")
+
     @property
     def root(self) -> Path:
-        """The store's `features/` folder, holding every set."""
+        """The `features/` folder holding every set: the store's, or `folder`."""
+        if self.folder is not None:
+            return Path(self.folder)
+        if is_url(self.store_path):  # read-only, a Path to the readers below
+            return cast(Path, UrlFolder(str(self.store_path)) / FEATURES)
         return Path(self.store_path) / FEATURES
 
     @property
@@ -91,8 +144,21 @@ class FeatureSet:
         for path in (self.path, self.build_path, self.path):
             lineage = dir_lineage(path)
             if lineage and lineage.get("complete"):
+                self._check_bound(path, lineage)
                 return path, lineage
         return None
+
+    def _check_bound(self, path: Path, lineage: dict) -> None:
+        """FeatureError when a set outside the store was embedded from another store."""
+        if self.folder is None:
+            return
+        raw = store_file(self.store_path, "zarr.json")
+        attrs = json.loads(raw).get("attributes", {}) if raw is not None else {}
+        if raw is not None and lineage.get("store_uuid") != attrs.get("store_uuid"):
+            raise FeatureError(
+                f"{path}: feature set embedded from another store (store_uuid "
+                f"{lineage.get('store_uuid')}), not from {self.store_path}"
+            )
 
     def lineage(self) -> dict | None:
         """The lineage of the complete set, or None when there is none under this name."""
@@ -115,10 +181,10 @@ class FeatureSet:
         _check_level(level)
         found = self.published()
         if found is None:
-            have = ", ".join(list_features(self.store_path)) or "none"
+            where = self.store_path if self.folder is None else self.root
+            have = ", ".join(list_features(self.store_path, self.folder)) or "none"
             raise FeatureError(
-                f"{self.store_path}: no feature set {self.name!r} (have: {have}); "
-                "run `ecgplat embed` first"
+                f"{where}: no feature set {self.name!r} (have: {have}); run `ecgplat embed` first"
             )
         folder, lineage = found
         group = self.group(level, folder)
@@ -138,9 +204,11 @@ def _check_level(level: str) -> None:
         raise FeatureError(f"unknown feature level {level!r}; choose segment or record")
 
 
-def list_features(store_path: str | os.PathLike) -> list[str]:
-    """The names of the store's complete feature sets, sorted."""
-    root = Path(store_path) / FEATURES
+def list_features(
+    store_path: str | os.PathLike, folder: str | os.PathLike | None = None
+) -> list[str]:
+    """The names of the store's complete feature sets (those in `folder`, outside it), sorted."""
+    root = FeatureSet(store_path, "x", folder).root
     if not root.is_dir():
         return []
     # a `.build-<name>` folder may hold the set while an overwrite moves it (`published`)
@@ -149,8 +217,16 @@ def list_features(store_path: str | os.PathLike) -> list[str]:
         name
         for name in names
         if name and not name.startswith(".") and name not in LEVELS
-        if FeatureSet(store_path, name).lineage()
+        if _bound_lineage(FeatureSet(store_path, name, folder))
     )
+
+
+def _bound_lineage(fs: FeatureSet) -> dict | None:
+    """`fs.lineage()`, None for a set outside the store that was embedded from another store."""
+    try:
+        return fs.lineage()
+    except FeatureError:
+        return None
 
 
 @dataclass
@@ -235,7 +311,7 @@ def open_features(
     """The committed rows of a feature set at `level` (segment | record), less those of
     forgotten records, with the embeddings left on disk until read (`FeatureSet.open`)."""
     _check_level(level)  # a bad level is reported before a bad name
-    return FeatureSet(store_path, name).open(level)
+    return FeatureSet.named(store_path, name).open(level)
 
 
 def load_features(store_path: str | os.PathLike, name: str, level: str = "record") -> Features:

@@ -18,6 +18,8 @@ command line may use these placeholders, all built once per module from the bund
   {samples} the bundled sample corpora (data/samples)   {unsplit} a store never split
   {latin1}  a patients CSV in latin-1, not UTF-8
   {junk}    a folder of files of no ECG format (a .xml and a .dat)
+  {nobucket} a bucket name that the loopback S3 server (the `s3` fixture, started only for
+            the rows that use it) does not have
 
 Errors raised by ecgplat itself are one `error: ...` line on stderr; usage errors found by the
 argument parser (a bad choice or range) come in typer's usage panel. Either way the output
@@ -88,6 +90,14 @@ CASES: list[tuple[str, list[str], int]] = [
      ["nohost"], 2),
     ("ingest code15 {cohort} --store {tmp}/s --workers 0 --send-bytes --no-progress",
      ["--send-bytes", "code15"], 2),
+    ("ingest ptbxl s3://b/raw/ --store {tmp}/s --workers 0 --no-progress",
+     ["s3://b/raw/", "wfdb, cinc2021, ludb, cpsc2021", "not 'ptbxl'"], 2),
+    ("ingest wfdb s3://{nobucket}/raw/ --store {tmp}/s --workers 0 --no-progress",
+     ["s3://nobucket-", "bucket does not exist"], 2),
+    ("ingest wfdb s3://b/raw/ --store {tmp}/s --workers 0 --send-bytes --no-progress",
+     ["s3://b/raw/", "--send-bytes", "read a bucket themselves"], 2),
+    ("ingest auto s3://b/raw/ --store {tmp}/s --no-progress",
+     ["s3://b/raw/", "ingest auto reads a local folder"], 2),
     ("ingest ludb {samples}/cinc2021 --store {tmp}/s --workers 0 --no-progress",
      ["not a LUDB folder", "a CinC 2021 folder", "ingest cinc2021"], 2),
     ("ingest code15 {samples}/cinc2021 --store {tmp}/s --workers 0 --no-progress",
@@ -154,6 +164,8 @@ CASES: list[tuple[str, list[str], int]] = [
     ("shards {store} --split train --out {tmp}/o --name a/b --no-progress",
      ["bad shard name", "a/b"], 2),
     ("shards {store} --out {tmp}/o", ["Missing option", "--split"], 2),
+    ("shards {store} --split train --out s3://{nobucket}/p --no-progress",
+     ["s3://", "bucket", "does not exist"], 2),
     ("shards {phantom} --split train --out {tmp}/o --no-progress",
      ["commit.json", "n_records=77"], 2),
     # --- info ------------------------------------------------------------------------------
@@ -162,6 +174,16 @@ CASES: list[tuple[str, list[str], int]] = [
     ("info {empty}", ["no ecgplat store"], 2),
     ("info", ["Missing argument", "STORE"], 2),
     ("info {phantom}", ["commit.json", "corrupt commit point", "n_records=77"], 2),
+    # --- publish ---------------------------------------------------------------------------
+    ("publish", ["Missing argument", "STORE"], 2),
+    ("publish {store}", ["Missing argument", "URL"], 2),
+    ("publish {tmp}/nostore s3://b/p", ["nostore", "no such store folder"], 2),
+    ("publish {afile} s3://b/p", ["afile", "no ecgplat store"], 2),
+    ("publish {empty} s3://b/p", ["no ecgplat store"], 2),
+    ("publish {phantom} s3://b/p", ["commit.json", "n_records=77"], 2),
+    ("publish {store} {tmp}/out", ["out", "not a URL"], 2),
+    ("publish {store} s3://", ["s3://", "names no bucket"], 2),
+    ("publish {store} nosuch://b/p", ["nosuch://b/p", "not a URL this machine can write to"], 2),
     # --- score -----------------------------------------------------------------------------
     ("score {tmp}/nope.npz", ["nope.npz", "no such predictions file"], 2),
     ("score {empty}", ["no such predictions file"], 2),
@@ -275,6 +297,10 @@ CASES: list[tuple[str, list[str], int]] = [
     ("embed --checkpoint {pt} --store {store} --name a/b", ["bad feature set name", "a/b"], 2),
     ("embed --checkpoint {pt} --store {store} --name e2 --batch-size 0", ["--batch-size"], 2),
     ("embed --checkpoint {dx} --store {store} --name emb", ["emb", "--overwrite"], 2),
+    ("embed --checkpoint {pt} --store s3://nobucket/store --name e2 --device cpu",
+     ["s3://nobucket/store", "read-only", "--features-out"], 2),
+    ("embed --checkpoint {pt} --store {store} --name e2 --features-out {afile}",
+     ["--features-out", "is a file, not a directory"], 2),
     ("embed --checkpoint {pt} --store {store}", ["Missing option", "--name"], 2),
     # --- index build -----------------------------------------------------------------------
     ("index build --store {tmp}/nostore --features emb --out {tmp}/i", ["nostore"], 2),
@@ -444,14 +470,18 @@ def _flat(text: str) -> str:
 
 
 @pytest.mark.parametrize("line, fragments, code", CASES, ids=[c[0] for c in CASES])
-def test_misuse(line, fragments, code, world, tmp_path):
+def test_misuse(line, fragments, code, world, tmp_path, request):
     if GPU in fragments:
         import torch
 
         if torch.cuda.is_available():
             pytest.skip("CUDA is present: --device cuda is not a misuse here")
         fragments = [f for f in fragments if f != GPU]
-    args = [a.format(tmp=tmp_path, **world) for a in line.split()]
+    extra = {}
+    if "{nobucket}" in line:  # S3 rows: the loopback server, whose AWS variables then apply
+        request.getfixturevalue("s3")
+        extra["nobucket"] = f"nobucket-{os.getpid()}"
+    args = [a.format(tmp=tmp_path, **world, **extra) for a in line.split()]
     r = runner.invoke(app, args, env={"ECGPLAT_DEBUG": None, "COLUMNS": "100"})
     out = r.stdout + r.stderr
     assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)

@@ -131,23 +131,34 @@ _INGEST = textwrap.dedent(
 )
 
 
-def _ingest_peak(tmp_path: Path, seconds: float) -> dict:
-    root = tmp_path / f"s{seconds:g}"
-    root.mkdir()
+def _ingest_peaks(tmp_path: Path, *durations: float) -> list[dict]:
+    """One ingest process per duration, run at the same time (each process measures its own
+    VmHWM, so they do not see each other's memory); their reports in the order given."""
+    runs = []
     try:
-        out = subprocess.run(
-            [sys.executable, "-c", _INGEST, str(root), str(seconds), ",".join(LEADS)],
-            cwd=REPO,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-            capture_output=True,
-            text=True,
-            timeout=240,
-            check=True,
-        )
+        for seconds in durations:
+            root = tmp_path / f"s{seconds:g}"
+            root.mkdir()
+            proc = subprocess.Popen(
+                [sys.executable, "-c", _INGEST, str(root), str(seconds), ",".join(LEADS)],
+                cwd=REPO,
+                env={**os.environ, "OMP_NUM_THREADS": "1"},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            runs.append((root, proc))
+        outs = [proc.communicate(timeout=240) for _, proc in runs]
     finally:
-        for f in (root / "src").glob("*"):
-            f.unlink()
-    return json.loads(out.stdout.strip().splitlines()[-1])
+        for root, proc in runs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            for f in (root / "src").glob("*"):
+                f.unlink()
+    for (_, proc), (_, err) in zip(runs, outs, strict=True):
+        assert proc.returncode == 0, err[-2000:]
+    return [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="VmHWM is Linux's")
@@ -156,7 +167,7 @@ def test_peak_memory_of_the_longest_default_record_does_not_grow_with_duration(t
     against one of 600 s: the ingest's peak grows by the 500 Hz int16 output only (12 kB per
     second, held twice: segments and their encoded chunks), not by the samples read (before:
     about 7x the file). docs/operations.md states the measured peak."""
-    short, longest = _ingest_peak(tmp_path, 600.0), _ingest_peak(tmp_path, DEFAULT_MAX_SECONDS)
+    short, longest = _ingest_peaks(tmp_path, 600.0, DEFAULT_MAX_SECONDS)
     assert (short["segments"], longest["segments"]) == (120, 720)
     output = (720 - 120) * 12 * 2500 * 2  # int16 bytes of the 3,000 s more
     assert longest["peak"] - short["peak"] < 2 * output + (16 << 20)

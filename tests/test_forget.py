@@ -208,6 +208,23 @@ def _state(store: Path) -> dict[str, str]:
     return out
 
 
+@pytest.fixture(scope="module")
+def forgotten(base, tmp_path_factory) -> Path:
+    """A copy of ``base`` and its index (``reference.idx`` beside it) from which a real
+    ``ecgplat forget`` process, run to completion, removed the patient of record 40: what a
+    killed forget and its rerun must leave. Built once for every stop point; read-only."""
+    from retrieval.index import index_from_features
+
+    reference = tmp_path_factory.mktemp("forgotten") / "reference"
+    shutil.copytree(base, reference)
+    index_from_features(reference, "emb", split="all").save(reference.parent / "reference.idx")
+    pk = open_store(reference).records["patient_key"][40]
+    args = ("--patient", pk, "--index", str(reference.parent / "reference.idx.faiss"))
+    ok = _run_cli(str(reference), *args)
+    assert ok.returncode == 0, ok.stderr
+    return reference
+
+
 @pytest.mark.parametrize(
     "stop",
     [
@@ -217,18 +234,14 @@ def _state(store: Path) -> dict[str, str]:
         "forget.before_done",
     ],
 )
-def test_killed_forget_is_masked_and_a_rerun_completes_it(store, tmp_path, stop):
+def test_killed_forget_is_masked_and_a_rerun_completes_it(store, forgotten, stop):
     from retrieval.index import GalleryIndex, index_from_features
 
-    reference = tmp_path / "reference"
-    shutil.copytree(store, reference)
-    for where in (store, reference):
-        index_from_features(where, "emb", split="all").save(where.parent / f"{where.name}.idx")
+    reference = forgotten  # the same store and index, forgotten by an uninterrupted run
+    index_from_features(store, "emb", split="all").save(store.parent / "store.idx")
     pk = open_store(store).records["patient_key"][40]
     rows = open_store(store).select(patient_key=pk)
     args = ("--patient", pk, "--index")
-    ok = _run_cli(str(reference), *args, str(reference.parent / "reference.idx.faiss"))
-    assert ok.returncode == 0, ok.stderr
 
     killed = _run_cli(str(store), *args, str(store.parent / "store.idx.faiss"), stop=stop)
     assert killed.returncode == -9, killed.stderr

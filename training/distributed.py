@@ -3,12 +3,19 @@
 `setup(device_pref)` reads RANK / WORLD_SIZE / LOCAL_RANK (set by `torchrun`); with a world
 size above one it starts a process group (gloo on CPU, nccl on CUDA). Without them it is a
 single process and every collective below is the identity, so tasks can call them freely.
+
+Across several nodes (one `torchrun` per node, docs/deploy.md) RANK is the global rank: it picks
+the data share, the RNG state of a resumed run and the one writer of checkpoints, config and
+metrics (rank 0); LOCAL_RANK, the rank within the node, only picks the GPU. Every collective
+waits at most `$ECGPLAT_DIST_TIMEOUT_S` seconds (default 1800) for the other ranks, so a rank
+whose peer node vanished without closing its sockets fails instead of hanging.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -51,9 +58,28 @@ def setup(device_pref: str = "auto") -> DistInfo:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(
-            backend="nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world
+            backend="nccl" if device.type == "cuda" else "gloo",
+            rank=rank,
+            world_size=world,
+            timeout=collective_timeout(),
         )
     return DistInfo(rank=rank, world=world, local_rank=local_rank, device=device)
+
+
+TIMEOUT_ENV = "ECGPLAT_DIST_TIMEOUT_S"
+
+
+def collective_timeout() -> timedelta:
+    """How long joining the group and each collective wait for the other ranks:
+    `$ECGPLAT_DIST_TIMEOUT_S` seconds, 1800 (torch's default) when unset."""
+    value = os.environ.get(TIMEOUT_ENV, "1800")
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0.0
+    if not 0 < seconds < 1e9:  # NaN and infinity too
+        raise ValueError(f"{TIMEOUT_ENV}={value!r}: expected a positive number of seconds")
+    return timedelta(seconds=seconds)
 
 
 def teardown() -> None:

@@ -36,8 +36,26 @@ def check_run_paths(cfg: RunConfig) -> None:
             raise ConfigError("device=cuda: no CUDA device is available here (use auto or cpu)")
     shards = str(cfg.data.shards)
     is_pattern = shards.startswith("pipe:") or "{" in shards or shards.endswith(".tar")
-    if shards and not is_pattern and not Path(shards).is_dir():
-        raise ConfigError(f"--shards (data.shards) {shards}: no such shard directory")
+    if shards and not is_pattern:
+        _check_shard_folder(shards)
+
+
+def _check_shard_folder(shards: str) -> None:
+    """ConfigError for a `--shards` folder that does not exist, or (a URL: object storage,
+    HTTP) that holds no `_info.json` manifest."""
+    from ecgplat.shard_format import INFO_FILE, read_info
+    from ecgplat.store import is_url
+
+    if not is_url(shards):
+        if not Path(shards).is_dir():
+            raise ConfigError(f"--shards (data.shards) {shards}: no such shard directory")
+        return
+    try:
+        found = read_info(shards) is not None
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--shards (data.shards) {shards}: {str(e).splitlines()[0]}") from None
+    if not found:
+        raise ConfigError(f"--shards (data.shards) {shards}: no {INFO_FILE} (no shard export here)")
 
 
 def check_store_split(store_path: str) -> None:

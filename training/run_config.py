@@ -23,6 +23,8 @@ from typing import Any
 
 import yaml
 
+from ecgplat.atomic import write_text
+
 
 class ConfigError(ValueError):
     """A bad config file, key or value; the message is one line."""
@@ -143,7 +145,9 @@ class RunConfig:
         return cfg
 
     def save_yaml(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        """Replace `path` atomically: under torchrun the other ranks of a resumed run may be
+        reading it while rank 0 writes it."""
+        write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     def validate(self) -> None:
         """Check enumerated values and ranges; raises ConfigError."""

@@ -10,6 +10,7 @@ from ecgplat.cli import (  # noqa: F401
     data_cmds,
     diagnosis_cmds,
     model_cmds,
+    publish_cmds,
     retrieval_cmds,
     train_cmds,
     watch_cmds,

@@ -67,7 +67,14 @@ def ingest(
             "told from its content (a mixed folder)."
         ),
     ],
-    src: Annotated[Path, typer.Argument(help="Root directory of the corpus.")],
+    src: Annotated[
+        str,
+        typer.Argument(
+            help="Root directory of the corpus, or an object-storage prefix "
+            "(s3://bucket/prefix/: wfdb, cinc2021, ludb, cpsc2021; every worker reads the "
+            "bucket with the AWS credentials of its own environment)."
+        ),
+    ],
     store: NewStoreOption,
     workers: Annotated[
         int | None,
@@ -140,11 +147,16 @@ def ingest(
     records are listed in the store's rejects table with a one-line reason. Every file read
     must lie inside SRC (no absolute or '..' paths; no symbolic links unless --follow-symlinks).
     """
+    from ecgplat.store import is_url
+
     if corpus not in (*CORPUS_NAMES, AUTO):
         fail(f"unknown corpus {corpus!r}; choose one of {', '.join(CORPUS_NAMES)} or {AUTO}")
-    if not src.exists():
+    if is_url(src) and corpus == AUTO:
+        fail(f"{src}: ingest auto reads a local folder; name the corpus of a bucket")
+    local = Path(src)
+    if not is_url(src) and not local.exists():
         fail(f"{src}: source directory does not exist")
-    if not (src.is_dir() or (corpus == "numpy" and src.is_file())):
+    if not (is_url(src) or local.is_dir() or (corpus == "numpy" and local.is_file())):
         fail(f"{src}: the source is a file, not a directory")
     check_output_path(store, "--store", directory=True)
     if allow_outside and not follow_symlinks:
@@ -181,7 +193,7 @@ def ingest(
     }
     try:
         if corpus == AUTO:
-            summary = ingest_auto(src, store, **run)
+            summary = ingest_auto(local, store, **run)
         else:
             summary = run_ingest(corpus, src, store, **run)
     except (FileNotFoundError, ValueError, RuntimeError, OSError) as e:
@@ -283,7 +295,12 @@ def shards(
         str, typer.Option("--split", help="Split to export (train, valid, test or all).")
     ],
     out: Annotated[
-        Path, typer.Option("--out", help="Output directory for the tar shards and _info.json.")
+        str,
+        typer.Option(
+            "--out",
+            help="Output directory for the tar shards and _info.json, or an object-storage "
+            "prefix (s3://bucket/prefix; credentials from the standard AWS settings).",
+        ),
     ],
     max_size: Annotated[
         str, typer.Option(help="Maximum shard size, e.g. 256MB or 1GiB.")
@@ -297,11 +314,12 @@ def shards(
     progress: ProgressOption = True,
 ) -> None:
     """Export one split of the store as WebDataset tar shards (one sample per record)."""
-    from ecgplat.store import StoreBusyError
+    from ecgplat.store import StoreBusyError, is_url
     from ingestion.shards import write_shards
 
     require_store(store)
-    check_output_path(out, "--out", directory=True)
+    if not is_url(out):
+        check_output_path(Path(out), "--out", directory=True)
     try:
         entry = write_shards(
             store,

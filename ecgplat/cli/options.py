@@ -57,8 +57,16 @@ StoreArgument = Annotated[Path, typer.Argument(help="Feature store directory.")]
 # a store that ingestion creates or grows (ingest, watch)
 NewStoreOption = Annotated[Path, store_option("Feature store directory (created if missing).")]
 # the store that `ecgplat embed` wrote a feature set into (index build, index update)
-EmbeddingsStoreOption = Annotated[Path, store_option("Feature store holding the embeddings.")]
-FeaturesOption = Annotated[str, typer.Option(help="Feature set name (see `ecgplat embed`).")]
+EmbeddingsStoreOption = Annotated[
+    str, store_option("Feature store holding the embeddings, or its URL (s3://...: read-only).")
+]
+FeaturesOption = Annotated[
+    str,
+    typer.Option(
+        help="Feature set name (see `ecgplat embed`), or DIR/NAME for one written outside the "
+        "store with `embed --features-out DIR`."
+    ),
+]
 IndexOption = Annotated[Path, typer.Option(help="Index built by `ecgplat index build` (.faiss).")]
 ProgressOption = Annotated[bool, typer.Option(help="Show a progress bar.")]
 DeviceOption = Annotated[Device, typer.Option(help="auto (GPU when present), cpu or cuda.")]

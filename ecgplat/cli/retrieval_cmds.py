@@ -50,12 +50,21 @@ def embed(
         ),
     ],
     store: Annotated[
-        Path,
+        str,
         store_option(
-            "Feature store to read the ECGs from and write the embeddings into (features/NAME)."
+            "Feature store to read the ECGs from and write the embeddings into (features/NAME), "
+            "or its URL (s3://, http://: read-only, needs --features-out)."
         ),
     ],
     name: Annotated[str, typer.Option(help="Name of the feature set inside the store.")],
+    features_out: Annotated[
+        Path | None,
+        typer.Option(
+            "--features-out",
+            help="Write the feature set to DIR/NAME, a local folder outside the store (for a "
+            "store at a URL); other commands then take --features DIR/NAME.",
+        ),
+    ] = None,
     leads: Annotated[
         str,
         typer.Option(
@@ -85,6 +94,8 @@ def embed(
     if not checkpoint.is_file():
         fail(f"{checkpoint}: no such checkpoint file")
     check_device(device)
+    if features_out is not None:
+        check_output_path(features_out, "--features-out", directory=True)
     try:
         result = embed_store(
             store,
@@ -96,14 +107,16 @@ def embed(
             device=device,
             progress=True,
             precision=precision.value,
+            features_out=features_out,
         )
     except (CheckpointError, StoreBusyError, *_ERRORS) as e:
         fail(_message(e))
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun rank 0 reports
     verb = "already up to date" if result["status"] == "unchanged" else "written"
+    where = f"features/{name}" if features_out is None else str(features_out / name)
     typer.echo(
-        f"features/{name}: {result['n_segments']} segments, {result['n_records']} records "
+        f"{where}: {result['n_segments']} segments, {result['n_records']} records "
         f"({result['lineage']['leads']}) {verb}"
     )
 
@@ -201,7 +214,9 @@ def index_compact(
 
 @evaluate_app.command("identify")
 def evaluate_identify(
-    store: Annotated[Path, store_option("Feature store with a gallery/probe split.")],
+    store: Annotated[
+        str, store_option("Feature store with a gallery/probe split, or its URL (s3://...).")
+    ],
     features: FeaturesOption,
     leads: Annotated[
         str | None,
@@ -311,8 +326,9 @@ def query(
     """Nearest gallery ECGs (cosine similarity) of a stored record or a new file."""
     from retrieval.index import GalleryIndex, LineageError
     from retrieval.query import plot_matches, query_record, query_signal
-    from training.models.checkpoint_file import CheckpointError
 
+    # a CheckpointError (--file) is a ValueError, caught as one of _ERRORS: its module imports
+    # torch, which a query by --record does not need
     if (record is None) == (file is None):
         fail("give exactly one of --record KEY or --file PATH.hea")
     if plot is not None:
@@ -338,7 +354,7 @@ def query(
             if trace is None:  # the store lost the record since query_record found it
                 raise KeyError(f"{idx.lineage['store']}: no record {title!r}")
             plot_matches(trace, matches, plot, idx.lineage.get("store"), title=title)
-    except (LineageError, CheckpointError, *_ERRORS) as e:
+    except (LineageError, *_ERRORS) as e:
         fail(_message(e))
     if as_json:
         typer.echo(json.dumps(matches, indent=1))

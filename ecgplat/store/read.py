@@ -112,12 +112,15 @@ def read_forgotten(path: str | os.PathLike) -> dict:
     ``generation`` (bumped by every forget), ``scrubbed`` (the last generation whose data files
     were rewritten), ``records`` (record indices, ascending) and per-record keyed hashes.
     ValueError naming the file when it is corrupt."""
-    file = Path(path) / FORGOTTEN_FILE
+    file = (
+        f"{str(path).rstrip('/')}/{FORGOTTEN_FILE}" if is_url(path) else Path(path) / FORGOTTEN_FILE
+    )
     empty = {"format": FORGOTTEN_FORMAT, "generation": 0, "scrubbed": 0, "records": []}
-    if not file.exists():
-        return dict(empty, key_hash=[], patient_hash=[], record_generation=[], operations=[])
     try:
-        table = json.loads(file.read_bytes())
+        raw = store_file(path, FORGOTTEN_FILE)  # a local path or a URL (a published store)
+        if raw is None:
+            return dict(empty, key_hash=[], patient_hash=[], record_generation=[], operations=[])
+        table = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
         raise ValueError(f"{file}: corrupt tombstone table ({e})") from None
     ok = isinstance(table, dict) and table.get("format") == FORGOTTEN_FORMAT

@@ -11,7 +11,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from ecgplat.store import EcgStore, open_store
+from ecgplat.store import EcgStore, is_url, open_store
 from retrieval.features import StoredFeatures, open_features
 from retrieval.index.file import INDEX_KINDS
 from retrieval.index.gallery import GalleryIndex, checked_unit_float32, unit_float32
@@ -234,7 +234,7 @@ def index_from_features(
             "features": features,
             "level": level,
             "split": split,
-            "store": str(Path(store_path).resolve()),
+            "store": str(store_path) if is_url(store_path) else str(Path(store_path).resolve()),
             "forget_generation": store.forget_generation,
             "split_generation": store.split_generation,
         }

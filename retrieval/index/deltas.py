@@ -38,7 +38,7 @@ def _tail_selection(store_path, features: str, lineage: dict, n_have: int) -> Ne
     index no longer selected): then the caller compares whole selections."""
     level, split = lineage.get("level", "record"), lineage.get("split", "gallery")
     key = "n_segments" if level == "segment" else "n_record_rows"
-    fs = FeatureSet(store_path, features)
+    fs = FeatureSet.named(store_path, features)
     flin = fs.lineage()
     if flin is None:
         fs.open(level)  # raises its one-line FeatureError
