@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-kernels test-all-kernels lint venv clean bench study
+.PHONY: demo test test-kernels test-all-kernels lint venv clean bench study task-study
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -61,5 +61,14 @@ study: $(STAMP)
 	OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m bench.real_study --data "$(DATA)" --out "$(OUT)" \
 		--minutes $(MINUTES)
 
+# The downstream-task study (bench/task_study.py; docs/results.md "Downstream tasks on real
+# ECGs"): the committed real-data checkpoint against random init on sex, age and the PTB-XL
+# superclasses, fine-tuned and probed, 3 seeds (about 20 min on 2 shared cores):
+#   make task-study DATA=/path/to/corpora [TASK_OUT=task_study_out]
+TASK_OUT ?= task_study_out
+task-study: $(STAMP)
+	@test -n "$(DATA)" || { echo "usage: make task-study DATA=DIR [TASK_OUT=task_study_out]" >&2; exit 2; }
+	OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m bench.task_study --data "$(DATA)" --out "$(TASK_OUT)"
+
 clean:
-	rm -rf $(VENV) demo_out study_out .pytest_cache
+	rm -rf $(VENV) demo_out study_out task_study_out .pytest_cache

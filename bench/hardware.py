@@ -43,6 +43,28 @@ def cpu_info() -> dict:
     return info
 
 
+def gemm_rates(dtype: str, device: str = "cpu", n: int = 2048, repeats: int = 3) -> dict:
+    """`gemm_tflops` seen two ways, best of `repeats`: `wall` TFLOP/s per second of wall time
+    and `cpu` TFLOP per CPU-second of this process (threads x time; on a shared machine the
+    CPU-time rate is the one other jobs disturb least)."""
+    import torch
+
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    a = torch.randn(n, n, device=device).to(dt)
+    b = torch.randn(n, n, device=device).to(dt)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    torch.mm(a, b)
+    sync()
+    wall = cpu = float("inf")
+    for _ in range(repeats):
+        t, c = time.perf_counter(), time.process_time()
+        torch.mm(a, b)
+        sync()
+        wall = min(wall, time.perf_counter() - t)
+        cpu = min(cpu, max(time.process_time() - c, 1e-9))
+    return {"wall": 2.0 * n**3 / wall / 1e12, "cpu": 2.0 * n**3 / cpu / 1e12}
+
+
 def gemm_tflops(dtype: str, device: str = "cpu", n: int = 2048, repeats: int = 3) -> float:
     """Best-of-`repeats` rate of a plain torch.mm of two n x n matrices in `dtype` (fp32 |
     bf16), in TFLOP/s: what this machine's matmul kernels reach right now, the ceiling the
@@ -62,3 +84,23 @@ def gemm_tflops(dtype: str, device: str = "cpu", n: int = 2048, repeats: int = 3
         sync()
         best = min(best, time.perf_counter() - t)
     return 2.0 * n**3 / best / 1e12
+
+
+# dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets, TFLOP/s, by a
+# substring of torch.cuda.get_device_name; the first match wins (PCIe before the SXM default)
+GPU_PEAK_BF16_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),
+    ("H200", 989.0),
+    ("GH200", 989.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("L4", 121.0),
+    ("A10", 125.0),
+)
+
+
+def gpu_peak_bf16_tflops(name: str) -> float | None:
+    """The dense bf16 peak of the GPU called `name` (None when the table does not know it)."""
+    return next((v for k, v in GPU_PEAK_BF16_TFLOPS if k in name), None)

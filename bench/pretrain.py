@@ -10,8 +10,13 @@ bottleneck. The steps are measured in every precision of `--precisions` (default
 bf16 autocast, one child process each), and each result carries the model's analytic FLOPs per
 segment (matmuls and convolutions, forward x 3 for forward + backward), the GEMM rate of a plain
 torch.mm in that dtype measured in the same process, and the utilisation: achieved FLOP/s over
-that GEMM rate (and, on CUDA, the MFU over the device's datasheet peak). The report carries
-the CPU flags (lscpu) and the bf16/fp32 speed-up per preset.
+that GEMM rate (and, on CUDA, the MFU over the device's datasheet peak). The GEMM rate is taken
+before and after the steps (the better one counts: other jobs only lower it), both per second
+of wall time (`utilisation`) and per CPU-second of the process (`utilisation_cpu`: the step's
+FLOP per CPU-second over torch.mm's, the ratio a shared machine disturbs least). With
+`--compile off,on` each precision also runs with the transformer layers compiled
+(training/compile.py). The report carries the CPU flags (lscpu), the bf16/fp32 speed-up per
+preset and the compiled/eager one.
 
 `--fit-check`: one forward + backward of the paper preset at the paper's per-GPU batch of
 64 pairs = 128 segments; reports its peak RSS (CPU) or peak CUDA memory (must fit 24 GiB).
@@ -23,6 +28,7 @@ Without `--shards` a synthetic cohort is generated and ingested through the real
 (and in `--out FILE` if given).
 
     python bench/pretrain.py [--presets tiny,paper] [--pairs 8] [--steps 3] [--precisions fp32,bf16]
+                             [--compile off,on]
     python bench/pretrain.py --fit-check [--estimate-only]
 """
 
@@ -40,7 +46,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import GIB, machine, max_rss_gib, workdir, write_report  # noqa: E402
 
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
 CPU_TARGETS = {
     "paper_steps_segments_per_s": 1.5,
     "peak_rss_gib": 3.2,
@@ -88,6 +93,7 @@ def measure(
     workers: int,
     fit_check: bool,
     precision: str = "fp32",
+    compile: str = "off",
 ) -> dict:
     """Runs in a child process: loader and step throughput of one preset in one precision."""
     import psutil
@@ -97,7 +103,8 @@ def measure(
     from training.distributed import limit_heap_growth, pick_device
 
     limit_heap_growth()  # what training.loop.train does on the CPU
-    from bench.hardware import gemm_tflops
+    from bench.hardware import gemm_rates, gpu_peak_bf16_tflops
+    from training.compile import compile_layers, is_compiled
     from training.models.flops import pretrain_forward_flops
     from training.optim import LRSchedule, build_optimizer
     from training.precision import autocast as precision_autocast
@@ -114,6 +121,7 @@ def measure(
         "segments": 2 * pairs,
         "threads": torch.get_num_threads(),
         "precision": resolve_precision(precision, device),
+        "compile": compile,
     }
     task = PretrainTask(cfg)
 
@@ -134,6 +142,8 @@ def measure(
     # (b) full training steps on prefetched batches
     torch.manual_seed(0)
     model = task.build_model().to(device).train()
+    if compile == "on":
+        compile_layers(model)  # compiled in the first (untimed) step
     optimizer = build_optimizer(model.parameters(), cfg.optim)
     schedule = LRSchedule(cfg.optim)
     batch = to_device(next(iter(task.train_batches(0, 1, 1))), device)
@@ -155,8 +165,13 @@ def measure(
         cpu_times.append(time.process_time() - c)
         return time.perf_counter() - t
 
+    # the GEMM rate before and after the steps (the better of the two: contention only lowers it)
+    gemm_before = None if fit_check else gemm_rates(result["precision"], str(device))
     times = [step() for _ in range(1 if fit_check else steps + 1)]
     timed = times if fit_check else times[1:]  # the first step warms up allocators / kernels
+    result["first_step_s"] = times[0]  # includes the compile with compile=on
+    if compile == "on":
+        result["compiled"] = is_compiled(model)
     per_step = sum(timed) / len(timed)
     cpu_per_step = sum(cpu_times[-len(timed) :]) / len(timed)
     # on a shared host wall time includes waiting for the CPU; CPU seconds / threads is
@@ -178,18 +193,25 @@ def measure(
         peak_rss_gib=max_rss_gib(),
     )
     flops = 3 * pretrain_forward_flops(model.encoder.cfg) * 2 * pairs
-    gemm = gemm_tflops(result["precision"], str(device)) * 1e12
+    rates = [gemm_before or gemm_rates(result["precision"], str(device))]
+    rates.append(gemm_rates(result["precision"], str(device)))
+    gemm = max(r["wall"] for r in rates) * 1e12
+    gemm_cpu = max(r["cpu"] for r in rates) * 1e12
     result.update(
         gflop_per_segment_step=flops / (2 * pairs) / 1e9,
         step_tflops=flops / per_step / 1e12,
         gemm_tflops=gemm / 1e12,
+        gemm_tflops_before_after=[r["wall"] for r in rates],
         utilisation=flops / per_step / gemm,
+        # FLOP per CPU-second of the step over FLOP per CPU-second of torch.mm: the ratio
+        # that other jobs on a shared machine disturb least
+        utilisation_cpu=flops / cpu_per_step / gemm_cpu,
     )
     if device.type == "cuda":
         result["peak_cuda_gib"] = torch.cuda.max_memory_allocated() / GIB
         name = torch.cuda.get_device_name(device)
-        peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-        result.update(gpu=name, mfu=(flops / per_step / peak) if peak else None)
+        peak = gpu_peak_bf16_tflops(name)
+        result.update(gpu=name, mfu=(flops / per_step / peak / 1e12) if peak else None)
     if "loader_segments_per_s" in result:
         result["loader_over_steps"] = (
             result["loader_segments_per_s"] / result["steps_segments_per_s"]
@@ -270,17 +292,25 @@ def fit_check(common: dict, pairs: int = 64, run_full: bool = True) -> dict:
 
 
 def speedups(results: list[dict]) -> dict:
-    """Per preset: bf16 segments/s over fp32 segments/s of the same run (when both ran)."""
+    """bf16 segments/s over fp32 segments/s of the same run, per preset (and compile choice
+    when both were measured: key `preset+compile`), and compiled over eager per preset and
+    precision (`preset/precision`)."""
     rate = {
-        (r["preset"], r.get("precision")): r["steps_segments_per_s"]
+        (r["preset"], r.get("precision"), r.get("compile", "off")): r["steps_segments_per_s"]
         for r in results
         if "steps_segments_per_s" in r
     }
-    return {
-        preset: rate[(preset, "bf16")] / rate[(preset, "fp32")]
-        for preset, precision in rate
-        if precision == "fp32" and (preset, "bf16") in rate
-    }
+    out: dict = {"bf16_over_fp32": {}, "compiled_over_eager": {}}
+    compiles = {c for _, _, c in rate}
+    for (preset, precision, comp), value in rate.items():
+        key = preset if len(compiles) == 1 else f"{preset}+compile={comp}"
+        if precision == "fp32" and (preset, "bf16", comp) in rate:
+            out["bf16_over_fp32"][key] = rate[(preset, "bf16", comp)] / value
+        if comp == "off" and (preset, precision, "on") in rate:
+            out["compiled_over_eager"][f"{preset}/{precision}"] = (
+                rate[(preset, precision, "on")] / value
+            )
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -302,6 +332,12 @@ def main(argv: list[str] | None = None) -> dict:
         action="store_true",
         help="with --fit-check on CPU: extrapolate from 4 and 8 pairs, skip the full 64-pair run",
     )
+    p.add_argument(
+        "--compile",
+        default="off",
+        help="comma list of off, on: transformer layers eager and/or torch.compile'd "
+        "(training/compile.py; the compile happens in the untimed first step)",
+    )
     p.add_argument("--out", default=None, help="also write the JSON to this file")
     args = p.parse_args(argv)
 
@@ -319,17 +355,15 @@ def main(argv: list[str] | None = None) -> dict:
                     steps=args.steps,
                     fit_check=False,
                     precision=precision,
-                    loader_batches=args.loader_batches if i == 0 else 0,  # once per preset
+                    compile=comp,
+                    loader_batches=args.loader_batches if i == j == 0 else 0,  # once per preset
                     **common,
                 )
                 for name in args.presets.split(",")
                 for i, precision in enumerate(args.precisions.split(","))
+                for j, comp in enumerate(args.compile.split(","))
             ]
-            report = {
-                "results": results,
-                "bf16_over_fp32": speedups(results),
-                "cpu_targets": CPU_TARGETS,
-            }
+            report = {"results": results, **speedups(results), "cpu_targets": CPU_TARGETS}
     report.update(**machine(), python=sys.version.split()[0], cpu_count=os.cpu_count())
     write_report(report, args.out)
     return report

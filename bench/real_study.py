@@ -245,9 +245,12 @@ def export_pretrained(run: Path, out: Path, data: Path, extra: dict) -> tuple[Pa
     return path, record
 
 
-def random_checkpoint(path: Path, preset: str, seed: int, precision: str) -> Path:
+def random_checkpoint(
+    path: Path, preset: str, seed: int, precision: str, overrides: list[str] | None = None
+) -> Path:
     """A random-init pretraining checkpoint of `preset` (the weights `train` starts from with
-    this seed), with the same run config as the pretrained one (so `data.normalize=zscore`)."""
+    this seed), with the same run config as the pretrained one (so `data.normalize=zscore`)
+    unless `overrides` (run-config `key=value`s, after the pretraining ones) say otherwise."""
     from training.loop import seed_everything
     from training.models import save_checkpoint
     from training.run_config import load_config
@@ -255,7 +258,13 @@ def random_checkpoint(path: Path, preset: str, seed: int, precision: str) -> Pat
 
     cfg = load_config(
         "w2v_cmsc_rlm",
-        [*PRETRAIN, f"model.preset={preset}", f"precision={precision}", f"seed={seed}"],
+        [
+            *PRETRAIN,
+            f"model.preset={preset}",
+            f"precision={precision}",
+            f"seed={seed}",
+            *(overrides or []),
+        ],
     )
     seed_everything(seed)
     task = PretrainTask(cfg)

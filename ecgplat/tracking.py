@@ -5,7 +5,8 @@ mirrors it to W&B (offline by default, files under `run_dir/wandb`; "disabled" w
 "online" needs an API key and falls back to offline without one) and shows a rich progress
 bar with the loss and samples/s on the console (plain one-line records when stdout is not a
 terminal). `log_metrics(...)` is the one-shot helper for commands such as `ecgplat evaluate`;
-`read_metrics(run_dir)` reads the records back.
+`read_metrics(run_dir)` reads the records back. `Tracker.log_media` and `Tracker.log_artifact`
+carry the W&B dashboards and model artifacts of `training.dashboard` (W&B only).
 
 Privacy: pseudonymised patient keys start with `p-`. Nothing that looks like one is ever
 logged: keys starting with `p-` are dropped and string values containing one are redacted
@@ -150,6 +151,35 @@ class Tracker:
         if self.console and not self._tty and self._progress is None:
             print(" | ".join(f"{k} {_fmt(v)}" for k, v in line.items() if k != "time"), flush=True)
         return line
+
+    def log_media(self, media: dict[str, Any], step: int | None = None) -> None:
+        """Log W&B objects (tables, charts, images: `training.dashboard`) to the W&B run only;
+        keys that look like patient keys are dropped. Nothing without a W&B run."""
+        clean = {k: v for k, v in media.items() if not looks_like_patient_key(k)}
+        if self.wandb_run is not None and clean:
+            self.wandb_run.log(clean, step=step)
+
+    def log_artifact(
+        self,
+        name: str,
+        kind: str,
+        metadata: dict[str, Any],
+        references: dict[str, str] | None = None,
+        aliases: list[str] | None = None,
+    ) -> None:
+        """Log a W&B artifact `name` of type `kind` whose entries are `references` (entry name
+        -> URI, checksummed, never copied) and whose metadata is `metadata` (sanitised).
+        Nothing without a W&B run."""
+        if self.wandb_run is None:
+            return
+        import wandb
+
+        if looks_like_patient_key(name):
+            raise ValueError(f"artifact name {name!r} looks like a patient key")
+        artifact = wandb.Artifact(name, type=kind, metadata=sanitize(metadata))
+        for entry, uri in (references or {}).items():
+            artifact.add_reference(uri, name=entry, checksum=True)
+        self.wandb_run.log_artifact(artifact, aliases=aliases)
 
     def summary(self, metrics: dict[str, Any]) -> None:
         clean = {k: _jsonable(v) for k, v in sanitize(dict(metrics)).items()}

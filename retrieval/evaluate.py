@@ -153,11 +153,15 @@ def evaluate_identification(
     precision: str | None = None,
     max_probes: int = MAX_PROBES,
     seed: int = 0,
+    wandb_mode: str = "disabled",
+    out: str | os.PathLike | None = None,
 ) -> dict:
     """{"record": {...}, "segment": {...}, "features": name used, "leads": ...} for feature set
     `name` (or its `leads` variant, embedded in `precision`, default `name`'s) on the store's
     gallery/probe split; each level evaluates at most `max_probes` probes (0: all), a uniform
-    sample drawn with `seed`."""
+    sample drawn with `seed`. With W&B on (`wandb_mode`), a W&B run in `out` gets the metrics,
+    the table and CMC chart of `training.dashboard.identification_media`, the plot and the
+    checkpoint artifact with the lineage of the store and the feature set."""
     probe_sample(0, max_probes)  # a bad budget fails before anything is embedded
     store = open_store(store_path)
     if leads is not None:
@@ -186,4 +190,32 @@ def evaluate_identification(
     )
     if plot is not None:
         result["cmc_plot"] = str(plot_cmc(curves, plot))
+    if wandb_mode != "disabled":
+        _log_dashboard(store, lineage, result, curves, wandb_mode, out)
     return result
+
+
+def _log_dashboard(store, lineage: dict, result: dict, curves: dict, mode: str, out) -> None:
+    from training.dashboard import (
+        features_lineage,
+        identification_media,
+        log_evaluation,
+        store_lineage,
+    )
+
+    if out is None:
+        raise ValueError("a W&B run of the evaluation needs an output folder (--out)")
+    levels = {k: result[k] for k in ("record", "segment")}
+    checkpoint = Path(str(lineage.get("checkpoint", "")))
+    log_evaluation(
+        out,
+        mode=mode,
+        name=f"eval-identify-{result['features']}",
+        config={"features": result["features"], "leads": result["leads"]},
+        metrics={f"{lv}/{k}": v for lv, r in levels.items() for k, v in r.items()},
+        levels=[],
+        images={"cmc_png": Path(result["cmc_plot"])} if "cmc_plot" in result else {},
+        media=identification_media(levels, curves),
+        checkpoint=checkpoint if checkpoint.is_file() else None,
+        lineage={"store": store_lineage(store), "features": features_lineage(lineage)},
+    )

@@ -52,32 +52,66 @@ def _matches(
     return out[:k]
 
 
-def query_record(index: GalleryIndex, record_key: str, k: int = 5) -> list[dict]:
-    """Nearest gallery items of a record of the index's store (the record itself excluded)."""
+class RecordLookup:
+    """A store's live records by key, with their rows in the record level of one feature set
+    and their patient keys, read once: what `query_record` needs for every query of a
+    long-running service (`query_record` without one reads them for its one query)."""
+
+    def __init__(self, store_path, features: str):
+        self.store = open_store(store_path)
+        self.store_path, self.name = store_path, features
+        self.features = open_features(store_path, features, "record")
+        live = self.store.live
+        keys = self.store.column("record_key")
+        self.record_of = {str(keys[i]): int(i) for i in np.flatnonzero(live)}
+        self.row_of: dict[int, int] = {}
+        for row, rec in enumerate(self.features.record_index.tolist()):
+            self.row_of.setdefault(int(rec), row)  # the first row of a record, as before
+        self._patients: np.ndarray | None = None
+
+    def record(self, record_key: str) -> int:
+        """The store's record index of a live record; KeyError naming the store otherwise."""
+        if record_key not in self.record_of:
+            raise KeyError(f"{self.store_path}: no record {record_key!r}")
+        return self.record_of[record_key]
+
+    def embedding(self, record_key: str) -> np.ndarray:
+        """The record's stored embedding (D,); KeyError / FeatureError (one line) otherwise."""
+        rec = self.record(record_key)
+        if rec not in self.row_of:
+            raise FeatureError(
+                f"{self.store_path}: record {record_key!r} has no embedding in {self.name!r} "
+                f"(embedded before it was ingested? re-run `ecgplat embed`)"
+            )
+        return self.features.rows[np.array([self.row_of[rec]])][0]
+
+    def patient_key(self, record_key: str) -> str:
+        if self._patients is None:
+            self._patients = self.store.column("patient_key")
+        return str(self._patients[self.record(record_key)])
+
+
+def query_record(
+    index: GalleryIndex, record_key: str, k: int = 5, lookup: RecordLookup | None = None
+) -> list[dict]:
+    """Nearest gallery items of a record of the index's store (the record itself excluded);
+    `lookup` (of the index's store and feature set) saves reading them for this query."""
     lineage = index.lineage
     store_path, name = lineage.get("store"), lineage.get("features")
     if not store_path or not name:
         raise LineageError("the index does not name the store and feature set it was built from")
-    store = open_store(store_path)
-    hits = np.flatnonzero((store.column("record_key") == record_key) & store.live)
-    if len(hits) == 0:
-        raise KeyError(f"{store_path}: no record {record_key!r}")
+    if lookup is None:
+        lookup = RecordLookup(store_path, name)
     level = lineage.get("level", "record")
-    feats = open_features(store_path, name, "record")  # one row is read, not the set
-    rows = np.flatnonzero(feats.record_index == hits[0])
-    if len(rows) == 0:
-        raise FeatureError(
-            f"{store_path}: record {record_key!r} has no embedding in {name!r} "
-            f"(embedded before it was ingested? re-run `ecgplat embed`)"
-        )
+    embedding = lookup.embedding(record_key)
     skip = record_key if level == "record" else None
     matches = _matches(
         index,
-        feats.rows[rows[:1]][0],
+        embedding,
         k,
-        feats.lineage,
+        lookup.features.lineage,
         skip_id=skip,
-        label=store.column_at("patient_key", hits[:1])[0],
+        label=lookup.patient_key(record_key),
     )
     if level == "segment":  # drop the record's own segments
         matches = [m for m in matches if not m["id"].startswith(record_key + "#")]
@@ -118,23 +152,32 @@ def query_signal(
     lead_mask: np.ndarray,
     k: int = 5,
     precision: str | None = None,
+    model: LoadedModel | None = None,
+    label: str | None = None,
 ) -> list[dict]:
     """Nearest gallery items of a new ECG (conditioned segments), embedded like the gallery
-    (in the gallery's precision unless `precision` is given)."""
+    (in the gallery's precision unless `precision` is given). `model`: the index's checkpoint
+    already loaded (a service loads it once; refused when it is another checkpoint); `label`:
+    the ECG's patient key when known, for the same-patient flags."""
     lineage = index.lineage
-    checkpoint = lineage.get("checkpoint")
-    if not checkpoint or not Path(checkpoint).is_file():
-        raise LineageError(
-            f"the index's checkpoint {checkpoint} is missing: cannot embed a "
-            "new ECG the way the gallery was embedded"
-        )
-    model = LoadedModel.load(checkpoint)  # one read: hashed and loaded
+    if model is None:
+        checkpoint = lineage.get("checkpoint")
+        if not checkpoint or not Path(checkpoint).is_file():
+            raise LineageError(
+                f"the index's checkpoint {checkpoint} is missing: cannot embed a "
+                "new ECG the way the gallery was embedded"
+            )
+        model = LoadedModel.load(checkpoint)  # one read: hashed and loaded
     precision = precision or lineage.get("precision", "fp32")
     emb = embed_signal(
         model, segments_mv, lead_mask, lineage.get("leads", "12"), precision=precision
     )
     return _matches(
-        index, emb, k, {"checkpoint_sha256": model.sha256, "leads": lineage.get("leads")}
+        index,
+        emb,
+        k,
+        {"checkpoint_sha256": model.sha256, "leads": lineage.get("leads")},
+        label=label,
     )
 
 

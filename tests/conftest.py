@@ -73,3 +73,24 @@ def s3():
 
     with s3_server() as server:
         yield server
+
+
+# ---- the service (`ecgplat serve`) -------------------------------------------------------------
+
+from serve_world import serve_world  # noqa: E402, F401 - a session fixture of the service tests
+
+
+@pytest.fixture
+def isolated_wandb(monkeypatch, tmp_path):
+    """W&B with its files under the test's folder and a service of its own. wandb writes logs to
+    ~/.cache unless told otherwise, and a service left running by an earlier in-process run (a CLI
+    test) keeps that run's environment and log folder."""
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_MODE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    import wandb
+
+    wandb.teardown()
+    yield
+    wandb.teardown()

@@ -20,6 +20,7 @@ command line may use these placeholders, all built once per module from the bund
   {junk}    a folder of files of no ECG format (a .xml and a .dat)
   {nobucket} a bucket name that the loopback S3 server (the `s3` fixture, started only for
             the rows that use it) does not have
+  {tbl_<name>} label tables gone wrong (`_label_tables`)   {forgot} {store} less one record
 
 Errors raised by ecgplat itself are one `error: ...` line on stderr; usage errors found by the
 argument parser (a bad choice or range) come in typer's usage panel. Either way the output
@@ -261,6 +262,72 @@ CASES: list[tuple[str, list[str], int]] = [
      ["--out", "is a file, not a directory"], 2),
     ("evaluate diagnosis --checkpoint {dx} --store {store} --batch-size 0", ["--batch-size"], 2),
     ("evaluate diagnosis --checkpoint {dx}", ["Missing option", "--store"], 2),
+    # --- export / explain (issue 22) ---------------------------------------------------------
+    ("export --checkpoint {tmp}/none.pt --out {tmp}/m.onnx", ["none.pt", "no such checkpoint"], 2),
+    ("export --checkpoint {dx} --out {tmp}/m.onnx --format bogus", ["--format", "bogus"], 2),
+    ("export --checkpoint {dx} --out {afile}/m.onnx", ["--out", "is a file, not a directory"], 2),
+    ("export --checkpoint {afile} --out {tmp}/m.ts --format torchscript",
+     ["afile", "not a loadable torch checkpoint"], 2),
+    ("export --checkpoint {dx}", ["Missing option", "--out"], 2),
+    ("explain --checkpoint {dx} --out {tmp}/x", ["give either a RECORD_FILE or --store"], 2),
+    ("explain --checkpoint {dx} --out {tmp}/x --store {store}", ["--store needs --record"], 2),
+    ("explain --checkpoint {dx} --out {tmp}/x --record {record}", ["--record needs --store"], 2),
+    ("explain --checkpoint {dx} --out {tmp}/x --store {store} --record cinc2021/nosuch --class AF",
+     ["--record", "nosuch", "no such record"], 2),
+    ("explain --checkpoint {pt} --out {tmp}/x --store {store} --record {record} --class AF",
+     ["'pretrain' checkpoint", "no task head"], 2),
+    ("explain --checkpoint {dx} --out {tmp}/x --store {store} --record {record} --class XYZ",
+     ["--class XYZ", "not a class"], 2),
+    ("explain --checkpoint {dx} --out {tmp}/x --store {store} --record {record}",
+     ["--class NAME or --output K"], 2),
+    ("explain --checkpoint {dx} --out {tmp}/x --store {store} --record {record} --output 26",
+     ["--output 26", "outputs 0..25"], 2),
+    ("explain --checkpoint {dx} --out {tmp}/x --store {store} --record {record} --class AF "
+     "--segment 9", ["--segment 9"], 2),
+    ("explain --checkpoint {dx} --out {tmp}/x {tmp}/nope.hea --class AF", ["nope", ".hea"], 2),
+    ("explain --checkpoint {dx} --out {afile}/x --store {store} --record {record} --class AF",
+     ["--out", "is a file, not a directory"], 2),
+    ("explain --checkpoint {dx} --out {tmp}/x --store {store} --record {record} --class AF "
+     "--baseline bogus", ["--baseline", "bogus"], 2),
+    # --- predict ---------------------------------------------------------------------------
+    ("predict --checkpoint {tmp}/nope.pt --out {tmp}/p.csv {cohort}",
+     ["nope.pt", "no such checkpoint"], 2),
+    ("predict --checkpoint {afile} --out {tmp}/p.csv {cohort}",
+     ["afile", "not a loadable torch checkpoint"], 2),
+    ("predict --checkpoint {pt} --out {tmp}/p.csv {cohort}", ["pretrain.pt", "no task head"], 2),
+    ("predict --checkpoint {dx} --out {tmp}/p.txt {cohort}",
+     ["--out", "p.txt", "unknown predictions file extension", ".csv, .parquet, .json"], 2),
+    ("predict --checkpoint {dx} --out {tmp}/p.csv", ["no INPUT", "--store S --split X"], 2),
+    ("predict --out {tmp}/p.csv {cohort}", ["Missing option", "--checkpoint"], 2),
+    ("predict --checkpoint {dx} {cohort}", ["Missing option", "--out"], 2),
+    ("predict --checkpoint {dx} --out {tmp}/p.csv {tmp}/missing",
+     ["INPUT", "missing", "no such file or folder"], 2),
+    ("predict --checkpoint {dx} --out {afile}/p.csv {cohort}",
+     ["--out", "is a file, not a directory"], 2),
+    ("predict --checkpoint {dx} --out {tmp}/p.csv --store {store}", ["--store needs --split"], 2),
+    ("predict --checkpoint {dx} --out {tmp}/p.csv --split test", ["--split needs --store"], 2),
+    ("predict --checkpoint {dx} --out {tmp}/p.csv --store {store} --split test {cohort}",
+     ["INPUT", "--store", "not both"], 2),
+    ("predict --checkpoint {dx} --out {tmp}/p.csv --store {store} --split nope --no-progress",
+     ["nope", "no records"], 2),
+    ("predict --checkpoint {dx} --out {tmp}/p.csv --store {tmp}/nostore --split test",
+     ["nostore", "no ecgplat store"], 2),
+    ("predict --checkpoint {dx} --out {tmp}/p.csv --store {store} --split test --fs 500",
+     ["--fs", "apply to INPUT files"], 2),
+    ("predict --checkpoint {dx} --out {tmp}/p.csv {cohort} --leads XX", ["--leads", "XX"], 2),
+    ("predict --checkpoint {dx} --out {tmp}/p.csv {cohort} --batch-size 0", ["--batch-size"], 2),
+    ("predict --checkpoint {dx} --out {tmp}/p.csv {cohort} --fs 500",
+     ["--fs", "does not apply to the readers of the files found", "cinc2021"], 2),
+    ("predict --checkpoint {dx} --out {tmp}/p.csv {cohort} --filter lowpass=40",
+     ["--filter", "lowpass=40"], 2),
+    ("predict --checkpoint {dx} --out {tmp}/p.csv {cohort} --precision fp16",
+     ["--precision", "fp16"], 2),
+    ("predict --checkpoint {dx} --out {tmp}/p.csv {cohort} --device cuda",
+     [GPU, "--device", "cuda"], 2),
+    ("predict --checkpoint {dx} --out {tmp}/p.csv {empty}",
+     ["INPUT", "empty", "no files found"], 2),
+    ("predict --checkpoint {dx} --out {tmp}/p.csv {junk} --no-progress",
+     ["none of the 2 records could be predicted", "unrecognised format", "p.csv"], 2),
     # --- evaluate identify -----------------------------------------------------------------
     ("evaluate identify --store {tmp}/nostore --features emb", ["nostore"], 2),
     ("evaluate identify --store {store} --features zzz", ["no feature set 'zzz'"], 2),
@@ -272,6 +339,11 @@ CASES: list[tuple[str, list[str], int]] = [
     ("evaluate identify --store {store} --features emb --seed -1", ["--seed"], 2),
     ("evaluate identify --store {store} --features emb --max-probes -1",
      ["--max-probes must be >= 0", "-1"], 2),
+    ("evaluate identify --store {store} --features emb --wandb-mode offline",
+     ["--wandb-mode offline needs --out"], 2),
+    ("evaluate identify --store {store} --features emb --wandb-mode offline --out {afile}",
+     ["--out", "is a file, not a directory"], 2),
+    ("evaluate task --checkpoint {dx} --store {store} --wandb-mode bogus", ["--wandb-mode"], 2),
     # --- forget ----------------------------------------------------------------------------
     ("forget {tmp}/nostore --record x", ["nostore", "no ecgplat store"], 2),
     ("forget {store}", ["--record", "--patient", "no forget is pending"], 2),
@@ -336,6 +408,62 @@ CASES: list[tuple[str, list[str], int]] = [
     ("query --index {idx}.faiss --record {record} --plot {afile}/q.png",
      ["--plot", "is a file, not a directory"], 2),
     ("query --index {idx}.faiss --record {record} --k 0", ["--k"], 2),
+    # --- serve (each refused before anything listens) ----------------------------------------
+    ("serve --store {tmp}/nostore --index {idx}.faiss", ["--store", "no ecgplat store"], 2),
+    ("serve --store {store}", ["give --index", "--checkpoint"], 2),
+    ("serve --store {store} --index {tmp}/nope.faiss", ["--index", "nope.faiss", "no such"], 2),
+    ("serve --store {store} --index {idx}.faiss --host 0.0.0.0",
+     ["--host 0.0.0.0", "needs --tokens"], 2),
+    ("serve --store {store} --index {idx}.faiss --tokens {afile}", ["afile", "chmod 600"], 2),
+    ("serve --store {store} --index {foreign_idx}.faiss",
+     ["foreign.faiss", "does not name its store"], 2),
+    ("serve --store {unsplit} --index {idx}.faiss", ["built from another store"], 2),
+    ("serve --store {store} --index {idx}.faiss --port 0", ["--port"], 2),
+    # --- labels add / list (issue 19: bad label tables, one row each) -----------------------
+    ("labels add {store} --name t --table {tbl_unmatched} --key id --target y",
+     ["unmatched.csv", "2 of 12 key(s) match no record", "data rows 11, 12"], 2),
+    ("labels add {store} --name t --table {tbl_dup} --key id --target y",
+     ["dup.csv", "1 duplicate key(s)", "data row 6"], 2),
+    ("labels add {store} --name t --table {tbl_nan} --key id --target y",
+     ["nan.csv", "missing or NaN target", "data row 10"], 2),
+    ("labels add {store} --name t --table {tbl_mixed} --key id --target y",
+     ["mixed.csv", "mixes numbers and text", "data row 3"], 2),
+    ("labels add {store} --name t --table {tbl_single} --key id --target y --kind multiclass",
+     ["single.csv", "class 'b' has a single member"], 2),
+    ("labels add {forgot} --name t --table {tbl_forgotten} --key k --target y",
+     ["forgotten.csv", "1 key(s) name records withdrawn by `ecgplat forget`", "data row 1"], 2),
+    ("labels add {store} --name t --table {tbl_nan} --key nosuch --target y",
+     ["nan.csv", "no column 'nosuch'"], 2),
+    ("labels add {store} --name t --table {afile} --key id --target y", ["afile", ".csv"], 2),
+    ("labels add {store} --name t --table {tmp}/no.csv --key id --target y",
+     ["no.csv", "no such table file"], 2),
+    ("labels add {store} --name t", ["exactly one source"], 2),
+    ("labels add {store} --name t --field age --vocabulary cinc26", ["exactly one source"], 2),
+    ("labels add {store} --name diagnosis --field age", ["diagnosis", "built in"], 2),
+    ("labels add {store} --name ../t --field age", ["task name"], 2),
+    ("labels add {store} --name t --field height", ["--field", "height"], 2),
+    ("labels add {store} --name t --vocabulary ptbxl-superclass", ["no PTB-XL records"], 2),
+    ("labels add {store} --name t --field age --kind binary",
+     ["--kind binary", "makes a regression task"], 2),
+    ("labels add {tmp}/nostore --name t --field age", ["nostore", "no ecgplat store"], 2),
+    ("labels list {tmp}/nostore", ["nostore", "no ecgplat store"], 2),
+    ("labels list {afile}", ["afile", "no ecgplat store"], 2),
+    # --- evaluate task, probe, train finetune -------------------------------------------------
+    ("evaluate task --checkpoint {pt} --store {store}", ["pretrain", "not a diagnosis model"], 2),
+    ("evaluate task --checkpoint {dx} --store {store} --labels nosuch", ["no task 'nosuch'"], 2),
+    ("evaluate task --checkpoint {tmp}/none.pt --store {store}",
+     ["none.pt", "no such checkpoint"], 2),
+    ("evaluate task --checkpoint {dx} --store {tmp}/nostore", ["nostore", "no ecgplat store"], 2),
+    ("evaluate task --checkpoint {dx} --store {store} --bootstrap -1", ["--bootstrap"], 2),
+    ("probe --store {store} --features zzz --labels diagnosis", ["zzz"], 2),
+    ("probe --store {store} --features emb --labels nosuch", ["no task 'nosuch'"], 2),
+    ("probe --store {store} --features emb --labels diagnosis --threshold-rule bogus",
+     ["--threshold-rule", "bogus"], 2),
+    ("train finetune --labels nosuch --shards {shards} --store {store} --out {tmp}/r",
+     ["--labels", "nosuch", "no such task"], 2),
+    ("train finetune --labels sex --shards {shards} --out {tmp}/r", ["--labels", "--store"], 2),
+    ("train diagnosis --labels sex --shards {shards} --store {store} --out {tmp}/r",
+     ["train finetune"], 2),
 ]
 # fmt: on
 
@@ -373,6 +501,35 @@ NPZ = {  # name -> arrays of a predictions file that `score` must refuse (or acc
     ),
     "pickled": dict(labels=np.array([{"x": 1}], dtype=object), probabilities=np.zeros((1, 26))),
 }
+
+
+def _label_tables(base: Path, store: Path) -> dict[str, str]:
+    """{tbl_<name>}: label tables that `labels add` must refuse, keyed by the store's record
+    ids; {forgot}: a copy of the store with its first record forgotten (tbl_forgotten names
+    it by record key)."""
+    import pandas as pd
+
+    from ecgplat.store import open_store
+    from ecgplat.store.forget import forget
+
+    ids = open_store(store).records["record_id"].tolist()
+    y = [str(v) for v in range(10)]
+    frames = {
+        "unmatched": {"id": ids[:10] + ["NOPE1", "NOPE2"], "y": y + ["1", "2"]},
+        "dup": {"id": ids[:5] + ids[:1], "y": y[:6]},
+        "nan": {"id": ids[:10], "y": y[:9] + ["NaN"]},
+        "mixed": {"id": ids[:10], "y": y[:2] + ["three"] + y[3:]},
+        "single": {"id": ids[:10], "y": ["a"] * 9 + ["b"]},
+        "forgotten": {"k": [f"cinc2021/{i}" for i in ids[:10]], "y": y},
+    }
+    out = {}
+    for name, frame in frames.items():
+        pd.DataFrame(frame).to_csv(base / f"{name}.csv", index=False)
+        out[f"tbl_{name}"] = str(base / f"{name}.csv")
+    shutil.copytree(store, base / "forgot")
+    forget(base / "forgot", record=f"cinc2021/{ids[0]}")
+    return {**out, "forgot": str(base / "forgot")}
+
 
 runner = CliRunner()
 
@@ -461,6 +618,7 @@ def world(synth_cohort, synth_store, synth_shards, tmp_path_factory) -> dict[str
         "phantom": str(phantom),
         **roots,
         **npz,
+        **_label_tables(base, store),
     }
 
 

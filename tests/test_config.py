@@ -119,9 +119,9 @@ def test_train_cli_rejects_misuse(tmp_path):
     )
     assert r.exit_code == 2 and "unknown config key 'optim.lrr'" in r.output
     r = runner.invoke(
-        app, ["train", "finetune", "--shards", str(tmp_path), "--out", str(tmp_path / "run")]
+        app, ["train", "finetuning", "--shards", str(tmp_path), "--out", str(tmp_path / "run")]
     )
-    assert r.exit_code == 2 and "unknown task 'finetune'" in r.output
+    assert r.exit_code == 2 and "unknown task 'finetuning'" in r.output
     r = runner.invoke(app, ["train", "pretrain", "--out", str(tmp_path / "run2"), "--resume"])
     assert r.exit_code == 2 and "nothing" not in r.output and "to resume from" in r.output
     assert not (tmp_path / "run").exists()  # nothing written for a rejected command
@@ -130,8 +130,8 @@ def test_train_cli_rejects_misuse(tmp_path):
 def test_every_task_has_a_builder_and_a_default_preset():
     from training.tasks import DEFAULT_PRESET, TASKS
 
-    assert list(TASKS) == list(DEFAULT_PRESET) == ["pretrain", "diagnosis", "identify"]
-    for name in ("pretrain", "diagnosis"):  # identify reads its shards on construction
+    assert list(TASKS) == list(DEFAULT_PRESET) == ["pretrain", "diagnosis", "finetune", "identify"]
+    for name in ("pretrain", "diagnosis", "finetune"):  # identify reads its shards on construction
         cfg = load_config(DEFAULT_PRESET[name])
         assert TASKS[name](cfg).name == name
 

@@ -4,8 +4,10 @@ Every hospital sample (the bundled permissive ones always; the GPL/unlicensed on
 ``$ECGPLAT_HOSPITAL_DATA`` when it is set) goes through the whole pipeline by the CLI, each
 command a subprocess: ``ingest auto`` (a Dask cluster of one worker, so worker logs count),
 ``split``, ``shards``, ``embed`` (a tiny random checkpoint), ``index build``, ``query``,
-``evaluate identify`` and one pretraining update with W&B offline (its run folder and W&B
-files). ``predict`` does not exist yet (another issue); when it lands it belongs here too.
+``evaluate identify``, one pretraining update with W&B offline (its run folder and W&B
+files), ``evaluate diagnosis`` with its W&B dashboard and checkpoint artifact, ``explain`` of a
+stored record and an ``export``'s metadata. ``predict`` does not exist yet (another issue);
+when it lands it belongs here too.
 
 Then every byte written is searched for every identifying value, read from the sample files
 by plain parsers independent of the readers (``hospital_samples.identifying_values``):
@@ -29,6 +31,8 @@ import pytest
 from helpers import tiny_checkpoint
 from hospital_samples import identifying_values, restricted_root, sample_files
 from test_auto_ingest import mixed_folder
+from test_export import diagnosis_checkpoint
+from wandb_files import records
 
 ROOT = Path(__file__).parents[1]
 pytestmark = pytest.mark.slow
@@ -201,9 +205,19 @@ def test_no_identifying_value_in_any_output(tmp_path):
     overrides += ["logging.wandb_mode=offline", "logging.log_interval=1"]
     run_cli(["train", "pretrain", *overrides, "--shards", shards, "--out", run], out, tmp_path)
     assert list((run / "wandb").rglob("*.wandb")), "no W&B offline file was written"
+    # issue 22: an evaluation's W&B dashboard and artifact, an explanation of a stored record,
+    # and an export's metadata (a diagnosis checkpoint: the pretrained tiny encoder + a head)
+    dx, deployed = diagnosis_checkpoint(tmp_path / "dx.pt"), tmp_path / "deployed"
+    evaluate = ["evaluate", "diagnosis", "--checkpoint", dx, "--store", store, "--split", "train"]
+    evaluate += ["--out", deployed / "eval", "--wandb-mode", "offline", "--json"]
+    run_cli(evaluate, out, tmp_path)
+    assert list((deployed / "eval" / "wandb").rglob("*.wandb")), "no W&B evaluation run"
+    _explain_and_export(dx, store, key, deployed)
     blobs = {**out, **decoded_store(store)}
-    for folder in (store, shards, run, tmp_path / "home"):
+    for folder in (store, shards, run, deployed, tmp_path / "home"):
         blobs.update(file_blobs(folder) if folder.exists() else {})
+    for log in (*run.rglob("*.wandb"), *deployed.rglob("*.wandb")):  # decoded as well
+        blobs[f"<decoded {log}>"] = "\n".join(str(r) for r in records(log)).encode()
     blobs.update({str(p): p.read_bytes() for p in tmp_path.glob("idx*") if p.is_file()})
     found = leaks(values, blobs)
     print(
@@ -211,6 +225,24 @@ def test_no_identifying_value_in_any_output(tmp_path):
         f"{sum(map(len, values.values()))} values of {len(values)} files"
     )
     assert not found, "\n".join(found)
+
+
+def _explain_and_export(checkpoint: Path, store: Path, key: str, out: Path) -> None:
+    """`ecgplat explain`'s files for stored record `key` and an export's metadata, under `out`
+    (in-process: the same functions the commands call)."""
+    import json
+
+    from ecgplat.store import open_store
+    from training.explain import explain_record
+    from training.export import export_checkpoint, read_metadata
+    from training.models.deployable import load_deployable
+
+    st = open_store(store)
+    i = int(np.flatnonzero(st.column("record_key") == key)[0])
+    explain_record(load_deployable(checkpoint), st.record_segments(i), st.lead_masks[i],
+                   out / "why", class_name="AF", steps=4)  # fmt: skip
+    export_checkpoint(checkpoint, "torchscript", out / "dx.ts")
+    (out / "export_metadata.json").write_text(json.dumps(read_metadata(out / "dx.ts")))
 
 
 def _first_key(store: Path) -> str:

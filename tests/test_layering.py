@@ -1,5 +1,6 @@
 """The import arrows of the design: `ingestion`, `training` and `retrieval` may import `ecgplat`;
-`retrieval` may also import `training`; `ecgplat` imports none of them except in `ecgplat/cli`.
+`retrieval` may also import `training`; `ecgplat` imports none of them except in `ecgplat/cli`
+(the command line and the service that `ecgplat serve` starts, `ecgplat/cli/serve`).
 Every import statement counts, including those inside functions, and no modules import each
 other in a cycle."""
 

@@ -10,20 +10,7 @@ from ecgplat.tracking import REDACTED, Tracker, log_metrics, sanitize
 KEY = "p-0123456789abcdef"
 
 
-@pytest.fixture(autouse=True)
-def _wandb_env(monkeypatch, tmp_path):
-    # wandb writes logs to ~/.cache unless told otherwise; the Tracker redirects them too
-    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_MODE"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    # A W&B service left running by an earlier in-process run (a CLI test) keeps that run's
-    # environment and log folder: start these tests with a service of their own.
-    import wandb
-
-    wandb.teardown()
-    yield
-    wandb.teardown()
+pytestmark = pytest.mark.usefixtures("isolated_wandb")
 
 
 def _all_bytes(root):

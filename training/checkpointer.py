@@ -249,6 +249,7 @@ class Checkpointer:
                 rng={"per_rank": rngs},
                 data_state=self.state.data_state(),
                 extra=self.task.extra_state(),
+                task=self.task.checkpoint_task(),
             )
         dist_utils.barrier()
         return path

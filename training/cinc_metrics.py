@@ -151,6 +151,18 @@ def roc_curve(labels, scores) -> tuple[np.ndarray, np.ndarray]:
     return np.r_[0.0, fps / (y.size - n_pos)], np.r_[0.0, tps / n_pos]
 
 
+def pr_curve(labels, scores) -> tuple[np.ndarray, np.ndarray]:
+    """(recall, precision) of one class at every distinct threshold, descending (the points
+    whose step-wise area is the average precision); empty when the labels are single-valued."""
+    y = np.asarray(labels, dtype=bool).reshape(-1)
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    n_pos = int(y.sum())
+    if n_pos == 0 or n_pos == y.size:
+        return np.zeros(0), np.zeros(0)
+    tps, fps = _threshold_counts(y, s)
+    return tps / n_pos, tps / (tps + fps)
+
+
 def per_class_auroc(labels, scores) -> np.ndarray:
     """AUROC of each class (NaN for a class whose labels are all one value)."""
     return _per_class(_binary_auroc, labels, scores)

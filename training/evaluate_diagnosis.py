@@ -11,7 +11,9 @@ every segment of a store split, once per lead set (a preset, a comma list, or "a
   `record_index`, `segment_index`: rescore with `ecgplat score`;
 * `roc_<leads>.png`: per-class ROC curves (record level); `lead_sets.png`: CinC score and
   macro AUROC across lead sets (record level), when more than one lead set is evaluated;
-* metrics to W&B (and `metrics.jsonl`) through `ecgplat.tracking` unless disabled.
+* with W&B on (`wandb_mode`): metrics, per lead set the record-level dashboard of
+  `training.dashboard` (per-class table, ROC, PR, calibration, confusion counts), the plots and
+  the checkpoint as an artifact with its store's lineage, in `out/wandb` (and `metrics.jsonl`).
 
 The inference helpers (`predict`, `reports`, `flat_metrics`) are shared with the diagnosis
 task's per-epoch validation; batches come from `training.batch.store_batches`.
@@ -317,22 +319,37 @@ def evaluate_diagnosis(
         lambda tmp: tmp.write_text(json.dumps(summary, indent=2, allow_nan=False)),
     )
     if wandb_mode != "disabled":
-        from ecgplat.tracking import log_metrics
+        _log_dashboard(checkpoint, ckpt, st, split, leads, results, preds, out_dir, wandb_mode)
+    return summary
 
-        flat = {
+
+def _log_dashboard(checkpoint, ckpt, store, split, leads, results, preds, out_dir, mode) -> None:
+    """The evaluation's W&B run: metrics, per lead set the record-level dashboard
+    (`training.dashboard`), the ROC plots, and the checkpoint with the store's lineage."""
+    from training.dashboard import log_evaluation, store_lineage
+    from training.tasks.heads import task_of_checkpoint
+
+    task = task_of_checkpoint(ckpt)
+    levels = []
+    for name, pred in preds.items():
+        _, rec_p, rec_y = aggregate_records(pred.probabilities, pred.record_index, pred.labels)
+        levels.append((f"{_slug(name)}/record/", task, rec_y, rec_p))
+    log_evaluation(
+        out_dir,
+        mode=mode,
+        name=f"eval-{split}",
+        config={"checkpoint": str(checkpoint), "split": split, "leads": leads},
+        metrics={
             f"{_slug(name)}/{k}": v
             for name, res in results.items()
             for k, v in flat_metrics(res).items()
-        }
-        log_metrics(
-            out_dir,
-            flat,
-            config={"checkpoint": str(checkpoint), "split": split, "leads": leads},
-            mode=wandb_mode,
-            name=f"eval-{split}",
-            job_type="evaluate",
-        )
-    return summary
+        },
+        levels=levels,
+        images={f"{_slug(n)}/roc_png": out_dir / f"roc_{_slug(n)}.png" for n in preds}
+        | {"lead_sets_png": out_dir / "lead_sets.png"},
+        checkpoint=checkpoint,
+        lineage={"store": store_lineage(store), "init": (ckpt.get("extra") or {}).get("init")},
+    )
 
 
 def _slug(name: str) -> str:

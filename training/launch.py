@@ -24,8 +24,10 @@ def check_run_paths(cfg: RunConfig) -> None:
     ):
         if value and not (Path(value) / "zarr.json").is_file():
             raise ConfigError(f"{option} ({key}) {value}: no ecgplat store here")
-    if cfg.task == "diagnosis" and cfg.data.store:
+    if cfg.task in ("diagnosis", "finetune") and cfg.data.store:
         check_store_split(cfg.data.store)
+    if cfg.task in ("diagnosis", "finetune") and cfg.head.task != "diagnosis":
+        check_store_task(cfg)
     init = cfg.finetune.init
     if init and init != "none" and not Path(init).is_file():
         raise ConfigError(f"--init (finetune.init) {init}: no such checkpoint file")
@@ -70,6 +72,29 @@ def check_store_split(store_path: str) -> None:
         )
 
 
+def check_store_task(cfg: RunConfig) -> None:
+    """ConfigError unless `data.store` holds the label set `head.task` (a finetune run reads its
+    labels there)."""
+    from ecgplat.store import open_store
+    from ecgplat.store.task_store import list_tasks
+
+    if cfg.task == "diagnosis":
+        raise ConfigError(
+            f"`train diagnosis` fits the 26 CinC classes; for --labels {cfg.head.task} run "
+            "`ecgplat train finetune`"
+        )
+    if not cfg.data.store:
+        raise ConfigError(
+            f"--labels (head.task) {cfg.head.task}: the labels live in a store; pass --store"
+        )
+    names = [t["name"] for t in list_tasks(open_store(cfg.data.store))]
+    if cfg.head.task not in names:
+        raise ConfigError(
+            f"--labels (head.task) {cfg.head.task}: no such task in {cfg.data.store} "
+            f"(tasks: {', '.join(names)}; add one with `ecgplat labels add`)"
+        )
+
+
 def resolve_run_config(
     task: str,
     config: str | None,
@@ -82,6 +107,7 @@ def resolve_run_config(
     store: str | None,
     resume: bool,
     exclude_overlap: str | None = None,
+    labels: str | None = None,
 ) -> RunConfig:
     """The RunConfig of a new run (preset + options + overrides) or of a resumed one (the run
     directory's `config.yaml` + overrides). Raises ConfigError / FileExistsError."""
@@ -99,6 +125,7 @@ def resolve_run_config(
             ("--leads", leads),
             ("--store", store),
             ("--exclude-overlap", exclude_overlap),
+            ("--labels", labels),
         ):
             if given is not None:
                 raise ConfigError(
@@ -122,6 +149,7 @@ def resolve_run_config(
         (leads, "data.leads"),
         (store, "data.store"),
         (exclude_overlap, "finetune.leakage_exclude_store"),
+        (labels, "head.task"),
     ):
         if value is not None:
             apply_overrides(cfg, [f"{key}={value}"])

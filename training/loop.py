@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,8 @@ import torch
 
 from training import distributed as dist_utils
 from training.checkpointer import Checkpointer, Interrupted, TrainState
+from training.compile import compile_layers
+from training.compile import decide as decide_compile
 from training.metrics_window import MetricsWindow
 from training.optim import LRSchedule, build_optimizer
 from training.precision import resolve_precision
@@ -73,10 +76,13 @@ def train(cfg: RunConfig, task: Task, *, resume: bool = False) -> dict[str, Any]
         seed_everything(cfg.seed + info.rank)  # different masks / dropout per rank
     task.on_update(model, state.num_updates)  # e.g. the quantizer temperature of a resumed run
 
-    model = _wrap_ddp(model, task, info)
-    precision = resolve_precision(cfg.precision, info.device)
-    tracker = _open_tracker(cfg, task, info, resume, state.num_updates, precision)
     per_epoch = task.batches_per_epoch(info.rank, info.world)
+    precision = resolve_precision(cfg.precision, info.device)
+    planned = _planned_updates(cfg, per_epoch)
+    if decide_compile(cfg.compile, model, info.device, precision, planned):
+        compile_layers(model)  # falls back to eager, warning once, where compiling fails
+    model = _wrap_ddp(model, task, info)
+    tracker = _open_tracker(cfg, task, info, resume, state.num_updates, precision)
     if tracker is not None:
         total = _planned_updates(cfg, per_epoch)
         tracker.start_progress(total, description=task.name, completed=state.num_updates)
@@ -114,6 +120,7 @@ def train(cfg: RunConfig, task: Task, *, resume: bool = False) -> dict[str, Any]
         summary = _summary(run, stop_reason)
         if tracker is not None:
             tracker.summary(summary)
+            _log_dashboard(run, tracker)
     finally:
         if tracker is not None:
             tracker.close()
@@ -268,6 +275,19 @@ def _end_epoch(run: _Run) -> None:
         state.epoch += 1
         state.batches_done = 0
     run.checkpointer.save_epoch(is_best)
+
+
+def _log_dashboard(run: _Run, tracker: Tracker) -> None:
+    """W&B at the end of a run: the last validation's dashboard and the checkpoint artifact
+    (`training.dashboard.log_training_run`); a W&B failure is reported, never fatal here."""
+    if tracker.wandb_run is None:
+        return
+    from training.dashboard import log_training_run
+
+    try:
+        log_training_run(tracker, run.task, run.cfg, run.state.num_updates)
+    except Exception as e:  # noqa: BLE001 - the run's checkpoints are written: warn, go on
+        print(f"warning: W&B dashboard not logged ({type(e).__name__}: {e})", file=sys.stderr)
 
 
 def _summary(run: _Run, stop_reason: str) -> dict[str, Any]:

@@ -102,6 +102,17 @@ class FinetuneConfig:
 
 
 @dataclass
+class HeadConfig:
+    """The supervised head of `finetune` / `diagnosis` runs (training.tasks.supervised)."""
+
+    task: str = "diagnosis"  # label set in the store (`ecgplat labels list`); diagnosis = CinC 26
+    loss: str = "auto"  # auto (bce | ce | mse by kind) | bce | ce | mse | huber
+    huber_delta: float = 1.0  # on the standardised target
+    pos_weight: str = "none"  # BCE: none | auto (negatives / positives in train) | a number or list
+    threshold_rule: str = "max_f1"  # per-class thresholds fitted on valid: max_f1 | youden | fixed
+
+
+@dataclass
 class CheckpointConfig:
     save_interval_updates: int = 0  # 0 = save at the end of every epoch only
     keep_last: int = 1  # numbered checkpoints kept besides last/best
@@ -119,16 +130,18 @@ class LoggingConfig:
 
 @dataclass
 class RunConfig:
-    task: str = "pretrain"  # "pretrain" | "diagnosis" | "identify"
+    task: str = "pretrain"  # "pretrain" | "diagnosis" | "finetune" | "identify"
     seed: int = 1
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     precision: str = "auto"  # "auto" (bf16 where native) | "fp32" | "bf16"
+    compile: str = "auto"  # torch.compile of the layers: "auto" (where it pays) | "on" | "off"
     out: str = ""  # run directory
     model: ModelConfig = field(default_factory=ModelConfig)
     criterion: CriterionConfig = field(default_factory=CriterionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -153,10 +166,13 @@ class RunConfig:
         """Check enumerated values and ranges; raises ConfigError."""
         _choice("device", self.device, ("auto", "cpu", "cuda"))
         _choice("precision", self.precision, ("auto", "fp32", "bf16"))
+        _choice("compile", self.compile, ("auto", "on", "off"))
         _choice("model.preset", self.model.preset, ("paper", "small", "tiny"))
         _choice("optim.schedule", self.optim.schedule, ("fixed", "tri_stage", "cosine"))
         _choice("data.rlm_mode", self.data.rlm_mode, ("random", "conditional"))
         _choice("data.normalize", self.data.normalize, ("none", "zscore"))
+        _choice("head.loss", self.head.loss, ("auto", "bce", "ce", "mse", "huber"))
+        _choice("head.threshold_rule", self.head.threshold_rule, ("max_f1", "youden", "fixed"))
         _choice("logging.wandb_mode", self.logging.wandb_mode, ("offline", "online", "disabled"))
         if len(self.optim.betas) != 2:
             raise ConfigError(f"optim.betas: expected 2 values, got {self.optim.betas}")

@@ -8,10 +8,14 @@ that `ecgplat --help` stays fast.
 
 from ecgplat.cli import (  # noqa: F401
     data_cmds,
+    deploy_cmds,
     diagnosis_cmds,
     model_cmds,
+    predict_cmds,
     publish_cmds,
     retrieval_cmds,
+    serve_cmds,
+    task_cmds,
     train_cmds,
     watch_cmds,
 )

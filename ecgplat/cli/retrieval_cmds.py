@@ -26,6 +26,7 @@ from ecgplat.cli.options import (
     Level,
     Precision,
     PrecisionOption,
+    WandbMode,
     json_option,
     precision_option,
     store_option,
@@ -243,12 +244,23 @@ def evaluate_identify(
         ),
     ] = 20_000,
     seed: Annotated[int, typer.Option(min=0, help="Seed of the --max-probes sample.")] = 0,
+    wandb_mode: Annotated[
+        WandbMode,
+        typer.Option(help="W&B run of the evaluation (in --out): offline, online or disabled."),
+    ] = "disabled",
+    out: Annotated[
+        Path | None, typer.Option(help="Folder of the W&B run (needed with --wandb-mode).")
+    ] = None,
 ) -> None:
     """Patient identification: Rank-1/5/10 and exact mAP per record and per segment."""
     from retrieval.evaluate import evaluate_identification
 
     if max_probes < 0:
         fail(f"--max-probes must be >= 0 (0 = every probe), got {max_probes}")
+    if wandb_mode != "disabled" and out is None:
+        fail(f"--wandb-mode {wandb_mode} needs --out DIR (the folder of the W&B run)")
+    if out is not None:
+        check_output_path(out, "--out", directory=True)
     if plot is not None:
         check_output_path(plot, "--plot", directory=False)
     try:
@@ -261,6 +273,8 @@ def evaluate_identify(
             precision=precision.value if precision else None,
             max_probes=max_probes,
             seed=seed,
+            wandb_mode=wandb_mode,
+            out=out,
         )
     except _ERRORS as e:
         fail(_message(e))

@@ -22,8 +22,8 @@ def train_command(
         str,
         typer.Argument(
             help="What to train: pretrain (W2V/CMSC/RLM), diagnosis "
-            "(CinC 2021 arrhythmia classes) or identify "
-            "(ArcFace patient identification)."
+            "(CinC 2021 arrhythmia classes), finetune (any label set of the store, "
+            "--labels) or identify (ArcFace patient identification)."
         ),
     ],
     overrides: Annotated[
@@ -39,7 +39,7 @@ def train_command(
         typer.Option(
             "--config",
             "-c",
-            help="Preset name (w2v_cmsc_rlm, w2v_cmsc, w2v, cmsc, diagnosis, "
+            help="Preset name (w2v_cmsc_rlm, w2v_cmsc, w2v, cmsc, diagnosis, finetune, "
             "identification) or a YAML file; default: the task's "
             "preset.",
         ),
@@ -65,7 +65,15 @@ def train_command(
         ),
     ] = None,
     store: Annotated[
-        str | None, store_option("Feature store used for validation (data.store).")
+        str | None,
+        store_option("Feature store used for validation and holding the labels (data.store)."),
+    ] = None,
+    labels: Annotated[
+        str | None,
+        typer.Option(
+            "--labels",
+            help="finetune: the store's label set to fit (`ecgplat labels list`; head.task).",
+        ),
     ] = None,
     exclude_overlap: Annotated[
         str | None,
@@ -114,6 +122,7 @@ def train_command(
             store=store,
             resume=resume,
             exclude_overlap=exclude_overlap,
+            labels=labels,
         )
     except (ConfigError, FileExistsError) as e:
         fail(str(e))

@@ -9,9 +9,10 @@ records"):
    indexes that recorded an older generation are refused as stale, and later exports skip them.
 2. **Scrub**: the data files that held them are rewritten so that their bytes are gone from
    disk: the given FAISS index files lose their rows, every feature set its embedding rows
-   (zeroed), the ``segments`` shard files their chunks (absent chunks read as 0; the other
-   chunks keep their exact bytes), the rejects of the same files their path and reason, and
-   the record rows every identifying column (a tombstone row keeps only ``source``,
+   (zeroed), every task file (``STORE/tasks``) its label rows, the ``segments`` shard files
+   their chunks (absent chunks read as 0; the other chunks keep their exact bytes), the
+   rejects of the same files their path and reason, and the record rows every identifying
+   column (a tombstone row keeps only ``source``,
    ``path_hash``, ``seg_start`` and ``seg_count``, so row numbers stay stable and a re-ingest of
    the same files skips them). Each step is idempotent; ``scrubbed = generation`` is written last,
    then the counts kept in ``commit.json`` are recounted (``StoreWriter.recount``).
@@ -38,6 +39,7 @@ from ecgplat.privacy import tombstone_hash
 from ecgplat.store import schema as S
 from ecgplat.store.read import open_store, read_forgotten
 from ecgplat.store.segment_codec import ShardFiles, direct_layout
+from ecgplat.store.task_store import scrub_tasks
 from ecgplat.store.writer import StoreWriter
 
 log = logging.getLogger(__name__)
@@ -76,7 +78,8 @@ def forget(
     in step: `retrieval.index.ForgetIndex` objects, passed in by the caller since ingestion does
     not import retrieval (anything with ``check_store(reader)`` and ``scrub(key_hashes, secret,
     generation) -> rows removed``). Returns counts: {"forgotten", "already", "segments",
-    "generation", "shard_files", "feature_sets", "indexes", "index_rows", "records_total"}.
+    "generation", "shard_files", "feature_sets", "task_files", "indexes", "index_rows",
+    "records_total"}.
 
     ValueError/KeyError (one line, no identifier) for a bad or unknown key, or an index file
     that is not of this store; nothing is changed then."""
@@ -170,7 +173,7 @@ def _mask(store: Path, table: dict, reader, rows, secret: bytes, by_patient: boo
 def _scrub(store: Path, reader, table: dict, secret: bytes, indexes) -> dict:
     """Phase 2: rewrite every data file holding records of a generation not yet scrubbed, then
     mark the table scrubbed. Each step is idempotent, so a rerun after a kill completes it."""
-    done = {"shard_files": 0, "feature_sets": 0, "indexes": 0, "index_rows": 0}
+    done = {"shard_files": 0, "feature_sets": 0, "task_files": 0, "indexes": 0, "index_rows": 0}
     gen = np.asarray(table["record_generation"], dtype=np.int64)
     pending = np.asarray(table["records"], dtype=np.int64)[gen > table["scrubbed"]]
     keys = set(table["key_hash"])
@@ -181,6 +184,7 @@ def _scrub(store: Path, reader, table: dict, secret: bytes, indexes) -> dict:
     if not len(pending) and table["scrubbed"] == table["generation"]:
         return done
     done["feature_sets"] = _scrub_features(store, pending)
+    done["task_files"] = scrub_tasks(store, pending)
     stop_point("forget.after_features")
     done["shard_files"] = _scrub_segments(store, reader, pending)
     patients = {

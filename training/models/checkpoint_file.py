@@ -6,7 +6,8 @@ Format (docs/ARCHITECTURE.md): a dict saved with torch.save whose values all loa
 
     {"format": "ecgplat-checkpoint/1", "kind": "pretrain" | "diagnosis" | "identify" | "imported",
      "encoder_config": EncoderConfig.to_dict(), "model": state dict (encoder under "encoder."),
-     "config": dict, "optimizer", "scheduler", "num_updates", "rng", "data_state", "extra"}
+     "config": dict, "optimizer", "scheduler", "num_updates", "rng", "data_state", "extra",
+     "task": the fine-tuned task (kind "diagnosis" only; absent in older checkpoints)}
 
 Saving goes through ``ecgplat.atomic`` (temporary file, fsync, ``os.replace``, fsync of the
 folder), so an interrupted save never leaves a truncated checkpoint behind.
@@ -49,8 +50,10 @@ def save_checkpoint(
     rng: dict | None = None,
     data_state: dict | None = None,
     extra: dict | None = None,
+    task: dict | None = None,
 ) -> Path:
-    """Atomically write a checkpoint to ``path`` and return it. ``model`` is a state dict."""
+    """Atomically write a checkpoint to ``path`` and return it. ``model`` is a state dict;
+    ``task`` is a fine-tuned model's task entry (``training.tasks.heads``), left out if None."""
     if kind not in KINDS:
         raise ValueError(f"unknown checkpoint kind {kind!r}; expected one of {', '.join(KINDS)}")
     if isinstance(encoder_config, EncoderConfig):
@@ -68,6 +71,8 @@ def save_checkpoint(
         "data_state": data_state or {},
         "extra": extra or {},
     }
+    if task is not None:
+        ckpt["task"] = task
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:

@@ -9,11 +9,31 @@ the same number M of masked frames (the masking keeps the count equal across the
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+
+def negative_indices(
+    bsz: int, m: int, num_negatives: int, generator: torch.Generator | None, device
+) -> Tensor:
+    """The (B, M, N) within-sample frame indices of `sample_negatives` (same random draws):
+    uniform over the sample's other masked frames, never the frame itself."""
+    if num_negatives == 0:
+        return torch.zeros((bsz, m, 0), dtype=torch.long, device=device)
+    if m < 2:
+        raise ValueError(f"negative sampling needs at least 2 masked frames per sample, got {m}")
+    with torch.no_grad():
+        gen_device = generator.device if generator is not None else torch.device("cpu")
+        idx = torch.randint(
+            0, m - 1, (bsz, m, num_negatives), generator=generator, device=gen_device
+        )
+        own = torch.arange(m, device=gen_device).view(1, m, 1)
+        idx = idx + (idx >= own).long()
+        return idx.to(device)
 
 
 def sample_negatives(
@@ -28,18 +48,9 @@ def sample_negatives(
     where `idx` holds the within-sample frame index of each negative.
     """
     bsz, m, fsz = y.shape
+    idx = negative_indices(bsz, m, num_negatives, generator, y.device)
     if num_negatives == 0:
-        return y.new_zeros((0, bsz, m, fsz)), torch.zeros((bsz, m, 0), dtype=torch.long)
-    if m < 2:
-        raise ValueError(f"negative sampling needs at least 2 masked frames per sample, got {m}")
-    with torch.no_grad():
-        gen_device = generator.device if generator is not None else torch.device("cpu")
-        idx = torch.randint(
-            0, m - 1, (bsz, m, num_negatives), generator=generator, device=gen_device
-        )
-        own = torch.arange(m, device=gen_device).view(1, m, 1)
-        idx = idx + (idx >= own).long()
-        idx = idx.to(y.device)
+        return y.new_zeros((0, bsz, m, fsz)), idx.cpu()
     flat = idx + (torch.arange(bsz, device=y.device) * m).view(bsz, 1, 1)
     negs = y.reshape(bsz * m, fsz)[flat.reshape(-1)].view(bsz, m, num_negatives, fsz)
     return negs.permute(2, 0, 1, 3), idx
@@ -64,6 +75,34 @@ def contrastive_logits(x: Tensor, y: Tensor, negatives: Tensor, logit_temp: floa
     if neg_is_pos.any():
         logits = torch.cat([logits[:1], logits[1:].masked_fill(neg_is_pos, float("-inf"))], 0)
     return logits
+
+
+def contrastive_logits_at(x: Tensor, y: Tensor, idx: Tensor, logit_temp: float) -> Tensor:
+    """`contrastive_logits(x, y, negatives, logit_temp)` for the negatives y[b, idx[b, i, n]]
+    (`negative_indices`), without materialising the (N, B, M, F) negatives: every cosine is an
+    entry of the sample's (M, M) Gram matrix of x against y (one batched GEMM), gathered at idx,
+    over the gathered norms. Same function and gradients; the dot products are summed in the
+    GEMM's order (fp32 rounding-level differences). A negative bit-identical to the positive
+    (same row of y) gets -inf, as there."""
+    bsz, m, _ = y.shape
+    n = idx.shape[-1]
+    with torch.no_grad():  # row ids: equal rows of y share one (exact comparison, as ==)
+        rows = torch.unique(y.detach().reshape(bsz * m, -1), dim=0, return_inverse=True)[1]
+        rows = rows.view(bsz, m)
+        neg_is_pos = rows.gather(1, idx.reshape(bsz, m * n)).view(bsz, m, n) == rows[..., None]
+    with torch.autocast(device_type=x.device.type, enabled=False):  # fp32 logits under bf16
+        x, y = x.float(), y.float()
+        gram = torch.bmm(x, y.transpose(1, 2))  # (B, M, M): x_i . y_j within each sample
+        nx = x.norm(dim=-1).clamp_min(1e-8)
+        ny = y.norm(dim=-1).clamp_min(1e-8)
+        dots = torch.cat([gram.diagonal(dim1=1, dim2=2)[..., None], gram.gather(2, idx)], -1)
+        ny_t = torch.cat([ny[..., None], ny.gather(1, idx.reshape(bsz, m * n)).view(bsz, m, n)], -1)
+        logits = dots / ((nx[..., None] * ny_t) * logit_temp)  # (B, M, 1 + N)
+    if bool(neg_is_pos.any()):
+        logits = torch.cat(
+            [logits[..., :1], logits[..., 1:].masked_fill(neg_is_pos, -math.inf)], -1
+        )
+    return logits.permute(2, 0, 1)
 
 
 def flat_logits(logits: Tensor) -> Tensor:
@@ -123,8 +162,8 @@ def wav2vec2_terms(
         raise ValueError(
             f"expected x and y of equal shape (B, M, F), got {tuple(x.shape)} and {tuple(y.shape)}"
         )
-    negs, _ = sample_negatives(y, num_negatives, generator)
-    logits = contrastive_logits(x, y, negs, logit_temp)
+    idx = negative_indices(y.shape[0], y.shape[1], num_negatives, generator, y.device)
+    logits = contrastive_logits_at(x, y, idx, logit_temp)
     correct, count = infonce_accuracy(logits)
     return Wav2Vec2Terms(
         infonce=infonce_loss(logits),

@@ -3,6 +3,8 @@ runs, and `DEFAULT_PRESET[name]` is the config preset a new run of it starts fro
 
 * ``pretrain``: `training.tasks.pretrain.PretrainTask` (wav2vec 2.0 / CMSC / RLM);
 * ``diagnosis``: `training.tasks.diagnosis.DiagnosisTask` (CinC 2021 arrhythmia classes);
+* ``finetune``: `training.tasks.supervised.SupervisedTask` (any label set of the store,
+  ``head.task``; diagnosis is its instance with the 26 CinC classes);
 * ``identify``: `training.tasks.identify.IdentifyTask` (ArcFace patient identification).
 
 The builders import their task module (and torch) on the first call, so that the names can be
@@ -31,6 +33,12 @@ def _diagnosis(cfg: RunConfig) -> Task:
     return DiagnosisTask(cfg)
 
 
+def _finetune(cfg: RunConfig) -> Task:
+    from training.tasks.supervised import SupervisedTask
+
+    return SupervisedTask(cfg)
+
+
 def _identify(cfg: RunConfig) -> Task:
     from training.tasks.identify import IdentifyTask
 
@@ -40,11 +48,13 @@ def _identify(cfg: RunConfig) -> Task:
 TASKS: dict[str, Callable[[RunConfig], Task]] = {
     "pretrain": _pretrain,
     "diagnosis": _diagnosis,
+    "finetune": _finetune,
     "identify": _identify,
 }
 DEFAULT_PRESET: dict[str, str] = {
     "pretrain": "w2v_cmsc_rlm",
     "diagnosis": "diagnosis",
+    "finetune": "finetune",
     "identify": "identification",
 }
 

@@ -26,7 +26,8 @@ Contract (see docs/ARCHITECTURE.md):
   called on every rank; the task must make the result identical on all ranks (compute it on
   every rank, or all-reduce with `training.distributed` helpers).
 * `extra_state()` goes into `checkpoint["extra"]` (e.g. class maps); `load_extra_state` gets
-  it back on resume.
+  it back on resume. `checkpoint_task()` is the "task" entry of a model with a task head
+  (`training.tasks.supervised`), None for the others.
 """
 
 from __future__ import annotations
@@ -96,4 +97,8 @@ class Task:
         return {}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
+        return None
+
+    def checkpoint_task(self) -> dict[str, Any] | None:
+        """The checkpoint's "task" entry of a model with a task head (training.tasks.heads)."""
         return None
