@@ -211,8 +211,8 @@ def relative_paths(obj, roots: tuple[Path, ...]):
 def export_pretrained(run: Path, out: Path, data: Path, extra: dict) -> tuple[Path, dict]:
     """Model-only copy of the run's last checkpoint and its provenance record (paths in its
     config relative to the output folder or the data root)."""
+    from ecgplat.file_hash import file_sha256
     from ecgplat.tracking import read_metrics
-    from retrieval.features import file_sha256
     from training.models import load_checkpoint, save_checkpoint
 
     ckpt = load_checkpoint(run / "checkpoint_last.pt")

@@ -427,7 +427,7 @@ def main(argv=None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     if any(args.out.iterdir()):
         raise SystemExit(f"error: --out {args.out}: not empty")
-    from retrieval.features import file_sha256
+    from ecgplat.file_hash import file_sha256
     from training.models import load_checkpoint
     from training.normalize import mode_of
 

@@ -13,7 +13,6 @@ name is taken, and is bound to its store by the lineage's `store_uuid` (checked 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -34,15 +33,6 @@ BUILD_PREFIX = ".build-"
 
 class FeatureError(ValueError):
     """A feature set that cannot be written or read; the message names the store and the reason."""
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 hex digest of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def lead_names(leads) -> str:

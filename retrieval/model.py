@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,16 +22,10 @@ class LoadedModel:
     def load(cls, checkpoint: str | os.PathLike) -> LoadedModel:
         """CheckpointError naming the file when it is not a usable checkpoint. The file is
         read once: hashed for the lineage, then loaded from the same bytes."""
-        from training.models.checkpoint_file import CheckpointError, encoder_from, load_checkpoint
+        from training.models.checkpoint_file import encoder_from, load_checkpoint_hashed
         from training.normalize import mode_of
 
-        try:
-            data = Path(checkpoint).read_bytes()
-        except OSError:
-            raise CheckpointError(Path(checkpoint), "no such checkpoint file") from None
-        sha = hashlib.sha256(data).hexdigest()
-        ckpt = load_checkpoint(checkpoint, data=data)
-        del data
+        ckpt, sha = load_checkpoint_hashed(checkpoint)
         return cls(
             Path(checkpoint),
             sha,

@@ -25,8 +25,8 @@ import numpy as np
 import pytest
 import torch
 
+from ecgplat.file_hash import file_sha256
 from ecgplat.tracking import read_metrics
-from retrieval.features import file_sha256
 from training.loop import train
 from training.models import load_encoder
 from training.run_config import load_config

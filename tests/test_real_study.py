@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from bench import real_study
+from ecgplat.file_hash import file_sha256
 from ecgplat.store import open_store
-from retrieval.features import file_sha256
 from training.models import load_checkpoint
 
 SAMPLES = Path(__file__).resolve().parents[1] / "data" / "samples"

@@ -206,9 +206,10 @@ def embedded(synth_store, tmp_path_factory):
 
 
 def test_embed_writes_unit_embeddings_with_lineage_and_is_idempotent(embedded):
+    from ecgplat.file_hash import file_sha256
     from ecgplat.store import open_store
     from retrieval.embed import embed_store
-    from retrieval.features import file_sha256, load_features
+    from retrieval.features import load_features
 
     store = open_store(embedded["store"])
     assert embedded["first"]["status"] == "written"
@@ -238,8 +239,9 @@ def test_embed_writes_unit_embeddings_with_lineage_and_is_idempotent(embedded):
 
 def test_embed_refuses_another_checkpoint_and_survives_interruptions(embedded, monkeypatch):
     import retrieval.embed as embed_mod
+    from ecgplat.file_hash import file_sha256
     from retrieval.embed import embed_store
-    from retrieval.features import FeatureError, file_sha256, load_features
+    from retrieval.features import FeatureError, load_features
 
     store = embedded["store"]
     with pytest.raises(FeatureError, match="use another --name or --overwrite"):
@@ -279,8 +281,9 @@ def test_overwrite_killed_between_its_renames_shows_the_new_set(embedded, tmp_pa
     import subprocess
     import sys
 
+    from ecgplat.file_hash import file_sha256
     from retrieval.embed import embed_store
-    from retrieval.features import file_sha256, list_features, load_features
+    from retrieval.features import list_features, load_features
 
     store = tmp_path / "store"
     shutil.copytree(embedded["store"], store)

@@ -30,12 +30,12 @@ online; offline runs, the default, carry the lineage in that metadata.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ecgplat.file_hash import file_sha256
 from ecgplat.shard_format import read_info
 
 CURVE_POINTS = 200  # per class and curve: 26 classes stay under W&B's 10,000 table rows
@@ -280,14 +280,6 @@ def features_lineage(lineage: dict) -> dict[str, Any]:
     return {k: lineage[k] for k in _FEATURE_KEYS if k in lineage}
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def checkpoint_lineage(
     checkpoint: str | Path,
     *,
@@ -297,13 +289,13 @@ def checkpoint_lineage(
     init: str | Path | None = None,
 ) -> dict[str, Any]:
     """What the model artifact of `checkpoint` says about itself and its data."""
-    from training.models.checkpoint_file import load_checkpoint
+    from training.models.checkpoint_file import load_checkpoint_hashed
 
     checkpoint = Path(checkpoint)
-    ckpt = load_checkpoint(checkpoint)
+    ckpt, sha = load_checkpoint_hashed(checkpoint)
     task = ckpt.get("task")
     meta: dict[str, Any] = {
-        "checkpoint_sha256": _sha256(checkpoint),
+        "checkpoint_sha256": sha,
         "kind": ckpt["kind"],
         "num_updates": int(ckpt.get("num_updates") or 0),
         "encoder": {
@@ -317,7 +309,7 @@ def checkpoint_lineage(
     }
     init_path = Path(str(init)) if init and str(init).lower() != "none" else None
     if init_path is not None and init_path.is_file():
-        meta["init_checkpoint_sha256"] = _sha256(init_path)
+        meta["init_checkpoint_sha256"] = file_sha256(init_path)
     for key, value in (("store", store), ("shards", shards), ("features", features)):
         if value:
             meta[key] = value

@@ -21,7 +21,6 @@ evaluated here never chooses them.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -29,18 +28,11 @@ import numpy as np
 import torch
 
 from ecgplat.atomic import atomic_path, write_text
+from ecgplat.file_hash import file_sha256
 
 
 class TaskEvaluationError(ValueError):
     """An evaluation that cannot run; one line naming the file and the reason."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def task_targets(kind: str, target: np.ndarray) -> np.ndarray:
@@ -166,7 +158,7 @@ def evaluate_task(
     plot_task(out_dir, task, task_targets(kind, dense[rec]), rec_scores, levels["record"], split)
     summary = {
         "checkpoint": str(checkpoint),
-        "checkpoint_sha256": _sha256(checkpoint),
+        "checkpoint_sha256": file_sha256(checkpoint),
         "store": str(store),
         "split": split,
         "labels": name,

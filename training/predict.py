@@ -23,7 +23,6 @@ here, or ``ingestion.input_files.InputRecord`` for files (the command line reads
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -319,7 +318,7 @@ def load_predictor(
     default the checkpoint's own), its normalisation and its file's SHA-256 (the file is read
     once). CheckpointError naming the file, or ValueError naming the option."""
     from training.distributed import pick_device
-    from training.models.checkpoint_file import CheckpointError, load_checkpoint
+    from training.models.checkpoint_file import CheckpointError, load_checkpoint_hashed
     from training.normalize import mode_of
     from training.precision import resolve_precision
     from training.tasks.heads import task_of_checkpoint
@@ -331,13 +330,7 @@ def load_predictor(
         lead_set = None if leads is None else parse_leads(leads)
     except ValueError as e:
         raise ValueError(f"--leads {leads}: {e}") from None
-    try:
-        data = path.read_bytes()
-    except OSError:
-        raise CheckpointError(path, "no such checkpoint file") from None
-    sha = hashlib.sha256(data).hexdigest()
-    ckpt = load_checkpoint(path, data=data)
-    del data
+    ckpt, sha = load_checkpoint_hashed(path)
     try:
         task = task_of_checkpoint(ckpt)
         normalize = mode_of(ckpt)

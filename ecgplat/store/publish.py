@@ -20,7 +20,6 @@ says exactly what is atomic for a reader and what is not.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 import shutil
@@ -30,6 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ecgplat.file_hash import file_sha256
 from ecgplat.locks import ObjectLock
 from ecgplat.store.read import open_store, read_commit
 from ecgplat.store.schema import (
@@ -168,14 +168,6 @@ def _dirs(folder: Path) -> list[Path]:
     return [p for p in folder.iterdir() if p.is_dir()] if folder.is_dir() else []
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 class Remote:
     """The published copy at ``url``: reads, uploads and deletes of its objects by name."""
 
@@ -257,7 +249,7 @@ def _hashes(snap: Snapshot, old: dict) -> dict[str, list]:
         if isinstance(prev, list) and prev[::2] == [st.st_size, st.st_mtime_ns]:
             out[name] = prev
         else:
-            out[name] = [st.st_size, _sha256(path), st.st_mtime_ns]
+            out[name] = [st.st_size, file_sha256(path), st.st_mtime_ns]
     return out
 
 

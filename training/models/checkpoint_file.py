@@ -15,6 +15,7 @@ folder), so an interrupted save never leaves a truncated checkpoint behind.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 from pathlib import Path
@@ -111,6 +112,16 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu", data: bytes | N
     if ckpt["kind"] not in KINDS:
         raise CheckpointError(path, f"unknown checkpoint kind {ckpt['kind']!r}")
     return ckpt
+
+
+def load_checkpoint_hashed(path: str | os.PathLike, map_location="cpu") -> tuple[dict, str]:
+    """`load_checkpoint` and the file's SHA-256, from one read of the file."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError:
+        raise CheckpointError(path, "no such checkpoint file") from None
+    return load_checkpoint(path, map_location, data=data), hashlib.sha256(data).hexdigest()
 
 
 def load_failure(e: Exception) -> str:

@@ -20,7 +20,6 @@ the lead is absent and zeroed). Export (`training.export`) traces these wrappers
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,19 +100,13 @@ def load_deployable(path: str | os.PathLike, encoder_only: bool = False) -> Depl
     from training.models.checkpoint_file import (
         CheckpointError,
         encoder_from,
-        load_checkpoint,
+        load_checkpoint_hashed,
         load_strict,
     )
     from training.normalize import mode_of
 
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError:
-        raise CheckpointError(path, "no such checkpoint file") from None
-    sha = hashlib.sha256(data).hexdigest()
-    ckpt = load_checkpoint(path, data=data)
-    del data
+    ckpt, sha = load_checkpoint_hashed(path)
     # feature_grad_mult=1: a frozen CNN (0, the fine-tuning default) would run under no_grad,
     # and explanation needs the gradient down to the input; the forward pass is the same
     encoder = encoder_from(ckpt, path, feature_grad_mult=1.0)
