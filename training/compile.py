@@ -12,7 +12,10 @@ docs/benchmarks.md "torch.compile"; no (device, precision) qualifies yet), for a
 as large as the `small` preset, and a run planned for at least `AUTO_MIN_UPDATES` updates (or
 with no limit): compiling the paper preset's layer takes ~15 s (warm machine) to minutes (loaded
 2-core CPU) and saves under a second per update, so the `tiny` preset and short runs stay eager.
-Inductor's on-disk cache makes a repeated run's compile cheaper, not free.
+Inductor's on-disk cache makes a repeated run's compile cheaper, not free. Inductor keys that
+cache by the CPU, not by ATen's or oneDNN's kernel settings: code cached natively fails to build
+under `ATEN_CPU_CAPABILITY=default` or `avx2`, so a run under such a setting uses a cache folder
+of its own (`kernel_scoped_cache`) unless `TORCHINDUCTOR_CACHE_DIR` names one.
 
 Compiled dropout draws its random numbers with inductor's own generator: the same
 distribution, not the same masks as an eager run from the same seed.
@@ -21,6 +24,8 @@ distribution, not the same masks as an eager run from the same seed.
 from __future__ import annotations
 
 import logging
+import os
+import re
 import warnings
 from collections.abc import Callable
 
@@ -118,6 +123,23 @@ class _CompiledOrEager:
             return out
 
 
+KERNEL_SETTINGS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
+
+
+def kernel_scoped_cache() -> None:
+    """Point inductor at a cache folder of the kernel settings in force (see module docstring);
+    nothing when none is set or the user chose a folder."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    tags = [f"{k}-{os.environ[k]}" for k in KERNEL_SETTINGS if os.environ.get(k)]
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    # torch itself writes its default into the variable once any part of it asked for the cache
+    if not tags or (chosen and os.path.abspath(chosen) != os.path.abspath(default_cache_dir())):
+        return
+    tag = re.sub(r"[^A-Za-z0-9_.-]", "_", "_".join(tags))
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(default_cache_dir(), tag)
+
+
 def compile_layers(model: nn.Module, *, backend: str | Callable = "inductor") -> int:
     """Compile the forward of every transformer layer of `model` in place (see module
     docstring); returns how many layers were wrapped (0 when the model has none). Each layer's
@@ -128,6 +150,7 @@ def compile_layers(model: nn.Module, *, backend: str | Callable = "inductor") ->
     layers = [m for m in model.modules() if isinstance(m, TransformerLayer)]
     if not layers:
         return 0
+    kernel_scoped_cache()
     compiled = torch.compile(TransformerLayer.forward, backend=backend, dynamic=False)
     shared = _CompiledOrEager(compiled, TransformerLayer.forward, "the transformer layers")
     for layer in layers:
