@@ -3,7 +3,8 @@ evaluation, similar-ECG queries.
 
 Modules: `features` (the feature-set format and read API: `FeatureSet`, `open_features`),
 `feature_build` (a feature set's write protocol: plan, commit, publish), `embed` (the embedding
-run, `embed_store`: embeddings of every stored ECG into `features/<name>`, with lineage), `model`
+run, `embed_store`: embeddings of every stored ECG into `features/<name>`, with lineage),
+`feature_publish` (a set embedded from a published store, uploaded into it), `model`
 (`LoadedModel`: a checkpoint's encoder loaded once), `lineage` (`Lineage`: the match keys and
 comparisons of two lineages), `index` (package: FAISS flat/HNSW/IVF gallery index saved with ids
 and lineage, its build, delta updates and compaction, forget, on-disk file), `evaluate`

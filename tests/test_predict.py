@@ -232,7 +232,12 @@ def test_csv_parquet_json_round_trip(world, tmp_path, kind):
     p = load_predictor(world[kind], "cpu", "fp32")
     files = [*world["files"][:2], REPO / "data" / "samples" / "hospital" / "scp_ecg" / "SOURCE.md"]
     rows = p.predict_files(files, _read(files))
-    assert [bool(r["error"]) for r in rows] == [False, False, True]
+    # rows come in key order, and the keys' common folder differs between machines
+    assert {r["record"].rpartition("/")[2]: bool(r["error"]) for r in rows} == {
+        files[0].name: False,
+        files[1].name: False,
+        "SOURCE.md": True,
+    }
     expected = to_frame(rows, p.task)
     for ext in (".csv", ".parquet", ".json"):
         back = read_predictions(write_predictions(rows, p.task, tmp_path / f"p{ext}"))

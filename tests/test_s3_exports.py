@@ -172,3 +172,54 @@ def test_embed_a_published_store_into_a_local_feature_set(s3, synth_store, tmp_p
         attrs["attributes"]["store_uuid"] = "0" * 32
         (other / "zarr.json").write_text(json.dumps(attrs))
         open_features(other, f"{feats}/emb")
+
+
+def test_embed_publishes_its_set_into_the_published_store(s3, synth_store, tmp_path):
+    """`embed --store URL --features-out DIR --publish` puts the set into the bucket, where the
+    URL's readers take it by NAME, equal to DIR/NAME bit for bit; publishing it again uploads
+    nothing; the store's next publish replaces the URL's content by its own sets; a set holding
+    a record forgotten since is refused; an overwrite goes up through the build folder."""
+    from ecgplat.store import open_store
+    from ecgplat.store.forget import forget
+    from ecgplat.store.publish import PublishError, publish
+    from retrieval.feature_publish import publish_feature_set
+    from retrieval.features import list_features, load_features
+
+    local = tmp_path / "store"
+    shutil.copytree(synth_store, local)
+    url = f"s3://{s3.new_bucket()}/stores/synth"
+    publish(local, url)
+    feats = tmp_path / "feats"
+    embed = ["embed", "--store", url, "--checkpoint", PRETRAINED, "--name", "emb",
+             "--features-out", feats, "--device", "cpu", "--publish"]  # fmt: skip
+    no_folder = [a for i, a in enumerate(embed) if i not in (7, 8)]  # no --features-out DIR
+    r = CliRunner().invoke(app, [str(a) for a in no_folder])
+    assert r.exit_code != 0 and "--features-out" in r.output  # a URL and a local folder needed
+    out = cli(*embed)
+    assert f"{url}/features/emb: uploaded" in out
+    assert list_features(url) == ["emb"]
+    for level in ("segment", "record"):
+        got, want = load_features(url, "emb", level), load_features(url, f"{feats}/emb", level)
+        np.testing.assert_array_equal(got.embeddings, want.embeddings)
+        np.testing.assert_array_equal(got.record_index, want.record_index)
+        assert got.lineage == want.lineage
+    by_name = json.loads(cli("evaluate", "identify", "--store", url, "--features", "emb", "--json"))
+    by_dir = cli("evaluate", "identify", "--store", url, "--features", f"{feats}/emb", "--json")
+    assert by_name == {**json.loads(by_dir), "features": "emb"}
+    assert publish_feature_set(url, feats, "emb")["uploaded"] == 0  # nothing changed
+
+    key = str(open_store(local).records["record_key"].iloc[0])
+    forget(local, record=key)
+    publish(local, url)  # the store's own content: no set "emb" locally
+    assert list_features(url) == []
+    with pytest.raises(PublishError, match="1 records the published store has forgotten"):
+        publish_feature_set(url, feats, "emb")
+    out = cli(*embed, "--overwrite", "--leads", "I,II")
+    sent = publish_feature_set(url, feats, "emb")
+    assert sent["uploaded"] == 0 and not sent["replaced"]
+    cli(*embed, "--overwrite")  # another set under the name: uploaded via the build folder
+    remote = load_features(url, "emb", "segment")
+    assert remote.lineage["leads"] == load_features(url, f"{feats}/emb").lineage["leads"]
+    assert 0 not in remote.record_index.tolist()  # the forgotten record (row 0) has no row
+    names = s3fs_client().find(url.removeprefix("s3://") + "/features")
+    assert not [n for n in names if "/.build-" in n]

@@ -32,6 +32,7 @@ from ecgplat.cli.options import (
     store_option,
 )
 from ecgplat.locks import StoreBusyError
+from ecgplat.store.schema import is_url
 
 _ERRORS = (FileNotFoundError, ValueError, KeyError, StoreBusyError)
 
@@ -66,6 +67,14 @@ def embed(
             "store at a URL); other commands then take --features DIR/NAME.",
         ),
     ] = None,
+    publish: Annotated[
+        bool,
+        typer.Option(
+            "--publish",
+            help="Then upload the set into the store at the URL (URL/features/NAME; needs a "
+            "store URL and --features-out), where its readers take --features NAME.",
+        ),
+    ] = False,
     leads: Annotated[
         str,
         typer.Option(
@@ -97,6 +106,8 @@ def embed(
     check_device(device)
     if features_out is not None:
         check_output_path(features_out, "--features-out", directory=True)
+    if publish and (features_out is None or not is_url(store)):
+        fail("--publish uploads a set embedded from a store URL: give the URL and --features-out")
     try:
         result = embed_store(
             store,
@@ -120,6 +131,17 @@ def embed(
         f"{where}: {result['n_segments']} segments, {result['n_records']} records "
         f"({result['lineage']['leads']}) {verb}"
     )
+    if publish and features_out is not None:
+        from retrieval.feature_publish import publish_feature_set
+
+        try:
+            sent = publish_feature_set(store, features_out, name)
+        except (OSError, ValueError, StoreBusyError) as e:
+            fail(str(e))
+        typer.echo(
+            f"{sent['url']}: uploaded {sent['uploaded']} of {sent['files']} files "
+            f"({sent['uploaded_bytes']} bytes), deleted {sent['deleted']}"
+        )
 
 
 @index_app.command("build")

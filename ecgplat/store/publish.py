@@ -68,7 +68,7 @@ class Snapshot:
         return json.loads(self.points[COMMIT_FILE])
 
 
-def _lineage(raw: bytes | None) -> dict | None:
+def lineage_of(raw: bytes | None) -> dict | None:
     try:
         lineage = json.loads(raw).get("attributes", {}).get("lineage") if raw else None
     except (ValueError, AttributeError):
@@ -91,14 +91,14 @@ def _feature_folders(store: Path) -> dict[str, Path]:
     found = {}
     for name in sorted(n for n in names if n and not n.startswith(".")):
         for folder in (root / name, root / f"{BUILD_PREFIX}{name}"):
-            lineage = _lineage(_read(folder / "zarr.json"))
+            lineage = lineage_of(_read(folder / "zarr.json"))
             if lineage and lineage.get("complete"):
                 found[name] = folder
                 break
     return found
 
 
-def _set_point(name: str) -> str:
+def set_point(name: str) -> str:
     """The name of a feature set's commit point (its lineage) in a snapshot."""
     return f"{FEATURES_DIR}/{name}/zarr.json"
 
@@ -106,14 +106,14 @@ def _set_point(name: str) -> str:
 def _points(store: Path, sets: dict[str, Path]) -> dict[str, bytes | None]:
     out = {COMMIT_FILE: _read(store / COMMIT_FILE), FORGOTTEN_FILE: _read(store / FORGOTTEN_FILE)}
     for name, folder in sets.items():
-        out[_set_point(name)] = _read(folder / "zarr.json")
+        out[set_point(name)] = _read(folder / "zarr.json")
     return out
 
 
 Skip = tuple[tuple[Path, str], ...]  # (parent, name) of folders left out
 
 
-def _files(folder: Path, skip_dirs: Skip = ()) -> Iterator[tuple[str, Path]]:
+def publishable_files(folder: Path, skip_dirs: Skip = ()) -> Iterator[tuple[str, Path]]:
     """(relative name, path) of the files below ``folder`` a reader may need: not hidden ones
     (the lock, temporary files, build folders), not zarr's ``*.partial`` files."""
     for parent, dirs, names in os.walk(folder):
@@ -141,7 +141,7 @@ def snapshot(store: Path) -> Iterator[Snapshot]:
             top = store / FEATURES_DIR
             parts += [(f"{FEATURES_DIR}/", top, tuple((top, d.name) for d in _dirs(top)))]
             for prefix, root, skip_dirs in parts:
-                for rel, path in _files(root, skip_dirs):
+                for rel, path in publishable_files(root, skip_dirs):
                     name = prefix + rel
                     if name in before or name == SECRET_FILE:
                         continue
@@ -156,7 +156,7 @@ def snapshot(store: Path) -> Iterator[Snapshot]:
                     snap.data[name] = link
             if _points(store, _feature_folders(store)) == before:
                 snap.points = {k: v for k, v in before.items() if v is not None}
-                snap.sets = {n: _lineage(before[_set_point(n)]) or {} for n in sets}
+                snap.sets = {n: lineage_of(before[set_point(n)]) or {} for n in sets}
                 yield snap
                 return
         finally:
@@ -239,11 +239,11 @@ def _manifest(remote: Remote, uuid: str, url: str) -> dict:
     return manifest
 
 
-def _hashes(snap: Snapshot, old: dict) -> dict[str, list]:
-    """[size, sha256, mtime_ns] of every data file; a file whose size and mtime equal the
-    manifest's keeps its hash (files are replaced, never modified in place)."""
+def file_hashes(data: dict[str, Path], old: dict) -> dict[str, list]:
+    """[size, sha256, mtime_ns] of every data file (name -> path); a file whose size and mtime
+    equal the manifest's ``old`` keeps its hash (files are replaced, never modified in place)."""
     out: dict[str, list] = {}
-    for name, path in snap.data.items():
+    for name, path in data.items():
         st = path.stat()
         prev = old.get(name)
         if isinstance(prev, list) and prev[::2] == [st.st_size, st.st_mtime_ns]:
@@ -253,21 +253,25 @@ def _hashes(snap: Snapshot, old: dict) -> dict[str, list]:
     return out
 
 
+def is_replacement(old: dict | None, new: dict) -> bool:
+    """Whether the feature set of lineage ``new`` is another set than the remote one of lineage
+    ``old`` (not a grown state of it): its chunks would change under readers of the old one."""
+    if old is None:
+        return False
+    grown = all(
+        int(old.get(k) or 0) <= int(new.get(k) or 0)
+        for k in ("n_segments", "n_record_rows", "n_records")
+    )
+    return not grown or any(old.get(k) != new.get(k) for k in _SET_IDENTITY)
+
+
 def _replaced_sets(remote: Remote, snap: Snapshot) -> list[str]:
-    """Feature sets whose remote copy is another set under the same name (not an earlier state
-    of this one): their chunks would change under readers of the old lineage."""
-    out = []
-    for name, lineage in snap.sets.items():
-        old = _lineage(remote.get(_set_point(name)))
-        if old is None:
-            continue
-        grown = all(
-            int(old.get(k) or 0) <= int(lineage.get(k) or 0)
-            for k in ("n_segments", "n_record_rows", "n_records")
-        )
-        if not grown or any(old.get(k) != lineage.get(k) for k in _SET_IDENTITY):
-            out.append(name)
-    return out
+    """Feature sets whose remote copy is another set under the same name."""
+    return [
+        name
+        for name, lineage in snap.sets.items()
+        if is_replacement(lineage_of(remote.get(set_point(name))), lineage)
+    ]
 
 
 def _check_not_older(remote: Remote, commit: dict, url: str) -> None:
@@ -325,7 +329,7 @@ def _upload(remote: Remote, snap: Snapshot, uuid: str, path: Path) -> dict:
     _check_not_older(remote, snap.commit, url)
     if not manifest["files"] and remote.get(MANIFEST) is None:
         remote.pipe({MANIFEST: json.dumps(manifest).encode()})  # claims the prefix first
-    hashes = _hashes(snap, manifest["files"])
+    hashes = file_hashes(snap.data, manifest["files"])
     changed = {n: snap.data[n] for n, h in hashes.items() if manifest["files"].get(n) != h}
     points = {n: b for n, b in snap.points.items() if remote.get(n) != b}
     n_points = len(points)
@@ -337,8 +341,8 @@ def _upload(remote: Remote, snap: Snapshot, uuid: str, path: Path) -> dict:
         remote.put(
             {build + n[len(prefix) :]: p for n, p in snap.data.items() if n.startswith(prefix)}
         )
-        remote.pipe({build + "zarr.json": snap.points[_set_point(name)]})
-        remote.delete([_set_point(name)])
+        remote.pipe({build + "zarr.json": snap.points[set_point(name)]})
+        remote.delete([set_point(name)])
         changed.update({n: p for n, p in snap.data.items() if n.startswith(prefix)})
     remote.put(changed)
     published = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
