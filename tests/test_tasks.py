@@ -353,3 +353,53 @@ def test_probe_selects_on_valid_and_matches_sklearn(store, runs, tmp_path):
     pred = pd.read_csv(tmp_path / "probe" / "predictions.csv")
     np.testing.assert_allclose(pred["p_F"], p_te, atol=1e-5)
     assert m["levels"]["record"]["auroc"] == pytest.approx(skm.roc_auc_score(y[te], p_te), abs=1e-6)
+
+
+def test_multiclass_resumes_exactly_and_trains_on_a_lead_subset_in_bf16(
+    store, synth_shards, tmp_path
+):
+    """A 3-class task from a table: 4 updates in one run equal 2 + a `--resume` to 4 (losses
+    and weights); a 6-lead bf16 run keeps its leads and precision, and `evaluate task` gives
+    the argmax confusion matrix of its own predictions (checked by scikit-learn)."""
+    from ecgplat.tracking import read_metrics
+
+    st = open_store(store)
+    keys = st.records["record_key"].astype(str).to_numpy()
+    table = tmp_path / "rhythm.csv"
+    pd.DataFrame(
+        {"key": keys, "rhythm": np.array(["a", "b", "c"])[np.arange(len(keys)) % 3]}
+    ).to_csv(table, index=False)
+    _ok(["labels", "add", store, "--name", "rhythm", "--table", table, "--key", "key",
+         "--target", "rhythm", "--kind", "multiclass", "--overwrite"])  # fmt: skip
+    common = ["train", "finetune", "--labels", "rhythm", "--shards", synth_shards, "--store",
+              store, "--init", PRETRAINED, "data.batch_size=8", "logging.wandb_mode=disabled",
+              "logging.log_interval=1", "optim.lr=1e-3", "precision=fp32"]  # fmt: skip
+    _ok([*common, "--out", tmp_path / "full", "optim.max_update=4"])
+    _ok([*common, "--out", tmp_path / "part", "optim.max_update=2"])
+    _ok(["train", "finetune", "--out", tmp_path / "part", "--resume", "optim.max_update=4"])
+    runs = {n: {r["update"]: r["loss"] for r in read_metrics(tmp_path / n, "loss")}
+            for n in ("full", "part")}  # fmt: skip
+    assert sorted(runs["full"]) == sorted(runs["part"]) == [1, 2, 3, 4]
+    for u, loss in runs["full"].items():  # same process, kernels and batches
+        assert runs["part"][u] == pytest.approx(loss, abs=1e-6), u
+    a, b = (
+        torch.load(tmp_path / n / "checkpoint_last.pt", weights_only=True) for n in ("full", "part")
+    )
+    assert a["task"]["kind"] == "multiclass" and a["task"]["classes"] == ["a", "b", "c"]
+    assert a["model"]["head.weight"].shape[0] == 3
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k], b["model"][k], atol=1e-6), k
+
+    bf16 = [c for c in common if c != "precision=fp32"] + ["precision=bf16", "--leads", "6"]
+    _ok([*bf16, "--out", tmp_path / "six", "optim.max_update=2"])
+    six = torch.load(tmp_path / "six" / "checkpoint_last.pt", weights_only=True)
+    assert six["config"]["precision"] == "bf16" and six["config"]["data"]["leads"] == "6"
+    _ok(["evaluate", "task", "--checkpoint", tmp_path / "six" / "checkpoint_last.pt", "--store",
+         store, "--out", tmp_path / "eval", "--bootstrap", "0"])  # fmt: skip
+    m = json.loads((tmp_path / "eval" / "metrics.json").read_text())["levels"]["record"]
+    pred = pd.read_csv(tmp_path / "eval" / "predictions.csv")
+    probs = pred[["p_a", "p_b", "p_c"]].to_numpy()
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+    truth = pred["target"].map({"a": 0, "b": 1, "c": 2}).to_numpy()
+    cm = skm.confusion_matrix(truth, probs.argmax(1), labels=[0, 1, 2])
+    assert m["confusion_matrix"] == cm.tolist()
