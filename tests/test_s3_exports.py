@@ -214,12 +214,60 @@ def test_embed_publishes_its_set_into_the_published_store(s3, synth_store, tmp_p
     assert list_features(url) == []
     with pytest.raises(PublishError, match="1 records the published store has forgotten"):
         publish_feature_set(url, feats, "emb")
-    out = cli(*embed, "--overwrite", "--leads", "I,II")
-    sent = publish_feature_set(url, feats, "emb")
-    assert sent["uploaded"] == 0 and not sent["replaced"]
-    cli(*embed, "--overwrite")  # another set under the name: uploaded via the build folder
+    cli(*embed, "--overwrite", "--leads", "I,II")  # another set: uploaded via the build folder
     remote = load_features(url, "emb", "segment")
-    assert remote.lineage["leads"] == load_features(url, f"{feats}/emb").lineage["leads"]
+    assert remote.lineage["leads"] == "I,II" == load_features(url, f"{feats}/emb").lineage["leads"]
     assert 0 not in remote.record_index.tolist()  # the forgotten record (row 0) has no row
     names = s3fs_client().find(url.removeprefix("s3://") + "/features")
     assert not [n for n in names if "/.build-" in n]
+
+
+def test_serve_a_published_store(s3, serve_world, tmp_path):
+    """`ecgplat serve --store s3://...` answers as over the local store (a query by key, a
+    prediction, a record's metadata and trace), and a republish after a forget moves its change
+    key: the index that names the forgotten record is refused, as for a local store."""
+    pytest.importorskip("fastapi", reason="the service needs the serve extra")
+    import httpx
+    from serve_world import LiveServer
+
+    from ecgplat.cli.serve.app import create_app
+    from ecgplat.cli.serve.settings import ServeSettings
+    from ecgplat.cli.serve.state import ServiceState
+    from ecgplat.store import open_store
+    from ecgplat.store.forget import forget
+    from ecgplat.store.publish import publish
+    from retrieval.index import index_from_features
+
+    local = tmp_path / "store"
+    shutil.copytree(serve_world["store"], local)
+    url = f"s3://{s3.new_bucket()}/stores/serve"
+    publish(local, url)
+    index_from_features(url, "emb", split="gallery").save(tmp_path / "gallery")
+    st = open_store(local)
+    gallery = st.column("ident_split") == "gallery"
+    key = str(st.column("record_key")[np.flatnonzero(gallery)[1]])
+    answers = {}
+    for where, store, index in (("local", local, serve_world["index"]),
+                                ("url", url, tmp_path / "gallery.faiss")):  # fmt: skip
+        conf = ServeSettings(store=store, index=index, checkpoint=serve_world["dx"])
+        state = ServiceState(conf)
+        with LiveServer(create_app(conf, state)) as live:
+            got = [
+                httpx.post(f"{live.url}/query", data={"key": key, "k": 5}),
+                httpx.post(f"{live.url}/predict", data={"key": key}),
+                httpx.get(f"{live.url}/records/{key}"),
+                httpx.get(f"{live.url}/records/{key}/trace"),
+            ]
+            assert all(r.status_code == 200 for r in got), [r.text for r in got]
+            answers[where] = [r.json() for r in got]
+        if where == "url":
+            assert state.poll() is None  # nothing moved
+            forget(local, record=key)
+            publish(local, url)
+            assert state.poll() == "refused" and "forget" in (state.error or "")
+    timing = {"ms", "index"}  # the time taken; which index file answered (its uid)
+    for a, b in zip(answers["local"], answers["url"], strict=True):
+        assert {k: v for k, v in a.items() if k not in timing} == {
+            k: v for k, v in b.items() if k not in timing
+        }
+    assert len(answers["url"][0]["matches"]) == 5 and answers["url"][3]  # not empty answers

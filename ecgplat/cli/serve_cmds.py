@@ -15,8 +15,11 @@ from ecgplat.cli.options import DeviceOption, store_option
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-def _check_args(store: Path, index, checkpoint, host: str, tokens) -> None:
-    require_store(store, "--store")
+def _check_args(store: str, index, checkpoint, host: str, tokens) -> None:
+    from ecgplat.store import is_url
+
+    if not is_url(store):  # a URL is checked when it is opened
+        require_store(store, "--store")
     if index is not None and not Path(index).is_file():
         fail(f"--index {index}: no such index file")
     if checkpoint is not None and not Path(checkpoint).is_file():
@@ -41,7 +44,13 @@ def _logging() -> None:
 
 @app.command("serve")
 def serve(
-    store: Annotated[Path, store_option("Feature store whose records are served and queried.")],
+    store: Annotated[
+        str,
+        store_option(
+            "Feature store whose records are served and queried, or the URL of a published "
+            "store (s3://...: read-only)."
+        ),
+    ],
     index: Annotated[
         Path | None,
         typer.Option(

@@ -17,7 +17,7 @@ import numpy as np
 
 from ecgplat import atomic
 from ecgplat.faults import stop_point
-from ecgplat.store import read_forgotten
+from ecgplat.store import read_forgotten, store_file
 from retrieval.index.file import (
     DELTA_FORMAT,
     META_FORMAT,
@@ -42,10 +42,17 @@ class StaleIndexError(ValueError):
 
 def check_forget_generation(lineage: dict, where) -> None:
     """Refuse an index whose store has forgotten records since it was built (or last updated
-    by ``ecgplat forget --index``): it may still hold their vectors. An index whose store is
-    not at the recorded path cannot be checked and passes."""
+    by ``ecgplat forget --index``): it may still hold their vectors. The store is the recorded
+    folder or URL (a published store, whose republish after a forget moves its tombstones); an
+    index whose store is not there, or cannot be reached, cannot be checked and passes."""
     store = lineage.get("store")
-    if not store or not (Path(store) / "zarr.json").is_file():
+    if not store:
+        return
+    try:
+        present = store_file(store, "zarr.json") is not None
+    except (OSError, ValueError):  # unreachable, or no fsspec package for its scheme
+        present = False
+    if not present:
         return
     now, have = read_forgotten(store)["generation"], int(lineage.get("forget_generation", 0))
     if have != now:

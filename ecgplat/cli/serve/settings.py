@@ -12,7 +12,7 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 class ServeSettings:
     """What `ecgplat.cli.serve.app.create_app` serves and the bounds it enforces."""
 
-    store: Path
+    store: Path | str  # a store folder, or the URL of a published one (s3://...)
     index: Path | None = None  # a gallery index (.faiss) of `store`: /query, /embed
     checkpoint: Path | None = None  # a fine-tuned checkpoint: /predict (and /embed without index)
     tokens: Path | None = None  # bearer tokens file (mode 0600); None = no tokens (loopback only)

@@ -6,14 +6,18 @@ A `Gallery` is an immutable snapshot (index, record lookup, the change key it wa
 request takes the current one and keeps it for its whole answer, and a reload swaps in a new one.
 `ServiceState.poll` compares the change key (the index file and its delta segments, the store's
 commit point and tombstone table, the feature set's lineage) with the snapshot's and reloads
-when it moved. A reloaded index must still be of the checkpoint the service embeds with (and of
-its lead set, precision and normalisation): otherwise it is refused, and so is an index that
+when it moved. A store at a URL (a published store, `ecgplat publish`) is read where it lies;
+its commit points are objects, compared by their bytes (a republish moves them).
+
+A reloaded index must still be of the checkpoint the service embeds with (and of its lead set,
+precision and normalisation): otherwise it is refused, and so is an index that
 `ecgplat forget` made stale; a refused index is not served at all (the old snapshot may hold
 forgotten records), queries answer 503 with the reason until a good index appears.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -23,8 +27,8 @@ from typing import TYPE_CHECKING, cast
 
 from ecgplat.cli.serve.settings import ServeSettings
 from ecgplat.store import open_store
-from ecgplat.store.schema import COMMIT_FILE, FORGOTTEN_FILE
-from retrieval.features import FeatureSet
+from ecgplat.store.schema import COMMIT_FILE, FORGOTTEN_FILE, is_url
+from retrieval.features import FeatureSet, UrlFolder
 from retrieval.index import GalleryIndex, index_file
 from retrieval.index.file import delta_files, stat_key
 from retrieval.lineage import Lineage, LineageError
@@ -48,21 +52,42 @@ class Gallery:
     loaded_at: float
 
 
-def change_key(index_path: Path, store: Path, features: str | None) -> tuple:
+def store_ref(store: Path | str) -> Path | str:
+    """A store folder as a Path; a store URL as it is."""
+    return str(store) if is_url(store) else Path(store)
+
+
+def _point_key(path: Path | UrlFolder) -> object:
+    """What changes when a commit point is replaced: a file's identity (inode, size, mtime), an
+    object's bytes."""
+    if not isinstance(path, UrlFolder):
+        return stat_key(path)
+    try:
+        return hashlib.sha256(path.read_text().encode()).hexdigest()
+    except FileNotFoundError:
+        return None
+
+
+def change_key(index_path: Path, store: Path | str, features: str | None) -> tuple:
     """What moves when the index, its deltas, the store's commit or tombstones, or the feature
-    set change: file identities (inode, size, mtime)."""
+    set change."""
     parts: list = [stat_key(index_path)]
     parts += [(p.name, stat_key(p)) for p in delta_files(index_path)]
-    parts += [stat_key(store / COMMIT_FILE), stat_key(store / FORGOTTEN_FILE)]
+    root = UrlFolder(str(store)) if is_url(store) else Path(store)
+    parts += [_point_key(root / COMMIT_FILE), _point_key(root / FORGOTTEN_FILE)]
     if features:
-        parts.append(stat_key(FeatureSet.named(store, features).path / "zarr.json"))
+        parts.append(_point_key(FeatureSet.named(store, features).path / "zarr.json"))
     return tuple(parts)
 
 
-def same_store(a: Path, b: Path) -> bool:
+def same_store(a: Path | str, b: Path | str) -> bool:
     ua = open_store(a).attrs.get("store_uuid")
     ub = open_store(b).attrs.get("store_uuid")
-    return ua == ub if ua and ub else Path(a).resolve() == Path(b).resolve()
+    if ua and ub:
+        return bool(ua == ub)
+    if is_url(a) or is_url(b):
+        return str(a).rstrip("/") == str(b).rstrip("/")
+    return Path(a).resolve() == Path(b).resolve()
 
 
 class ServiceState:
@@ -70,7 +95,7 @@ class ServiceState:
 
     def __init__(self, settings: ServeSettings):
         self.settings = settings
-        self.store = Path(settings.store)
+        self.store = store_ref(settings.store)
         open_store(self.store)  # FileNotFoundError / ValueError naming it
         self.index_path = None if settings.index is None else index_file(settings.index)
         self.model: LoadedModel | None = None
@@ -100,7 +125,7 @@ class ServiceState:
         index = GalleryIndex.load(path)
         lineage = index.lineage
         where = lineage.get("store")
-        if where and Path(where).is_dir() and not same_store(Path(where), self.store):
+        if where and (is_url(where) or Path(where).is_dir()) and not same_store(where, self.store):
             raise ValueError(f"{path}: the index was built from another store than {self.store}")
         if not where or not lineage.get("features"):
             raise LineageError(f"{path}: the index does not name its store and feature set")
@@ -185,8 +210,9 @@ class ServiceState:
         from ecgplat.privacy import pseudonymise
 
         if self._secret is None:
-            try:
-                self._secret = (self.store / "secret.key").read_bytes()
+            try:  # a published store holds no secret: no same-patient flags for uploads
+                local = not isinstance(self.store, str)
+                self._secret = (Path(self.store) / "secret.key").read_bytes() if local else b""
             except OSError:
                 self._secret = b""
         return pseudonymise(str(raw_id), self._secret) if self._secret else None
