@@ -80,9 +80,11 @@ def exported(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("export")
     ckpt = diagnosis_checkpoint(tmp / "dx.pt")
-    paths = {"onnx": tmp / "out" / "dx.onnx", "ts": tmp / "dx.ts", "enc": tmp / "enc.ts"}
+    paths = {"onnx": tmp / "out" / "dx.onnx", "ts": tmp / "dx.ts", "enc": tmp / "enc.ts",
+             "enc_onnx": tmp / "enc.onnx"}  # fmt: skip
     for fmt, key, extra in (("onnx", "onnx", []), ("torchscript", "ts", []),
-                            ("torchscript", "enc", ["--encoder-only"])):  # fmt: skip
+                            ("torchscript", "enc", ["--encoder-only"]),
+                            ("onnx", "enc_onnx", ["--encoder-only"])):  # fmt: skip
         args = ["export", "--checkpoint", str(ckpt), "--format", fmt, "--out", str(paths[key])]
         res = CliRunner().invoke(app, args + extra)
         assert res.exit_code == 0, res.output
@@ -117,6 +119,12 @@ def test_onnx_matches_torch_on_real_records_at_batch_1_and_3(exported, samples_d
         assert got_logits.shape == (rows.stop - rows.start, 26)
         np.testing.assert_allclose(got_logits, logits[rows], rtol=0, atol=ATOL)
         np.testing.assert_allclose(got_p, 1 / (1 + np.exp(-logits[rows])), rtol=0, atol=ATOL)
+    _, embedding = torch_reference(exported["ckpt"], x, mask)
+    enc = ort.InferenceSession(str(exported["enc_onnx"]), providers=["CPUExecutionProvider"])
+    assert [o.name for o in enc.get_outputs()] == ["embedding"]
+    for rows in (slice(0, 1), slice(1, 4)):  # unit vectors: |error| against 1
+        (emb,) = enc.run(None, {"signal": x[rows], "lead_mask": mask[rows]})
+        np.testing.assert_allclose(emb, embedding[rows], rtol=0, atol=ATOL)
     # the mask is an input, not a constant: masking V2..V6 acts as zeroing them does, and
     # differs from feeding them
     ones = np.ones((1, 12), bool)
