@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import json
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -403,3 +404,86 @@ def test_multiclass_resumes_exactly_and_trains_on_a_lead_subset_in_bf16(
     truth = pred["target"].map({"a": 0, "b": 1, "c": 2}).to_numpy()
     cm = skm.confusion_matrix(truth, probs.argmax(1), labels=[0, 1, 2])
     assert m["confusion_matrix"] == cm.tolist()
+
+
+def _ddp_overrides(extra: list[str]) -> list[str]:
+    return ["data.batch_size=4", "logging.wandb_mode=disabled", "logging.log_interval=1",
+            "optim.lr=1e-3", "precision=fp32", "optim.max_update=3",
+            "model.activation_dropout=0", *extra]  # fmt: skip  # dropout draws differ per rank
+
+
+def _task_config(out: Path, shards: Path, store: Path, extra: list[str]):
+    from training.launch import resolve_run_config
+
+    return resolve_run_config(
+        "finetune", None, _ddp_overrides(extra), shards=str(shards), out=out, init=str(PRETRAINED),
+        leads=None, store=str(store), resume=False, labels="sex",
+    )  # fmt: skip
+
+
+def _ddp_task_worker(rank: int, world: int, port: int, out: str, shards: str, store: str) -> None:
+    import os
+
+    ranks = {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)}
+    os.environ.update(ranks, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    from training import distributed
+    from training.loop import train
+    from training.tasks import TASKS
+
+    cfg = _task_config(Path(out), Path(shards), Path(store), ["data.num_workers=0"])
+    train(cfg, TASKS["finetune"](cfg))
+    distributed.teardown()
+
+
+def test_two_rank_ddp_fine_tune_of_a_task_equals_one_process(store, synth_shards, tmp_path):
+    """A binary task fine-tuned by 2 gloo ranks equals one process reading the same two slots
+    (2 loader workers) with 2 accumulated batches per update: losses, weights and the
+    thresholds fitted on valid."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from ecgplat.tracking import read_metrics
+    from training.loop import train
+    from training.tasks import TASKS
+
+    _ok(["labels", "add", store, "--name", "sex", "--field", "sex", "--overwrite"])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = mp.start_processes(
+        _ddp_task_worker,
+        args=(2, port, str(tmp_path / "ddp"), str(synth_shards), str(store)),
+        nprocs=2,
+        start_method="fork",  # the children need no re-import
+        join=False,
+    )
+    deadline = time.monotonic() + 300
+    while not procs.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in procs.processes:
+                p.kill()
+            pytest.fail("DDP ranks did not finish in 300 s")
+    cfg = _task_config(tmp_path / "one", synth_shards, store,
+                       ["data.num_workers=2", "optim.update_freq=2"])  # fmt: skip
+    train(cfg, TASKS["finetune"](cfg))
+    runs = [
+        {r["update"]: (r["loss"], r["sample_size"]) for r in read_metrics(tmp_path / n, "loss")}
+        for n in ("ddp", "one")
+    ]
+    assert sorted(runs[0]) == [1, 2, 3] and runs[0].keys() == runs[1].keys()
+    for u in runs[0]:  # an all-reduce and a local sum of the same two gradients: float order
+        assert runs[0][u][0] == pytest.approx(runs[1][u][0], rel=1e-6), u
+        assert runs[0][u][1] == runs[1][u][1] == 8  # 2 x 4 segments per update
+    a, b = (
+        torch.load(tmp_path / n / "checkpoint_last.pt", weights_only=True) for n in ("ddp", "one")
+    )
+    # Adam turns a gradient that is only float noise into steps of up to lr (1e-3). The key
+    # biases get exactly that: softmax ignores one shift of every key, so their gradient is 0
+    # in exact arithmetic. Every other weight: within 1 % of one step.
+    for k in a["model"]:
+        if not k.endswith("k_proj.bias"):
+            assert torch.allclose(a["model"][k], b["model"][k], rtol=0, atol=1e-5), k
+    assert a["task"]["kind"] == "binary" and a["task"]["thresholds"] is not None
+    np.testing.assert_allclose(a["task"]["thresholds"], b["task"]["thresholds"], atol=1e-6)
