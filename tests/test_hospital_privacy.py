@@ -2,12 +2,12 @@
 
 Every hospital sample (the bundled permissive ones always; the GPL/unlicensed ones of
 ``$ECGPLAT_HOSPITAL_DATA`` when it is set) goes through the whole pipeline by the CLI, each
-command a subprocess: ``ingest auto`` (a Dask cluster of one worker, so worker logs count),
-``split``, ``shards``, ``embed`` (a tiny random checkpoint), ``index build``, ``query``,
-``evaluate identify``, one pretraining update with W&B offline (its run folder and W&B
-files), ``evaluate diagnosis`` with its W&B dashboard and checkpoint artifact, ``explain`` of a
-stored record and an ``export``'s metadata. ``predict`` does not exist yet (another issue);
-when it lands it belongs here too.
+command run as the console script runs it, in two subprocesses (``tests/cli_batch.py``: one
+Python start per batch, not per command): ``ingest auto`` (a Dask cluster of one worker, so
+worker logs count), ``split``, ``shards``, ``embed`` (a tiny random checkpoint), ``index build``,
+``query``, ``evaluate identify``, one pretraining update with W&B offline (its run folder and W&B
+files), ``evaluate diagnosis`` with its W&B dashboard and checkpoint artifact, ``predict`` on
+the sample files themselves, ``explain`` of a stored record and an ``export``'s metadata.
 
 Then every byte written is searched for every identifying value, read from the sample files
 by plain parsers independent of the readers (``hospital_samples.identifying_values``):
@@ -38,20 +38,29 @@ ROOT = Path(__file__).parents[1]
 pytestmark = pytest.mark.slow
 
 
-def run_cli(args: list, outputs: dict[str, bytes], tmp: Path) -> subprocess.CompletedProcess:
+def run_cli(commands: list[list], outputs: dict[str, bytes], tmp: Path) -> None:
+    """Run ``commands`` in order in one subprocess (``tests/cli_batch.py``: each as ``python -m
+    ecgplat`` runs it) and keep each one's stdout and stderr in ``outputs``."""
+    from cli_batch import MARKER
+
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HOME=str(tmp / "home"))
     env.update(WANDB_SILENT="true", WANDB_MODE="offline")
+    batch = json.dumps([[str(a) for a in args] for args in commands])
     proc = subprocess.run(
-        [sys.executable, "-m", "ecgplat", *map(str, args)],
+        [sys.executable, str(ROOT / "tests" / "cli_batch.py"), batch],
         cwd=tmp,
         env=env,
         capture_output=True,
         timeout=900,
     )
-    name = " ".join(map(str, args[:2]))
-    outputs[f"<stdout {name}>"], outputs[f"<stderr {name}>"] = proc.stdout, proc.stderr
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-2000:]
-    return proc
+    for stream, data in (("stdout", proc.stdout), ("stderr", proc.stderr)):
+        before, _, rest = data.partition(MARKER.format(0).encode())
+        outputs[f"<{stream} before {len(outputs)}>"] = before
+        for i, args in enumerate(commands):
+            here, _, rest = rest.partition(MARKER.format(i + 1).encode())
+            name = f"<{stream} {' '.join(map(str, args[:2]))}>"
+            outputs[name if name not in outputs else f"{name} {len(outputs)}"] = here
 
 
 def file_blobs(root: Path) -> dict[str, bytes]:
@@ -87,41 +96,58 @@ def decoded_store(store: Path) -> dict[str, bytes]:
     return blobs
 
 
-HEAD = 4  # bytes of a needle's head looked up first (MIN_LENGTH characters: every needle has 4)
-_MUL, _SHIFT = np.uint32(2654435761), np.uint32(32 - 20)  # a multiplicative hash to 20 bits
+HEADS = (8, 4)  # bytes of a needle's head looked up first: the longest it has (MIN_LENGTH
+# characters: every needle has 4; 8 keep int16 samples that spell "19" in UTF-16 from matching)
+STEP = 1 << 24  # bytes hashed at a time
+_HASH = {  # a multiplicative hash to 20 bits, per head width
+    4: (np.uint32(2654435761), np.uint32(32 - 20), "<u4"),
+    8: (np.uint64(11400714819323198485), np.uint64(64 - 20), "<u8"),
+}
 
 
-def heads_in(data: bytes, heads: set[bytes]) -> set[bytes]:
-    """The ``HEAD``-byte strings of ``heads`` that occur in ``data``, exactly: every 4-byte
-    window of ``data`` (read as little-endian uint32 at the four offsets) is hashed into a table
-    of the heads' hashes, and the windows that hit are compared with the heads themselves."""
-    keys = np.unique(np.frombuffer(b"".join(heads), "<u4"))
+def heads_in(data: bytes, heads: set[bytes], width: int = 4) -> set[bytes]:
+    """The ``width``-byte strings of ``heads`` that occur in ``data``, exactly: every
+    ``width``-byte window of ``data`` (read as a little-endian unsigned integer at each offset)
+    is hashed into a table of the heads' hashes, and the windows that hit are compared with the
+    heads themselves."""
+    mul, shift, dtype = _HASH[width]
+    keys = np.unique(np.frombuffer(b"".join(heads), dtype))
     table = np.zeros(1 << 20, dtype=bool)
-    table[(keys * _MUL) >> _SHIFT] = True
+    table[(keys * mul) >> shift] = True
     hits = [keys[:0]]
-    for offset in range(min(HEAD, len(data) - HEAD + 1)):
-        words = np.frombuffer(data, "<u4", count=(len(data) - offset) // HEAD, offset=offset)
-        for start in range(0, len(words), 1 << 22):  # 16 MB at a time
-            w = words[start : start + (1 << 22)]
-            hits.append(w[table[(w * _MUL) >> _SHIFT]])
-    found = np.intersect1d(np.concatenate(hits), keys).astype("<u4").tobytes()
-    return {found[i : i + HEAD] for i in range(0, len(found), HEAD)}
+    for offset in range(min(width, len(data) - width + 1)):
+        words = np.frombuffer(data, dtype, count=(len(data) - offset) // width, offset=offset)
+        for start in range(0, len(words), STEP // width):
+            w = words[start : start + STEP // width]
+            hits.append(w[table[(w * mul) >> shift]])
+    found = np.intersect1d(np.concatenate(hits), keys).astype(dtype).tobytes()
+    return {found[i : i + width] for i in range(0, len(found), width)}
+
+
+def _head(needle: bytes) -> bytes:
+    return next((needle[:w] for w in HEADS if len(needle) >= w), needle)
 
 
 def leaks(values: dict[str, set[str]], blobs: dict[str, bytes]) -> list[str]:
     """Each (value, output) where the value occurs, in UTF-8 or UTF-16-LE. Every needle is
-    searched in full (``in``) in each output that holds its first ``HEAD`` bytes (``heads_in``,
-    one pass per output instead of one per needle): an output without them cannot hold it."""
-    heads = {n[:HEAD] for v in set().union(*values.values()) for n in _needles(v)}
-    heads = {h for h in heads if len(h) == HEAD}
-    present = {where: heads_in(data, heads) for where, data in blobs.items()}
+    searched in full (``in``) in each output that holds its head, its first 8 bytes or else 4
+    (``heads_in``, one pass per output and width instead of one per needle): an output without
+    them cannot hold it."""
+    heads = {_head(n) for v in set().union(*values.values()) for n in _needles(v)}
+    present: dict[str, set[bytes]] = {where: set() for where in blobs}
+    for width in HEADS:
+        of_width = {h for h in heads if len(h) == width}
+        if of_width:
+            for where, data in blobs.items():
+                present[where] |= heads_in(data, of_width, width)
     found = []
     for sample, wanted in values.items():
         for value in wanted:
             needles = _needles(value)
             for where, data in blobs.items():
                 if any(
-                    (len(n) < HEAD or n[:HEAD] in present[where]) and n in data for n in needles
+                    (len(n) < min(HEADS) or _head(n) in present[where]) and n in data
+                    for n in needles
                 ):
                     found.append(f"{sample}: a value of {len(value)} chars in {where}")
     return found
@@ -170,48 +196,43 @@ def test_no_identifying_value_in_any_output(tmp_path):
     ckpt = tiny_checkpoint(tmp_path / "tiny.pt")
     out: dict[str, bytes] = {}
     run_cli(
-        ["ingest", "auto", src, "--store", store, "--workers", 1, "--json", "--no-progress"],
+        [
+            ["ingest", "auto", src, "--store", store, "--workers", 1, "--json", "--no-progress"],
+            ["info", store],
+            ["split", store, "--ident", "--valid", "0.3", "--test", "0"],
+            *[
+                ["shards", store, "--split", split, "--out", shards, "--no-progress"]
+                for split in ("all", "train")
+            ],
+            ["embed", "--checkpoint", ckpt, "--store", store, "--name", "emb", "--device", "cpu"],
+            ["index", "build", "--store", store, "--features", "emb", "--out", index,
+             "--split", "all"],
+        ],
         out,
         tmp_path,
-    )
-    run_cli(["info", store], out, tmp_path)
-    run_cli(["split", store, "--ident", "--valid", "0.3", "--test", "0"], out, tmp_path)
-    for split in ("all", "train"):
-        run_cli(
-            ["shards", store, "--split", split, "--out", shards, "--no-progress"], out, tmp_path
-        )
-    run_cli(
-        ["embed", "--checkpoint", ckpt, "--store", store, "--name", "emb", "--device", "cpu"],
-        out,
-        tmp_path,
-    )
-    run_cli(
-        ["index", "build", "--store", store, "--features", "emb", "--out", index, "--split", "all"],
-        out,
-        tmp_path,
-    )
+    )  # fmt: skip
     sources = set(json.loads(out["<stdout ingest auto>"])["formats"])
     stored = _stored_sources(store)
     assert stored - {"wfdb", "cinc2021"}, f"no hospital-format record stored ({sources})"
     key = _first_key(store)
-    run_cli(["query", "--index", f"{index}.faiss", "--record", key, "--json"], out, tmp_path)
-    ident = _has_probes(store)
-    if ident:  # the samples of one subject in several formats make a gallery/probe pair
-        run_cli(
-            ["evaluate", "identify", "--store", store, "--features", "emb", "--json"], out, tmp_path
-        )
+    later = [["query", "--index", f"{index}.faiss", "--record", key, "--json"]]
+    if _has_probes(store):  # the samples of one subject in several formats make a gallery/probe
+        later.append(["evaluate", "identify", "--store", store, "--features", "emb", "--json"])
     overrides = ["model.preset=tiny", "criterion.num_negatives=2", "data.batch_size=2"]
     overrides += ["data.num_workers=0", "optim.max_update=1", "optim.max_epoch=0"]
     overrides += ["logging.wandb_mode=offline", "logging.log_interval=1"]
-    run_cli(["train", "pretrain", *overrides, "--shards", shards, "--out", run], out, tmp_path)
-    assert list((run / "wandb").rglob("*.wandb")), "no W&B offline file was written"
+    later.append(["train", "pretrain", *overrides, "--shards", shards, "--out", run])
     # issue 22: an evaluation's W&B dashboard and artifact, an explanation of a stored record,
     # and an export's metadata (a diagnosis checkpoint: the pretrained tiny encoder + a head)
     dx, deployed = diagnosis_checkpoint(tmp_path / "dx.pt"), tmp_path / "deployed"
     evaluate = ["evaluate", "diagnosis", "--checkpoint", dx, "--store", store, "--split", "train"]
-    evaluate += ["--out", deployed / "eval", "--wandb-mode", "offline", "--json"]
-    run_cli(evaluate, out, tmp_path)
+    later.append([*evaluate, "--out", deployed / "eval", "--wandb-mode", "offline", "--json"])
+    later.append(["predict", "--checkpoint", dx, src, "--out", deployed / "predictions.csv",
+                  "--no-progress", "--json"])  # fmt: skip
+    run_cli(later, out, tmp_path)
+    assert list((run / "wandb").rglob("*.wandb")), "no W&B offline file was written"
     assert list((deployed / "eval" / "wandb").rglob("*.wandb")), "no W&B evaluation run"
+    assert (deployed / "predictions.csv").stat().st_size > 0
     _explain_and_export(dx, store, key, deployed)
     blobs = {**out, **decoded_store(store)}
     for folder in (store, shards, run, deployed, tmp_path / "home"):

@@ -1,6 +1,7 @@
 """No raw identifier in anything a pipeline run writes: store files (records, rejects), CLI
 stdout/stderr (human and JSON summaries, Dask worker logs), ``info``, and exception text."""
 
+import json
 import os
 import subprocess
 import sys
@@ -62,21 +63,21 @@ def _leaks(text: str) -> list[str]:
 def test_no_raw_identifier_in_any_output(tmp_path):
     store = tmp_path / "store"
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    outputs = []
-    for corpus, src in _corpora(tmp_path).items():
-        for extra in (["--workers", "0", "--json"], ["--workers", "1"]):  # rerun: skips all
-            proc = subprocess.run(
-                [sys.executable, "-m", "ecgplat", "ingest", corpus, str(src), "--store",
-                 str(store), "--batch-size", "2", "--no-progress", *extra],
-                cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-            )  # fmt: skip
-            assert proc.returncode == 0, proc.stderr[-2000:]
-            outputs += [proc.stdout, proc.stderr]
-    info = subprocess.run(
-        [sys.executable, "-m", "ecgplat", "info", str(store)],
-        cwd=ROOT, env=env, capture_output=True, text=True,
+    commands = [
+        ["ingest", corpus, str(src), "--store", str(store), "--batch-size", "2", "--no-progress",
+         *extra]
+        for corpus, src in _corpora(tmp_path).items()
+        for extra in (["--workers", "0", "--json"], ["--workers", "1"])  # rerun: skips all
+    ]  # fmt: skip
+    # every command as `python -m ecgplat` runs it, in one process (tests/cli_batch.py)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "cli_batch.py"),
+         json.dumps([*commands, ["info", str(store)]])],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
-    outputs += [info.stdout, info.stderr]
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("=== ecgplat command") == len(commands) + 1
+    outputs = [proc.stdout, proc.stderr]
     s = open_store(store)
     assert s.n_records == 4 and len(s.rejects) == 7
     # the rejects stay useful: the path names the file, with the patient part pseudonymised
