@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +38,8 @@ from ecgplat.store.publish import (
     file_hashes,
     is_replacement,
     lineage_of,
+    link_file,
+    link_folder,
     publishable_files,
     set_point,
 )
@@ -84,29 +85,16 @@ def _snapshot(folder: Path) -> tuple[Path, dict[str, Path], bytes, dict]:
     of the set's commit point."""
     for _ in range(ATTEMPTS):
         before = (folder / "zarr.json").read_bytes()
-        tmp = Path(tempfile.mkdtemp(prefix=".publish-set-", dir=_writable(folder.parent)))
+        tmp = link_folder(folder)
         data: dict[str, Path] = {}
         for rel, path in publishable_files(folder):
-            if rel == "zarr.json" or rel == MANIFEST:
-                continue
-            link = tmp / "data" / rel
-            link.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(path, link)
-            except FileNotFoundError:
-                continue  # replaced meanwhile: the commit point tells
-            except OSError:
-                shutil.copy2(path, link)
-            data[rel] = link
+            if rel != "zarr.json" and link_file(path, tmp / "data" / rel):
+                data[rel] = tmp / "data" / rel
         lineage = lineage_of(before)
         if data and lineage and (folder / "zarr.json").read_bytes() == before:
             return tmp, data, before, lineage
         shutil.rmtree(tmp, ignore_errors=True)
     raise PublishError(f"{folder}: the feature set kept changing while it was read; try again")
-
-
-def _writable(parent: Path) -> Path | None:
-    return parent if os.access(parent, os.W_OK) else None
 
 
 def _check_forgotten(url: str, root: Path, lineage: dict, where: Path) -> None:
@@ -148,7 +136,8 @@ def _upload(
     remote: Remote, name: str, data: dict[str, Path], point: bytes, lineage: dict, where: Path
 ) -> dict:
     prefix = f"{FEATURES_DIR}/{name}/"
-    old = lineage_of(remote.get(set_point(name)))
+    old_point = remote.get(set_point(name))
+    old = lineage_of(old_point)
     replaced = is_replacement(old, lineage)
     manifest = _set_manifest(remote, prefix) if old is not None and not replaced else None
     hashes = file_hashes(data, manifest["files"] if manifest else {})
@@ -165,7 +154,7 @@ def _upload(
     remote.put({prefix + rel: path for rel, path in changed.items()})
     own = {"format": SET_MANIFEST_FORMAT, "files": hashes}
     remote.pipe({prefix + MANIFEST: json.dumps(own, sort_keys=True).encode()})
-    uploaded_point = remote.get(set_point(name)) != point
+    uploaded_point = replaced or old_point != point
     if uploaded_point:
         remote.pipe({set_point(name): point})
     keep = {prefix + rel for rel in data} | {prefix + MANIFEST, set_point(name)}

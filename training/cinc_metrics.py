@@ -139,27 +139,34 @@ def _averaged(fn, labels, scores, average: str) -> float:
     raise ValueError(f"average must be 'micro' or 'macro', got {average!r}")
 
 
+def _curve_counts(labels, scores) -> tuple[np.ndarray, np.ndarray, int, int] | None:
+    """(true positives, false positives) at every distinct threshold of one class, its
+    positives and its size; None when the labels are single-valued."""
+    y = np.asarray(labels, dtype=bool).reshape(-1)
+    n_pos = int(y.sum())
+    if n_pos == 0 or n_pos == y.size:
+        return None
+    tps, fps = _threshold_counts(y, np.asarray(scores, dtype=np.float64).reshape(-1))
+    return tps, fps, n_pos, y.size
+
+
 def roc_curve(labels, scores) -> tuple[np.ndarray, np.ndarray]:
     """(false positive rate, true positive rate) of one class at every distinct threshold,
     from (0, 0) to (1, 1); both empty arrays when the labels are single-valued."""
-    y = np.asarray(labels, dtype=bool).reshape(-1)
-    s = np.asarray(scores, dtype=np.float64).reshape(-1)
-    n_pos = int(y.sum())
-    if n_pos == 0 or n_pos == y.size:
+    counts = _curve_counts(labels, scores)
+    if counts is None:
         return np.zeros(0), np.zeros(0)
-    tps, fps = _threshold_counts(y, s)
-    return np.r_[0.0, fps / (y.size - n_pos)], np.r_[0.0, tps / n_pos]
+    tps, fps, n_pos, n = counts
+    return np.r_[0.0, fps / (n - n_pos)], np.r_[0.0, tps / n_pos]
 
 
 def pr_curve(labels, scores) -> tuple[np.ndarray, np.ndarray]:
     """(recall, precision) of one class at every distinct threshold, descending (the points
     whose step-wise area is the average precision); empty when the labels are single-valued."""
-    y = np.asarray(labels, dtype=bool).reshape(-1)
-    s = np.asarray(scores, dtype=np.float64).reshape(-1)
-    n_pos = int(y.sum())
-    if n_pos == 0 or n_pos == y.size:
+    counts = _curve_counts(labels, scores)
+    if counts is None:
         return np.zeros(0), np.zeros(0)
-    tps, fps = _threshold_counts(y, s)
+    tps, fps, n_pos, _ = counts
     return tps / n_pos, tps / (tps + fps)
 
 

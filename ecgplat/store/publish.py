@@ -125,13 +125,33 @@ def publishable_files(folder: Path, skip_dirs: Skip = ()) -> Iterator[tuple[str,
                 yield path.relative_to(folder).as_posix(), path
 
 
+def link_folder(beside: Path) -> Path:
+    """A new temporary folder for a snapshot's links: next to ``beside`` (the same filesystem,
+    so links work) where that is writable, else in the system's temporary folder."""
+    parent = beside.parent if os.access(beside.parent, os.W_OK) else None
+    return Path(tempfile.mkdtemp(prefix=f".{beside.name}.publish-", dir=parent))
+
+
+def link_file(path: Path, link: Path) -> bool:
+    """Hard-link ``path`` at ``link`` (a copy where links fail): one whole version of a file
+    that is only ever replaced by a rename. False when it is gone (replaced or dropped meanwhile:
+    the commit points tell)."""
+    link.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(path, link)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        shutil.copy2(path, link)
+    return True
+
+
 @contextmanager
 def snapshot(store: Path) -> Iterator[Snapshot]:
     """A consistent snapshot of the committed store at ``store`` (module docstring), removed
     on exit. PublishError when the store keeps committing while it is linked."""
-    parent = store.parent if os.access(store.parent, os.W_OK) else None
     for _ in range(ATTEMPTS):
-        folder = Path(tempfile.mkdtemp(prefix=f".{store.name}.publish-", dir=parent))
+        folder = link_folder(store)
         try:
             sets = _feature_folders(store)
             before = _points(store, sets)
@@ -146,14 +166,8 @@ def snapshot(store: Path) -> Iterator[Snapshot]:
                     if name in before or name == SECRET_FILE:
                         continue
                     link = folder / "data" / name
-                    link.parent.mkdir(parents=True, exist_ok=True)
-                    try:
-                        os.link(path, link)
-                    except FileNotFoundError:
-                        continue  # replaced or dropped meanwhile: the points tell
-                    except OSError:
-                        shutil.copy2(path, link)
-                    snap.data[name] = link
+                    if link_file(path, link):
+                        snap.data[name] = link
             if _points(store, _feature_folders(store)) == before:
                 snap.points = {k: v for k, v in before.items() if v is not None}
                 snap.sets = {n: lineage_of(before[set_point(n)]) or {} for n in sets}

@@ -52,11 +52,6 @@ class Gallery:
     loaded_at: float
 
 
-def store_ref(store: Path | str) -> Path | str:
-    """A store folder as a Path; a store URL as it is."""
-    return str(store) if is_url(store) else Path(store)
-
-
 def _point_key(path: Path | UrlFolder) -> object:
     """What changes when a commit point is replaced: a file's identity (inode, size, mtime), an
     object's bytes."""
@@ -95,8 +90,8 @@ class ServiceState:
 
     def __init__(self, settings: ServeSettings):
         self.settings = settings
-        self.store = store_ref(settings.store)
-        open_store(self.store)  # FileNotFoundError / ValueError naming it
+        # a folder as a Path, a URL as a str; FileNotFoundError / ValueError naming it
+        self.store = open_store(settings.store).path
         self.index_path = None if settings.index is None else index_file(settings.index)
         self.model: LoadedModel | None = None
         self.predictor = None
